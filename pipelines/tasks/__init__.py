@@ -1,0 +1,1 @@
+"""Task prompt generators (IOI and friends)."""

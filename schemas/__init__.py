@@ -1,0 +1,1 @@
+"""What a job, a store and a result are: pydantic models only, no torch."""

@@ -1,0 +1,90 @@
+"""Hook sites: typed places in a transformer where we read or intervene.
+
+A hook site is a layer plus a point. It is turned into a TransformerLens hook
+name here and nowhere else, so that every module agrees on spelling.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+HookPoint = Literal[
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "z",
+    "q",
+    "k",
+    "v",
+    "pattern",
+    "attn_scores",
+    "mlp_post",
+    "mlp_pre",
+]
+
+# TransformerLens spells points that live inside a sub-module with a prefix.
+_SUBMODULE: dict[str, str] = {
+    "z": "attn",
+    "q": "attn",
+    "k": "attn",
+    "v": "attn",
+    "pattern": "attn",
+    "attn_scores": "attn",
+    "mlp_post": "mlp",
+    "mlp_pre": "mlp",
+}
+_TL_POINT: dict[str, str] = {"mlp_post": "post", "mlp_pre": "pre"}
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(?:(attn|mlp)\.)?hook_([a-z_]+)$")
+
+
+class HookSite(BaseModel):
+    """A (layer, point) place in the residual computation of a transformer."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layer: int = Field(ge=0, description="Transformer block index, 0-based.")
+    point: HookPoint = Field(description="Which activation inside the block.")
+
+    @property
+    def hook_name(self) -> str:
+        """The TransformerLens hook name, e.g. ``blocks.6.attn.hook_z``."""
+        tl_point = _TL_POINT.get(self.point, self.point)
+        sub = _SUBMODULE.get(self.point)
+        prefix = f"blocks.{self.layer}." + (f"{sub}." if sub else "")
+        return f"{prefix}hook_{tl_point}"
+
+    @property
+    def label(self) -> str:
+        """Short stable label used as a store key, e.g. ``L6.z``."""
+        return f"L{self.layer}.{self.point}"
+
+    @classmethod
+    def from_hook_name(cls, name: str) -> HookSite:
+        """Parse a TransformerLens hook name back into a site."""
+        match = _HOOK_RE.match(name)
+        if match is None:
+            raise ValueError(f"not a per-block TransformerLens hook name: {name!r}")
+        layer, sub, point = int(match.group(1)), match.group(2), match.group(3)
+        if sub == "mlp":
+            point = {"post": "mlp_post", "pre": "mlp_pre"}.get(point, point)
+        site = cls(layer=layer, point=point)  # type: ignore[arg-type]
+        if site.hook_name != name:
+            raise ValueError(f"unsupported hook name: {name!r}")
+        return site
+
+    @classmethod
+    def parse(cls, text: str) -> HookSite:
+        """Accept either a label (``L6.z``) or a TransformerLens hook name."""
+        label = re.match(r"^L(\d+)\.([a-z_]+)$", text)
+        if label:
+            return cls(layer=int(label.group(1)), point=label.group(2))  # type: ignore[arg-type]
+        return cls.from_hook_name(text)
+
+    def __str__(self) -> str:
+        return self.label

@@ -1,0 +1,1 @@
+"""Wiring: model/SAE loading, the feature store, Ray workers, the CLI, the HTTP API."""
