@@ -8,7 +8,9 @@ from jaxtyping import Float, Int
 from circuitscan.schemas.metrics import MetricSpec
 
 
-def read_positions(spec: MetricSpec, lengths: Int[torch.Tensor, " batch"]) -> Int[torch.Tensor, " batch"]:
+def read_positions(
+    spec: MetricSpec, lengths: Int[torch.Tensor, " batch"]
+) -> Int[torch.Tensor, " batch"]:
     """The position each prompt's metric reads (last real token, or a fixed index)."""
     if spec.position == "last":
         return lengths - 1

@@ -20,5 +20,16 @@ def version() -> None:
     typer.echo(_dist_version("circuitscan"))
 
 
+@app.command()
+def demo(
+    prompts: int = typer.Option(8, help="Number of IOI prompts."),
+    seed: int = typer.Option(0, help="Prompt generator seed."),
+) -> None:
+    """Run the end-to-end job on the default model and SAEs."""
+    from circuitscan.services.demo import run_demo
+
+    run_demo(n_prompts=prompts, seed=seed, echo=typer.echo)
+
+
 if __name__ == "__main__":
     app()

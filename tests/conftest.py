@@ -8,11 +8,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae  # noqa: E402
-from circuitscan.schemas.hooks import HookSite  # noqa: E402
+from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
+from circuitscan.schemas.hooks import HookSite
 
 
 @pytest.fixture(autouse=True)
