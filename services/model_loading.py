@@ -148,6 +148,24 @@ def _place(model: HookedSAETransformer, dtype: torch.dtype, device: torch.device
     return model
 
 
+def _neutral_path(directory: Path) -> Path:
+    """A path to ``directory`` that TransformerLens will read its config.json from.
+
+    TransformerLens picks some architectures from substrings of the *name*
+    ('llama', 'gemma') without reading config.json, which breaks for local
+    paths such as ~/models/llama-tiny. A symlink with a neutral name avoids it.
+    """
+    if not any(word in str(directory).lower() for word in ("llama", "gemma")):
+        return directory
+    digest = hashlib.blake2b(str(directory).encode(), digest_size=8).hexdigest()
+    link = circuitscan_home() / "model_links" / f"model-{digest}"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink() or link.resolve() != directory.resolve():
+        link.unlink(missing_ok=True)
+        link.symlink_to(directory.resolve(), target_is_directory=True)
+    return link
+
+
 def _load_hf_directory(directory: Path, dtype: torch.dtype, device: torch.device):
     from transformer_lens.loading_from_pretrained import (
         get_pretrained_model_config,
@@ -160,7 +178,9 @@ def _load_hf_directory(directory: Path, dtype: torch.dtype, device: torch.device
     try:
         # TransformerLens converts in float32 and we cast after, so float64
         # models get exact copies of the stored weights.
-        cfg = get_pretrained_model_config(str(directory), dtype=torch.float32, device="cpu")
+        cfg = get_pretrained_model_config(
+            str(_neutral_path(directory)), dtype=torch.float32, device="cpu"
+        )
     except (NotImplementedError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"unsupported architecture in {directory}: TransformerLens cannot convert it ({exc})"
@@ -239,3 +259,29 @@ def load_model(spec: ModelSpec | None = None) -> LoadedModel:
     seconds = time.perf_counter() - start
     log.info("loaded %s in %.1fs (fingerprint %s)", name, seconds, fingerprint)
     return LoadedModel(model, fingerprint, name, source_dir, seconds, converted)
+
+
+def load_tokenizer(spec: ModelSpec | None = None):
+    """The model's tokenizer alone (cheap: no weights), for drivers that only plan."""
+    from transformers import AutoTokenizer
+
+    spec = spec or ModelSpec()
+    source = spec.source
+    with _offline(spec.allow_download):
+        if source == DEFAULT_MODEL or source.endswith(".gguf"):
+            gguf = default_gguf_path() if source == DEFAULT_MODEL else Path(source).expanduser()
+            if not gguf.is_file():
+                raise ModelLoadError(f"GGUF file not found: {gguf}")
+            cached = gguf_cache_dir(gguf)
+            if (cached / "tokenizer.json").is_file():
+                return AutoTokenizer.from_pretrained(cached)
+            return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        path = Path(source).expanduser()
+        if path.exists():
+            return AutoTokenizer.from_pretrained(path)
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except OSError as exc:
+            raise ModelLoadError(
+                f"no local tokenizer for {source!r} (downloads are off): {exc}"
+            ) from exc

@@ -48,3 +48,53 @@ def default_model():
     from circuitscan.services.model_loading import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model_dir(tmp_path_factory):
+    """A real local Hugging Face directory: a tiny random Llama with the default tokenizer.
+
+    Exercises the same loading path as any user model (config.json +
+    safetensors → TransformerLens conversion), and has a real tokenizer so
+    text prompt sources and jobs work end to end in seconds.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from circuitscan.services.model_loading import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_sae_dirs(tiny_hf_model_dir, tmp_path_factory):
+    """sae_lens SAE directories for the tiny Llama: a residual SAE at layer 0 and a z SAE at layer 1."""
+    from circuitscan.schemas.models import ModelSpec
+    from circuitscan.services.model_loading import load_model
+
+    model = load_model(ModelSpec(source=str(tiny_hf_model_dir))).model
+    dirs = []
+    for index, site in enumerate(
+        [HookSite(layer=0, point="resid_post"), HookSite(layer=1, point="z")]
+    ):
+        sae = build_tiny_sae(model, site, d_sae=48, seed=index, dtype=torch.float32)
+        path = tmp_path_factory.mktemp(f"sae_{site.label}")
+        sae.save_model(path)
+        dirs.append(path)
+    return dirs

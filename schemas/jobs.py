@@ -1,0 +1,244 @@
+"""Job specs: what a user submits (YAML or JSON), validated strictly.
+
+A job names a model, its SAEs, a prompt source, a metric, a job kind with its
+parameters, an output store and how to execute. ``circuitscan schema`` prints
+the JSON Schema of :class:`JobSpec`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.schemas.models import ModelSpec, SAESpec
+
+_STRICT = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- prompt sources ---------------------------------------------------------
+
+
+class TextFileSource(BaseModel):
+    """One prompt per non-empty line of a UTF-8 text file (no labels)."""
+
+    model_config = _STRICT
+    kind: Literal["text"] = Field(description="Source kind.")
+    path: str = Field(description="Path to the text file.")
+
+
+class JsonlSource(BaseModel):
+    """One JSON object per line with PromptRecord fields (text, answer, wrong, corrupted...)."""
+
+    model_config = _STRICT
+    kind: Literal["jsonl"] = Field(description="Source kind.")
+    path: str = Field(description="Path to the JSONL file.")
+
+
+class DatasetSource(BaseModel):
+    """A Hugging Face ``datasets`` dataset saved on disk with ``save_to_disk``."""
+
+    model_config = _STRICT
+    kind: Literal["dataset"] = Field(description="Source kind.")
+    path: str = Field(description="Directory written by Dataset.save_to_disk.")
+    split: str | None = Field(default=None, description="Split name when it is a DatasetDict.")
+    text_column: str = Field(default="text", description="Column holding the prompt text.")
+    answer_column: str | None = Field(default=None, description="Column with the answer token.")
+    wrong_column: str | None = Field(default=None, description="Column with the wrong token.")
+    corrupted_column: str | None = Field(
+        default=None, description="Column with the corrupted text."
+    )
+    limit: int | None = Field(default=None, ge=1, description="Use only the first N rows.")
+
+
+class IOISource(BaseModel):
+    """Generated indirect-object-identification prompts (ABBA/BABA, with ABC corruptions)."""
+
+    model_config = _STRICT
+    kind: Literal["ioi"] = Field(description="Source kind.")
+    n: int = Field(ge=1, description="Number of prompts.")
+    seed: int = Field(default=0, description="Generator seed.")
+    templates: Literal["ABBA", "BABA", "mixed"] = Field(
+        default="mixed", description="Which template family to draw from."
+    )
+
+
+class TemplateSource(BaseModel):
+    """A generic template filler: ``{slot}`` placeholders filled from word lists.
+
+    ``answer``/``wrong``/``corrupted`` are templates over the same slots, e.g.
+    template "When {A} and {B} went to the {place}, {B} gave it to", answer " {A}".
+    """
+
+    model_config = _STRICT
+    kind: Literal["template"] = Field(description="Source kind.")
+    templates: list[str] = Field(min_length=1, description="Prompt templates with {slot}s.")
+    fillers: dict[str, list[str]] = Field(description="Candidate words for each slot.")
+    answer: str | None = Field(default=None, description="Answer template, e.g. ' {A}'.")
+    wrong: str | None = Field(default=None, description="Wrong-answer template, e.g. ' {B}'.")
+    corrupted: str | None = Field(
+        default=None, description="Corrupted prompt template over the same slots."
+    )
+    distinct: list[list[str]] = Field(
+        default_factory=list,
+        description="Groups of slots that must get pairwise different words, e.g. [['A','B']].",
+    )
+    n: int = Field(ge=1, description="Number of prompts.")
+    seed: int = Field(default=0, description="Sampling seed.")
+
+    @model_validator(mode="after")
+    def _slots_have_fillers(self) -> TemplateSource:
+        import string
+
+        used: set[str] = set()
+        for text in [*self.templates, self.answer, self.wrong, self.corrupted]:
+            if text:
+                used |= {name for _, name, _, _ in string.Formatter().parse(text) if name}
+        missing = sorted(used - set(self.fillers))
+        if missing:
+            raise ValueError(f"template slots without fillers: {missing}")
+        empty = sorted(slot for slot, words in self.fillers.items() if not words)
+        if empty:
+            raise ValueError(f"fillers with no words: {empty}")
+        return self
+
+
+PromptSource = Annotated[
+    TextFileSource | JsonlSource | DatasetSource | IOISource | TemplateSource,
+    Field(discriminator="kind"),
+]
+
+
+# --- job kinds ----------------------------------------------------------------
+
+
+class CacheParams(BaseModel):
+    """Cache SAE feature activations (and gradients of the metric) into the store."""
+
+    model_config = _STRICT
+    kind: Literal["cache"] = Field(description="Job kind.")
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep only the top-k features per token (None: all).",
+    )
+    gradients: bool = Field(default=True, description="Store ∂metric/∂activation per entry.")
+    value_dtype: Literal["float16", "bfloat16"] = Field(
+        default="float16", description="On-disk dtype of activations and gradients."
+    )
+    examples_per_feature: int = Field(
+        default=32, ge=1, le=1024, description="Size of each feature's top-examples index."
+    )
+
+
+class AttributeParams(BaseModel):
+    """Attribution patching (AtP or AtP*) over clean/corrupted pairs."""
+
+    model_config = _STRICT
+    kind: Literal["attribute"] = Field(description="Job kind.")
+    method: Literal["atp", "atpstar"] = Field(default="atpstar", description="Estimator.")
+    nodes: list[
+        Literal["sae_feature", "sae_error", "head_z", "head_q", "head_k", "head_v", "mlp_neuron"]
+    ] = Field(
+        default_factory=lambda: ["sae_feature", "head_z"],
+        min_length=1,
+        description="Node kinds to score.",
+    )
+    positions: Literal["all", "last"] | list[str] = Field(
+        default="all",
+        description="Positions to score: all, last, or named positions (IOI: IO, S1, S2, END).",
+    )
+    verify_top_k: int = Field(
+        default=0, ge=0, description="Verify this many top nodes by exact patching (0: off)."
+    )
+    top_nodes: int = Field(default=50, ge=1, description="How many top nodes to keep per shard.")
+
+
+class AblationScanParams(BaseModel):
+    """Exhaustive ablation of every SAE feature active at the chosen positions."""
+
+    model_config = _STRICT
+    kind: Literal["ablation_scan"] = Field(description="Job kind.")
+    site: str | None = Field(
+        default=None, description="SAE site label (e.g. L15.resid_post); default: the first SAE."
+    )
+    mode: Literal["zero", "mean", "resample"] = Field(default="zero", description="Ablation value.")
+    positions: Literal["all", "last"] | list[str] = Field(
+        default="last", description="Positions whose active features are ablated."
+    )
+    batch_size: int = Field(default=32, ge=1, description="Ablations per forward pass.")
+
+
+class SpliceEvalParams(BaseModel):
+    """Splice SAEs in without their error term and measure metric and KL."""
+
+    model_config = _STRICT
+    kind: Literal["splice_eval"] = Field(description="Job kind.")
+    layer_sets: list[list[str]] = Field(
+        default_factory=list,
+        description="Sets of SAE site labels spliced together (each SAE alone is always included).",
+    )
+
+
+JobParams = Annotated[
+    CacheParams | AttributeParams | AblationScanParams | SpliceEvalParams,
+    Field(discriminator="kind"),
+]
+
+
+# --- execution ----------------------------------------------------------------
+
+
+class ExecutionSpec(BaseModel):
+    """How a job runs on Ray."""
+
+    model_config = _STRICT
+    num_actors: int | Literal["auto"] = Field(
+        default="auto", description="Worker actors: 'auto' = one per GPU, else one per CPU."
+    )
+    torch_threads: int = Field(default=1, ge=1, description="torch threads per CPU actor.")
+    batch_size: int = Field(default=8, ge=1, description="Prompts per forward pass.")
+    max_in_flight_per_actor: int = Field(
+        default=2, ge=1, le=16, description="Shards queued per actor (backpressure bound)."
+    )
+    max_retries: int = Field(default=3, ge=0, description="Retries of a shard whose actor died.")
+
+
+class JobSpec(BaseModel):
+    """A whole scan job."""
+
+    model_config = _STRICT
+    name: str = Field(default="job", min_length=1, description="Human-readable job name.")
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The model to load.")
+    saes: list[SAESpec] = Field(default_factory=list, description="SAEs to splice in.")
+    prompts: PromptSource = Field(description="Where the prompts come from.")
+    metric: MetricSpec = Field(default_factory=MetricSpec, description="The metric m(x).")
+    job: JobParams = Field(description="Job kind and its parameters.")
+    store: str = Field(
+        description="Output store: a local path, memory://NAME or s3://BUCKET/PREFIX."
+    )
+    shard_size: int = Field(default=64, ge=1, description="Prompts per shard.")
+    max_prompt_tokens: int | None = Field(
+        default=None,
+        ge=2,
+        description="Token cap per prompt (BOS included); None: the model's context.",
+    )
+    overlong: Literal["reject", "truncate"] = Field(
+        default="reject",
+        description="What to do with prompts longer than the cap: skip them or cut them (left-truncate keeps the end).",
+    )
+    execution: ExecutionSpec = Field(default_factory=ExecutionSpec, description="Ray execution.")
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> JobSpec:
+        if self.job.kind in ("cache", "ablation_scan", "splice_eval") and not self.saes:
+            raise ValueError(f"job kind '{self.job.kind}' needs at least one SAE in 'saes'")
+        return self
+
+    def content_hash(self) -> str:
+        """Hash of what the job computes (execution settings excluded: they do not change results)."""
+        payload = self.model_dump(mode="json", exclude={"execution", "name"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

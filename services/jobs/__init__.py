@@ -1,0 +1,1 @@
+"""Scan jobs on Ray: specs → prompts → shards → actors → committed store."""
