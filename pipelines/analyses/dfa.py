@@ -1,0 +1,356 @@
+"""Direct feature attribution (DFA) of attention-output SAE features, and its recursion.
+
+With attention patterns and normalisation scales frozen from one forward pass,
+a hook_z SAE feature's pre-activation at destination ``s`` is
+
+    pre = Σ_h Σ_t A^h_{s,t} (v^h_t · W_enc[h, :, i]) + (b_enc[i] − b_dec·W_enc[:, i])
+
+exactly. ``v^h_t = norm1(x_t) W_V^h + b_V^h`` is affine in the residual ``x_t``
+at the head's input, so each (head, source) term is ``r·x_t + c``; the
+residual is decomposed either by a residual-stream SAE at that site (features
++ error + b_dec) or into the outputs that built it (token and position
+embeddings, earlier attention outputs — split by their hook_z SAE into
+features + error + bias — and MLP outputs). Features found that way are
+expanded again the same way, so the tree runs towards the tokens. Every
+node's children sum exactly to its value: a feature's own decomposition is of
+its pre-activation, scaled by its gain into the parent, which is exact for
+ReLU-family SAEs where an active feature's activation equals its pre-activation
+(features for which that does not hold are left as leaves).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import SAE, HookedSAETransformer
+
+from circuitscan.pipelines.analyses.linear_parts import (
+    AnalysisInputError,
+    check_plain_sae,
+    norm_bias,
+    norm_readout,
+    sae_encode_flat,
+    sae_encoder_bias,
+    sae_hook_name,
+    sae_pre_flat,
+)
+from circuitscan.schemas.analyses import DFANode, DFAResult
+from circuitscan.schemas.hooks import HookSite
+
+_EXPANDABLE = ("attn_feature", "head_source", "resid_feature")
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """How far and how wide a recursive DFA goes.
+
+    ``max_depth`` counts tree levels below the root; ``top_k`` children are kept
+    per node (the rest merge into one 'other' leaf, so sums stay exact), and
+    only children with ``|value| ≥ min_abs`` and ``≥ min_frac·|parent|`` are expanded.
+    """
+
+    max_depth: int = 4
+    top_k: int = 8
+    min_abs: float = 0.0
+    min_frac: float = 0.02
+
+
+class _Context:
+    """One prompt's frozen forward pass plus the SAEs by site."""
+
+    def __init__(
+        self, model: HookedSAETransformer, saes: list[SAE], tokens: Int[torch.Tensor, " seq"]
+    ):
+        if tokens.dim() != 1:
+            raise AnalysisInputError(f"DFA takes one prompt's token ids (1-D), got {tokens.shape}")
+        if model.cfg.attn_scores_soft_cap not in (None, -1.0) or model.cfg.use_qk_norm:
+            raise AnalysisInputError("attention variants with soft-cap or QK-norm are unsupported")
+        self.model = model
+        self.cfg = model.cfg
+        self.tokens = tokens
+        self.z_saes: dict[int, SAE] = {}
+        self.resid_saes: dict[int, tuple[SAE, str]] = {}
+        for sae in saes:
+            check_plain_sae(sae)
+            site = HookSite.from_hook_name(sae_hook_name(sae))
+            if site.point == "z":
+                self.z_saes[site.layer] = sae
+            elif site.point == "resid_pre":
+                self.resid_saes[site.layer] = (sae, site.label)
+            elif site.point == "resid_post":
+                self.resid_saes[site.layer + 1] = (sae, site.label)
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens.unsqueeze(0))
+        self.cache = cache
+        self.tok_str: list[str] | None = None
+        if model.tokenizer is not None:
+            self.tok_str = [model.tokenizer.decode([int(t)]) for t in tokens]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.cache[name][0]
+
+    def values(self, layer: int) -> Float[torch.Tensor, "pos head d_head"]:
+        v = self.get(f"blocks.{layer}.attn.hook_v")
+        reps = self.cfg.n_heads // v.shape[-2]
+        return torch.repeat_interleave(v, reps, dim=-2) if reps > 1 else v
+
+    def ln1_scale(self, layer: int) -> Float[torch.Tensor, " pos"]:
+        name = f"blocks.{layer}.ln1.hook_scale"
+        if name not in self.cache:
+            return torch.ones(self.tokens.shape[0], dtype=self.cfg.dtype)
+        return self.get(name).reshape(self.tokens.shape[0])
+
+    def tok(self, t: int) -> str:
+        return repr(self.tok_str[t]) if self.tok_str else str(int(self.tokens[t]))
+
+
+def _head_source_terms(
+    ctx: _Context, layer: int, feature: int, dest: int
+) -> tuple[Float[torch.Tensor, "head src"], float]:
+    sae = ctx.z_saes[layer]
+    d_head = ctx.cfg.d_head
+    w_enc = sae.W_enc[:, feature].reshape(ctx.cfg.n_heads, d_head).to(ctx.cfg.dtype)
+    pattern = ctx.get(f"blocks.{layer}.attn.hook_pattern")[:, dest, :]  # head src
+    v_dot = torch.einsum("thd,hd->ht", ctx.values(layer), w_enc)
+    return pattern * v_dot, sae_encoder_bias(sae, feature)
+
+
+@torch.no_grad()
+def dfa(
+    model: HookedSAETransformer,
+    saes: list[SAE],
+    tokens: Int[torch.Tensor, " seq"],
+    feature: int,
+    layer: int,
+    dest_pos: int,
+) -> DFAResult:
+    """Split a hook_z SAE feature's pre-activation at ``dest_pos`` by head and source position.
+
+    ``saes`` must contain the hook_z SAE of ``layer``; values are in the SAE's
+    pre-activation units, and ``contributions`` plus ``bias`` sum to
+    ``pre_activation`` exactly (patterns and norm scales frozen).
+    """
+    ctx = _Context(model, saes, tokens)
+    if layer not in ctx.z_saes:
+        raise AnalysisInputError(f"no hook_z SAE at layer {layer} among the given SAEs")
+    _check_position(ctx, dest_pos)
+    terms, bias = _head_source_terms(ctx, layer, feature, dest_pos)
+    sae = ctx.z_saes[layer]
+    z = ctx.get(f"blocks.{layer}.attn.hook_z")[dest_pos]
+    pre = float(sae_pre_flat(sae, z.flatten())[feature])
+    act = float(sae_encode_flat(sae, z.unsqueeze(0))[0, feature])
+    return DFAResult(
+        site=HookSite(layer=layer, point="z").label,
+        feature=feature,
+        dest_pos=dest_pos,
+        pre_activation=pre,
+        activation=act,
+        contributions=terms.tolist(),
+        bias=bias,
+        tokens=ctx.tok_str,
+    )
+
+
+def _check_position(ctx: _Context, pos: int) -> None:
+    if not 0 <= pos < ctx.tokens.shape[0]:
+        raise AnalysisInputError(f"position {pos} is outside the prompt of {ctx.tokens.shape[0]}")
+
+
+class _Builder:
+    def __init__(self, ctx: _Context, pruning: Pruning):
+        self.ctx = ctx
+        self.p = pruning
+
+    # -- node constructors: each returns (children as (kind, value, meta, expand-fn)) --
+
+    def attn_feature(self, layer: int, feature: int, pos: int, gain: float, depth: int) -> DFANode:
+        terms, bias = _head_source_terms(self.ctx, layer, feature, pos)
+        value = gain * (float(terms.sum()) + bias)
+        label = f"L{layer}.z#{feature}@{pos}"
+        kids: list[tuple[str, float, dict, object]] = [
+            ("bias", gain * bias, {"label": "encoder bias"}, None)
+        ]
+        for h in range(terms.shape[0]):
+            for t in range(pos + 1):
+                kids.append(
+                    (
+                        "head_source",
+                        gain * float(terms[h, t]),
+                        {"label": f"L{layer}H{h} {pos}←{t}", "layer": layer, "head": h,
+                         "position": t},
+                        (self.head_source, (layer, h, feature, pos, t, gain)),
+                    )
+                )
+        children = self.finish(kids, value, depth)
+        return DFANode(
+            kind="attn_feature", label=label, value=value, layer=layer, position=pos,
+            feature=feature, site=HookSite(layer=layer, point="z").label, children=children,
+        )  # fmt: skip
+
+    def head_source(
+        self, layer: int, head: int, feature: int, dest: int, src: int, gain: float, depth: int
+    ) -> DFANode:
+        ctx = self.ctx
+        attn = ctx.model.blocks[layer].attn
+        sae = ctx.z_saes[layer]
+        d_head = ctx.cfg.d_head
+        e_h = sae.W_enc[head * d_head : (head + 1) * d_head, feature].to(ctx.cfg.dtype)
+        a = float(ctx.get(f"blocks.{layer}.attn.hook_pattern")[head, dest, src])
+        w_v = attn.W_V[head]
+        u = gain * a * (w_v @ e_h)
+        ln1 = ctx.model.blocks[layer].ln1
+        const = float(norm_bias(ln1, u) @ u) + gain * a * float(attn.b_V[head] @ e_h)
+        readout = norm_readout(ln1, u, ctx.ln1_scale(layer)[src])
+        kids = self.resid_kids(layer, src, readout, const, allow_resid_sae=True)
+        value = sum(k[1] for k in kids)
+        return DFANode(
+            kind="head_source", label=f"L{layer}H{head} {dest}←{src}", value=value, layer=layer,
+            head=head, position=src, children=self.finish(kids, value, depth),
+        )  # fmt: skip
+
+    def resid_feature(
+        self, layer: int, feature: int, pos: int, gain: float, depth: int
+    ) -> DFANode:
+        sae, site = self.ctx.resid_saes[layer]
+        readout = gain * sae.W_enc[:, feature].to(self.ctx.cfg.dtype)
+        const = gain * sae_encoder_bias(sae, feature)
+        kids = self.resid_kids(layer, pos, readout, const, allow_resid_sae=False)
+        value = sum(k[1] for k in kids)
+        return DFANode(
+            kind="resid_feature", label=f"{site}#{feature}@{pos}", value=value, layer=layer,
+            position=pos, feature=feature, site=site, children=self.finish(kids, value, depth),
+        )  # fmt: skip
+
+    def resid_kids(
+        self, layer: int, pos: int, readout: torch.Tensor, const: float, *, allow_resid_sae: bool
+    ) -> list[tuple[str, float, dict, object]]:
+        """Children of ``readout·x + const`` where x is the residual entering ``layer`` at pos."""
+        ctx = self.ctx
+        kids: list[tuple[str, float, dict, object]] = [("bias", const, {"label": "bias"}, None)]
+        if allow_resid_sae and layer in ctx.resid_saes:
+            sae, site = ctx.resid_saes[layer]
+            x = ctx.get(f"blocks.{layer}.hook_resid_pre")[pos]
+            acts = sae_encode_flat(sae, x.unsqueeze(0))[0].to(x.dtype)
+            pre = sae_pre_flat(sae, x)
+            w_dec = sae.W_dec.to(x.dtype)
+            recon = acts @ w_dec + sae.b_dec.to(x.dtype)
+            kids.append(("sae_error", float((x - recon) @ readout), {"label": f"{site} error"}, None))
+            kids.append(("sae_bias", float(sae.b_dec.to(x.dtype) @ readout),
+                         {"label": f"{site} b_dec"}, None))  # fmt: skip
+            for j in torch.nonzero(acts).flatten().tolist():
+                g = float(w_dec[j] @ readout)
+                exact = abs(float(acts[j] - pre[j])) <= 1e-9 * max(1.0, abs(float(acts[j])))
+                kids.append((
+                    "resid_feature", float(acts[j]) * g,
+                    {"label": f"{site}#{j}@{pos}", "layer": layer, "feature": j, "position": pos,
+                     "site": site},
+                    (self.resid_feature, (layer, j, pos, g)) if exact else None,
+                ))  # fmt: skip
+            return kids
+        cache = ctx.cache
+        kids.append(("embed", float(ctx.get("hook_embed")[pos] @ readout),
+                     {"label": f"embed {ctx.tok(pos)}@{pos}", "position": pos}, None))  # fmt: skip
+        if "hook_pos_embed" in cache:
+            kids.append(("pos_embed", float(ctx.get("hook_pos_embed")[pos] @ readout),
+                         {"label": f"pos_embed@{pos}", "position": pos}, None))  # fmt: skip
+        for k in range(layer):
+            kids.extend(self.attn_out_kids(k, pos, readout))
+            mlp = f"blocks.{k}.hook_mlp_out"
+            if mlp in cache:
+                kids.append(("mlp_out", float(ctx.get(mlp)[pos] @ readout),
+                             {"label": f"L{k} mlp_out@{pos}", "layer": k, "position": pos}, None))  # fmt: skip
+        return kids
+
+    def attn_out_kids(
+        self, k: int, pos: int, readout: torch.Tensor
+    ) -> list[tuple[str, float, dict, object]]:
+        ctx = self.ctx
+        attn = ctx.model.blocks[k].attn
+        w_o = attn.W_O.reshape(-1, ctx.cfg.d_model)  # (head d_head) d_model
+        through_o = w_o @ readout
+        b_o = float(attn.b_O @ readout)
+        z = ctx.get(f"blocks.{k}.attn.hook_z")[pos]
+        meta = {"layer": k, "position": pos}
+        if k not in ctx.z_saes:
+            return [("attn_out", float(z.flatten() @ through_o) + b_o,
+                     {"label": f"L{k} attn_out@{pos}", **meta}, None)]  # fmt: skip
+        sae = ctx.z_saes[k]
+        site = HookSite(layer=k, point="z").label
+        z_flat = z.flatten()
+        acts = sae_encode_flat(sae, z.unsqueeze(0))[0].to(z.dtype)
+        pre = sae_pre_flat(sae, z_flat)
+        w_dec = sae.W_dec.to(z.dtype)
+        b_dec = sae.b_dec.to(z.dtype)
+        recon = acts @ w_dec + b_dec
+        kids: list[tuple[str, float, dict, object]] = [
+            ("sae_error", float((z_flat - recon) @ through_o), {"label": f"{site} error", **meta},
+             None),
+            ("sae_bias", float(b_dec @ through_o) + b_o, {"label": f"{site} b_dec+b_O", **meta},
+             None),
+        ]  # fmt: skip
+        for j in torch.nonzero(acts).flatten().tolist():
+            g = float(w_dec[j] @ through_o)
+            exact = abs(float(acts[j] - pre[j])) <= 1e-9 * max(1.0, abs(float(acts[j])))
+            kids.append((
+                "attn_feature", float(acts[j]) * g,
+                {"label": f"{site}#{j}@{pos}", "feature": j, "site": site, **meta},
+                (self.attn_feature, (k, j, pos, g)) if exact else None,
+            ))  # fmt: skip
+        return kids
+
+    def finish(
+        self, kids: list[tuple[str, float, dict, object]], parent: float, depth: int
+    ) -> list[DFANode]:
+        """Keep the top-k children (the rest become one 'other' leaf); expand the big ones."""
+        if depth >= self.p.max_depth:
+            return []
+        order = sorted(kids, key=lambda k: -abs(k[1]))
+        kept, rest = order[: self.p.top_k], order[self.p.top_k :]
+        out: list[DFANode] = []
+        for kind, value, meta, expand in kept:
+            big = abs(value) >= max(self.p.min_abs, self.p.min_frac * abs(parent))
+            if expand is not None and big and depth + 1 < self.p.max_depth:
+                fn, args = expand  # type: ignore[misc]
+                out.append(fn(*args, depth + 1))
+            else:
+                out.append(DFANode(kind=kind, value=value, **meta))  # type: ignore[arg-type]
+        if rest:
+            out.append(
+                DFANode(kind="other", label=f"{len(rest)} others", value=sum(r[1] for r in rest))
+            )
+        return out
+
+
+@torch.no_grad()
+def recursive_dfa(
+    model: HookedSAETransformer,
+    saes: list[SAE],
+    tokens: Int[torch.Tensor, " seq"],
+    feature: int,
+    layer: int,
+    dest_pos: int,
+    pruning: Pruning | None = None,
+) -> DFANode:
+    """The DFA tree of a hook_z SAE feature at ``dest_pos``, down to ``pruning.max_depth``.
+
+    The root's value is the feature's pre-activation (SAE units); every node's
+    children sum exactly to it (see the module docstring). Residual-stream SAEs
+    in ``saes`` (resid_pre L or resid_post L−1) decompose the input of layer L;
+    hook_z SAEs decompose attention outputs and are recursed into.
+    """
+    ctx = _Context(model, saes, tokens)
+    if layer not in ctx.z_saes:
+        raise AnalysisInputError(f"no hook_z SAE at layer {layer} among the given SAEs")
+    _check_position(ctx, dest_pos)
+    builder = _Builder(ctx, pruning or Pruning())
+    return builder.attn_feature(layer, feature, dest_pos, 1.0, 0)
+
+
+def check_tree_sums(node: DFANode, atol: float = 1e-9) -> float:
+    """Largest |value − Σ children| over the tree (0 for an exact tree)."""
+    if not node.children:
+        return 0.0
+    own = abs(node.value - sum(c.value for c in node.children))
+    return max([own, *(check_tree_sums(c, atol) for c in node.children)])

@@ -1,0 +1,154 @@
+"""Results of the circuit analyses: splice evaluation, head→feature→logit, DFA, QK pairs.
+
+Plain JSON-serialisable pydantic models, so the store and the report writer
+can keep and render them without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SpliceVariant = Literal["clean", "spliced", "error_mean", "mean_ablation"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SpliceEvalRow(_Frozen):
+    """One variant of one set of spliced sites, averaged over a prompt set."""
+
+    sites: list[str] = Field(description="Labels of the sites intervened on (e.g. ['L6.z']).")
+    variant: SpliceVariant = Field(
+        description="clean: no intervention; spliced: activation replaced by the "
+        "SAE reconstruction (error term zeroed); error_mean: reconstruction plus the mean error "
+        "over the reference prompts; mean_ablation: activation replaced by its reference mean."
+    )
+    n_prompts: int = Field(ge=0, description="Prompts averaged over.")
+    metric_mean: float = Field(description="Mean task metric (e.g. logit difference, logits).")
+    metric_std: float = Field(description="Standard deviation of the metric over prompts.")
+    kl_metric_pos: float = Field(
+        description="Mean KL(original ‖ variant) of the next-token distribution at the metric "
+        "position, in nats."
+    )
+    kl_all_pos: float | None = Field(
+        default=None,
+        description="Mean KL(original ‖ variant) over all real token positions, in nats.",
+    )
+    metric_recovered: float | None = Field(
+        default=None,
+        description="(metric − mean-ablation metric) / (clean − mean-ablation metric) for the "
+        "same sites; 1 = SAE keeps the behaviour, 0 = as bad as mean ablation.",
+    )
+
+
+class TokenEffect(_Frozen):
+    """A vocabulary entry and the logit change a head writes to it."""
+
+    token_id: int = Field(description="Vocabulary index.")
+    token: str | None = Field(default=None, description="Decoded token, when a tokenizer is known.")
+    logit: float = Field(description="Direct logit contribution per unit feature, in logits.")
+
+
+class HeadLogitEffect(_Frozen):
+    """One attention head's direct effect on the answer logits through one feature direction."""
+
+    layer: int = Field(ge=0, description="Layer of the head.")
+    head: int = Field(ge=0, description="Query-head index.")
+    logit_diff: float = Field(
+        description="logit[answer] − logit[wrong] written by the head per unit of the feature "
+        "(decoder row scaled by 1), patterns and norm scales frozen, in logits."
+    )
+    top_tokens: list[TokenEffect] = Field(description="Tokens the head pushes up most.")
+    bottom_tokens: list[TokenEffect] = Field(description="Tokens the head pushes down most.")
+
+
+class HeadFeatureLogitResult(_Frozen):
+    """Head→feature→logit for one SAE feature: every downstream head, ranked."""
+
+    sae_site: str = Field(description="Label of the SAE's hook site.")
+    feature: int = Field(ge=0, description="SAE feature index.")
+    answer_id: int = Field(description="Answer token id.")
+    wrong_id: int = Field(description="Wrong-answer token id.")
+    heads: list[HeadLogitEffect] = Field(description="Heads sorted by |logit_diff|, largest first.")
+
+
+class DFAResult(_Frozen):
+    """An attention-output (hook_z) SAE feature's pre-activation split by head and source."""
+
+    site: str = Field(description="Label of the hook_z SAE site.")
+    feature: int = Field(ge=0, description="SAE feature index.")
+    dest_pos: int = Field(ge=0, description="Destination token position.")
+    pre_activation: float = Field(description="The feature's encoder pre-activation.")
+    activation: float = Field(description="The feature's activation (after the nonlinearity).")
+    contributions: list[list[float]] = Field(
+        description="[head][source position] contributions A^h_{s,t} v^h_t·W_enc[h,:,i]; "
+        "sources past dest_pos are zero."
+    )
+    bias: float = Field(description="b_enc[i] − b_dec·W_enc[:, i] (the input-independent part).")
+    tokens: list[str] | None = Field(default=None, description="Decoded tokens, when known.")
+
+
+DFANodeKind = Literal[
+    "attn_feature",
+    "head_source",
+    "resid_feature",
+    "sae_error",
+    "sae_bias",
+    "bias",
+    "embed",
+    "pos_embed",
+    "attn_out",
+    "mlp_out",
+    "other",
+]
+
+
+class DFANode(_Frozen):
+    """A node of a recursive DFA tree. Children's values sum exactly to the node's value."""
+
+    kind: DFANodeKind = Field(description="What this node is.")
+    label: str = Field(description="Human-readable label, e.g. 'L3.z#12@7' or 'L2H1 7→4'.")
+    value: float = Field(description="Contribution to the parent (the root: its pre-activation).")
+    layer: int | None = Field(default=None, description="Layer of the component, when any.")
+    position: int | None = Field(default=None, description="Token position, when any.")
+    head: int | None = Field(default=None, description="Attention head, when any.")
+    feature: int | None = Field(default=None, description="SAE feature index, when any.")
+    site: str | None = Field(default=None, description="SAE site label, when any.")
+    children: list[DFANode] = Field(
+        default_factory=list, description="Decomposition of value (empty for a leaf)."
+    )
+
+
+class QKPairTable(_Frozen):
+    """Attention score of one head from dest to source split into (query, key) component pairs."""
+
+    layer: int = Field(ge=0, description="Layer of the head.")
+    head: int = Field(ge=0, description="Query-head index.")
+    dest_pos: int = Field(ge=0, description="Query (destination) position.")
+    src_pos: int = Field(ge=0, description="Key (source) position.")
+    score: float = Field(description="q·k / attn_scale before masking and softmax.")
+    query_labels: list[str] = Field(
+        description="Query-side components: active features ('f12'), 'error', 'b_dec', 'bias'."
+    )
+    key_labels: list[str] = Field(description="Key-side components, same naming.")
+    table: list[list[float]] = Field(
+        description="[query component][key component] contribution; the whole table sums to score."
+    )
+
+
+class QKVarianceExplained(_Frozen):
+    """How much of a head's score variance over prompts the top feature pairs explain."""
+
+    layer: int = Field(ge=0, description="Layer of the head.")
+    head: int = Field(ge=0, description="Query-head index.")
+    n_prompts: int = Field(ge=0, description="Prompts in the set.")
+    top_pairs: list[tuple[str, str, float]] = Field(
+        description="(query label, key label, mean contribution) of the pairs used, largest "
+        "mean |contribution| first."
+    )
+    fraction_explained: list[float] = Field(
+        description="1 − Var(score − Σ top-n pairs)/Var(score) for n = 1..len(top_pairs)."
+    )
