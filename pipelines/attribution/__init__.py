@@ -1,0 +1,46 @@
+"""The attribution engine: feature attribution, AtP, AtP*, exact patching, ablation scans.
+
+Public API (all tensors right-padded ``[batch, seq]`` token ids with ``lengths``
+counting real tokens, BOS included; scores in metric units):
+
+- ``run_atp(model, saes, clean_tokens, corrupt_tokens, lengths, metric, answer, wrong,
+  nodes, *, method=AttributionMethod(qk_fix=..., graddrop=...), named_positions=None,
+  corrupt_lengths=None) -> AttributionResult`` — AtP / AtP* for every selected node.
+- ``feature_attribution(model, saes, tokens, lengths, metric, answer, wrong, nodes=None,
+  *, named_positions=None) -> AttributionResult`` — a·∂m/∂a on single prompts.
+- ``exact_patch(model, saes, clean_tokens, lengths, metric, answer, wrong, nodes: list[Node],
+  *, mode='corrupt'|'zero'|'mean', corrupt_tokens=None, reference_tokens=None,
+  reference_lengths=None, named_positions=None, batch_size=64) -> Tensor[batch, n_nodes]``
+  — true Δm per (prompt, node), many patches per forward pass.
+- ``verify(estimate, truth, k, budget=None) -> VerificationReport`` and
+  ``verify_by_patching(...)`` — recall@K and cost of verified recall.
+- ``ablation_scan(model, sae, site, tokens, lengths, metric, answer, wrong, *, mode,
+  positions, named_positions=None, batch_size=64, seed=0) -> ScanResult`` — Δm of
+  ablating every active SAE feature, prefix computed once per prompt.
+
+``saes`` maps HookSite / site label / hook name → sae_lens SAE; SAEs are NOT attached
+to the model (the engine splices them itself, keeping the error term, so the model's
+output is unchanged). Nodes and selections are ``circuitscan.schemas.attribution``.
+Bad input raises ``AttributionInputError`` (a ValueError) or one of its subclasses.
+"""
+
+from circuitscan.pipelines.attribution.atp import feature_attribution, run_atp
+from circuitscan.pipelines.attribution.errors import (
+    AttributionInputError,
+    MissingSAEError,
+    NodeSelectionError,
+    PositionError,
+)
+from circuitscan.pipelines.attribution.patching import exact_patch
+from circuitscan.pipelines.attribution.result import AttributionResult
+
+__all__ = [
+    "AttributionInputError",
+    "AttributionResult",
+    "MissingSAEError",
+    "NodeSelectionError",
+    "PositionError",
+    "exact_patch",
+    "feature_attribution",
+    "run_atp",
+]

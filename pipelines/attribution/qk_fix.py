@@ -1,0 +1,87 @@
+"""AtP* QK fix: exact softmax rows for query and key nodes, linearised after the softmax.
+
+Plain AtP linearises through the softmax, which saturates, so it misses
+queries and keys. Here a query node (head h, position s) gets its row of
+attention scores recomputed with the corrupted query, the row's softmax taken
+exactly, and only the map pattern → metric linearised:
+``Σ_t (A'_{s,t} − A_{s,t}) ∂m/∂A_{s,t}``. A key node (KV head g, position t)
+changes column t of every row s ≥ t of every query head sharing g; each such
+row's softmax is recomputed exactly in closed form (one entry changed:
+``log Z' = logaddexp(log(Z − e^{S_t}), S'_t)``, the other entries scale by
+``Z/Z'``), which is the full row recomputation without materialising a row
+per (s, t).
+
+Scores are computed from the *rotated* queries/keys when the model uses
+rotary embeddings: rotation depends on position only, so patching ``hook_q``
+at s with the corrupted value yields exactly the corrupted rotated query.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+
+from circuitscan.schemas.hooks import HookSite
+
+
+def qk_sites(cfg: object, layer: int) -> tuple[HookSite, HookSite]:
+    """Where the queries/keys that enter the attention scores are read."""
+    if getattr(cfg, "positional_embedding_type", "standard") == "rotary":
+        return HookSite(layer=layer, point="rot_q"), HookSite(layer=layer, point="rot_k")
+    return HookSite(layer=layer, point="q"), HookSite(layer=layer, point="k")
+
+
+def _check(attn: torch.nn.Module) -> None:
+    cfg = attn.cfg  # type: ignore[attr-defined]
+    if getattr(cfg, "use_qk_norm", False) and cfg.positional_embedding_type != "rotary":
+        raise NotImplementedError("QK fix with qk-norm needs the normalised q/k (rotary models)")
+
+
+def query_scores(
+    attn: torch.nn.Module,
+    q: Float[torch.Tensor, "batch pos head d_head"],
+    q_corrupt: Float[torch.Tensor, "batch pos head d_head"],
+    k: Float[torch.Tensor, "batch pos kv_head d_head"],
+    scores: Float[torch.Tensor, "batch head query key"],
+    pattern: Float[torch.Tensor, "batch head query key"],
+    grad_pattern: Float[torch.Tensor, "batch head query key"],
+) -> Float[torch.Tensor, "batch pos head"]:
+    """QK-fixed effect (metric units) of patching each query head's query at each position."""
+    _check(attn)
+    calc = attn.calculate_attention_scores  # type: ignore[attr-defined]
+    # Only the q·k term changes; masks and additive biases in ``scores`` stay.
+    new_scores = scores + (calc(q_corrupt, k) - calc(q, k))
+    new_pattern = torch.softmax(new_scores, dim=-1).nan_to_num(0.0)
+    effect = ((new_pattern - pattern) * grad_pattern).sum(-1)
+    return effect.transpose(1, 2)
+
+
+def key_scores(
+    attn: torch.nn.Module,
+    q: Float[torch.Tensor, "batch pos head d_head"],
+    k: Float[torch.Tensor, "batch pos kv_head d_head"],
+    k_corrupt: Float[torch.Tensor, "batch pos kv_head d_head"],
+    scores: Float[torch.Tensor, "batch head query key"],
+    pattern: Float[torch.Tensor, "batch head query key"],
+    grad_pattern: Float[torch.Tensor, "batch head query key"],
+) -> Float[torch.Tensor, "batch pos kv_head"]:
+    """QK-fixed effect (metric units) of patching each key/value head's key at each position."""
+    _check(attn)
+    calc = attn.calculate_attention_scores  # type: ignore[attr-defined]
+    # Entry (s, t) of calc(q, k_corrupt) is the score with only k_t replaced.
+    new_entry = scores + (calc(q, k_corrupt) - calc(q, k))
+    log_z = torch.logsumexp(scores, dim=-1, keepdim=True)
+    log_rest = log_z + torch.log1p(-pattern.clamp(max=1.0))
+    log_z_new = torch.logaddexp(log_rest, new_entry)
+    others_scale = torch.exp(log_z - log_z_new)
+    new_weight = torch.exp(new_entry - log_z_new)
+    weighted = pattern * grad_pattern
+    row_total = weighted.sum(-1, keepdim=True)
+    effect = (others_scale - 1) * (row_total - weighted) + (new_weight - pattern) * grad_pattern
+    effect = torch.where(torch.isinf(scores), torch.zeros_like(effect), effect)
+    per_head = effect.sum(-2)  # over query rows: [batch, head, key]
+    batch, n_heads, n_keys = per_head.shape
+    n_kv = k.shape[2]
+    # repeat_interleave order: query head h reads KV head h // (n_heads / n_kv).
+    per_kv = per_head.reshape(batch, n_kv, n_heads // n_kv, n_keys).sum(2)
+    return per_kv.transpose(1, 2)

@@ -1,0 +1,169 @@
+"""Transparent SAE splicing and activation recording through TransformerLens hooks.
+
+sae_lens's own splice computes the error term under ``no_grad``, so gradients
+reaching nodes *upstream* of an SAE would flow only through the reconstruction.
+Here the splice is written so that, at every site,
+
+    out = x + (decode(a) − decode(a₀)) + (e − e₀),  a₀ = encode(x),  e₀ = x − decode(a₀)
+
+which equals ``x`` exactly when nothing is edited (the model's output is
+unchanged, as with ``use_error_term=True``), passes ∂m/∂x through as the
+identity (upstream nodes see the true model), and gives the feature
+activations ``a`` and the error ``e`` their own exact gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from sae_lens import SAE, HookedSAETransformer
+
+from circuitscan.pipelines.attribution.errors import AttributionInputError
+
+SaeEdit = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+RawEdit = Callable[[torch.Tensor], torch.Tensor]
+
+
+def sae_encode(sae: SAE[Any], x: torch.Tensor) -> Float[torch.Tensor, "batch pos d_sae"]:
+    """Feature activations of ``x`` (hook_z inputs may be [batch, pos, head, d_head])."""
+    if x.ndim == 4 and not getattr(sae, "hook_z_reshaping_mode", False):
+        x = x.flatten(-2)
+    return sae.encode(x.to(sae.dtype))
+
+
+def sae_decode(sae: SAE[Any], acts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reconstruction in the shape and dtype of the site activation ``like``."""
+    out = sae.decode(acts)
+    return out.reshape(like.shape).to(like.dtype)
+
+
+@dataclass
+class Recorder:
+    """Which tensors a forward pass keeps, under keys ``(what, hook_name)``.
+
+    ``what`` is ``act`` (the raw activation entering the hook), ``out`` (what
+    the hook passes on, after any SAE splice), ``feat`` or ``err`` (the SAE's
+    feature activations and error term at that hook).
+    """
+
+    wanted: set[tuple[str, str]] = field(default_factory=set)
+    grad: bool = False
+    store: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+
+    def keep(self, what: str, name: str, value: torch.Tensor) -> None:
+        if (what, name) in self.wanted:
+            self.store[(what, name)] = value
+
+
+def check_saes(model: HookedSAETransformer, saes: Mapping[str, SAE[Any]]) -> None:
+    """SAEs are passed to the engine, not attached to the model; their hooks must exist."""
+    attached = getattr(model, "acts_to_saes", {})
+    if attached:
+        raise AttributionInputError(
+            f"the model has SAEs attached at {sorted(attached)}; call model.reset_saes() and "
+            "pass the SAEs to the attribution engine, which splices them itself"
+        )
+    for name in saes:
+        if name not in model.hook_dict:
+            raise AttributionInputError(f"SAE hook {name!r} is not a hook of this model")
+
+
+def _splice(
+    sae: SAE[Any], x: torch.Tensor, name: str, recorder: Recorder, edit: SaeEdit | None
+) -> torch.Tensor:
+    with torch.no_grad():
+        acts0 = sae_encode(sae, x)
+        recon0 = sae_decode(sae, acts0, x)
+        err0 = x - recon0
+    acts, err = acts0, err0
+    if recorder.grad:
+        acts = acts0.clone().requires_grad_(True)
+        err = err0.clone().requires_grad_(True)
+    recorder.keep("feat", name, acts)
+    recorder.keep("err", name, err)
+    if edit is not None:
+        acts, err = edit(acts, err)
+    elif not recorder.grad:
+        return x
+    return x + (sae_decode(sae, acts, x) - recon0) + (err - err0)
+
+
+def build_hooks(
+    saes: Mapping[str, SAE[Any]],
+    recorder: Recorder,
+    *,
+    sae_edits: Mapping[str, SaeEdit] | None = None,
+    raw_edits: Mapping[str, RawEdit] | None = None,
+) -> list[tuple[str, Callable[..., torch.Tensor]]]:
+    """Forward hooks that record, edit raw activations, then splice SAEs where needed."""
+    sae_edits = sae_edits or {}
+    raw_edits = raw_edits or {}
+    names = {name for _, name in recorder.wanted} | set(sae_edits) | set(raw_edits)
+    hooks = []
+    for name in sorted(names):
+        sae = saes.get(name)
+        needs_sae = sae is not None and (
+            name in sae_edits
+            or ("feat", name) in recorder.wanted
+            or ("err", name) in recorder.wanted
+        )
+        if name in sae_edits and sae is None:
+            raise AttributionInputError(f"no SAE at hook {name!r}")
+
+        def hook(
+            x: torch.Tensor,
+            hook: object = None,
+            *,
+            _name: str = name,
+            _sae: SAE[Any] | None = sae if needs_sae else None,
+        ) -> torch.Tensor:
+            recorder.keep("act", _name, x)
+            if _name in raw_edits:
+                x = raw_edits[_name](x)
+            if _sae is not None:
+                x = _splice(_sae, x, _name, recorder, sae_edits.get(_name))
+            recorder.keep("out", _name, x)
+            return x
+
+        hooks.append((name, hook))
+    return hooks
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Stop autograd from tracking weights; gradients are only wanted for activations."""
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    for param, _ in flags:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+
+
+def run_recorded(
+    model: HookedSAETransformer,
+    saes: Mapping[str, SAE[Any]],
+    tokens: torch.Tensor,
+    recorder: Recorder,
+    **edits: Any,
+) -> Float[torch.Tensor, "batch pos vocab"]:
+    """One forward pass on right-padded ``tokens`` with recording/editing hooks; logits."""
+    hooks = build_hooks(saes, recorder, **edits)
+    if recorder.grad:
+        # Gradients are needed w.r.t. activations only; making the embedding a
+        # leaf that requires grad puts every downstream activation on the graph.
+        def leaf(x: torch.Tensor, hook: object = None) -> torch.Tensor:
+            return x.detach().requires_grad_(True)
+
+        hooks = [("hook_embed", leaf), *hooks]
+    context = contextlib.nullcontext() if recorder.grad else torch.no_grad()
+    with context, model.hooks(fwd_hooks=hooks):
+        logits = model(tokens, return_type="logits")
+    return logits
