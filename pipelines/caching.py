@@ -1,0 +1,288 @@
+"""Sparse SAE feature activations, metric gradients and error norms for a batch.
+
+One forward pass (and, with gradients, one backward pass) over a right-padded
+batch gives, for every SAE site, the non-zero (or top-k) features of every
+real token, ∂metric/∂activation for each of them, and the SAE reconstruction
+error norm per token. Padding never appears in the result.
+
+Gradient semantics. Each SAE is spliced with its error term, and each
+feature activation is made an intervention variable: the site's output is
+``x + decode(a) − decode(a).detach()`` in value ``x`` (the model's output is
+unchanged) while ``∂out/∂a = W_dec`` and ``∂out/∂x = I``. So ∂m/∂a_i equals
+``d_i · ∂m/∂x`` in the unmodified model — exactly the effect on the metric of
+nudging feature i with everything downstream (other SAEs' errors included)
+recomputed. sae_lens's own error term is computed under ``no_grad``; with
+several SAEs it would cut the gradient through downstream error terms, which
+is why the identity path is restored here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import SAE, HookedSAETransformer
+
+from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.metrics import MetricSpec
+
+
+@dataclass(frozen=True)
+class SiteCache:
+    """Sparse cache of one SAE site over the real tokens of a batch.
+
+    Real tokens are numbered prompt-major (prompt 0's tokens, then prompt
+    1's...), padding skipped. Entries are sorted by (token, feature).
+    """
+
+    token_index: Int[torch.Tensor, " entries"]
+    feature_ids: Int[torch.Tensor, " entries"]
+    activations: Float[torch.Tensor, " entries"]
+    gradients: Float[torch.Tensor, " entries"] | None
+    error_norm: Float[torch.Tensor, " tokens"]
+    dropped_mass: Float[torch.Tensor, " tokens"]
+    n_tokens: int
+    d_sae: int
+
+    def token_offsets(self) -> Int[torch.Tensor, " tokens_plus_one"]:
+        """CSR offsets: token t's entries are ``[offsets[t], offsets[t+1])``."""
+        counts = torch.bincount(self.token_index, minlength=self.n_tokens)
+        offsets = torch.zeros(self.n_tokens + 1, dtype=torch.long, device=counts.device)
+        offsets[1:] = counts.cumsum(0)
+        return offsets
+
+    def dense(self) -> Float[torch.Tensor, "tokens d_sae"]:
+        """The activations as a dense matrix (zeros where not stored)."""
+        out = torch.zeros(self.n_tokens, self.d_sae, dtype=self.activations.dtype)
+        out[self.token_index, self.feature_ids] = self.activations
+        return out
+
+
+def site_label(sae: SAE) -> str:
+    """The store label of the site an SAE reads (e.g. ``L6.z``)."""
+    return HookSite.from_hook_name(sae.cfg.metadata.hook_name).label
+
+
+@contextlib.contextmanager
+def _frozen(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Turn off parameter gradients (only activation gradients are wanted), then restore."""
+    params = [p for module in modules for p in module.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def _real_mask(lengths: Int[torch.Tensor, " batch"], seq: int) -> torch.Tensor:
+    steps = torch.arange(seq, device=lengths.device)
+    return steps.unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def _sparsify(
+    acts: Float[torch.Tensor, "tokens d_sae"],
+    grads: Float[torch.Tensor, "tokens d_sae"] | None,
+    top_k: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(token_index, feature_ids, activations, gradients, dropped_mass) of the kept entries."""
+    if top_k is not None and top_k < acts.shape[-1]:
+        _, keep_idx = acts.topk(top_k, dim=-1, sorted=False)
+        keep = torch.zeros_like(acts, dtype=torch.bool).scatter_(-1, keep_idx, True)
+        keep &= acts != 0
+        dropped = (acts * ~keep).sum(-1)
+    else:
+        keep = acts != 0
+        dropped = torch.zeros(acts.shape[0], dtype=acts.dtype, device=acts.device)
+    token_index, feature_ids = keep.nonzero(as_tuple=True)
+    values = acts[token_index, feature_ids]
+    grad_values = grads[token_index, feature_ids] if grads is not None else None
+    return token_index, feature_ids, values, grad_values, dropped
+
+
+def cache_batch(
+    model: HookedSAETransformer,
+    saes: Sequence[SAE],
+    tokens: Int[torch.Tensor, "batch seq"],
+    lengths: Int[torch.Tensor, " batch"],
+    metric: MetricSpec | None,
+    *,
+    answer: Int[torch.Tensor, " batch"] | None = None,
+    wrong: Int[torch.Tensor, " batch"] | None = None,
+    top_k: int | None = None,
+    gradients: bool = True,
+    out_device: torch.device | str = "cpu",
+) -> dict[str, SiteCache]:
+    """Cache every SAE site of a right-padded batch; keys are site labels.
+
+    Activations are in SAE units, gradients in metric units per activation
+    unit (∂ sum-over-batch metric / ∂a, which is each prompt's own gradient
+    because prompts do not interact), error norms in the site's activation
+    units. ``top_k`` keeps the k largest features per token and records the
+    dropped activation mass. ``gradients=False`` skips the backward pass and
+    needs no metric; the forward then stops after the last SAE's layer.
+    """
+    if gradients and metric is None:
+        raise ValueError("caching gradients needs a metric")
+    labels = [site_label(sae) for sae in saes]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two SAEs read the same site: {labels}")
+    tokens = tokens.to(model.cfg.device)
+    lengths = lengths.to(tokens.device)
+    real = _real_mask(lengths, tokens.shape[1])
+    if gradients:
+        acts, grads, errors = _forward_backward(
+            model,
+            saes,
+            tokens,
+            lengths,
+            metric,
+            answer,
+            wrong,  # type: ignore[arg-type]
+        )
+    else:
+        acts, errors = _forward_only(model, saes, tokens)
+        grads = {}
+    out: dict[str, SiteCache] = {}
+    n_tokens = int(lengths.sum())
+    for sae, label in zip(saes, labels, strict=True):
+        site_acts = acts[label][real]
+        site_grads = grads[label][real] if gradients else None
+        token_index, feature_ids, values, grad_values, dropped = _sparsify(
+            site_acts, site_grads, top_k
+        )
+        out[label] = SiteCache(
+            token_index=token_index.to(out_device),
+            feature_ids=feature_ids.to(out_device),
+            activations=values.detach().to(out_device),
+            gradients=grad_values.to(out_device) if grad_values is not None else None,
+            error_norm=errors[label][real].to(out_device),
+            dropped_mass=dropped.detach().to(out_device),
+            n_tokens=n_tokens,
+            d_sae=int(sae.cfg.d_sae),
+        )
+    return out
+
+
+def _error_norm(error: torch.Tensor, batch_seq: int) -> torch.Tensor:
+    return error.flatten(batch_seq).norm(dim=-1)
+
+
+def _forward_only(
+    model: HookedSAETransformer, saes: Sequence[SAE], tokens: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    inputs: dict[str, torch.Tensor] = {}
+
+    def capture(tensor: torch.Tensor, hook) -> torch.Tensor:
+        inputs[hook.name] = tensor
+        return tensor
+
+    hook_names = [sae.cfg.metadata.hook_name for sae in saes]
+    last_layer = max(HookSite.from_hook_name(name).layer for name in hook_names)
+    with torch.no_grad():
+        model.run_with_hooks(
+            tokens,
+            fwd_hooks=[(name, capture) for name in hook_names],
+            stop_at_layer=last_layer + 1,
+        )
+        acts, errors = {}, {}
+        for sae, name in zip(saes, hook_names, strict=True):
+            label = site_label(sae)
+            x = inputs[name].to(sae.dtype)
+            feature_acts = sae.encode(x)
+            acts[label] = feature_acts
+            errors[label] = _error_norm(x - sae.decode(feature_acts), 2)
+    return acts, errors
+
+
+def _forward_backward(
+    model: HookedSAETransformer,
+    saes: Sequence[SAE],
+    tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    metric: MetricSpec,
+    answer: torch.Tensor | None,
+    wrong: torch.Tensor | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    leaves: dict[str, torch.Tensor] = {}
+    errors: dict[str, torch.Tensor] = {}
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    fwd_hooks = []
+    for sae in saes:
+        label, name = site_label(sae), sae.cfg.metadata.hook_name
+
+        def make_leaf(tensor: torch.Tensor, hook, label: str = label) -> torch.Tensor:
+            leaf = tensor.detach().requires_grad_(True)
+            leaves[label] = leaf
+            return leaf
+
+        def keep_error(tensor: torch.Tensor, hook, label: str = label) -> torch.Tensor:
+            errors[label] = _error_norm(tensor.detach(), 2)
+            return tensor
+
+        fwd_hooks += [
+            (f"{name}.hook_sae_acts_post", make_leaf),
+            (f"{name}.hook_sae_error", keep_error),
+        ]
+    try:
+        for sae in saes:
+            model.add_sae(sae, use_error_term=True)
+        for sae in saes:
+            wrapper = model._acts_to_saes[sae.cfg.metadata.hook_name]
+            handles.append(wrapper.register_forward_hook(_restore_identity_path))
+        with _frozen([model, *saes]), model.hooks(fwd_hooks=fwd_hooks):
+            logits = model(tokens)
+            total = metric_per_prompt(
+                logits, metric, lengths=lengths, tokens=tokens, answer=answer, wrong=wrong
+            ).sum()
+            labels = list(leaves)
+            grads = torch.autograd.grad(
+                total, [leaves[label] for label in labels], allow_unused=True
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.reset_saes()
+    grad_map = {
+        label: grad if grad is not None else torch.zeros_like(leaves[label])
+        for label, grad in zip(labels, grads, strict=True)
+    }
+    return {label: leaf.detach() for label, leaf in leaves.items()}, grad_map, errors
+
+
+def _restore_identity_path(
+    module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
+) -> torch.Tensor:
+    """Add ``x − x.detach()`` (zero in value) so ∂out/∂x is the identity, as in the model."""
+    x = args[0]
+    return output + (x - x.detach()).to(output.dtype)
+
+
+def merge_site_caches(batches: Sequence[dict[str, SiteCache]]) -> dict[str, SiteCache]:
+    """Concatenate the caches of consecutive batches (tokens renumbered in order)."""
+    if not batches:
+        raise ValueError("nothing to merge")
+    out = {}
+    for label in batches[0]:
+        parts = [batch[label] for batch in batches]
+        starts = [0]
+        for part in parts[:-1]:
+            starts.append(starts[-1] + part.n_tokens)
+        grads = [part.gradients for part in parts]
+        out[label] = SiteCache(
+            token_index=torch.cat([p.token_index + s for p, s in zip(parts, starts, strict=True)]),
+            feature_ids=torch.cat([p.feature_ids for p in parts]),
+            activations=torch.cat([p.activations for p in parts]),
+            gradients=None if any(g is None for g in grads) else torch.cat(grads),  # type: ignore[arg-type]
+            error_norm=torch.cat([p.error_norm for p in parts]),
+            dropped_mass=torch.cat([p.dropped_mass for p in parts]),
+            n_tokens=sum(p.n_tokens for p in parts),
+            d_sae=parts[0].d_sae,
+        )
+    return out

@@ -1,0 +1,94 @@
+"""The feature store: SAE activations and metric gradients in a sharded Zarr v3 group.
+
+URLs: a local path (default), ``memory://NAME`` (tests; shared per process),
+``s3://BUCKET/PREFIX`` (endpoint from ``CIRCUITSCAN_S3_ENDPOINT`` or
+``AWS_ENDPOINT_URL``).
+
+Writing a job (driver D, workers W; W may be other processes or nodes)::
+
+    layout = StoreLayout(sites=[SiteLayout(label=..., hook_name=..., d_sae=..., sae_fingerprint=...)],
+                         value_dtype="float16", gradients=True, top_k_per_token=None,
+                         examples_per_feature=32, shard_size=64,
+                         model_fingerprint=..., job_hash=spec.content_hash(), job_spec=...)
+    store = FeatureStore.create(url, layout, overwrite=False)      # D; reopens an equal layout
+    todo = store.uncommitted(range(n_shards))                       # D; resume (verifies checksums,
+                                                                    #    store.corrupt_shards lists bad ones)
+    # W, for each shard id in todo (prompts = the shard's PromptRecords, in order):
+    batch = tokenize_prompts(model, prompts)                        # pipelines.batching
+    caches = cache_batch(model, saes, batch.tokens, batch.lengths, metric,
+                         answer=batch.answer, wrong=batch.wrong, top_k=layout.top_k_per_token,
+                         gradients=layout.gradients)                # pipelines.caching
+    entry = FeatureStore.open(url).write_shard(shard_id, prompts, batch.token_lists(), caches)
+    # (several batches per shard: concatenate with merge_site_caches(list_of_caches))
+    store.commit_shard(entry)                                       # D; ShardEntry is JSON-able
+    store.flush_index()                                             # D; at the end of the job
+
+Shard ``s`` owns prompts ``[s*shard_size, (s+1)*shard_size)`` (the last may be
+short). ``write_shard`` on a committed shard is a no-op returning the committed
+entry; ``commit_shard`` of an already committed equal entry returns False.
+
+Reading (``circuitscan.services.store.queries``)::
+
+    store = FeatureStore.open(url)
+    features_at(store, "L6.z", prompt, position, sort_by="attribution", limit=None) -> ActiveFeatures
+    top_examples(store, "L6.z", feature, n=20, context=8, decode=None) -> list[FeatureExample]
+    feature_summary(store, "L6.z", feature) -> FeatureSummary
+    dense_slice(store, "L6.z", prompt, positions=None, features=None, gradients=False) -> Tensor
+    iter_shards(store, "L6.z", device="cpu") -> Iterator[ShardTensors]
+
+Errors are ValueError subclasses: StoreLayoutMismatchError, StoreNotFoundError,
+CorruptShardError, ShardConflictError, QueryRangeError, StoreURLError.
+"""
+
+from circuitscan.schemas.store import (
+    ActiveFeatures,
+    FeatureExample,
+    FeatureSummary,
+    ShardEntry,
+    SiteLayout,
+    StoreLayout,
+)
+from circuitscan.services.store.backends import StoreURLError, drop_memory_store
+from circuitscan.services.store.feature_store import (
+    CorruptShardError,
+    FeatureStore,
+    ShardConflictError,
+    StoreError,
+    StoreLayoutMismatchError,
+    StoreNotFoundError,
+)
+from circuitscan.services.store.queries import (
+    QueryRangeError,
+    ShardTensors,
+    dense_slice,
+    feature_summary,
+    features_at,
+    iter_shards,
+    top_examples,
+)
+from circuitscan.services.store.shard_io import ShardDataError
+
+__all__ = [
+    "ActiveFeatures",
+    "CorruptShardError",
+    "FeatureExample",
+    "FeatureStore",
+    "FeatureSummary",
+    "QueryRangeError",
+    "ShardConflictError",
+    "ShardDataError",
+    "ShardEntry",
+    "ShardTensors",
+    "SiteLayout",
+    "StoreError",
+    "StoreLayout",
+    "StoreLayoutMismatchError",
+    "StoreNotFoundError",
+    "StoreURLError",
+    "dense_slice",
+    "drop_memory_store",
+    "feature_summary",
+    "features_at",
+    "iter_shards",
+    "top_examples",
+]

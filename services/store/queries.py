@@ -1,0 +1,210 @@
+"""Read-side queries over a FeatureStore's committed shards.
+
+Every query reads only what it needs: a (prompt, position) lookup decodes
+one shard's site arrays (cached by the store), top examples come from the
+merged per-feature index, never from a scan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+
+from circuitscan.schemas.store import ActiveFeatures, FeatureExample, FeatureSummary
+from circuitscan.services.store.feature_store import FeatureStore, StoreError
+from circuitscan.services.store.summaries import EMPTY
+
+Decode = Callable[[Sequence[int]], list[str]]
+
+
+class QueryRangeError(StoreError):
+    """A feature, prompt or position outside what the store holds."""
+
+
+def _check_feature(store: FeatureStore, site: str, feature: int) -> int:
+    d_sae = store.layout.site(site).d_sae
+    if not 0 <= feature < d_sae:
+        raise QueryRangeError(
+            f"feature {feature} is out of range for site {site}: d_sae is {d_sae}"
+        )
+    return d_sae
+
+
+def _token_slot(store: FeatureStore, prompt: int, position: int) -> tuple[int, int, int]:
+    """(shard id, shard-local token index, token id) of a (prompt, position)."""
+    try:
+        entry = store.shard_of_prompt(prompt)
+    except StoreError as error:
+        raise QueryRangeError(str(error)) from error
+    prompts = store.prompt_shard(entry.shard_id)
+    local = prompt - entry.prompt_start
+    start, stop = int(prompts.prompt_offsets[local]), int(prompts.prompt_offsets[local + 1])
+    if not 0 <= position < stop - start:
+        raise QueryRangeError(
+            f"position {position} is out of range for prompt {prompt}: it has {stop - start} "
+            f"tokens (positions 0..{stop - start - 1})"
+        )
+    return entry.shard_id, start + position, int(prompts.token_ids[start + position])
+
+
+def features_at(
+    store: FeatureStore,
+    site: str,
+    prompt: int,
+    position: int,
+    *,
+    sort_by: Literal["attribution", "activation"] = "attribution",
+    limit: int | None = None,
+) -> ActiveFeatures:
+    """Features active at (prompt, position), sorted by |a·g| (or by activation), descending.
+
+    Without stored gradients, ``sort_by='attribution'`` falls back to activation.
+    """
+    store.layout.site(site)
+    shard_id, token, token_id = _token_slot(store, prompt, position)
+    data = store.site_shard(shard_id, site)
+    lo, hi = int(data.token_offsets[token]), int(data.token_offsets[token + 1])
+    ids = data.feature_ids[lo:hi].astype(np.int64)
+    acts = data.activations[lo:hi]
+    grads = data.gradients[lo:hi] if data.gradients is not None else None
+    attr = acts * grads if grads is not None else None
+    key = np.abs(attr) if (sort_by == "attribution" and attr is not None) else acts
+    order = np.lexsort((ids, -key))[:limit]
+    return ActiveFeatures(
+        site=site,
+        prompt=prompt,
+        position=position,
+        token_id=token_id,
+        feature_ids=ids[order].tolist(),
+        activations=acts[order].tolist(),
+        gradients=grads[order].tolist() if grads is not None else None,
+        attributions=attr[order].tolist() if attr is not None else None,
+        error_norm=float(data.error_norm[token]),
+        dropped_mass=float(data.dropped_mass[token]) if data.dropped_mass is not None else 0.0,
+    )
+
+
+def top_examples(
+    store: FeatureStore,
+    site: str,
+    feature: int,
+    n: int = 20,
+    *,
+    context: int = 8,
+    decode: Decode | None = None,
+) -> list[FeatureExample]:
+    """The n top-activating (prompt, position) hits of a feature, with ±context tokens.
+
+    ``decode`` maps token ids to strings (e.g. ``lambda ids: [tok.decode([i]) for i in ids]``);
+    without it only token ids are returned. At most ``examples_per_feature`` hits exist.
+    """
+    _check_feature(store, site, feature)
+    index = store.feature_index(site)
+    out = []
+    for slot in range(min(n, index.top_prompt.shape[1])):
+        prompt = int(index.top_prompt[feature, slot])
+        if prompt == EMPTY:
+            break
+        position = int(index.top_position[feature, slot])
+        tokens = store.prompt_tokens(prompt)
+        start, stop = max(0, position - context), min(len(tokens), position + context + 1)
+        window = [int(t) for t in tokens[start:stop]]
+        out.append(
+            FeatureExample(
+                prompt=prompt,
+                position=position,
+                activation=float(index.top_value[feature, slot]),
+                context_token_ids=window,
+                context=decode(window) if decode is not None else None,
+                hit_index=position - start,
+            )
+        )
+    return out
+
+
+def feature_summary(store: FeatureStore, site: str, feature: int) -> FeatureSummary:
+    """Count, sum, max and frequency of one feature over all committed shards."""
+    _check_feature(store, site, feature)
+    index = store.feature_index(site)
+    count, total = int(index.count[feature]), float(index.total[feature])
+    tokens = store.n_tokens()
+    return FeatureSummary(
+        site=site,
+        feature=feature,
+        count=count,
+        total=total,
+        max=float(index.max[feature]) if count else 0.0,
+        mean_when_active=total / count if count else 0.0,
+        frequency=count / tokens if tokens else 0.0,
+    )
+
+
+def dense_slice(
+    store: FeatureStore,
+    site: str,
+    prompt: int,
+    *,
+    positions: slice | None = None,
+    features: slice | None = None,
+    gradients: bool = False,
+) -> Float[torch.Tensor, "positions features"]:
+    """A prompt's activations (or gradients) as a dense float32 matrix; zeros where not stored."""
+    d_sae = store.layout.site(site).d_sae
+    shard_id, first, _ = _token_slot(store, prompt, 0)
+    n_pos = len(store.prompt_tokens(prompt))
+    data = store.site_shard(shard_id, site)
+    if gradients and data.gradients is None:
+        raise StoreError("this store holds no gradients")
+    values = data.gradients if gradients else data.activations
+    lo, hi = int(data.token_offsets[first]), int(data.token_offsets[first + n_pos])
+    rows = np.repeat(np.arange(n_pos), np.diff(data.token_offsets[first : first + n_pos + 1]))
+    dense = torch.zeros(n_pos, d_sae, dtype=torch.float32)
+    dense[torch.from_numpy(rows), torch.from_numpy(data.feature_ids[lo:hi].astype(np.int64))] = (
+        torch.from_numpy(values[lo:hi].copy())
+    )
+    return dense[positions or slice(None), features or slice(None)]
+
+
+@dataclass(frozen=True)
+class ShardTensors:
+    """One committed shard of one site as torch tensors (CSR over the shard's tokens)."""
+
+    shard_id: int
+    prompt_start: int
+    token_ids: Int[torch.Tensor, " tokens"]
+    prompt_offsets: Int[torch.Tensor, " prompts_plus_one"]
+    token_offsets: Int[torch.Tensor, " tokens_plus_one"]
+    feature_ids: Int[torch.Tensor, " entries"]
+    activations: Float[torch.Tensor, " entries"]
+    gradients: Float[torch.Tensor, " entries"] | None
+    error_norm: Float[torch.Tensor, " tokens"]
+
+
+def iter_shards(
+    store: FeatureStore, site: str, *, device: torch.device | str = "cpu"
+) -> Iterator[ShardTensors]:
+    """Committed shards of a site in shard order, decoded to tensors on ``device``."""
+    store.layout.site(site)
+    for shard_id, entry in sorted(store.committed_entries().items()):
+        data = store.site_shard(shard_id, site)
+        prompts = store.prompt_shard(shard_id)
+
+        def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+
+        yield ShardTensors(
+            shard_id=shard_id,
+            prompt_start=entry.prompt_start,
+            token_ids=tensor(prompts.token_ids.astype(np.int64), torch.long),
+            prompt_offsets=tensor(prompts.prompt_offsets, torch.long),
+            token_offsets=tensor(data.token_offsets, torch.long),
+            feature_ids=tensor(data.feature_ids.astype(np.int64), torch.long),
+            activations=tensor(data.activations, torch.float32),
+            gradients=tensor(data.gradients, torch.float32) if data.gradients is not None else None,
+            error_norm=tensor(data.error_norm, torch.float32),
+        )

@@ -1,0 +1,248 @@
+"""Writing one shard's arrays under its own prefix, checksumming and reading them back.
+
+Keys of shard ``s`` (six digits) all live under ``shards/<s>/`` so that no two
+writers ever share a chunk or a file:
+
+    prompts/token_ids        uint32 [tokens]        real tokens of every prompt, BOS first
+    prompts/prompt_offsets   uint64 [prompts+1]     delta-encoded
+    prompts/records          uint8  [bytes]         JSON list of PromptRecord
+    sites/<label>/token_offsets  uint32 [tokens+1]  CSR offsets into the entry arrays
+    sites/<label>/feature_ids    uint16|uint32 [entries]
+    sites/<label>/activations    float16 (bfloat16 as uint16 bits) [entries]
+    sites/<label>/gradients      same dtype [entries] (when the layout stores gradients)
+    sites/<label>/error_norm     float32 [tokens]
+    sites/<label>/dropped_mass   float32 [tokens] (when the layout keeps top-k)
+    sites/<label>/summary/{features,count,total,max}
+    sites/<label>/top/{feature,prompt,position,value}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zarr
+from zarr.abc.store import Store
+
+from circuitscan.pipelines.caching import SiteCache
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.schemas.store import ShardEntry, StoreLayout
+from circuitscan.services.store.backends import list_keys, read_bytes
+from circuitscan.services.store.encoding import (
+    TOKEN_CHUNK,
+    feature_id_dtype,
+    open_array,
+    write_array,
+)
+from circuitscan.services.store.summaries import ShardSummary, summarize_shard
+
+
+class ShardDataError(ValueError):
+    """Shard data that does not match the store layout."""
+
+
+def shard_prefix(shard_id: int) -> str:
+    return f"shards/{shard_id:06d}/"
+
+
+def encode_values(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """Activations/gradients in the on-disk dtype (bfloat16 as its uint16 bits)."""
+    values = values.detach().to("cpu")
+    if dtype == "bfloat16":
+        return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return values.to(torch.float16).numpy()
+
+
+def decode_values(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """On-disk values → float32."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
+    return raw.astype(np.float32)
+
+
+def checksum(data: bytes) -> str:
+    return f"{len(data)}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+
+
+def shard_checksums(store: Store, shard_id: int) -> dict[str, str]:
+    """Checksums of every object the shard holds, keyed relative to its prefix."""
+    prefix = shard_prefix(shard_id)
+    out = {}
+    for key in list_keys(store, prefix):
+        data = read_bytes(store, key)
+        if data is not None:
+            out[key.removeprefix(prefix)] = checksum(data)
+    return out
+
+
+def _validate(
+    layout: StoreLayout,
+    prompts: Sequence[PromptRecord],
+    token_ids: Sequence[Sequence[int]],
+    site_caches: Mapping[str, SiteCache],
+) -> int:
+    if len(prompts) != len(token_ids) or not prompts:
+        raise ShardDataError(
+            f"a shard needs ≥1 prompt and one token list per prompt; got {len(prompts)} prompts "
+            f"and {len(token_ids)} token lists"
+        )
+    if len(prompts) > layout.shard_size:
+        raise ShardDataError(f"{len(prompts)} prompts exceed the shard size {layout.shard_size}")
+    expected = {site.label for site in layout.sites}
+    if set(site_caches) != expected:
+        raise ShardDataError(f"site caches {sorted(site_caches)} ≠ store sites {sorted(expected)}")
+    n_tokens = sum(len(ids) for ids in token_ids)
+    for site in layout.sites:
+        cache = site_caches[site.label]
+        if cache.n_tokens != n_tokens:
+            raise ShardDataError(
+                f"site {site.label} covers {cache.n_tokens} tokens but the prompts have {n_tokens}"
+            )
+        if cache.d_sae != site.d_sae:
+            raise ShardDataError(f"site {site.label}: d_sae {cache.d_sae} ≠ layout {site.d_sae}")
+        if layout.gradients and cache.gradients is None:
+            raise ShardDataError(f"the store keeps gradients but site {site.label} has none")
+    return n_tokens
+
+
+def write_shard_arrays(
+    store: Store,
+    layout: StoreLayout,
+    shard_id: int,
+    prompts: Sequence[PromptRecord],
+    token_ids: Sequence[Sequence[int]],
+    site_caches: Mapping[str, SiteCache],
+) -> ShardEntry:
+    """Write one shard's data (not its manifest entry) and return the entry to commit."""
+    n_tokens = _validate(layout, prompts, token_ids, site_caches)
+    prefix = shard_prefix(shard_id)
+    prompt_start = shard_id * layout.shard_size
+    zarr.create_group(store, path=prefix.rstrip("/"), overwrite=True)
+    lengths = np.array([len(ids) for ids in token_ids], dtype=np.uint64)
+    offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
+    offsets[1:] = np.cumsum(lengths)
+    flat = np.fromiter((t for ids in token_ids for t in ids), dtype=np.uint32, count=n_tokens)
+    write_array(store, prefix + "prompts/token_ids", flat, chunk=TOKEN_CHUNK)
+    write_array(store, prefix + "prompts/prompt_offsets", offsets, delta=True)
+    records = json.dumps([p.model_dump(mode="json") for p in prompts]).encode()
+    write_array(store, prefix + "prompts/records", np.frombuffer(records, dtype=np.uint8))
+    token_prompt = prompt_start + np.repeat(np.arange(len(lengths)), lengths.astype(np.int64))
+    token_position = np.arange(n_tokens) - np.repeat(
+        offsets[:-1].astype(np.int64), lengths.astype(np.int64)
+    )
+    n_entries = {}
+    for site in layout.sites:
+        cache = site_caches[site.label]
+        base = f"{prefix}sites/{site.label}/"
+        feature_ids = cache.feature_ids.to("cpu").numpy().astype(feature_id_dtype(site.d_sae))
+        token_index = cache.token_index.to("cpu").numpy()
+        values = encode_values(cache.activations, layout.value_dtype)
+        write_array(
+            store,
+            base + "token_offsets",
+            cache.token_offsets().numpy().astype(np.uint32),
+            delta=True,
+        )
+        write_array(store, base + "feature_ids", feature_ids, delta=True)
+        write_array(store, base + "activations", values)
+        if layout.gradients:
+            assert cache.gradients is not None
+            write_array(
+                store, base + "gradients", encode_values(cache.gradients, layout.value_dtype)
+            )
+        write_array(store, base + "error_norm", cache.error_norm.to("cpu").float().numpy())
+        if layout.top_k_per_token is not None:
+            write_array(store, base + "dropped_mass", cache.dropped_mass.to("cpu").float().numpy())
+        summary = summarize_shard(
+            feature_ids.astype(np.int64),
+            decode_values(values, layout.value_dtype),
+            token_prompt,
+            token_position,
+            token_index,
+            layout.examples_per_feature,
+        )
+        _write_summary(store, base, summary)
+        n_entries[site.label] = int(feature_ids.shape[0])
+    return ShardEntry(
+        shard_id=shard_id,
+        layout_hash=layout.layout_hash(),
+        prompt_start=prompt_start,
+        n_prompts=len(prompts),
+        n_tokens=n_tokens,
+        n_entries=n_entries,
+        checksums=shard_checksums(store, shard_id),
+    )
+
+
+def _write_summary(store: Store, base: str, summary: ShardSummary) -> None:
+    for name in ("features", "count", "total", "max"):
+        write_array(store, f"{base}summary/{name}", getattr(summary, name))
+    for name in ("feature", "prompt", "position", "value"):
+        write_array(store, f"{base}top/{name}", getattr(summary, f"top_{name}"))
+
+
+def read_summary(store: Store, shard_id: int, label: str) -> ShardSummary:
+    base = f"{shard_prefix(shard_id)}sites/{label}/"
+    parts = {
+        name: open_array(store, f"{base}summary/{name}")[...]
+        for name in ("features", "count", "total", "max")
+    }
+    top = {
+        f"top_{name}": open_array(store, f"{base}top/{name}")[...]
+        for name in ("feature", "prompt", "position", "value")
+    }
+    return ShardSummary(**parts, **top)
+
+
+@dataclass
+class SiteShard:
+    """One site of one shard, decoded: CSR entries plus per-token arrays (float32 values)."""
+
+    token_offsets: np.ndarray
+    feature_ids: np.ndarray
+    activations: np.ndarray
+    gradients: np.ndarray | None
+    error_norm: np.ndarray
+    dropped_mass: np.ndarray | None
+
+
+@dataclass
+class PromptShard:
+    """The prompts of one shard: flat token ids and per-prompt offsets."""
+
+    token_ids: np.ndarray
+    prompt_offsets: np.ndarray
+
+
+def read_prompts(store: Store, shard_id: int) -> PromptShard:
+    prefix = shard_prefix(shard_id)
+    return PromptShard(
+        token_ids=open_array(store, prefix + "prompts/token_ids")[...],
+        prompt_offsets=open_array(store, prefix + "prompts/prompt_offsets")[...].astype(np.int64),
+    )
+
+
+def read_records(store: Store, shard_id: int) -> list[PromptRecord]:
+    raw = open_array(store, shard_prefix(shard_id) + "prompts/records")[...]
+    return [PromptRecord.model_validate(item) for item in json.loads(raw.tobytes())]
+
+
+def read_site(store: Store, layout: StoreLayout, shard_id: int, label: str) -> SiteShard:
+    base = f"{shard_prefix(shard_id)}sites/{label}/"
+    dtype = layout.value_dtype
+    return SiteShard(
+        token_offsets=open_array(store, base + "token_offsets")[...].astype(np.int64),
+        feature_ids=open_array(store, base + "feature_ids")[...],
+        activations=decode_values(open_array(store, base + "activations")[...], dtype),
+        gradients=decode_values(open_array(store, base + "gradients")[...], dtype)
+        if layout.gradients
+        else None,
+        error_norm=open_array(store, base + "error_norm")[...],
+        dropped_mass=open_array(store, base + "dropped_mass")[...]
+        if layout.top_k_per_token is not None
+        else None,
+    )

@@ -1,0 +1,130 @@
+"""Per-feature summaries and top-K example candidates: per shard, and merged.
+
+A worker computes its shard's summaries and per-feature top-K candidates
+from the data it writes; the driver merges shard candidates into the store's
+index at commit. Nothing here scans the store. Ties are broken by (prompt,
+position) so the merged index does not depend on commit order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+EMPTY = -1
+
+
+@dataclass
+class ShardSummary:
+    """Summaries of one site over one shard (sparse: only features that fired)."""
+
+    features: np.ndarray  # uint32 [fired]
+    count: np.ndarray  # uint32 [fired]
+    total: np.ndarray  # float64 [fired]
+    max: np.ndarray  # float32 [fired]
+    top_feature: np.ndarray  # uint32 [candidates], sorted by feature then rank
+    top_prompt: np.ndarray  # uint32 [candidates], global prompt index
+    top_position: np.ndarray  # uint32 [candidates]
+    top_value: np.ndarray  # float32 [candidates]
+
+
+def _top_per_group(
+    feature: np.ndarray, value: np.ndarray, prompt: np.ndarray, position: np.ndarray, k: int
+) -> np.ndarray:
+    """Indices of the k largest values per feature (ties: lower prompt, then position)."""
+    order = np.lexsort((position, prompt, -value.astype(np.float64), feature))
+    sorted_feature = feature[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_feature)) + 1]
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    rank = np.arange(len(order)) - group_start
+    return order[rank < k]
+
+
+def summarize_shard(
+    feature_ids: np.ndarray,
+    values: np.ndarray,
+    token_prompt: np.ndarray,
+    token_position: np.ndarray,
+    token_index: np.ndarray,
+    k: int,
+) -> ShardSummary:
+    """Summaries of a site's entries; ``token_*`` map each entry's token to (prompt, position)."""
+    values = values.astype(np.float32)
+    features, inverse, count = np.unique(feature_ids, return_inverse=True, return_counts=True)
+    total = np.zeros(len(features), dtype=np.float64)
+    np.add.at(total, inverse, values.astype(np.float64))
+    peak = np.full(len(features), -np.inf, dtype=np.float32)
+    np.maximum.at(peak, inverse, values)
+    prompt = token_prompt[token_index]
+    position = token_position[token_index]
+    keep = _top_per_group(feature_ids, values, prompt, position, k)
+    return ShardSummary(
+        features=features.astype(np.uint32),
+        count=count.astype(np.uint32),
+        total=total,
+        max=peak,
+        top_feature=feature_ids[keep].astype(np.uint32),
+        top_prompt=prompt[keep].astype(np.uint32),
+        top_position=position[keep].astype(np.uint32),
+        top_value=values[keep],
+    )
+
+
+@dataclass
+class FeatureIndex:
+    """Dense per-feature summaries and top-K examples of one site (empty slots: prompt −1)."""
+
+    count: np.ndarray  # int64 [d_sae]
+    total: np.ndarray  # float64 [d_sae]
+    max: np.ndarray  # float32 [d_sae]
+    top_prompt: np.ndarray  # int64 [d_sae, k]
+    top_position: np.ndarray  # int32 [d_sae, k]
+    top_value: np.ndarray  # float32 [d_sae, k]
+
+    @classmethod
+    def empty(cls, d_sae: int, k: int) -> FeatureIndex:
+        return cls(
+            count=np.zeros(d_sae, dtype=np.int64),
+            total=np.zeros(d_sae, dtype=np.float64),
+            max=np.zeros(d_sae, dtype=np.float32),
+            top_prompt=np.full((d_sae, k), EMPTY, dtype=np.int64),
+            top_position=np.zeros((d_sae, k), dtype=np.int32),
+            top_value=np.zeros((d_sae, k), dtype=np.float32),
+        )
+
+    def copy(self) -> FeatureIndex:
+        return FeatureIndex(
+            **{name: getattr(self, name).copy() for name in self.__dataclass_fields__}
+        )
+
+    def merge(self, shard: ShardSummary) -> None:
+        """Fold one shard's summaries and candidates in (in place)."""
+        fired = shard.features.astype(np.int64)
+        had = self.count[fired] > 0
+        self.count[fired] += shard.count
+        self.total[fired] += shard.total
+        self.max[fired] = np.where(had, np.maximum(self.max[fired], shard.max), shard.max)
+        touched = np.unique(shard.top_feature.astype(np.int64))
+        if len(touched) == 0:
+            return
+        k = self.top_prompt.shape[1]
+        old_prompt = self.top_prompt[touched]
+        valid = old_prompt != EMPTY
+        rows = np.repeat(touched, k).reshape(len(touched), k)
+        feature = np.concatenate([rows[valid], shard.top_feature.astype(np.int64)])
+        prompt = np.concatenate([old_prompt[valid], shard.top_prompt.astype(np.int64)])
+        position = np.concatenate(
+            [self.top_position[touched][valid], shard.top_position.astype(np.int32)]
+        )
+        value = np.concatenate([self.top_value[touched][valid], shard.top_value])
+        keep = _top_per_group(feature, value, prompt, position, k)
+        feature, prompt, position, value = feature[keep], prompt[keep], position[keep], value[keep]
+        starts = np.searchsorted(feature, touched)
+        slot = np.arange(len(feature)) - np.repeat(starts, np.diff(np.r_[starts, len(feature)]))
+        self.top_prompt[touched] = EMPTY
+        self.top_position[touched] = 0
+        self.top_value[touched] = 0
+        self.top_prompt[feature, slot] = prompt
+        self.top_position[feature, slot] = position
+        self.top_value[feature, slot] = value
