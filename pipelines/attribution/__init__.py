@@ -24,6 +24,7 @@ output is unchanged). Nodes and selections are ``circuitscan.schemas.attribution
 Bad input raises ``AttributionInputError`` (a ValueError) or one of its subclasses.
 """
 
+from circuitscan.pipelines.attribution.ablation_scan import ScanResult, ablation_scan
 from circuitscan.pipelines.attribution.atp import feature_attribution, run_atp
 from circuitscan.pipelines.attribution.errors import (
     AttributionInputError,
@@ -33,6 +34,11 @@ from circuitscan.pipelines.attribution.errors import (
 )
 from circuitscan.pipelines.attribution.patching import exact_patch
 from circuitscan.pipelines.attribution.result import AttributionResult
+from circuitscan.pipelines.attribution.verification import (
+    recall_at_k,
+    verify,
+    verify_by_patching,
+)
 
 __all__ = [
     "AttributionInputError",
@@ -40,7 +46,12 @@ __all__ = [
     "MissingSAEError",
     "NodeSelectionError",
     "PositionError",
+    "ScanResult",
+    "ablation_scan",
     "exact_patch",
     "feature_attribution",
+    "recall_at_k",
     "run_atp",
+    "verify",
+    "verify_by_patching",
 ]

@@ -1,0 +1,232 @@
+"""Feature-ablation scans: exact Δm of ablating every active SAE feature, prompt by prompt.
+
+For every (prompt, feature) pair where the feature is active (> 0) at one of
+the chosen positions, the feature is ablated at all chosen positions of that
+prompt — set to zero, to its mean over the prompt set's chosen positions, or
+to a value resampled from a random chosen (prompt, position) slot — with the
+SAE error term kept. The model's prefix (everything before the SAE's layer)
+runs once per prompt: the residual stream entering the first affected layer
+is cached and each ablation row runs only the remaining layers
+(``forward(start_at_layer=...)``), many rows per forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from sae_lens import SAE, HookedSAETransformer
+
+from circuitscan.pipelines.attribution.errors import AttributionInputError
+from circuitscan.pipelines.attribution.positions import UNDEFINED, resolve_positions
+from circuitscan.pipelines.attribution.splice import (
+    Recorder,
+    check_saes,
+    run_recorded,
+    sae_decode,
+    sae_encode,
+)
+from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.schemas.attribution import AblationMode, PositionSpec
+from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.metrics import MetricSpec
+
+
+@dataclass
+class ScanResult:
+    """Δm (metric units) per prompt and active feature.
+
+    ``delta[p, j]`` is the effect of ablating ``features[j]`` on prompt p;
+    pairs where the feature is inactive on the prompt are not run: 0 for
+    zero ablation (exactly its effect), NaN for mean/resample.
+    """
+
+    site: HookSite
+    mode: AblationMode
+    features: Int[torch.Tensor, " n_features"]
+    delta: Float[torch.Tensor, "n_prompts n_features"]
+    baseline: Float[torch.Tensor, " n_prompts"]
+    n_ablations: int
+
+
+@dataclass
+class PreparedScan:
+    """The once-per-prompt part of a scan: cached residuals, SAE activations, baseline."""
+
+    start_layer: int
+    resid: Float[torch.Tensor, "n_prompts seq d_model"]
+    acts: Float[torch.Tensor, "n_prompts seq d_sae"]
+    site_shape: tuple[int, ...]
+    chosen: torch.Tensor  # [n_prompts, seq] bool
+    baseline: Float[torch.Tensor, " n_prompts"]
+
+
+def _start_layer(model: HookedSAETransformer, site: HookSite) -> int:
+    return site.layer + 1 if site.point == "resid_post" else site.layer
+
+
+def prepare_scan(
+    model: HookedSAETransformer,
+    sae: SAE[Any],
+    site: HookSite,
+    tokens: Int[torch.Tensor, "n_prompts seq"],
+    lengths: Int[torch.Tensor, " n_prompts"],
+    metric: MetricSpec,
+    answer: Int[torch.Tensor, " n_prompts"] | None,
+    wrong: Int[torch.Tensor, " n_prompts"] | None,
+    positions: Literal["all", "last"] | Sequence[PositionSpec],
+    named_positions: Sequence[Mapping[str, int]] | None = None,
+) -> PreparedScan:
+    """One clean forward pass over the prompt set, caching what every ablation row reuses."""
+    check_saes(model, {site.hook_name: sae})
+    start = _start_layer(model, site)
+    n_layers = model.cfg.n_layers
+    resid_key = (
+        ("act", HookSite(layer=start, point="resid_pre").hook_name)
+        if start < n_layers
+        else ("out", HookSite(layer=n_layers - 1, point="resid_post").hook_name)
+    )
+    site_key = ("act", site.hook_name)
+    with torch.no_grad():
+        rec = Recorder(wanted={resid_key, site_key})
+        logits = run_recorded(model, {}, tokens, rec)
+        baseline = metric_per_prompt(
+            logits, metric, lengths=lengths, tokens=tokens, answer=answer, wrong=wrong
+        )
+        acts = sae_encode(sae, rec.store[site_key])
+    if positions == "all":
+        specs: list[PositionSpec] = list(range(tokens.shape[1]))
+        strict = False
+    elif positions == "last":
+        specs, strict = ["last"], True
+    else:
+        specs, strict = list(positions), True
+    if not specs:
+        raise AttributionInputError("no positions chosen for the ablation scan")
+    index = resolve_positions(specs, lengths, named_positions, strict=strict)
+    chosen = torch.zeros(tokens.shape, dtype=torch.bool)
+    rows = torch.arange(tokens.shape[0])[:, None].expand_as(index)
+    defined = index != UNDEFINED
+    chosen[rows[defined], index[defined]] = True
+    return PreparedScan(
+        start_layer=start,
+        resid=rec.store[resid_key],
+        acts=acts,
+        site_shape=tuple(rec.store[site_key].shape[2:]),
+        chosen=chosen,
+        baseline=baseline,
+    )
+
+
+def _decoder_is_linear(sae: SAE[Any]) -> bool:
+    norm = getattr(sae.cfg, "normalize_activations", "none")
+    return norm in (None, "none") and hasattr(sae, "W_dec")
+
+
+def _ablation_values(
+    prepared: PreparedScan,
+    mode: AblationMode,
+    prompt: torch.Tensor,
+    feature: torch.Tensor,
+    generator: torch.Generator,
+) -> Float[torch.Tensor, "rows seq"]:
+    """The value each row's feature takes at every position (used where chosen)."""
+    rows, seq = prompt.shape[0], prepared.acts.shape[1]
+    if mode == "zero":
+        return torch.zeros(rows, seq, dtype=prepared.acts.dtype)
+    slots = prepared.acts[prepared.chosen]  # [n_slots, d_sae]
+    if mode == "mean":
+        return slots.mean(0)[feature][:, None].expand(rows, seq)
+    draw = torch.randint(0, slots.shape[0], (rows, seq), generator=generator)
+    return slots[draw, feature[:, None]]
+
+
+@torch.no_grad()
+def run_ablation_rows(
+    model: HookedSAETransformer,
+    sae: SAE[Any],
+    site: HookSite,
+    prepared: PreparedScan,
+    prompt: Int[torch.Tensor, " rows"],
+    feature: Int[torch.Tensor, " rows"],
+    values: Float[torch.Tensor, "rows seq"],
+) -> Float[torch.Tensor, "rows seq vocab"]:
+    """Logits of the suffix forward pass with one feature ablated per row."""
+    acts = prepared.acts[prompt]
+    rows = torch.arange(prompt.shape[0])
+    old = acts[rows[:, None], torch.arange(acts.shape[1])[None, :], feature[:, None]]
+    change = torch.where(prepared.chosen[prompt], values - old, torch.zeros_like(old))
+    if _decoder_is_linear(sae):
+        direction = sae.W_dec[feature].to(prepared.resid.dtype)  # [rows, d_in]
+        delta = change[..., None] * direction[:, None, :]
+        delta = delta.reshape(*delta.shape[:2], *prepared.site_shape)
+    else:
+        like = torch.zeros(*acts.shape[:2], *prepared.site_shape, dtype=prepared.resid.dtype)
+        edited = acts.clone()
+        edited[rows[:, None], torch.arange(acts.shape[1])[None, :], feature[:, None]] = old + change
+        delta = sae_decode(sae, edited, like) - sae_decode(sae, acts, like)
+    resid = prepared.resid[prompt]
+    hooks = []
+    if site.point in ("resid_pre", "resid_post"):
+        resid = resid + delta.to(resid.dtype)
+    else:
+        delta = delta.to(resid.dtype)
+        hooks.append((site.hook_name, lambda x, hook=None: x + delta))
+    with model.hooks(fwd_hooks=hooks):
+        return model(resid, start_at_layer=prepared.start_layer, return_type="logits")
+
+
+def ablation_scan(
+    model: HookedSAETransformer,
+    sae: SAE[Any],
+    site: HookSite,
+    tokens: Int[torch.Tensor, "n_prompts seq"],
+    lengths: Int[torch.Tensor, " n_prompts"],
+    metric: MetricSpec,
+    answer: Int[torch.Tensor, " n_prompts"] | None,
+    wrong: Int[torch.Tensor, " n_prompts"] | None,
+    *,
+    mode: AblationMode = "zero",
+    positions: Literal["all", "last"] | Sequence[PositionSpec] = "all",
+    named_positions: Sequence[Mapping[str, int]] | None = None,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> ScanResult:
+    """Exact Δm of ablating each active feature at the chosen positions, per prompt."""
+    if batch_size < 1:
+        raise AttributionInputError("batch_size must be positive")
+    prepared = prepare_scan(
+        model, sae, site, tokens, lengths, metric, answer, wrong, positions, named_positions
+    )
+    active = ((prepared.acts > 0) & prepared.chosen[..., None]).any(1)  # [n_prompts, d_sae]
+    features = torch.nonzero(active.any(0)).flatten()
+    column = torch.full((active.shape[1],), -1, dtype=torch.long)
+    column[features] = torch.arange(features.numel())
+    pairs = torch.nonzero(active)  # (prompt, feature)
+    fill = 0.0 if mode == "zero" else float("nan")
+    delta = torch.full((tokens.shape[0], features.numel()), fill, dtype=prepared.baseline.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, pairs.shape[0], batch_size):
+        prompt, feature = pairs[start : start + batch_size].T
+        values = _ablation_values(prepared, mode, prompt, feature, generator)
+        logits = run_ablation_rows(model, sae, site, prepared, prompt, feature, values)
+        metric_rows = metric_per_prompt(
+            logits,
+            metric,
+            lengths=lengths[prompt],
+            tokens=tokens[prompt],
+            answer=None if answer is None else answer[prompt],
+            wrong=None if wrong is None else wrong[prompt],
+        )
+        delta[prompt, column[feature]] = (metric_rows - prepared.baseline[prompt]).to(delta.dtype)
+    return ScanResult(
+        site=site,
+        mode=mode,
+        features=features,
+        delta=delta,
+        baseline=prepared.baseline,
+        n_ablations=int(pairs.shape[0]),
+    )
