@@ -20,7 +20,10 @@ ReLU-family SAEs where an active feature's activation equals its pre-activation
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -36,10 +39,8 @@ from circuitscan.pipelines.analyses.linear_parts import (
     sae_hook_name,
     sae_pre_flat,
 )
-from circuitscan.schemas.analyses import DFANode, DFAResult
+from circuitscan.schemas.analyses import DFANode, DFANodeKind, DFAResult
 from circuitscan.schemas.hooks import HookSite
-
-_EXPANDABLE = ("attn_feature", "head_source", "resid_feature")
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def dfa(
     sae = ctx.z_saes[layer]
     z = ctx.get(f"blocks.{layer}.attn.hook_z")[dest_pos]
     pre = float(sae_pre_flat(sae, z.flatten())[feature])
-    act = float(sae_encode_flat(sae, z.unsqueeze(0))[0, feature])
+    act = float(sae_encode_flat(sae, z.flatten().unsqueeze(0), model.cfg.d_head)[0, feature])
     return DFAResult(
         site=HookSite(layer=layer, point="z").label,
         feature=feature,
@@ -158,35 +159,43 @@ def _check_position(ctx: _Context, pos: int) -> None:
         raise AnalysisInputError(f"position {pos} is outside the prompt of {ctx.tokens.shape[0]}")
 
 
+@dataclass(frozen=True)
+class _Kid:
+    """A child as a leaf, plus how to expand it into a subtree (None: always a leaf)."""
+
+    leaf: DFANode
+    expand: Callable[[int], DFANode] | None = None
+
+
+def _leaf(kind: DFANodeKind, value: float, label: str, **meta: Any) -> DFANode:
+    return DFANode(kind=kind, value=value, label=label, **meta)
+
+
+def _active_is_pre(act: float, pre: float) -> bool:
+    # The scaled sub-decomposition is exact only when activation == pre-activation.
+    return abs(act - pre) <= 1e-9 * max(1.0, abs(act))
+
+
 class _Builder:
     def __init__(self, ctx: _Context, pruning: Pruning):
         self.ctx = ctx
         self.p = pruning
 
-    # -- node constructors: each returns (children as (kind, value, meta, expand-fn)) --
-
     def attn_feature(self, layer: int, feature: int, pos: int, gain: float, depth: int) -> DFANode:
         terms, bias = _head_source_terms(self.ctx, layer, feature, pos)
         value = gain * (float(terms.sum()) + bias)
-        label = f"L{layer}.z#{feature}@{pos}"
-        kids: list[tuple[str, float, dict, object]] = [
-            ("bias", gain * bias, {"label": "encoder bias"}, None)
-        ]
+        kids = [_Kid(_leaf("bias", gain * bias, "encoder bias"))]
         for h in range(terms.shape[0]):
             for t in range(pos + 1):
-                kids.append(
-                    (
-                        "head_source",
-                        gain * float(terms[h, t]),
-                        {"label": f"L{layer}H{h} {pos}←{t}", "layer": layer, "head": h,
-                         "position": t},
-                        (self.head_source, (layer, h, feature, pos, t, gain)),
-                    )
-                )
-        children = self.finish(kids, value, depth)
+                leaf = _leaf(
+                    "head_source", gain * float(terms[h, t]), f"L{layer}H{h} {pos}←{t}",
+                    layer=layer, head=h, position=t,
+                )  # fmt: skip
+                kids.append(_Kid(leaf, partial(self.head_source, layer, h, feature, pos, t, gain)))
         return DFANode(
-            kind="attn_feature", label=label, value=value, layer=layer, position=pos,
-            feature=feature, site=HookSite(layer=layer, point="z").label, children=children,
+            kind="attn_feature", label=f"L{layer}.z#{feature}@{pos}", value=value, layer=layer,
+            position=pos, feature=feature, site=HookSite(layer=layer, point="z").label,
+            children=self.finish(kids, value, depth),
         )  # fmt: skip
 
     def head_source(
@@ -198,26 +207,23 @@ class _Builder:
         d_head = ctx.cfg.d_head
         e_h = sae.W_enc[head * d_head : (head + 1) * d_head, feature].to(ctx.cfg.dtype)
         a = float(ctx.get(f"blocks.{layer}.attn.hook_pattern")[head, dest, src])
-        w_v = attn.W_V[head]
-        u = gain * a * (w_v @ e_h)
+        u = gain * a * (attn.W_V[head] @ e_h)
         ln1 = ctx.model.blocks[layer].ln1
         const = float(norm_bias(ln1, u) @ u) + gain * a * float(attn.b_V[head] @ e_h)
         readout = norm_readout(ln1, u, ctx.ln1_scale(layer)[src])
         kids = self.resid_kids(layer, src, readout, const, allow_resid_sae=True)
-        value = sum(k[1] for k in kids)
+        value = sum(k.leaf.value for k in kids)
         return DFANode(
             kind="head_source", label=f"L{layer}H{head} {dest}←{src}", value=value, layer=layer,
             head=head, position=src, children=self.finish(kids, value, depth),
         )  # fmt: skip
 
-    def resid_feature(
-        self, layer: int, feature: int, pos: int, gain: float, depth: int
-    ) -> DFANode:
+    def resid_feature(self, layer: int, feature: int, pos: int, gain: float, depth: int) -> DFANode:
         sae, site = self.ctx.resid_saes[layer]
         readout = gain * sae.W_enc[:, feature].to(self.ctx.cfg.dtype)
         const = gain * sae_encoder_bias(sae, feature)
         kids = self.resid_kids(layer, pos, readout, const, allow_resid_sae=False)
-        value = sum(k[1] for k in kids)
+        value = sum(k.leaf.value for k in kids)
         return DFANode(
             kind="resid_feature", label=f"{site}#{feature}@{pos}", value=value, layer=layer,
             position=pos, feature=feature, site=site, children=self.finish(kids, value, depth),
@@ -225,101 +231,95 @@ class _Builder:
 
     def resid_kids(
         self, layer: int, pos: int, readout: torch.Tensor, const: float, *, allow_resid_sae: bool
-    ) -> list[tuple[str, float, dict, object]]:
+    ) -> list[_Kid]:
         """Children of ``readout·x + const`` where x is the residual entering ``layer`` at pos."""
         ctx = self.ctx
-        kids: list[tuple[str, float, dict, object]] = [("bias", const, {"label": "bias"}, None)]
+        kids = [_Kid(_leaf("bias", const, "bias"))]
         if allow_resid_sae and layer in ctx.resid_saes:
             sae, site = ctx.resid_saes[layer]
             x = ctx.get(f"blocks.{layer}.hook_resid_pre")[pos]
-            acts = sae_encode_flat(sae, x.unsqueeze(0))[0].to(x.dtype)
-            pre = sae_pre_flat(sae, x)
-            w_dec = sae.W_dec.to(x.dtype)
-            recon = acts @ w_dec + sae.b_dec.to(x.dtype)
-            kids.append(("sae_error", float((x - recon) @ readout), {"label": f"{site} error"}, None))
-            kids.append(("sae_bias", float(sae.b_dec.to(x.dtype) @ readout),
-                         {"label": f"{site} b_dec"}, None))  # fmt: skip
-            for j in torch.nonzero(acts).flatten().tolist():
-                g = float(w_dec[j] @ readout)
-                exact = abs(float(acts[j] - pre[j])) <= 1e-9 * max(1.0, abs(float(acts[j])))
-                kids.append((
-                    "resid_feature", float(acts[j]) * g,
-                    {"label": f"{site}#{j}@{pos}", "layer": layer, "feature": j, "position": pos,
-                     "site": site},
-                    (self.resid_feature, (layer, j, pos, g)) if exact else None,
-                ))  # fmt: skip
+            kids += self.sae_kids(
+                sae, site, x, readout, "resid_feature", {"layer": layer, "position": pos},
+                lambda j, g: partial(self.resid_feature, layer, j, pos, g),
+            )  # fmt: skip
             return kids
-        cache = ctx.cache
-        kids.append(("embed", float(ctx.get("hook_embed")[pos] @ readout),
-                     {"label": f"embed {ctx.tok(pos)}@{pos}", "position": pos}, None))  # fmt: skip
-        if "hook_pos_embed" in cache:
-            kids.append(("pos_embed", float(ctx.get("hook_pos_embed")[pos] @ readout),
-                         {"label": f"pos_embed@{pos}", "position": pos}, None))  # fmt: skip
+        at = {"position": pos}
+        kids.append(_Kid(_leaf("embed", float(ctx.get("hook_embed")[pos] @ readout),
+                               f"embed {ctx.tok(pos)}@{pos}", **at)))  # fmt: skip
+        if "hook_pos_embed" in ctx.cache:
+            value = float(ctx.get("hook_pos_embed")[pos] @ readout)
+            kids.append(_Kid(_leaf("pos_embed", value, f"pos_embed@{pos}", **at)))
         for k in range(layer):
-            kids.extend(self.attn_out_kids(k, pos, readout))
+            kids += self.attn_out_kids(k, pos, readout)
             mlp = f"blocks.{k}.hook_mlp_out"
-            if mlp in cache:
-                kids.append(("mlp_out", float(ctx.get(mlp)[pos] @ readout),
-                             {"label": f"L{k} mlp_out@{pos}", "layer": k, "position": pos}, None))  # fmt: skip
+            if mlp in ctx.cache:
+                value = float(ctx.get(mlp)[pos] @ readout)
+                kids.append(_Kid(_leaf("mlp_out", value, f"L{k} mlp_out@{pos}", layer=k, **at)))
         return kids
 
-    def attn_out_kids(
-        self, k: int, pos: int, readout: torch.Tensor
-    ) -> list[tuple[str, float, dict, object]]:
+    def sae_kids(
+        self,
+        sae: SAE,
+        site: str,
+        x: torch.Tensor,
+        readout: torch.Tensor,
+        kind: DFANodeKind,
+        meta: dict[str, Any],
+        expander: Callable[[int, float], Callable[[int], DFANode]],
+    ) -> list[_Kid]:
+        """``readout·x`` split into active features, error and b_dec of ``sae`` (x flat)."""
+        acts = sae_encode_flat(sae, x.unsqueeze(0), self.ctx.cfg.d_head)[0].to(x.dtype)
+        pre = sae_pre_flat(sae, x)
+        w_dec = sae.W_dec.to(x.dtype)
+        b_dec = sae.b_dec.to(x.dtype)
+        error = x - acts @ w_dec - b_dec
+        kids = [
+            _Kid(_leaf("sae_error", float(error @ readout), f"{site} error", **meta)),
+            _Kid(_leaf("sae_bias", float(b_dec @ readout), f"{site} b_dec", **meta)),
+        ]
+        for j in torch.nonzero(acts).flatten().tolist():
+            g = float(w_dec[j] @ readout)
+            act = float(acts[j])
+            leaf = _leaf(
+                kind, act * g, f"{site}#{j}@{meta['position']}", feature=j, site=site, **meta
+            )
+            kids.append(_Kid(leaf, expander(j, g) if _active_is_pre(act, float(pre[j])) else None))
+        return kids
+
+    def attn_out_kids(self, k: int, pos: int, readout: torch.Tensor) -> list[_Kid]:
         ctx = self.ctx
         attn = ctx.model.blocks[k].attn
-        w_o = attn.W_O.reshape(-1, ctx.cfg.d_model)  # (head d_head) d_model
-        through_o = w_o @ readout
+        through_o = attn.W_O.reshape(-1, ctx.cfg.d_model) @ readout
         b_o = float(attn.b_O @ readout)
-        z = ctx.get(f"blocks.{k}.attn.hook_z")[pos]
+        z_flat = ctx.get(f"blocks.{k}.attn.hook_z")[pos].flatten()
         meta = {"layer": k, "position": pos}
         if k not in ctx.z_saes:
-            return [("attn_out", float(z.flatten() @ through_o) + b_o,
-                     {"label": f"L{k} attn_out@{pos}", **meta}, None)]  # fmt: skip
-        sae = ctx.z_saes[k]
+            value = float(z_flat @ through_o) + b_o
+            return [_Kid(_leaf("attn_out", value, f"L{k} attn_out@{pos}", **meta))]
         site = HookSite(layer=k, point="z").label
-        z_flat = z.flatten()
-        acts = sae_encode_flat(sae, z.unsqueeze(0))[0].to(z.dtype)
-        pre = sae_pre_flat(sae, z_flat)
-        w_dec = sae.W_dec.to(z.dtype)
-        b_dec = sae.b_dec.to(z.dtype)
-        recon = acts @ w_dec + b_dec
-        kids: list[tuple[str, float, dict, object]] = [
-            ("sae_error", float((z_flat - recon) @ through_o), {"label": f"{site} error", **meta},
-             None),
-            ("sae_bias", float(b_dec @ through_o) + b_o, {"label": f"{site} b_dec+b_O", **meta},
-             None),
-        ]  # fmt: skip
-        for j in torch.nonzero(acts).flatten().tolist():
-            g = float(w_dec[j] @ through_o)
-            exact = abs(float(acts[j] - pre[j])) <= 1e-9 * max(1.0, abs(float(acts[j])))
-            kids.append((
-                "attn_feature", float(acts[j]) * g,
-                {"label": f"{site}#{j}@{pos}", "feature": j, "site": site, **meta},
-                (self.attn_feature, (k, j, pos, g)) if exact else None,
-            ))  # fmt: skip
-        return kids
+        kids = [_Kid(_leaf("bias", b_o, f"L{k} b_O", **meta))]
+        return kids + self.sae_kids(
+            ctx.z_saes[k], site, z_flat, through_o, "attn_feature", meta,
+            lambda j, g: partial(self.attn_feature, k, j, pos, g),
+        )  # fmt: skip
 
-    def finish(
-        self, kids: list[tuple[str, float, dict, object]], parent: float, depth: int
-    ) -> list[DFANode]:
+    def finish(self, kids: list[_Kid], parent: float, depth: int) -> list[DFANode]:
         """Keep the top-k children (the rest become one 'other' leaf); expand the big ones."""
         if depth >= self.p.max_depth:
             return []
-        order = sorted(kids, key=lambda k: -abs(k[1]))
+        order = sorted(kids, key=lambda k: -abs(k.leaf.value))
         kept, rest = order[: self.p.top_k], order[self.p.top_k :]
         out: list[DFANode] = []
-        for kind, value, meta, expand in kept:
-            big = abs(value) >= max(self.p.min_abs, self.p.min_frac * abs(parent))
-            if expand is not None and big and depth + 1 < self.p.max_depth:
-                fn, args = expand  # type: ignore[misc]
-                out.append(fn(*args, depth + 1))
+        threshold = max(self.p.min_abs, self.p.min_frac * abs(parent))
+        for kid in kept:
+            big = abs(kid.leaf.value) >= threshold
+            if kid.expand is not None and big and depth + 1 < self.p.max_depth:
+                out.append(kid.expand(depth + 1))
             else:
-                out.append(DFANode(kind=kind, value=value, **meta))  # type: ignore[arg-type]
+                out.append(kid.leaf)
         if rest:
-            out.append(
-                DFANode(kind="other", label=f"{len(rest)} others", value=sum(r[1] for r in rest))
-            )
+            value = sum(r.leaf.value for r in rest)
+            out.append(_leaf("other", value, f"{len(rest)} others"))
         return out
 
 

@@ -73,11 +73,15 @@ def check_plain_sae(sae: SAE) -> None:
         raise AnalysisInputError(f"SAE {type(sae).__name__} has no linear W_enc/b_enc encoder")
 
 
-def sae_encode_flat(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """Feature activations for an activation in its hook's shape (z: [..., heads, d_head])."""
+def sae_encode_flat(
+    sae: SAE, x_flat: Float[torch.Tensor, "... d_in"], d_head: int | None = None
+) -> Float[torch.Tensor, "... d_sae"]:
+    """Feature activations for a flattened input (hook_z SAEs that reshape need ``d_head``)."""
     if getattr(sae, "hook_z_reshaping_mode", False):
-        return sae.encode(x)
-    return sae.encode(x.flatten(-2) if x.dim() == 4 else x)
+        if d_head is None:
+            raise AnalysisInputError("a hook_z SAE needs d_head to encode a flattened input")
+        return sae.encode(x_flat.unflatten(-1, (-1, d_head)))
+    return sae.encode(x_flat)
 
 
 def sae_pre_flat(sae: SAE, x_flat: Float[torch.Tensor, "... d_in"]) -> torch.Tensor:

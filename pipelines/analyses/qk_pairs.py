@@ -82,7 +82,9 @@ def qk_feature_pairs(
     """
     cfg = model.cfg
     if cfg.attn_scores_soft_cap not in (None, -1.0) or cfg.use_qk_norm or cfg.use_logn_attn:
-        raise AnalysisInputError("attention variants with soft-cap, QK-norm or logn are unsupported")
+        raise AnalysisInputError(
+            "attention variants with soft-cap, QK-norm or logn are unsupported"
+        )
     if cfg.positional_embedding_type not in ("standard", "rotary", "shortformer"):
         raise AnalysisInputError(f"positional embedding {cfg.positional_embedding_type!r}")
     key_sae = key_sae or sae
@@ -111,7 +113,7 @@ def qk_feature_pairs(
         labels, comps = _components(s, resid[pos])
         proj = norm_linear(block.ln1, comps, scale[pos]) @ w
         bias = norm_bias(block.ln1, resid[pos]) @ w + b
-        return labels + ["bias"], _rotate(attn, torch.cat([proj, bias[None]]), pos)
+        return [*labels, "bias"], _rotate(attn, torch.cat([proj, bias[None]]), pos)
 
     q_labels, q = side(sae, dest_pos, attn.W_Q[head], attn.b_Q[head])
     k_labels, k = side(key_sae, src_pos, attn.W_K[head], attn.b_K[head])

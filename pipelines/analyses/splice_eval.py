@@ -148,7 +148,7 @@ def splice_eval(
         keep_bos=keep_bos, batch_size=batch_size,
     )  # fmt: skip
     keys: list[tuple[tuple[str, ...], SpliceVariant]] = [((), "clean")]
-    keys += [(tuple(names), v) for names in resolved for v in VARIANTS]
+    keys += [(tuple(group), v) for group in resolved for v in VARIANTS]
     metrics: dict[tuple, list[torch.Tensor]] = {k: [] for k in keys}
     kl_pos: dict[tuple, list[torch.Tensor]] = {k: [] for k in keys}
     kl_all: dict[tuple, list[torch.Tensor]] = {k: [] for k in keys}
@@ -163,18 +163,20 @@ def splice_eval(
         pos = read_positions(metric, lens) if metric.kind != "next_token_loss" else lens - 1
         rows = torch.arange(toks.shape[0], device=device)
         clean = model(toks)
-        for names, variant in keys:
+        for site_names, variant in keys:
             hooks = [
-                (n, _hook(by_name[n], variant, means[n][0], means[n][1], mask)) for n in names
+                (n, _hook(by_name[n], variant, means[n][0], means[n][1], mask)) for n in site_names
             ]
             with model.hooks(fwd_hooks=hooks):
-                logits = clean if not names else model(toks)
+                logits = clean if not site_names else model(toks)
             m = metric_per_prompt(logits, metric, lengths=lens, tokens=toks, answer=ans, wrong=wro)
-            metrics[(names, variant)].append(m.double().cpu())
-            kl_pos[(names, variant)].append(_kl(clean[rows, pos], logits[rows, pos]).double().cpu())
+            metrics[(site_names, variant)].append(m.double().cpu())
+            kl_pos[(site_names, variant)].append(
+                _kl(clean[rows, pos], logits[rows, pos]).double().cpu()
+            )
             if all_positions_kl:
                 per_tok = _kl(clean, logits) * real
-                kl_all[(names, variant)].append((per_tok.sum(1) / real.sum(1)).double().cpu())
+                kl_all[(site_names, variant)].append((per_tok.sum(1) / real.sum(1)).double().cpu())
     return _rows(keys, metrics, kl_pos, kl_all if all_positions_kl else None)
 
 
@@ -197,7 +199,9 @@ def _rows(keys, metrics, kl_pos, kl_all) -> list[SpliceEvalRow]:
                 metric_mean=float(m.mean()),
                 metric_std=float(m.std()) if m.numel() > 1 else 0.0,
                 kl_metric_pos=float(torch.cat(kl_pos[(names, variant)]).mean()),
-                kl_all_pos=None if kl_all is None else float(torch.cat(kl_all[(names, variant)]).mean()),
+                kl_all_pos=None
+                if kl_all is None
+                else float(torch.cat(kl_all[(names, variant)]).mean()),
                 metric_recovered=recovered,
             )
         )

@@ -1,0 +1,65 @@
+"""The QK pair table (with error and bias terms) sums exactly to the attention score."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuitscan.pipelines.analyses.linear_parts import AnalysisInputError
+from circuitscan.pipelines.analyses.qk_pairs import qk_feature_pairs, qk_pair_variance
+from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
+from circuitscan.schemas.analyses import QKPairTable
+from circuitscan.schemas.hooks import HookSite
+
+MODELS = {
+    "LN-standard": dict(normalization="LN"),
+    "RMS-rotary": dict(normalization="RMS", positional="rotary"),
+    "RMS-rotary-GQA": dict(normalization="RMS", n_key_value_heads=2, positional="rotary"),
+}
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_table_sums_to_attention_score(kind):
+    model = build_tiny_model(n_layers=2, **MODELS[kind])
+    sae = build_tiny_sae(model, HookSite(layer=0, point="resid_post"), seed=3)
+    key_sae = build_tiny_sae(model, HookSite(layer=1, point="resid_pre"), seed=4)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tokens = torch.randint(0, 40, (8,), generator=gen)
+        scores = model.run_with_cache(tokens[None])[1]["blocks.1.attn.hook_attn_scores"][0]
+        for head, dest, src in [(0, 7, 2), (3, 5, 5), (1, 6, 0)]:
+            table = qk_feature_pairs(model, sae, tokens, 1, head, dest, src, key_sae=key_sae)
+            total = float(torch.tensor(table.table, dtype=torch.float64).sum())
+            assert total == pytest.approx(float(scores[head, dest, src]), abs=1e-9)
+            assert table.score == pytest.approx(total, abs=1e-12)
+            assert table.query_labels[-3:] == ["error", "b_dec", "bias"]
+            assert QKPairTable.model_validate_json(table.model_dump_json()) == table
+
+
+def test_variance_explained_reaches_one_with_all_pairs():
+    model = build_tiny_model(n_layers=2, normalization="RMS", positional="rotary")
+    sae = build_tiny_sae(model, HookSite(layer=1, point="resid_pre"), d_sae=8, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    tables = [
+        qk_feature_pairs(model, sae, torch.randint(0, 40, (6,), generator=gen), 1, 2, 5, 1)
+        for _ in range(6)
+    ]
+    n_pairs = len({(q, k) for t in tables for q in t.query_labels for k in t.key_labels})
+    result = qk_pair_variance(tables, top_n=n_pairs)
+    assert result.fraction_explained[-1] == pytest.approx(1.0, abs=1e-9)
+    assert len(result.top_pairs) == n_pairs
+    means = [abs(p[2]) for p in result.top_pairs]
+    assert means[0] > 0
+
+
+def test_bad_inputs_raise():
+    model = build_tiny_model(n_layers=2)
+    sae = build_tiny_sae(model, HookSite(layer=0, point="resid_pre"))
+    tokens = torch.arange(6)
+    with pytest.raises(AnalysisInputError, match="does not read the input of layer 1"):
+        qk_feature_pairs(model, sae, tokens, 1, 0, 5, 1)
+    with pytest.raises(AnalysisInputError, match="src_pos"):
+        qk_feature_pairs(model, sae, tokens, 0, 0, 1, 3)
+    z_sae = build_tiny_sae(model, HookSite(layer=0, point="z"))
+    with pytest.raises(AnalysisInputError, match="residual-stream SAE"):
+        qk_feature_pairs(model, z_sae, tokens, 0, 0, 4, 1)
