@@ -34,7 +34,7 @@ def single_token(model: HookedTransformer, text: str) -> int:
     """The one token id ``text`` encodes to (no BOS); TokenizationError otherwise."""
     ids = model.to_tokens(text, prepend_bos=False)[0]
     if ids.numel() != 1:
-        pieces = [model.to_string(int(i)) for i in ids]
+        pieces = [model.to_string([int(i)]) for i in ids]
         raise TokenizationError(
             f"answer {text!r} must be a single token but encodes to {ids.numel()}: {pieces}"
         )

@@ -87,9 +87,8 @@ class Node(BaseModel):
         match = _NODE_RE.match(text)
         if match is None:
             raise ValueError(f"not a node string: {text!r}")
-        pos: PositionSpec = match["pos"]
-        if pos.lstrip("-").isdigit():
-            pos = int(pos)
+        raw_pos: str = match["pos"]
+        pos: PositionSpec = int(raw_pos) if raw_pos.lstrip("-").isdigit() else raw_pos
         index = match["index"]
         return cls(
             kind=match["kind"],  # type: ignore[arg-type]

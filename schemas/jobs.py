@@ -134,16 +134,19 @@ class CacheParams(BaseModel):
     )
 
 
+NodeKindName = Literal[
+    "sae_feature", "sae_error", "head_z", "head_q", "head_k", "head_v", "mlp_neuron"
+]
+
+
 class AttributeParams(BaseModel):
     """Attribution patching (AtP or AtP*) over clean/corrupted pairs."""
 
     model_config = _STRICT
     kind: Literal["attribute"] = Field(description="Job kind.")
     method: Literal["atp", "atpstar"] = Field(default="atpstar", description="Estimator.")
-    nodes: list[
-        Literal["sae_feature", "sae_error", "head_z", "head_q", "head_k", "head_v", "mlp_neuron"]
-    ] = Field(
-        default_factory=lambda: ["sae_feature", "head_z"],
+    nodes: list[NodeKindName] = Field(
+        default_factory=lambda: list[NodeKindName](["sae_feature", "head_z"]),
         min_length=1,
         description="Node kinds to score.",
     )
@@ -239,6 +242,6 @@ class JobSpec(BaseModel):
         return self
 
     def content_hash(self) -> str:
-        """Hash of what the job computes (execution settings excluded: they do not change results)."""
-        payload = self.model_dump(mode="json", exclude={"execution", "name"})
+        """Hash of what the job computes (name, store location and execution settings excluded)."""
+        payload = self.model_dump(mode="json", exclude={"execution", "name", "store"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,8 +1,15 @@
-"""The ``circuitscan`` command line."""
+"""The ``circuitscan`` command line.
+
+Errors a user can fix (bad spec, unreachable cluster, bad query) print one
+clear message and exit non-zero; tracebacks are for bugs only.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from importlib.metadata import version as _dist_version
+from pathlib import Path
 
 import typer
 
@@ -11,13 +18,27 @@ app = typer.Typer(
     help="Distributed SAE activation cache and attribution service.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,
 )
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
 
 
 @app.command()
 def version() -> None:
     """Print the installed circuitscan version."""
     typer.echo(_dist_version("circuitscan"))
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of job specs."""
+    from circuitscan.schemas.jobs import JobSpec
+
+    typer.echo(json.dumps(JobSpec.model_json_schema(), indent=2))
 
 
 @app.command()
@@ -29,6 +50,140 @@ def demo(
     from circuitscan.services.demo import run_demo
 
     run_demo(n_prompts=prompts, seed=seed, echo=typer.echo)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from circuitscan.services.jobs.prompt_sources import PromptSourceError
+    from circuitscan.services.jobs.ray_pool import ClusterUnreachable, ShardFailed
+    from circuitscan.services.jobs.runner import JobError
+    from circuitscan.services.jobs.spec_io import SpecError
+    from circuitscan.services.model_loading import ModelLoadError
+
+    return (SpecError, PromptSourceError, ClusterUnreachable, ShardFailed, JobError, ModelLoadError)
+
+
+@app.command()
+def run(
+    spec: Path | None = typer.Argument(None, help="Job spec file (YAML or JSON)."),
+    spec_env: str | None = typer.Option(
+        None, help="Read the spec JSON from this environment variable (used by `submit`)."
+    ),
+    address: str | None = typer.Option(
+        None, help="Ray cluster address; default: $RAY_ADDRESS or an embedded local Ray."
+    ),
+    overwrite: bool = typer.Option(False, help="Replace a store that holds a different job."),
+) -> None:
+    """Run a job spec on Ray and print a summary."""
+    from circuitscan.services.jobs.runner import run_job
+    from circuitscan.services.jobs.spec_io import load_spec, parse_spec
+
+    try:
+        if spec_env:
+            job = parse_spec(os.environ.get(spec_env, ""), origin=f"${spec_env}")
+        elif spec is not None:
+            job = load_spec(spec)
+        else:
+            _fail("give a spec file or --spec-env")
+            return
+        summary = run_job(job, address=address, overwrite=overwrite, echo=typer.echo)
+    except _user_errors() as exc:
+        _fail(str(exc))
+        return
+    typer.echo(summary.render())
+
+
+@app.command()
+def resume(
+    store: str = typer.Argument(..., help="Store path or URL of an interrupted job."),
+    address: str | None = typer.Option(None, help="Ray cluster address."),
+) -> None:
+    """Finish an interrupted job: recompute only its uncommitted (or corrupted) shards."""
+    from circuitscan.services.jobs.runner import resume_job
+
+    try:
+        summary = resume_job(store, address=address, echo=typer.echo)
+    except _user_errors() as exc:
+        _fail(str(exc))
+        return
+    typer.echo(summary.render())
+
+
+def _job_client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        _fail(f"cannot reach the Ray job server at {address}: {exc}")
+
+
+@app.command()
+def submit(
+    spec: Path = typer.Argument(..., help="Job spec file (YAML or JSON)."),
+    address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265."),
+) -> None:
+    """Submit a job to a Ray cluster through Ray's job submission; prints the job id."""
+    from circuitscan.services.jobs.spec_io import SpecError, load_spec
+
+    try:
+        job = load_spec(spec)
+    except SpecError as exc:
+        _fail(str(exc))
+        return
+    client = _job_client(address)
+    env = {"CIRCUITSCAN_SPEC": job.model_dump_json()}
+    for key in ("CIRCUITSCAN_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    job_id = client.submit_job(
+        entrypoint="circuitscan run --spec-env CIRCUITSCAN_SPEC",
+        runtime_env={"env_vars": env},
+        metadata={"circuitscan_job": job.name, "store": job.store},
+    )
+    typer.echo(job_id)
+
+
+@app.command()
+def status(
+    job_id: str = typer.Argument(..., help="Ray job id from `submit`."),
+    address: str = typer.Option(..., help="Ray dashboard address."),
+) -> None:
+    """Show a submitted job's status."""
+    client = _job_client(address)
+    try:
+        info = client.get_job_info(job_id)
+    except RuntimeError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"{job_id}\t{info.status}\t{info.message or ''}")
+
+
+@app.command()
+def logs(
+    job_id: str = typer.Argument(..., help="Ray job id from `submit`."),
+    address: str = typer.Option(..., help="Ray dashboard address."),
+) -> None:
+    """Print a submitted job's logs."""
+    client = _job_client(address)
+    try:
+        typer.echo(client.get_job_logs(job_id))
+    except RuntimeError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def stop(
+    job_id: str = typer.Argument(..., help="Ray job id from `submit`."),
+    address: str = typer.Option(..., help="Ray dashboard address."),
+) -> None:
+    """Stop a submitted job (committed shards stay; `resume` finishes it later)."""
+    client = _job_client(address)
+    try:
+        stopped = client.stop_job(job_id)
+    except RuntimeError as exc:
+        _fail(str(exc))
+        return
+    typer.echo("stopping" if stopped else "already finished")
 
 
 if __name__ == "__main__":

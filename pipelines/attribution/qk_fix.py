@@ -18,6 +18,8 @@ at s with the corrupted value yields exactly the corrupted rotated query.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from jaxtyping import Float
 
@@ -32,7 +34,7 @@ def qk_sites(cfg: object, layer: int) -> tuple[HookSite, HookSite]:
 
 
 def _check(attn: torch.nn.Module) -> None:
-    cfg = attn.cfg  # type: ignore[attr-defined]
+    cfg = cast(Any, attn).cfg
     if getattr(cfg, "use_qk_norm", False) and cfg.positional_embedding_type != "rotary":
         raise NotImplementedError("QK fix with qk-norm needs the normalised q/k (rotary models)")
 
@@ -48,12 +50,27 @@ def query_scores(
 ) -> Float[torch.Tensor, "batch pos head"]:
     """QK-fixed effect (metric units) of patching each query head's query at each position."""
     _check(attn)
-    calc = attn.calculate_attention_scores  # type: ignore[attr-defined]
+    calc = cast(Any, attn).calculate_attention_scores
     # Only the q·k term changes; masks and additive biases in ``scores`` stay.
     new_scores = scores + (calc(q_corrupt, k) - calc(q, k))
     new_pattern = torch.softmax(new_scores, dim=-1).nan_to_num(0.0)
     effect = ((new_pattern - pattern) * grad_pattern).sum(-1)
     return effect.transpose(1, 2)
+
+
+def _sum_of_others(
+    values: Float[torch.Tensor, "batch head query key"],
+    is_top: torch.Tensor,
+) -> Float[torch.Tensor, "batch head query key"]:
+    """Σ_{t'≠t} values_{s,t'} for every t, without cancellation at a row's dominant entry.
+
+    Only a row's largest attention weight can exceed ½: for it, the others are
+    summed directly; for every other entry, subtracting it from the row total
+    loses nothing that matters.
+    """
+    total = values.sum(-1, keepdim=True)
+    top_rest = values.masked_fill(is_top, 0.0).sum(-1, keepdim=True)
+    return torch.where(is_top, top_rest, total - values)
 
 
 def key_scores(
@@ -67,17 +84,19 @@ def key_scores(
 ) -> Float[torch.Tensor, "batch pos kv_head"]:
     """QK-fixed effect (metric units) of patching each key/value head's key at each position."""
     _check(attn)
-    calc = attn.calculate_attention_scores  # type: ignore[attr-defined]
+    calc = cast(Any, attn).calculate_attention_scores
     # Entry (s, t) of calc(q, k_corrupt) is the score with only k_t replaced.
     new_entry = scores + (calc(q, k_corrupt) - calc(q, k))
     log_z = torch.logsumexp(scores, dim=-1, keepdim=True)
-    log_rest = log_z + torch.log1p(-pattern.clamp(max=1.0))
+    is_top = torch.zeros_like(pattern, dtype=torch.bool).scatter_(
+        -1, pattern.argmax(-1, keepdim=True), True
+    )
+    log_rest = log_z + torch.log(_sum_of_others(pattern, is_top).clamp(min=0.0))
     log_z_new = torch.logaddexp(log_rest, new_entry)
     others_scale = torch.exp(log_z - log_z_new)
     new_weight = torch.exp(new_entry - log_z_new)
-    weighted = pattern * grad_pattern
-    row_total = weighted.sum(-1, keepdim=True)
-    effect = (others_scale - 1) * (row_total - weighted) + (new_weight - pattern) * grad_pattern
+    others = _sum_of_others(pattern * grad_pattern, is_top)
+    effect = (others_scale - 1) * others + (new_weight - pattern) * grad_pattern
     effect = torch.where(torch.isinf(scores), torch.zeros_like(effect), effect)
     per_head = effect.sum(-2)  # over query rows: [batch, head, key]
     batch, n_heads, n_keys = per_head.shape

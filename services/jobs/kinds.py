@@ -1,0 +1,141 @@
+"""Per-job-kind shard computation, run inside a worker.
+
+Each runner turns one shard's PromptRecords into stored data and returns the
+store's manifest entry; the driver commits it. Runners share tokenization
+(with the spec's token cap and truncation) and batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from sae_lens import HookedSAETransformer
+
+from circuitscan.pipelines.batching import TokenBatch, pad_right, single_token
+from circuitscan.pipelines.caching import cache_batch, merge_site_caches
+from circuitscan.schemas.jobs import CacheParams, JobSpec
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.sae_loading import LoadedSAE
+from circuitscan.services.store import FeatureStore
+
+
+@dataclass
+class ShardResult:
+    entry: dict[str, Any]
+    tokens: int
+    prompts: int
+    truncated: int
+    rejected: int
+
+
+class KindRunner(Protocol):
+    def run_shard(
+        self, store_url: str, plan: ShardPlan, records: list[PromptRecord]
+    ) -> ShardResult: ...
+
+
+def token_cap(spec: JobSpec, model: HookedSAETransformer) -> int:
+    cap = int(model.cfg.n_ctx)
+    return min(cap, spec.max_prompt_tokens) if spec.max_prompt_tokens else cap
+
+
+def tokenize_capped(
+    model: HookedSAETransformer, records: Sequence[PromptRecord], cap: int
+) -> tuple[TokenBatch, int]:
+    """BOS-prepended token ids, left-truncated to ``cap`` (BOS kept), right-padded.
+
+    Over-long prompts were already removed on the driver when the spec says
+    'reject'; anything still over the cap here is truncated, keeping the end
+    of the prompt because the metric reads its last position.
+    """
+    sequences: list[list[int]] = []
+    truncated = 0
+    for record in records:
+        ids = model.to_tokens(record.text, prepend_bos=True)[0].tolist()
+        if len(ids) > cap:
+            ids = ids[:1] + ids[len(ids) - (cap - 1) :]
+            truncated += 1
+        sequences.append(ids)
+    pad_id = (model.tokenizer.pad_token_id if model.tokenizer is not None else None) or 0
+    tokens, lengths = pad_right(sequences, pad_id=pad_id, device=model.cfg.device or "cpu")
+
+    def ids(texts: list[str | None]) -> torch.Tensor | None:
+        if any(text is None for text in texts):
+            return None
+        return torch.tensor([single_token(model, t) for t in texts], device=tokens.device)  # type: ignore[arg-type]
+
+    batch = TokenBatch(
+        tokens=tokens,
+        lengths=lengths,
+        answer=ids([r.answer for r in records]),
+        wrong=ids([r.wrong for r in records]),
+    )
+    return batch, truncated
+
+
+class CacheRunner:
+    """Cache job: sparse activations, gradients and error norms for every SAE site."""
+
+    def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
+        assert isinstance(spec.job, CacheParams)
+        self.spec = spec
+        self.params = spec.job
+        self.model = model
+        self.saes = [loaded.sae for loaded in saes]
+        self.cap = token_cap(spec, model)
+        self._store: FeatureStore | None = None
+
+    def _open(self, url: str) -> FeatureStore:
+        if self._store is None or self._store.url != url:
+            self._store = FeatureStore.open(url)
+        return self._store
+
+    def run_shard(
+        self, store_url: str, plan: ShardPlan, records: list[PromptRecord]
+    ) -> ShardResult:
+        store = self._open(store_url)
+        committed = store.committed_entries().get(plan.shard_id)
+        if committed is not None:  # a retry of a shard that made it: nothing to redo
+            return ShardResult(
+                committed.model_dump(mode="json"), committed.n_tokens, committed.n_prompts, 0, 0
+            )
+        batch_size = self.spec.execution.batch_size
+        caches = []
+        token_lists: list[list[int]] = []
+        truncated = 0
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            batch, cut = tokenize_capped(self.model, chunk, self.cap)
+            truncated += cut
+            caches.append(
+                cache_batch(
+                    self.model,
+                    self.saes,
+                    batch.tokens,
+                    batch.lengths,
+                    self.spec.metric if self.params.gradients else None,
+                    answer=batch.answer,
+                    wrong=batch.wrong,
+                    top_k=self.params.top_k,
+                    gradients=self.params.gradients,
+                )
+            )
+            token_lists += batch.token_lists()
+        entry = store.write_shard(plan.shard_id, records, token_lists, merge_site_caches(caches))
+        return ShardResult(
+            entry=entry.model_dump(mode="json"),
+            tokens=sum(len(t) for t in token_lists),
+            prompts=len(records),
+            truncated=truncated,
+            rejected=0,
+        )
+
+
+def make_runner(spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]) -> KindRunner:
+    if spec.job.kind == "cache":
+        return CacheRunner(spec, model, saes)
+    raise NotImplementedError(f"job kind {spec.job.kind!r} is not wired to Ray yet")

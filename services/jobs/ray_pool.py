@@ -1,0 +1,166 @@
+"""Ray wiring: start the cluster connection, the actor pool, and drive shards.
+
+Ray's own machinery does the heavy lifting: actors hold the model once;
+``max_restarts``/``max_task_retries`` restart a killed actor and retry its
+in-flight calls; the driver only bounds in-flight work (backpressure) and
+re-queues a shard whose actor could not be brought back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from circuitscan.schemas.jobs import ExecutionSpec, JobSpec
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.jobs.worker import ShardOutcome, ShardWorker, WorkerInfo
+
+log = logging.getLogger(__name__)
+
+# Environment a worker needs to find converted models and stay offline.
+_FORWARDED_ENV = ("CIRCUITSCAN_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME")
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Ray address given does not answer."""
+
+
+class ShardFailed(RuntimeError):
+    """A shard raised an error in the worker (deterministic: not retried)."""
+
+
+def connect(address: str | None = None) -> None:
+    """Join the cluster at ``address`` (or $RAY_ADDRESS), else start an embedded local one."""
+    if ray.is_initialized():
+        return
+    env_vars = {key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ}
+    target = address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(
+            address=target,
+            runtime_env={"env_vars": env_vars} if env_vars else None,
+            include_dashboard=False if target is None else None,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            configure_logging=True,
+        )
+    except (ConnectionError, TimeoutError, ValueError) as exc:
+        raise ClusterUnreachable(f"cannot reach a Ray cluster at {target}: {exc}") from exc
+
+
+def actor_count(execution: ExecutionSpec, n_shards: int) -> tuple[int, bool]:
+    """(number of actors, whether each takes a GPU): one per GPU, else one per CPU slot."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    if execution.num_actors != "auto":
+        wanted = execution.num_actors
+    elif gpus:
+        wanted = gpus
+    else:
+        wanted = max(1, int(resources.get("CPU", 1) // execution.torch_threads))
+    return max(1, min(wanted, n_shards)), gpus > 0
+
+
+def start_actors(spec: JobSpec, n_actors: int, use_gpu: bool) -> list[Any]:
+    execution = spec.execution
+    remote_worker = ray.remote(ShardWorker).options(  # type: ignore[attr-defined]
+        num_cpus=0 if use_gpu else execution.torch_threads,
+        num_gpus=1 if use_gpu else 0,
+        max_restarts=execution.max_retries,
+        max_task_retries=execution.max_retries,
+        scheduling_strategy="SPREAD",
+    )
+    spec_json = spec.model_dump_json()
+    threads = None if use_gpu else execution.torch_threads
+    return [remote_worker.remote(spec_json, threads) for _ in range(n_actors)]
+
+
+def describe(actor: Any) -> WorkerInfo:
+    try:
+        return ray.get(actor.describe.remote())
+    except RayTaskError as exc:
+        raise ShardFailed(f"worker failed to start: {exc.cause or exc}") from exc
+
+
+@dataclass
+class DriveStats:
+    retries: int = 0
+    replaced_actors: int = 0
+    outcomes: list[ShardOutcome] = field(default_factory=list)
+
+
+def drive(
+    spec: JobSpec,
+    actors: list[Any],
+    plans: list[ShardPlan],
+    records: list[PromptRecord],
+    store_url: str,
+    on_done: Callable[[ShardOutcome], None],
+) -> DriveStats:
+    """Run ``plans`` on ``actors`` with at most ``max_in_flight_per_actor`` queued each.
+
+    ``on_done`` (the commit) runs on the driver as each shard finishes, in
+    completion order. A shard whose actor died beyond Ray's own retries is
+    re-queued on a fresh actor up to ``max_retries`` times.
+    """
+    execution = spec.execution
+    stats = DriveStats()
+    queue: deque[ShardPlan] = deque(plans)
+    attempts: dict[int, int] = {}
+    in_flight: dict[Any, tuple[ShardPlan, int]] = {}
+    load = [0] * len(actors)
+
+    def submit(slot: int, plan: ShardPlan) -> None:
+        shard_records = records[plan.start : plan.stop]
+        ref = actors[slot].run_shard.remote(store_url, plan, shard_records)
+        in_flight[ref] = (plan, slot)
+        load[slot] += 1
+
+    while queue or in_flight:
+        for slot in range(len(actors)):
+            while queue and load[slot] < execution.max_in_flight_per_actor:
+                submit(slot, queue.popleft())
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        ref = ready[0]
+        plan, slot = in_flight.pop(ref)
+        load[slot] -= 1
+        try:
+            outcome: ShardOutcome = ray.get(ref)
+        except RayTaskError as exc:
+            raise ShardFailed(f"shard {plan.shard_id} failed: {exc.cause or exc}") from exc
+        except RayActorError as exc:
+            attempts[plan.shard_id] = attempts.get(plan.shard_id, 0) + 1
+            if attempts[plan.shard_id] > execution.max_retries:
+                raise ShardFailed(
+                    f"shard {plan.shard_id} lost its worker {attempts[plan.shard_id]} times"
+                ) from exc
+            log.warning("shard %d lost its worker (%s); re-queueing", plan.shard_id, exc)
+            stats.retries += 1
+            queue.appendleft(plan)
+            if not _alive(actors[slot]):
+                actors[slot] = start_actors(spec, 1, use_gpu=_uses_gpu(spec))[0]
+                stats.replaced_actors += 1
+            continue
+        stats.outcomes.append(outcome)
+        on_done(outcome)
+    return stats
+
+
+def _uses_gpu(spec: JobSpec) -> bool:
+    return actor_count(spec.execution, 1)[1]
+
+
+def _alive(actor: Any) -> bool:
+    try:
+        ray.get(actor.describe.remote(), timeout=60)
+        return True
+    except Exception:
+        return False

@@ -1,0 +1,192 @@
+"""Driver side of a job: prompts → plan → store → actors → commits → summary.
+
+The same code runs on an embedded local Ray and on a cluster (inside a Ray
+job, ``RAY_ADDRESS`` points ``ray.init`` at the cluster). The driver never
+holds shard data: workers write shards, the driver commits manifest entries.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from circuitscan.schemas.jobs import CacheParams, JobSpec
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.schemas.store import ShardEntry, SiteLayout, StoreLayout
+from circuitscan.services.jobs.planning import plan_shards
+from circuitscan.services.jobs.progress import Progress
+from circuitscan.services.jobs.prompt_sources import load_prompts
+from circuitscan.services.jobs.ray_pool import actor_count, connect, describe, drive, start_actors
+from circuitscan.services.jobs.worker import ShardOutcome, WorkerInfo
+from circuitscan.services.model_loading import load_tokenizer
+from circuitscan.services.store import FeatureStore, StoreError
+
+
+class JobError(RuntimeError):
+    """A job that cannot run as specified (empty prompt set, store conflict...)."""
+
+
+class JobSummary(BaseModel):
+    """What a finished job did."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(description="Job name.")
+    kind: str = Field(description="Job kind.")
+    store: str = Field(description="Store URL.")
+    job_hash: str = Field(description="JobSpec.content_hash().")
+    prompts: int = Field(description="Prompts in the store.")
+    rejected: int = Field(description="Prompts skipped for exceeding the token cap.")
+    truncated: int = Field(description="Prompts cut to the token cap.")
+    shards_total: int = Field(description="Shards in the job.")
+    shards_run: int = Field(description="Shards computed by this run.")
+    shards_reused: int = Field(description="Shards already committed before this run.")
+    shards_recomputed_corrupt: int = Field(description="Committed shards found corrupt and redone.")
+    tokens: int = Field(description="Real tokens computed by this run.")
+    seconds: float = Field(description="Wall time of this run (s).")
+    compute_seconds: float = Field(description="Sum of worker compute+write time (s).")
+    actors: int = Field(description="Worker actors used.")
+    retries: int = Field(description="Shards re-queued after losing their worker.")
+    nodes: dict[str, int] = Field(description="Ray node id → shards it computed.")
+
+    def render(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        lines = [
+            f"job {self.name!r} ({self.kind}) done in {self.seconds:.1f}s → {self.store}",
+            f"  prompts {self.prompts} (rejected {self.rejected}, truncated {self.truncated})",
+            f"  shards {self.shards_total}: ran {self.shards_run}, reused {self.shards_reused}, "
+            f"recomputed corrupt {self.shards_recomputed_corrupt}, retries {self.retries}",
+            f"  tokens {self.tokens} at {rate:,.0f} tok/s on {self.actors} actor(s), "
+            f"{len(self.nodes)} node(s)",
+        ]
+        return "\n".join(lines)
+
+
+def _count_tokens(spec: JobSpec, records: list[PromptRecord]) -> list[int]:
+    tokenizer = load_tokenizer(spec.model)
+    texts = [r.text for r in records]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [len(ids) + 1 for ids in encoded]  # + BOS, as model.to_tokens prepends it
+
+
+def select_prompts(
+    spec: JobSpec, records: list[PromptRecord], n_ctx: int
+) -> tuple[list[PromptRecord], int, int]:
+    """Apply the token cap: (kept prompts, rejected count, truncated count)."""
+    cap = min(n_ctx, spec.max_prompt_tokens) if spec.max_prompt_tokens else n_ctx
+    lengths = _count_tokens(spec, records)
+    over = [n > cap for n in lengths]
+    if spec.overlong == "reject":
+        kept = [r for r, too_long in zip(records, over, strict=True) if not too_long]
+        return kept, sum(over), 0
+    return records, 0, sum(over)
+
+
+def _layout(spec: JobSpec, info: WorkerInfo) -> StoreLayout:
+    params = spec.job
+    cache = params if isinstance(params, CacheParams) else CacheParams(kind="cache")
+    return StoreLayout(
+        sites=[
+            SiteLayout(
+                label=label,
+                hook_name=info.sae_hooks[label],
+                d_sae=info.sae_widths[label],
+                sae_fingerprint=info.sae_fingerprints[label],
+            )
+            for label in info.sae_hooks
+        ],
+        value_dtype=cache.value_dtype,
+        gradients=cache.gradients,
+        top_k_per_token=cache.top_k,
+        examples_per_feature=cache.examples_per_feature,
+        shard_size=spec.shard_size,
+        model_fingerprint=info.model_fingerprint,
+        job_hash=spec.content_hash(),
+        job_spec=spec.model_dump(mode="json"),
+    )
+
+
+def run_job(
+    spec: JobSpec,
+    *,
+    address: str | None = None,
+    overwrite: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> JobSummary:
+    """Run (or finish) ``spec``: only shards not yet committed (and verified) are computed."""
+    started = time.perf_counter()
+    say = echo or (lambda _line: None)
+    records = load_prompts(spec.prompts, lambda: load_tokenizer(spec.model))
+    if not records:
+        raise JobError("the prompt set is empty: nothing to run")
+    connect(address)
+    n_actors, use_gpu = actor_count(spec.execution, max(1, len(records) // spec.shard_size))
+    actors = start_actors(spec, n_actors, use_gpu)
+    try:
+        info = describe(actors[0])
+        kept, rejected, truncated = select_prompts(spec, records, info.n_ctx)
+        if not kept:
+            raise JobError(f"all {len(records)} prompts exceed the token cap; nothing to run")
+        plans = plan_shards(len(kept), spec.shard_size)
+        try:
+            store = FeatureStore.create(spec.store, _layout(spec, info), overwrite=overwrite)
+        except StoreError as exc:
+            raise JobError(str(exc)) from exc
+        already = store.committed_shard_ids()
+        todo_ids = set(store.uncommitted(range(len(plans))))
+        corrupt = len(todo_ids & already)
+        todo = [plan for plan in plans if plan.shard_id in todo_ids]
+        say(
+            f"job {spec.name!r}: {len(kept)} prompts in {len(plans)} shards "
+            f"({len(plans) - len(todo)} already committed) on {n_actors} actor(s) → {spec.store}"
+        )
+        progress = Progress(len(todo), echo=say if echo else None)
+
+        def commit(outcome: ShardOutcome) -> None:
+            store.commit_shard(ShardEntry.model_validate(outcome.entry))
+            progress.shard_done(outcome.tokens)
+
+        stats = drive(spec, actors, todo, kept, spec.store, commit)
+        store.flush_index()
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    outcomes = stats.outcomes
+    return JobSummary(
+        name=spec.name,
+        kind=spec.job.kind,
+        store=spec.store,
+        job_hash=spec.content_hash(),
+        prompts=len(kept),
+        rejected=rejected,
+        truncated=truncated,
+        shards_total=len(plans),
+        shards_run=len(outcomes),
+        shards_reused=len(plans) - len(todo),
+        shards_recomputed_corrupt=corrupt,
+        tokens=sum(o.tokens for o in outcomes),
+        seconds=time.perf_counter() - started,
+        compute_seconds=sum(o.compute_seconds for o in outcomes),
+        actors=n_actors,
+        retries=stats.retries,
+        nodes=dict(Counter(o.node_id for o in outcomes)),
+    )
+
+
+def resume_job(
+    store_url: str, *, address: str | None = None, echo: Callable[[str], None] | None = None
+) -> JobSummary:
+    """Finish the job recorded in a store, recomputing only uncommitted or corrupt shards."""
+    try:
+        store = FeatureStore.open(store_url)
+    except StoreError as exc:
+        raise JobError(str(exc)) from exc
+    if store.layout.job_spec is None:
+        raise JobError(f"{store_url} records no job spec; it cannot be resumed")
+    # The store may have moved since the job started: resume where it is now.
+    spec = JobSpec.model_validate(store.layout.job_spec).model_copy(update={"store": store_url})
+    return run_job(spec, address=address, echo=echo)

@@ -1,0 +1,47 @@
+"""Read job specs from YAML/JSON files with errors that list field paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from circuitscan.schemas.jobs import JobSpec
+
+
+class SpecError(ValueError):
+    """An invalid job spec; the message lists every offending field path."""
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"]) or "(root)"
+        lines.append(f"  {path}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def parse_spec(text: str, origin: str = "spec") -> JobSpec:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{origin} is not valid YAML/JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin} must be a mapping of fields, got {type(data).__name__}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"invalid job spec {origin}:\n{format_validation_error(exc)}") from exc
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    return parse_spec(path.read_text(encoding="utf-8"), origin=str(path))
+
+
+def dump_spec(spec: JobSpec) -> str:
+    return json.dumps(spec.model_dump(mode="json"), indent=2)

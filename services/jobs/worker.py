@@ -1,0 +1,107 @@
+"""The shard worker: a plain class holding the model and SAEs once.
+
+Constructible and testable without Ray; the pool wraps it with ``ray.remote``
+at the edge. Each call computes one shard and writes it to the store itself
+(the driver only commits), so shard data never travels through the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from circuitscan.schemas.jobs import JobSpec
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.jobs.kinds import KindRunner, make_runner
+from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.model_loading import load_model
+from circuitscan.services.sae_loading import load_sae
+
+
+class WorkerInfo(BaseModel):
+    """What a worker loaded: the store checks these against its metadata."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_name: str = Field(description="Model name.")
+    model_fingerprint: str = Field(description="Hash of the model weights.")
+    sae_fingerprints: dict[str, str] = Field(description="Site label → hash of SAE weights.")
+    sae_widths: dict[str, int] = Field(description="Site label → d_sae.")
+    sae_hooks: dict[str, str] = Field(description="Site label → TransformerLens hook name.")
+    n_ctx: int = Field(description="Model context length in tokens.")
+    node_id: str = Field(description="Ray node id ('' outside Ray).")
+    pid: int = Field(description="Worker process id.")
+
+
+class ShardOutcome(BaseModel):
+    """A computed and written shard, ready for the driver to commit."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    shard_id: int = Field(description="Shard index.")
+    entry: dict[str, Any] = Field(description="The store's manifest entry (JSON form).")
+    tokens: int = Field(description="Real tokens processed (padding excluded).")
+    prompts: int = Field(description="Prompts stored.")
+    truncated: int = Field(description="Prompts cut to the token cap.")
+    rejected: int = Field(description="Prompts skipped for exceeding the token cap.")
+    compute_seconds: float = Field(description="Wall time of compute + write in the worker.")
+    node_id: str = Field(description="Ray node that ran the shard.")
+    pid: int = Field(description="Worker process id.")
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside a Ray worker the context may be unavailable
+        pass
+    return ""
+
+
+class ShardWorker:
+    """Loads the job's model and SAEs once; computes shards on demand."""
+
+    def __init__(self, spec_json: str, torch_threads: int | None = None) -> None:
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.spec = JobSpec.model_validate_json(spec_json)
+        loaded = load_model(self.spec.model)
+        self.model = loaded.model
+        self.saes = [load_sae(sae_spec, self.model) for sae_spec in self.spec.saes]
+        self.info = WorkerInfo(
+            model_name=loaded.name,
+            model_fingerprint=loaded.fingerprint,
+            sae_fingerprints={s.site.label: s.fingerprint for s in self.saes},
+            sae_widths={s.site.label: int(s.sae.cfg.d_sae) for s in self.saes},
+            sae_hooks={s.site.label: s.site.hook_name for s in self.saes},
+            n_ctx=int(self.model.cfg.n_ctx),
+            node_id=_node_id(),
+            pid=os.getpid(),
+        )
+        self.runner: KindRunner = make_runner(self.spec, self.model, self.saes)
+
+    def describe(self) -> WorkerInfo:
+        return self.info
+
+    def run_shard(
+        self, store_url: str, plan: ShardPlan, records: list[PromptRecord]
+    ) -> ShardOutcome:
+        start = time.perf_counter()
+        result = self.runner.run_shard(store_url, plan, records)
+        return ShardOutcome(
+            shard_id=plan.shard_id,
+            entry=result.entry,
+            tokens=result.tokens,
+            prompts=result.prompts,
+            truncated=result.truncated,
+            rejected=result.rejected,
+            compute_seconds=time.perf_counter() - start,
+            node_id=self.info.node_id,
+            pid=self.info.pid,
+        )

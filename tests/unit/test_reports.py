@@ -1,0 +1,103 @@
+"""Offline HTML reports: every plot renders from real analysis results; no network references."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from circuitscan.pipelines.analyses import (
+    Pruning,
+    dfa,
+    qk_feature_pairs,
+    qk_pair_variance,
+    recursive_dfa,
+    splice_eval,
+)
+from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
+from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.services.reports import (
+    Figure,
+    Section,
+    Table,
+    atp_vs_exact_scatter,
+    attribution_bars,
+    dfa_heatmap,
+    qk_pair_heatmap,
+    render_dfa_html,
+    render_dfa_text,
+    splice_eval_chart,
+    variance_explained_curve,
+    write_report,
+)
+from circuitscan.services.reports.html_report import ReportError
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_report_from_tiny_model_results(tmp_path):
+    model = build_tiny_model(n_layers=2, normalization="RMS", positional="rotary")
+    saes = [
+        build_tiny_sae(model, HookSite(layer=0, point="z"), seed=1),
+        build_tiny_sae(model, HookSite(layer=1, point="resid_pre"), seed=2),
+        build_tiny_sae(model, HookSite(layer=1, point="z"), seed=3),
+    ]
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 40, (4, 8), generator=gen)
+    lengths = torch.full((4,), 8)
+    rows = splice_eval(
+        model, saes, tokens, lengths, MetricSpec(), tokens[:, 1], tokens[:, 2],
+        reference_tokens=tokens, reference_lengths=lengths,
+    )  # fmt: skip
+    one = dfa(model, saes, tokens[0], 5, 1, 7)
+    tree = recursive_dfa(model, saes, tokens[0], 5, 1, 7, Pruning(max_depth=4, top_k=4))
+    tables = [qk_feature_pairs(model, saes[1], t, 1, 2, 7, 3) for t in tokens]
+    variance = qk_pair_variance(tables, top_n=5)
+    plots = tmp_path / "plots"
+    figures = [
+        Figure(attribution_bars(["a", "b", "c"], [0.5, -1.0, 0.2], plots / "bars.png"), "bars"),
+        Figure(
+            atp_vs_exact_scatter(
+                [1.0, 2.0, 0.1], [1.1, 1.8, 0.0], plots / "s.png", labels=["x", "y", "z"]
+            ),
+            "scatter",
+        ),
+        Figure(splice_eval_chart(rows, plots / "splice.png"), "splice"),
+        Figure(dfa_heatmap(one, plots / "dfa.png"), "dfa"),
+        Figure(qk_pair_heatmap(tables[0], plots / "qk.png"), "qk"),
+        Figure(variance_explained_curve(variance, plots / "var.png"), "variance"),
+    ]
+    for fig in figures:
+        assert fig.path.read_bytes().startswith(PNG)
+    text = render_dfa_text(tree)
+    assert text.splitlines()[0].endswith("[attn_feature]")
+    sections = [
+        Section(
+            "Splice evaluation",
+            paragraphs=["metric <b>& KL</b>"],
+            tables=[
+                Table(
+                    ["sites", "variant", "metric"],
+                    [["+".join(r.sites), r.variant, r.metric_mean] for r in rows],
+                )
+            ],
+            figures=figures,
+            preformatted=[text],
+            raw_html=[render_dfa_html(tree)],
+        )
+    ]
+    index = write_report(tmp_path / "report", sections, title="tiny")
+    page = index.read_text()
+    for fig in figures:
+        assert (index.parent / fig.path.name).is_file()
+        assert f"src='{fig.path.name}'" in page
+    assert "&lt;b&gt;" in page  # text is escaped
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)  # fully offline
+    assert page.count("<tr>") == len(rows) + 1
+
+
+def test_missing_figure_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="does not exist"):
+        write_report(tmp_path, [Section("x", figures=[Figure(tmp_path / "nope.png")])])
