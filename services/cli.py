@@ -45,11 +45,12 @@ def schema() -> None:
 def demo(
     prompts: int = typer.Option(8, help="Number of IOI prompts."),
     seed: int = typer.Option(0, help="Prompt generator seed."),
+    out: Path = typer.Option(Path("runs/ioi-demo"), help="Folder for the stores and report."),
 ) -> None:
-    """Run the end-to-end job on the default model and SAEs."""
+    """Run the end-to-end IOI story on the default model and SAEs (local Ray, local store)."""
     from circuitscan.services.demo import run_demo
 
-    run_demo(n_prompts=prompts, seed=seed, echo=typer.echo)
+    run_demo(n_prompts=prompts, seed=seed, out=out, echo=typer.echo)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
