@@ -25,14 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from train_default_saes import CONTEXT, IOI_FRACTION, chunk, stdlib_docstrings  # noqa: E402
+from train_default_saes import CONTEXT, IOI_FRACTION, chunk, stdlib_docstrings
 
-from circuitscan.pipelines.batching import tokenize_prompts  # noqa: E402
-from circuitscan.pipelines.metrics import metric_per_prompt  # noqa: E402
-from circuitscan.pipelines.tasks.ioi import generate_ioi  # noqa: E402
-from circuitscan.schemas.metrics import MetricSpec  # noqa: E402
-from circuitscan.services.model_loading import load_model  # noqa: E402
-from circuitscan.services.sae_loading import default_sae_root, load_default_saes  # noqa: E402
+from circuitscan.pipelines.batching import tokenize_prompts
+from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.pipelines.tasks.ioi import generate_ioi
+from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.services.model_loading import load_model
+from circuitscan.services.sae_loading import default_sae_root, load_default_saes
 
 TRAIN_SEQS = 3000  # train_default_saes.py's default --n-seqs: its docstring stretch is skipped
 

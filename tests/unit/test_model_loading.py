@@ -27,7 +27,7 @@ def test_local_hf_directory_loads_with_fingerprint(tiny_hf_model_dir) -> None:
 def test_missing_path_is_named(tmp_path) -> None:
     with pytest.raises(ModelLoadError, match="not found"):
         load_model(ModelSpec(source=str(tmp_path / "nowhere.gguf")))
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match=r"no config\.json"):
         load_model(ModelSpec(source=str(tmp_path)))
 
 
@@ -40,7 +40,7 @@ def test_unsupported_architecture_is_named(tmp_path) -> None:
 
 
 def test_hub_name_while_offline_is_refused() -> None:
-    with pytest.raises(ModelLoadError, match="downloads are off|not in the local"):
+    with pytest.raises(ModelLoadError, match=r"downloads are off|not in the local"):
         load_model(ModelSpec(source="gpt2"))
     with pytest.raises(ModelLoadError, match="not a path that exists"):
         load_model(ModelSpec(source="definitely-not-a-model-name"))
