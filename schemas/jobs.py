@@ -157,7 +157,9 @@ class AttributeParams(BaseModel):
     verify_top_k: int = Field(
         default=0, ge=0, description="Verify this many top nodes by exact patching (0: off)."
     )
-    top_nodes: int = Field(default=50, ge=1, description="How many top nodes to keep per shard.")
+    top_nodes: int = Field(
+        default=50, ge=1, description="How many top nodes (by mean |effect|) the job result keeps."
+    )
 
 
 class AblationScanParams(BaseModel):
@@ -183,6 +185,11 @@ class SpliceEvalParams(BaseModel):
     layer_sets: list[list[str]] = Field(
         default_factory=list,
         description="Sets of SAE site labels spliced together (each SAE alone is always included).",
+    )
+    reference_prompts: int = Field(
+        default=64,
+        ge=1,
+        description="The job's first N prompts give the mean-ablation and mean-error references.",
     )
 
 
@@ -239,6 +246,10 @@ class JobSpec(BaseModel):
     def _kind_needs(self) -> JobSpec:
         if self.job.kind in ("cache", "ablation_scan", "splice_eval") and not self.saes:
             raise ValueError(f"job kind '{self.job.kind}' needs at least one SAE in 'saes'")
+        if isinstance(self.job, AttributeParams) and not self.saes:
+            sae_kinds = sorted({"sae_feature", "sae_error"} & set(self.job.nodes))
+            if sae_kinds:
+                raise ValueError(f"attribute nodes {sae_kinds} need at least one SAE in 'saes'")
         return self
 
     def content_hash(self) -> str:

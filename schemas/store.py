@@ -43,7 +43,9 @@ class StoreLayout(BaseModel):
 
     model_config = _STRICT
     layout_version: int = Field(default=LAYOUT_VERSION, description="On-disk layout version.")
-    sites: list[SiteLayout] = Field(min_length=1, description="SAE sites stored, in job order.")
+    sites: list[SiteLayout] = Field(
+        description="SAE sites stored, in job order (empty for stores of job results only)."
+    )
     value_dtype: ValueDType = Field(
         default="float16", description="On-disk dtype of activations (and gradients)."
     )

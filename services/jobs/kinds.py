@@ -34,8 +34,34 @@ class ShardResult:
 
 class KindRunner(Protocol):
     def run_shard(
-        self, store_url: str, plan: ShardPlan, records: list[PromptRecord]
+        self,
+        store_url: str,
+        plan: ShardPlan,
+        records: list[PromptRecord],
+        context: list[PromptRecord] | None = None,
     ) -> ShardResult: ...
+
+
+class StoreWriter:
+    """What every runner shares: the store handle and the retry short-cut."""
+
+    _store: FeatureStore | None = None
+
+    def _open(self, url: str) -> FeatureStore:
+        if self._store is None or self._store.url != url:
+            self._store = FeatureStore.open(url)
+        # The driver commits between our calls: always read the manifest afresh.
+        self._store.refresh()
+        return self._store
+
+    @staticmethod
+    def _already_committed(store: FeatureStore, plan: ShardPlan) -> ShardResult | None:
+        """A retry of a shard that made it: nothing to redo (its committed entry)."""
+        committed = store.committed_entries().get(plan.shard_id)
+        if committed is None:
+            return None
+        entry = committed.model_dump(mode="json")
+        return ShardResult(entry, committed.n_tokens, committed.n_prompts, 0, 0)
 
 
 def token_cap(spec: JobSpec, model: HookedSAETransformer) -> int:
@@ -77,7 +103,7 @@ def tokenize_capped(
     return batch, truncated
 
 
-class CacheRunner:
+class CacheRunner(StoreWriter):
     """Cache job: sparse activations, gradients and error norms for every SAE site."""
 
     def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
@@ -87,22 +113,18 @@ class CacheRunner:
         self.model = model
         self.saes = [loaded.sae for loaded in saes]
         self.cap = token_cap(spec, model)
-        self._store: FeatureStore | None = None
-
-    def _open(self, url: str) -> FeatureStore:
-        if self._store is None or self._store.url != url:
-            self._store = FeatureStore.open(url)
-        return self._store
 
     def run_shard(
-        self, store_url: str, plan: ShardPlan, records: list[PromptRecord]
+        self,
+        store_url: str,
+        plan: ShardPlan,
+        records: list[PromptRecord],
+        context: list[PromptRecord] | None = None,
     ) -> ShardResult:
         store = self._open(store_url)
-        committed = store.committed_entries().get(plan.shard_id)
-        if committed is not None:  # a retry of a shard that made it: nothing to redo
-            return ShardResult(
-                committed.model_dump(mode="json"), committed.n_tokens, committed.n_prompts, 0, 0
-            )
+        done = self._already_committed(store, plan)
+        if done is not None:
+            return done
         batch_size = self.spec.execution.batch_size
         caches = []
         token_lists: list[list[int]] = []
@@ -136,6 +158,16 @@ class CacheRunner:
 
 
 def make_runner(spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]) -> KindRunner:
-    if spec.job.kind == "cache":
-        return CacheRunner(spec, model, saes)
-    raise NotImplementedError(f"job kind {spec.job.kind!r} is not wired to Ray yet")
+    # Imported here: those modules build on this one.
+    from circuitscan.services.jobs.kind_ablation import AblationRunner
+    from circuitscan.services.jobs.kind_attribute import AttributeRunner
+    from circuitscan.services.jobs.kind_splice import SpliceEvalRunner
+
+    runners: dict[str, type] = {
+        "cache": CacheRunner,
+        "attribute": AttributeRunner,
+        "ablation_scan": AblationRunner,
+        "splice_eval": SpliceEvalRunner,
+    }
+    runner: KindRunner = runners[spec.job.kind](spec, model, saes)
+    return runner

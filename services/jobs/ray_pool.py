@@ -8,6 +8,7 @@ re-queues a shard whose actor could not be brought back.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import deque
@@ -69,6 +70,44 @@ def actor_count(execution: ExecutionSpec, n_shards: int) -> tuple[int, bool]:
     return max(1, min(wanted, n_shards)), gpus > 0
 
 
+# Actors kept alive between jobs of one driver process (``reuse=True``), keyed by
+# what they loaded: a new job on the same model and SAEs skips the model load.
+_POOLS: dict[str, list[Any]] = {}
+
+
+def _pool_key(spec: JobSpec, use_gpu: bool) -> str:
+    payload = {
+        "model": spec.model.model_dump(mode="json"),
+        "saes": [sae.model_dump(mode="json") for sae in spec.saes],
+        "threads": spec.execution.torch_threads,
+        "gpu": use_gpu,
+        "retries": spec.execution.max_retries,
+    }
+    return json.dumps(payload, sort_keys=True)
+
+
+def acquire_actors(spec: JobSpec, n_actors: int, use_gpu: bool, *, reuse: bool) -> list[Any]:
+    """``n_actors`` workers for ``spec``: pooled ones first (when reusing), then fresh ones."""
+    if not reuse:
+        return start_actors(spec, n_actors, use_gpu)
+    pooled = [actor for actor in _POOLS.get(_pool_key(spec, use_gpu), []) if _alive(actor)]
+    fresh = (
+        start_actors(spec, max(0, n_actors - len(pooled)), use_gpu)
+        if len(pooled) < n_actors
+        else []
+    )
+    _POOLS[_pool_key(spec, use_gpu)] = pooled + fresh
+    return (pooled + fresh)[:n_actors]
+
+
+def release_actors(spec: JobSpec, actors: list[Any], use_gpu: bool, *, reuse: bool) -> None:
+    """Kill a job's actors, or keep them for the next job of this process (``reuse``)."""
+    if reuse and ray.is_initialized():
+        return
+    for actor in actors:
+        ray.kill(actor)
+
+
 def start_actors(spec: JobSpec, n_actors: int, use_gpu: bool) -> list[Any]:
     execution = spec.execution
     remote_worker = ray.remote(ShardWorker).options(  # type: ignore[attr-defined]
@@ -104,6 +143,7 @@ def drive(
     records: list[PromptRecord],
     store_url: str,
     on_done: Callable[[ShardOutcome], None],
+    context: list[PromptRecord] | None = None,
 ) -> DriveStats:
     """Run ``plans`` on ``actors`` with at most ``max_in_flight_per_actor`` queued each.
 
@@ -112,6 +152,9 @@ def drive(
     re-queued on a fresh actor up to ``max_retries`` times.
     """
     execution = spec.execution
+    spec_json = spec.model_dump_json()
+    # One copy in the object store, however many shards read it.
+    context_ref = ray.put(context) if context else None
     stats = DriveStats()
     queue: deque[ShardPlan] = deque(plans)
     attempts: dict[int, int] = {}
@@ -120,7 +163,7 @@ def drive(
 
     def submit(slot: int, plan: ShardPlan) -> None:
         shard_records = records[plan.start : plan.stop]
-        ref = actors[slot].run_shard.remote(store_url, plan, shard_records)
+        ref = actors[slot].run_shard.remote(store_url, plan, shard_records, context_ref, spec_json)
         in_flight[ref] = (plan, slot)
         load[slot] += 1
 
@@ -164,3 +207,22 @@ def _alive(actor: Any) -> bool:
         return True
     except Exception:
         return False
+
+
+def fan_out(
+    spec: JobSpec, actors: list[Any], method: str, calls: list[tuple[Any, ...]]
+) -> list[Any]:
+    """Run ``actor.method(*args, spec_json)`` for each args tuple, spread over the actors.
+
+    For read-only passes (e.g. verification): Ray retries calls whose actor
+    died (``max_task_retries``); results come back in call order.
+    """
+    spec_json = spec.model_dump_json()
+    refs = [
+        getattr(actors[i % len(actors)], method).remote(*args, spec_json)
+        for i, args in enumerate(calls)
+    ]
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        raise ShardFailed(f"{method} failed: {exc.cause or exc}") from exc

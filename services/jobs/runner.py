@@ -10,20 +10,36 @@ from __future__ import annotations
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
 
-import ray
 from pydantic import BaseModel, ConfigDict, Field
 
-from circuitscan.schemas.jobs import CacheParams, JobSpec
+from circuitscan.schemas.jobs import (
+    AblationScanParams,
+    AttributeParams,
+    CacheParams,
+    JobSpec,
+    SpliceEvalParams,
+)
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, SiteLayout, StoreLayout
+from circuitscan.services.jobs import aggregate
 from circuitscan.services.jobs.planning import plan_shards
 from circuitscan.services.jobs.progress import Progress
 from circuitscan.services.jobs.prompt_sources import load_prompts
-from circuitscan.services.jobs.ray_pool import actor_count, connect, describe, drive, start_actors
+from circuitscan.services.jobs.ray_pool import (
+    acquire_actors,
+    actor_count,
+    connect,
+    describe,
+    drive,
+    fan_out,
+    release_actors,
+)
 from circuitscan.services.jobs.worker import ShardOutcome, WorkerInfo
 from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, StoreError
+from circuitscan.services.store.results import delete_job_result, read_result, write_job_result
 
 
 class JobError(RuntimeError):
@@ -52,6 +68,7 @@ class JobSummary(BaseModel):
     actors: int = Field(description="Worker actors used.")
     retries: int = Field(description="Shards re-queued after losing their worker.")
     nodes: dict[str, int] = Field(description="Ray node id → shards it computed.")
+    pids: list[int] = Field(default_factory=list, description="Worker processes that ran shards.")
 
     def render(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
@@ -88,7 +105,16 @@ def select_prompts(
 
 def _layout(spec: JobSpec, info: WorkerInfo) -> StoreLayout:
     params = spec.job
-    cache = params if isinstance(params, CacheParams) else CacheParams(kind="cache")
+    if not isinstance(params, CacheParams):
+        # Other kinds store prompts and their own outputs, no per-token SAE features.
+        return StoreLayout(
+            sites=[],
+            gradients=False,
+            shard_size=spec.shard_size,
+            model_fingerprint=info.model_fingerprint,
+            job_hash=spec.content_hash(),
+            job_spec=spec.model_dump(mode="json"),
+        )
     return StoreLayout(
         sites=[
             SiteLayout(
@@ -99,15 +125,81 @@ def _layout(spec: JobSpec, info: WorkerInfo) -> StoreLayout:
             )
             for label in info.sae_hooks
         ],
-        value_dtype=cache.value_dtype,
-        gradients=cache.gradients,
-        top_k_per_token=cache.top_k,
-        examples_per_feature=cache.examples_per_feature,
+        value_dtype=params.value_dtype,
+        gradients=params.gradients,
+        top_k_per_token=params.top_k,
+        examples_per_feature=params.examples_per_feature,
         shard_size=spec.shard_size,
         model_fingerprint=info.model_fingerprint,
         job_hash=spec.content_hash(),
         job_spec=spec.model_dump(mode="json"),
     )
+
+
+def _refuse_other_job(spec: JobSpec, overwrite: bool) -> None:
+    """Fail fast (before any actor starts) when the store already holds a different job."""
+    if overwrite:
+        return
+    try:
+        existing = FeatureStore.open(spec.store)
+    except StoreError:
+        return  # no store yet (or not a store: FeatureStore.create reports that)
+    if existing.layout.job_hash != spec.content_hash():
+        held = (existing.layout.job_spec or {}).get("name", "?")
+        raise JobError(
+            f"store {spec.store} already holds a different job ({held!r}, hash "
+            f"{existing.layout.job_hash}; this job's hash is {spec.content_hash()}); "
+            "use another store or --overwrite to replace it"
+        )
+
+
+def _check_prompts(spec: JobSpec, records: list[PromptRecord]) -> None:
+    if not records:
+        raise JobError("the prompt set is empty: nothing to run")
+    if isinstance(spec.job, AttributeParams):
+        missing = [i for i, r in enumerate(records) if r.corrupted is None]
+        if missing:
+            raise JobError(
+                f"attribute jobs need a corrupted prompt for every prompt; {len(missing)} of "
+                f"{len(records)} have none (first: prompt {missing[0]})"
+            )
+
+
+def _context(spec: JobSpec, kept: list[PromptRecord]) -> list[PromptRecord] | None:
+    if isinstance(spec.job, SpliceEvalParams):
+        return kept[: spec.job.reference_prompts]
+    return None
+
+
+def _finish_result(
+    spec: JobSpec,
+    store: FeatureStore,
+    actors: list[Any],
+    kept: list[PromptRecord],
+    say: Callable[[str], None],
+) -> None:
+    """Aggregate the committed shards into the job-level result (kinds other than cache)."""
+    params = spec.job
+    if isinstance(params, AttributeParams):
+        estimates = aggregate.attribution_estimates(store)
+        exact = None
+        if params.verify_top_k:
+            nodes = aggregate.ranked_nodes(estimates, params.verify_top_k)
+            say(f"verifying the top {len(nodes)} nodes by exact patching")
+            plans = plan_shards(len(kept), spec.shard_size)
+            parts = fan_out(
+                spec, actors, "verify_nodes", [(kept[p.start : p.stop], nodes) for p in plans]
+            )
+            exact = aggregate.merge_exact(parts, nodes)
+        result: Any = aggregate.attribution_result(spec, store, estimates, exact)
+    elif isinstance(params, AblationScanParams):
+        result = aggregate.ablation_result(spec, store)
+    elif isinstance(params, SpliceEvalParams):
+        context = _context(spec, kept) or []
+        result = aggregate.splice_result(spec, store, len(context))
+    else:
+        return
+    write_job_result(store, result)
 
 
 def run_job(
@@ -116,16 +208,21 @@ def run_job(
     address: str | None = None,
     overwrite: bool = False,
     echo: Callable[[str], None] | None = None,
+    keep_actors: bool = False,
 ) -> JobSummary:
-    """Run (or finish) ``spec``: only shards not yet committed (and verified) are computed."""
+    """Run (or finish) ``spec``: only shards not yet committed (and verified) are computed.
+
+    ``keep_actors`` leaves the workers alive for the next job of this process
+    on the same model and SAEs (they go when Ray shuts down).
+    """
     started = time.perf_counter()
     say = echo or (lambda _line: None)
     records = load_prompts(spec.prompts, lambda: load_tokenizer(spec.model))
-    if not records:
-        raise JobError("the prompt set is empty: nothing to run")
+    _check_prompts(spec, records)
+    _refuse_other_job(spec, overwrite)
     connect(address)
-    n_actors, use_gpu = actor_count(spec.execution, max(1, len(records) // spec.shard_size))
-    actors = start_actors(spec, n_actors, use_gpu)
+    n_actors, use_gpu = actor_count(spec.execution, -(-len(records) // spec.shard_size))
+    actors = acquire_actors(spec, n_actors, use_gpu, reuse=keep_actors)
     try:
         info = describe(actors[0])
         kept, rejected, truncated = select_prompts(spec, records, info.n_ctx)
@@ -140,6 +237,8 @@ def run_job(
         todo_ids = set(store.uncommitted(range(len(plans))))
         corrupt = len(todo_ids & already)
         todo = [plan for plan in plans if plan.shard_id in todo_ids]
+        if todo:  # a stored result would no longer match the shards: drop it first
+            delete_job_result(store, spec.job.kind)
         say(
             f"job {spec.name!r}: {len(kept)} prompts in {len(plans)} shards "
             f"({len(plans) - len(todo)} already committed) on {n_actors} actor(s) → {spec.store}"
@@ -150,11 +249,12 @@ def run_job(
             store.commit_shard(ShardEntry.model_validate(outcome.entry))
             progress.shard_done(outcome.tokens)
 
-        stats = drive(spec, actors, todo, kept, spec.store, commit)
+        stats = drive(spec, actors, todo, kept, spec.store, commit, _context(spec, kept))
         store.flush_index()
+        if todo or not _has_result(store, spec):
+            _finish_result(spec, store, actors, kept, say)
     finally:
-        for actor in actors:
-            ray.kill(actor)
+        release_actors(spec, actors, use_gpu, reuse=keep_actors)
     outcomes = stats.outcomes
     return JobSummary(
         name=spec.name,
@@ -174,7 +274,17 @@ def run_job(
         actors=n_actors,
         retries=stats.retries,
         nodes=dict(Counter(o.node_id for o in outcomes)),
+        pids=sorted({o.pid for o in outcomes}),
     )
+
+
+def _has_result(store: FeatureStore, spec: JobSpec) -> bool:
+    if isinstance(spec.job, CacheParams):
+        return True
+    try:
+        return read_result(store, spec.job.kind).job_hash == spec.content_hash()
+    except StoreError:
+        return False
 
 
 def resume_job(

@@ -84,16 +84,32 @@ class ShardWorker:
             node_id=_node_id(),
             pid=os.getpid(),
         )
-        self.runner: KindRunner = make_runner(self.spec, self.model, self.saes)
+        self._runners: dict[str, KindRunner] = {}
 
     def describe(self) -> WorkerInfo:
         return self.info
 
+    def _runner(self, spec_json: str | None) -> KindRunner:
+        """The runner of a job; a pooled actor serves several jobs on the same model and SAEs."""
+        key = spec_json or ""
+        if key not in self._runners:
+            spec = self.spec if spec_json is None else JobSpec.model_validate_json(spec_json)
+            if (spec.model, spec.saes) != (self.spec.model, self.spec.saes):
+                raise ValueError("this worker holds another model or other SAEs than the job")
+            self._runners = {key: make_runner(spec, self.model, self.saes)}
+        return self._runners[key]
+
     def run_shard(
-        self, store_url: str, plan: ShardPlan, records: list[PromptRecord]
+        self,
+        store_url: str,
+        plan: ShardPlan,
+        records: list[PromptRecord],
+        context: list[PromptRecord] | None = None,
+        spec_json: str | None = None,
     ) -> ShardOutcome:
+        """Compute and write one shard; ``context`` is job-wide data some kinds need."""
         start = time.perf_counter()
-        result = self.runner.run_shard(store_url, plan, records)
+        result = self._runner(spec_json).run_shard(store_url, plan, records, context)
         return ShardOutcome(
             shard_id=plan.shard_id,
             entry=result.entry,
@@ -105,3 +121,13 @@ class ShardWorker:
             node_id=self.info.node_id,
             pid=self.info.pid,
         )
+
+    def verify_nodes(
+        self, records: list[PromptRecord], nodes: list[str], spec_json: str | None = None
+    ) -> dict[str, list[float]]:
+        """Exact patching of ``nodes`` on ``records``: per-node sum, sum of |Δm| and count."""
+        runner = self._runner(spec_json)
+        verify = getattr(runner, "verify_nodes", None)
+        if verify is None:
+            raise ValueError(f"job kind {type(runner).__name__} has no node verification")
+        return verify(records, nodes)

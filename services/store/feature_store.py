@@ -201,7 +201,8 @@ class FeatureStore:
         entries[entry.shard_id] = entry
         self._verified.add(entry.shard_id)
         # Merging loads the index once, then folds in just this shard's summaries.
-        self.feature_index(self.layout.sites[0].label)
+        if self.layout.sites:  # result-only stores (no SAE sites) have no feature index
+            self.feature_index(self.layout.sites[0].label)
         self._unflushed += 1
         if self._unflushed >= self.index_flush_every:
             self.flush_index()
@@ -400,7 +401,8 @@ class FeatureStore:
         """Persist the merged index (a new generation, then the pointer, then drop the old)."""
         if self._index is None:
             self._load_index()
-            self.feature_index(self.layout.sites[0].label)
+            if self.layout.sites:
+                self.feature_index(self.layout.sites[0].label)
         assert self._index is not None
         raw = read_bytes(self.backend, INDEX_POINTER)
         old = json.loads(raw)["generation"] if raw is not None else None

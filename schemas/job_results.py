@@ -1,0 +1,105 @@
+"""Job-level results: what an attribute, ablation-scan or splice-eval job leaves in its store.
+
+Workers write per-shard partial results under each shard's own prefix
+(committed with the shard's manifest entry); the driver aggregates the
+committed shards into one of these documents and writes it last, so a store
+either holds a complete result or none. Readers (CLI, HTTP API) see only these.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from circuitscan.schemas.analyses import SpliceEvalRow
+
+_STRICT = ConfigDict(frozen=True, extra="forbid")
+
+VerificationStatus = Literal["confirmed", "weaker", "sign_flipped", "no_effect"]
+
+
+class NodeVerification(BaseModel):
+    """Exact activation patching (clean → corrupted) of one node, over the job's prompts."""
+
+    model_config = _STRICT
+    exact_mean: float = Field(description="Mean signed Δm of patching the node (metric units).")
+    exact_mean_abs: float = Field(description="Mean |Δm| of patching the node (metric units).")
+    n_prompts: int = Field(ge=0, description="Prompts where the node exists.")
+    status: VerificationStatus = Field(
+        description="confirmed: same sign as the estimate and at least half its size; weaker: "
+        "same sign, smaller than half; sign_flipped: opposite sign; no_effect: exact Δm is 0."
+    )
+
+
+class NodeEffect(BaseModel):
+    """One node's estimated effect aggregated over the job's prompts."""
+
+    model_config = _STRICT
+    node: str = Field(description="The node's string form, e.g. 'feature:L0.resid_post:7@last'.")
+    mean: float = Field(description="Mean signed estimated effect (metric units).")
+    mean_abs: float = Field(description="Mean absolute estimated effect (metric units).")
+    n_prompts: int = Field(ge=0, description="Prompts where the node exists.")
+    verification: NodeVerification | None = Field(
+        default=None, description="Exact-patching check; None when the node was not verified."
+    )
+
+
+class AttributionJobResult(BaseModel):
+    """AtP / AtP* scores of an attribute job, top nodes first."""
+
+    model_config = _STRICT
+    kind: Literal["attribute"] = Field(default="attribute", description="Result kind.")
+    job_hash: str = Field(description="JobSpec.content_hash() of the job.")
+    method: str = Field(description="Estimator: atp or atpstar (QK fix + GradDrop).")
+    n_prompts: int = Field(ge=0, description="Prompt pairs aggregated.")
+    n_nodes: int = Field(ge=0, description="Distinct nodes scored.")
+    n_verified: int = Field(ge=0, description="Top nodes checked by exact patching.")
+    top: list[NodeEffect] = Field(description="Highest mean-|effect| nodes, best first.")
+
+
+class FeatureDelta(BaseModel):
+    """Exact effect of ablating one SAE feature, aggregated over prompts."""
+
+    model_config = _STRICT
+    site: str = Field(description="SAE site label.")
+    feature: int = Field(ge=0, description="Feature id.")
+    mean_delta: float = Field(
+        description="Mean Δm over the prompts where it is defined (zero mode: every prompt)."
+    )
+    mean_abs_delta: float = Field(description="Mean |Δm| over the same prompts.")
+    n_prompts: int = Field(ge=0, description="Prompts the mean is over.")
+    n_active: int = Field(ge=0, description="Prompts where the feature was active and ablated.")
+
+
+class AblationJobResult(BaseModel):
+    """A feature-ablation scan: every active feature's exact Δm, largest mean |Δm| first."""
+
+    model_config = _STRICT
+    kind: Literal["ablation_scan"] = Field(default="ablation_scan", description="Result kind.")
+    job_hash: str = Field(description="JobSpec.content_hash() of the job.")
+    site: str = Field(description="SAE site label scanned.")
+    mode: str = Field(description="Ablation value: zero, mean or resample.")
+    n_prompts: int = Field(ge=0, description="Prompts scanned.")
+    n_ablations: int = Field(ge=0, description="(prompt, feature) ablations run.")
+    baseline_mean: float = Field(description="Mean clean metric over the prompts.")
+    features: list[FeatureDelta] = Field(description="Every feature scanned, by mean |Δm|.")
+
+
+class SpliceEvalJobResult(BaseModel):
+    """Splice evaluation pooled over all shards."""
+
+    model_config = _STRICT
+    kind: Literal["splice_eval"] = Field(default="splice_eval", description="Result kind.")
+    job_hash: str = Field(description="JobSpec.content_hash() of the job.")
+    n_prompts: int = Field(ge=0, description="Prompts evaluated.")
+    reference_prompts: int = Field(
+        ge=1, description="Prompts the mean-ablation and mean-error references are taken over."
+    )
+    rows: list[SpliceEvalRow] = Field(description="clean, then each site set's variants.")
+
+
+JobResult = Annotated[
+    AttributionJobResult | AblationJobResult | SpliceEvalJobResult,
+    Field(discriminator="kind"),
+]

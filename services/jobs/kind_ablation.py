@@ -1,0 +1,91 @@
+"""Ablation-scan jobs in a worker: exact Δm of ablating every active SAE feature, per shard.
+
+Mean and resample ablation values come from the shard's own prompts (the
+pipeline takes them over the prompt set it is given), so they depend on the
+shard size; zero ablation does not. The shard stores the features it scanned,
+the per-prompt Δm matrix and the clean baseline.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sae_lens import HookedSAETransformer
+
+from circuitscan.pipelines.attribution import ablation_scan
+from circuitscan.schemas.jobs import AblationScanParams, JobSpec
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.jobs.kinds import ShardResult, StoreWriter, token_cap, tokenize_capped
+from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.sae_loading import LoadedSAE
+from circuitscan.services.store.results import write_shard_outputs
+
+
+def scanned_site(spec: JobSpec, labels: list[str]) -> str:
+    """The SAE site label an ablation scan runs on (default: the job's first SAE)."""
+    assert isinstance(spec.job, AblationScanParams)
+    site = spec.job.site or labels[0]
+    if site not in labels:
+        raise ValueError(f"ablation site {site!r} is not one of the job's SAEs {labels}")
+    return site
+
+
+class AblationRunner(StoreWriter):
+    """One shard's feature-ablation scan at one SAE site."""
+
+    def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
+        assert isinstance(spec.job, AblationScanParams)
+        self.spec = spec
+        self.params = spec.job
+        self.model = model
+        label = scanned_site(spec, [loaded.site.label for loaded in saes])
+        self.loaded = next(loaded for loaded in saes if loaded.site.label == label)
+        self.cap = token_cap(spec, model)
+
+    def run_shard(
+        self,
+        store_url: str,
+        plan: ShardPlan,
+        records: list[PromptRecord],
+        context: list[PromptRecord] | None = None,
+    ) -> ShardResult:
+        store = self._open(store_url)
+        done = self._already_committed(store, plan)
+        if done is not None:
+            return done
+        batch, truncated = tokenize_capped(self.model, records, self.cap)
+        positions = self.params.positions
+        named = [r.positions for r in records] if any(r.positions for r in records) else None
+        scan = ablation_scan(
+            self.model,
+            self.loaded.sae,
+            self.loaded.site,
+            batch.tokens,
+            batch.lengths,
+            self.spec.metric,
+            batch.answer,
+            batch.wrong,
+            mode=self.params.mode,
+            positions=positions if isinstance(positions, str) else list(positions),
+            named_positions=named,
+            batch_size=self.params.batch_size,
+            seed=plan.shard_id,
+        )
+        token_lists = batch.token_lists()
+        entry = store.write_shard(plan.shard_id, records, token_lists, {})
+        entry = write_shard_outputs(
+            store,
+            entry,
+            arrays={
+                "features": scan.features.cpu().numpy().astype(np.int64),
+                "delta": scan.delta.detach().cpu().double().numpy(),
+                "baseline": scan.baseline.detach().cpu().double().numpy(),
+            },
+            documents={"scan": {"site": self.loaded.site.label, "n_ablations": scan.n_ablations}},
+        )
+        return ShardResult(
+            entry=entry.model_dump(mode="json"),
+            tokens=sum(len(t) for t in token_lists),
+            prompts=len(records),
+            truncated=truncated,
+            rejected=0,
+        )

@@ -1,0 +1,190 @@
+"""Attribute jobs in a worker: AtP / AtP* over clean/corrupted prompt pairs, per shard.
+
+A shard stores, per node it scored, the sum of the per-prompt scores, the sum
+of their absolute values and the number of prompts where the node exists
+(float64), so the driver's means over the whole prompt set are exact whatever
+the sharding. Node names are their string form (``feature:L0.resid_post:7@3``),
+the same in every shard. Verification of the job's top nodes by exact
+patching is a second, read-only pass (:meth:`AttributeRunner.verify_nodes`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sae_lens import HookedSAETransformer
+
+from circuitscan.pipelines.attribution import exact_patch, run_atp
+from circuitscan.schemas.attribution import AttributionMethod, Node, NodeKind, NodeSelection
+from circuitscan.schemas.jobs import AttributeParams, JobSpec, NodeKindName
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.jobs.kinds import ShardResult, StoreWriter, token_cap, tokenize_capped
+from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.sae_loading import LoadedSAE
+from circuitscan.services.store.results import write_shard_outputs
+
+NODE_KINDS: dict[NodeKindName, NodeKind] = {
+    "sae_feature": "feature",
+    "sae_error": "sae_error",
+    "head_z": "z",
+    "head_q": "q",
+    "head_k": "k",
+    "head_v": "v",
+    "mlp_neuron": "neuron",
+}
+
+
+def node_selection(params: AttributeParams) -> NodeSelection:
+    """The pipeline's node selection for a job's AttributeParams."""
+    positions = params.positions if isinstance(params.positions, str) else list(params.positions)
+    return NodeSelection(kinds=[NODE_KINDS[k] for k in params.nodes], positions=positions)
+
+
+def attribution_method(params: AttributeParams) -> AttributionMethod:
+    return AttributionMethod(qk_fix=params.method == "atpstar", graddrop=params.method == "atpstar")
+
+
+class NodeSums:
+    """Per-node running sums of per-prompt scores (NaN = node absent on that prompt)."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.total: list[float] = []
+        self.total_abs: list[float] = []
+        self.count: list[int] = []
+
+    def add(self, names: Sequence[str], per_prompt: torch.Tensor) -> None:
+        values = per_prompt.detach().double().cpu()
+        defined = ~torch.isnan(values)
+        sums = values.nan_to_num(0.0).sum(0).tolist()
+        sums_abs = values.abs().nan_to_num(0.0).sum(0).tolist()
+        counts = defined.sum(0).tolist()
+        for column, name in enumerate(names):
+            slot = self.index.setdefault(name, len(self.index))
+            if slot == len(self.total):
+                self.total.append(0.0)
+                self.total_abs.append(0.0)
+                self.count.append(0)
+            self.total[slot] += sums[column]
+            self.total_abs[slot] += sums_abs[column]
+            self.count[slot] += int(counts[column])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "node_sum": np.asarray(self.total, dtype=np.float64),
+            "node_sum_abs": np.asarray(self.total_abs, dtype=np.float64),
+            "node_count": np.asarray(self.count, dtype=np.int64),
+        }
+
+    def names(self) -> list[str]:
+        return list(self.index)
+
+
+class AttributeRunner(StoreWriter):
+    """AtP or AtP* scores of every selected node, summed over a shard's prompt pairs."""
+
+    def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
+        assert isinstance(spec.job, AttributeParams)
+        self.spec = spec
+        self.params = spec.job
+        self.model = model
+        self.saes = {loaded.site.label: loaded.sae for loaded in saes}
+        self.cap = token_cap(spec, model)
+        self.selection = node_selection(self.params)
+        self.method = attribution_method(self.params)
+
+    def _pairs(self, records: list[PromptRecord]):
+        clean, truncated = tokenize_capped(self.model, records, self.cap)
+        missing = [i for i, r in enumerate(records) if r.corrupted is None]
+        if missing:
+            raise ValueError(f"attribute jobs need a corrupted prompt for every prompt: {missing}")
+        corrupted = [r.model_copy(update={"text": r.corrupted}) for r in records]
+        corrupt, _ = tokenize_capped(self.model, corrupted, self.cap)
+        named = [r.positions for r in records] if any(r.positions for r in records) else None
+        return clean, corrupt, named, truncated
+
+    def run_shard(
+        self,
+        store_url: str,
+        plan: ShardPlan,
+        records: list[PromptRecord],
+        context: list[PromptRecord] | None = None,
+    ) -> ShardResult:
+        store = self._open(store_url)
+        done = self._already_committed(store, plan)
+        if done is not None:
+            return done
+        sums = NodeSums()
+        token_lists: list[list[int]] = []
+        truncated = 0
+        batch_size = self.spec.execution.batch_size
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            clean, corrupt, named, cut = self._pairs(chunk)
+            truncated += cut
+            result = run_atp(
+                self.model,
+                self.saes,
+                clean.tokens,
+                corrupt.tokens,
+                clean.lengths,
+                self.spec.metric,
+                clean.answer,
+                clean.wrong,
+                self.selection,
+                method=self.method,
+                named_positions=named,
+                corrupt_lengths=corrupt.lengths,
+            )
+            sums.add([str(node) for node in result.nodes()], result.per_prompt())
+            token_lists += clean.token_lists()
+        entry = store.write_shard(plan.shard_id, records, token_lists, {})
+        entry = write_shard_outputs(
+            store, entry, arrays=sums.arrays(), documents={"nodes": sums.names()}
+        )
+        return ShardResult(
+            entry=entry.model_dump(mode="json"),
+            tokens=sum(len(t) for t in token_lists),
+            prompts=len(records),
+            truncated=truncated,
+            rejected=0,
+        )
+
+    def verify_nodes(self, records: list[PromptRecord], nodes: list[str]) -> dict[str, list[float]]:
+        """Exact Δm of patching each node clean → corrupted: per-node sum, |sum| and count."""
+        parsed = [Node.parse(name) for name in nodes]
+        sums = NodeSums()
+        for name in nodes:
+            sums.add([name], torch.empty(0, 1))
+        batch_size = self.spec.execution.batch_size
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            clean, corrupt, named, _ = self._pairs(chunk)
+            longest = int(clean.lengths.max())
+            # An absolute position past every prompt of the batch exists nowhere: skip it.
+            keep = [
+                i
+                for i, node in enumerate(parsed)
+                if not isinstance(node.position, int) or node.position < longest
+            ]
+            if not keep:
+                continue
+            delta = exact_patch(
+                self.model,
+                self.saes,
+                clean.tokens,
+                clean.lengths,
+                self.spec.metric,
+                clean.answer,
+                clean.wrong,
+                [parsed[i] for i in keep],
+                mode="corrupt",
+                corrupt_tokens=corrupt.tokens,
+                corrupt_lengths=corrupt.lengths,
+                named_positions=named,
+            )
+            sums.add([nodes[i] for i in keep], delta)
+        arrays = sums.arrays()
+        return {name: values.tolist() for name, values in arrays.items()}

@@ -1,0 +1,201 @@
+"""Job outputs in a feature store: per-shard partial results and the job-level result.
+
+Per-shard outputs live under the shard's own prefix (``shards/<s>/results/``),
+written by the worker that computed the shard right after ``write_shard``;
+:func:`write_shard_outputs` returns the shard's manifest entry with checksums
+that cover them, so they become visible exactly when the driver commits the
+entry, and a retry (``write_shard`` deletes leftovers first) rewrites them.
+
+The job-level result (``results/<kind>.json``) is written by the driver in
+one put after every shard is committed; readers trust only it.
+
+Readers for the CLI and HTTP API::
+
+    list_results(store) -> list[JobResultInfo]
+    read_result(store, kind=None) -> JobResult
+    top_nodes(store, k=20) -> list[NodeEffect]          # attribute jobs
+    splice_eval_rows(store) -> list[SpliceEvalRow]      # splice_eval jobs
+    ablation_deltas(store, limit=None) -> list[FeatureDelta]   # ablation_scan jobs
+
+``store`` is a FeatureStore or a store URL.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from circuitscan.schemas.analyses import SpliceEvalRow
+from circuitscan.schemas.job_results import (
+    AblationJobResult,
+    AttributionJobResult,
+    FeatureDelta,
+    JobResult,
+    NodeEffect,
+    SpliceEvalJobResult,
+)
+from circuitscan.schemas.store import ShardEntry
+from circuitscan.services.store.backends import list_keys, read_bytes, write_bytes
+from circuitscan.services.store.encoding import open_array, write_array
+from circuitscan.services.store.feature_store import CorruptShardError, FeatureStore, StoreError
+from circuitscan.services.store.shard_io import shard_checksums, shard_prefix
+
+RESULTS_PREFIX = "results/"
+_RESULT = TypeAdapter(JobResult)
+
+
+class ResultNotFoundError(StoreError):
+    """The store holds no (complete) job result of the kind asked for."""
+
+
+class JobResultInfo(BaseModel):
+    """One job result a store holds."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: str = Field(description="Result kind (attribute, ablation_scan, splice_eval).")
+    job_hash: str = Field(description="JobSpec.content_hash() of the job that wrote it.")
+    n_prompts: int = Field(description="Prompts the result aggregates.")
+
+
+@dataclass
+class ShardOutputs:
+    """A committed shard's partial results: named arrays and JSON documents."""
+
+    arrays: dict[str, np.ndarray]
+    documents: dict[str, Any]
+
+
+def _outputs_prefix(shard_id: int) -> str:
+    return f"{shard_prefix(shard_id)}results/"
+
+
+def _open(store: FeatureStore | str) -> FeatureStore:
+    return store if isinstance(store, FeatureStore) else FeatureStore.open(store)
+
+
+# --- per-shard outputs (worker writes, driver commits) ---------------------------
+
+
+def write_shard_outputs(
+    store: FeatureStore,
+    entry: ShardEntry,
+    *,
+    arrays: dict[str, np.ndarray] | None = None,
+    documents: dict[str, Any] | None = None,
+) -> ShardEntry:
+    """Write a shard's outputs next to its data; return the entry covering them, to commit.
+
+    Call right after ``store.write_shard`` returned ``entry`` for an uncommitted
+    shard (``write_shard`` cleared any leftovers of an earlier attempt).
+    """
+    prefix = _outputs_prefix(entry.shard_id)
+    for name, data in (arrays or {}).items():
+        write_array(store.backend, f"{prefix}arrays/{name}", np.ascontiguousarray(data))
+    for name, document in (documents or {}).items():
+        write_bytes(store.backend, f"{prefix}docs/{name}.json", json.dumps(document).encode())
+    return entry.model_copy(update={"checksums": shard_checksums(store.backend, entry.shard_id)})
+
+
+def read_shard_outputs(store: FeatureStore, shard_id: int) -> ShardOutputs:
+    """The outputs of a committed shard, after checking its bytes against the manifest."""
+    if shard_id not in store.committed_shard_ids():
+        raise StoreError(f"shard {shard_id} is not committed")
+    if not store.verify_shard(shard_id):
+        raise CorruptShardError(f"shard {shard_id} of {store.url} is corrupt; resume the job")
+    prefix = _outputs_prefix(shard_id)
+    arrays: dict[str, np.ndarray] = {}
+    documents: dict[str, Any] = {}
+    for key in list_keys(store.backend, prefix):
+        rest = key.removeprefix(prefix)
+        if rest.startswith("docs/") and rest.endswith(".json"):
+            raw = read_bytes(store.backend, key)
+            assert raw is not None
+            documents[rest.removeprefix("docs/").removesuffix(".json")] = json.loads(raw)
+        elif rest.startswith("arrays/") and rest.count("/") == 2 and rest.endswith("/zarr.json"):
+            name = rest.split("/")[1]
+            arrays[name] = open_array(store.backend, f"{prefix}arrays/{name}")[...]
+    return ShardOutputs(arrays, documents)
+
+
+# --- job-level results (driver writes after all shards commit) -------------------
+
+
+def _result_key(kind: str) -> str:
+    return f"{RESULTS_PREFIX}{kind}.json"
+
+
+def write_job_result(store: FeatureStore, result: JobResult) -> None:
+    """Store the aggregated result of a job (one put: readers see all of it or none)."""
+    write_bytes(store.backend, _result_key(result.kind), result.model_dump_json().encode())
+
+
+def delete_job_result(store: FeatureStore, kind: str) -> None:
+    """Drop a job result (before recomputing shards it aggregated)."""
+    from circuitscan.services.store.backends import delete_keys
+
+    delete_keys(store.backend, [_result_key(kind)])
+
+
+def list_results(store: FeatureStore | str) -> list[JobResultInfo]:
+    """Every job result the store holds, by kind."""
+    opened = _open(store)
+    out = []
+    for key in list_keys(opened.backend, RESULTS_PREFIX):
+        if key.endswith(".json"):
+            result = read_result(opened, key.removeprefix(RESULTS_PREFIX).removesuffix(".json"))
+            out.append(
+                JobResultInfo(
+                    kind=result.kind, job_hash=result.job_hash, n_prompts=result.n_prompts
+                )
+            )
+    return out
+
+
+def read_result(store: FeatureStore | str, kind: str | None = None) -> JobResult:
+    """The job result of ``kind`` (default: the only one the store holds)."""
+    opened = _open(store)
+    if kind is None:
+        kinds = [
+            key.removeprefix(RESULTS_PREFIX).removesuffix(".json")
+            for key in list_keys(opened.backend, RESULTS_PREFIX)
+            if key.endswith(".json")
+        ]
+        if len(kinds) != 1:
+            raise ResultNotFoundError(
+                f"{opened.url} holds job results {kinds}; name one"
+                if kinds
+                else f"{opened.url} holds no job result (a cache job, or the job is unfinished)"
+            )
+        kind = kinds[0]
+    raw = read_bytes(opened.backend, _result_key(kind))
+    if raw is None:
+        raise ResultNotFoundError(f"{opened.url} holds no {kind} result")
+    return _RESULT.validate_json(raw)
+
+
+def _typed(store: FeatureStore | str, kind: str, cls: type) -> Any:
+    result = read_result(store, kind)
+    assert isinstance(result, cls)
+    return result
+
+
+def top_nodes(store: FeatureStore | str, k: int = 20) -> list[NodeEffect]:
+    """The k highest mean-|effect| nodes of an attribute job, with verification status."""
+    result: AttributionJobResult = _typed(store, "attribute", AttributionJobResult)
+    return result.top[:k]
+
+
+def splice_eval_rows(store: FeatureStore | str) -> list[SpliceEvalRow]:
+    """The pooled rows of a splice-eval job (clean first, then each site set's variants)."""
+    result: SpliceEvalJobResult = _typed(store, "splice_eval", SpliceEvalJobResult)
+    return result.rows
+
+
+def ablation_deltas(store: FeatureStore | str, limit: int | None = None) -> list[FeatureDelta]:
+    """Per-feature Δm of an ablation scan, largest mean |Δm| first."""
+    result: AblationJobResult = _typed(store, "ablation_scan", AblationJobResult)
+    return result.features[:limit]
