@@ -31,6 +31,7 @@ from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.analyses.linear_parts import (
     AnalysisInputError,
+    as_plain_sae,
     check_plain_sae,
     norm_bias,
     norm_readout,
@@ -73,7 +74,7 @@ class _Context:
         self.tokens = tokens
         self.z_saes: dict[int, SAE] = {}
         self.resid_saes: dict[int, tuple[SAE, str]] = {}
-        for sae in saes:
+        for sae in map(as_plain_sae, saes):
             check_plain_sae(sae)
             site = HookSite.from_hook_name(sae_hook_name(sae))
             if site.point == "z":
@@ -171,9 +172,11 @@ def _leaf(kind: DFANodeKind, value: float, label: str, **meta: Any) -> DFANode:
     return DFANode(kind=kind, value=value, label=label, **meta)
 
 
-def _active_is_pre(act: float, pre: float) -> bool:
-    # The scaled sub-decomposition is exact only when activation == pre-activation.
-    return abs(act - pre) <= 1e-9 * max(1.0, abs(act))
+def _active_is_pre(act: float, pre: float, dtype: torch.dtype) -> bool:
+    # The scaled sub-decomposition is exact only when activation == pre-activation;
+    # the tolerance only absorbs rounding between two evaluations of the same product.
+    rel = 1e-9 if dtype == torch.float64 else 1e-4
+    return abs(act - pre) <= rel * max(1.0, abs(act))
 
 
 class _Builder:
@@ -283,7 +286,9 @@ class _Builder:
             leaf = _leaf(
                 kind, act * g, f"{site}#{j}@{meta['position']}", feature=j, site=site, **meta
             )
-            kids.append(_Kid(leaf, expander(j, g) if _active_is_pre(act, float(pre[j])) else None))
+            kids.append(
+                _Kid(leaf, expander(j, g) if _active_is_pre(act, float(pre[j]), x.dtype) else None)
+            )
         return kids
 
     def attn_out_kids(self, k: int, pos: int, readout: torch.Tensor) -> list[_Kid]:

@@ -21,6 +21,7 @@ from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.analyses.linear_parts import (
     AnalysisInputError,
+    as_plain_sae,
     norm_linear,
     sae_hook_name,
 )
@@ -41,7 +42,8 @@ def feature_direction(
         raise AnalysisInputError(f"head→feature→logit needs a residual-space SAE, got {site}")
     if not 0 <= feature < sae.cfg.d_sae:
         raise AnalysisInputError(f"feature {feature} out of range for d_sae {sae.cfg.d_sae}")
-    d = sae.W_dec[feature].detach().to(model.cfg.dtype)
+    # Per unit of the activation the SAE reports (decoder-norm rescaling folded in).
+    d = as_plain_sae(sae).W_dec[feature].detach().to(model.cfg.dtype)
     if site.point == "z":
         d = d @ model.blocks[site.layer].attn.W_O.reshape(-1, model.cfg.d_model)
     return d, site.layer + _FIRST_READER_OFFSET[site.point]

@@ -8,6 +8,8 @@ in this package rests on that, so it is spelled here once.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from jaxtyping import Float
 from sae_lens import SAE
@@ -71,6 +73,28 @@ def check_plain_sae(sae: SAE) -> None:
         )
     if not hasattr(sae, "W_enc") or not hasattr(sae, "b_enc"):
         raise AnalysisInputError(f"SAE {type(sae).__name__} has no linear W_enc/b_enc encoder")
+
+
+def as_plain_sae(sae: SAE) -> SAE:
+    """The SAE with decoder-norm rescaling folded into its weights (a copy), else itself.
+
+    sae_lens TopK SAEs with ``rescale_acts_by_decoder_norm`` multiply the
+    encoder output by ``‖W_dec‖`` and divide it out again in the decoder.
+    Folding that into ``W_enc``, ``b_enc`` and ``W_dec`` gives the same
+    activations and reconstructions, and makes every analysis's identities
+    (activation = pre-activation for an active feature, contribution =
+    activation · decoder row) hold on the weights as stored.
+    """
+    if not getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        return sae
+    plain = copy.deepcopy(sae)
+    with torch.no_grad():
+        norms = plain.W_dec.norm(dim=-1).clamp(min=1e-8)
+        plain.W_dec.div_(norms[:, None])
+        plain.W_enc.mul_(norms[None, :])
+        plain.b_enc.mul_(norms)
+    plain.cfg.rescale_acts_by_decoder_norm = False
+    return plain
 
 
 def sae_encode_flat(

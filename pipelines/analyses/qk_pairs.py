@@ -20,6 +20,7 @@ from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.analyses.linear_parts import (
     AnalysisInputError,
+    as_plain_sae,
     check_plain_sae,
     norm_bias,
     norm_linear,
@@ -87,7 +88,8 @@ def qk_feature_pairs(
         )
     if cfg.positional_embedding_type not in ("standard", "rotary", "shortformer"):
         raise AnalysisInputError(f"positional embedding {cfg.positional_embedding_type!r}")
-    key_sae = key_sae or sae
+    sae = as_plain_sae(sae)
+    key_sae = sae if key_sae is None else as_plain_sae(key_sae)
     for s in (sae, key_sae):
         check_plain_sae(s)
         if _resid_layer(s) != layer:

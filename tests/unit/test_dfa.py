@@ -96,3 +96,35 @@ def test_dfa_rejects_missing_sae_and_bad_position():
         dfa(model, saes[3:], tokens, 0, 2, 3)
     with pytest.raises(AnalysisInputError, match="outside the prompt"):
         dfa(model, saes, tokens, 0, 2, 30)
+
+
+def _rescaled_topk_sae(model, site, seed):
+    """A TopK SAE that rescales by decoder norms (as the default SAEs do), with uneven norms."""
+    sae = build_tiny_sae(model, site, architecture="topk", k=6, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        sae.W_dec.mul_(0.5 + torch.rand(sae.W_dec.shape[0], 1, generator=gen, dtype=torch.float64))
+    sae.cfg.rescale_acts_by_decoder_norm = True
+    return sae
+
+
+def test_dfa_with_decoder_norm_rescaling_topk_saes():
+    model = build_tiny_model(n_layers=3, normalization="RMS", n_key_value_heads=2,
+                             positional="rotary")  # fmt: skip
+    saes = [_rescaled_topk_sae(model, HookSite(layer=k, point="z"), k) for k in range(3)]
+    tokens = torch.randint(0, 40, (9,), generator=torch.Generator().manual_seed(4))
+    z = model.run_with_cache(tokens[None])[1]["blocks.2.attn.hook_z"][0, 8]
+    acts = saes[2].encode(z[None])[0]
+    feature = int(acts.argmax())
+    result = dfa(model, saes, tokens, feature, layer=2, dest_pos=8)
+    # For an active TopK feature the (folded) pre-activation is the activation sae_lens reports.
+    assert result.activation == pytest.approx(float(acts[feature]), abs=1e-9)
+    assert result.pre_activation == pytest.approx(result.activation, abs=1e-9)
+    total = float(np.sum(result.contributions)) + result.bias
+    assert total == pytest.approx(result.pre_activation, abs=1e-9)
+    tree = recursive_dfa(model, saes, tokens, feature, 2, 8, Pruning(max_depth=4, top_k=40))
+    assert check_tree_sums(tree) < 1e-9
+    # Upstream TopK features are expanded (activation == pre-activation after folding).
+    upstream = [n for n in _walk(tree) if n.kind == "attn_feature" and n is not tree]
+    assert upstream and any(n.children for n in upstream)
+    assert saes[2].cfg.rescale_acts_by_decoder_norm  # the caller's SAE is left untouched

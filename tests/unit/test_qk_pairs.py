@@ -63,3 +63,29 @@ def test_bad_inputs_raise():
     z_sae = build_tiny_sae(model, HookSite(layer=0, point="z"))
     with pytest.raises(AnalysisInputError, match="residual-stream SAE"):
         qk_feature_pairs(model, z_sae, tokens, 0, 0, 4, 1)
+
+
+def test_rescaled_topk_sae_rows_are_its_active_features():
+    model = build_tiny_model(n_layers=2, normalization="RMS")
+    sae = build_tiny_sae(model, HookSite(layer=1, point="resid_pre"), architecture="topk", k=5)
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, sae.W_dec.shape[0], dtype=torch.float64)[:, None])
+    sae.cfg.rescale_acts_by_decoder_norm = True
+    tokens = torch.randint(0, 40, (7,), generator=torch.Generator().manual_seed(5))
+    cache = model.run_with_cache(tokens[None])[1]
+    head, dest, src = 2, 6, 3
+    table = qk_feature_pairs(model, sae, tokens, 1, head, dest, src)
+    score = float(cache["blocks.1.attn.hook_attn_scores"][0, head, dest, src])
+    assert table.score == pytest.approx(score, abs=1e-9)
+    x = cache["blocks.1.hook_resid_pre"][0, dest]
+    acts = sae.encode(x[None])[0]
+    assert table.query_labels[:-3] == [f"f{int(j)}" for j in torch.nonzero(acts).flatten()]
+    # The error row is the SAE's true error (x − reconstruction) read by the query, so no
+    # feature mass hides in it: compute it by hand from the cached key.
+    attn = model.blocks[1].attn
+    error = x - sae.decode(acts[None])[0]
+    sigma = cache["blocks.1.ln1.hook_scale"][0, dest]
+    q_err = (error / sigma * model.blocks[1].ln1.w) @ attn.W_Q[head]
+    k = cache["blocks.1.attn.hook_k"][0, src, head]
+    row = table.table[table.query_labels.index("error")]
+    assert sum(row) == pytest.approx(float(q_err @ k / attn.attn_scale), abs=1e-9)

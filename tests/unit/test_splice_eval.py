@@ -97,3 +97,34 @@ def test_unknown_site_and_attached_sae_raise():
             splice_eval(model, [sae], tokens, lengths, MetricSpec(), answer, wrong, **kwargs)
     finally:
         model.reset_saes()
+
+
+def test_mean_ablation_and_error_mean_match_manual_interventions():
+    """Both baselines equal hand-written hooks with means over the reference prompts' tokens."""
+    model = build_tiny_model(n_layers=2, normalization="LN")
+    site = HookSite(layer=1, point="resid_pre")
+    sae = build_tiny_sae(model, site, seed=5)
+    tokens, lengths, answer, wrong = _batch(2)
+    ref_tokens, ref_lengths, _, _ = _batch(3, n=5)
+    rows = splice_eval(
+        model, [sae], tokens, lengths, MetricSpec(), answer, wrong,
+        reference_tokens=ref_tokens, reference_lengths=ref_lengths, keep_bos=False,
+    )  # fmt: skip
+    name = site.hook_name
+    with torch.no_grad():
+        ref = model.run_with_cache(ref_tokens)[1][name]
+        real = torch.arange(ref.shape[1])[None] < ref_lengths[:, None]
+        mean_act = ref[real].mean(0)
+        mean_err = (ref - sae.decode(sae.encode(ref)))[real].mean(0)
+        hooks = {
+            "mean_ablation": lambda act, hook: mean_act.expand_as(act).clone(),
+            "error_mean": lambda act, hook: sae.decode(sae.encode(act)) + mean_err,
+        }
+        for variant, hook in hooks.items():
+            logits = model.run_with_hooks(tokens, fwd_hooks=[(name, hook)])
+            expected = metric_per_prompt(
+                logits, MetricSpec(), lengths=lengths, answer=answer, wrong=wrong
+            )
+            row = next(r for r in rows if r.variant == variant)
+            assert row.metric_mean == pytest.approx(float(expected.mean()), abs=1e-9)
+            assert row.kl_metric_pos > 1e-6
