@@ -187,5 +187,42 @@ def stop(
     typer.echo("stopping" if stopped else "already finished")
 
 
+@app.command()
+def serve(
+    store_root: Path | None = typer.Option(
+        None, help="Folder of named stores; default $CIRCUITSCAN_API_STORE_ROOT or HOME/stores."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+    port: int = typer.Option(8000, help="TCP port."),
+    ray_address: str | None = typer.Option(
+        None, help="Ray dashboard address for jobs (default $CIRCUITSCAN_API_RAY_ADDRESS)."
+    ),
+    tokens_file: Path | None = typer.Option(
+        None, help="File of API tokens, one a line (also: $CIRCUITSCAN_API_TOKENS)."
+    ),
+    protect_reads: bool | None = typer.Option(
+        None, "--protect-reads/--open-reads", help="Require a token on read routes too."
+    ),
+    max_body_bytes: int | None = typer.Option(None, help="Largest request body (bytes)."),
+    max_page_size: int | None = typer.Option(None, help="Largest page of any listing."),
+) -> None:
+    """Serve the HTTP API and the feature browser with uvicorn."""
+    from circuitscan.services.api.serve import serve_api
+
+    try:
+        serve_api(
+            host=host,
+            port=port,
+            store_root=store_root,
+            ray_address=ray_address,
+            tokens_file=tokens_file,
+            protect_reads=protect_reads,
+            max_body_bytes=max_body_bytes,
+            max_page_size=max_page_size,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 if __name__ == "__main__":
     app()

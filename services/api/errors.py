@@ -1,0 +1,104 @@
+"""Every error leaves the API as JSON ``{"error": message}`` with a fitting status code.
+
+Client mistakes get a 4xx naming what is wrong; anything unexpected gets a
+500 whose body says nothing about the server's internals (the traceback goes
+to the server log only).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from circuitscan.services.store import (
+    CorruptShardError,
+    QueryRangeError,
+    StoreError,
+    StoreNotFoundError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    """The body of every error response."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    error: str = Field(description="What went wrong, for a person to read.")
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a message safe to show to the client."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers
+
+
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:10]:
+        where = ".".join(str(p) for p in error.get("loc", ()))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def _store_error_status(exc: StoreError) -> int:
+    if isinstance(exc, StoreNotFoundError | QueryRangeError):
+        return 404
+    if isinstance(exc, CorruptShardError):
+        return 409
+    return 400
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map exceptions to JSON error responses (a catch-all 500 included)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, _validation_message(exc))
+
+    @app.exception_handler(StoreError)
+    async def _store_error(_request: Request, exc: StoreError) -> JSONResponse:
+        return error_response(_store_error_status(exc), str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error")
+
+
+# Documented on every route so that the OpenAPI schema names the error body.
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorBody, "description": description}
+    for status, description in (
+        (400, "Bad request"),
+        (401, "Missing bearer token"),
+        (403, "Token not accepted"),
+        (404, "Not found"),
+        (413, "Request body too large"),
+        (422, "Invalid parameters"),
+        (500, "Internal error"),
+    )
+}

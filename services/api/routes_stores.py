@@ -1,0 +1,307 @@
+"""Read routes over the stores under the store root.
+
+No ``from __future__ import annotations`` here: FastAPI reads the route
+signatures at runtime, and their page-size bounds are local to the factory.
+"""
+
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Depends, Path, Query, Request
+
+from circuitscan.schemas.store import FeatureSummary
+from circuitscan.services.api.auth import require_reader
+from circuitscan.services.api.errors import ERROR_RESPONSES, ApiError
+from circuitscan.services.api.models import (
+    FeatureExamples,
+    FeaturesAt,
+    Page,
+    PromptDetail,
+    PromptFeatures,
+    PromptSummary,
+    StoreInfo,
+    StoreSummary,
+    SummaryOrder,
+)
+from circuitscan.services.api.settings import ApiSettings
+from circuitscan.services.api.store_access import STORE_NAME_PATTERN, OpenStore, StoreRegistry
+from circuitscan.services.store import (
+    FeatureStore,
+    StoreError,
+    feature_summary,
+    features_at,
+    top_examples,
+)
+
+StoreName = Annotated[
+    str, Path(description="Store name.", max_length=100, pattern=STORE_NAME_PATTERN)
+]
+SiteLabel = Annotated[str, Path(description="Site label, e.g. L6.z.", max_length=200)]
+PromptIndex = Annotated[int, Path(description="Global prompt index.", ge=0)]
+FeatureId = Annotated[int, Path(description="Feature id.", ge=0)]
+Offset = Annotated[int, Query(description="Index of the first item to return.", ge=0)]
+
+
+def _registry(request: Request) -> StoreRegistry:
+    return request.app.state.stores
+
+
+def _check_site(store: FeatureStore, site: str) -> None:
+    labels = [s.label for s in store.layout.sites]
+    if site not in labels:
+        raise ApiError(404, f"unknown site {site!r}; the store has {labels}")
+
+
+def _job_field(store: FeatureStore, *path: str) -> str | None:
+    value: object = store.layout.job_spec
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _summary(name: str, store: FeatureStore) -> StoreSummary:
+    return StoreSummary(
+        name=name,
+        sites=[s.label for s in store.layout.sites],
+        job_name=_job_field(store, "name"),
+        job_kind=_job_field(store, "job", "kind"),
+        shards_committed=len(store.committed_shard_ids()),
+        n_prompts=store.n_prompts(),
+        n_tokens=store.n_tokens(),
+    )
+
+
+def _page_limit(max_page: int, default: int):
+    return Annotated[int, Query(description=f"Page size (1..{max_page}).", ge=1, le=max_page)], min(
+        default, max_page
+    )
+
+
+def stores_router(settings: ApiSettings) -> APIRouter:
+    """The /api/stores routes; page sizes are bounded by ``settings.max_page_size``."""
+    router = APIRouter(
+        prefix="/api/stores",
+        tags=["stores"],
+        dependencies=[Depends(require_reader)],
+        responses=ERROR_RESPONSES,
+    )
+    max_page = settings.max_page_size
+    Limit, default_limit = _page_limit(max_page, 50)
+
+    @router.get("", response_model=Page[StoreSummary], summary="List stores")
+    def list_stores(
+        request: Request, offset: Offset = 0, limit: Limit = default_limit
+    ) -> Page[StoreSummary]:
+        registry = _registry(request)
+        names = registry.names()
+        items = []
+        for name in names[offset : offset + limit]:
+            try:
+                with registry.reading(name) as entry:
+                    items.append(_summary(name, entry.store))
+            except ApiError:
+                continue  # removed or replaced between listing and opening
+        return Page[StoreSummary](items=items, offset=offset, limit=limit, total=len(names))
+
+    @router.get("/{store}", response_model=StoreInfo, summary="Store metadata")
+    def store_info(request: Request, store: StoreName) -> StoreInfo:
+        registry = _registry(request)
+        with registry.reading(store) as entry:
+            data = entry.store
+            return StoreInfo(
+                name=store,
+                layout=data.layout,
+                shard_ids=sorted(data.committed_shard_ids()),
+                n_prompts=data.n_prompts(),
+                n_tokens=data.n_tokens(),
+                tokens_decoded=registry.decoder(entry) is not None,
+            )
+
+    @router.get("/{store}/prompts", response_model=Page[PromptSummary], summary="List prompts")
+    def list_prompts(
+        request: Request, store: StoreName, offset: Offset = 0, limit: Limit = default_limit
+    ) -> Page[PromptSummary]:
+        with _registry(request).reading(store) as entry:
+            data = entry.store
+            total = data.n_prompts()
+            items: list[PromptSummary] = []
+            entries = data.committed_entries()
+            stop = min(offset + limit, total)
+            for shard_id in sorted(entries):
+                shard = entries[shard_id]
+                lo = max(offset, shard.prompt_start)
+                hi = min(stop, shard.prompt_start + shard.n_prompts)
+                if lo >= hi:
+                    continue
+                records = data.prompt_records(shard_id)
+                offsets = data.prompt_shard(shard_id).prompt_offsets
+                for prompt in range(lo, hi):
+                    local = prompt - shard.prompt_start
+                    record = records[local]
+                    items.append(
+                        PromptSummary(
+                            prompt=prompt,
+                            text=record.text,
+                            n_tokens=int(offsets[local + 1] - offsets[local]),
+                            answer=record.answer,
+                            wrong=record.wrong,
+                        )
+                    )
+            return Page[PromptSummary](items=items, offset=offset, limit=limit, total=total)
+
+    @router.get("/{store}/prompts/{prompt}", response_model=PromptDetail, summary="One prompt")
+    def prompt_detail(request: Request, store: StoreName, prompt: PromptIndex) -> PromptDetail:
+        registry = _registry(request)
+        with registry.reading(store) as entry:
+            return _prompt_detail(registry, entry, prompt)
+
+    @router.get(
+        "/{store}/sites/{site}/prompts/{prompt}/features",
+        response_model=PromptFeatures,
+        summary="Features at every position of a prompt",
+    )
+    def prompt_features(
+        request: Request,
+        store: StoreName,
+        site: SiteLabel,
+        prompt: PromptIndex,
+        limit: Annotated[
+            int, Query(description="Features kept per position.", ge=1, le=max_page)
+        ] = min(10, max_page),
+        sort_by: Literal["attribution", "activation"] = "attribution",
+    ) -> PromptFeatures:
+        registry = _registry(request)
+        with registry.reading(store) as entry:
+            _check_site(entry.store, site)
+            detail = _prompt_detail(registry, entry, prompt)
+            positions = [
+                features_at(entry.store, site, prompt, position, sort_by=sort_by, limit=limit)
+                for position in range(len(detail.token_ids))
+            ]
+            return PromptFeatures(
+                site=site,
+                prompt=prompt,
+                text=detail.record.text,
+                tokens=detail.tokens,
+                positions=positions,
+            )
+
+    @router.get(
+        "/{store}/sites/{site}/prompts/{prompt}/positions/{position}/features",
+        response_model=FeaturesAt,
+        summary="Features at one (prompt, position)",
+    )
+    def features_at_position(
+        request: Request,
+        store: StoreName,
+        site: SiteLabel,
+        prompt: PromptIndex,
+        position: Annotated[int, Path(description="Token position (BOS is 0).", ge=0)],
+        limit: Annotated[
+            int, Query(description="Most features to return.", ge=1, le=max_page)
+        ] = default_limit,
+        sort_by: Literal["attribution", "activation"] = "attribution",
+    ) -> FeaturesAt:
+        registry = _registry(request)
+        with registry.reading(store) as entry:
+            _check_site(entry.store, site)
+            active = features_at(entry.store, site, prompt, position, sort_by=sort_by, limit=limit)
+            decode = registry.decoder(entry)
+            token = decode([active.token_id])[0] if decode is not None else None
+            return FeaturesAt(token=token, features=active)
+
+    @router.get(
+        "/{store}/sites/{site}/features/{feature}/examples",
+        response_model=FeatureExamples,
+        summary="Top-activating examples of a feature",
+    )
+    def feature_examples(
+        request: Request,
+        store: StoreName,
+        site: SiteLabel,
+        feature: FeatureId,
+        limit: Annotated[int, Query(description="Most examples.", ge=1, le=max_page)] = min(
+            20, max_page
+        ),
+        context: Annotated[int, Query(description="Tokens of context each side.", ge=0, le=64)] = 8,
+    ) -> FeatureExamples:
+        registry = _registry(request)
+        with registry.reading(store) as entry:
+            _check_site(entry.store, site)
+            examples = top_examples(
+                entry.store,
+                site,
+                feature,
+                n=limit,
+                context=context,
+                decode=registry.decoder(entry),
+            )
+            return FeatureExamples(site=site, feature=feature, examples=examples)
+
+    @router.get(
+        "/{store}/sites/{site}/features/{feature}/summary",
+        response_model=FeatureSummary,
+        summary="Firing statistics of one feature",
+    )
+    def one_feature_summary(
+        request: Request, store: StoreName, site: SiteLabel, feature: FeatureId
+    ) -> FeatureSummary:
+        with _registry(request).reading(store) as entry:
+            _check_site(entry.store, site)
+            return feature_summary(entry.store, site, feature)
+
+    @router.get(
+        "/{store}/sites/{site}/summaries",
+        response_model=Page[FeatureSummary],
+        summary="Per-feature summaries, paginated",
+    )
+    def feature_summaries(
+        request: Request,
+        store: StoreName,
+        site: SiteLabel,
+        offset: Offset = 0,
+        limit: Limit = default_limit,
+        order: Annotated[
+            SummaryOrder, Query(description="Sort key; all but 'feature' sort descending.")
+        ] = "feature",
+        active_only: Annotated[
+            bool, Query(description="List only features that fire at least once.")
+        ] = False,
+    ) -> Page[FeatureSummary]:
+        with _registry(request).reading(store) as entry:
+            data = entry.store
+            _check_site(data, site)
+            index = data.feature_index(site)
+            features = np.arange(index.count.shape[0])
+            if active_only:
+                features = features[index.count > 0]
+            if order != "feature":
+                key = {"count": index.count, "max": index.max, "total": index.total}[order]
+                # Stable sort, descending by key, ties by ascending feature id.
+                features = features[np.argsort(-key[features].astype(np.float64), kind="stable")]
+            chosen = features[offset : offset + limit]
+            items = [feature_summary(data, site, int(f)) for f in chosen]
+            return Page[FeatureSummary](
+                items=items, offset=offset, limit=limit, total=int(features.shape[0])
+            )
+
+    return router
+
+
+def _prompt_detail(registry: StoreRegistry, entry: OpenStore, prompt: int) -> PromptDetail:
+    data = entry.store
+    try:
+        shard = data.shard_of_prompt(prompt)
+    except StoreError as exc:
+        raise ApiError(404, str(exc)) from exc
+    record = data.prompt_records(shard.shard_id)[prompt - shard.prompt_start]
+    token_ids = [int(t) for t in data.prompt_tokens(prompt)]
+    decode = registry.decoder(entry)
+    return PromptDetail(
+        prompt=prompt,
+        record=record,
+        token_ids=token_ids,
+        tokens=decode(token_ids) if decode is not None else None,
+    )

@@ -1,0 +1,60 @@
+"""``circuitscan serve``: settings from the environment and flags, then uvicorn."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import SecretStr, ValidationError
+
+from circuitscan.services.api.app import create_app
+from circuitscan.services.api.settings import ApiSettings, read_tokens_file
+
+log = logging.getLogger(__name__)
+
+
+def build_settings(
+    *,
+    store_root: Path | None = None,
+    ray_address: str | None = None,
+    tokens_file: Path | None = None,
+    protect_reads: bool | None = None,
+    max_body_bytes: int | None = None,
+    max_page_size: int | None = None,
+) -> ApiSettings:
+    """Environment settings with the given flags on top (ValueError with a readable message)."""
+    try:
+        base = ApiSettings.from_env(
+            store_root=store_root,
+            ray_address=ray_address,
+            protect_reads=protect_reads,
+            max_body_bytes=max_body_bytes,
+            max_page_size=max_page_size,
+        )
+        if tokens_file is not None:
+            extra = tuple(read_tokens_file(tokens_file))
+            base = ApiSettings.model_validate(
+                base.model_dump() | {"tokens": base.tokens + tuple(SecretStr(t) for t in extra)}
+            )
+        return base
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"invalid API settings: {problems}") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot read the tokens file: {exc}") from exc
+
+
+def serve_api(*, host: str, port: int, **flags: object) -> None:
+    """Run the API until interrupted."""
+    import uvicorn
+
+    settings = build_settings(**flags)  # type: ignore[arg-type]
+    if not settings.tokens:
+        log.warning("no API tokens configured: every mutating route will answer 403")
+    app = create_app(settings)
+    print(
+        f"circuitscan API on http://{host}:{port} (stores under {settings.store_root}; "
+        f"browser at /web/, OpenAPI at /docs)",
+        flush=True,
+    )
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

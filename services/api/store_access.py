@@ -1,0 +1,216 @@
+"""Named stores under one root directory, opened safely and shared between requests.
+
+A store name is one path segment (letters, digits, ``.``, ``_``, ``-``; no
+``..``). Its folder must resolve, symlinks followed, to a direct child of the
+root, so neither names nor links reach anything outside the root.
+
+An open ``FeatureStore`` caches decoded shards and is not thread-safe, so
+each store carries a lock held for the length of one query. Open stores
+re-read their manifest every ``store_refresh_seconds`` to pick up shards a
+running job has committed since, and reopen when the store was replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from circuitscan.services.api.errors import ApiError
+from circuitscan.services.store import FeatureStore, StoreNotFoundError
+from circuitscan.services.store.backends import list_keys
+
+log = logging.getLogger(__name__)
+
+STORE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+STORE_NAME_PATTERN = STORE_NAME.pattern
+_OPEN_STORES = 32
+
+Decode = Callable[[Sequence[int]], list[str]]
+
+
+def check_store_name(name: str) -> str:
+    """The name itself when it is one safe path segment; ApiError 400 otherwise."""
+    if not STORE_NAME.fullmatch(name) or ".." in name:
+        raise ApiError(
+            400,
+            "invalid store name: use 1-100 letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, no '..')",
+        )
+    return name
+
+
+@dataclass
+class OpenStore:
+    """One open store, its lock, and when its manifest was last looked at."""
+
+    name: str
+    store: FeatureStore
+    layout_mtime: int
+    checked_at: float
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    decoder: Decode | None = None
+    decoder_loaded: bool = False
+
+
+class StoreRegistry:
+    """Resolves, opens and caches the stores under ``root``."""
+
+    def __init__(self, root: Path, refresh_seconds: float = 1.0) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root.resolve()
+        self.refresh_seconds = refresh_seconds
+        self._open: OrderedDict[str, OpenStore] = OrderedDict()
+        self._lock = threading.Lock()
+        self._tokenizers: dict[str, Decode | None] = {}
+
+    # --- names and paths ---------------------------------------------------------
+
+    def path_of(self, name: str) -> Path:
+        """The folder of store ``name``, checked to lie inside the root (404 when absent)."""
+        check_store_name(name)
+        path = (self.root / name).resolve()
+        if path.parent != self.root:
+            raise ApiError(400, f"store {name!r} resolves outside the store root")
+        if not (path / "zarr.json").is_file():
+            raise ApiError(404, f"no store named {name!r}")
+        return path
+
+    def name_of(self, location: str) -> str | None:
+        """The store name of a path inside the root, None for anything else."""
+        if "://" in location:
+            return None
+        path = Path(location).expanduser().resolve()
+        return path.name if path.parent == self.root and STORE_NAME.fullmatch(path.name) else None
+
+    def names(self) -> list[str]:
+        """Names of the folders under the root that hold a store, sorted."""
+        found = []
+        with os.scandir(self.root) as entries:
+            for entry in entries:
+                if not STORE_NAME.fullmatch(entry.name) or ".." in entry.name:
+                    continue
+                try:
+                    self.path_of(entry.name)
+                except ApiError:
+                    continue
+                found.append(entry.name)
+        return sorted(found)
+
+    # --- opening -------------------------------------------------------------------
+
+    def _open_fresh(self, name: str) -> OpenStore:
+        path = self.path_of(name)
+        self._refuse_escaping_links(path)
+        try:
+            store = FeatureStore.open(str(path))
+        except StoreNotFoundError as exc:
+            raise ApiError(404, f"no store named {name!r}") from exc
+        mtime = (path / "zarr.json").stat().st_mtime_ns
+        return OpenStore(name=name, store=store, layout_mtime=mtime, checked_at=time.monotonic())
+
+    def _refuse_escaping_links(self, path: Path) -> None:
+        # Zarr follows links inside a store; one pointing outside the root
+        # would expose arbitrary files through shard reads.
+        for folder, dirs, files in os.walk(path):
+            for item in (*dirs, *files):
+                candidate = Path(folder) / item
+                if candidate.is_symlink() and not candidate.resolve().is_relative_to(self.root):
+                    raise ApiError(400, f"store {path.name!r} links outside the store root")
+
+    def _get(self, name: str) -> OpenStore:
+        check_store_name(name)
+        with self._lock:
+            entry = self._open.get(name)
+            if entry is not None:
+                self._open.move_to_end(name)
+                return entry
+        entry = self._open_fresh(name)
+        with self._lock:
+            entry = self._open.setdefault(name, entry)
+            while len(self._open) > _OPEN_STORES:
+                self._open.popitem(last=False)
+        return entry
+
+    def _maybe_refresh(self, entry: OpenStore) -> OpenStore:
+        """Called with the store's lock held: notice replaced stores and new commits."""
+        now = time.monotonic()
+        if now - entry.checked_at < self.refresh_seconds:
+            return entry
+        path = self.path_of(entry.name)
+        mtime = (path / "zarr.json").stat().st_mtime_ns
+        if mtime != entry.layout_mtime:
+            fresh = self._open_fresh(entry.name)
+            with self._lock:
+                self._open[entry.name] = fresh
+            return fresh
+        committed = len(list_keys(entry.store.backend, "manifest/"))
+        if committed != len(entry.store.committed_shard_ids()):
+            entry.store.refresh()
+        entry.checked_at = now
+        return entry
+
+    @contextmanager
+    def reading(self, name: str) -> Iterator[OpenStore]:
+        """Hold store ``name`` for one query (its lock taken, its view up to date)."""
+        entry = self._get(name)
+        with entry.lock:
+            current = self._maybe_refresh(entry)
+            if current is entry:
+                yield entry
+                return
+        with current.lock:
+            yield current
+
+    # --- token decoding -------------------------------------------------------------
+
+    def decoder(self, entry: OpenStore) -> Decode | None:
+        """Token-id → text of the store's model tokenizer, None when it cannot be loaded."""
+        if entry.decoder_loaded:
+            return entry.decoder
+        entry.decoder = self._tokenizer_for(entry.store)
+        entry.decoder_loaded = True
+        return entry.decoder
+
+    def _tokenizer_for(self, store: FeatureStore) -> Decode | None:
+        spec = store.layout.job_spec or {}
+        model = spec.get("model") if isinstance(spec, dict) else None
+        source = model.get("source", "default") if isinstance(model, dict) else "default"
+        source = str(source)
+        if source not in self._tokenizers:
+            self._tokenizers[source] = _load_decoder(source)
+        return self._tokenizers[source]
+
+
+def _load_decoder(source: str) -> Decode | None:
+    from circuitscan.schemas.models import ModelSpec
+    from circuitscan.services.model_loading import load_tokenizer
+
+    try:
+        # Never download on behalf of a request, whatever the stored spec says.
+        tokenizer = load_tokenizer(ModelSpec(source=source, allow_download=False))
+    except Exception as exc:  # best effort: any loader failure just leaves ids undecoded
+        log.warning("no tokenizer for model %r, tokens stay undecoded: %s", source, exc)
+        return None
+    pieces: dict[int, str] = {}
+    pieces_lock = threading.Lock()
+
+    def decode(ids: Sequence[int]) -> list[str]:
+        out = []
+        for token_id in ids:
+            piece = pieces.get(token_id)
+            if piece is None:
+                piece = tokenizer.decode([token_id])
+                with pieces_lock:
+                    pieces[token_id] = piece
+            out.append(piece)
+        return out
+
+    return decode
