@@ -1,0 +1,171 @@
+// circuitscan feature browser: plain JavaScript against the same-origin API, no external fetches.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+const state = { store: params.get("store"), site: params.get("site"),
+                feature: params.get("feature"), prompt: params.get("prompt") };
+
+function setStatus(text, isError) {
+  $("status").textContent = text || "";
+  $("status").className = isError ? "error" : "";
+}
+
+async function api(path) {
+  const headers = {};
+  const token = sessionStorage.getItem("circuitscan-token");
+  if (token) headers["Authorization"] = "Bearer " + token;
+  const response = await fetch(path, { headers });
+  const body = await response.json().catch(() => ({ error: response.statusText }));
+  if (!response.ok) throw new Error(body.error || ("HTTP " + response.status));
+  return body;
+}
+
+const enc = encodeURIComponent;
+const storePath = () => "/api/stores/" + enc(state.store);
+const sitePath = () => storePath() + "/sites/" + enc(state.site);
+
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs || {})) {
+    if (key === "class") node.className = value;
+    else if (key === "text") node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function fmt(x, digits = 4) {
+  return Number(x).toPrecision(digits).replace(/\.?0+$/, "").replace(/\.?0+e/, "e");
+}
+
+function fillSelect(select, options, chosen) {
+  select.replaceChildren(...options.map(([value, label]) => el("option", { value, text: label })));
+  if (chosen !== null && chosen !== undefined) select.value = String(chosen);
+}
+
+function syncUrl() {
+  const query = new URLSearchParams();
+  for (const key of ["store", "site", "feature", "prompt"]) {
+    if (state[key] !== null && state[key] !== "") query.set(key, state[key]);
+  }
+  history.replaceState(null, "", "?" + query.toString());
+}
+
+async function loadStores() {
+  const page = await api("/api/stores?limit=100");
+  if (!page.items.length) throw new Error("no stores under the server's store root");
+  if (!state.store || !page.items.some((s) => s.name === state.store)) state.store = page.items[0].name;
+  fillSelect($("store"), page.items.map((s) => [s.name, `${s.name} (${s.n_prompts} prompts)`]), state.store);
+}
+
+async function loadStore() {
+  const info = await api(storePath());
+  const sites = info.layout.sites.map((s) => s.label);
+  if (!sites.includes(state.site)) state.site = sites[0];
+  fillSelect($("site"), info.layout.sites.map((s) => [s.label, `${s.label} (${s.d_sae})`]), state.site);
+  $("feature").max = String(info.layout.sites.find((s) => s.label === state.site).d_sae - 1);
+  const prompts = await api(storePath() + "/prompts?limit=100");
+  const options = [["", "—"]].concat(prompts.items.map((p) =>
+    [String(p.prompt), `${p.prompt}: ${p.text.slice(0, 48)}`]));
+  fillSelect($("prompt"), options, state.prompt ?? "");
+}
+
+function contextNode(example) {
+  const tokens = example.context || example.context_token_ids.map((id) => `[${id}]`);
+  return el("span", { class: "context" }, ...tokens.map((text, i) =>
+    el("span", { class: i === example.hit_index ? "tok hit" : "tok", text,
+                 title: i === example.hit_index ? `activation ${fmt(example.activation)}` : "" })));
+}
+
+async function showFeature() {
+  const feature = Number(state.feature);
+  const base = sitePath() + "/features/" + feature;
+  const [summary, examples] = await Promise.all([
+    api(base + "/summary"), api(base + "/examples?limit=10&context=6")]);
+  $("feature-title").textContent = `${feature} · ${state.site}`;
+  const rows = [["count", summary.count], ["frequency", fmt(summary.frequency)],
+                ["max activation", fmt(summary.max)], ["mean when active", fmt(summary.mean_when_active)],
+                ["total activation", fmt(summary.total)]];
+  $("summary").replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: String(v) })]));
+  $("summary").dataset.feature = String(feature);
+  const items = examples.examples.map((ex) => el("li", { "data-prompt": ex.prompt },
+    contextNode(ex), el("span", { class: "act", text: `prompt ${ex.prompt} pos ${ex.position} · act ${fmt(ex.activation)}` })));
+  $("examples").replaceChildren(...(items.length ? items : [el("li", { text: "this feature never fired" })]));
+  $("feature-view").hidden = false;
+}
+
+function featureChip(id, activation, attribution) {
+  const value = attribution ?? activation;
+  const sign = value > 0 ? "pos" : value < 0 ? "neg" : "zero";
+  const chip = el("span", { class: "feat " + sign, "data-feature": id,
+                            text: `f${id} ${value > 0 ? "+" : ""}${fmt(value, 3)}`,
+                            title: `activation ${fmt(activation)}` + (attribution === null ? "" : ` · attribution ${fmt(attribution)}`) });
+  chip.addEventListener("click", () => { state.feature = String(id); $("feature").value = id; render(); });
+  return chip;
+}
+
+async function showPrompt() {
+  const data = await api(sitePath() + "/prompts/" + Number(state.prompt) + "/features?limit=6");
+  $("prompt-title").textContent = `${data.prompt} · ${data.site}`;
+  $("prompt-text").textContent = data.text;
+  const rows = data.positions.map((at, pos) => el("tr", {},
+    el("td", { text: String(pos) }),
+    el("td", { class: "token", text: data.tokens ? data.tokens[pos] : `[${at.token_id}]` }),
+    el("td", {}, ...at.feature_ids.map((id, i) =>
+      featureChip(id, at.activations[i], at.attributions ? at.attributions[i] : null)))));
+  $("prompt-features").tBodies[0].replaceChildren(...rows);
+  $("prompt-view").hidden = false;
+}
+
+async function render() {
+  document.body.dataset.state = "loading";
+  syncUrl();
+  try {
+    setStatus("loading…");
+    const work = [];
+    $("feature-view").hidden = state.feature === null || state.feature === "";
+    $("prompt-view").hidden = state.prompt === null || state.prompt === "";
+    if (!$("feature-view").hidden) work.push(showFeature());
+    if (!$("prompt-view").hidden) work.push(showPrompt());
+    await Promise.all(work);
+    setStatus(work.length ? "" : "pick a feature or a prompt");
+    document.body.dataset.state = "ready";
+  } catch (error) {
+    setStatus(error.message, true);
+    document.body.dataset.state = "error";
+  }
+}
+
+async function start() {
+  $("token").value = sessionStorage.getItem("circuitscan-token") || "";
+  $("token").addEventListener("change", () => {
+    sessionStorage.setItem("circuitscan-token", $("token").value);
+    start();
+  });
+  try {
+    await loadStores();
+    await loadStore();
+  } catch (error) {
+    setStatus(error.message, true);
+    document.body.dataset.state = "error";
+    return;
+  }
+  $("feature").value = state.feature ?? "";
+  $("store").onchange = async () => {
+    state.store = $("store").value; state.prompt = null; state.feature = null;
+    await loadStore().catch((e) => setStatus(e.message, true)); render();
+  };
+  $("site").onchange = () => { state.site = $("site").value; render(); };
+  $("prompt").onchange = () => { state.prompt = $("prompt").value || null; render(); };
+  $("controls").onsubmit = (event) => {
+    event.preventDefault();
+    state.feature = $("feature").value === "" ? null : $("feature").value;
+    state.prompt = $("prompt").value || null;
+    render();
+  };
+  await render();
+}
+
+start();
