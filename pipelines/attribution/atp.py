@@ -17,8 +17,15 @@ from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.attribution import graddrop as gd
 from circuitscan.pipelines.attribution.errors import AttributionInputError
+from circuitscan.pipelines.attribution.inputs import (
+    Answers,
+    answer_ids,
+    check_answers,
+    check_pair,
+    check_tokens,
+)
 from circuitscan.pipelines.attribution.nodes import NodeGroup, build_groups, select, unit_scores
-from circuitscan.pipelines.attribution.positions import check_aligned, resolve_positions
+from circuitscan.pipelines.attribution.positions import resolve_positions
 from circuitscan.pipelines.attribution.qk_fix import key_scores, qk_sites, query_scores
 from circuitscan.pipelines.attribution.result import AttributionResult
 from circuitscan.pipelines.attribution.splice import (
@@ -55,15 +62,6 @@ def position_specs(
     if selection.positions == "last":
         return ["last"], True
     return list(selection.positions), True
-
-
-def _check_tokens(tokens: torch.Tensor, lengths: torch.Tensor, name: str) -> None:
-    if tokens.ndim != 2:
-        raise AttributionInputError(f"{name} must be [batch, seq] token ids, got {tokens.shape}")
-    if lengths.shape != (tokens.shape[0],):
-        raise AttributionInputError(f"{name}: one length per prompt expected")
-    if bool((lengths < 1).any()) or bool((lengths > tokens.shape[1]).any()):
-        raise AttributionInputError(f"{name}: lengths must be in 1..{tokens.shape[1]}")
 
 
 def _qk_keys(model: HookedSAETransformer, groups: Sequence[NodeGroup]) -> dict[int, list[Key]]:
@@ -119,8 +117,8 @@ def run_atp(
     corrupt_tokens: Int[torch.Tensor, "batch seq"] | None,
     lengths: Int[torch.Tensor, " batch"],
     metric: MetricSpec,
-    answer: Int[torch.Tensor, " batch"] | None,
-    wrong: Int[torch.Tensor, " batch"] | None,
+    answer: Answers,
+    wrong: Answers,
     nodes: NodeSelection,
     *,
     method: AttributionMethod | None = None,
@@ -135,19 +133,12 @@ def run_atp(
     """
     method = method or AttributionMethod()
     sae_map = normalize_saes(model, saes)
-    _check_tokens(clean_tokens, lengths, "clean_tokens")
+    check_tokens(clean_tokens, lengths, "clean_tokens")
+    answer = answer_ids(model, answer, "answer")
+    wrong = answer_ids(model, wrong, "wrong")
+    check_answers(model, clean_tokens.shape[0], metric, answer, wrong)
     if corrupt_tokens is not None:
-        _check_tokens(
-            corrupt_tokens,
-            corrupt_lengths if corrupt_lengths is not None else lengths,
-            "corrupt_tokens",
-        )
-        check_aligned(lengths, corrupt_lengths if corrupt_lengths is not None else lengths)
-        if corrupt_tokens.shape != clean_tokens.shape:
-            raise AttributionInputError(
-                f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens "
-                f"{tuple(corrupt_tokens.shape)} must have the same padded shape"
-            )
+        check_pair(clean_tokens, corrupt_tokens, lengths, corrupt_lengths)
     elif method.qk_fix:
         raise AttributionInputError("the QK fix needs corrupted prompts")
     specs, strict = position_specs(nodes, lengths)
@@ -217,8 +208,8 @@ def feature_attribution(
     tokens: Int[torch.Tensor, "batch seq"],
     lengths: Int[torch.Tensor, " batch"],
     metric: MetricSpec,
-    answer: Int[torch.Tensor, " batch"] | None,
-    wrong: Int[torch.Tensor, " batch"] | None,
+    answer: Answers,
+    wrong: Answers,
     nodes: NodeSelection | None = None,
     *,
     named_positions: Sequence[Mapping[str, int]] | None = None,

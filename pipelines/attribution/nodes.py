@@ -115,6 +115,11 @@ def build_groups(
         raise NodeSelectionError("the node selection has no kinds: nothing to attribute")
     if not position_specs:
         raise NodeSelectionError("the node selection has no positions: nothing to attribute")
+    for what in ("features", "heads", "sae_sites"):
+        if getattr(selection, what) == []:
+            raise NodeSelectionError(
+                f"the node selection's {what} list is empty: nothing to attribute"
+            )
     layers = list(range(cfg.n_layers)) if selection.layers is None else selection.layers
     if not layers:
         raise NodeSelectionError("the node selection has an empty layer list")

@@ -12,6 +12,7 @@ error.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,15 +21,29 @@ from jaxtyping import Float, Int
 from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.attribution.atp import SaeMap, normalize_saes
-from circuitscan.pipelines.attribution.errors import AttributionInputError, PositionError
-from circuitscan.pipelines.attribution.nodes import group_nodes
-from circuitscan.pipelines.attribution.positions import (
-    UNDEFINED,
-    check_aligned,
-    resolve_positions,
+from circuitscan.pipelines.attribution.errors import (
+    AttributionInputError,
+    NodeSelectionError,
+    PositionError,
 )
-from circuitscan.pipelines.attribution.splice import Recorder, run_recorded
-from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.pipelines.attribution.inputs import (
+    Answers,
+    answer_ids,
+    check_answers,
+    check_node,
+    check_pair,
+    check_tokens,
+)
+from circuitscan.pipelines.attribution.nodes import group_nodes
+from circuitscan.pipelines.attribution.positions import UNDEFINED, resolve_positions
+from circuitscan.pipelines.attribution.splice import Recorder, build_hooks, run_recorded
+from circuitscan.pipelines.attribution.suffix import (
+    cache_residuals,
+    reads_one_position,
+    start_layer,
+    suffix_metric,
+)
+from circuitscan.pipelines.metrics import read_positions
 from circuitscan.schemas.attribution import Node, PatchMode
 from circuitscan.schemas.metrics import MetricSpec
 
@@ -38,6 +53,18 @@ Key = tuple[str, str]
 def _record_key(node: Node) -> Key:
     what = {"feature": "feat", "sae_error": "err"}.get(node.kind, "act")
     return (what, node.site.hook_name)
+
+
+def _record(
+    model: HookedSAETransformer,
+    saes: Mapping[str, SAE[Any]],
+    tokens: torch.Tensor,
+    keys: set[Key],
+) -> dict[Key, torch.Tensor]:
+    rec = Recorder(wanted=keys)
+    with torch.no_grad():
+        run_recorded(model, saes, tokens, rec)
+    return rec.store
 
 
 def _sources(
@@ -54,16 +81,57 @@ def _sources(
     if mode == "corrupt":
         if corrupt_tokens is None:
             raise AttributionInputError("mode='corrupt' needs corrupt_tokens")
-        rec = Recorder(wanted=keys)
-        run_recorded(model, saes, corrupt_tokens, rec)
-        return rec.store
+        return _record(model, saes, corrupt_tokens, keys)
     if reference is None:
         raise AttributionInputError("mode='mean' needs reference tokens and lengths")
     tokens, lengths = reference
-    rec = Recorder(wanted=keys)
-    run_recorded(model, saes, tokens, rec)
+    store = _record(model, saes, tokens, keys)
     real = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-    return {key: value[real].mean(0)[None, None] for key, value in rec.store.items()}
+    return {key: value[real].mean(0)[None, None] for key, value in store.items()}
+
+
+def _group_values(
+    nodes: Sequence[Node],
+    members: Sequence[int],
+    values: torch.Tensor,
+    positions: torch.Tensor,
+) -> Float[torch.Tensor, "batch members rest"]:
+    """Each member node's slice of a recorded tensor, per prompt at its position."""
+    batch = positions.shape[0]
+    pos = positions[:, list(members)].clamp(min=0)
+    if values.shape[0] == 1:  # a reference mean: the same for every prompt and position
+        values = values.expand(batch, int(pos.max()) + 1, *values.shape[2:])
+    rows = torch.arange(batch)[:, None]
+    if nodes[members[0]].index is None:
+        return values[rows, pos].flatten(2)
+    units = torch.tensor([nodes[m].index for m in members])[None, :]
+    return values[rows, pos, units].reshape(batch, len(members), -1)
+
+
+def _unchanged(
+    nodes: Sequence[Node],
+    mode: PatchMode,
+    clean: Mapping[Key, torch.Tensor],
+    sources: Mapping[Key, torch.Tensor],
+    positions: torch.Tensor,
+) -> Int[torch.Tensor, "batch n_nodes"]:
+    """(prompt, node) pairs whose patch value equals the clean value: Δm is exactly 0.
+
+    Nothing changes anywhere in such a forward pass (the transparent splice
+    adds decode(a') − decode(a) and e' − e, both exactly zero), so it is not
+    run. This is what keeps exhaustive patching of SAE features cheap: most
+    features are inactive on both prompts.
+    """
+    out = torch.zeros(positions.shape, dtype=torch.bool)
+    for members in group_nodes(nodes).values():
+        key = _record_key(nodes[members[0]])
+        now = _group_values(nodes, members, clean[key], positions)
+        if mode == "zero":
+            new = torch.zeros_like(now)
+        else:
+            new = _group_values(nodes, members, sources[key], positions).to(now.dtype)
+        out[:, members] = (now == new).all(-1)
+    return out & (positions != UNDEFINED)
 
 
 def exact_patch(
@@ -72,8 +140,8 @@ def exact_patch(
     clean_tokens: Int[torch.Tensor, "batch seq"],
     lengths: Int[torch.Tensor, " batch"],
     metric: MetricSpec,
-    answer: Int[torch.Tensor, " batch"] | None,
-    wrong: Int[torch.Tensor, " batch"] | None,
+    answer: Answers,
+    wrong: Answers,
     nodes: Sequence[Node],
     *,
     mode: PatchMode = "corrupt",
@@ -83,66 +151,103 @@ def exact_patch(
     reference_lengths: Int[torch.Tensor, " ref"] | None = None,
     named_positions: Sequence[Mapping[str, int]] | None = None,
     batch_size: int = 64,
+    skip_unchanged: bool = True,
 ) -> Float[torch.Tensor, "batch n_nodes"]:
     """Δm = m(patched) − m(clean) in metric units, one node patched at a time.
 
+    ``answer``/``wrong``: token ids, or strings of exactly one token each.
     NaN where a node's position does not exist in a prompt (absolute index
-    past its end); a node that exists in no prompt is an error.
+    past its end); a node that exists in no prompt is an error. Each patched
+    row reruns only the layers from the node's own layer on (the clean
+    residual stream entering that layer is cached), and only up to the
+    position the metric reads. Rows whose patch changes nothing (the patch
+    value equals the clean value, or the node sits after the position the
+    metric reads) are exactly 0 and are not run unless ``skip_unchanged`` is
+    False.
     """
     if not nodes:
-        raise AttributionInputError("no nodes to patch")
+        raise NodeSelectionError("no nodes to patch: the node list is empty")
+    if batch_size < 1:
+        raise AttributionInputError(f"batch_size must be positive, got {batch_size}")
+    if mode not in ("corrupt", "zero", "mean"):
+        raise AttributionInputError(f"unknown patch mode {mode!r} (corrupt, zero or mean)")
     sae_map = normalize_saes(model, saes)
+    check_tokens(clean_tokens, lengths, "clean_tokens")
+    answer = answer_ids(model, answer, "answer")
+    wrong = answer_ids(model, wrong, "wrong")
+    check_answers(model, clean_tokens.shape[0], metric, answer, wrong)
     if corrupt_tokens is not None:
-        check_aligned(lengths, corrupt_lengths if corrupt_lengths is not None else lengths)
+        check_pair(clean_tokens, corrupt_tokens, lengths, corrupt_lengths)
     for node in nodes:
-        if node.kind in ("feature", "sae_error") and node.site.hook_name not in sae_map:
-            from circuitscan.pipelines.attribution.errors import MissingSAEError
-
-            raise MissingSAEError(f"node {node} needs an SAE at {node.site.label}; none given")
+        check_node(model, sae_map, node)
     specs = [node.position for node in nodes]
     positions = resolve_positions(specs, lengths, named_positions, strict=False)
     dead = (positions == UNDEFINED).all(0)
     if bool(dead.any()):
+        bad = int(torch.nonzero(dead)[0, 0])
         raise PositionError(
-            f"node {nodes[int(torch.nonzero(dead)[0, 0])]} is out of range for every prompt"
+            f"node {nodes[bad]} is at position {nodes[bad].position}, out of range for every "
+            f"prompt (lengths {lengths.tolist()})"
         )
     keys = {_record_key(node) for node in nodes}
     reference = None
     if reference_tokens is not None and reference_lengths is not None:
         reference = (reference_tokens, reference_lengths)
+    n_layers = model.cfg.n_layers
+    node_start = [start_layer(node.site) for node in nodes]
     batch = clean_tokens.shape[0]
     with torch.no_grad():
         sources = _sources(model, sae_map, keys, mode, corrupt_tokens, reference)
-        base_logits = model(clean_tokens, return_type="logits")
-        base = metric_per_prompt(
-            base_logits, metric, lengths=lengths, tokens=clean_tokens, answer=answer, wrong=wrong
+        resid = cache_residuals(model, clean_tokens, [*node_start, n_layers])
+        base = suffix_metric(
+            model,
+            resid[n_layers],
+            n_layers,
+            metric,
+            lengths=lengths,
+            tokens=clean_tokens,
+            answer=answer,
+            wrong=wrong,
         )
-        rows = [(b, n) for n in range(len(nodes)) for b in range(batch) if positions[b, n] >= 0]
         out = torch.full((batch, len(nodes)), float("nan"), dtype=base.dtype)
+        skip = positions == UNDEFINED
+        if skip_unchanged:
+            clean = _record(model, sae_map, clean_tokens, keys)
+            same = _unchanged(nodes, mode, clean, sources, positions)
+            if reads_one_position(metric):
+                read = read_positions(metric, lengths)
+                same |= (positions > read[:, None]) & (positions != UNDEFINED)
+            out[same] = 0.0
+            skip |= same
+        rows = [
+            (node_start[n], b, n)
+            for n in range(len(nodes))
+            for b in range(batch)
+            if not bool(skip[b, n])
+        ]
+        rows.sort(key=lambda row: row[0])
         by_group = group_nodes(nodes)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            prompt = torch.tensor([b for b, _ in chunk])
-            node_ix = torch.tensor([n for _, n in chunk])
-            pos = positions[prompt, node_ix]
-            raw_edits, sae_edits = _edits(nodes, by_group, sources, mode, prompt, node_ix, pos)
-            logits = run_recorded(
-                model,
-                sae_map,
-                clean_tokens[prompt],
-                Recorder(),
-                raw_edits=raw_edits,
-                sae_edits=sae_edits,
-            )
-            value = metric_per_prompt(
-                logits,
-                metric,
-                lengths=lengths[prompt],
-                tokens=clean_tokens[prompt],
-                answer=None if answer is None else answer[prompt],
-                wrong=None if wrong is None else wrong[prompt],
-            )
-            out[prompt, node_ix] = (value - base[prompt]).to(out.dtype)
+        for layer, members in itertools.groupby(rows, key=lambda row: row[0]):
+            layer_rows = list(members)
+            for begin in range(0, len(layer_rows), batch_size):
+                chunk = layer_rows[begin : begin + batch_size]
+                prompt = torch.tensor([b for _, b, _ in chunk])
+                node_ix = torch.tensor([n for _, _, n in chunk])
+                pos = positions[prompt, node_ix]
+                raw_edits, sae_edits = _edits(nodes, by_group, sources, mode, prompt, node_ix, pos)
+                hooks = build_hooks(sae_map, Recorder(), raw_edits=raw_edits, sae_edits=sae_edits)
+                value = suffix_metric(
+                    model,
+                    resid[layer][prompt],
+                    layer,
+                    metric,
+                    lengths=lengths[prompt],
+                    tokens=clean_tokens[prompt],
+                    answer=None if answer is None else answer[prompt],
+                    wrong=None if wrong is None else wrong[prompt],
+                    hooks=hooks,
+                )
+                out[prompt, node_ix] = (value - base[prompt]).to(out.dtype)
     return out
 
 

@@ -82,6 +82,6 @@ def check_aligned(
         raise PositionError(
             f"clean and corrupted prompt {row} have different token lengths "
             f"({int(clean_lengths[row])} vs {int(corrupt_lengths[row])}); give them equal "
-            "lengths (e.g. ABC-style corruption with single-token names) or pad them to an "
-            "explicit position mapping"
+            "lengths (e.g. ABC-style corruption with single-token names): patching pairs "
+            "positions one to one and no explicit position mapping is supported"
         )

@@ -1,0 +1,153 @@
+"""Checks on what callers hand the attribution engine, so bad input fails with a clear message.
+
+Every check raises an ``AttributionInputError`` subclass naming the problem
+(which prompt, which node, which answer) instead of letting a shape error or a
+silently wrong pairing surface deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from sae_lens import SAE, HookedSAETransformer
+
+from circuitscan.pipelines.attribution.errors import (
+    AttributionInputError,
+    MissingSAEError,
+    NodeSelectionError,
+    PositionError,
+)
+from circuitscan.pipelines.attribution.positions import check_aligned
+from circuitscan.pipelines.tokens import NotSingleTokenError, single_token_id
+from circuitscan.schemas.attribution import Node
+from circuitscan.schemas.metrics import MetricSpec
+
+Answers = Int[torch.Tensor, " batch"] | Sequence[str] | None
+
+
+class AnswerTokenError(AttributionInputError):
+    """An answer or wrong-answer string that is not exactly one token, or an id out of range."""
+
+
+def check_tokens(tokens: torch.Tensor, lengths: torch.Tensor, name: str) -> None:
+    """Right-padded ``[batch, seq]`` token ids with one length (1..seq) per prompt."""
+    if tokens.ndim != 2:
+        raise AttributionInputError(
+            f"{name} must be [batch, seq] token ids, got {tuple(tokens.shape)}"
+        )
+    if lengths.shape != (tokens.shape[0],):
+        raise AttributionInputError(
+            f"{name}: expected one length per prompt ({tokens.shape[0]}), got {tuple(lengths.shape)}"
+        )
+    if bool((lengths < 1).any()) or bool((lengths > tokens.shape[1]).any()):
+        raise AttributionInputError(
+            f"{name}: lengths must be in 1..{tokens.shape[1]}, got {lengths.tolist()}"
+        )
+
+
+def check_pair(
+    clean_tokens: torch.Tensor,
+    corrupt_tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    corrupt_lengths: torch.Tensor | None,
+) -> None:
+    """Clean and corrupted prompts must pair up position by position."""
+    corrupt_lengths = lengths if corrupt_lengths is None else corrupt_lengths
+    check_tokens(corrupt_tokens, corrupt_lengths, "corrupt_tokens")
+    check_aligned(lengths, corrupt_lengths)
+    if corrupt_tokens.shape != clean_tokens.shape:
+        raise PositionError(
+            f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens "
+            f"{tuple(corrupt_tokens.shape)} differ in shape: clean and corrupted prompts must "
+            "have the same token lengths (patching pairs them position by position) and be "
+            "padded alike; no explicit position mapping between them is supported"
+        )
+
+
+def answer_ids(model: HookedSAETransformer, answers: Answers, what: str) -> torch.Tensor | None:
+    """Answer token ids from ids or strings; each string must be exactly one token.
+
+    Strings carry their leading space (``' Mary'``), as the tokenizer sees them
+    after the prompt.
+    """
+    if answers is None or isinstance(answers, torch.Tensor):
+        return answers
+    if isinstance(answers, str):
+        raise AnswerTokenError(f"{what} must be one string per prompt, not a single string")
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise AnswerTokenError(f"{what} strings need a model with a tokenizer; pass token ids")
+    ids = []
+    for row, text in enumerate(answers):
+        try:
+            ids.append(single_token_id(tokenizer, text))
+        except NotSingleTokenError as exc:
+            raise AnswerTokenError(f"{what} of prompt {row}: {exc}") from exc
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def check_answers(
+    model: HookedSAETransformer,
+    batch: int,
+    metric: MetricSpec,
+    answer: torch.Tensor | None,
+    wrong: torch.Tensor | None,
+) -> None:
+    """One in-vocabulary answer (and wrong answer for logit_diff) per prompt."""
+    needed = {"logit_diff": ("answer", "wrong"), "target_logprob": ("answer",)}
+    given = {"answer": answer, "wrong": wrong}
+    for what in needed.get(metric.kind, ()):
+        ids = given[what]
+        if ids is None:
+            raise AnswerTokenError(f"metric {metric.kind} needs {what} tokens, one per prompt")
+        if ids.shape != (batch,):
+            raise AnswerTokenError(
+                f"{what}: expected one token id per prompt ({batch}), got shape {tuple(ids.shape)}"
+            )
+        vocab = model.cfg.d_vocab
+        if bool(((ids < 0) | (ids >= vocab)).any()):
+            raise AnswerTokenError(f"{what} ids {ids.tolist()} are not all in 0..{vocab - 1}")
+
+
+def n_units(model: HookedSAETransformer, saes: Mapping[str, SAE[Any]], node: Node) -> int:
+    """How many features / heads / neurons the node's kind has at its site."""
+    cfg = model.cfg
+    if node.kind == "feature":
+        return int(saes[node.site.hook_name].cfg.d_sae)
+    if node.kind in ("k", "v"):
+        if cfg.n_key_value_heads is None or cfg.ungroup_grouped_query_attention:
+            return int(cfg.n_heads)
+        return int(cfg.n_key_value_heads)
+    if node.kind in ("z", "q"):
+        return int(cfg.n_heads)
+    if node.kind == "neuron":
+        return int(cfg.d_mlp or 0)
+    return 1
+
+
+def check_node(model: HookedSAETransformer, saes: Mapping[str, SAE[Any]], node: Node) -> None:
+    """The node exists in this model (layer, unit index) and has its SAE if it needs one."""
+    if node.layer >= model.cfg.n_layers:
+        raise NodeSelectionError(
+            f"node {node}: layer {node.layer} does not exist (model has {model.cfg.n_layers})"
+        )
+    if node.kind in ("feature", "sae_error") and node.site.hook_name not in saes:
+        raise MissingSAEError(
+            f"node {node} needs an SAE at {node.site.label}; SAEs given at "
+            f"{sorted(saes) or 'no sites'}"
+        )
+    if node.kind in ("neuron", "mlp") and (model.cfg.attn_only or model.cfg.d_mlp is None):
+        raise NodeSelectionError(f"node {node}: this model is attention-only (no MLPs)")
+    if node.index is not None and node.index >= n_units(model, saes, node):
+        raise NodeSelectionError(
+            f"node {node}: index {node.index} does not exist "
+            f"({n_units(model, saes, node)} {node.kind} units at layer {node.layer})"
+        )
+
+
+def check_nonempty(nodes: Sequence[Node]) -> None:
+    if not nodes:
+        raise NodeSelectionError("no nodes to patch: the node list is empty")
