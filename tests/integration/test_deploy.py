@@ -398,6 +398,33 @@ def test_dockerfile_parses_and_pins_what_the_project_pins(path: Path) -> None:
     assert "HF_HUB_OFFLINE=1" in env
 
 
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_sources_are_in_the_build_context(path: Path) -> None:
+    import tomllib
+
+    instructions = dockerfile_instructions(path)
+    ignore = path.with_name(path.name + ".dockerignore").read_text(encoding="utf-8").split()
+    included = {line[1:] for line in ignore if line.startswith("!")}
+    for word, rest in instructions:
+        if word == "COPY" and not rest.startswith("--from"):
+            for source in rest.split()[:-1]:
+                assert (ROOT / source).exists(), f"{path.name}: COPY {source}: not in the repo"
+                assert source in included, f"{path.name}: COPY {source}: excluded by .dockerignore"
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"][
+        "optional-dependencies"
+    ]
+    runs = " ".join(rest for word, rest in instructions if word == "RUN")
+    (wanted,) = re.findall(r'"\.\[([\w,-]+)\]"', runs)
+    assert set(wanted.split(",")) <= set(extras), wanted
+
+
+def test_launcher_and_kuberay_run_the_same_gpu_image() -> None:
+    (config,) = load_docs(LAUNCHER)
+    (cluster,) = manifests("RayCluster")
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert config["docker"]["image"] == head["image"]
+
+
 def test_gpu_image_is_cuda_based() -> None:
     instructions = dockerfile_instructions(DEPLOY / "Dockerfile.gpu")
     bases = [rest.split()[0] for word, rest in instructions if word == "FROM"]
