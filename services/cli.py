@@ -43,7 +43,7 @@ def schema() -> None:
 
 @app.command()
 def demo(
-    prompts: int = typer.Option(8, help="Number of IOI prompts."),
+    prompts: int = typer.Option(16, help="Number of IOI prompts."),
     seed: int = typer.Option(0, help="Prompt generator seed."),
     out: Path = typer.Option(Path("runs/ioi-demo"), help="Folder for the stores and report."),
 ) -> None:

@@ -2,13 +2,16 @@
 
 Default model and SAEs, local embedded Ray, local Zarr stores under ``out``:
 
-1. generate IOI prompts; logit difference of the clean model and with each
-   SAE spliced in without its error term (is the SAE good enough?);
-2. cache activations and gradients of the logit difference into a store
-   (a Ray job), then query it: the features that push the answer hardest.
+1. cache SAE activations and gradients of the IOI logit difference (a job);
+2. AtP* over attention heads and SAE features on clean/ABC-corrupted pairs,
+   top nodes verified by exact patching (a job);
+3. an exact ablation scan of every feature active at the last token (a job);
+4. a splice evaluation of each SAE (a job);
+5. an offline HTML report of all of it.
 
-Each step is a real job or query that a user can run on its own; the demo
-only chains them with small defaults.
+Every step is a job spec a user can run alone with ``circuitscan run``; the
+demo only chains them with small defaults and shares one pool of Ray actors
+(the model is loaded once per actor, not once per job).
 """
 
 from __future__ import annotations
@@ -17,14 +20,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-from circuitscan.pipelines.batching import tokenize_prompts
-from circuitscan.pipelines.metrics import metric_per_prompt
-from circuitscan.pipelines.splice import spliced
-from circuitscan.pipelines.tasks.ioi import generate_ioi
-from circuitscan.schemas.jobs import CacheParams, ExecutionSpec, IOISource, JobSpec
-from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.schemas.job_results import AblationJobResult, AttributionJobResult
+from circuitscan.schemas.jobs import (
+    AblationScanParams,
+    AttributeParams,
+    CacheParams,
+    ExecutionSpec,
+    IOISource,
+    JobParams,
+    JobSpec,
+    SpliceEvalParams,
+)
 from circuitscan.schemas.models import SAESpec
 from circuitscan.services.model_loading import load_model
 from circuitscan.services.sae_loading import DEFAULT_PREFIX, LoadedSAE, load_default_saes
@@ -32,70 +38,102 @@ from circuitscan.services.sae_loading import DEFAULT_PREFIX, LoadedSAE, load_def
 Echo = Callable[[str], None]
 
 
-@torch.no_grad()
-def splice_sanity(model, saes: list[LoadedSAE], n_prompts: int, seed: int, echo: Echo) -> None:
-    """Mean IOI logit difference, clean and with each SAE spliced without its error term."""
-    records = generate_ioi(model.tokenizer, n_prompts, seed=seed)
-    batch = tokenize_prompts(model, records)
-
-    def mean_diff() -> float:
-        logits = model(batch.tokens)
-        per_prompt = metric_per_prompt(
-            logits, MetricSpec(), lengths=batch.lengths, answer=batch.answer, wrong=batch.wrong
+def demo_specs(out: Path, saes: list[LoadedSAE], n_prompts: int, seed: int) -> dict[str, JobSpec]:
+    """The four job specs of the story, sharing model, SAEs and prompts."""
+    sae_specs = [SAESpec(source=DEFAULT_PREFIX + s.name) for s in saes]
+    resid = next((s.site.label for s in saes if s.site.point == "resid_post"), saes[0].site.label)
+    params: dict[str, JobParams] = {
+        "cache": CacheParams(kind="cache"),
+        "attribute": AttributeParams(
+            kind="attribute",
+            method="atpstar",
+            nodes=["head_z", "head_q", "head_k", "head_v", "sae_feature"],
+            positions="all",
+            verify_top_k=10,
+            top_nodes=40,
+        ),
+        "ablation_scan": AblationScanParams(
+            kind="ablation_scan", site=resid, mode="zero", positions="last"
+        ),
+        "splice_eval": SpliceEvalParams(
+            kind="splice_eval",
+            layer_sets=[[s.site.label for s in saes]] if len(saes) > 1 else [],
+            reference_prompts=n_prompts,
+        ),
+    }
+    return {
+        name: JobSpec(
+            name=f"ioi-{name}",
+            saes=sae_specs,
+            prompts=IOISource(kind="ioi", n=n_prompts, seed=seed),
+            job=job,
+            store=str(out / name),
+            shard_size=max(1, -(-n_prompts // 4)),
+            execution=ExecutionSpec(batch_size=8),
         )
-        return float(per_prompt.mean())
-
-    echo(f"IOI logit difference (IO − S), {n_prompts} prompts:")
-    echo(f"  clean model                      {mean_diff():6.2f}")
-    for loaded in saes:
-        with spliced(model, [loaded.sae], use_error_term=False):
-            echo(f"  {loaded.name + ' spliced (no error)':32s} {mean_diff():6.2f}")
+        for name, job in params.items()
+    }
 
 
-def cache_spec(out: Path, saes: list[LoadedSAE], n_prompts: int, seed: int) -> JobSpec:
-    return JobSpec(
-        name="ioi-cache",
-        saes=[SAESpec(source=DEFAULT_PREFIX + s.name) for s in saes],
-        prompts=IOISource(kind="ioi", n=n_prompts, seed=seed),
-        job=CacheParams(kind="cache"),
-        store=str(out / "cache"),
-        shard_size=max(1, n_prompts // 4),
-        execution=ExecutionSpec(batch_size=8),
+def _findings(attribution: AttributionJobResult, ablation: AblationJobResult) -> list[str]:
+    lines = ["top nodes by AtP* (mean effect on the logit difference, clean → corrupted):"]
+    for node in attribution.top[:8]:
+        check = ""
+        if node.verification is not None:
+            check = f"  exact {node.verification.exact_mean:+.3f} ({node.verification.status})"
+        lines.append(f"  {node.node:40s} {node.mean:+.3f}{check}")
+    lines.append(
+        f"features whose zero-ablation moves the logit difference most ({ablation.site}, last token):"
     )
+    for feature in ablation.features[:5]:
+        lines.append(
+            f"  feature {feature.feature:5d}  mean Δ {feature.mean_delta:+.3f} "
+            f"(active on {feature.n_active}/{feature.n_prompts} prompts)"
+        )
+    return lines
 
 
 def run_demo(
-    n_prompts: int = 8, seed: int = 0, out: Path | None = None, echo: Echo = print
+    n_prompts: int = 16, seed: int = 0, out: Path | None = None, echo: Echo = print
 ) -> Path:
-    """Run the demo; returns the output folder."""
+    """Run the whole story; returns the report's path."""
+    import ray
+
+    from circuitscan.services.demo_report import write_demo_report
     from circuitscan.services.jobs.runner import run_job
-    from circuitscan.services.store import FeatureStore
-    from circuitscan.services.store.queries import features_at
+    from circuitscan.services.store.results import read_result
 
     started = time.perf_counter()
     out = (out or Path("runs") / "ioi-demo").resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # Load once here first: the first load converts the GGUF, and the Ray
+    # workers then all read the converted copy instead of racing to write it.
     loaded = load_model()
     echo(
-        f"model {loaded.name} ({loaded.model.cfg.n_layers} layers) loaded in {loaded.seconds:.1f}s"
-        + (" (converted from GGUF)" if loaded.converted else " (cached)")
+        f"model {loaded.name}: {loaded.model.cfg.n_layers} layers, loaded in {loaded.seconds:.1f}s"
+        + (" (converted from GGUF, cached for next time)" if loaded.converted else " (cached)")
     )
     saes = load_default_saes(loaded.model)
     echo("SAEs: " + ", ".join(f"{s.name} @ {s.site.hook_name}" for s in saes))
-    splice_sanity(loaded.model, saes, n_prompts, seed, echo)
-
-    echo("\n== cache activations and gradients (Ray job)")
-    summary = run_job(cache_spec(out, saes, n_prompts, seed), overwrite=True, echo=echo)
-    echo(summary.render())
-    store = FeatureStore.open(summary.store)
-    for loaded_sae in saes:
-        label = loaded_sae.site.label
-        last = len(store.prompt_tokens(0)) - 1
-        active = features_at(store, label, 0, last, limit=5)
-        top = zip(active.feature_ids, active.attributions or [], strict=False)
-        echo(
-            f"  {label}: prompt 0, last token — top features by |activation × gradient|: "
-            + ", ".join(f"#{f} ({a:+.3f})" for f, a in top)
-        )
-    echo(f"\ndone in {time.perf_counter() - started:.0f}s; stores under {out}")
-    return out
+    specs = demo_specs(out, saes, n_prompts, seed)
+    del loaded, saes  # the jobs run in Ray workers; the driver needs no model
+    try:
+        for step, spec in specs.items():
+            echo(f"\n== {step}: {spec.name} → {spec.store}")
+            summary = run_job(spec, overwrite=True, echo=echo, keep_actors=True)
+            echo(summary.render())
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    attribution = read_result(specs["attribute"].store, "attribute")
+    ablation = read_result(specs["ablation_scan"].store, "ablation_scan")
+    splice = read_result(specs["splice_eval"].store, "splice_eval")
+    assert isinstance(attribution, AttributionJobResult)
+    assert isinstance(ablation, AblationJobResult)
+    report = write_demo_report(out / "report", specs, attribution, ablation, splice)
+    echo("")
+    for line in _findings(attribution, ablation):
+        echo(line)
+    echo(f"\nreport: {report}")
+    echo(f"done in {time.perf_counter() - started:.0f}s; stores under {out}")
+    return report
