@@ -19,6 +19,9 @@ import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec
 from zarr.codecs.numcodecs import Delta
+from zarr.storage import MemoryStore
+
+from circuitscan.services.store.backends import delete_keys, list_keys, write_many
 
 ENTRY_CHUNK = 1 << 16
 TOKEN_CHUNK = 1 << 16
@@ -42,7 +45,31 @@ def write_array(
     delta: bool = False,
     chunk: int | tuple[int, ...] = ENTRY_CHUNK,
 ) -> None:
-    """Create (or replace) ``path`` holding ``data`` with the codecs its kind calls for."""
+    """Create (or replace) ``path`` holding ``data`` with the codecs its kind calls for.
+
+    Off a MemoryStore the array is encoded in memory first and its objects
+    uploaded together (zarr alone spends several sequential requests per
+    array checking parents); parent group documents are not written.
+    """
+    if isinstance(store, MemoryStore):
+        _create_array(store, path, data, delta=delta, chunk=chunk)
+        return
+    staging: dict = {}
+    _create_array(MemoryStore(store_dict=staging), path, data, delta=delta, chunk=chunk)
+    prefix = path.rstrip("/") + "/"
+    objects = {key: value.to_bytes() for key, value in staging.items() if key.startswith(prefix)}
+    delete_keys(store, [key for key in list_keys(store, prefix) if key not in objects])
+    write_many(store, objects)
+
+
+def _create_array(
+    store: MemoryStore,
+    path: str,
+    data: np.ndarray,
+    *,
+    delta: bool,
+    chunk: int | tuple[int, ...],
+) -> None:
     chunks = chunk if isinstance(chunk, tuple) else (chunk,) * data.ndim
     chunks = tuple(max(1, min(c, n)) for c, n in zip(chunks, data.shape, strict=True))
     filters = None

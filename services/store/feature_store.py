@@ -24,17 +24,21 @@ from circuitscan.services.store.backends import (
     list_keys,
     open_backend,
     read_bytes,
+    read_many,
+    read_prefix,
     write_bytes,
+    write_many,
 )
 from circuitscan.services.store.encoding import INDEX_ROW_CHUNK, open_array, write_array
 from circuitscan.services.store.shard_io import (
     PromptShard,
     SiteShard,
+    checksum,
+    memory_store,
     read_prompts,
     read_records,
     read_site,
     read_summary,
-    shard_checksums,
     shard_prefix,
     write_shard_arrays,
 )
@@ -91,6 +95,9 @@ class FeatureStore:
         self._index: dict[str, FeatureIndex] | None = None
         self._indexed: set[int] = set()
         self._unflushed = 0
+        # Objects of the shard just checked by commit_shard, reused by the index
+        # merge that follows so a commit reads each object once.
+        self._recent: tuple[int, dict[str, bytes]] | None = None
 
     # --- opening -----------------------------------------------------------------
 
@@ -203,6 +210,7 @@ class FeatureStore:
         # Merging loads the index once, then folds in just this shard's summaries.
         if self.layout.sites:  # result-only stores (no SAE sites) have no feature index
             self.feature_index(self.layout.sites[0].label)
+        self._recent = None
         self._unflushed += 1
         if self._unflushed >= self.index_flush_every:
             self.flush_index()
@@ -217,8 +225,7 @@ class FeatureStore:
     def _committed(self) -> dict[int, ShardEntry]:
         if self._entries is None:
             entries = {}
-            for key in list_keys(self.backend, "manifest/"):
-                raw = read_bytes(self.backend, key)
+            for raw in read_many(self.backend, list_keys(self.backend, "manifest/")).values():
                 if raw is not None:
                     entry = ShardEntry.model_validate_json(raw)
                     entries[entry.shard_id] = entry
@@ -230,6 +237,7 @@ class FeatureStore:
         self._entries = None
         self._index = None
         self._indexed = set()
+        self._recent = None
         self._sites.clear()
         self._prompts.clear()
 
@@ -253,7 +261,10 @@ class FeatureStore:
     # --- verification and resume ---------------------------------------------------
 
     def _checksum_mismatches(self, entry: ShardEntry) -> list[str]:
-        actual = shard_checksums(self.backend, entry.shard_id)
+        prefix = shard_prefix(entry.shard_id)
+        objects = read_prefix(self.backend, prefix)
+        self._recent = (entry.shard_id, objects)
+        actual = {key.removeprefix(prefix): checksum(data) for key, data in objects.items()}
         keys = set(actual) | set(entry.checksums)
         return sorted(k for k in keys if actual.get(k) != entry.checksums.get(k))
 
@@ -301,9 +312,39 @@ class FeatureStore:
 
     def _drop_shard_data(self, shard_id: int) -> None:
         delete_keys(self.backend, list_keys(self.backend, shard_prefix(shard_id)))
+        self._recent = None
         self._prompts.pop(shard_id, None)
         for label in [s.label for s in self.layout.sites]:
             self._sites.pop((shard_id, label), None)
+
+    def _read_verified(self, shard_id: int, parts: Sequence[str]) -> Store:
+        """The shard's objects under ``parts`` (prefixes inside the shard), each checked
+        against its manifest checksum, as an in-memory store to decode from.
+
+        Readers trust the manifest: the keys come from it (no listing), and a
+        missing, truncated or altered object is a CorruptShardError.
+        """
+        entry = self._committed().get(shard_id)
+        if entry is None:
+            raise StoreError(f"shard {shard_id} is not committed")
+        prefix = shard_prefix(shard_id)
+        keys = [key for key in entry.checksums if key.startswith(tuple(parts))]
+        if self._recent is not None and self._recent[0] == shard_id:
+            data = {prefix + key: self._recent[1].get(prefix + key) for key in keys}
+        else:
+            data = read_many(self.backend, [prefix + key for key in keys])
+        bad = [
+            key
+            for key in keys
+            if (raw := data[prefix + key]) is None or checksum(raw) != entry.checksums[key]
+        ]
+        if bad:
+            log.warning("shard %d is corrupt: %d objects differ (%s)", shard_id, len(bad), bad[:5])
+            raise CorruptShardError(
+                f"shard {shard_id} of {self.url} is corrupt (checksum mismatch in {bad[:3]}); "
+                "resume the job to recompute it"
+            )
+        return memory_store({key: raw for key, raw in data.items() if raw is not None})
 
     def _ensure_verified(self, shard_id: int) -> None:
         if shard_id not in self._committed():
@@ -334,8 +375,8 @@ class FeatureStore:
         self.layout.site(label)
         key = (shard_id, label)
         if key not in self._sites:
-            self._ensure_verified(shard_id)
-            self._sites[key] = read_site(self.backend, self.layout, shard_id, label)
+            source = self._read_verified(shard_id, [f"sites/{label}/"])
+            self._sites[key] = read_site(source, self.layout, shard_id, label)
             while len(self._sites) > _CACHE_SHARDS:
                 self._sites.popitem(last=False)
         self._sites.move_to_end(key)
@@ -344,8 +385,10 @@ class FeatureStore:
     def prompt_shard(self, shard_id: int) -> PromptShard:
         """Token ids and prompt offsets of one committed shard (verified, cached)."""
         if shard_id not in self._prompts:
-            self._ensure_verified(shard_id)
-            self._prompts[shard_id] = read_prompts(self.backend, shard_id)
+            source = self._read_verified(
+                shard_id, ["prompts/token_ids/", "prompts/prompt_offsets/"]
+            )
+            self._prompts[shard_id] = read_prompts(source, shard_id)
             while len(self._prompts) > _CACHE_SHARDS:
                 self._prompts.popitem(last=False)
         self._prompts.move_to_end(shard_id)
@@ -353,8 +396,7 @@ class FeatureStore:
 
     def prompt_records(self, shard_id: int) -> list[PromptRecord]:
         """The PromptRecords of one committed shard."""
-        self._ensure_verified(shard_id)
-        return read_records(self.backend, shard_id)
+        return read_records(self._read_verified(shard_id, ["prompts/records/"]), shard_id)
 
     def prompt_tokens(self, prompt: int) -> np.ndarray:
         """Token ids of one prompt (BOS first)."""
@@ -385,16 +427,19 @@ class FeatureStore:
             shards = set(pointer["shards"])
             if shards <= set(self._committed()):
                 base = f"index/{pointer['generation']}/"
+                source = memory_store(read_prefix(self.backend, base))
                 for label, item in index.items():
                     for name in item.__dataclass_fields__:
-                        setattr(item, name, open_array(self.backend, f"{base}{label}/{name}")[...])
+                        setattr(item, name, open_array(source, f"{base}{label}/{name}")[...])
                 indexed = shards
         self._index, self._indexed = index, indexed
 
     def _merge_into_index(self, shard_id: int) -> None:
         assert self._index is not None
+        parts = [f"sites/{label}/{kind}/" for label in self._index for kind in ("summary", "top")]
+        source = self._read_verified(shard_id, parts)
         for label, item in self._index.items():
-            item.merge(read_summary(self.backend, shard_id, label))
+            item.merge(read_summary(source, shard_id, label))
         self._indexed.add(shard_id)
 
     def flush_index(self) -> None:
@@ -407,11 +452,15 @@ class FeatureStore:
         raw = read_bytes(self.backend, INDEX_POINTER)
         old = json.loads(raw)["generation"] if raw is not None else None
         generation = f"g{(int(old[1:]) + 1) if old else 1:08d}"
+        base = f"index/{generation}/"
+        staged = memory_store({})
         for label, item in self._index.items():
             for name in item.__dataclass_fields__:
                 data = getattr(item, name)
                 chunk = (INDEX_ROW_CHUNK, *data.shape[1:])
-                write_array(self.backend, f"index/{generation}/{label}/{name}", data, chunk=chunk)
+                write_array(staged, f"{base}{label}/{name}", data, chunk=chunk)
+        objects = {key: value.to_bytes() for key, value in staged._store_dict.items()}
+        write_many(self.backend, {k: v for k, v in objects.items() if k.startswith(base)})
         pointer = {"generation": generation, "shards": sorted(self._indexed)}
         write_bytes(self.backend, INDEX_POINTER, json.dumps(pointer).encode())
         if old:

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 import zarr
 from zarr.abc.store import Store
+from zarr.storage import MemoryStore
 
 from circuitscan.pipelines.caching import SiteCache
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, StoreLayout
-from circuitscan.services.store.backends import list_keys, read_bytes
+from circuitscan.services.store.backends import read_prefix, write_many
 from circuitscan.services.store.encoding import (
     TOKEN_CHUNK,
     feature_id_dtype,
@@ -71,12 +72,16 @@ def checksum(data: bytes) -> str:
 def shard_checksums(store: Store, shard_id: int) -> dict[str, str]:
     """Checksums of every object the shard holds, keyed relative to its prefix."""
     prefix = shard_prefix(shard_id)
-    out = {}
-    for key in list_keys(store, prefix):
-        data = read_bytes(store, key)
-        if data is not None:
-            out[key.removeprefix(prefix)] = checksum(data)
-    return out
+    return {
+        key.removeprefix(prefix): checksum(data) for key, data in read_prefix(store, prefix).items()
+    }
+
+
+def memory_store(objects: Mapping[str, bytes]) -> MemoryStore:
+    """A read-only view of fetched objects that zarr can decode from (no further I/O)."""
+    from zarr.core.buffer.cpu import Buffer
+
+    return MemoryStore(store_dict={key: Buffer.from_bytes(data) for key, data in objects.items()})
 
 
 def _validate(
@@ -117,10 +122,17 @@ def write_shard_arrays(
     token_ids: Sequence[Sequence[int]],
     site_caches: Mapping[str, SiteCache],
 ) -> ShardEntry:
-    """Write one shard's data (not its manifest entry) and return the entry to commit."""
+    """Write one shard's data (not its manifest entry) and return the entry to commit.
+
+    The shard is encoded into memory, checksummed there, then uploaded in one
+    concurrent batch of puts: a few requests per shard instead of several per
+    array, which is what makes object storage usable.
+    """
     n_tokens = _validate(layout, prompts, token_ids, site_caches)
     prefix = shard_prefix(shard_id)
     prompt_start = shard_id * layout.shard_size
+    backend, staged = store, MemoryStore()
+    store = staged
     zarr.create_group(store, path=prefix.rstrip("/"), overwrite=True)
     lengths = np.array([len(ids) for ids in token_ids], dtype=np.uint64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
@@ -167,6 +179,11 @@ def write_shard_arrays(
         )
         _write_summary(store, base, summary)
         n_entries[site.label] = int(feature_ids.shape[0])
+    # Parent groups outside the shard (the root, shards/) are not ours to write.
+    objects = {
+        key: value.to_bytes() for key, value in staged._store_dict.items() if key.startswith(prefix)
+    }
+    write_many(backend, objects)
     return ShardEntry(
         shard_id=shard_id,
         layout_hash=layout.layout_hash(),
@@ -174,7 +191,7 @@ def write_shard_arrays(
         n_prompts=len(prompts),
         n_tokens=n_tokens,
         n_entries=n_entries,
-        checksums=shard_checksums(store, shard_id),
+        checksums={key.removeprefix(prefix): checksum(data) for key, data in objects.items()},
     )
 
 

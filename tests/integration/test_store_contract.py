@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
+import time
 import uuid
 
 import numpy as np
@@ -86,12 +89,27 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """A real S3-compatible server (moto's server mode) on a free local port."""
-    from moto.server import ThreadedMotoServer
+    """A real S3-compatible server (moto's server mode) in its own process on a free port.
 
+    Its own process, not a thread of the test process: in-process, every
+    request competes with the client for the GIL.
+    """
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError("the moto S3 server did not start") from None
+            time.sleep(0.05)
     endpoint = f"http://127.0.0.1:{port}"
     saved = {
         k: os.environ.get(k)
@@ -114,7 +132,8 @@ def s3_endpoint():
         Bucket="circuitscan"
     )
     yield endpoint
-    server.stop()
+    server.terminate()
+    server.wait(timeout=10)
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)
@@ -122,18 +141,41 @@ def s3_endpoint():
             os.environ[key] = value
 
 
-@pytest.fixture(params=["memory", "local", "s3"])
-def store_url(request, tmp_path):
-    name = uuid.uuid4().hex[:8]
-    if request.param == "memory":
-        url = f"memory://{name}"
-        yield url
-        drop_memory_store(url)
-    elif request.param == "local":
-        yield str(tmp_path / "store")
-    else:
+@pytest.fixture(scope="module", params=["memory", "local", "s3"])
+def new_url(request, tmp_path_factory):
+    """Factory of fresh store URLs on one backend (the S3 server starts once per module)."""
+    made: list[str] = []
+    if request.param == "s3":
         request.getfixturevalue("s3_endpoint")
-        yield f"s3://circuitscan/{name}"
+
+    def make() -> str:
+        name = uuid.uuid4().hex[:8]
+        if request.param == "memory":
+            url = f"memory://{name}"
+        elif request.param == "local":
+            url = str(tmp_path_factory.mktemp("store") / name)
+        else:
+            url = f"s3://circuitscan/{name}"
+        made.append(url)
+        return url
+
+    yield make
+    for url in made:
+        if url.startswith("memory://"):
+            drop_memory_store(url)
+
+
+@pytest.fixture
+def store_url(new_url):
+    return new_url()
+
+
+@pytest.fixture(scope="module")
+def filled_url(new_url, shards):
+    """One store per backend filled with every shard, committed out of order; read-only."""
+    url = new_url()
+    _fill(url, shards, order=[2, 0, 1])
+    return url
 
 
 def _fill(url: str, shards, order=None, layout=None) -> FeatureStore:
@@ -197,9 +239,8 @@ def test_shard_invisible_until_committed_and_rewrite_is_a_noop(store_url, shards
         store.commit_shard(other)
 
 
-def test_stored_values_equal_the_caches(store_url, shards):
-    _fill(store_url, shards)
-    reader = FeatureStore.open(store_url)
+def test_stored_values_equal_the_caches(filled_url, shards):
+    reader = FeatureStore.open(filled_url)
     assert reader.committed_shard_ids() == {0, 1, 2}
     assert reader.n_prompts() == 2 * SHARD_SIZE + 2
     for shard_id, (_, token_ids, caches) in shards.items():
@@ -231,16 +272,15 @@ def test_stored_values_equal_the_caches(store_url, shards):
     assert tensors[2].feature_ids.tolist() == shards[2][2][SITES[1].label].feature_ids.tolist()
 
 
-def test_attribution_sort_is_by_absolute_attribution(store_url, shards):
-    reader = _fill(store_url, shards)
+def test_attribution_sort_is_by_absolute_attribution(filled_url, shards):
+    reader = FeatureStore.open(filled_url)
     got = features_at(reader, SITES[0].label, 0, len(shards[0][1][0]) - 1)
     magnitudes = np.abs(got.attributions)
     assert np.all(np.diff(magnitudes) <= 0) and magnitudes.max() > 0
 
 
-def test_summaries_and_top_examples_match_brute_force(store_url, shards):
-    _fill(store_url, shards, order=[2, 0, 1])
-    reader = FeatureStore.open(store_url)
+def test_summaries_and_top_examples_match_brute_force(filled_url, shards):
+    reader = FeatureStore.open(filled_url)  # committed in the order 2, 0, 1
     site = SITES[0].label
     records = []  # (feature, value, prompt, position) from the caches, in float16 like the store
     for shard_id, (_, token_ids, caches) in shards.items():
@@ -274,8 +314,8 @@ def test_summaries_and_top_examples_match_brute_force(store_url, shards):
             assert g.context_token_ids[g.hit_index] == reader.prompt_tokens(g.prompt)[g.position]
 
 
-def test_query_bounds_are_named(store_url, shards):
-    reader = _fill(store_url, shards)
+def test_query_bounds_are_named(filled_url, shards):
+    reader = FeatureStore.open(filled_url)
     with pytest.raises(QueryRangeError, match=f"d_sae is {D_SAE}"):
         top_examples(reader, SITES[0].label, D_SAE)
     with pytest.raises(QueryRangeError, match=r"prompts 0\.\.7"):
@@ -286,23 +326,35 @@ def test_query_bounds_are_named(store_url, shards):
         feature_summary(reader, "L9.z", 0)
 
 
-def test_corrupt_shard_detected_on_read_and_recomputed_on_resume(store_url, shards):
-    reference = _fill(
-        store_url + "-ref" if not store_url.startswith("/") else store_url + "_ref", shards
-    )
+def test_corrupt_shard_detected_on_read_and_recomputed_on_resume(
+    store_url, filled_url, shards, caplog
+):
+    reference = FeatureStore.open(filled_url)  # an undamaged run of the same job
     store = _fill(store_url, shards)
-    key = f"{shard_prefix(1)}sites/{SITES[0].label}/activations/c/0"
-    data = read_bytes(store.backend, key)
+    # Shard 1: an activation chunk truncated. Shard 2: a feature-id chunk with
+    # its bytes altered in place (same size, so only the checksum can tell).
+    truncated = f"{shard_prefix(1)}sites/{SITES[0].label}/activations/c/0"
+    altered = f"{shard_prefix(2)}sites/{SITES[1].label}/feature_ids/c/0"
+    data = read_bytes(store.backend, truncated)
     assert data is not None
-    write_bytes(store.backend, key, data[: len(data) // 2])  # truncated
+    write_bytes(store.backend, truncated, data[: len(data) // 2])
+    data = read_bytes(store.backend, altered)
+    assert data is not None
+    write_bytes(store.backend, altered, data[:-1] + bytes([data[-1] ^ 0xFF]))
     reader = FeatureStore.open(store_url)
-    with pytest.raises(CorruptShardError, match="shard 1"):
+    with pytest.raises(CorruptShardError, match=r"shard 1 .*corrupt.*activations"):
         features_at(reader, SITES[0].label, SHARD_SIZE, 0)
+    with pytest.raises(CorruptShardError, match=r"shard 2 .*corrupt.*feature_ids"):
+        dense_slice(reader, SITES[1].label, 2 * SHARD_SIZE)
     features_at(reader, SITES[0].label, 0, 0)  # other shards stay readable
-    assert reader.uncommitted(range(N_SHARDS)) == [1]
-    assert reader.corrupt_shards == [1]
-    assert reader.committed_shard_ids() == {0, 2}
-    reader.commit_shard(FeatureStore.open(store_url).write_shard(1, *shards[1]))
+    with caplog.at_level("WARNING"):
+        assert reader.uncommitted(range(N_SHARDS)) == [1, 2]
+    assert reader.corrupt_shards == [1, 2]
+    assert "shard 1 is corrupt" in caplog.text and "shard 2 is corrupt" in caplog.text
+    assert reader.committed_shard_ids() == {0}
+    assert list_keys(reader.backend, shard_prefix(1)) == []  # the bad data is gone
+    for shard_id in (1, 2):
+        reader.commit_shard(FeatureStore.open(store_url).write_shard(shard_id, *shards[shard_id]))
     reader.flush_index()
     final = FeatureStore.open(store_url)
     assert final.uncommitted(range(N_SHARDS)) == []
