@@ -398,6 +398,13 @@ def render_markdown(
                 f"- {run['script']}: {run['status']} (exit {run['returncode']}, "
                 f"{run['seconds']:.0f} s); output in {log_dir}/{Path(run['script']).stem}.log"
             )
+    present = {_bench_name(run["script"]) for run in benches.values()}
+    absent = sorted({t.bench for t in TARGETS} - present)
+    if absent:
+        lines += ["", "Targets with no bench script here yet:", ""]
+        for name in absent:
+            figures = ", ".join(f"`{t.figure}`" for t in TARGETS if t.bench == name)
+            lines.append(f"- bench/{name}.py: {figures}")
     counts = {s: sum(r["status"] == s for r in rows) for s in ("pass", "short", "missing")}
     lines += [
         "",

@@ -134,6 +134,7 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
     assert "| `tokens_per_s` | 123,457 |" in table
     assert "timeout" in table and "no-json" in table
     assert f"{machine['cpu_cores']} cores" in table
+    assert "no bench script here yet" not in table  # all four targeted benches are present
 
     text = readme.read_text(encoding="utf-8")
     assert text.startswith("# project\n\nIntro text.\n")
@@ -161,6 +162,29 @@ def test_readme_table_is_replaced_between_markers_only(tmp_path: Path) -> None:
     assert readme.read_text(encoding="utf-8") == (
         "intro\n\n<!-- bench:start -->\n| newer |\n<!-- bench:end -->\n\nafter\n"
     )
+
+
+def test_targets_without_a_script_are_listed() -> None:
+    runner = _load_runner()
+    machine = runner.describe_machine()
+    benches = {
+        "api": {
+            "script": "bench/api.py",
+            "status": "ok",
+            "returncode": 0,
+            "seconds": 1.0,
+            "result": {"api_errors": 0, "api_p99_ms": 150.0, "gpu": False},
+        }
+    }
+    rows = runner.build_rows(benches, machine)
+    assert [(r["figure"], r["status"], r["device"]) for r in rows] == [
+        ("api_errors", "pass", "CPU"),
+        ("api_p99_ms", "short", "CPU"),
+    ]
+    table = runner.render_markdown(rows, benches, machine)
+    assert "- bench/store.py: `cache_vs_bare_ratio`" in table
+    assert "- bench/api.py" not in table
+    assert "1 pass, 1 short, 0 missing." in table
 
 
 def test_last_line_must_be_a_json_object() -> None:
