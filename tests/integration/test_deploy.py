@@ -396,6 +396,9 @@ def test_dockerfile_parses_and_pins_what_the_project_pins(path: Path) -> None:
     assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), "numeric non-root USER"
     env = " ".join(rest for word, rest in instructions if word == "ENV")
     assert "HF_HUB_OFFLINE=1" in env
+    # The Ray cluster launcher places file mounts under the image's ENV HOME
+    # (else /root, unreadable for a non-root user).
+    assert "HOME=/home/" in env
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
