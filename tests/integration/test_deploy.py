@@ -399,6 +399,10 @@ def test_dockerfile_parses_and_pins_what_the_project_pins(path: Path) -> None:
     # The Ray cluster launcher places file mounts under the image's ENV HOME
     # (else /root, unreadable for a non-root user).
     assert "HOME=/home/" in env
+    # KubeRay and the launcher start Ray in login shells, whose /etc/profile
+    # resets PATH: the venv must come back through profile.d.
+    assert "PATH=/opt/venv/bin" in env
+    assert "/opt/venv/bin:$PATH' > /etc/profile.d/" in runs
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
