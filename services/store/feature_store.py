@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 
-from circuitscan.pipelines.caching import SiteCache
+from circuitscan.pipelines.site_cache import SiteCache
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, StoreLayout
 from circuitscan.services.store.backends import (

@@ -29,7 +29,7 @@ import zarr
 from zarr.abc.store import Store
 from zarr.storage import MemoryStore
 
-from circuitscan.pipelines.caching import SiteCache
+from circuitscan.pipelines.site_cache import SiteCache
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, StoreLayout
 from circuitscan.services.store.backends import read_prefix, write_many

@@ -36,6 +36,8 @@ from circuitscan.services.store import (
 from circuitscan.services.store.backends import list_keys, read_bytes, write_bytes
 from circuitscan.services.store.shard_io import shard_prefix
 
+pytestmark = pytest.mark.integration
+
 SITES = [HookSite(layer=0, point="resid_post"), HookSite(layer=1, point="z")]
 SHARD_SIZE = 3
 N_SHARDS = 3
