@@ -38,7 +38,9 @@ class NodeEffect(BaseModel):
     model_config = _STRICT
     node: str = Field(description="The node's string form, e.g. 'feature:L0.resid_post:7@last'.")
     mean: float = Field(description="Mean signed estimated effect (metric units).")
-    mean_abs: float = Field(description="Mean absolute estimated effect (metric units).")
+    mean_abs: float = Field(
+        description="Mean ranking score (metric units): |estimate| for AtP, the GradDrop score for AtP*."
+    )
     n_prompts: int = Field(ge=0, description="Prompts where the node exists.")
     verification: NodeVerification | None = Field(
         default=None, description="Exact-patching check; None when the node was not verified."

@@ -174,9 +174,11 @@ def run_atp(
             for key, g in zip(inputs, raw, strict=True)
         }
         scores = _score_groups(model, groups, clean.store, corrupt, grads, positions, qk)
+        signed = None
         if method.graddrop:
+            signed = scores
             scores = _graddrop(model, groups, clean.store, corrupt, grads, grad_keys, positions, qk)
-    return AttributionResult(method=method.name, groups=list(groups), scores=scores)
+    return AttributionResult(method=method.name, groups=list(groups), scores=scores, signed=signed)
 
 
 def _graddrop(

@@ -55,11 +55,19 @@ class NodeSums:
         self.total_abs: list[float] = []
         self.count: list[int] = []
 
-    def add(self, names: Sequence[str], per_prompt: torch.Tensor) -> None:
+    def add(
+        self, names: Sequence[str], per_prompt: torch.Tensor, ranking: torch.Tensor | None = None
+    ) -> None:
+        """Add per-prompt signed values; ``ranking`` (default: the values) feeds the |·| sums.
+
+        AtP*'s GradDrop ranking scores are unsigned, so its signed estimates
+        and its ranking scores are summed separately.
+        """
         values = per_prompt.detach().double().cpu()
+        rank = values if ranking is None else ranking.detach().double().cpu()
         defined = ~torch.isnan(values)
         sums = values.nan_to_num(0.0).sum(0).tolist()
-        sums_abs = values.abs().nan_to_num(0.0).sum(0).tolist()
+        sums_abs = rank.abs().nan_to_num(0.0).sum(0).tolist()
         counts = defined.sum(0).tolist()
         for column, name in enumerate(names):
             slot = self.index.setdefault(name, len(self.index))
@@ -138,7 +146,11 @@ class AttributeRunner(StoreWriter):
                 named_positions=named,
                 corrupt_lengths=corrupt.lengths,
             )
-            sums.add([str(node) for node in result.nodes()], result.per_prompt())
+            sums.add(
+                [str(node) for node in result.nodes()],
+                result.per_prompt_signed(),
+                ranking=result.per_prompt(),
+            )
             token_lists += clean.token_lists()
         entry = store.write_shard(plan.shard_id, records, token_lists, {})
         entry = write_shard_outputs(
