@@ -81,14 +81,14 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
 
     started = time.monotonic()
     proc = subprocess.run(
-        [str(RUNNER), "--bench-dir", str(bench_dir), "--timeout", "4", "--readme", str(readme)],
+        [str(RUNNER), "--bench-dir", str(bench_dir), "--timeout", "6", "--readme", str(readme)],
         capture_output=True,
         text=True,
         timeout=60,
     )
     elapsed = time.monotonic() - started
     assert proc.returncode == 1, proc.stdout + proc.stderr  # some scripts failed
-    assert elapsed < 30
+    assert elapsed < 45
 
     results = json.loads((bench_dir / "results.json").read_text(encoding="utf-8"))
     machine = results["machine"]
@@ -109,7 +109,7 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
     }
     assert benches["crash"]["returncode"] == 3
     assert benches["store"]["result"]["bytes_per_pair"] == 5.1
-    assert 3.5 < benches["scaling"]["seconds"] < 20
+    assert 5.5 < benches["scaling"]["seconds"] < 25
     child_pid = int((bench_dir / "scaling.child").read_text())
     assert not _alive(child_pid), "the timed-out script's child process survived"
     assert (bench_dir / "logs" / "scaling.log").read_text().count("started") == 1
