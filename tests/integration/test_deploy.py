@@ -278,8 +278,9 @@ def test_rayjob_runs_a_spec_from_the_mounted_configmap() -> None:
     assert job["spec"]["shutdownAfterJobFinishes"] is True
 
 
-def test_configmap_spec_is_the_example_spec() -> None:
+def test_configmap_specs_are_the_example_specs() -> None:
     (configmap,) = manifests("ConfigMap")
+    assert set(configmap["data"]) == {p.name for p in (DEPLOY / "specs").glob("*.yaml")}
     for name, text in configmap["data"].items():
         assert yaml.safe_load(text) == load_docs(DEPLOY / "specs" / name)[0], name
 
