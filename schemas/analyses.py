@@ -152,3 +152,68 @@ class QKVarianceExplained(_Frozen):
     fraction_explained: list[float] = Field(
         description="1 − Var(score − Σ top-n pairs)/Var(score) for n = 1..len(top_pairs)."
     )
+
+
+class AnalysisContext(_Frozen):
+    """What an analysis ran on: enough to rerun it."""
+
+    model: str = Field(description="Model name or source.")
+    saes: list[str] = Field(description="SAE names/sources, with their site labels.")
+    task: str = Field(description="Prompt task (e.g. 'ioi').")
+    n_prompts: int = Field(ge=0, description="Prompts generated for the analysis.")
+    seed: int = Field(description="Prompt generator seed.")
+
+
+class SpliceEvalOutput(_Frozen):
+    """Splice evaluation of one or more SAEs over a prompt set (method 7)."""
+
+    kind: Literal["splice_eval"] = Field(default="splice_eval", description="Output kind.")
+    context: AnalysisContext = Field(description="Model, SAEs and prompts.")
+    reference: str = Field(description="The prompt distribution the means are taken over.")
+    reference_prompts: int = Field(ge=1, description="Reference prompts averaged over.")
+    rows: list[SpliceEvalRow] = Field(description="clean, then each site set's variants.")
+
+
+class HeadFeatureLogitOutput(_Frozen):
+    """Head→feature→logit for one feature, with where its scales were frozen (method 8)."""
+
+    kind: Literal["head_feature_logit"] = Field(
+        default="head_feature_logit", description="Output kind."
+    )
+    context: AnalysisContext = Field(description="Model, SAEs and prompts.")
+    prompt_index: int = Field(ge=0, description="Prompt whose forward pass froze the norm scales.")
+    src_pos: int = Field(ge=0, description="Source position the feature sits at.")
+    dest_pos: int = Field(ge=0, description="Destination (answer-predicting) position.")
+    feature_activation: float = Field(description="The feature's activation at src_pos.")
+    feature_attribution: float = Field(
+        description="activation · (decoder row · ∂metric/∂x) at src_pos, in metric units."
+    )
+    result: HeadFeatureLogitResult = Field(description="Every downstream head, ranked.")
+
+
+class DFAOutput(_Frozen):
+    """DFA and recursive DFA of one attention-output SAE feature on one prompt (method 9)."""
+
+    kind: Literal["dfa"] = Field(default="dfa", description="Output kind.")
+    context: AnalysisContext = Field(description="Model, SAEs and prompts.")
+    prompt_index: int = Field(ge=0, description="Prompt analysed.")
+    text: str = Field(description="The prompt's text.")
+    feature_attribution: float = Field(
+        description="activation · (decoder row · ∂metric/∂z) at dest_pos, in metric units."
+    )
+    pruning: dict[str, float] = Field(description="max_depth, top_k, min_abs, min_frac used.")
+    result: DFAResult = Field(description="Head × source decomposition of the pre-activation.")
+    tree: DFANode = Field(description="Recursive decomposition; children sum to parents.")
+    max_sum_error: float = Field(ge=0, description="Largest |node − Σ children| in the tree.")
+
+
+class QKPairsOutput(_Frozen):
+    """QK feature pairs of one head over a prompt set (method 10)."""
+
+    kind: Literal["qk_pairs"] = Field(default="qk_pairs", description="Output kind.")
+    context: AnalysisContext = Field(description="Model, SAEs and prompts.")
+    dest: str = Field(description="Named destination position (e.g. 'END').")
+    src: str = Field(description="Named source position (e.g. 'IO').")
+    mean_attention: float = Field(description="The head's mean attention weight dest→src.")
+    tables: list[QKPairTable] = Field(description="One pair table per prompt.")
+    variance: QKVarianceExplained = Field(description="Variance explained by the top pairs.")

@@ -224,5 +224,9 @@ def serve(
         _fail(str(exc))
 
 
+from circuitscan.services.analysis_commands import analyze_app  # noqa: E402
+
+app.add_typer(analyze_app, name="analyze")
+
 if __name__ == "__main__":
     app()

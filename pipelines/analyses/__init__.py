@@ -17,10 +17,15 @@ Public API (results are pydantic models from ``circuitscan.schemas.analyses``):
 - ``qk_feature_pairs(model, sae, tokens, layer, head, dest_pos, src_pos, *, key_sae=None)
   -> QKPairTable`` and ``qk_pair_variance(tables, top_n) -> QKVarianceExplained`` — method 10.
 
+- ``feature_attributions(model, sae, tokens, lengths, positions, metric, answer, wrong)
+  -> (activations, attributions)`` per prompt at one position each — how the analyses pick
+  a feature by default.
+
 Invalid requests raise ``AnalysisInputError`` (a ValueError).
 """
 
 from circuitscan.pipelines.analyses.dfa import Pruning, check_tree_sums, dfa, recursive_dfa
+from circuitscan.pipelines.analyses.feature_choice import feature_attributions
 from circuitscan.pipelines.analyses.head_feature_logit import (
     feature_direction,
     frozen_norm_scales,
@@ -36,6 +41,7 @@ __all__ = [
     "Pruning",
     "check_tree_sums",
     "dfa",
+    "feature_attributions",
     "feature_direction",
     "frozen_norm_scales",
     "head_feature_logit",

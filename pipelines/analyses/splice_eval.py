@@ -147,6 +147,8 @@ def splice_eval(
         model, by_name, reference_tokens.to(device), reference_lengths.to(device),
         keep_bos=keep_bos, batch_size=batch_size,
     )  # fmt: skip
+    first_layer = {tuple(g): min(HookSite.from_hook_name(n).layer for n in g) for g in resolved}
+    prefix_names = {f"blocks.{layer}.hook_resid_pre" for layer in first_layer.values()}
     keys: list[tuple[tuple[str, ...], SpliceVariant]] = [((), "clean")]
     keys += [(tuple(group), v) for group in resolved for v in VARIANTS]
     metrics: dict[tuple, list[torch.Tensor]] = {k: [] for k in keys}
@@ -162,13 +164,19 @@ def splice_eval(
         real = _token_mask(lens, toks.shape[1], False)
         pos = read_positions(metric, lens) if metric.kind != "next_token_loss" else lens - 1
         rows = torch.arange(toks.shape[0], device=device)
-        clean = model(toks)
+        clean, prefix = model.run_with_cache(toks, names_filter=lambda n: n in prefix_names)
         for site_names, variant in keys:
             hooks = [
                 (n, _hook(by_name[n], variant, means[n][0], means[n][1], mask)) for n in site_names
             ]
-            with model.hooks(fwd_hooks=hooks):
-                logits = clean if not site_names else model(toks)
+            if not site_names:
+                logits = clean
+            else:
+                # Layers before the set's first site see no intervention: start from the
+                # clean residual there (same numbers, about half the compute at mid-depth).
+                start = first_layer[tuple(site_names)]
+                with model.hooks(fwd_hooks=hooks):
+                    logits = model(prefix[f"blocks.{start}.hook_resid_pre"], start_at_layer=start)
             m = metric_per_prompt(logits, metric, lengths=lens, tokens=toks, answer=ans, wrong=wro)
             metrics[(site_names, variant)].append(m.double().cpu())
             kl_pos[(site_names, variant)].append(

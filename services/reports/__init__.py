@@ -8,8 +8,11 @@
   ``variance_explained_curve``.
 - ``render_dfa_text(tree)`` / ``render_dfa_html(tree)``: a DFA tree as indented text / nested
   HTML lists.
+- ``report_sections(out_dir, splice=..., hfl=..., dfa=..., qk=...)``: sections (tables, plots)
+  for the analyses' outputs (``circuitscan.schemas.analyses.*Output``).
 """
 
+from circuitscan.services.reports.analysis_sections import report_sections
 from circuitscan.services.reports.dfa_render import render_dfa_html, render_dfa_text
 from circuitscan.services.reports.html_report import Figure, Section, Table, write_report
 from circuitscan.services.reports.plots import (
@@ -31,6 +34,7 @@ __all__ = [
     "qk_pair_heatmap",
     "render_dfa_html",
     "render_dfa_text",
+    "report_sections",
     "splice_eval_chart",
     "variance_explained_curve",
     "write_report",

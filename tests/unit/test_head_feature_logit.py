@@ -95,3 +95,43 @@ def test_bad_inputs_raise():
         head_feature_logit(model, sae, 0, 999, 1, 1.0)
     with pytest.raises(AnalysisInputError, match="out of range"):
         head_feature_logit(model, sae, 10_000, 0, 1, 1.0)
+
+
+def test_feature_attributions_match_a_nudge_along_the_feature():
+    """a_i·(d_i·∂m/∂x) equals the metric's derivative when the feature's contribution grows."""
+    from circuitscan.pipelines.analyses.feature_choice import feature_attributions
+    from circuitscan.schemas.metrics import MetricSpec
+
+    model = build_tiny_model(n_layers=2, normalization="RMS", positional="rotary")
+    site = HookSite(layer=0, point="z")
+    sae = build_tiny_sae(model, site, architecture="topk", k=6, seed=3)
+    sae.cfg.rescale_acts_by_decoder_norm = True
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 1.5, sae.W_dec.shape[0], dtype=torch.float64)[:, None])
+    tokens = torch.randint(0, 40, (2, 8), generator=torch.Generator().manual_seed(7))
+    lengths, positions = torch.tensor([8, 6]), torch.tensor([5, 3])
+    answer, wrong = torch.tensor([3, 9]), torch.tensor([4, 1])
+    acts, attr = feature_attributions(
+        model, sae, tokens, lengths, positions, MetricSpec(), answer, wrong
+    )
+    eps = 1e-6
+    for b in range(2):
+        feature = int(acts[b].argmax())
+        # The feature's share of the reconstruction, as sae_lens decodes it.
+        one = torch.zeros_like(acts[b])
+        one[feature] = acts[b, feature]
+        share = sae.decode(one[None])[0] - sae.decode(torch.zeros_like(one)[None])[0]
+
+        def nudge(act, hook, b=b, share=share):
+            act = act.clone()
+            act[b, positions[b]] += eps * share
+            return act
+
+        with torch.no_grad():
+            base = model(tokens)[b, lengths[b] - 1]
+            moved = model.run_with_hooks(tokens, fwd_hooks=[(site.hook_name, nudge)])
+        moved = moved[b, lengths[b] - 1]
+        derivative = (
+            float(moved[answer[b]] - moved[wrong[b]]) - float(base[answer[b]] - base[wrong[b]])
+        ) / eps
+        assert derivative == pytest.approx(float(attr[b, feature]), rel=1e-4, abs=1e-7)

@@ -101,3 +101,67 @@ def test_full_report_from_tiny_model_results(tmp_path):
 def test_missing_figure_is_a_clear_error(tmp_path):
     with pytest.raises(ReportError, match="does not exist"):
         write_report(tmp_path, [Section("x", figures=[Figure(tmp_path / "nope.png")])])
+
+
+def test_analysis_runs_end_to_end_on_a_tiny_llama(tiny_hf_model_dir, tmp_path):
+    """The service functions behind `circuitscan analyze`: IOI prompts → outputs → report."""
+    import json
+
+    from circuitscan.schemas.analyses import DFAOutput, QKPairsOutput, SpliceEvalOutput
+    from circuitscan.schemas.models import ModelSpec
+    from circuitscan.services.analysis_commands import (
+        ioi_setup,
+        run_dfa,
+        run_head_feature_logit,
+        run_qk_pairs,
+        run_splice_eval,
+        save_outputs,
+        splice_table,
+        summary_lines,
+    )
+    from circuitscan.services.model_loading import load_model
+    from circuitscan.services.reports import report_sections
+
+    model = load_model(ModelSpec(source=str(tiny_hf_model_dir))).model
+    saes = {
+        s.label: build_tiny_sae(model, s, d_sae=48, seed=i)
+        for i, s in enumerate([HookSite(layer=0, point="resid_post"), HookSite(layer=1, point="z")])
+    }
+    setup = ioi_setup(4, seed=1, model=model, model_name="tiny", saes=saes)
+    splice = run_splice_eval(setup)
+    assert isinstance(splice, SpliceEvalOutput) and splice.reference_prompts == 4
+    assert [r.sites for r in splice.rows if r.variant == "spliced"] == [
+        ["L0.resid_post"],
+        ["L1.z"],
+        ["L0.resid_post", "L1.z"],
+    ]
+    columns, rows = splice_table(splice)
+    assert len(rows) == 3 and len(columns) == len(rows[0])
+    hfl = run_head_feature_logit(setup)
+    assert hfl.result.feature == int(hfl.result.feature) and hfl.result.heads[0].layer == 1
+    tree = run_dfa(setup)
+    assert isinstance(tree, DFAOutput) and tree.max_sum_error < 1e-4
+    assert tree.result.dest_pos == setup.records[0].positions["END"]
+    qk = run_qk_pairs(setup, top_n=5)
+    assert isinstance(qk, QKPairsOutput) and len(qk.tables) == 4 and qk.variance.layer == 1
+    for table, record in zip(qk.tables, setup.records, strict=True):
+        assert (table.dest_pos, table.src_pos) == (record.positions["END"], record.positions["IO"])
+    outputs = [splice, hfl, tree, qk]
+    sections = report_sections(tmp_path, splice=splice, hfl=hfl, dfa=tree, qk=qk)
+    index = save_outputs(tmp_path, outputs, sections, "tiny IOI")
+    page = index.read_text()
+    for png in ("splice_eval", "head_feature_logit", "dfa_heatmap", "qk_pairs", "qk_variance"):
+        assert (tmp_path / f"{png}.png").read_bytes().startswith(PNG)
+        assert f"src='{png}.png'" in page
+    assert DFAOutput.model_validate(json.loads((tmp_path / "dfa.json").read_text())) == tree
+    assert all(summary_lines(o) for o in outputs)
+
+
+def test_analyze_cli_rejects_bad_input_with_a_clear_message():
+    from typer.testing import CliRunner
+
+    from circuitscan.services.cli import app
+
+    result = CliRunner().invoke(app, ["analyze", "dfa", "--prompts", "1"])
+    assert result.exit_code == 2
+    assert "at least 2 prompts" in result.output

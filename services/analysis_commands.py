@@ -1,0 +1,160 @@
+"""``circuitscan analyze …``: the circuit analyses on IOI prompts, with JSON and HTML reports.
+
+The work is done by :mod:`circuitscan.services.analysis_runs` (imported on
+first use so that ``circuitscan --help`` stays fast); its functions are also
+reachable from here, e.g. ``from circuitscan.services.analysis_commands import
+ioi_setup, run_dfa``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+_RUNS = "circuitscan.services.analysis_runs"
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return getattr(importlib.import_module(_RUNS), name)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from circuitscan.pipelines.analyses import AnalysisInputError
+    from circuitscan.services.model_loading import ModelLoadError
+    from circuitscan.services.sae_loading import SAELoadError
+    from circuitscan.services.store.feature_store import StoreError
+
+    return (AnalysisInputError, ModelLoadError, SAELoadError, StoreError, ValueError)
+
+
+# --- CLI ------------------------------------------------------------------------------
+
+analyze_app = typer.Typer(
+    help="Circuit analyses on IOI prompts: splice eval, head→feature→logit, DFA, QK pairs.",
+    no_args_is_help=True,
+)
+
+_OUT = typer.Option(None, "--out", help="Output directory (default: runs/analyses/<command>).")
+_PROMPTS = typer.Option(16, "--prompts", help="Number of IOI prompts.")
+_SEED = typer.Option(0, "--seed", help="IOI generator seed.")
+_STORE = typer.Option(None, "--store", help="Also write the JSON into this feature store.")
+_MODEL = typer.Option(None, "--model", help="Model source (default: the default model).")
+_SAES = typer.Option(None, "--sae", help="SAE source, repeatable (default: the default SAEs).")
+
+
+def _runs() -> Any:
+    return importlib.import_module(_RUNS)
+
+
+def _run_command(
+    command: str, out: Path | None, prompts: int, seed: int, store: str | None,
+    model: str | None, saes: list[str] | None, run: Callable[[Any], Any],
+) -> None:  # fmt: skip
+    from circuitscan.services.reports import report_sections
+
+    runs = _runs()
+    out_dir = out or Path("runs") / "analyses" / command
+    try:
+        setup = runs.ioi_setup(prompts, seed, model_source=model, sae_sources=saes)
+        output = run(setup)
+        sections = report_sections(out_dir, **{_SECTION_ARG[output.kind]: output})
+        title = f"{command} ({setup.context.model})"
+        index = runs.save_outputs(out_dir, [output], sections, title, store)
+    except _user_errors() as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
+    typer.echo(runs.summary_lines(output))
+    typer.echo(f"wrote {out_dir / (output.kind + '.json')} and {index}")
+
+
+_SECTION_ARG = {"splice_eval": "splice", "head_feature_logit": "hfl", "dfa": "dfa",
+                "qk_pairs": "qk"}  # fmt: skip
+
+
+@analyze_app.command("splice-eval")
+def splice_eval_command(
+    out: Path | None = _OUT, prompts: int = _PROMPTS, seed: int = _SEED,
+    store: str | None = _STORE, model: str | None = _MODEL, sae: list[str] | None = _SAES,
+    sets: list[str] | None = typer.Option(
+        None, "--set", help="Sites spliced together, '+'-joined (e.g. L15.z+L15.resid_post); "
+        "repeatable. Default: each SAE alone, then all together."),
+) -> None:  # fmt: skip
+    """Metric and KL with SAE reconstructions spliced in, beside mean and error-only ablation."""
+    layer_sets = [s.split("+") for s in sets] if sets else None
+    _run_command("splice-eval", out, prompts, seed, store, model, sae,
+                 lambda s: _runs().run_splice_eval(s, layer_sets=layer_sets))  # fmt: skip
+
+
+@analyze_app.command("head-feature-logit")
+def head_feature_logit_command(
+    out: Path | None = _OUT, prompts: int = _PROMPTS, seed: int = _SEED,
+    store: str | None = _STORE, model: str | None = _MODEL, sae: list[str] | None = _SAES,
+    site: str | None = typer.Option(None, help="Residual SAE site (default: the first)."),
+    feature: int | None = typer.Option(None, help="Feature (default: top attribution at IO)."),
+    prompt_index: int = typer.Option(0, help="Prompt whose scales and answer tokens are used."),
+) -> None:  # fmt: skip
+    """Every downstream head's direct effect on logit(IO) − logit(S) through one feature."""
+    _run_command("head-feature-logit", out, prompts, seed, store, model, sae,
+                 lambda s: _runs().run_head_feature_logit(
+                     s, site=site, feature=feature, prompt_index=prompt_index))  # fmt: skip
+
+
+@analyze_app.command("dfa")
+def dfa_command(
+    out: Path | None = _OUT, prompts: int = _PROMPTS, seed: int = _SEED,
+    store: str | None = _STORE, model: str | None = _MODEL, sae: list[str] | None = _SAES,
+    site: str | None = typer.Option(None, help="hook_z SAE site (default: the first)."),
+    feature: int | None = typer.Option(None, help="Feature (default: top |attribution| at END)."),
+    prompt_index: int = typer.Option(0, help="Prompt to analyse."),
+    depth: int = typer.Option(3, help="Recursive DFA depth."),
+    top_k: int = typer.Option(6, help="Children kept per node."),
+    min_frac: float = typer.Option(0.05, help="Expand children ≥ this fraction of the parent."),
+) -> None:  # fmt: skip
+    """Direct feature attribution by head and source, and its recursive tree."""
+    from circuitscan.pipelines.analyses import Pruning
+
+    pruning = Pruning(max_depth=depth, top_k=top_k, min_frac=min_frac)
+    _run_command("dfa", out, prompts, seed, store, model, sae,
+                 lambda s: _runs().run_dfa(
+                     s, site=site, feature=feature, prompt_index=prompt_index,
+                     pruning=pruning))  # fmt: skip
+
+
+@analyze_app.command("qk-pairs")
+def qk_pairs_command(
+    out: Path | None = _OUT, prompts: int = _PROMPTS, seed: int = _SEED,
+    store: str | None = _STORE, model: str | None = _MODEL, sae: list[str] | None = _SAES,
+    site: str | None = typer.Option(None, help="Residual SAE site (default: the first)."),
+    head: int | None = typer.Option(None, help="Head (default: most attention dest→src)."),
+    dest: str = typer.Option("END", help="Named destination position."),
+    src: str = typer.Option("IO", help="Named source position."),
+    top_n: int = typer.Option(20, help="Top pairs for the variance curve."),
+) -> None:  # fmt: skip
+    """An attention score split into (query feature, key feature) pairs, and variance explained."""
+    _run_command("qk-pairs", out, prompts, seed, store, model, sae,
+                 lambda s: _runs().run_qk_pairs(
+                     s, site=site, head=head, dest=dest, src=src, top_n=top_n))  # fmt: skip
+
+
+@analyze_app.command("ioi-report")
+def ioi_report_command(
+    out: Path = typer.Option(Path("runs/analyses/ioi-report"), "--out", help="Output directory."),
+    prompts: int = typer.Option(12, "--prompts", help="Number of IOI prompts."),
+    seed: int = _SEED, store: str | None = _STORE,
+) -> None:  # fmt: skip
+    """All four analyses on the default model and SAEs: one HTML report with every plot."""
+    runs = _runs()
+    try:
+        _, outputs = runs.run_ioi_report(out, n_prompts=prompts, seed=seed, store=store,
+                                         echo=typer.echo)  # fmt: skip
+    except _user_errors() as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
+    for output in outputs:
+        typer.echo(runs.summary_lines(output))

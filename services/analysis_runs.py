@@ -1,0 +1,453 @@
+"""Circuit analyses on a task prompt set, as plain functions (the ``analyze`` CLI calls these).
+
+Python API::
+
+    setup = ioi_setup(n_prompts=16, seed=0)            # default model + SAEs + IOI prompts
+    splice = run_splice_eval(setup)                     -> SpliceEvalOutput
+    hfl = run_head_feature_logit(setup)                 -> HeadFeatureLogitOutput
+    tree = run_dfa(setup)                               -> DFAOutput
+    qk = run_qk_pairs(setup)                            -> QKPairsOutput
+    sections = report_sections(out_dir, splice=..., hfl=..., dfa=..., qk=...)
+    write_report(out_dir, sections, title=...)          (circuitscan.services.reports)
+
+Each run_* picks a sensible default (the feature with the largest attribution,
+the head attending most from END to IO) and takes explicit choices as keyword
+arguments. The reference distribution for mean ablation is the IOI prompts'
+ABC-corrupted counterparts.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE, HookedSAETransformer
+
+from circuitscan.pipelines.analyses import (
+    AnalysisInputError,
+    Pruning,
+    check_tree_sums,
+    dfa,
+    frozen_norm_scales,
+    head_feature_logit,
+    qk_feature_pairs,
+    qk_pair_variance,
+    recursive_dfa,
+    splice_eval,
+)
+from circuitscan.pipelines.analyses.feature_choice import feature_attributions
+from circuitscan.pipelines.batching import TokenBatch, tokenize_prompts
+from circuitscan.pipelines.tasks.ioi import generate_ioi
+from circuitscan.schemas.analyses import (
+    AnalysisContext,
+    DFAOutput,
+    HeadFeatureLogitOutput,
+    QKPairsOutput,
+    SpliceEvalOutput,
+)
+from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.reports import Section, report_sections, write_report
+
+Echo = Callable[[str], None]
+METRIC = MetricSpec()  # logit difference answer − wrong at the last token
+
+
+@dataclass
+class Setup:
+    """A model, its SAEs by site label, a task prompt set and its reference (ABC) prompts."""
+
+    model: HookedSAETransformer
+    saes: dict[str, SAE]
+    records: list[PromptRecord]
+    batch: TokenBatch
+    reference: TokenBatch
+    context: AnalysisContext
+
+
+def ioi_setup(
+    n_prompts: int = 16,
+    seed: int = 0,
+    *,
+    model: HookedSAETransformer | None = None,
+    model_name: str | None = None,
+    saes: dict[str, SAE] | None = None,
+    model_source: str | None = None,
+    sae_sources: list[str] | None = None,
+) -> Setup:
+    """Load (or take) the model and SAEs, and generate ``n_prompts`` seeded IOI prompts.
+
+    Defaults: the default model and its default SAEs. ``saes`` maps site
+    label (``L15.z``) → SAE.
+    """
+    if n_prompts < 2:
+        raise AnalysisInputError(f"need at least 2 prompts, got {n_prompts}")
+    if model is None:
+        from circuitscan.schemas.models import ModelSpec
+        from circuitscan.services.model_loading import load_model
+
+        loaded = load_model(ModelSpec(source=model_source) if model_source else None)
+        model, model_name = loaded.model, loaded.name
+    if saes is None:
+        from circuitscan.services.sae_loading import load_default_saes, load_sae
+
+        loaded_saes = (
+            [load_sae(s, model) for s in sae_sources] if sae_sources else load_default_saes(model)
+        )
+        saes = {ls.site.label: ls.sae for ls in loaded_saes}
+    if model.tokenizer is None:
+        raise AnalysisInputError("IOI prompts need a model with a tokenizer")
+    records = generate_ioi(model.tokenizer, n_prompts, seed=seed)
+    batch = tokenize_prompts(model, records)
+    reference = tokenize_prompts(model, [PromptRecord(text=r.corrupted or r.text) for r in records])
+    context = AnalysisContext(
+        model=model_name or model.cfg.model_name,
+        saes=sorted(saes),
+        task="ioi",
+        n_prompts=n_prompts,
+        seed=seed,
+    )
+    return Setup(model, saes, records, batch, reference, context)
+
+
+def _sae(setup: Setup, label: str) -> SAE:
+    if label not in setup.saes:
+        raise AnalysisInputError(f"no SAE at {label}; loaded: {', '.join(sorted(setup.saes))}")
+    return setup.saes[label]
+
+
+def _first_site(setup: Setup, point: tuple[str, ...]) -> str:
+    for label in sorted(setup.saes):
+        if HookSite.from_hook_name(setup.saes[label].cfg.metadata.hook_name).point in point:
+            return label
+    raise AnalysisInputError(f"this analysis needs an SAE at one of {point}; have {setup.saes}")
+
+
+def _positions(setup: Setup, name: str) -> torch.Tensor:
+    return torch.tensor([r.positions[name] for r in setup.records])
+
+
+def run_splice_eval(
+    setup: Setup, *, layer_sets: list[list[str]] | None = None, batch_size: int = 16
+) -> SpliceEvalOutput:
+    """Each SAE alone, then all together (sequentially recomputed): metric and KL per variant."""
+    labels = sorted(setup.saes)
+    sets = layer_sets or [[s] for s in labels] + ([labels] if len(labels) > 1 else [])
+    b, ref = setup.batch, setup.reference
+    rows = splice_eval(
+        setup.model, [setup.saes[s] for s in labels], b.tokens, b.lengths, METRIC,
+        b.answer, b.wrong, layer_sets=sets, reference_tokens=ref.tokens,
+        reference_lengths=ref.lengths, batch_size=batch_size,
+    )  # fmt: skip
+    return SpliceEvalOutput(
+        context=setup.context,
+        reference="IOI ABC prompts (IO, S1, S2 replaced by three other names)",
+        reference_prompts=int(ref.tokens.shape[0]),
+        rows=rows,
+    )
+
+
+def _attributions(setup: Setup, label: str, positions: torch.Tensor, prompt_index: int):
+    b = setup.batch
+    sl = slice(prompt_index, prompt_index + 1)
+    ans = None if b.answer is None else b.answer[sl]
+    wro = None if b.wrong is None else b.wrong[sl]
+    acts, attr = feature_attributions(
+        setup.model, _sae(setup, label), b.tokens[sl], b.lengths[sl],
+        positions[sl], METRIC, ans, wro,
+    )  # fmt: skip
+    return acts[0], attr[0]
+
+
+def _check_prompt(setup: Setup, prompt_index: int) -> None:
+    if not 0 <= prompt_index < len(setup.records):
+        raise AnalysisInputError(
+            f"prompt index {prompt_index} outside the {len(setup.records)} prompts"
+        )
+
+
+def run_head_feature_logit(
+    setup: Setup,
+    *,
+    site: str | None = None,
+    feature: int | None = None,
+    prompt_index: int = 0,
+    top_k: int = 8,
+) -> HeadFeatureLogitOutput:
+    """The residual feature at the IO token that most helps IO over S, through every later head.
+
+    Norm scales are frozen from ``prompt_index``'s forward pass (source IO,
+    destination END); answer/wrong are that prompt's IO/S tokens.
+    """
+    _check_prompt(setup, prompt_index)
+    label = site or _first_site(setup, ("resid_post", "resid_pre", "resid_mid"))
+    src, dest = _positions(setup, "IO"), _positions(setup, "END")
+    acts, attr = _attributions(setup, label, src, prompt_index)
+    if feature is None:
+        feature = int(attr.argmax())
+    b = setup.batch
+    if b.answer is None or b.wrong is None:
+        raise AnalysisInputError("head→feature→logit needs answer and wrong tokens")
+    tokens = b.tokens[prompt_index, : int(b.lengths[prompt_index])]
+    src_pos, dest_pos = int(src[prompt_index]), int(dest[prompt_index])
+    final_scale, input_scales = frozen_norm_scales(setup.model, tokens, src_pos, dest_pos)
+    result = head_feature_logit(
+        setup.model, _sae(setup, label), feature, int(b.answer[prompt_index]),
+        int(b.wrong[prompt_index]), final_scale, input_scales=input_scales, top_k=top_k,
+    )  # fmt: skip
+    return HeadFeatureLogitOutput(
+        context=setup.context,
+        prompt_index=prompt_index,
+        src_pos=src_pos,
+        dest_pos=dest_pos,
+        feature_activation=float(acts[feature]),
+        feature_attribution=float(attr[feature]),
+        result=result,
+    )
+
+
+def run_dfa(
+    setup: Setup,
+    *,
+    site: str | None = None,
+    feature: int | None = None,
+    prompt_index: int = 0,
+    pruning: Pruning | None = None,
+) -> DFAOutput:
+    """DFA and recursive DFA of the attention-output feature at END with the largest attribution."""
+    _check_prompt(setup, prompt_index)
+    label = site or _first_site(setup, ("z",))
+    layer = HookSite.from_hook_name(_sae(setup, label).cfg.metadata.hook_name).layer
+    dest = _positions(setup, "END")
+    acts, attr = _attributions(setup, label, dest, prompt_index)
+    if feature is None:
+        active = acts > 0
+        if not bool(active.any()):
+            raise AnalysisInputError(
+                f"no {label} feature is active at END of prompt {prompt_index}"
+            )
+        feature = int(torch.where(active, attr.abs(), -1.0).argmax())
+    pruning = pruning or Pruning(max_depth=3, top_k=6, min_frac=0.05)
+    tokens = setup.batch.tokens[prompt_index, : int(setup.batch.lengths[prompt_index])]
+    saes = list(setup.saes.values())
+    dest_pos = int(dest[prompt_index])
+    result = dfa(setup.model, saes, tokens, feature, layer, dest_pos)
+    tree = recursive_dfa(setup.model, saes, tokens, feature, layer, dest_pos, pruning)
+    return DFAOutput(
+        context=setup.context,
+        prompt_index=prompt_index,
+        text=setup.records[prompt_index].text,
+        feature_attribution=float(attr[feature]),
+        pruning={k: float(v) for k, v in vars(pruning).items()},
+        result=result,
+        tree=tree,
+        max_sum_error=check_tree_sums(tree),
+    )
+
+
+@torch.no_grad()
+def _mean_attention(setup: Setup, layer: int, dest: str, src: str) -> torch.Tensor:
+    name = f"blocks.{layer}.attn.hook_pattern"
+    _, cache = setup.model.run_with_cache(
+        setup.batch.tokens, names_filter=lambda n: n == name, stop_at_layer=layer + 1
+    )
+    rows = torch.arange(setup.batch.tokens.shape[0])
+    pattern = cache[name][rows, :, _positions(setup, dest), _positions(setup, src)]
+    return pattern.mean(0)  # per head
+
+
+def run_qk_pairs(
+    setup: Setup,
+    *,
+    site: str | None = None,
+    head: int | None = None,
+    dest: str = "END",
+    src: str = "IO",
+    top_n: int = 20,
+) -> QKPairsOutput:
+    """QK pair tables (dest→src) of the head reading the residual SAE's site, over all prompts.
+
+    Default head: the one of that layer with the largest mean attention dest→src.
+    """
+    label = site or _first_site(setup, ("resid_post", "resid_pre"))
+    hook_site = HookSite.from_hook_name(_sae(setup, label).cfg.metadata.hook_name)
+    layer = hook_site.layer + (1 if hook_site.point == "resid_post" else 0)
+    if layer >= setup.model.cfg.n_layers:
+        raise AnalysisInputError(f"no attention layer reads {label}")
+    for name in (dest, src):
+        if name not in setup.records[0].positions:
+            raise AnalysisInputError(
+                f"unknown position {name!r}; IOI has {sorted(setup.records[0].positions)}"
+            )
+    attention = _mean_attention(setup, layer, dest, src)
+    head = int(attention.argmax()) if head is None else head
+    if not 0 <= head < setup.model.cfg.n_heads:
+        raise AnalysisInputError(f"head {head} out of range for {setup.model.cfg.n_heads} heads")
+    sae = _sae(setup, label)
+    tables = []
+    for i, record in enumerate(setup.records):
+        tokens = setup.batch.tokens[i, : int(setup.batch.lengths[i])]
+        d, s = record.positions[dest], record.positions[src]
+        tables.append(qk_feature_pairs(setup.model, sae, tokens, layer, head, d, s))
+    return QKPairsOutput(
+        context=setup.context,
+        dest=dest,
+        src=src,
+        mean_attention=float(attention[head]),
+        tables=tables,
+        variance=qk_pair_variance(tables, top_n=top_n),
+    )
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def save_outputs(
+    out_dir: Path, outputs: list[Any], sections: list[Section], title: str,
+    store: str | None = None,
+) -> Path:  # fmt: skip
+    """Write each output as ``<kind>.json``, the HTML report, and (optionally) into a store."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for output in outputs:
+        (out_dir / f"{output.kind}.json").write_text(output.model_dump_json(indent=1))
+    index = write_report(out_dir, sections, title=title)
+    if store is not None:
+        save_to_store(store, outputs)
+    return index
+
+
+def save_to_store(url: str, outputs: list[Any]) -> None:
+    """Put outputs into an existing feature store.
+
+    A splice evaluation becomes the store's ``splice_eval`` job result (what
+    ``circuitscan`` readers of splice jobs expect); the other analyses go under
+    ``analyses/<kind>.json`` (a DFA tree, QK tables, head rankings as JSON).
+    """
+    import hashlib
+
+    from circuitscan.schemas.job_results import SpliceEvalJobResult
+    from circuitscan.services.store import FeatureStore
+    from circuitscan.services.store.backends import write_bytes
+    from circuitscan.services.store.results import write_job_result
+
+    opened = FeatureStore.open(url)
+    for output in outputs:
+        if isinstance(output, SpliceEvalOutput):
+            digest = hashlib.sha256(output.context.model_dump_json().encode()).hexdigest()[:16]
+            result = SpliceEvalJobResult(
+                job_hash=f"analyze-{digest}", n_prompts=output.context.n_prompts,
+                reference_prompts=output.reference_prompts, rows=output.rows,
+            )  # fmt: skip
+            write_job_result(opened, result)
+        else:
+            write_bytes(opened.backend, f"analyses/{output.kind}.json",
+                        output.model_dump_json().encode())  # fmt: skip
+
+
+def splice_table(output: SpliceEvalOutput) -> tuple[list[str], list[list[Any]]]:
+    """Per site set: clean, spliced, KL, mean-ablation and error-only-ablation metrics."""
+    clean = next(r for r in output.rows if r.variant == "clean")
+    by = {("+".join(r.sites), r.variant): r for r in output.rows if r.sites}
+    columns = [
+        "SAE site(s)", "clean metric", "spliced metric", "spliced KL (END)", "spliced KL (all)",
+        "recovered", "mean-ablation metric", "mean-ablation KL (END)",
+        "error-only ablation metric", "error-only ablation KL (END)",
+    ]  # fmt: skip
+    rows = []
+    for group in dict.fromkeys(g for g, _ in by):
+        sp, ma, em = by[(group, "spliced")], by[(group, "mean_ablation")], by[(group, "error_mean")]
+        rows.append([
+            group, clean.metric_mean, sp.metric_mean, sp.kl_metric_pos, sp.kl_all_pos,
+            sp.metric_recovered, ma.metric_mean, ma.kl_metric_pos, em.metric_mean,
+            em.kl_metric_pos,
+        ])  # fmt: skip
+    return columns, rows
+
+
+def format_table(columns: list[str], rows: list[list[Any]], markdown: bool = False) -> str:
+    """A plain-text (or markdown) table; floats with 3 decimals."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
+    text = [[cell(v) for v in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in text])
+    widths = [max(len(c), *(len(r[i]) for r in text)) for i, c in enumerate(columns)]
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
+    return "\n".join([fmt.format(*columns), *(fmt.format(*r) for r in text)])
+
+
+def summary_lines(output: Any) -> str:
+    """A short plain-text summary of one output for the terminal."""
+    if isinstance(output, SpliceEvalOutput):
+        return format_table(*splice_table(output))
+    if isinstance(output, HeadFeatureLogitOutput):
+        r = output.result
+        cols = ["head", "logit diff / unit", "top tokens"]
+        rows = [
+            [
+                f"L{h.layer}H{h.head}",
+                h.logit_diff,
+                " ".join(repr(t.token) for t in h.top_tokens[:4]),
+            ]
+            for h in r.heads[:10]
+        ]
+        head = (
+            f"{r.sae_site}#{r.feature} (activation {output.feature_activation:.3f}, "
+            f"attribution {output.feature_attribution:+.3f}) at pos {output.src_pos}"
+        )
+        return head + "\n" + format_table(cols, rows)
+    if isinstance(output, DFAOutput):
+        from circuitscan.services.reports import render_dfa_text
+
+        r = output.result
+        return (
+            f"{r.site}#{r.feature} at pos {r.dest_pos}: pre-activation {r.pre_activation:.4f}, "
+            f"tree sum error {output.max_sum_error:.2e}\n" + render_dfa_text(output.tree, 2)
+        )
+    if isinstance(output, QKPairsOutput):
+        v = output.variance
+        cols = ["query", "key", "mean contribution", "cum. variance explained"]
+        rows = [
+            [q, k, m, f] for (q, k, m), f in zip(v.top_pairs, v.fraction_explained, strict=True)
+        ][:12]
+        head = (
+            f"L{v.layer}H{v.head} {output.dest}→{output.src} (mean attention "
+            f"{output.mean_attention:.3f}) over {v.n_prompts} prompts"
+        )
+        return head + "\n" + format_table(cols, rows)
+    return json.dumps(output.model_dump(), indent=1)[:2000]
+
+
+def run_ioi_report(
+    out_dir: Path, *, n_prompts: int = 12, seed: int = 0, setup: Setup | None = None,
+    store: str | None = None, echo: Echo = print,
+) -> tuple[Path, list[Any]]:  # fmt: skip
+    """All four analyses on IOI, one HTML report with every plot; returns (index, outputs)."""
+    started = time.perf_counter()
+    setup = setup or ioi_setup(n_prompts, seed)
+    echo(f"model and SAEs ready ({', '.join(setup.context.saes)}) in "
+         f"{time.perf_counter() - started:.0f}s")  # fmt: skip
+    outputs: list[Any] = []
+    for name, fn in (
+        ("splice evaluation", run_splice_eval),
+        ("head→feature→logit", run_head_feature_logit),
+        ("DFA", run_dfa),
+        ("QK pairs", run_qk_pairs),
+    ):
+        t = time.perf_counter()
+        outputs.append(fn(setup))  # type: ignore[operator]
+        echo(f"{name}: {time.perf_counter() - t:.1f}s")
+    splice, hfl, tree, qk = outputs
+    sections = report_sections(out_dir, splice=splice, hfl=hfl, dfa=tree, qk=qk)
+    index = save_outputs(out_dir, outputs, sections, "IOI circuit analyses", store)
+    echo(f"report: {index} ({time.perf_counter() - started:.0f}s in all)")
+    return index, outputs

@@ -1,0 +1,175 @@
+"""Report sections (text, tables, plots) for the outputs of the four circuit analyses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from circuitscan.schemas.analyses import (
+    DFAOutput,
+    HeadFeatureLogitOutput,
+    QKPairsOutput,
+    SpliceEvalOutput,
+)
+from circuitscan.services.reports.dfa_render import render_dfa_html
+from circuitscan.services.reports.html_report import Figure, Section, Table
+from circuitscan.services.reports.plots import (
+    attribution_bars,
+    dfa_heatmap,
+    qk_pair_heatmap,
+    splice_eval_chart,
+    variance_explained_curve,
+)
+
+_VARIANT_NAMES = {
+    "clean": "clean model",
+    "spliced": "SAE spliced (error term zeroed)",
+    "error_mean": "error-only ablation (error term → its reference mean)",
+    "mean_ablation": "mean ablation of the activation (reference mean)",
+}
+
+
+def splice_section(out: SpliceEvalOutput, out_dir: Path) -> Section:
+    """Metric and KL per site set and variant, as a table and a bar chart."""
+    chart = splice_eval_chart(out.rows, out_dir / "splice_eval.png",
+                              title="SAE splice evaluation")  # fmt: skip
+    rows = [
+        ["+".join(r.sites) or "–", _VARIANT_NAMES[r.variant], r.metric_mean, r.metric_std,
+         r.kl_metric_pos, r.kl_all_pos, r.metric_recovered]
+        for r in out.rows
+    ]  # fmt: skip
+    return Section(
+        title="SAE splice evaluation",
+        paragraphs=[
+            f"{out.context.n_prompts} {out.context.task.upper()} prompts (seed "
+            f"{out.context.seed}); metric: logit difference answer − wrong at the last token. "
+            f"Means for mean ablation and the error term over {out.reference_prompts} "
+            f"{out.reference}. KL(original ‖ variant) in nats at the answer position and "
+            "averaged over all real tokens. 'recovered' = (metric − mean-ablation metric) / "
+            "(clean − mean-ablation metric). Sites in one set are intervened on together in "
+            "one forward pass, so a later SAE encodes what the earlier replacements produced.",
+        ],
+        tables=[
+            Table(
+                columns=[
+                    "sites",
+                    "variant",
+                    "metric",
+                    "std",
+                    "KL (answer pos)",
+                    "KL (all)",
+                    "recovered",
+                ],
+                rows=rows,
+            )
+        ],
+        figures=[Figure(chart, "Mean metric and KL per site set and variant.")],
+    )
+
+
+def head_feature_logit_section(out: HeadFeatureLogitOutput, out_dir: Path) -> Section:
+    """Heads ranked by their direct logit-difference effect through one feature."""
+    r = out.result
+    heads = r.heads[:25]
+    bars = attribution_bars(
+        [f"L{h.layer}H{h.head}" for h in heads], [h.logit_diff for h in heads],
+        out_dir / "head_feature_logit.png", xlabel="logit(answer) − logit(wrong) per unit feature",
+        title=f"{r.sae_site}#{r.feature} → head → logits",
+    )  # fmt: skip
+    rows = [
+        [f"L{h.layer}H{h.head}", h.logit_diff,
+         " ".join(repr(t.token if t.token is not None else t.token_id) for t in h.top_tokens[:6]),
+         " ".join(repr(t.token if t.token is not None else t.token_id) for t in h.bottom_tokens[:4])]
+        for h in r.heads[:12]
+    ]  # fmt: skip
+    return Section(
+        title="Head → feature → logit",
+        paragraphs=[
+            f"Feature {r.sae_site}#{r.feature}: activation {out.feature_activation:.3f} at "
+            f"position {out.src_pos} of prompt {out.prompt_index}, attribution "
+            f"{out.feature_attribution:+.3f} (the largest among that SAE's features there). "
+            f"For every later head: the logit difference (tokens {r.answer_id} vs "
+            f"{r.wrong_id}) it writes per unit of the feature at a source it attends to fully, "
+            f"through W_V·W_O and the unembedding, norm scales frozen at source "
+            f"{out.src_pos} / destination {out.dest_pos}.",
+        ],
+        tables=[
+            Table(
+                columns=["head", "logit diff / unit", "top tokens pushed up", "pushed down"],
+                rows=rows,
+            )
+        ],
+        figures=[Figure(bars, "Heads with the largest |direct effect| through the feature.")],
+    )
+
+
+def dfa_section(out: DFAOutput, out_dir: Path) -> Section:
+    """Head × source heatmap and the recursive tree."""
+    r = out.result
+    heat = dfa_heatmap(r, out_dir / "dfa_heatmap.png")
+    return Section(
+        title="Direct feature attribution",
+        paragraphs=[
+            f"Prompt {out.prompt_index}: {out.text!r}. Feature {r.site}#{r.feature} at position "
+            f"{r.dest_pos}: pre-activation {r.pre_activation:.4f} = Σ head×source "
+            f"contributions + encoder bias {r.bias:.4f} (patterns and norm scales frozen); "
+            f"its attribution to the logit difference is {out.feature_attribution:+.3f}.",
+            f"Recursive DFA (depth {int(out.pruning['max_depth'])}, top "
+            f"{int(out.pruning['top_k'])} children per node, expanding children ≥ "
+            f"{out.pruning['min_frac']:.0%} of their parent): every node's children sum to it; "
+            f"largest deviation {out.max_sum_error:.2e}.",
+        ],
+        figures=[Figure(heat, "Contribution of each head and source position.")],
+        raw_html=[render_dfa_html(out.tree)],
+    )
+
+
+def qk_section(out: QKPairsOutput, out_dir: Path) -> Section:
+    """One prompt's pair heatmap and the variance explained over prompts."""
+    v = out.variance
+    heat = qk_pair_heatmap(out.tables[0], out_dir / "qk_pairs.png")
+    curve = variance_explained_curve(v, out_dir / "qk_variance.png")
+    rows = [[q, k, m, f] for (q, k, m), f in zip(v.top_pairs, v.fraction_explained, strict=True)]
+    return Section(
+        title="QK feature pairs",
+        paragraphs=[
+            f"Head L{v.layer}H{v.head} (mean attention {out.dest}→{out.src} "
+            f"{out.mean_attention:.3f}, the largest in its layer). Its attention score from "
+            f"{out.dest} to {out.src} split into (query component, key component) pairs: "
+            "active SAE features, the SAE error, b_dec and the projection bias on each side. "
+            f"Variance of the score over {v.n_prompts} prompts explained by the top pairs "
+            "(ranked by mean |contribution|).",
+        ],
+        tables=[
+            Table(
+                columns=["query", "key", "mean contribution", "cum. fraction explained"],
+                rows=rows[:15],
+            )
+        ],
+        figures=[
+            Figure(heat, "Prompt 0: the largest query × key components."),
+            Figure(curve, "Fraction of score variance explained by the top-n pairs."),
+        ],
+    )
+
+
+def report_sections(
+    out_dir: Path | str,
+    *,
+    splice: SpliceEvalOutput | None = None,
+    hfl: HeadFeatureLogitOutput | None = None,
+    dfa: DFAOutput | None = None,
+    qk: QKPairsOutput | None = None,
+) -> list[Section]:
+    """Sections for whichever outputs are given; plots are written into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = []
+    if splice is not None:
+        sections.append(splice_section(splice, out))
+    if hfl is not None:
+        sections.append(head_feature_logit_section(hfl, out))
+    if dfa is not None:
+        sections.append(dfa_section(dfa, out))
+    if qk is not None:
+        sections.append(qk_section(qk, out))
+    return sections
