@@ -205,6 +205,10 @@ def test_create_reopens_equal_layout_and_refuses_a_different_one(store_url):
         FeatureStore.create(store_url, make_layout(model_fingerprint="other"))
     with pytest.raises(StoreLayoutMismatchError, match="job_hash"):
         FeatureStore.create(store_url, make_layout(job_hash="job1"))
+    other_sae = make_layout().sites[0].model_copy(update={"sae_fingerprint": "retrained"})
+    with pytest.raises(StoreLayoutMismatchError, match="sites"):
+        FeatureStore.create(store_url, make_layout(sites=[other_sae, *make_layout().sites[1:]]))
+    assert FeatureStore.open(store_url).layout == store.layout  # refusing changed nothing
     replaced = FeatureStore.create(store_url, make_layout(job_hash="job1"), overwrite=True)
     assert FeatureStore.open(store_url).layout.job_hash == "job1" == replaced.layout.job_hash
 
