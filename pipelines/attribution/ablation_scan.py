@@ -20,7 +20,13 @@ import torch
 from jaxtyping import Float, Int
 from sae_lens import SAE, HookedSAETransformer
 
-from circuitscan.pipelines.attribution.errors import AttributionInputError
+from circuitscan.pipelines.attribution.errors import AttributionInputError, MissingSAEError
+from circuitscan.pipelines.attribution.inputs import (
+    Answers,
+    answer_ids,
+    check_answers,
+    check_tokens,
+)
 from circuitscan.pipelines.attribution.positions import UNDEFINED, resolve_positions
 from circuitscan.pipelines.attribution.splice import (
     Recorder,
@@ -29,7 +35,7 @@ from circuitscan.pipelines.attribution.splice import (
     sae_decode,
     sae_encode,
 )
-from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.pipelines.attribution.suffix import start_layer, suffix_metric
 from circuitscan.schemas.attribution import AblationMode, PositionSpec
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
@@ -64,10 +70,6 @@ class PreparedScan:
     baseline: Float[torch.Tensor, " n_prompts"]
 
 
-def _start_layer(model: HookedSAETransformer, site: HookSite) -> int:
-    return site.layer + 1 if site.point == "resid_post" else site.layer
-
-
 def prepare_scan(
     model: HookedSAETransformer,
     sae: SAE[Any],
@@ -82,7 +84,14 @@ def prepare_scan(
 ) -> PreparedScan:
     """One clean forward pass over the prompt set, caching what every ablation row reuses."""
     check_saes(model, {site.hook_name: sae})
-    start = _start_layer(model, site)
+    hook = getattr(sae.cfg.metadata, "hook_name", None)
+    if hook and hook != site.hook_name:
+        raise MissingSAEError(
+            f"the SAE given reads {hook}, not {site.hook_name}: there is no SAE at {site.label}"
+        )
+    check_tokens(tokens, lengths, "tokens")
+    check_answers(model, tokens.shape[0], metric, answer, wrong)
+    start = start_layer(site)
     n_layers = model.cfg.n_layers
     resid_key = (
         ("act", HookSite(layer=start, point="resid_pre").hook_name)
@@ -92,9 +101,19 @@ def prepare_scan(
     site_key = ("act", site.hook_name)
     with torch.no_grad():
         rec = Recorder(wanted={resid_key, site_key})
-        logits = run_recorded(model, {}, tokens, rec)
-        baseline = metric_per_prompt(
-            logits, metric, lengths=lengths, tokens=tokens, answer=answer, wrong=wrong
+        run_recorded(model, {}, tokens, rec)
+        # The baseline takes the same suffix path as the ablation rows, so an
+        # ablation that changes nothing measures exactly 0.
+        baseline = suffix_metric(
+            model,
+            rec.store[resid_key],
+            start,
+            metric,
+            lengths=lengths,
+            tokens=tokens,
+            answer=answer,
+            wrong=wrong,
+            hooks=[],
         )
         acts = sae_encode(sae, rec.store[site_key])
     if positions == "all":
@@ -145,16 +164,15 @@ def _ablation_values(
 
 
 @torch.no_grad()
-def run_ablation_rows(
-    model: HookedSAETransformer,
+def ablation_inputs(
     sae: SAE[Any],
     site: HookSite,
     prepared: PreparedScan,
     prompt: Int[torch.Tensor, " rows"],
     feature: Int[torch.Tensor, " rows"],
     values: Float[torch.Tensor, "rows seq"],
-) -> Float[torch.Tensor, "rows seq vocab"]:
-    """Logits of the suffix forward pass with one feature ablated per row."""
+) -> tuple[Float[torch.Tensor, "rows seq d_model"], list[tuple[str, Any]]]:
+    """The suffix input and hooks of the rows that ablate one feature each."""
     acts = prepared.acts[prompt]
     rows = torch.arange(prompt.shape[0])
     old = acts[rows[:, None], torch.arange(acts.shape[1])[None, :], feature[:, None]]
@@ -169,14 +187,14 @@ def run_ablation_rows(
         edited[rows[:, None], torch.arange(acts.shape[1])[None, :], feature[:, None]] = old + change
         delta = sae_decode(sae, edited, like) - sae_decode(sae, acts, like)
     resid = prepared.resid[prompt]
-    hooks = []
+    hooks: list[tuple[str, Any]] = []
     if site.point in ("resid_pre", "resid_post"):
         resid = resid + delta.to(resid.dtype)
     else:
         delta = delta.to(resid.dtype)
-        hooks.append((site.hook_name, lambda x, hook=None: x + delta))
-    with model.hooks(fwd_hooks=hooks):
-        return model(resid, start_at_layer=prepared.start_layer, return_type="logits")
+        # The suffix may run on fewer positions than were cached (see suffix.py).
+        hooks.append((site.hook_name, lambda x, hook=None: x + delta[:, : x.shape[1]]))
+    return resid, hooks
 
 
 def ablation_scan(
@@ -186,8 +204,8 @@ def ablation_scan(
     tokens: Int[torch.Tensor, "n_prompts seq"],
     lengths: Int[torch.Tensor, " n_prompts"],
     metric: MetricSpec,
-    answer: Int[torch.Tensor, " n_prompts"] | None,
-    wrong: Int[torch.Tensor, " n_prompts"] | None,
+    answer: Answers,
+    wrong: Answers,
     *,
     mode: AblationMode = "zero",
     positions: Literal["all", "last"] | Sequence[PositionSpec] = "all",
@@ -195,9 +213,16 @@ def ablation_scan(
     batch_size: int = 64,
     seed: int = 0,
 ) -> ScanResult:
-    """Exact Δm of ablating each active feature at the chosen positions, per prompt."""
+    """Exact Δm of ablating each active feature at the chosen positions, per prompt.
+
+    ``answer``/``wrong``: token ids, or strings of exactly one token each.
+    """
     if batch_size < 1:
-        raise AttributionInputError("batch_size must be positive")
+        raise AttributionInputError(f"batch_size must be positive, got {batch_size}")
+    if mode not in ("zero", "mean", "resample"):
+        raise AttributionInputError(f"unknown ablation mode {mode!r} (zero, mean or resample)")
+    answer = answer_ids(model, answer, "answer")
+    wrong = answer_ids(model, wrong, "wrong")
     prepared = prepare_scan(
         model, sae, site, tokens, lengths, metric, answer, wrong, positions, named_positions
     )
@@ -212,14 +237,17 @@ def ablation_scan(
     for start in range(0, pairs.shape[0], batch_size):
         prompt, feature = pairs[start : start + batch_size].T
         values = _ablation_values(prepared, mode, prompt, feature, generator)
-        logits = run_ablation_rows(model, sae, site, prepared, prompt, feature, values)
-        metric_rows = metric_per_prompt(
-            logits,
+        resid, hooks = ablation_inputs(sae, site, prepared, prompt, feature, values)
+        metric_rows = suffix_metric(
+            model,
+            resid,
+            prepared.start_layer,
             metric,
             lengths=lengths[prompt],
             tokens=tokens[prompt],
             answer=None if answer is None else answer[prompt],
             wrong=None if wrong is None else wrong[prompt],
+            hooks=hooks,
         )
         delta[prompt, column[feature]] = (metric_rows - prepared.baseline[prompt]).to(delta.dtype)
     return ScanResult(

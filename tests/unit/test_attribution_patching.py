@@ -1,0 +1,256 @@
+"""Exact patching and ablation scans against independent references, on tiny float64 models.
+
+References: TransformerLens's own patching utilities (transformer_lens.patching)
+for exact patching, and a naive loop of one full forward pass per ablation
+for feature-ablation scans.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import patching
+
+from circuitscan.pipelines.attribution import ablation_scan, exact_patch
+from circuitscan.pipelines.attribution.splice import sae_decode, sae_encode
+from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
+from circuitscan.schemas.attribution import Node
+from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.metrics import MetricSpec
+
+METRIC = MetricSpec()
+
+
+def _equal_length_pair(batch: int = 2, seq: int = 5, vocab: int = 40):
+    generator = torch.Generator().manual_seed(3)
+    clean = torch.randint(0, vocab, (batch, seq), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 1:4] = torch.randint(0, vocab, (batch, 3), generator=generator)
+    lengths = torch.full((batch,), seq)
+    answer = torch.tensor([1, 2, 3, 4][:batch])
+    wrong = torch.tensor([5, 6, 7, 8][:batch])
+    return clean, corrupt, lengths, answer, wrong
+
+
+# (node kind, TransformerLens patching function); GQA matters for the shared k/v heads.
+TL_PATCHERS = [
+    ("z", patching.get_act_patch_attn_head_out_by_pos),
+    ("q", patching.get_act_patch_attn_head_q_by_pos),
+    ("k", patching.get_act_patch_attn_head_k_by_pos),
+    ("v", patching.get_act_patch_attn_head_v_by_pos),
+]
+
+
+@pytest.mark.parametrize(
+    "kind,tl_patch,gqa",
+    [(kind, tl_patch, False) for kind, tl_patch in TL_PATCHERS]
+    + [(kind, tl_patch, True) for kind, tl_patch in TL_PATCHERS if kind in ("k", "v")],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_exact_patch_matches_transformer_lens_patching(kind, tl_patch, gqa):
+    """Every (layer, position, head) z/q/k/v node: our Δm = TransformerLens's patching Δm.
+
+    TransformerLens patches *into* the run it is given from a cache, so it runs
+    our clean prompts with the corrupted prompts' activations: the same
+    intervention as ``exact_patch(mode='corrupt')``. Its metric is the batch
+    mean, so ours is averaged over the (equal-length) prompts.
+    """
+    kwargs = {"n_key_value_heads": 2, "positional": "rotary"} if gqa else {}
+    model = build_tiny_model(normalization="RMS" if gqa else "LN", **kwargs)
+    clean, corrupt, lengths, answer, wrong = _equal_length_pair()
+    _, corrupt_cache = model.run_with_cache(corrupt)
+    with torch.no_grad():
+        base = metric_per_prompt(
+            model(clean), METRIC, lengths=lengths, answer=answer, wrong=wrong
+        ).mean()
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        per = metric_per_prompt(logits, METRIC, lengths=lengths, answer=answer, wrong=wrong)
+        return per.mean() - base
+
+    reference = tl_patch(model, clean, corrupt_cache, metric)  # [layer, pos, head]
+    n_layers, seq, n_units = reference.shape
+    nodes = [
+        Node(kind=kind, layer=layer, index=unit, position=pos)
+        for layer in range(n_layers)
+        for pos in range(seq)
+        for unit in range(n_units)
+    ]
+    ours = exact_patch(
+        model, None, clean, lengths, METRIC, answer, wrong, nodes, corrupt_tokens=corrupt
+    )
+    ours = ours.mean(0).reshape(n_layers, seq, n_units)
+    assert float(ours.abs().max()) > 1e-2  # the patches do something
+    # TransformerLens stores its results in float32.
+    torch.testing.assert_close(ours, reference.to(ours.dtype), atol=1e-6, rtol=1e-5)
+
+
+def test_exact_patch_mlp_matches_generic_activation_patch():
+    """Whole-MLP nodes (mlp_post at a position) against generic_activation_patch."""
+    model = build_tiny_model(normalization="LN")
+    clean, corrupt, lengths, answer, wrong = _equal_length_pair()
+    _, corrupt_cache = model.run_with_cache(corrupt)
+    with torch.no_grad():
+        base = metric_per_prompt(
+            model(clean), METRIC, lengths=lengths, answer=answer, wrong=wrong
+        ).mean()
+    reference = patching.generic_activation_patch(
+        model,
+        clean,
+        corrupt_cache,
+        lambda logits: (
+            metric_per_prompt(logits, METRIC, lengths=lengths, answer=answer, wrong=wrong).mean()
+            - base
+        ),
+        patch_setter=patching.layer_pos_patch_setter,
+        activation_name="post",
+        index_axis_names=("layer", "pos"),
+    )
+    n_layers, seq = reference.shape
+    nodes = [
+        Node(kind="mlp", layer=layer, position=pos)
+        for layer in range(n_layers)
+        for pos in range(seq)
+    ]
+    ours = exact_patch(
+        model, None, clean, lengths, METRIC, answer, wrong, nodes, corrupt_tokens=corrupt
+    ).mean(0)
+    assert float(ours.abs().max()) > 1e-2
+    torch.testing.assert_close(
+        ours.reshape(n_layers, seq), reference.to(ours.dtype), atol=1e-6, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "zero", "mean"])
+def test_skipping_unchanged_patches_changes_nothing(mode):
+    """Rows skipped as no-ops (equal values, positions after the read) are truly 0."""
+    model = build_tiny_model(normalization="RMS")
+    site = HookSite(layer=1, point="resid_pre")
+    saes = {site: build_tiny_sae(model, site, architecture="topk", k=4)}
+    generator = torch.Generator().manual_seed(5)
+    clean = torch.randint(0, 40, (3, 7), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 3] = torch.randint(0, 40, (3,), generator=generator)
+    lengths = torch.tensor([7, 6, 5])
+    answer, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    nodes = [
+        node
+        for pos in range(7)
+        for node in (
+            Node(kind="z", layer=0, index=1, position=pos),
+            Node(kind="neuron", layer=1, index=3, position=pos),
+            Node(kind="sae_error", layer=1, point="resid_pre", position=pos),
+        )
+    ]
+    nodes += [
+        Node(kind="feature", layer=1, point="resid_pre", index=f, position=p)
+        for f in range(32)
+        for p in (2, 3, "last")
+    ]
+    kwargs = {
+        "corrupt_tokens": corrupt,
+        "reference_tokens": corrupt,
+        "reference_lengths": lengths,
+        "mode": mode,
+    }
+    fast = exact_patch(model, saes, clean, lengths, METRIC, answer, wrong, nodes, **kwargs)
+    slow = exact_patch(
+        model, saes, clean, lengths, METRIC, answer, wrong, nodes, skip_unchanged=False, **kwargs
+    )
+    torch.testing.assert_close(fast, slow, atol=1e-9, rtol=0, equal_nan=True)
+    assert int((fast == 0).sum()) > 0 and float(fast.nan_to_num(0).abs().max()) > 1e-3
+
+
+def _naive_ablations(model, sae, site, tokens, lengths, answer, wrong, prompt, chosen, edits):
+    """Δm of full forward passes on one prompt, row r setting feature f_r to v_r at ``chosen``.
+
+    Rows are batched, but each is a complete forward pass with its own single
+    ablation: the naive loop, without prefix caching or suffix tricks.
+    """
+    features = torch.tensor([f for f, _ in edits])
+    values = torch.tensor([v for _, v in edits], dtype=torch.float64)
+    rows = torch.arange(len(edits))[:, None]
+    at = torch.tensor(chosen)[None, :]
+
+    def hook(x, hook=None):
+        acts = sae_encode(sae, x)
+        edited = acts.clone()
+        edited[rows, at, features[:, None]] = values[:, None].to(acts.dtype)
+        return x + (sae_decode(sae, edited, x) - sae_decode(sae, acts, x))
+
+    batch = tokens[prompt : prompt + 1].expand(len(edits), -1)
+    with torch.no_grad():
+        logits = model.run_with_hooks(batch, fwd_hooks=[(site.hook_name, hook)])
+        clean = model(tokens[prompt : prompt + 1])
+
+    def metric(x, n):
+        return metric_per_prompt(
+            x,
+            METRIC,
+            lengths=lengths[prompt].expand(n),
+            answer=answer[prompt].expand(n),
+            wrong=wrong[prompt].expand(n),
+        )
+
+    return (metric(logits, len(edits)) - metric(clean, 1)).tolist()
+
+
+SCAN_SITES = [
+    (HookSite(layer=1, point="resid_pre"), "standard"),
+    (HookSite(layer=0, point="resid_post"), "topk"),
+    (HookSite(layer=1, point="z"), "topk"),
+    (HookSite(layer=0, point="mlp_post"), "standard"),
+]
+
+
+@pytest.mark.parametrize("site,architecture", SCAN_SITES, ids=lambda v: getattr(v, "label", v))
+@pytest.mark.parametrize("mode", ["zero", "mean", "resample"])
+def test_ablation_scan_matches_naive_loop(site, architecture, mode):
+    """Every (prompt, active feature) Δm equals a full forward pass with that one ablation."""
+    model = build_tiny_model(normalization="LN")
+    sae = build_tiny_sae(model, site, architecture=architecture, k=4)
+    generator = torch.Generator().manual_seed(7)
+    tokens = torch.randint(0, 40, (3, 6), generator=generator)
+    lengths = torch.tensor([6, 5, 4])
+    answer, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    positions = "last" if mode == "resample" else "all"
+    scan = ablation_scan(
+        model, sae, site, tokens, lengths, METRIC, answer, wrong,
+        mode=mode, positions=positions, batch_size=5,
+    )  # fmt: skip
+    assert scan.n_ablations > 5
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        acts = sae_encode(sae, cache[site.hook_name])  # [prompt, seq, d_sae]
+    chosen = [
+        [int(lengths[p]) - 1] if positions == "last" else list(range(int(lengths[p])))
+        for p in range(3)
+    ]
+    slots = torch.stack([acts[p, c] for p in range(3) for c in chosen[p]])  # [slots, d_sae]
+    checked = 0
+    for p in range(3):
+        expect: list[tuple[int, float, list[int]]] = []  # (column, got, candidate rows)
+        edits: list[tuple[int, float]] = []
+        for column, feature in enumerate(scan.features.tolist()):
+            if not bool((acts[p, chosen[p], feature] > 0).any()):
+                assert scan.delta[p, column] == 0 or torch.isnan(scan.delta[p, column])
+                continue
+            if mode == "zero":
+                candidates = [0.0]
+            elif mode == "mean":
+                candidates = [float(slots[:, feature].mean())]
+            else:  # the value must be the feature's activation at some chosen slot
+                candidates = sorted(set(slots[:, feature].tolist()))
+            rows = list(range(len(edits), len(edits) + len(candidates)))
+            edits += [(feature, value) for value in candidates]
+            expect.append((column, float(scan.delta[p, column]), rows))
+        naive = _naive_ablations(
+            model, sae, site, tokens, lengths, answer, wrong, p, chosen[p], edits
+        )
+        for column, got, rows in expect:
+            closest = min(abs(got - naive[r]) for r in rows)
+            assert closest < 1e-9, (p, int(scan.features[column]), got, [naive[r] for r in rows])
+            checked += 1
+    assert checked == scan.n_ablations
+    assert float(scan.delta.nan_to_num(0).abs().max()) > 1e-3
