@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,15 +39,34 @@ class ShardFailed(RuntimeError):
     """A shard raised an error in the worker (deterministic: not retried)."""
 
 
+def _check_reachable(target: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a host:port nobody listens on (ray.init would retry for minutes)."""
+    hostport = target.removeprefix("ray://").rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # 'auto', 'local' and other forms: let Ray resolve them
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ClusterUnreachable(
+            f"cannot reach a Ray cluster at {target}: {exc.strerror or exc} "
+            "(is `ray start --head` running there, and is the port right?)"
+        ) from exc
+
+
 def connect(address: str | None = None) -> None:
     """Join the cluster at ``address`` (or $RAY_ADDRESS), else start an embedded local one."""
     if ray.is_initialized():
         return
     env_vars = {key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ}
     target = address or os.environ.get("RAY_ADDRESS")
+    if target:
+        _check_reachable(target)
     try:
         ray.init(
-            address=target,
+            # "local": never attach to whatever `ray start` cluster this machine ran last.
+            address=target or "local",
             runtime_env={"env_vars": env_vars} if env_vars else None,
             include_dashboard=False if target is None else None,
             logging_level=logging.WARNING,

@@ -1,0 +1,263 @@
+"""Scan jobs end to end on real local Ray: the tiny HF Llama, its SAEs, Zarr stores on disk.
+
+One Ray instance serves the module; in-process jobs reuse their worker actors
+(``keep_actors``) so only the first job pays for loading the model in workers.
+CLI tests run the real ``circuitscan`` process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from circuitscan.schemas.jobs import (
+    CacheParams,
+    ExecutionSpec,
+    IOISource,
+    JobSpec,
+    JsonlSource,
+)
+from circuitscan.schemas.models import ModelSpec, SAESpec
+from circuitscan.services.jobs.ray_pool import acquire_actors, describe
+from circuitscan.services.jobs.runner import JobError, run_job
+from circuitscan.services.store import FeatureStore, feature_summary, features_at, top_examples
+
+pytestmark = pytest.mark.integration
+
+CLI = [sys.executable, "-m", "circuitscan.services.cli"]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def make_spec(tiny_hf_model_dir, tiny_hf_sae_dirs):
+    def make(store: Path, **fields) -> JobSpec:
+        base = {
+            "name": "tiny",
+            "model": ModelSpec(source=str(tiny_hf_model_dir)),
+            "saes": [SAESpec(source=str(path)) for path in tiny_hf_sae_dirs],
+            "prompts": IOISource(kind="ioi", n=12, seed=1),
+            "job": CacheParams(kind="cache"),
+            "store": str(store),
+            "shard_size": 3,
+            "execution": ExecutionSpec(num_actors=2, torch_threads=1, batch_size=4),
+        }
+        return JobSpec(**{**base, **fields})
+
+    return make
+
+
+def _digests(url: str) -> dict[int, str]:
+    store = FeatureStore.open(url)
+    return {sid: entry.digest() for sid, entry in store.committed_entries().items()}
+
+
+def _stored_texts(url: str) -> list[str]:
+    store = FeatureStore.open(url)
+    return [
+        r.text for sid in sorted(store.committed_shard_ids()) for r in store.prompt_records(sid)
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+# --- a cache job, in process ----------------------------------------------------------
+
+
+def test_cache_job_commits_a_queryable_store(local_ray, make_spec, tmp_path):
+    spec = make_spec(tmp_path / "store")
+    summary = run_job(spec, keep_actors=True)
+
+    assert (summary.prompts, summary.shards_total, summary.shards_run) == (12, 4, 4)
+    assert (summary.rejected, summary.truncated, summary.retries) == (0, 0, 0)
+    store = FeatureStore.open(spec.store)
+    assert store.committed_shard_ids() == {0, 1, 2, 3}
+    assert store.n_prompts() == 12 and store.n_tokens() == summary.tokens
+    assert store.layout.job_hash == spec.content_hash()
+    assert sum(summary.nodes.values()) == 4
+
+    active = features_at(store, "L0.resid_post", prompt=5, position=3)
+    assert active.feature_ids and active.gradients is not None
+    feature = active.feature_ids[0]
+    examples = top_examples(store, "L0.resid_post", feature, n=3)
+    assert examples and examples[0].activation >= examples[-1].activation
+    assert feature_summary(store, "L0.resid_post", feature).count >= 1
+
+    again = run_job(spec, keep_actors=True)  # everything committed: nothing recomputed
+    assert (again.shards_run, again.shards_reused) == (0, 4)
+    assert _digests(spec.store) == {sid: e.digest() for sid, e in store.committed_entries().items()}
+
+
+def test_overlong_prompts_are_rejected_or_truncated_and_counted(local_ray, make_spec, tmp_path):
+    short = ["The cat sat on the mat.", "A dog ran.", "Birds sing in spring."]
+    long = ["word " * 40, "another rather long prompt " * 10]
+    source = JsonlSource(kind="jsonl", path=str(_write_jsonl(tmp_path / "p.jsonl", short + long)))
+    cache = CacheParams(kind="cache", gradients=False)
+    common = {"prompts": source, "job": cache, "max_prompt_tokens": 12, "shard_size": 2}
+
+    rejected = run_job(make_spec(tmp_path / "reject", **common), keep_actors=True)
+    assert (rejected.prompts, rejected.rejected, rejected.truncated) == (3, 2, 0)
+    assert _stored_texts(str(tmp_path / "reject")) == short
+
+    spec = make_spec(tmp_path / "cut", overlong="truncate", **common)
+    truncated = run_job(spec, keep_actors=True)
+    assert (truncated.prompts, truncated.rejected, truncated.truncated) == (5, 0, 2)
+    store = FeatureStore.open(spec.store)
+    lengths = [len(store.prompt_tokens(i)) for i in range(5)]
+    assert max(lengths) == 12 and lengths[3] == lengths[4] == 12
+
+
+def test_store_holding_another_job_is_refused(local_ray, make_spec, tmp_path):
+    first = make_spec(tmp_path / "store", prompts=IOISource(kind="ioi", n=3, seed=1))
+    run_job(first, keep_actors=True)
+    before = _digests(first.store)
+    other = make_spec(tmp_path / "store", prompts=IOISource(kind="ioi", n=3, seed=2))
+    with pytest.raises(JobError, match="already holds a different job"):
+        run_job(other, keep_actors=True)
+    assert _digests(first.store) == before
+
+
+def test_empty_prompt_set_is_an_error(make_spec, tmp_path):
+    source = JsonlSource(kind="jsonl", path=str(_write_jsonl(tmp_path / "e.jsonl", [])))
+    with pytest.raises(JobError, match="empty"):
+        run_job(make_spec(tmp_path / "store", prompts=source))
+    assert not (tmp_path / "store").exists()
+
+
+# --- fault tolerance -------------------------------------------------------------------
+
+
+def _wait_for_commits(store: Path, n: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        manifest = store / "manifest"
+        if manifest.is_dir() and len(list(manifest.glob("*.json"))) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {n} shards committed in {store} after {timeout}s")
+
+
+def test_killed_worker_actor_shards_are_retried(local_ray, make_spec, tmp_path):
+    fields = {
+        "prompts": IOISource(kind="ioi", n=16, seed=3),
+        "shard_size": 1,
+        "job": CacheParams(kind="cache", gradients=False),
+    }
+    reference = make_spec(tmp_path / "reference", **fields)
+    run_job(reference, keep_actors=True)
+
+    spec = make_spec(tmp_path / "killed", **fields)
+    # The job reuses these pooled actors, so their pids are the processes to kill.
+    actors = acquire_actors(spec, 2, use_gpu=False, reuse=True)
+    pids = {describe(actor).pid for actor in actors}
+    victim = sorted(pids)[0]
+
+    def kill_after_first_commit() -> None:
+        _wait_for_commits(tmp_path / "killed", 1, timeout=120)
+        os.kill(victim, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_after_first_commit)
+    killer.start()
+    summary = run_job(spec, keep_actors=True)
+    killer.join()
+
+    assert summary.shards_run == summary.shards_total == 16
+    assert set(summary.pids) - pids, "no shard ran on the restarted worker"
+    assert _digests(spec.store) == _digests(reference.store)
+    assert _stored_texts(spec.store) == _stored_texts(reference.store)
+
+
+def test_killed_driver_then_resume_recomputes_only_uncommitted(make_spec, tmp_path, local_ray):
+    fields = {
+        "prompts": IOISource(kind="ioi", n=24, seed=4),
+        "shard_size": 1,
+        "job": CacheParams(kind="cache", gradients=False),
+        "execution": ExecutionSpec(num_actors=1, torch_threads=1, batch_size=4),
+    }
+    reference = make_spec(tmp_path / "reference", **fields)
+    run_job(reference, keep_actors=True)
+
+    spec = make_spec(tmp_path / "store", **fields)
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(spec.model_dump_json(), encoding="utf-8")
+    driver = subprocess.Popen(
+        [*CLI, "run", str(spec_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(),
+        start_new_session=True,  # its embedded Ray lives in this process group
+    )
+    try:
+        _wait_for_commits(tmp_path / "store", 1, timeout=240)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # the killed driver's own Ray processes
+    committed = set(_digests(spec.store))
+    assert 1 <= len(committed) < 24, "the kill did not land mid-job"
+
+    resumed = _cli("resume", spec.store)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"ran {24 - len(committed)}, reused {len(committed)}" in resumed.stdout
+    assert _digests(spec.store) == _digests(reference.store)
+    assert _stored_texts(spec.store) == _stored_texts(reference.store)
+
+
+# --- bad input through the CLI ---------------------------------------------------------
+
+
+def test_cli_reports_bad_input_without_traceback(make_spec, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nprompts: {kind: ioi, n: 0}\njob: {kind: cash}\nshard_size: -1\n")
+    invalid = _cli("run", str(bad))
+    assert invalid.returncode != 0
+    for path in ("prompts.ioi.n", "job", "store", "shard_size"):
+        assert path in invalid.stderr, invalid.stderr
+    assert "Traceback" not in invalid.stderr
+
+    source = JsonlSource(kind="jsonl", path=str(_write_jsonl(tmp_path / "p.jsonl", ["Hi there."])))
+    good = tmp_path / "good.json"
+    good.write_text(make_spec(tmp_path / "store", prompts=source).model_dump_json())
+    unreachable = _cli("run", str(good), "--address", "127.0.0.1:9")
+    assert unreachable.returncode != 0
+    assert "cannot reach a Ray cluster at 127.0.0.1:9" in unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+
+    empty = tmp_path / "empty.json"
+    empty_source = JsonlSource(kind="jsonl", path=str(_write_jsonl(tmp_path / "e.jsonl", [])))
+    empty.write_text(make_spec(tmp_path / "store", prompts=empty_source).model_dump_json())
+    result = _cli("run", str(empty))
+    assert result.returncode != 0 and "prompt set is empty" in result.stderr
+    assert "Traceback" not in result.stderr
