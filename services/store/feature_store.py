@@ -29,6 +29,7 @@ from circuitscan.services.store.backends import (
     write_bytes,
     write_many,
 )
+from circuitscan.services.store.chunk_reads import ArrayMeta, read_rows
 from circuitscan.services.store.encoding import INDEX_ROW_CHUNK, open_array, write_array
 from circuitscan.services.store.shard_io import (
     PromptShard,
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 LAYOUT_ATTR = "circuitscan_layout"
 INDEX_POINTER = "index/current.json"
 _CACHE_SHARDS = 16
+# Prompt shards are small (token ids and offsets) and every top-examples
+# answer touches up to N of them, so many more are kept.
+_CACHE_PROMPT_SHARDS = 512
+_CACHE_ARRAY_METAS = 4096
 
 
 class StoreError(ValueError):
@@ -98,6 +103,7 @@ class FeatureStore:
         # Objects of the shard just checked by commit_shard, reused by the index
         # merge that follows so a commit reads each object once.
         self._recent: tuple[int, dict[str, bytes]] | None = None
+        self._metas: OrderedDict[tuple[int, str], ArrayMeta] = OrderedDict()
 
     # --- opening -----------------------------------------------------------------
 
@@ -238,6 +244,7 @@ class FeatureStore:
         self._index = None
         self._indexed = set()
         self._recent = None
+        self._metas.clear()
         self._sites.clear()
         self._prompts.clear()
 
@@ -313,6 +320,7 @@ class FeatureStore:
     def _drop_shard_data(self, shard_id: int) -> None:
         delete_keys(self.backend, list_keys(self.backend, shard_prefix(shard_id)))
         self._recent = None
+        self._metas.clear()
         self._prompts.pop(shard_id, None)
         for label in [s.label for s in self.layout.sites]:
             self._sites.pop((shard_id, label), None)
@@ -327,8 +335,23 @@ class FeatureStore:
         entry = self._committed().get(shard_id)
         if entry is None:
             raise StoreError(f"shard {shard_id} is not committed")
-        prefix = shard_prefix(shard_id)
         keys = [key for key in entry.checksums if key.startswith(tuple(parts))]
+        prefix = shard_prefix(shard_id)
+        objects = self._fetch_verified(shard_id, keys)
+        return memory_store({prefix + key: raw for key, raw in objects.items()})
+
+    def _fetch_verified(self, shard_id: int, keys: Sequence[str]) -> dict[str, bytes]:
+        """Objects of a committed shard (keys relative to it), checked against the manifest.
+
+        Keys the manifest does not list are skipped (zarr leaves chunks that
+        are all fill value unwritten); listed ones that are missing, truncated
+        or altered raise CorruptShardError.
+        """
+        entry = self._committed().get(shard_id)
+        if entry is None:
+            raise StoreError(f"shard {shard_id} is not committed")
+        prefix = shard_prefix(shard_id)
+        keys = [key for key in keys if key in entry.checksums]
         if self._recent is not None and self._recent[0] == shard_id:
             data = {prefix + key: self._recent[1].get(prefix + key) for key in keys}
         else:
@@ -344,7 +367,28 @@ class FeatureStore:
                 f"shard {shard_id} of {self.url} is corrupt (checksum mismatch in {bad[:3]}); "
                 "resume the job to recompute it"
             )
-        return memory_store({key: raw for key, raw in data.items() if raw is not None})
+        return {key: data[prefix + key] for key in keys}  # type: ignore[misc]
+
+    def read_rows(self, shard_id: int, array: str, start: int, stop: int) -> np.ndarray:
+        """Elements ``[start, stop)`` of one 1-D array of a committed shard (path relative
+        to the shard, e.g. ``sites/L6.z/feature_ids``), fetching, verifying and
+        decoding only the chunks that hold them."""
+        key = (shard_id, array)
+        meta = self._metas.get(key)
+        if meta is None:
+            raw = self._fetch_verified(shard_id, [f"{array}/zarr.json"]).get(f"{array}/zarr.json")
+            if raw is None:
+                raise StoreError(f"shard {shard_id} has no array {array}")
+            meta = self._metas[key] = ArrayMeta.parse(raw)
+            while len(self._metas) > _CACHE_ARRAY_METAS:
+                self._metas.popitem(last=False)
+        return read_rows(
+            lambda keys: self._fetch_verified(shard_id, keys), array, start, stop, meta
+        )
+
+    def cached_site_shard(self, shard_id: int, label: str) -> SiteShard | None:
+        """The decoded site shard when it is already in memory, else None (no I/O)."""
+        return self._sites.get((shard_id, label))
 
     def _ensure_verified(self, shard_id: int) -> None:
         if shard_id not in self._committed():
@@ -389,7 +433,7 @@ class FeatureStore:
                 shard_id, ["prompts/token_ids/", "prompts/prompt_offsets/"]
             )
             self._prompts[shard_id] = read_prompts(source, shard_id)
-            while len(self._prompts) > _CACHE_SHARDS:
+            while len(self._prompts) > _CACHE_PROMPT_SHARDS:
                 self._prompts.popitem(last=False)
         self._prompts.move_to_end(shard_id)
         return self._prompts[shard_id]

@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 
 from circuitscan.schemas.store import ActiveFeatures, FeatureExample, FeatureSummary
 from circuitscan.services.store.feature_store import FeatureStore, StoreError
+from circuitscan.services.store.shard_io import decode_values
 from circuitscan.services.store.summaries import EMPTY
 
 Decode = Callable[[Sequence[int]], list[str]]
@@ -67,11 +68,7 @@ def features_at(
     """
     store.layout.site(site)
     shard_id, token, token_id = _token_slot(store, prompt, position)
-    data = store.site_shard(shard_id, site)
-    lo, hi = int(data.token_offsets[token]), int(data.token_offsets[token + 1])
-    ids = data.feature_ids[lo:hi].astype(np.int64)
-    acts = data.activations[lo:hi]
-    grads = data.gradients[lo:hi] if data.gradients is not None else None
+    ids, acts, grads, error_norm, dropped_mass = _token_entries(store, site, shard_id, token)
     attr = acts * grads if grads is not None else None
     key = np.abs(attr) if (sort_by == "attribution" and attr is not None) else acts
     order = np.lexsort((ids, -key))[:limit]
@@ -84,8 +81,44 @@ def features_at(
         activations=acts[order].tolist(),
         gradients=grads[order].tolist() if grads is not None else None,
         attributions=attr[order].tolist() if attr is not None else None,
-        error_norm=float(data.error_norm[token]),
-        dropped_mass=float(data.dropped_mass[token]) if data.dropped_mass is not None else 0.0,
+        error_norm=error_norm,
+        dropped_mass=dropped_mass,
+    )
+
+
+def _token_entries(
+    store: FeatureStore, site: str, shard_id: int, token: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float, float]:
+    """(feature ids, activations, gradients, error norm, dropped mass) of one stored token.
+
+    From the decoded shard when it is cached; otherwise only the chunks that
+    hold this token are read (a point query must not decode a whole shard).
+    """
+    data = store.cached_site_shard(shard_id, site)
+    if data is not None:
+        lo, hi = int(data.token_offsets[token]), int(data.token_offsets[token + 1])
+        return (
+            data.feature_ids[lo:hi].astype(np.int64),
+            data.activations[lo:hi],
+            data.gradients[lo:hi] if data.gradients is not None else None,
+            float(data.error_norm[token]),
+            float(data.dropped_mass[token]) if data.dropped_mass is not None else 0.0,
+        )
+    base, dtype = f"sites/{site}/", store.layout.value_dtype
+    offsets = store.read_rows(shard_id, base + "token_offsets", token, token + 2)
+    lo, hi = int(offsets[0]), int(offsets[1])
+    grads = None
+    if store.layout.gradients:
+        grads = decode_values(store.read_rows(shard_id, base + "gradients", lo, hi), dtype)
+    dropped = 0.0
+    if store.layout.top_k_per_token is not None:
+        dropped = float(store.read_rows(shard_id, base + "dropped_mass", token, token + 1)[0])
+    return (
+        store.read_rows(shard_id, base + "feature_ids", lo, hi).astype(np.int64),
+        decode_values(store.read_rows(shard_id, base + "activations", lo, hi), dtype),
+        grads,
+        float(store.read_rows(shard_id, base + "error_norm", token, token + 1)[0]),
+        dropped,
     )
 
 
