@@ -261,3 +261,144 @@ def test_cli_reports_bad_input_without_traceback(make_spec, tmp_path):
     result = _cli("run", str(empty))
     assert result.returncode != 0 and "prompt set is empty" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- attribute, ablation_scan and splice_eval kinds ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def direct(tiny_hf_model_dir, tiny_hf_sae_dirs):
+    """The same model, SAEs and prompts in this process, for the pipelines' direct output."""
+    from circuitscan.pipelines.batching import tokenize_prompts
+    from circuitscan.services.jobs.prompt_sources import load_prompts
+    from circuitscan.services.model_loading import load_model, load_tokenizer
+    from circuitscan.services.sae_loading import load_sae
+
+    spec = ModelSpec(source=str(tiny_hf_model_dir))
+    model = load_model(spec).model
+    saes = [load_sae(SAESpec(source=str(path)), model) for path in tiny_hf_sae_dirs]
+    records = load_prompts(KIND_PROMPTS, lambda: load_tokenizer(spec))
+    clean = tokenize_prompts(model, records)
+    corrupt = tokenize_prompts(model, [r.model_copy(update={"text": r.corrupted}) for r in records])
+    return model, {s.site.label: s for s in saes}, records, clean, corrupt
+
+
+KIND_PROMPTS = IOISource(kind="ioi", n=10, seed=5)
+
+
+def test_attribute_job_matches_the_pipeline_and_verifies_top_nodes(
+    local_ray, make_spec, direct, tmp_path
+):
+    from circuitscan.pipelines.attribution import exact_patch, run_atp
+    from circuitscan.schemas.attribution import Node
+    from circuitscan.schemas.jobs import AttributeParams
+    from circuitscan.services.jobs.kind_attribute import attribution_method, node_selection
+    from circuitscan.services.store.results import list_results, read_result, top_nodes
+
+    params = AttributeParams(
+        kind="attribute",
+        method="atpstar",
+        nodes=["sae_feature", "head_z", "head_q", "head_k"],
+        positions="all",
+        verify_top_k=4,
+        top_nodes=100_000,
+    )
+    spec = make_spec(tmp_path / "attr", prompts=KIND_PROMPTS, job=params)
+    summary = run_job(spec, keep_actors=True)
+    assert (summary.prompts, summary.shards_run) == (10, 4)
+
+    model, saes, records, clean, corrupt = direct
+    sae_map = {label: loaded.sae for label, loaded in saes.items()}
+    named = [r.positions for r in records]
+    expected = run_atp(
+        model, sae_map, clean.tokens, corrupt.tokens, clean.lengths, spec.metric,
+        clean.answer, clean.wrong, node_selection(params), method=attribution_method(params),
+        named_positions=named, corrupt_lengths=corrupt.lengths,
+    )  # fmt: skip
+    names = [str(node) for node in expected.nodes()]
+    means, means_abs = expected.mean().tolist(), expected.mean_abs().tolist()
+
+    result = read_result(spec.store)
+    assert result.kind == "attribute" and result.n_prompts == 10
+    assert result.n_nodes == len(names)
+    stored = {effect.node: effect for effect in result.top}
+    assert set(stored) == {n for n, m in zip(names, means, strict=True) if m == m}  # NaN-free
+    for name, mean, mean_abs in zip(names, means, means_abs, strict=True):
+        if name in stored:
+            assert stored[name].mean == pytest.approx(mean, rel=1e-4, abs=1e-6)
+            assert stored[name].mean_abs == pytest.approx(mean_abs, rel=1e-4, abs=1e-6)
+
+    top = top_nodes(spec.store, k=4)
+    assert [t.mean_abs for t in top] == sorted((t.mean_abs for t in top), reverse=True)
+    assert all(t.verification is not None for t in top)
+    assert result.n_verified == 4 and top_nodes(spec.store, k=5)[4].verification is None
+    exact = exact_patch(
+        model, sae_map, clean.tokens, clean.lengths, spec.metric, clean.answer, clean.wrong,
+        [Node.parse(t.node) for t in top], mode="corrupt", corrupt_tokens=corrupt.tokens,
+        corrupt_lengths=corrupt.lengths, named_positions=named,
+    )  # fmt: skip
+    for column, effect in enumerate(top):
+        assert effect.verification is not None
+        truth = exact[:, column].nanmean().item()
+        assert effect.verification.exact_mean == pytest.approx(truth, rel=1e-4, abs=1e-6)
+    assert [info.kind for info in list_results(spec.store)] == ["attribute"]
+
+    again = run_job(spec, keep_actors=True)  # finished job: nothing recomputed, result kept
+    assert again.shards_run == 0 and read_result(spec.store) == result
+
+
+def test_ablation_scan_job_matches_the_pipeline(local_ray, make_spec, direct, tmp_path):
+    from circuitscan.pipelines.attribution import ablation_scan
+    from circuitscan.schemas.jobs import AblationScanParams
+    from circuitscan.services.store.results import ablation_deltas, read_result
+
+    params = AblationScanParams(kind="ablation_scan", site="L1.z", mode="zero", positions="last")
+    spec = make_spec(tmp_path / "scan", prompts=KIND_PROMPTS, job=params)
+    run_job(spec, keep_actors=True)
+
+    model, saes, records, clean, _ = direct
+    scan = ablation_scan(
+        model, saes["L1.z"].sae, saes["L1.z"].site, clean.tokens, clean.lengths, spec.metric,
+        clean.answer, clean.wrong, mode="zero", positions="last",
+        named_positions=[r.positions for r in records],
+    )  # fmt: skip
+    expected = dict(zip(scan.features.tolist(), scan.delta.mean(0).tolist(), strict=True))
+    deltas = ablation_deltas(spec.store)
+    assert {d.feature for d in deltas} == set(expected)
+    for delta in deltas:
+        assert delta.site == "L1.z" and delta.n_prompts == 10
+        assert delta.mean_delta == pytest.approx(expected[delta.feature], rel=1e-4, abs=1e-6)
+    assert [d.mean_abs_delta for d in deltas] == sorted(
+        (d.mean_abs_delta for d in deltas), reverse=True
+    )
+    result = read_result(spec.store, "ablation_scan")
+    assert result.n_ablations == scan.n_ablations
+    assert result.baseline_mean == pytest.approx(scan.baseline.mean().item(), rel=1e-4)
+
+
+def test_splice_eval_job_pools_shards_like_one_pass(local_ray, make_spec, direct, tmp_path):
+    from circuitscan.pipelines.analyses.splice_eval import splice_eval
+    from circuitscan.schemas.jobs import SpliceEvalParams
+    from circuitscan.services.store.results import splice_eval_rows
+
+    params = SpliceEvalParams(kind="splice_eval", layer_sets=[["L0.resid_post", "L1.z"]])
+    spec = make_spec(tmp_path / "splice", prompts=KIND_PROMPTS, job=params)
+    run_job(spec, keep_actors=True)
+
+    model, saes, _, clean, _ = direct
+    expected = splice_eval(
+        model, [loaded.sae for loaded in saes.values()], clean.tokens, clean.lengths,
+        spec.metric, clean.answer, clean.wrong,
+        layer_sets=[["L0.resid_post"], ["L1.z"], ["L0.resid_post", "L1.z"]],
+        reference_tokens=clean.tokens, reference_lengths=clean.lengths,
+    )  # fmt: skip
+    rows = splice_eval_rows(spec.store)
+    assert [(r.sites, r.variant) for r in rows] == [(e.sites, e.variant) for e in expected]
+    for row, want in zip(rows, expected, strict=True):
+        assert row.n_prompts == want.n_prompts == 10
+        for field in ("metric_mean", "metric_std", "kl_metric_pos", "kl_all_pos"):
+            assert getattr(row, field) == pytest.approx(getattr(want, field), rel=1e-4, abs=1e-6)
+        if want.metric_recovered is None:
+            assert row.metric_recovered is None
+        else:
+            assert row.metric_recovered == pytest.approx(want.metric_recovered, rel=1e-3)
