@@ -147,7 +147,11 @@ class QKVarianceExplained(_Frozen):
     n_prompts: int = Field(ge=0, description="Prompts in the set.")
     top_pairs: list[tuple[str, str, float]] = Field(
         description="(query label, key label, mean contribution) of the pairs used, largest "
-        "mean |contribution| first."
+        "variance share first."
+    )
+    variance_share: list[float] = Field(
+        description="Per pair, Cov(pair contribution, score)/Var(score); over all pairs these "
+        "sum to 1."
     )
     fraction_explained: list[float] = Field(
         description="1 − Var(score − Σ top-n pairs)/Var(score) for n = 1..len(top_pairs)."

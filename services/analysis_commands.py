@@ -132,8 +132,8 @@ def qk_pairs_command(
     store: str | None = _STORE, model: str | None = _MODEL, sae: list[str] | None = _SAES,
     site: str | None = typer.Option(None, help="Residual SAE site (default: the first)."),
     head: int | None = typer.Option(None, help="Head (default: most attention dest→src)."),
-    dest: str = typer.Option("END", help="Named destination position."),
-    src: str = typer.Option("IO", help="Named source position."),
+    dest: str = typer.Option("S2", help="Named destination position (IOI: IO, S1, S2, END)."),
+    src: str = typer.Option("S1", help="Named source position."),
     top_n: int = typer.Option(20, help="Top pairs for the variance curve."),
 ) -> None:  # fmt: skip
     """An attention score split into (query feature, key feature) pairs, and variance explained."""

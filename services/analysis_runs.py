@@ -35,7 +35,7 @@ from circuitscan.pipelines.analyses import (
     dfa,
     frozen_norm_scales,
     head_feature_logit,
-    qk_feature_pairs,
+    qk_feature_pairs_batch,
     qk_pair_variance,
     recursive_dfa,
     splice_eval,
@@ -267,13 +267,15 @@ def run_qk_pairs(
     *,
     site: str | None = None,
     head: int | None = None,
-    dest: str = "END",
-    src: str = "IO",
+    dest: str = "S2",
+    src: str = "S1",
     top_n: int = 20,
 ) -> QKPairsOutput:
     """QK pair tables (dest→src) of the head reading the residual SAE's site, over all prompts.
 
-    Default head: the one of that layer with the largest mean attention dest→src.
+    Default: from the second mention of the subject (S2) to its first (S1), the
+    duplicate-name lookup of IOI, on the head of that layer with the largest
+    mean attention dest→src.
     """
     label = site or _first_site(setup, ("resid_post", "resid_pre"))
     hook_site = HookSite.from_hook_name(_sae(setup, label).cfg.metadata.hook_name)
@@ -289,12 +291,11 @@ def run_qk_pairs(
     head = int(attention.argmax()) if head is None else head
     if not 0 <= head < setup.model.cfg.n_heads:
         raise AnalysisInputError(f"head {head} out of range for {setup.model.cfg.n_heads} heads")
-    sae = _sae(setup, label)
-    tables = []
-    for i, record in enumerate(setup.records):
-        tokens = setup.batch.tokens[i, : int(setup.batch.lengths[i])]
-        d, s = record.positions[dest], record.positions[src]
-        tables.append(qk_feature_pairs(setup.model, sae, tokens, layer, head, d, s))
+    b = setup.batch
+    tables = qk_feature_pairs_batch(
+        setup.model, _sae(setup, label), b.tokens, b.lengths, layer, head,
+        _positions(setup, dest).tolist(), _positions(setup, src).tolist(),
+    )  # fmt: skip
     return QKPairsOutput(
         context=setup.context,
         dest=dest,
@@ -391,15 +392,13 @@ def summary_lines(output: Any) -> str:
         return format_table(*splice_table(output))
     if isinstance(output, HeadFeatureLogitOutput):
         r = output.result
-        cols = ["head", "logit diff / unit", "top tokens"]
+        cols = ["head", "logit diff / unit", "× activation", "top tokens"]
+        act = output.feature_activation
         rows = [
-            [
-                f"L{h.layer}H{h.head}",
-                h.logit_diff,
-                " ".join(repr(t.token) for t in h.top_tokens[:4]),
-            ]
+            [f"L{h.layer}H{h.head}", h.logit_diff, h.logit_diff * act,
+             " ".join(repr(t.token) for t in h.top_tokens[:4])]
             for h in r.heads[:10]
-        ]
+        ]  # fmt: skip
         head = (
             f"{r.sae_site}#{r.feature} (activation {output.feature_activation:.3f}, "
             f"attribution {output.feature_attribution:+.3f}) at pos {output.src_pos}"
@@ -415,9 +414,12 @@ def summary_lines(output: Any) -> str:
         )
     if isinstance(output, QKPairsOutput):
         v = output.variance
-        cols = ["query", "key", "mean contribution", "cum. variance explained"]
+        cols = ["query", "key", "mean contribution", "variance share", "cum. explained"]
         rows = [
-            [q, k, m, f] for (q, k, m), f in zip(v.top_pairs, v.fraction_explained, strict=True)
+            [q, k, m, share, f]
+            for (q, k, m), share, f in zip(
+                v.top_pairs, v.variance_share, v.fraction_explained, strict=True
+            )
         ][:12]
         head = (
             f"L{v.layer}H{v.head} {output.dest}→{output.src} (mean attention "

@@ -15,7 +15,8 @@ Public API (results are pydantic models from ``circuitscan.schemas.analyses``):
   ``recursive_dfa(model, saes, tokens, feature, layer, dest_pos, pruning=Pruning()) -> DFANode``
   — method 9 for hook_z SAE features; ``check_tree_sums(tree)`` verifies exactness.
 - ``qk_feature_pairs(model, sae, tokens, layer, head, dest_pos, src_pos, *, key_sae=None)
-  -> QKPairTable`` and ``qk_pair_variance(tables, top_n) -> QKVarianceExplained`` — method 10.
+  -> QKPairTable`` (``qk_feature_pairs_batch`` for a padded batch, one forward pass) and
+  ``qk_pair_variance(tables, top_n) -> QKVarianceExplained`` — method 10.
 
 - ``feature_attributions(model, sae, tokens, lengths, positions, metric, answer, wrong)
   -> (activations, attributions)`` per prompt at one position each — how the analyses pick
@@ -33,7 +34,11 @@ from circuitscan.pipelines.analyses.head_feature_logit import (
     head_logit_vectors,
 )
 from circuitscan.pipelines.analyses.linear_parts import AnalysisInputError
-from circuitscan.pipelines.analyses.qk_pairs import qk_feature_pairs, qk_pair_variance
+from circuitscan.pipelines.analyses.qk_pairs import (
+    qk_feature_pairs,
+    qk_feature_pairs_batch,
+    qk_pair_variance,
+)
 from circuitscan.pipelines.analyses.splice_eval import reference_means, splice_eval
 
 __all__ = [
@@ -47,6 +52,7 @@ __all__ = [
     "head_feature_logit",
     "head_logit_vectors",
     "qk_feature_pairs",
+    "qk_feature_pairs_batch",
     "qk_pair_variance",
     "recursive_dfa",
     "reference_means",

@@ -63,7 +63,11 @@ class _Context:
     """One prompt's frozen forward pass plus the SAEs by site."""
 
     def __init__(
-        self, model: HookedSAETransformer, saes: list[SAE], tokens: Int[torch.Tensor, " seq"]
+        self,
+        model: HookedSAETransformer,
+        saes: list[SAE],
+        tokens: Int[torch.Tensor, " seq"],
+        last_layer: int | None = None,
     ):
         if tokens.dim() != 1:
             raise AnalysisInputError(f"DFA takes one prompt's token ids (1-D), got {tokens.shape}")
@@ -84,7 +88,9 @@ class _Context:
             elif site.point == "resid_post":
                 self.resid_saes[site.layer + 1] = (sae, site.label)
         with torch.no_grad():
-            _, cache = model.run_with_cache(tokens.unsqueeze(0))
+            # Nothing above the analysed layer is read: stop the forward pass there.
+            stop = None if last_layer is None else last_layer + 1
+            _, cache = model.run_with_cache(tokens.unsqueeze(0), stop_at_layer=stop)
         self.cache = cache
         self.tok_str: list[str] | None = None
         if model.tokenizer is not None:
@@ -134,7 +140,7 @@ def dfa(
     pre-activation units, and ``contributions`` plus ``bias`` sum to
     ``pre_activation`` exactly (patterns and norm scales frozen).
     """
-    ctx = _Context(model, saes, tokens)
+    ctx = _Context(model, saes, tokens, layer)
     if layer not in ctx.z_saes:
         raise AnalysisInputError(f"no hook_z SAE at layer {layer} among the given SAEs")
     _check_position(ctx, dest_pos)
@@ -345,7 +351,7 @@ def recursive_dfa(
     in ``saes`` (resid_pre L or resid_post L−1) decompose the input of layer L;
     hook_z SAEs decompose attention outputs and are recursed into.
     """
-    ctx = _Context(model, saes, tokens)
+    ctx = _Context(model, saes, tokens, layer)
     if layer not in ctx.z_saes:
         raise AnalysisInputError(f"no hook_z SAE at layer {layer} among the given SAEs")
     _check_position(ctx, dest_pos)

@@ -64,6 +64,24 @@ def _components(
     return labels, torch.cat([feats, error[None], b_dec[None]], dim=0)
 
 
+def _check(model: HookedSAETransformer, saes: tuple[SAE, SAE], layer: int, head: int) -> None:
+    cfg = model.cfg
+    if cfg.attn_scores_soft_cap not in (None, -1.0) or cfg.use_qk_norm or cfg.use_logn_attn:
+        raise AnalysisInputError(
+            "attention variants with soft-cap, QK-norm or logn are unsupported"
+        )
+    if cfg.positional_embedding_type not in ("standard", "rotary", "shortformer"):
+        raise AnalysisInputError(f"positional embedding {cfg.positional_embedding_type!r}")
+    for s in saes:
+        check_plain_sae(s)
+        if _resid_layer(s) != layer:
+            raise AnalysisInputError(
+                f"SAE at {sae_hook_name(s)} does not read the input of layer {layer}"
+            )
+    if not 0 <= head < cfg.n_heads:
+        raise AnalysisInputError(f"head {head} out of range for {cfg.n_heads} heads")
+
+
 @torch.no_grad()
 def qk_feature_pairs(
     model: HookedSAETransformer,
@@ -81,65 +99,88 @@ def qk_feature_pairs(
     ``sae`` (and ``key_sae`` for the key side, default the same) must be a
     residual-stream SAE at the input of ``layer`` (resid_pre L or resid_post L−1).
     """
-    cfg = model.cfg
-    if cfg.attn_scores_soft_cap not in (None, -1.0) or cfg.use_qk_norm or cfg.use_logn_attn:
-        raise AnalysisInputError(
-            "attention variants with soft-cap, QK-norm or logn are unsupported"
-        )
-    if cfg.positional_embedding_type not in ("standard", "rotary", "shortformer"):
-        raise AnalysisInputError(f"positional embedding {cfg.positional_embedding_type!r}")
-    sae = as_plain_sae(sae)
-    key_sae = sae if key_sae is None else as_plain_sae(key_sae)
-    for s in (sae, key_sae):
-        check_plain_sae(s)
-        if _resid_layer(s) != layer:
-            raise AnalysisInputError(
-                f"SAE at {sae_hook_name(s)} does not read the input of layer {layer}"
-            )
     if tokens.dim() != 1:
         raise AnalysisInputError(f"qk_feature_pairs takes one prompt (1-D), got {tokens.shape}")
-    if not 0 <= src_pos <= dest_pos < tokens.shape[0]:
-        raise AnalysisInputError(
-            f"need 0 ≤ src_pos ≤ dest_pos < {tokens.shape[0]}, got src {src_pos}, dest {dest_pos}"
-        )
-    if not 0 <= head < cfg.n_heads:
-        raise AnalysisInputError(f"head {head} out of range for {cfg.n_heads} heads")
+    (table,) = qk_feature_pairs_batch(
+        model, sae, tokens[None], torch.tensor([tokens.shape[0]]), layer, head,
+        [dest_pos], [src_pos], key_sae=key_sae,
+    )  # fmt: skip
+    return table
+
+
+@torch.no_grad()
+def qk_feature_pairs_batch(
+    model: HookedSAETransformer,
+    sae: SAE,
+    tokens: Int[torch.Tensor, "batch seq"],
+    lengths: Int[torch.Tensor, " batch"],
+    layer: int,
+    head: int,
+    dest_positions: list[int],
+    src_positions: list[int],
+    *,
+    key_sae: SAE | None = None,
+) -> list[QKPairTable]:
+    """``qk_feature_pairs`` for each prompt of a right-padded batch, from one forward pass."""
+    sae = as_plain_sae(sae)
+    key_sae = sae if key_sae is None else as_plain_sae(key_sae)
+    _check(model, (sae, key_sae), layer, head)
+    if tokens.dim() != 2 or not len(dest_positions) == len(src_positions) == tokens.shape[0]:
+        raise AnalysisInputError("need a [batch, seq] token batch and one dest/src per prompt")
+    for n, dest_pos, src_pos in zip(lengths.tolist(), dest_positions, src_positions, strict=True):
+        if not 0 <= src_pos <= dest_pos < n:
+            raise AnalysisInputError(
+                f"need 0 ≤ src_pos ≤ dest_pos < {n}, got src {src_pos}, dest {dest_pos}"
+            )
     block = model.blocks[layer]
     names = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.ln1.hook_scale"]
-    _, cache = model.run_with_cache(tokens.unsqueeze(0), names_filter=lambda n: n in names)
-    resid = cache[names[0]][0]
-    scale = cache[names[1]][0] if names[1] in cache else torch.ones(resid.shape[0], 1)
-    attn = block.attn
-
-    def side(s: SAE, pos: int, w: torch.Tensor, b: torch.Tensor):
-        labels, comps = _components(s, resid[pos])
-        proj = norm_linear(block.ln1, comps, scale[pos]) @ w
-        bias = norm_bias(block.ln1, resid[pos]) @ w + b
-        return [*labels, "bias"], _rotate(attn, torch.cat([proj, bias[None]]), pos)
-
-    q_labels, q = side(sae, dest_pos, attn.W_Q[head], attn.b_Q[head])
-    k_labels, k = side(key_sae, src_pos, attn.W_K[head], attn.b_K[head])
-    table = q @ k.T / attn.attn_scale
-    return QKPairTable(
-        layer=layer,
-        head=head,
-        dest_pos=dest_pos,
-        src_pos=src_pos,
-        score=float(table.sum()),
-        query_labels=q_labels,
-        key_labels=k_labels,
-        table=table.tolist(),
+    # Right padding is harmless: positions only attend backwards, and only real ones are read.
+    _, cache = model.run_with_cache(
+        tokens, names_filter=lambda n: n in names, stop_at_layer=layer + 1
     )
+    attn = block.attn
+    tables = []
+    for b, (dest_pos, src_pos) in enumerate(zip(dest_positions, src_positions, strict=True)):
+        resid = cache[names[0]][b]
+        scale = cache[names[1]][b] if names[1] in cache else torch.ones(resid.shape[0], 1)
+
+        def side(s: SAE, pos: int, w: torch.Tensor, bias_w: torch.Tensor, resid=resid, scale=scale):
+            labels, comps = _components(s, resid[pos])
+            proj = norm_linear(block.ln1, comps, scale[pos]) @ w
+            bias = norm_bias(block.ln1, resid[pos]) @ w + bias_w
+            return [*labels, "bias"], _rotate(attn, torch.cat([proj, bias[None]]), pos)
+
+        q_labels, q = side(sae, dest_pos, attn.W_Q[head], attn.b_Q[head])
+        k_labels, k = side(key_sae, src_pos, attn.W_K[head], attn.b_K[head])
+        table = q @ k.T / attn.attn_scale
+        tables.append(
+            QKPairTable(
+                layer=layer,
+                head=head,
+                dest_pos=dest_pos,
+                src_pos=src_pos,
+                score=float(table.sum()),
+                query_labels=q_labels,
+                key_labels=k_labels,
+                table=table.tolist(),
+            )
+        )
+    return tables
 
 
 def qk_pair_variance(tables: list[QKPairTable], top_n: int = 10) -> QKVarianceExplained:
     """Fraction of the score variance over prompts explained by the top-n feature pairs.
 
     Pairs are keyed by their labels; a pair absent from a prompt contributes 0
-    there. Pairs are ranked by mean |contribution| over prompts.
+    there. Since the score is the sum of its pairs, ``Var(s) = Σ_p Cov(c_p, s)``:
+    each pair's share ``Cov(c_p, s)/Var(s)`` (shares sum to 1) ranks the pairs,
+    largest first. A pair that is large on average but constant across prompts
+    explains no variance, so mean size is not the ranking.
     """
     if len(tables) < 2:
         raise AnalysisInputError("variance explained needs at least two prompts")
+    if top_n < 1:
+        raise AnalysisInputError(f"top_n must be at least 1, got {top_n}")
     heads = {(t.layer, t.head) for t in tables}
     if len(heads) != 1:
         raise AnalysisInputError(f"tables mix heads {sorted(heads)}")
@@ -155,8 +196,11 @@ def qk_pair_variance(tables: list[QKPairTable], top_n: int = 10) -> QKVarianceEx
     keys = sorted({k for d in per_prompt for k in d})
     values = torch.tensor([[d.get(k, 0.0) for k in keys] for d in per_prompt], dtype=torch.float64)
     scores = torch.tensor([t.score for t in tables], dtype=torch.float64)
-    order = values.abs().mean(0).argsort(descending=True)[:top_n]
     var = float(scores.var())
+    centred = values - values.mean(0)
+    shares = (centred * (scores - scores.mean())[:, None]).sum(0) / (len(tables) - 1)
+    shares = shares / var if var > 0 else torch.zeros_like(shares)
+    order = shares.argsort(descending=True)[:top_n]
     fractions = []
     for n in range(1, len(order) + 1):
         residual = scores - values[:, order[:n]].sum(1)
@@ -167,5 +211,6 @@ def qk_pair_variance(tables: list[QKPairTable], top_n: int = 10) -> QKVarianceEx
         head=head,
         n_prompts=len(tables),
         top_pairs=[(keys[i][0], keys[i][1], float(values[:, i].mean())) for i in order.tolist()],
+        variance_share=[float(shares[i]) for i in order.tolist()],
         fraction_explained=fractions,
     )

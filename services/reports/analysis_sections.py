@@ -128,20 +128,34 @@ def qk_section(out: QKPairsOutput, out_dir: Path) -> Section:
     v = out.variance
     heat = qk_pair_heatmap(out.tables[0], out_dir / "qk_pairs.png")
     curve = variance_explained_curve(v, out_dir / "qk_variance.png")
-    rows = [[q, k, m, f] for (q, k, m), f in zip(v.top_pairs, v.fraction_explained, strict=True)]
+    rows = [
+        [q, k, m, share, f]
+        for (q, k, m), share, f in zip(
+            v.top_pairs, v.variance_share, v.fraction_explained, strict=True
+        )
+    ]
     return Section(
         title="QK feature pairs",
         paragraphs=[
             f"Head L{v.layer}H{v.head} (mean attention {out.dest}→{out.src} "
             f"{out.mean_attention:.3f}, the largest in its layer). Its attention score from "
             f"{out.dest} to {out.src} split into (query component, key component) pairs: "
-            "active SAE features, the SAE error, b_dec and the projection bias on each side. "
-            f"Variance of the score over {v.n_prompts} prompts explained by the top pairs "
-            "(ranked by mean |contribution|).",
+            "active SAE features, the SAE error, b_dec and the projection bias on each side; "
+            "each table sums to the score. Over "
+            f"{v.n_prompts} prompts, a pair's variance share is Cov(pair, score)/Var(score) "
+            "(all shares sum to 1); pairs are ranked by it, and the last column is "
+            "1 − Var(score − top-n pairs)/Var(score). Features are keyed by index, so a "
+            "feature specific to one name counts only on prompts with that name.",
         ],
         tables=[
             Table(
-                columns=["query", "key", "mean contribution", "cum. fraction explained"],
+                columns=[
+                    "query",
+                    "key",
+                    "mean contribution",
+                    "variance share",
+                    "cum. fraction explained",
+                ],
                 rows=rows[:15],
             )
         ],

@@ -48,8 +48,21 @@ def test_variance_explained_reaches_one_with_all_pairs():
     result = qk_pair_variance(tables, top_n=n_pairs)
     assert result.fraction_explained[-1] == pytest.approx(1.0, abs=1e-9)
     assert len(result.top_pairs) == n_pairs
-    means = [abs(p[2]) for p in result.top_pairs]
-    assert means[0] > 0
+    # Var(score) = Σ_p Cov(c_p, score): the shares of all pairs sum to one, largest first.
+    assert sum(result.variance_share) == pytest.approx(1.0, abs=1e-9)
+    assert result.variance_share == sorted(result.variance_share, reverse=True)
+    # The top pair alone explains exactly what removing it from the score says it does.
+    q, k, _ = result.top_pairs[0]
+    top = torch.tensor(
+        [t.table[t.query_labels.index(q)][t.key_labels.index(k)]
+         if q in t.query_labels and k in t.key_labels else 0.0 for t in tables],
+        dtype=torch.float64,
+    )  # fmt: skip
+    scores = torch.tensor([t.score for t in tables], dtype=torch.float64)
+    expected = 1 - float((scores - top).var() / scores.var())
+    assert result.fraction_explained[0] == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(AnalysisInputError, match="two prompts"):
+        qk_pair_variance(tables[:1])
 
 
 def test_bad_inputs_raise():
@@ -89,3 +102,26 @@ def test_rescaled_topk_sae_rows_are_its_active_features():
     k = cache["blocks.1.attn.hook_k"][0, src, head]
     row = table.table[table.query_labels.index("error")]
     assert sum(row) == pytest.approx(float(q_err @ k / attn.attn_scale), abs=1e-9)
+
+
+def test_batch_of_padded_prompts_matches_single_prompts():
+    from circuitscan.pipelines.analyses.qk_pairs import qk_feature_pairs_batch
+
+    model = build_tiny_model(n_layers=2, normalization="RMS", n_key_value_heads=2,
+                             positional="rotary")  # fmt: skip
+    sae = build_tiny_sae(model, HookSite(layer=1, point="resid_pre"), seed=6)
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randint(0, 40, (3, 9), generator=gen)
+    lengths = torch.tensor([9, 6, 7])
+    tokens[1, 6:] = 0  # padding
+    dests, srcs = [8, 5, 6], [2, 5, 0]
+    batch = qk_feature_pairs_batch(model, sae, tokens, lengths, 1, 3, dests, srcs)
+    for b, table in enumerate(batch):
+        single = qk_feature_pairs(model, sae, tokens[b, : lengths[b]], 1, 3, dests[b], srcs[b])
+        assert table.query_labels == single.query_labels
+        assert table.key_labels == single.key_labels
+        assert torch.allclose(
+            torch.tensor(table.table), torch.tensor(single.table), rtol=0, atol=1e-10
+        )
+    with pytest.raises(AnalysisInputError, match="src_pos ≤ dest_pos < 6"):
+        qk_feature_pairs_batch(model, sae, tokens, lengths, 1, 3, [8, 7, 6], srcs)

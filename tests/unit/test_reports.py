@@ -145,7 +145,7 @@ def test_analysis_runs_end_to_end_on_a_tiny_llama(tiny_hf_model_dir, tmp_path):
     qk = run_qk_pairs(setup, top_n=5)
     assert isinstance(qk, QKPairsOutput) and len(qk.tables) == 4 and qk.variance.layer == 1
     for table, record in zip(qk.tables, setup.records, strict=True):
-        assert (table.dest_pos, table.src_pos) == (record.positions["END"], record.positions["IO"])
+        assert (table.dest_pos, table.src_pos) == (record.positions["S2"], record.positions["S1"])
     outputs = [splice, hfl, tree, qk]
     sections = report_sections(tmp_path, splice=splice, hfl=hfl, dfa=tree, qk=qk)
     index = save_outputs(tmp_path, outputs, sections, "tiny IOI")
