@@ -60,6 +60,11 @@ def connect(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     env_vars = {key: os.environ[key] for key in _FORWARDED_ENV if key in os.environ}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # Inside a submitted Ray job (`circuitscan submit`, the HTTP API) the job's
+        # runtime env already carries these to every worker, and Ray refuses a
+        # second runtime env that sets the same variables.
+        env_vars = {}
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         _check_reachable(target)
