@@ -1,0 +1,316 @@
+"""The HTTP API over real HTTP: `circuitscan serve` (uvicorn) on 127.0.0.1, a real store, httpx.
+
+Job submission against a real Ray job server is in test_api_jobs.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from api_server import PROMPTS, SITES, api_server, build_store, thread_server
+from pydantic import SecretStr
+
+from circuitscan.services.api import ApiSettings
+from circuitscan.services.model_loading import load_tokenizer
+from circuitscan.services.store import FeatureStore, feature_summary, features_at, top_examples
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-token-1"
+STORE = "demo"
+SITE = SITES[1].label
+MAX_PAGE = 100  # api_server sets CIRCUITSCAN_API_MAX_PAGE_SIZE=100
+MAX_BODY = 65536  # and CIRCUITSCAN_API_MAX_BODY_BYTES=65536
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory, tiny_hf_model_dir) -> Path:
+    """A store root with one real store, one symlink escaping the root, one leaky store."""
+    root = tmp_path_factory.mktemp("api_root") / "stores"
+    root.mkdir()
+    build_store(root / STORE, tiny_hf_model_dir)
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(root / STORE, outside / "secret")
+    (outside / "passwd").write_text("root:x:0:0")
+    (root / "escape").symlink_to(outside / "secret", target_is_directory=True)
+    shutil.copytree(root / STORE, root / "leaky")
+    (root / "leaky" / "shards" / "evil").symlink_to(outside / "passwd")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(store_root) -> str:
+    with api_server(store_root, tokens=f"{TOKEN},other-token") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(server) -> httpx.Client:
+    with httpx.Client(base_url=server, timeout=30) as http:
+        yield http
+
+
+def _error(response: httpx.Response, status: int) -> str:
+    assert response.status_code == status, (response.status_code, response.text)
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    return body["error"]
+
+
+def test_openapi_documents_every_route(client):
+    schema = client.get("/openapi.json").json()
+    operations = {
+        (method.upper(), path): op
+        for path, item in schema["paths"].items()
+        for method, op in item.items()
+    }
+    expected = {
+        ("GET", "/api/stores"),
+        ("GET", "/api/stores/{store}"),
+        ("GET", "/api/stores/{store}/prompts"),
+        ("GET", "/api/stores/{store}/sites/{site}/prompts/{prompt}/positions/{position}/features"),
+        ("GET", "/api/stores/{store}/sites/{site}/features/{feature}/examples"),
+        ("GET", "/api/stores/{store}/sites/{site}/summaries"),
+        ("POST", "/api/jobs"),
+        ("GET", "/api/jobs"),
+        ("GET", "/api/jobs/{job_id}"),
+        ("POST", "/api/jobs/{job_id}/cancel"),
+        ("GET", "/api/jobs/{job_id}/logs"),
+    }
+    assert expected <= set(operations)
+    for key, op in operations.items():
+        ok = [code for code in op["responses"] if code.startswith("2")]
+        assert ok, key
+        content = op["responses"][ok[0]]["content"]["application/json"]["schema"]
+        assert "$ref" in content or content, key
+        assert op["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "ErrorBody"
+        )
+    assert operations[("POST", "/api/jobs")]["requestBody"]["content"]["application/json"]
+    assert operations[("POST", "/api/jobs")]["security"]
+
+
+def test_store_routes_match_direct_store_queries(client, store_root, tiny_hf_model_dir):
+    store = FeatureStore.open(str(store_root / STORE))
+    tokenizer = load_tokenizer(
+        __import__("circuitscan.schemas.models", fromlist=["ModelSpec"]).ModelSpec(
+            source=str(tiny_hf_model_dir)
+        )
+    )
+    listing = client.get("/api/stores").json()
+    names = [item["name"] for item in listing["items"]]
+    assert STORE in names and "escape" not in names
+    demo = next(item for item in listing["items"] if item["name"] == STORE)
+    assert demo["n_prompts"] == len(PROMPTS) and demo["n_tokens"] == store.n_tokens()
+
+    info = client.get(f"/api/stores/{STORE}").json()
+    assert info["layout"]["sites"][1]["label"] == SITE and info["tokens_decoded"] is True
+    assert info["shard_ids"] == [0, 1, 2]
+
+    prompts = client.get(f"/api/stores/{STORE}/prompts", params={"limit": 3}).json()
+    assert [p["text"] for p in prompts["items"]] == [p.text for p in PROMPTS[:3]]
+    assert prompts["total"] == len(PROMPTS)
+
+    detail = client.get(f"/api/stores/{STORE}/prompts/2").json()
+    assert detail["token_ids"] == store.prompt_tokens(2).tolist()
+    assert detail["tokens"] == [tokenizer.decode([t]) for t in detail["token_ids"]]
+
+    at = client.get(
+        f"/api/stores/{STORE}/sites/{SITE}/prompts/2/positions/{len(detail['token_ids']) - 1}/features",
+        params={"limit": 5},
+    ).json()
+    direct = features_at(store, SITE, 2, len(detail["token_ids"]) - 1, limit=5)
+    assert at["features"] == direct.model_dump(mode="json")
+    assert at["token"] == detail["tokens"][-1]
+    assert any(value != 0 for value in at["features"]["attributions"])
+
+    feature = direct.feature_ids[0]
+    examples = client.get(
+        f"/api/stores/{STORE}/sites/{SITE}/features/{feature}/examples",
+        params={"limit": 4, "context": 3},
+    ).json()
+    expected = top_examples(store, SITE, feature, n=4, context=3)
+    assert [e["activation"] for e in examples["examples"]] == [e.activation for e in expected]
+    for got, want in zip(examples["examples"], expected, strict=True):
+        assert got["context_token_ids"] == want.context_token_ids
+        assert got["context"][got["hit_index"]] == tokenizer.decode(
+            [want.context_token_ids[want.hit_index]]
+        )
+
+    summary = client.get(f"/api/stores/{STORE}/sites/{SITE}/features/{feature}/summary").json()
+    assert summary == feature_summary(store, SITE, feature).model_dump(mode="json")
+    assert summary["count"] > 0
+
+
+def test_prompt_features_agree_with_single_positions(client):
+    whole = client.get(
+        f"/api/stores/{STORE}/sites/{SITE}/prompts/0/features", params={"limit": 3}
+    ).json()
+    assert len(whole["positions"]) == len(whole["tokens"]) > 3
+    for position in (0, len(whole["tokens"]) - 1):
+        one = client.get(
+            f"/api/stores/{STORE}/sites/{SITE}/prompts/0/positions/{position}/features",
+            params={"limit": 3},
+        ).json()
+        assert whole["positions"][position] == one["features"]
+
+
+def test_pagination_is_bounded_and_complete(client):
+    url = f"/api/stores/{STORE}/sites/{SITE}/summaries"
+    for bad in ({"limit": 0}, {"limit": MAX_PAGE + 1}, {"offset": -1}, {"limit": "many"}):
+        assert "limit" in _error(client.get(url, params=bad), 422) or "offset" in str(bad)
+    seen: list[int] = []
+    offset = 0
+    while True:
+        page = client.get(url, params={"offset": offset, "limit": 7, "order": "count"}).json()
+        assert page["limit"] == 7 and len(page["items"]) <= 7
+        if not page["items"]:
+            break
+        seen += [item["feature"] for item in page["items"]]
+        offset += 7
+    assert sorted(seen) == list(range(page["total"])) and page["total"] == 48
+    counts = [client.get(f"{url}", params={"offset": 0, "limit": MAX_PAGE, "order": "count"})]
+    values = [item["count"] for item in counts[0].json()["items"]]
+    assert values == sorted(values, reverse=True)
+    assert client.get(url, params={"limit": MAX_PAGE}).status_code == 200
+    beyond = client.get(f"/api/stores/{STORE}/prompts", params={"offset": 1000}).json()
+    assert beyond["items"] == [] and beyond["total"] == len(PROMPTS)
+
+
+def test_errors_are_json_with_the_right_status(client):
+    base = f"/api/stores/{STORE}"
+    assert "no store" in _error(client.get("/api/stores/nothing-here"), 404)
+    assert "unknown site" in _error(client.get(f"{base}/sites/L9.z/features/0/summary"), 404)
+    assert "out of range" in _error(client.get(f"{base}/sites/{SITE}/features/48/summary"), 404)
+    assert "out of range" in _error(client.get(f"{base}/prompts/{len(PROMPTS)}"), 404)
+    _error(client.get(f"{base}/sites/{SITE}/prompts/0/positions/999/features"), 404)
+    _error(client.get(f"{base}/sites/{SITE}/features/abc/summary"), 422)
+    _error(client.get("/api/nowhere"), 404)
+    _error(client.delete(f"{base}"), 405)
+    _error(client.get("/api/jobs"), 503)  # this server has no Ray job server configured
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "..",
+        "%2e%2e",
+        "..%2F..%2Fetc",
+        "%2Fetc%2Fpasswd",
+        "a..b",
+        "demo%2F..%2F..%2Foutside",
+        "~root",
+        "..%5C..%5Cwindows",
+        "escape",  # a symlink to a store outside the root
+        "leaky",  # a store that links a file outside the root
+        ".hidden",
+    ],
+)
+def test_path_traversal_is_refused(client, name):
+    response = client.get(f"/api/stores/{name}")
+    assert 400 <= response.status_code < 500, response.text
+    assert "root:x" not in response.text and "layout" not in response.text
+    _error(response, response.status_code)
+    deep = client.get(f"/api/stores/{name}/sites/{SITE}/features/0/summary")
+    assert 400 <= deep.status_code < 500 and "count" not in deep.text
+
+
+def test_mutations_need_a_valid_token(client):
+    spec = {
+        "prompts": {"kind": "ioi", "n": 2},
+        "saes": [{"source": "default/L15.z"}],
+        "job": {"kind": "cache"},
+        "store": "x",
+    }
+    body = {"spec": spec}
+    missing = client.post("/api/jobs", json=body)
+    assert "bearer token is required" in _error(missing, 401)
+    assert missing.headers["www-authenticate"] == "Bearer"
+    assert "not accepted" in _error(
+        client.post("/api/jobs", json=body, headers={"Authorization": "Bearer nope"}), 403
+    )
+    _error(client.post("/api/jobs", json=body, headers={"Authorization": "Basic dTpw"}), 401)
+    _error(client.post("/api/jobs/raysubmit_x/cancel"), 401)
+    _error(client.post("/api/jobs/raysubmit_x/cancel", headers={"Authorization": "Bearer x"}), 403)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    # With a valid token the request gets past auth: store names are checked, then Ray.
+    for bad_store in ("../elsewhere", "/abs/path", "a/b"):
+        bad = {"spec": spec | {"store": bad_store}}
+        assert "invalid store name" in _error(client.post("/api/jobs", json=bad, headers=auth), 400)
+    _error(client.post("/api/jobs", json={"spec": {"store": "x"}}, headers=auth), 422)
+    assert "not enabled" in _error(client.post("/api/jobs", json=body, headers=auth), 503)
+
+
+def test_oversize_bodies_get_413(client):
+    auth = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+    big = b'{"spec": "' + b"x" * (MAX_BODY + 10) + b'"}'
+    assert "larger than the limit" in _error(
+        client.post("/api/jobs", content=big, headers=auth), 413
+    )
+    # Unauthenticated and chunked (no Content-Length) bodies are cut off too.
+    _error(client.post("/api/jobs", content=big), 413)
+
+    def chunks():
+        for _ in range(20):
+            yield b"y" * 8192
+
+    _error(client.post("/api/jobs", content=chunks(), headers=auth), 413)
+    small = client.post("/api/jobs", content=b"{}", headers=auth)
+    assert small.status_code == 422
+
+
+def test_reads_can_require_a_token(store_root):
+    settings = ApiSettings(store_root=store_root, tokens=(SecretStr(TOKEN),), protect_reads=True)
+    with thread_server(settings) as url:
+        assert httpx.get(f"{url}/api/stores").status_code == 401
+        bad = httpx.get(f"{url}/api/stores", headers={"Authorization": "Bearer no"})
+        assert bad.status_code == 403
+        ok = httpx.get(f"{url}/api/stores", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200 and ok.json()["total"] >= 1
+        assert httpx.get(f"{url}/web/").status_code == 200  # static page, no data
+
+
+def test_schemathesis_finds_no_server_errors(server, tmp_path):
+    command = [
+        str(Path(sys.executable).with_name("schemathesis")),
+        "run",
+        f"{server}/openapi.json",
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        "--include-path-regex",
+        "^/api/(stores|health)",
+        "--header",
+        f"Authorization: Bearer {TOKEN}",
+        # The stateful phase follows the schema's links from the store listing into
+        # the real store, so every route is exercised with existing names too.
+        "--phases",
+        "coverage,fuzzing,stateful",
+        "--max-examples",
+        "10",
+        "--max-time",
+        "25",
+        "--seed",
+        "1",
+        "--workers",
+        "2",
+        "--generation-database",
+        "none",
+        "--no-color",
+    ]
+    started = time.monotonic()
+    result = subprocess.run(
+        command, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=dict(os.environ)
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert time.monotonic() - started < 60
+    assert "passed" in output.lower()
