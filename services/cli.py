@@ -228,5 +228,9 @@ from circuitscan.services.analysis_commands import analyze_app  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")
 
+from circuitscan.services.query_commands import register as _register_query_commands  # noqa: E402
+
+_register_query_commands(app)
+
 if __name__ == "__main__":
     app()

@@ -402,3 +402,59 @@ def test_splice_eval_job_pools_shards_like_one_pass(local_ray, make_spec, direct
             assert row.metric_recovered is None
         else:
             assert row.metric_recovered == pytest.approx(want.metric_recovered, rel=1e-3)
+
+
+# --- query and results commands --------------------------------------------------------
+
+
+def test_cli_query_and_results_print_tables(local_ray, make_spec, tmp_path):
+    from circuitscan.schemas.jobs import AttributeParams
+    from circuitscan.services.store.results import top_nodes
+
+    cache = make_spec(tmp_path / "cache", prompts=IOISource(kind="ioi", n=4, seed=6))
+    run_job(cache, keep_actors=True)
+    store = FeatureStore.open(cache.store)
+    expected = features_at(store, "L0.resid_post", prompt=1, position=2, limit=3)
+
+    at = _cli(
+        "query", cache.store, "features-at", "--site", "L0.resid_post",
+        "--prompt", "1", "--position", "2", "--limit", "3",
+    )  # fmt: skip
+    assert at.returncode == 0, at.stderr
+    lines = at.stdout.splitlines()
+    assert lines[1].split()[:4] == ["feature", "activation", "gradient", "attribution"]
+    assert [int(line.split()[0]) for line in lines[3:]] == expected.feature_ids
+
+    feature = expected.feature_ids[0]
+    examples = _cli(
+        "query", cache.store, "top-examples", "--site", "L0.resid_post",
+        "--feature", str(feature), "--n", "2", "--no-decode",
+    )  # fmt: skip
+    assert examples.returncode == 0, examples.stderr
+    want = top_examples(store, "L0.resid_post", feature, n=2)
+    rows = examples.stdout.splitlines()[2:]
+    assert [(int(r.split()[0]), int(r.split()[1])) for r in rows] == [
+        (e.prompt, e.position) for e in want
+    ]
+
+    summary = _cli("query", cache.store, "summary")
+    assert summary.returncode == 0 and "prompts           4" in summary.stdout
+
+    outside = _cli("query", cache.store, "features-at", "--site", "L0.resid_post",
+                   "--prompt", "9", "--position", "0")  # fmt: skip
+    assert outside.returncode == 2 and "out of range" in outside.stderr
+    assert "Traceback" not in outside.stderr
+
+    attribute = make_spec(
+        tmp_path / "attr",
+        prompts=IOISource(kind="ioi", n=4, seed=6),
+        job=AttributeParams(kind="attribute", method="atp", positions="last", verify_top_k=2),
+    )
+    run_job(attribute, keep_actors=True)
+    printed = _cli("results", attribute.store, "--top", "3")
+    assert printed.returncode == 0, printed.stderr
+    rows = printed.stdout.splitlines()[3:]
+    assert [r.split()[1] for r in rows] == [n.node for n in top_nodes(attribute.store, 3)]
+    assert rows[0].split()[-1] in ("confirmed", "weaker", "sign_flipped", "no_effect")
+    no_result = _cli("results", cache.store)
+    assert no_result.returncode == 2 and "holds no job result" in no_result.stderr

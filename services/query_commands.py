@@ -1,0 +1,224 @@
+"""``circuitscan query`` and ``circuitscan results``: a store's contents as terminal tables.
+
+Registered on the main CLI app by :func:`register`; heavy imports happen
+inside the commands so ``circuitscan --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from typing import Any
+
+import typer
+
+
+class QueryKind(StrEnum):
+    features_at = "features-at"
+    top_examples = "top-examples"
+    summary = "summary"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned text columns; floats with 4 significant decimals."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "-" if value is None else str(value)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(2)
+
+
+def _decoder(store: Any) -> Callable[[Sequence[int]], list[str]] | None:
+    """Token decoder of the store's model (None when its tokenizer cannot be loaded here)."""
+    from circuitscan.schemas.models import ModelSpec
+    from circuitscan.services.model_loading import load_tokenizer
+
+    spec = (store.layout.job_spec or {}).get("model")
+    try:
+        tokenizer = load_tokenizer(ModelSpec.model_validate(spec) if spec else None)
+    except Exception:  # decoding is a convenience: ids are printed instead
+        return None
+    return lambda ids: [tokenizer.decode([int(i)]) for i in ids]
+
+
+def _need(**values: Any) -> None:
+    missing = [f"--{name.replace('_', '-')}" for name, value in values.items() if value is None]
+    if missing:
+        _fail(f"this query needs {', '.join(missing)}")
+
+
+def _overview(store: Any) -> str:
+    layout = store.layout
+    spec = layout.job_spec or {}
+    rows = [
+        ("job", f"{spec.get('name', '?')} ({spec.get('job', {}).get('kind', '?')})"),
+        ("job hash", layout.job_hash),
+        ("shards committed", len(store.committed_shard_ids())),
+        ("prompts", store.n_prompts()),
+        ("tokens", store.n_tokens()),
+        ("sites", ", ".join(f"{s.label} (d_sae {s.d_sae})" for s in layout.sites) or "-"),
+        ("gradients", layout.gradients),
+        ("value dtype", layout.value_dtype),
+    ]
+    return table(["field", "value"], rows)
+
+
+def query(
+    store_url: str = typer.Argument(..., metavar="STORE", help="Store path or URL."),
+    what: QueryKind = typer.Argument(..., help="features-at, top-examples or summary."),
+    site: str | None = typer.Option(None, help="Site label, e.g. L6.z."),
+    prompt: int | None = typer.Option(None, help="Prompt index (features-at)."),
+    position: int | None = typer.Option(None, help="Token position, BOS = 0 (features-at)."),
+    feature: int | None = typer.Option(None, help="Feature id (top-examples, summary)."),
+    n: int = typer.Option(10, help="How many examples (top-examples)."),
+    context: int = typer.Option(6, help="Context tokens on each side (top-examples)."),
+    limit: int = typer.Option(20, help="Rows at most (features-at)."),
+    sort_by: str = typer.Option("attribution", help="attribution or activation (features-at)."),
+    decode: bool = typer.Option(True, help="Decode token ids with the store's tokenizer."),
+) -> None:
+    """Query a feature store: active features at a token, top examples, summaries."""
+    from circuitscan.services.store import (
+        FeatureStore,
+        StoreError,
+        feature_summary,
+        features_at,
+        top_examples,
+    )
+
+    try:
+        store = FeatureStore.open(store_url)
+        if what is QueryKind.summary and feature is None:
+            typer.echo(_overview(store))
+            return
+        _need(site=site)
+        assert site is not None
+        store.layout.site(site)
+        if what is QueryKind.features_at:
+            _need(prompt=prompt, position=position)
+            if sort_by not in ("attribution", "activation"):
+                _fail("--sort-by must be attribution or activation")
+            found = features_at(
+                store,
+                site,
+                prompt,
+                position,
+                sort_by=sort_by,
+                limit=limit,  # type: ignore[arg-type]
+            )
+            decoder = _decoder(store) if decode else None
+            token = decoder([found.token_id])[0] if decoder else found.token_id
+            typer.echo(
+                f"prompt {prompt} position {position} token {token!r} site {site} "
+                f"error norm {found.error_norm:.4g}"
+            )
+            grads = found.gradients or [None] * len(found.feature_ids)
+            attrs = found.attributions or [None] * len(found.feature_ids)
+            rows = list(zip(found.feature_ids, found.activations, grads, attrs, strict=True))
+            typer.echo(table(["feature", "activation", "gradient", "attribution"], rows))
+        elif what is QueryKind.top_examples:
+            _need(feature=feature)
+            assert feature is not None
+            decoder = _decoder(store) if decode else None
+            examples = top_examples(store, site, feature, n, context=context, decode=decoder)
+            rows = []
+            for ex in examples:
+                pieces = ex.context or [str(t) for t in ex.context_token_ids]
+                marked = [f"[[{p}]]" if i == ex.hit_index else p for i, p in enumerate(pieces)]
+                text = "".join(marked) if ex.context else " ".join(marked)
+                rows.append((ex.prompt, ex.position, ex.activation, text.replace("\n", "\\n")))
+            typer.echo(table(["prompt", "position", "activation", "context"], rows))
+        else:
+            assert feature is not None
+            s = feature_summary(store, site, feature)
+            rows = [(s.site, s.feature, s.count, s.total, s.max, s.mean_when_active, s.frequency)]
+            headers = ["site", "feature", "count", "total", "max", "mean_active", "frequency"]
+            typer.echo(table(headers, rows))
+    except (StoreError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def results(
+    store_url: str = typer.Argument(..., metavar="STORE", help="Store path or URL."),
+    kind: str | None = typer.Option(None, help="Result kind when the store holds several."),
+    top: int = typer.Option(20, help="Rows at most."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result document as JSON."),
+) -> None:
+    """Print a job's aggregated result (attribute, ablation_scan or splice_eval)."""
+    from circuitscan.schemas.job_results import (
+        AblationJobResult,
+        AttributionJobResult,
+        SpliceEvalJobResult,
+    )
+    from circuitscan.services.store import StoreError
+    from circuitscan.services.store.results import read_result
+
+    try:
+        result = read_result(store_url, kind)
+    except (StoreError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
+        return
+    if isinstance(result, AttributionJobResult):
+        typer.echo(
+            f"attribute ({result.method}): {result.n_prompts} prompts, {result.n_nodes} nodes, "
+            f"{result.n_verified} verified by exact patching"
+        )
+        rows = []
+        for rank, e in enumerate(result.top[:top], start=1):
+            v = e.verification
+            rows.append(
+                (rank, e.node, e.mean, e.mean_abs, e.n_prompts)
+                + ((v.exact_mean, v.status) if v else (None, None))
+            )
+        headers = ["rank", "node", "mean", "mean_abs", "prompts", "exact_mean", "status"]
+        typer.echo(table(headers, rows))
+    elif isinstance(result, AblationJobResult):
+        typer.echo(
+            f"ablation_scan ({result.mode}) at {result.site}: {result.n_prompts} prompts, "
+            f"{result.n_ablations} ablations, baseline metric {result.baseline_mean:.4g}"
+        )
+        rows = [
+            (f.feature, f.mean_delta, f.mean_abs_delta, f.n_prompts, f.n_active)
+            for f in result.features[:top]
+        ]
+        typer.echo(table(["feature", "mean_delta", "mean_abs", "prompts", "active"], rows))
+    elif isinstance(result, SpliceEvalJobResult):
+        typer.echo(
+            f"splice_eval: {result.n_prompts} prompts, references over "
+            f"{result.reference_prompts} prompts"
+        )
+        rows = [
+            (
+                "+".join(r.sites) or "-",
+                r.variant,
+                r.metric_mean,
+                r.metric_std,
+                r.kl_metric_pos,
+                r.kl_all_pos,
+                r.metric_recovered,
+            )
+            for r in result.rows[:top]
+        ]
+        headers = ["sites", "variant", "metric", "std", "kl_metric_pos", "kl_all", "recovered"]
+        typer.echo(table(headers, rows))
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``query`` and ``results`` to the main CLI."""
+    app.command("query")(query)
+    app.command("results")(results)
