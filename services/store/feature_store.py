@@ -96,6 +96,9 @@ class FeatureStore:
         self._entries: dict[int, ShardEntry] | None = None
         self._verified: set[int] = set()
         self._sites: OrderedDict[tuple[int, str], SiteShard] = OrderedDict()
+        # Decoded site shards kept in memory; a long-lived reader (the HTTP API)
+        # raises it so that hot stores are decoded once, not per point query.
+        self.site_cache_shards = _CACHE_SHARDS
         self._prompts: OrderedDict[int, PromptShard] = OrderedDict()
         self._index: dict[str, FeatureIndex] | None = None
         self._indexed: set[int] = set()
@@ -421,7 +424,7 @@ class FeatureStore:
         if key not in self._sites:
             source = self._read_verified(shard_id, [f"sites/{label}/"])
             self._sites[key] = read_site(source, self.layout, shard_id, label)
-            while len(self._sites) > _CACHE_SHARDS:
+            while len(self._sites) > self.site_cache_shards:
                 self._sites.popitem(last=False)
         self._sites.move_to_end(key)
         return self._sites[key]
