@@ -26,7 +26,15 @@ from circuitscan.pipelines.attribution.inputs import (
 )
 from circuitscan.pipelines.attribution.nodes import NodeGroup, build_groups, select, unit_scores
 from circuitscan.pipelines.attribution.positions import resolve_positions
-from circuitscan.pipelines.attribution.qk_fix import key_scores, qk_sites, query_scores
+from circuitscan.pipelines.attribution.qk_fix import (
+    KeyTerms,
+    QueryTerms,
+    key_effect,
+    key_terms,
+    qk_sites,
+    query_effect,
+    query_terms,
+)
 from circuitscan.pipelines.attribution.result import AttributionResult
 from circuitscan.pipelines.attribution.splice import (
     Recorder,
@@ -34,7 +42,7 @@ from circuitscan.pipelines.attribution.splice import (
     frozen_parameters,
     run_recorded,
 )
-from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.pipelines.attribution.suffix import final_metric
 from circuitscan.schemas.attribution import AttributionMethod, NodeSelection, PositionSpec
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
@@ -80,6 +88,9 @@ def _qk_keys(model: HookedSAETransformer, groups: Sequence[NodeGroup]) -> dict[i
     return out
 
 
+QKTerms = dict[int, QueryTerms | KeyTerms]
+
+
 def _score_groups(
     model: HookedSAETransformer,
     groups: Sequence[NodeGroup],
@@ -88,26 +99,46 @@ def _score_groups(
     grads: Mapping[Key, torch.Tensor],
     positions: torch.Tensor,
     qk: Mapping[int, list[Key]],
-) -> list[torch.Tensor]:
-    out = []
-    for group in groups:
+    qk_terms: QKTerms,
+    only: Sequence[int] | None = None,
+) -> dict[int, torch.Tensor]:
+    """Scores of the groups (indices ``only``, default all) under the gradients ``grads``.
+
+    The QK fix's exact attention rows do not depend on the gradient; they are
+    computed once into ``qk_terms`` and reused (GradDrop rescores L times).
+    """
+    out: dict[int, torch.Tensor] = {}
+    for index in range(len(groups)) if only is None else only:
+        group = groups[index]
         key = group.record_key
-        base = clean[key].detach()
         if group.layer in qk and group.kind in ("q", "k"):
             assert corrupt is not None
             q_key, k_key, s_key, p_key = qk[group.layer]
-            attn = model.blocks[group.layer].attn
-            q, k = clean[q_key].detach(), clean[k_key].detach()
-            scores, pattern = clean[s_key].detach(), clean[p_key].detach()
-            if group.kind == "q":
-                per_unit = query_scores(attn, q, corrupt[q_key], k, scores, pattern, grads[p_key])
+            if index not in qk_terms:
+                attn = model.blocks[group.layer].attn
+                q, k = clean[q_key].detach(), clean[k_key].detach()
+                scores, pattern = clean[s_key].detach(), clean[p_key].detach()
+                qk_terms[index] = (
+                    query_terms(attn, q, corrupt[q_key], k, scores, pattern)
+                    if group.kind == "q"
+                    else key_terms(attn, q, k, corrupt[k_key], scores, pattern)
+                )
+            terms = qk_terms[index]
+            if isinstance(terms, QueryTerms):
+                per_unit = query_effect(terms, grads[p_key])
             else:
-                per_unit = key_scores(attn, q, k, corrupt[k_key], scores, pattern, grads[p_key])
+                per_unit = key_effect(terms, grads[p_key])
         else:
+            base = clean[key].detach()
             delta = (corrupt[key] - base) if corrupt is not None else -base
             per_unit = unit_scores(group.kind, delta * grads[key])
-        out.append(select(group, per_unit, positions))
+        out[index] = select(group, per_unit, positions)
     return out
+
+
+def _last_layer(model: HookedSAETransformer, keys: Sequence[Key]) -> int:
+    """The last block any of ``keys`` lives in (resid_pre of block l counts as block l)."""
+    return max(HookSite.from_hook_name(name).layer for _, name in keys)
 
 
 def run_atp(
@@ -151,16 +182,27 @@ def run_atp(
     seeds = gd.seed_keys(model.cfg.n_layers, grad_keys) if method.graddrop else set()
     post_keys = [key for key in seeds if "resid_post" in key[1]]
 
+    n_layers = model.cfg.n_layers
     with frozen_parameters(model):
         corrupt: dict[Key, torch.Tensor] | None = None
         if corrupt_tokens is not None:
-            rec = Recorder(wanted=set(node_keys) | set(qk_keys[0::4] + qk_keys[1::4]))
-            run_recorded(model, sae_map, corrupt_tokens, rec)
+            wanted = set(node_keys) | set(qk_keys[0::4] + qk_keys[1::4])
+            rec = Recorder(wanted=wanted)
+            # Nothing after the last recorded block is needed from the corrupted run.
+            stop = min(_last_layer(model, list(wanted)) + 1, n_layers)
+            run_recorded(model, sae_map, corrupt_tokens, rec, stop_at_layer=stop)
             corrupt = rec.store
         clean = Recorder(wanted=set(node_keys) | set(qk_keys) | seeds, grad=True)
-        logits = run_recorded(model, sae_map, clean_tokens, clean)
-        value = metric_per_prompt(
-            logits, metric, lengths=lengths, tokens=clean_tokens, answer=answer, wrong=wrong
+        resid = run_recorded(model, sae_map, clean_tokens, clean, stop_at_layer=n_layers)
+        # Only the position the metric reads is unembedded, forward and backward.
+        value = final_metric(
+            model,
+            resid,
+            metric,
+            lengths=lengths,
+            tokens=clean_tokens,
+            answer=answer,
+            wrong=wrong,
         )
         inputs = grad_keys + [key for key in post_keys if key not in grad_keys]
         raw = torch.autograd.grad(
@@ -173,11 +215,18 @@ def run_atp(
             key: torch.zeros_like(clean.store[key]) if g is None else g
             for key, g in zip(inputs, raw, strict=True)
         }
-        scores = _score_groups(model, groups, clean.store, corrupt, grads, positions, qk)
+        qk_terms: QKTerms = {}
+        by_index = _score_groups(
+            model, groups, clean.store, corrupt, grads, positions, qk, qk_terms
+        )
+        scores = [by_index[i] for i in range(len(groups))]
         signed = None
         if method.graddrop:
             signed = scores
-            scores = _graddrop(model, groups, clean.store, corrupt, grads, grad_keys, positions, qk)
+            scores = _graddrop(
+                model, groups, clean.store, corrupt, grads, grad_keys, positions, qk, qk_terms,
+                scores,
+            )  # fmt: skip
     return AttributionResult(method=method.name, groups=list(groups), scores=scores, signed=signed)
 
 
@@ -190,17 +239,34 @@ def _graddrop(
     grad_keys: Sequence[Key],
     positions: torch.Tensor,
     qk: Mapping[int, list[Key]],
+    qk_terms: QKTerms,
+    clean_scores: Sequence[torch.Tensor],
 ) -> list[torch.Tensor]:
+    """(1/(L−1)) Σ_l |AtP_l| per node, rescoring only the groups dropping layer l changes.
+
+    Groups above layer l (and at its resid_post) keep their clean gradient, so
+    their AtP_l is the clean score; groups inside layer l get exactly 0.
+    """
     n_layers = model.cfg.n_layers
-    total: list[torch.Tensor] | None = None
+    total = [torch.zeros_like(score) for score in clean_scores]
     for layer in range(n_layers):
-        dropped = gd.dropped_gradients(layer, grad_keys, store, grads)
-        scores = _score_groups(model, groups, store, corrupt, dropped, positions, qk)
-        if total is None:
-            total = [s.abs() for s in scores]
-        else:
-            total = [t + s.abs() for t, s in zip(total, scores, strict=True)]
-    assert total is not None
+        changed = []
+        for index, group in enumerate(groups):
+            where = gd.relation(layer, group.record_key)
+            if where == "kept":
+                total[index] = total[index] + clean_scores[index].abs()
+            elif where == "changed":
+                changed.append(index)
+        if not changed:
+            continue
+        dropped = gd.dropped_gradients(
+            layer, [k for k in grad_keys if gd.relation(layer, k) == "changed"], store, grads
+        )
+        rescored = _score_groups(
+            model, groups, store, corrupt, dropped, positions, qk, qk_terms, only=changed
+        )
+        for index, score in rescored.items():
+            total[index] = total[index] + score.abs()
     return [t / max(n_layers - 1, 1) for t in total]
 
 

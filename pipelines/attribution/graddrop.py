@@ -29,6 +29,16 @@ def _where(key: Key) -> tuple[int, str]:
     return site.layer, "inside"
 
 
+def relation(layer: int, key: Key) -> str:
+    """How dropping ``layer`` affects the gradient at ``key``: kept, zero or changed."""
+    where_layer, where = _where(key)
+    if where_layer > layer or (where_layer == layer and where == "post"):
+        return "kept"
+    if where_layer == layer and where == "inside":
+        return "zero"
+    return "changed"
+
+
 def seed_keys(n_layers: int, keys: Sequence[Key]) -> set[Key]:
     """Recorded tensors GradDrop needs besides the nodes: residual hook outputs."""
     wanted: set[Key] = set()

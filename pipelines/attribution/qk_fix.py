@@ -18,6 +18,7 @@ at s with the corrupted value yields exactly the corrupted rotated query.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -39,6 +40,49 @@ def _check(attn: torch.nn.Module) -> None:
         raise NotImplementedError("QK fix with qk-norm needs the normalised q/k (rotary models)")
 
 
+@dataclass
+class QueryTerms:
+    """What a query node's QK-fixed score needs besides ∂m/∂A: ``A' − A`` per row."""
+
+    delta: Float[torch.Tensor, "batch head query key"]
+
+
+@dataclass
+class KeyTerms:
+    """What a key node's QK-fixed score needs besides ∂m/∂A (see :func:`key_terms`)."""
+
+    pattern: Float[torch.Tensor, "batch head query key"]
+    others_scale: Float[torch.Tensor, "batch head query key"]  # Z/Z' − 1
+    weight_delta: Float[torch.Tensor, "batch head query key"]  # A'_{s,t} − A_{s,t}
+    is_top: torch.Tensor  # [batch, head, query, key] bool: each row's largest weight
+    masked: torch.Tensor  # [batch, head, query, key] bool: entries masked out (−inf)
+    n_kv: int
+
+
+def query_terms(
+    attn: torch.nn.Module,
+    q: Float[torch.Tensor, "batch pos head d_head"],
+    q_corrupt: Float[torch.Tensor, "batch pos head d_head"],
+    k: Float[torch.Tensor, "batch pos kv_head d_head"],
+    scores: Float[torch.Tensor, "batch head query key"],
+    pattern: Float[torch.Tensor, "batch head query key"],
+) -> QueryTerms:
+    """Exact attention rows with each query replaced by its corrupted value (no gradient yet)."""
+    _check(attn)
+    calc = cast(Any, attn).calculate_attention_scores
+    # Only the q·k term changes; masks and additive biases in ``scores`` stay.
+    new_scores = scores + (calc(q_corrupt, k) - calc(q, k))
+    new_pattern = torch.softmax(new_scores, dim=-1).nan_to_num(0.0)
+    return QueryTerms(delta=new_pattern - pattern)
+
+
+def query_effect(
+    terms: QueryTerms, grad_pattern: Float[torch.Tensor, "batch head query key"]
+) -> Float[torch.Tensor, "batch pos head"]:
+    """QK-fixed effect (metric units) of patching each query head's query at each position."""
+    return (terms.delta * grad_pattern).sum(-1).transpose(1, 2)
+
+
 def query_scores(
     attn: torch.nn.Module,
     q: Float[torch.Tensor, "batch pos head d_head"],
@@ -49,13 +93,7 @@ def query_scores(
     grad_pattern: Float[torch.Tensor, "batch head query key"],
 ) -> Float[torch.Tensor, "batch pos head"]:
     """QK-fixed effect (metric units) of patching each query head's query at each position."""
-    _check(attn)
-    calc = cast(Any, attn).calculate_attention_scores
-    # Only the q·k term changes; masks and additive biases in ``scores`` stay.
-    new_scores = scores + (calc(q_corrupt, k) - calc(q, k))
-    new_pattern = torch.softmax(new_scores, dim=-1).nan_to_num(0.0)
-    effect = ((new_pattern - pattern) * grad_pattern).sum(-1)
-    return effect.transpose(1, 2)
+    return query_effect(query_terms(attn, q, q_corrupt, k, scores, pattern), grad_pattern)
 
 
 def _sum_of_others(
@@ -73,16 +111,15 @@ def _sum_of_others(
     return torch.where(is_top, top_rest, total - values)
 
 
-def key_scores(
+def key_terms(
     attn: torch.nn.Module,
     q: Float[torch.Tensor, "batch pos head d_head"],
     k: Float[torch.Tensor, "batch pos kv_head d_head"],
     k_corrupt: Float[torch.Tensor, "batch pos kv_head d_head"],
     scores: Float[torch.Tensor, "batch head query key"],
     pattern: Float[torch.Tensor, "batch head query key"],
-    grad_pattern: Float[torch.Tensor, "batch head query key"],
-) -> Float[torch.Tensor, "batch pos kv_head"]:
-    """QK-fixed effect (metric units) of patching each key/value head's key at each position."""
+) -> KeyTerms:
+    """Exact attention rows with each single key replaced, in closed form (no gradient yet)."""
     _check(attn)
     calc = cast(Any, attn).calculate_attention_scores
     # Entry (s, t) of calc(q, k_corrupt) is the score with only k_t replaced.
@@ -93,14 +130,38 @@ def key_scores(
     )
     log_rest = log_z + torch.log(_sum_of_others(pattern, is_top).clamp(min=0.0))
     log_z_new = torch.logaddexp(log_rest, new_entry)
-    others_scale = torch.exp(log_z - log_z_new)
-    new_weight = torch.exp(new_entry - log_z_new)
-    others = _sum_of_others(pattern * grad_pattern, is_top)
-    effect = (others_scale - 1) * others + (new_weight - pattern) * grad_pattern
-    effect = torch.where(torch.isinf(scores), torch.zeros_like(effect), effect)
+    return KeyTerms(
+        pattern=pattern,
+        others_scale=torch.exp(log_z - log_z_new) - 1,
+        weight_delta=torch.exp(new_entry - log_z_new) - pattern,
+        is_top=is_top,
+        masked=torch.isinf(scores),
+        n_kv=k.shape[2],
+    )
+
+
+def key_effect(
+    terms: KeyTerms, grad_pattern: Float[torch.Tensor, "batch head query key"]
+) -> Float[torch.Tensor, "batch pos kv_head"]:
+    """QK-fixed effect (metric units) of patching each key/value head's key at each position."""
+    others = _sum_of_others(terms.pattern * grad_pattern, terms.is_top)
+    effect = terms.others_scale * others + terms.weight_delta * grad_pattern
+    effect = effect.masked_fill(terms.masked, 0.0)
     per_head = effect.sum(-2)  # over query rows: [batch, head, key]
     batch, n_heads, n_keys = per_head.shape
-    n_kv = k.shape[2]
     # repeat_interleave order: query head h reads KV head h // (n_heads / n_kv).
-    per_kv = per_head.reshape(batch, n_kv, n_heads // n_kv, n_keys).sum(2)
+    per_kv = per_head.reshape(batch, terms.n_kv, n_heads // terms.n_kv, n_keys).sum(2)
     return per_kv.transpose(1, 2)
+
+
+def key_scores(
+    attn: torch.nn.Module,
+    q: Float[torch.Tensor, "batch pos head d_head"],
+    k: Float[torch.Tensor, "batch pos kv_head d_head"],
+    k_corrupt: Float[torch.Tensor, "batch pos kv_head d_head"],
+    scores: Float[torch.Tensor, "batch head query key"],
+    pattern: Float[torch.Tensor, "batch head query key"],
+    grad_pattern: Float[torch.Tensor, "batch head query key"],
+) -> Float[torch.Tensor, "batch pos kv_head"]:
+    """QK-fixed effect (metric units) of patching each key/value head's key at each position."""
+    return key_effect(key_terms(attn, q, k, k_corrupt, scores, pattern), grad_pattern)

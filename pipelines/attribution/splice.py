@@ -152,9 +152,15 @@ def run_recorded(
     saes: Mapping[str, SAE[Any]],
     tokens: torch.Tensor,
     recorder: Recorder,
+    *,
+    stop_at_layer: int | None = None,
     **edits: Any,
 ) -> Float[torch.Tensor, "batch pos vocab"]:
-    """One forward pass on right-padded ``tokens`` with recording/editing hooks; logits."""
+    """One forward pass on right-padded ``tokens`` with recording/editing hooks; logits.
+
+    With ``stop_at_layer``, only the blocks before it run and the residual
+    stream ``[batch, pos, d_model]`` comes back instead of logits.
+    """
     hooks = build_hooks(saes, recorder, **edits)
     if recorder.grad:
         # Gradients are needed w.r.t. activations only; making the embedding a
@@ -165,5 +171,7 @@ def run_recorded(
         hooks = [("hook_embed", leaf), *hooks]
     context = contextlib.nullcontext() if recorder.grad else torch.no_grad()
     with context, model.hooks(fwd_hooks=hooks):
+        if stop_at_layer is not None:
+            return model(tokens, stop_at_layer=stop_at_layer)
         logits = model(tokens, return_type="logits")
     return logits

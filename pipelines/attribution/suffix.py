@@ -55,6 +55,39 @@ def cache_residuals(
     return out
 
 
+def final_metric(
+    model: HookedSAETransformer,
+    resid: Float[torch.Tensor, "rows seq d_model"],
+    metric: MetricSpec,
+    *,
+    lengths: Int[torch.Tensor, " rows"],
+    tokens: Int[torch.Tensor, "rows seq"] | None,
+    answer: Int[torch.Tensor, " rows"] | None,
+    wrong: Int[torch.Tensor, " rows"] | None,
+) -> Float[torch.Tensor, " rows"]:
+    """The metric from the residual stream after the last block (final norm, unembedding).
+
+    Differentiable; one-position metrics unembed only the position they read.
+    """
+    if reads_one_position(metric):
+        read = read_positions(metric, lengths).to(resid.device)
+        resid = resid[torch.arange(resid.shape[0], device=resid.device), read][:, None]
+    if model.cfg.normalization_type is not None:
+        resid = model.ln_final(resid)
+    logits = apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
+    if reads_one_position(metric):
+        return metric_per_prompt(
+            logits,
+            MetricSpec(kind=metric.kind),
+            lengths=torch.ones_like(lengths),
+            answer=answer,
+            wrong=wrong,
+        )
+    return metric_per_prompt(
+        logits, metric, lengths=lengths, tokens=tokens, answer=answer, wrong=wrong
+    )
+
+
 @torch.no_grad()
 def suffix_metric(
     model: HookedSAETransformer,
@@ -70,28 +103,11 @@ def suffix_metric(
 ) -> Float[torch.Tensor, " rows"]:
     """The metric (its own units) after running ``blocks[start:]`` on ``resid`` with ``hooks``."""
     n_layers = model.cfg.n_layers
-    if not reads_one_position(metric):
-        with model.hooks(fwd_hooks=list(hooks)):
-            if start < n_layers:
-                logits = model(resid, start_at_layer=start, return_type="logits")
-            else:
-                if model.cfg.normalization_type is not None:
-                    resid = model.ln_final(resid)
-                logits = apply_softcap(model.unembed(resid), model.cfg.output_logits_soft_cap)
-        return metric_per_prompt(
-            logits, metric, lengths=lengths, tokens=tokens, answer=answer, wrong=wrong
-        )
-    read = read_positions(metric, lengths)
-    resid = resid[:, : int(read.max()) + 1]
+    if reads_one_position(metric):
+        resid = resid[:, : int(read_positions(metric, lengths).max()) + 1]
     with model.hooks(fwd_hooks=list(hooks)):
         if start < n_layers:
             resid = model(resid, start_at_layer=start, stop_at_layer=n_layers)
-        rows = torch.arange(resid.shape[0], device=resid.device)
-        final = resid[rows, read.to(resid.device)][:, None]
-        if model.cfg.normalization_type is not None:
-            final = model.ln_final(final)
-        logits = apply_softcap(model.unembed(final), model.cfg.output_logits_soft_cap)
-    one = torch.ones_like(lengths)
-    return metric_per_prompt(
-        logits, MetricSpec(kind=metric.kind), lengths=one, answer=answer, wrong=wrong
-    )
+        return final_metric(
+            model, resid, metric, lengths=lengths, tokens=tokens, answer=answer, wrong=wrong
+        )
