@@ -73,6 +73,9 @@ def run(
         None, help="Ray cluster address; default: $RAY_ADDRESS or an embedded local Ray."
     ),
     overwrite: bool = typer.Option(False, help="Replace a store that holds a different job."),
+    summary_json: Path | None = typer.Option(
+        None, help="Also write the job summary as JSON to this file (for scripts)."
+    ),
 ) -> None:
     """Run a job spec on Ray and print a summary."""
     from circuitscan.services.jobs.runner import run_job
@@ -90,6 +93,8 @@ def run(
     except _user_errors() as exc:
         _fail(str(exc))
         return
+    if summary_json is not None:
+        summary_json.write_text(summary.model_dump_json(indent=2), encoding="utf-8")
     typer.echo(summary.render())
 
 

@@ -98,6 +98,20 @@ def actor_count(execution: ExecutionSpec, n_shards: int) -> tuple[int, bool]:
 # Actors kept alive between jobs of one driver process (``reuse=True``), keyed by
 # what they loaded: a new job on the same model and SAEs skips the model load.
 _POOLS: dict[str, list[Any]] = {}
+_POOL_SESSION: list[str] = []
+# Handles from an earlier Ray session of this process, kept forever on purpose:
+# actor ids repeat across sessions, and destroying an old handle inside a new
+# session would drop the reference count of a live actor with the same id.
+_RETIRED: list[Any] = []
+
+
+def _session_pools() -> dict[str, list[Any]]:
+    session = ray.get_runtime_context().get_node_id()
+    if [session] != _POOL_SESSION:
+        _RETIRED.extend(actor for actors in _POOLS.values() for actor in actors)
+        _POOLS.clear()
+        _POOL_SESSION[:] = [session]
+    return _POOLS
 
 
 def _pool_key(spec: JobSpec, use_gpu: bool) -> str:
@@ -115,13 +129,10 @@ def acquire_actors(spec: JobSpec, n_actors: int, use_gpu: bool, *, reuse: bool) 
     """``n_actors`` workers for ``spec``: pooled ones first (when reusing), then fresh ones."""
     if not reuse:
         return start_actors(spec, n_actors, use_gpu)
-    pooled = [actor for actor in _POOLS.get(_pool_key(spec, use_gpu), []) if _alive(actor)]
-    fresh = (
-        start_actors(spec, max(0, n_actors - len(pooled)), use_gpu)
-        if len(pooled) < n_actors
-        else []
-    )
-    _POOLS[_pool_key(spec, use_gpu)] = pooled + fresh
+    pools = _session_pools()
+    pooled = [actor for actor in pools.get(_pool_key(spec, use_gpu), []) if _alive(actor)]
+    fresh = start_actors(spec, max(0, n_actors - len(pooled)), use_gpu)
+    pools[_pool_key(spec, use_gpu)] = pooled + fresh
     return (pooled + fresh)[:n_actors]
 
 
