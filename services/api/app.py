@@ -15,6 +15,7 @@ from circuitscan.services.api.errors import ERROR_RESPONSES, install_error_handl
 from circuitscan.services.api.job_server import JobServer
 from circuitscan.services.api.models import Health
 from circuitscan.services.api.routes_jobs import jobs_router
+from circuitscan.services.api.routes_results import results_router
 from circuitscan.services.api.routes_stores import stores_router
 from circuitscan.services.api.settings import ApiSettings
 from circuitscan.services.api.store_access import StoreRegistry
@@ -41,7 +42,9 @@ def create_app(settings: ApiSettings) -> FastAPI:
         ),
     )
     app.state.settings = settings
-    app.state.stores = StoreRegistry(settings.store_root, settings.store_refresh_seconds)
+    app.state.stores = StoreRegistry(
+        settings.store_root, settings.store_refresh_seconds, settings.decoded_shards
+    )
     app.state.job_server = JobServer(settings.ray_address)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -58,6 +61,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
             status="ok", version=_version(), jobs_enabled=settings.ray_address is not None
         )
 
+    app.include_router(results_router(settings))
     app.include_router(stores_router(settings))
     app.include_router(jobs_router(settings))
 

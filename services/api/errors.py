@@ -57,7 +57,9 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 def _store_error_status(exc: StoreError) -> int:
-    if isinstance(exc, StoreNotFoundError | QueryRangeError):
+    from circuitscan.services.store.results import ResultNotFoundError
+
+    if isinstance(exc, StoreNotFoundError | QueryRangeError | ResultNotFoundError):
         return 404
     if isinstance(exc, CorruptShardError):
         return 409

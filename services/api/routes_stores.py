@@ -2,6 +2,11 @@
 
 No ``from __future__ import annotations`` here: FastAPI reads the route
 signatures at runtime, and their page-size bounds are local to the factory.
+
+The routes are ``async``: a query on an open store takes about a millisecond,
+less than handing it to a worker thread, and running every store query on
+the event loop's one thread keeps the (not thread-safe) open stores safe.
+The one slow first-time step, loading a tokenizer, runs in a thread.
 """
 
 from typing import Annotated, Literal
@@ -24,7 +29,12 @@ from circuitscan.services.api.models import (
     SummaryOrder,
 )
 from circuitscan.services.api.settings import ApiSettings
-from circuitscan.services.api.store_access import STORE_NAME_PATTERN, OpenStore, StoreRegistry
+from circuitscan.services.api.store_access import (
+    STORE_NAME_PATTERN,
+    Decode,
+    OpenStore,
+    StoreRegistry,
+)
 from circuitscan.services.store import (
     FeatureStore,
     StoreError,
@@ -91,7 +101,7 @@ def stores_router(settings: ApiSettings) -> APIRouter:
     Limit, default_limit = _page_limit(max_page, 50)
 
     @router.get("", response_model=Page[StoreSummary], summary="List stores")
-    def list_stores(
+    async def list_stores(
         request: Request, offset: Offset = 0, limit: Limit = default_limit
     ) -> Page[StoreSummary]:
         registry = _registry(request)
@@ -106,8 +116,9 @@ def stores_router(settings: ApiSettings) -> APIRouter:
         return Page[StoreSummary](items=items, offset=offset, limit=limit, total=len(names))
 
     @router.get("/{store}", response_model=StoreInfo, summary="Store metadata")
-    def store_info(request: Request, store: StoreName) -> StoreInfo:
+    async def store_info(request: Request, store: StoreName) -> StoreInfo:
         registry = _registry(request)
+        decode = await registry.decoder(store)
         with registry.reading(store) as entry:
             data = entry.store
             return StoreInfo(
@@ -116,11 +127,11 @@ def stores_router(settings: ApiSettings) -> APIRouter:
                 shard_ids=sorted(data.committed_shard_ids()),
                 n_prompts=data.n_prompts(),
                 n_tokens=data.n_tokens(),
-                tokens_decoded=registry.decoder(entry) is not None,
+                tokens_decoded=decode is not None,
             )
 
     @router.get("/{store}/prompts", response_model=Page[PromptSummary], summary="List prompts")
-    def list_prompts(
+    async def list_prompts(
         request: Request, store: StoreName, offset: Offset = 0, limit: Limit = default_limit
     ) -> Page[PromptSummary]:
         with _registry(request).reading(store) as entry:
@@ -152,17 +163,20 @@ def stores_router(settings: ApiSettings) -> APIRouter:
             return Page[PromptSummary](items=items, offset=offset, limit=limit, total=total)
 
     @router.get("/{store}/prompts/{prompt}", response_model=PromptDetail, summary="One prompt")
-    def prompt_detail(request: Request, store: StoreName, prompt: PromptIndex) -> PromptDetail:
+    async def prompt_detail(
+        request: Request, store: StoreName, prompt: PromptIndex
+    ) -> PromptDetail:
         registry = _registry(request)
+        decode = await registry.decoder(store)
         with registry.reading(store) as entry:
-            return _prompt_detail(registry, entry, prompt)
+            return _prompt_detail(entry, prompt, decode)
 
     @router.get(
         "/{store}/sites/{site}/prompts/{prompt}/features",
         response_model=PromptFeatures,
         summary="Features at every position of a prompt",
     )
-    def prompt_features(
+    async def prompt_features(
         request: Request,
         store: StoreName,
         site: SiteLabel,
@@ -173,9 +187,11 @@ def stores_router(settings: ApiSettings) -> APIRouter:
         sort_by: Literal["attribution", "activation"] = "attribution",
     ) -> PromptFeatures:
         registry = _registry(request)
+        decode = await registry.decoder(store)
         with registry.reading(store) as entry:
             _check_site(entry.store, site)
-            detail = _prompt_detail(registry, entry, prompt)
+            detail = _prompt_detail(entry, prompt, decode)
+            _decode_shard_of(entry.store, site, prompt)
             positions = [
                 features_at(entry.store, site, prompt, position, sort_by=sort_by, limit=limit)
                 for position in range(len(detail.token_ids))
@@ -193,7 +209,7 @@ def stores_router(settings: ApiSettings) -> APIRouter:
         response_model=FeaturesAt,
         summary="Features at one (prompt, position)",
     )
-    def features_at_position(
+    async def features_at_position(
         request: Request,
         store: StoreName,
         site: SiteLabel,
@@ -205,10 +221,11 @@ def stores_router(settings: ApiSettings) -> APIRouter:
         sort_by: Literal["attribution", "activation"] = "attribution",
     ) -> FeaturesAt:
         registry = _registry(request)
+        decode = await registry.decoder(store)
         with registry.reading(store) as entry:
             _check_site(entry.store, site)
+            _decode_shard_of(entry.store, site, prompt)
             active = features_at(entry.store, site, prompt, position, sort_by=sort_by, limit=limit)
-            decode = registry.decoder(entry)
             token = decode([active.token_id])[0] if decode is not None else None
             return FeaturesAt(token=token, features=active)
 
@@ -217,7 +234,7 @@ def stores_router(settings: ApiSettings) -> APIRouter:
         response_model=FeatureExamples,
         summary="Top-activating examples of a feature",
     )
-    def feature_examples(
+    async def feature_examples(
         request: Request,
         store: StoreName,
         site: SiteLabel,
@@ -228,6 +245,7 @@ def stores_router(settings: ApiSettings) -> APIRouter:
         context: Annotated[int, Query(description="Tokens of context each side.", ge=0, le=64)] = 8,
     ) -> FeatureExamples:
         registry = _registry(request)
+        decode = await registry.decoder(store)
         with registry.reading(store) as entry:
             _check_site(entry.store, site)
             examples = top_examples(
@@ -236,7 +254,7 @@ def stores_router(settings: ApiSettings) -> APIRouter:
                 feature,
                 n=limit,
                 context=context,
-                decode=registry.decoder(entry),
+                decode=decode,
             )
             return FeatureExamples(site=site, feature=feature, examples=examples)
 
@@ -245,7 +263,7 @@ def stores_router(settings: ApiSettings) -> APIRouter:
         response_model=FeatureSummary,
         summary="Firing statistics of one feature",
     )
-    def one_feature_summary(
+    async def one_feature_summary(
         request: Request, store: StoreName, site: SiteLabel, feature: FeatureId
     ) -> FeatureSummary:
         with _registry(request).reading(store) as entry:
@@ -257,7 +275,7 @@ def stores_router(settings: ApiSettings) -> APIRouter:
         response_model=Page[FeatureSummary],
         summary="Per-feature summaries, paginated",
     )
-    def feature_summaries(
+    async def feature_summaries(
         request: Request,
         store: StoreName,
         site: SiteLabel,
@@ -290,7 +308,21 @@ def stores_router(settings: ApiSettings) -> APIRouter:
     return router
 
 
-def _prompt_detail(registry: StoreRegistry, entry: OpenStore, prompt: int) -> PromptDetail:
+def _decode_shard_of(store: FeatureStore, site: str, prompt: int) -> None:
+    """Decode the prompt's whole site shard into the store's cache (once per shard).
+
+    A point query on an uncached shard reads a few chunks from disk every
+    time; this long-lived process instead decodes each shard once and then
+    answers from memory.
+    """
+    try:
+        shard = store.shard_of_prompt(prompt)
+    except StoreError as exc:
+        raise ApiError(404, str(exc)) from exc
+    store.site_shard(shard.shard_id, site)
+
+
+def _prompt_detail(entry: OpenStore, prompt: int, decode: Decode | None) -> PromptDetail:
     data = entry.store
     try:
         shard = data.shard_of_prompt(prompt)
@@ -298,7 +330,6 @@ def _prompt_detail(registry: StoreRegistry, entry: OpenStore, prompt: int) -> Pr
         raise ApiError(404, str(exc)) from exc
     record = data.prompt_records(shard.shard_id)[prompt - shard.prompt_start]
     token_ids = [int(t) for t in data.prompt_tokens(prompt)]
-    decode = registry.decoder(entry)
     return PromptDetail(
         prompt=prompt,
         record=record,

@@ -35,6 +35,12 @@ class ApiSettings(BaseModel):
     max_page_size: int = Field(
         default=200, ge=1, le=100_000, description="Largest page any listing route returns."
     )
+    decoded_shards: int = Field(
+        default=64,
+        ge=1,
+        le=100_000,
+        description="Decoded site shards each open store keeps in memory for point queries.",
+    )
     store_refresh_seconds: float = Field(
         default=1.0,
         ge=0.0,
@@ -58,7 +64,7 @@ class ApiSettings(BaseModel):
 
         STORE_ROOT (default ``$CIRCUITSCAN_HOME/stores``), TOKENS (comma-separated),
         TOKENS_FILE (one token a line), PROTECT_READS (1/true/yes), RAY_ADDRESS,
-        MAX_BODY_BYTES, MAX_PAGE_SIZE, STORE_REFRESH_SECONDS.
+        MAX_BODY_BYTES, MAX_PAGE_SIZE, STORE_REFRESH_SECONDS, DECODED_SHARDS.
         """
         env = dict(os.environ if env is None else env)
 
@@ -85,6 +91,7 @@ class ApiSettings(BaseModel):
             ("MAX_BODY_BYTES", "max_body_bytes"),
             ("MAX_PAGE_SIZE", "max_page_size"),
             ("STORE_REFRESH_SECONDS", "store_refresh_seconds"),
+            ("DECODED_SHARDS", "decoded_shards"),
         ):
             if get(name) is not None:
                 values[key] = get(name)

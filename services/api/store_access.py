@@ -12,6 +12,7 @@ running job has committed since, and reopen when the store was replaced.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -22,6 +23,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
 
 from circuitscan.services.api.errors import ApiError
 from circuitscan.services.store import FeatureStore, StoreNotFoundError
@@ -56,20 +59,20 @@ class OpenStore:
     layout_mtime: int
     checked_at: float
     lock: threading.Lock = field(default_factory=threading.Lock)
-    decoder: Decode | None = None
-    decoder_loaded: bool = False
 
 
 class StoreRegistry:
     """Resolves, opens and caches the stores under ``root``."""
 
-    def __init__(self, root: Path, refresh_seconds: float = 1.0) -> None:
+    def __init__(self, root: Path, refresh_seconds: float = 1.0, decoded_shards: int = 64) -> None:
         root.mkdir(parents=True, exist_ok=True)
         self.root = root.resolve()
         self.refresh_seconds = refresh_seconds
+        self.decoded_shards = decoded_shards
         self._open: OrderedDict[str, OpenStore] = OrderedDict()
         self._lock = threading.Lock()
         self._tokenizers: dict[str, Decode | None] = {}
+        self._loading: dict[str, asyncio.Future[Decode | None]] = {}
 
     # --- names and paths ---------------------------------------------------------
 
@@ -113,6 +116,7 @@ class StoreRegistry:
             store = FeatureStore.open(str(path))
         except StoreNotFoundError as exc:
             raise ApiError(404, f"no store named {name!r}") from exc
+        store.site_cache_shards = self.decoded_shards
         mtime = (path / "zarr.json").stat().st_mtime_ns
         return OpenStore(name=name, store=store, layout_mtime=mtime, checked_at=time.monotonic())
 
@@ -171,22 +175,31 @@ class StoreRegistry:
 
     # --- token decoding -------------------------------------------------------------
 
-    def decoder(self, entry: OpenStore) -> Decode | None:
-        """Token-id → text of the store's model tokenizer, None when it cannot be loaded."""
-        if entry.decoder_loaded:
-            return entry.decoder
-        entry.decoder = self._tokenizer_for(entry.store)
-        entry.decoder_loaded = True
-        return entry.decoder
+    async def decoder(self, name: str) -> Decode | None:
+        """Token-id → text for store ``name``'s model, None when its tokenizer cannot load.
 
-    def _tokenizer_for(self, store: FeatureStore) -> Decode | None:
-        spec = store.layout.job_spec or {}
-        model = spec.get("model") if isinstance(spec, dict) else None
-        source = model.get("source", "default") if isinstance(model, dict) else "default"
-        source = str(source)
+        Loading a tokenizer takes seconds, so it runs in a worker thread (the
+        event loop keeps serving) and each model's decoder is loaded once.
+        Call it before ``reading``: never await while holding a store's lock.
+        """
+        entry = self._get(name)
+        source = _model_source(entry.store)
         if source not in self._tokenizers:
-            self._tokenizers[source] = _load_decoder(source)
+            # One load per model even when many first requests arrive together.
+            if source not in self._loading:
+                self._loading[source] = asyncio.ensure_future(
+                    run_in_threadpool(_load_decoder, source)
+                )
+            decode = await asyncio.shield(self._loading[source])
+            self._tokenizers.setdefault(source, decode)
+            self._loading.pop(source, None)
         return self._tokenizers[source]
+
+
+def _model_source(store: FeatureStore) -> str:
+    spec = store.layout.job_spec or {}
+    model = spec.get("model") if isinstance(spec, dict) else None
+    return str(model.get("source", "default") if isinstance(model, dict) else "default")
 
 
 def _load_decoder(source: str) -> Decode | None:

@@ -17,9 +17,17 @@ import pytest
 from api_server import PROMPTS, SITES, api_server, build_store, thread_server
 from pydantic import SecretStr
 
+from circuitscan.schemas.analyses import SpliceEvalRow
+from circuitscan.schemas.job_results import (
+    AttributionJobResult,
+    NodeEffect,
+    NodeVerification,
+    SpliceEvalJobResult,
+)
 from circuitscan.services.api import ApiSettings
 from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, feature_summary, features_at, top_examples
+from circuitscan.services.store.results import write_job_result
 
 pytestmark = pytest.mark.integration
 
@@ -40,9 +48,56 @@ def store_root(tmp_path_factory, tiny_hf_model_dir) -> Path:
     shutil.copytree(root / STORE, outside / "secret")
     (outside / "passwd").write_text("root:x:0:0")
     (root / "escape").symlink_to(outside / "secret", target_is_directory=True)
+    _write_results(FeatureStore.open(str(root / STORE)))
     shutil.copytree(root / STORE, root / "leaky")
     (root / "leaky" / "shards" / "evil").symlink_to(outside / "passwd")
     return root
+
+
+NODES = [
+    NodeEffect(
+        node=f"feature:{SITE}:{i}@last",
+        mean=(-1) ** i * (1.0 - i / 10),
+        mean_abs=1.0 - i / 10,
+        n_prompts=5,
+        verification=NodeVerification(
+            exact_mean=(-1) ** i * 0.9, exact_mean_abs=0.9, n_prompts=5, status="confirmed"
+        )
+        if i < 2
+        else None,
+    )
+    for i in range(7)
+]
+SPLICE_ROWS = [
+    SpliceEvalRow(
+        sites=[], variant="clean", n_prompts=5, metric_mean=3.1, metric_std=0.4, kl_metric_pos=0.0
+    ),
+    SpliceEvalRow(
+        sites=[SITE],
+        variant="spliced",
+        n_prompts=5,
+        metric_mean=2.5,
+        metric_std=0.6,
+        kl_metric_pos=0.12,
+        metric_recovered=0.8,
+    ),
+]
+
+
+def _write_results(store: FeatureStore) -> None:
+    """Job results as a job's driver stores them when it finishes."""
+    write_job_result(
+        store,
+        AttributionJobResult(
+            job_hash="api-test", method="atpstar", n_prompts=5, n_nodes=40, n_verified=2, top=NODES
+        ),
+    )
+    write_job_result(
+        store,
+        SpliceEvalJobResult(
+            job_hash="api-test", n_prompts=5, reference_prompts=5, rows=SPLICE_ROWS
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +135,8 @@ def test_openapi_documents_every_route(client):
         ("GET", "/api/stores/{store}/sites/{site}/prompts/{prompt}/positions/{position}/features"),
         ("GET", "/api/stores/{store}/sites/{site}/features/{feature}/examples"),
         ("GET", "/api/stores/{store}/sites/{site}/summaries"),
+        ("GET", "/api/stores/{store}/results/attribution"),
+        ("GET", "/api/stores/{store}/results/splice-eval"),
         ("POST", "/api/jobs"),
         ("GET", "/api/jobs"),
         ("GET", "/api/jobs/{job_id}"),
@@ -149,6 +206,21 @@ def test_store_routes_match_direct_store_queries(client, store_root, tiny_hf_mod
     summary = client.get(f"/api/stores/{STORE}/sites/{SITE}/features/{feature}/summary").json()
     assert summary == feature_summary(store, SITE, feature).model_dump(mode="json")
     assert summary["count"] > 0
+
+
+def test_job_results(client):
+    base = f"/api/stores/{STORE}/results"
+    kinds = {item["kind"] for item in client.get(base).json()}
+    assert kinds == {"attribute", "splice_eval"}
+    page = client.get(f"{base}/attribution", params={"offset": 1, "limit": 3}).json()
+    assert page["total"] == len(NODES) and page["method"] == "atpstar"
+    assert page["nodes"] == [n.model_dump(mode="json") for n in NODES[1:4]]
+    assert page["nodes"][0]["verification"]["status"] == "confirmed"
+    assert page["nodes"][1]["verification"] is None
+    splice = client.get(f"{base}/splice-eval").json()
+    assert splice["rows"] == [r.model_dump(mode="json") for r in SPLICE_ROWS]
+    assert "no ablation_scan result" in _error(client.get(f"{base}/ablation"), 404)
+    _error(client.get(f"{base}/attribution", params={"limit": MAX_PAGE + 1}), 422)
 
 
 def test_prompt_features_agree_with_single_positions(client):

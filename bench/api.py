@@ -1,0 +1,248 @@
+"""HTTP API benchmark: concurrent clients querying a ≥ 100k-token store over loopback.
+
+    .venv/bin/python bench/api.py [--tokens 102400] [--clients 50] [--seconds 20]
+                                  [--warmup 3] [--think-ms 0]
+
+Builds a synthetic store (one site, d_sae 4096, 24 features per token drawn
+with skewed popularity, like real SAEs; token ids decoded by the default
+model's tokenizer when it is installed), starts ``circuitscan serve`` (real
+uvicorn, its own process) on 127.0.0.1, and runs ``--clients`` concurrent
+clients (one keep-alive connection each) for ``--seconds`` after a
+``--warmup``: each client alternates top-examples queries of a random live
+feature (20 examples, 8 tokens of context, decoded) and features-at queries
+of a random (prompt, position) (top 32 by attribution). ``--think-ms`` adds a
+pause between a client's requests (0: back to back, the hardest case).
+
+Prints per-query-kind latency percentiles; the last line is one JSON object:
+api_p50_ms, api_p99_ms (over all queries in the timed window), api_rps
+(completed queries per second), api_errors (non-200 answers and transport
+errors, warm-up included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from circuitscan.pipelines.caching import SiteCache
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.schemas.store import SiteLayout, StoreLayout
+from circuitscan.services.store import FeatureStore
+
+SITE = "L15.resid_post"
+D_SAE = 4096
+PER_TOKEN = 24
+PROMPT_LEN = 32
+SHARD_SIZE = 128
+
+
+def build_store(path: Path, n_tokens: int) -> tuple[int, list[int]]:
+    """Write the synthetic store; returns (prompts, live feature ids)."""
+    layout = StoreLayout(
+        sites=[SiteLayout(label=SITE, hook_name="blocks.15.hook_resid_post", d_sae=D_SAE)],
+        shard_size=SHARD_SIZE,
+        model_fingerprint="synthetic",
+        examples_per_feature=32,
+    )
+    store = FeatureStore.create(str(path), layout)
+    rng = np.random.default_rng(0)
+    live = np.sort(rng.choice(D_SAE, 800, replace=False))
+    log_popularity = np.log(1.0 / np.arange(1, len(live) + 1) ** 0.8)
+    tokens_per_shard = SHARD_SIZE * PROMPT_LEN
+    n_shards = -(-n_tokens // tokens_per_shard)
+    for shard_id in range(n_shards):
+        # Gumbel top-k: PER_TOKEN distinct features per token, drawn by popularity.
+        scores = log_popularity - np.log(-np.log(rng.random((tokens_per_shard, len(live)))))
+        chosen = np.sort(live[np.argpartition(-scores, PER_TOKEN, axis=1)[:, :PER_TOKEN]], axis=1)
+        n = chosen.size
+        cache = SiteCache(
+            token_index=torch.arange(tokens_per_shard).repeat_interleave(PER_TOKEN),
+            feature_ids=torch.from_numpy(chosen.ravel().astype(np.int64)),
+            activations=torch.from_numpy(rng.lognormal(0.0, 0.7, n).astype(np.float32)),
+            gradients=torch.from_numpy(rng.normal(0.0, 0.05, n).astype(np.float32)),
+            error_norm=torch.from_numpy(rng.random(tokens_per_shard).astype(np.float32)),
+            dropped_mass=torch.zeros(tokens_per_shard),
+            n_tokens=tokens_per_shard,
+            d_sae=D_SAE,
+        )
+        token_ids = rng.integers(1, 49000, (SHARD_SIZE, PROMPT_LEN)).tolist()
+        prompts = [PromptRecord(text=f"synthetic {shard_id}.{i}") for i in range(SHARD_SIZE)]
+        store.commit_shard(store.write_shard(shard_id, prompts, token_ids, {SITE: cache}))
+    store.flush_index()
+    return store.n_prompts(), [int(f) for f in live]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(root: Path, log) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = dict(os.environ, CIRCUITSCAN_API_STORE_ROOT=str(root), CIRCUITSCAN_API_TOKENS="")
+    command = [sys.executable, "-m", "circuitscan.services.cli", "serve", "--port", str(port)]
+    process = subprocess.Popen(
+        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("the API server exited during startup")
+        try:
+            if httpx.get(f"{url}/api/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the API server did not start")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+async def run_clients(
+    url: str,
+    n_clients: int,
+    seconds: float,
+    warmup: float,
+    think_ms: float,
+    n_prompts: int,
+    live: list[int],
+) -> tuple[dict[str, list[float]], int, float]:
+    """Latencies (ms) per query kind inside the timed window, errors, window length (s)."""
+    latencies: dict[str, list[float]] = {"top_examples": [], "features_at": []}
+    errors = 0
+    start = time.perf_counter()
+    window_start = start + warmup
+    stop = window_start + seconds
+
+    async def client(index: int) -> None:
+        nonlocal errors
+        rng = random.Random(index)
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
+            turn = index % 2
+            while time.perf_counter() < stop:
+                if turn == 0:
+                    kind = "top_examples"
+                    path = f"/api/stores/bench/sites/{SITE}/features/{rng.choice(live)}/examples"
+                    params = {"limit": 20, "context": 8}
+                else:
+                    kind = "features_at"
+                    prompt, position = rng.randrange(n_prompts), rng.randrange(PROMPT_LEN)
+                    path = (
+                        f"/api/stores/bench/sites/{SITE}/prompts/{prompt}"
+                        f"/positions/{position}/features"
+                    )
+                    params = {"limit": 32}
+                turn = 1 - turn
+                sent = time.perf_counter()
+                try:
+                    response = await http.get(path, params=params)
+                    ok = response.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                done = time.perf_counter()
+                if not ok:
+                    errors += 1
+                elif sent >= window_start and done <= stop:
+                    latencies[kind].append((done - sent) * 1e3)
+                if think_ms:
+                    await asyncio.sleep(think_ms / 1e3)
+
+    await asyncio.gather(*(client(i) for i in range(n_clients)))
+    return latencies, errors, seconds
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=102_400, help="Tokens in the store.")
+    parser.add_argument("--clients", type=int, default=50, help="Concurrent clients.")
+    parser.add_argument("--seconds", type=float, default=20.0, help="Timed window (s).")
+    parser.add_argument("--warmup", type=float, default=3.0, help="Untimed warm-up (s).")
+    parser.add_argument("--think-ms", type=float, default=0.0, help="Pause between requests.")
+    args = parser.parse_args()
+    # The server process inherits these: it must never try to reach a model hub.
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+
+    with tempfile.TemporaryDirectory(prefix="bench_api_") as tmp, tempfile.TemporaryFile() as log:
+        root = Path(tmp) / "stores"
+        root.mkdir()
+        started = time.perf_counter()
+        n_prompts, live = build_store(root / "bench", args.tokens)
+        store = FeatureStore.open(str(root / "bench"))
+        print(
+            f"store: {store.n_tokens()} tokens, {n_prompts} prompts, "
+            f"{len(store.committed_shard_ids())} shards, d_sae {D_SAE}, {PER_TOKEN} features/token "
+            f"(built in {time.perf_counter() - started:.1f}s)",
+            flush=True,
+        )
+        process, url = start_server(root, log)
+        try:
+            # Cold start (opening the store, loading the tokenizer) is timed apart.
+            cold = time.perf_counter()
+            for path in (
+                f"/api/stores/bench/sites/{SITE}/features/{live[0]}/examples",
+                f"/api/stores/bench/sites/{SITE}/prompts/0/positions/0/features",
+            ):
+                httpx.get(url + path, timeout=120).raise_for_status()
+            print(f"cold start: first queries answered in {time.perf_counter() - cold:.1f}s")
+            latencies, errors, window = asyncio.run(
+                run_clients(
+                    url, args.clients, args.seconds, args.warmup, args.think_ms, n_prompts, live
+                )
+            )
+        finally:
+            stop_server(process)
+
+    every = latencies["top_examples"] + latencies["features_at"]
+    print(
+        f"{args.clients} clients, {window:.0f}s timed after {args.warmup:.0f}s warm-up, "
+        f"think time {args.think_ms:g} ms, server: one uvicorn process"
+    )
+    for kind, values in latencies.items():
+        print(
+            f"  {kind:13s} n={len(values):6d}  p50 {_pct(values, 50):7.2f} ms  "
+            f"p90 {_pct(values, 90):7.2f} ms  p99 {_pct(values, 99):7.2f} ms  "
+            f"max {max(values, default=float('nan')):7.2f} ms"
+        )
+    print(f"  errors: {errors}")
+    result = {
+        "api_p50_ms": round(_pct(every, 50), 2),
+        "api_p99_ms": round(_pct(every, 99), 2),
+        "api_rps": round(len(every) / window, 1),
+        "api_errors": errors,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
