@@ -7,6 +7,7 @@ holds shard data: workers write shards, the driver commits manifest entries.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -83,19 +84,19 @@ class JobSummary(BaseModel):
         return "\n".join(lines)
 
 
-def _count_tokens(spec: JobSpec, records: list[PromptRecord]) -> list[int]:
-    tokenizer = load_tokenizer(spec.model)
+def _count_tokens(spec: JobSpec, records: list[PromptRecord], tokenizer: Any = None) -> list[int]:
+    tokenizer = tokenizer or load_tokenizer(spec.model)
     texts = [r.text for r in records]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [len(ids) + 1 for ids in encoded]  # + BOS, as model.to_tokens prepends it
 
 
 def select_prompts(
-    spec: JobSpec, records: list[PromptRecord], n_ctx: int
+    spec: JobSpec, records: list[PromptRecord], n_ctx: int, tokenizer: Any = None
 ) -> tuple[list[PromptRecord], int, int]:
     """Apply the token cap: (kept prompts, rejected count, truncated count)."""
     cap = min(n_ctx, spec.max_prompt_tokens) if spec.max_prompt_tokens else n_ctx
-    lengths = _count_tokens(spec, records)
+    lengths = _count_tokens(spec, records, tokenizer)
     over = [n > cap for n in lengths]
     if spec.overlong == "reject":
         kept = [r for r, too_long in zip(records, over, strict=True) if not too_long]
@@ -217,7 +218,8 @@ def run_job(
     """
     started = time.perf_counter()
     say = echo or (lambda _line: None)
-    records = load_prompts(spec.prompts, lambda: load_tokenizer(spec.model))
+    tokenizer = functools.cache(lambda: load_tokenizer(spec.model))  # loaded once, if needed
+    records = load_prompts(spec.prompts, tokenizer)
     _check_prompts(spec, records)
     _refuse_other_job(spec, overwrite)
     connect(address)
@@ -225,7 +227,7 @@ def run_job(
     actors = acquire_actors(spec, n_actors, use_gpu, reuse=keep_actors)
     try:
         info = describe(actors[0])
-        kept, rejected, truncated = select_prompts(spec, records, info.n_ctx)
+        kept, rejected, truncated = select_prompts(spec, records, info.n_ctx, tokenizer())
         if not kept:
             raise JobError(f"all {len(records)} prompts exceed the token cap; nothing to run")
         plans = plan_shards(len(kept), spec.shard_size)

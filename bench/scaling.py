@@ -1,0 +1,179 @@
+"""Scaling benchmark: one cache job on 1 vs 2 CPU Ray actors, and Ray's share of a job's time.
+
+    .venv/bin/python bench/scaling.py [--model default|mid] [--prompts 48] [--shard-size 4]
+
+The same cache job (IOI prompts, activations + metric gradients for every
+SAE site) runs through ``run_job`` on an embedded local Ray twice, side by
+side: once on 1 actor and once on 2 actors, each actor with 1 torch thread.
+Both runs use warm actors (loaded once, before timing: ``keep_actors``), so
+the figures measure execution, not model loading.
+
+- ``two_vs_one_actor_speedup``: wall time on 1 actor / wall time on 2 actors
+  (target ≥ 1.7 on a 2-core machine).
+- ``ray_overhead_fraction``: 1 − (worker compute time) / (job wall time) for
+  the 1-actor run; compute time is the sum over shards of the time each
+  worker spent computing and writing its shard. Everything else — prompt
+  loading, token counting, scheduling, object transfer, commits — is
+  overhead (target ≤ 0.05). The 2-actor figure (compute / (2 × wall)) is
+  printed too.
+
+Models: ``default`` is SmolLM2-135M-Instruct with its default SAEs
+(L15.resid_post, L15.z; top-k, d_sae 2304); ``mid`` is a 4-layer,
+d_model 256 Llama built from config with seeded random weights and SAEs
+(d_sae 1024), for machines where the default model is too slow.
+
+Ends with one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray
+import torch
+
+from circuitscan.schemas.jobs import CacheParams, ExecutionSpec, IOISource, JobSpec
+from circuitscan.schemas.models import ModelSpec, SAESpec
+from circuitscan.services.jobs.runner import JobSummary, run_job
+from circuitscan.services.sae_loading import default_sae_names
+
+
+def mid_model(root: Path) -> tuple[ModelSpec, list[SAESpec]]:
+    """A mid-size seeded Llama (HF directory, default tokenizer) and two SAEs for it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from circuitscan.pipelines.tiny_models import build_tiny_sae
+    from circuitscan.schemas.hooks import HookSite
+    from circuitscan.services.model_loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model_dir = root / "mid_llama"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    spec = ModelSpec(source=str(model_dir))
+    model = load_model(spec).model
+    saes = []
+    for index, site in enumerate(
+        [HookSite(layer=2, point="resid_post"), HookSite(layer=2, point="z")]
+    ):
+        sae = build_tiny_sae(
+            model, site, d_sae=1024, architecture="topk", k=32, seed=index, dtype=torch.float32
+        )
+        path = root / f"sae_{site.label}"
+        sae.save_model(path)
+        saes.append(SAESpec(source=str(path)))
+    return spec, saes
+
+
+def job(model: ModelSpec, saes: list[SAESpec], args: argparse.Namespace, store: Path, actors: int):
+    return JobSpec(
+        name=f"scaling-{actors}",
+        model=model,
+        saes=saes,
+        prompts=IOISource(kind="ioi", n=args.prompts, seed=0),
+        job=CacheParams(kind="cache"),
+        store=str(store),
+        shard_size=args.shard_size,
+        execution=ExecutionSpec(
+            num_actors=actors,
+            torch_threads=1,
+            batch_size=args.shard_size,
+            max_in_flight_per_actor=2,
+        ),
+    )
+
+
+def describe(label: str, summary: JobSummary) -> None:
+    rate = summary.tokens / summary.seconds
+    print(
+        f"{label}: {summary.shards_run} shards, {summary.tokens} tokens in {summary.seconds:.2f}s "
+        f"({rate:,.0f} tok/s); worker compute {summary.compute_seconds:.2f}s on "
+        f"{summary.actors} actor(s)"
+    )
+
+
+def quiet(_line: str) -> None:
+    """Progress lines would interleave with the figures: drop them."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["default", "mid"], default="default")
+    parser.add_argument("--prompts", type=int, default=48, help="IOI prompts per job.")
+    parser.add_argument("--shard-size", type=int, default=4, help="Prompts per shard.")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
+        root = Path(tmp)
+        if args.model == "default":
+            model = ModelSpec()
+            saes = [SAESpec(source=f"default/{name}") for name in default_sae_names()]
+            model_label = "SmolLM2-135M-Instruct + default SAEs " + "/".join(default_sae_names())
+        else:
+            model, saes = mid_model(root)
+            model_label = "mid-size Llama from config (4 layers, d_model 256) + 2 SAEs (d_sae 1024)"
+        print(f"model: {model_label}; {args.prompts} IOI prompts, shards of {args.shard_size}")
+
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+        try:
+            started = time.perf_counter()
+            # Warm-up: loads the model in both actors (kept for the timed runs).
+            warm = job(model, saes, argparse.Namespace(prompts=4, shard_size=2), root / "warm", 2)
+            run_job(warm, keep_actors=True, echo=quiet)
+            print(f"actors loaded and warmed up in {time.perf_counter() - started:.1f}s")
+
+            one = run_job(job(model, saes, args, root / "one", 1), keep_actors=True, echo=quiet)
+            two = run_job(job(model, saes, args, root / "two", 2), keep_actors=True, echo=quiet)
+        finally:
+            ray.shutdown()
+
+    describe("1 actor ", one)
+    describe("2 actors", two)
+    speedup = one.seconds / two.seconds
+    overhead_one = 1 - one.compute_seconds / one.seconds
+    overhead_two = 1 - two.compute_seconds / (2 * two.seconds)
+    print(f"two_vs_one_actor_speedup = {speedup:.3f} (target >= 1.7)")
+    print(f"ray_overhead_fraction (1 actor) = {overhead_one:.4f} (target <= 0.05)")
+    print(f"ray_overhead_fraction (2 actors, compute / (2 x wall)) = {overhead_two:.4f}")
+    print(
+        json.dumps(
+            {
+                "two_vs_one_actor_speedup": round(speedup, 4),
+                "ray_overhead_fraction": round(overhead_one, 4),
+                "ray_overhead_fraction_2_actors": round(overhead_two, 4),
+                "seconds_1_actor": round(one.seconds, 3),
+                "seconds_2_actors": round(two.seconds, 3),
+                "tokens": one.tokens,
+                "prompts": args.prompts,
+                "model": args.model,
+                "device": "cpu",
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
