@@ -156,6 +156,25 @@ def test_analysis_runs_end_to_end_on_a_tiny_llama(tiny_hf_model_dir, tmp_path):
     assert DFAOutput.model_validate(json.loads((tmp_path / "dfa.json").read_text())) == tree
     assert all(summary_lines(o) for o in outputs)
 
+    # --store: the splice evaluation becomes the store's splice_eval result; the rest are JSON.
+    from circuitscan.schemas.store import SiteLayout, StoreLayout
+    from circuitscan.services.store import FeatureStore
+    from circuitscan.services.store.backends import read_bytes
+    from circuitscan.services.store.results import list_results, splice_eval_rows
+
+    layout = StoreLayout(
+        sites=[SiteLayout(label="L1.z", hook_name="blocks.1.attn.hook_z", d_sae=48,
+                          sae_fingerprint="s")],
+        shard_size=2, examples_per_feature=2, model_fingerprint="tiny", job_hash="cache",
+    )  # fmt: skip
+    url = str(tmp_path / "store")
+    FeatureStore.create(url, layout)
+    save_outputs(tmp_path / "again", outputs, sections, "tiny IOI", store=url)
+    assert splice_eval_rows(url) == splice.rows
+    assert [r.kind for r in list_results(url)] == ["splice_eval"]
+    raw = read_bytes(FeatureStore.open(url).backend, "analyses/dfa.json")
+    assert DFAOutput.model_validate_json(raw) == tree
+
 
 def test_analyze_cli_rejects_bad_input_with_a_clear_message():
     from typer.testing import CliRunner
