@@ -40,7 +40,6 @@ from circuitscan.pipelines.attribution.splice import Recorder, build_hooks, run_
 from circuitscan.pipelines.attribution.suffix import (
     cache_residuals,
     reads_one_position,
-    start_layer,
     suffix_metric,
 )
 from circuitscan.pipelines.metrics import read_positions
@@ -194,7 +193,9 @@ def exact_patch(
     if reference_tokens is not None and reference_lengths is not None:
         reference = (reference_tokens, reference_lengths)
     n_layers = model.cfg.n_layers
-    node_start = [start_layer(node.site) for node in nodes]
+    # The block holding the node's hook reruns (blocks.l.hook_resid_post fires
+    # inside block l), so the cached stream is the one entering that block.
+    node_start = [node.site.layer for node in nodes]
     batch = clean_tokens.shape[0]
     with torch.no_grad():
         sources = _sources(model, sae_map, keys, mode, corrupt_tokens, reference)

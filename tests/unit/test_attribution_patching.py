@@ -254,3 +254,64 @@ def test_ablation_scan_matches_naive_loop(site, architecture, mode):
             checked += 1
     assert checked == scan.n_ablations
     assert float(scan.delta.nan_to_num(0).abs().max()) > 1e-3
+
+
+SAE_SITES = [
+    HookSite(layer=1, point="resid_pre"),
+    HookSite(layer=0, point="resid_post"),
+    HookSite(layer=1, point="resid_post"),
+    HookSite(layer=0, point="mlp_post"),
+    HookSite(layer=1, point="z"),
+]
+
+
+@pytest.mark.parametrize("site", SAE_SITES, ids=lambda s: s.label)
+def test_exact_patch_sae_nodes_match_full_forward_patch(site):
+    """Feature and error nodes at every kind of SAE site: one full forward pass per patch.
+
+    The reference splices nothing but the one edit: at the node's position,
+    the activation gains decode(a') − decode(a) (feature) or e' − e (error),
+    with a and e from the clean run and a', e' from the corrupted run.
+    """
+    model = build_tiny_model(normalization="RMS")
+    sae = build_tiny_sae(model, site, architecture="topk", k=4)
+    clean, corrupt, lengths, answer, wrong = _equal_length_pair(batch=2, seq=5)
+    with torch.no_grad():
+        _, clean_cache = model.run_with_cache(clean)
+        _, corrupt_cache = model.run_with_cache(corrupt)
+        base = metric_per_prompt(model(clean), METRIC, lengths=lengths, answer=answer, wrong=wrong)
+    acts = sae_encode(sae, clean_cache[site.hook_name])
+    acts_corrupt = sae_encode(sae, corrupt_cache[site.hook_name])
+    changed = torch.nonzero((acts != acts_corrupt).any(0).any(0)).flatten()[:6].tolist()
+    nodes = [
+        Node(kind="feature", layer=site.layer, point=site.point, index=f, position=p)
+        for f in changed
+        for p in (2, 4)
+    ] + [Node(kind="sae_error", layer=site.layer, point=site.point, position=p) for p in (1, 3)]
+    ours = exact_patch(
+        model, {site: sae}, clean, lengths, METRIC, answer, wrong, nodes, corrupt_tokens=corrupt
+    )
+    reference = torch.zeros_like(ours)
+    for n, node in enumerate(nodes):
+
+        def hook(x, hook=None, node=node):
+            a = sae_encode(sae, x)
+            recon = sae_decode(sae, a, x)
+            a_corrupt = sae_encode(sae, corrupt_cache[site.hook_name])
+            x_corrupt = corrupt_cache[site.hook_name]
+            error_corrupt = x_corrupt - sae_decode(sae, a_corrupt, x_corrupt)
+            edited = a.clone()
+            if node.kind == "feature":
+                edited[:, node.position, node.index] = a_corrupt[:, node.position, node.index]
+                return x + (sae_decode(sae, edited, x) - recon)
+            out = x.clone()
+            out[:, node.position] = recon[:, node.position] + error_corrupt[:, node.position]
+            return out
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(clean, fwd_hooks=[(site.hook_name, hook)])
+        reference[:, n] = (
+            metric_per_prompt(logits, METRIC, lengths=lengths, answer=answer, wrong=wrong) - base
+        )
+    assert float(reference.abs().max()) > 1e-3
+    torch.testing.assert_close(ours, reference, atol=1e-9, rtol=0)

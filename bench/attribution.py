@@ -1,0 +1,249 @@
+"""Attribution benchmark: AtP/AtP* cost in forward passes, scan efficiency, IOI recall.
+
+    .venv/bin/python bench/attribution.py [--rounds 3] [--recall-prompts 1]
+                                          [--scan-prompts 4] [--naive-sample 8] [--threads 2]
+
+On the default model (SmolLM2-135M-Instruct, 30 layers) with its default SAEs
+(L15.resid_post, L15.z; top-k 32 of 2304) over IOI prompts (ABC-corrupted):
+
+- atp_forward_equivalents / atpstar_forward_equivalents: wall time of
+  run_atp for every node of one prompt pair (z/q/k/v heads, MLP neurons and
+  whole MLPs, SAE features and errors, at every position) over the wall time
+  of one plain forward pass of the clean prompt, timed side by side in
+  interleaved rounds (median of per-round ratios). Targets: AtP ≤ 3.5,
+  AtP* (QK fix + GradDrop) ≤ 3 + n_layers.
+- scan_vs_ideal_ratio: throughput (ablations per second) of ablation_scan
+  (zero ablation of every active L15.resid_post feature at the S2 and END
+  positions) over the ideal: the same suffix forward passes alone, inputs
+  prepared beforehand. Target ≥ 0.9. Also prints the speed-up over a naive
+  loop of one full forward pass per ablation (timed on a sample).
+- recall_at_20_{heads,features}_{atp,atpstar}: recall@20 of AtP and AtP*
+  rankings against exhaustive exact patching on IOI (heads: z/q at END,
+  k/v at IO and S1; features: every feature of both L15 SAEs at IO, S1, S2,
+  END), with recall@10 and the cost of verified recall printed alongside.
+
+Ends with one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch
+
+from circuitscan.pipelines.attribution import ablation_scan, run_atp
+from circuitscan.pipelines.attribution.ablation_scan import (
+    _ablation_values,
+    ablation_inputs,
+    prepare_scan,
+)
+from circuitscan.pipelines.attribution.evaluation import (
+    METHODS,
+    RankingComparison,
+    compare_rankings,
+    ioi_feature_selections,
+    ioi_head_selections,
+    ioi_pairs,
+)
+from circuitscan.pipelines.attribution.splice import sae_decode, sae_encode
+from circuitscan.pipelines.attribution.suffix import suffix_metric
+from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.schemas.attribution import NodeSelection
+from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.metrics import MetricSpec
+
+METRIC = MetricSpec()
+ALL_NODES = NodeSelection(
+    kinds=["z", "q", "k", "v", "neuron", "mlp", "feature", "sae_error"], positions="all"
+)
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def forward_equivalents(model, saes, rounds: int) -> dict[str, float]:
+    """Median over rounds of (run_atp wall time) / (one forward pass), per method."""
+    pairs = ioi_pairs(model, 1)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(pairs.clean, return_type="logits")
+
+    def attribute(name: str) -> Callable[[], object]:
+        return lambda: run_atp(
+            model, saes, pairs.clean, pairs.corrupt, pairs.lengths, METRIC,
+            pairs.answer, pairs.wrong, ALL_NODES, method=METHODS[name],
+        )  # fmt: skip
+
+    forward()
+    attribute("atp")()  # warm-up: first calls pay for allocations
+    ratios: dict[str, list[float]] = {name: [] for name in METHODS}
+    n_nodes = 0
+    for round_ in range(rounds):
+        for name in METHODS:
+            before = _timed(forward)
+            seconds = _timed(attribute(name))
+            after = _timed(forward)
+            ratios[name].append(seconds / ((before + after) / 2))
+            print(
+                f"  round {round_}: {name} {seconds:.2f}s, forward {before:.3f}s/{after:.3f}s "
+                f"-> {ratios[name][-1]:.2f} forward equivalents"
+            )
+    result = run_atp(
+        model, saes, pairs.clean, pairs.corrupt, pairs.lengths, METRIC,
+        pairs.answer, pairs.wrong, ALL_NODES,
+    )  # fmt: skip
+    n_nodes = len(result.nodes())
+    print(f"  nodes per prompt pair: {n_nodes} ({int(pairs.lengths[0])} tokens)")
+    return {name: statistics.median(values) for name, values in ratios.items()}
+
+
+def scan_efficiency(model, sae, site: HookSite, n_prompts: int, naive_sample: int) -> float:
+    """Scan throughput over ideal suffix-only throughput; prints the naive-loop speed-up."""
+    pairs = ioi_pairs(model, n_prompts)
+    tokens, lengths, answer, wrong = pairs.clean, pairs.lengths, pairs.answer, pairs.wrong
+    positions = ["S2", "END"]
+    batch_size = 64
+    kwargs = {"positions": positions, "named_positions": pairs.named_positions}
+    ablation_scan(model, sae, site, tokens[:1], lengths[:1], METRIC, answer[:1], wrong[:1],
+                  named_positions=pairs.named_positions[:1], positions=positions)  # fmt: skip
+    start = time.perf_counter()
+    scan = ablation_scan(
+        model, sae, site, tokens, lengths, METRIC, answer, wrong, batch_size=batch_size, **kwargs
+    )
+    scan_seconds = time.perf_counter() - start
+
+    # Ideal: the same suffix passes with their inputs built beforehand.
+    prepared = prepare_scan(
+        model, sae, site, tokens, lengths, METRIC, answer, wrong, positions,
+        pairs.named_positions,
+    )  # fmt: skip
+    active = ((prepared.acts > 0) & prepared.chosen[..., None]).any(1)
+    pairs_ = torch.nonzero(active)
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for begin in range(0, pairs_.shape[0], batch_size):
+        prompt, feature = pairs_[begin : begin + batch_size].T
+        values = _ablation_values(prepared, "zero", prompt, feature, generator)
+        resid, hooks = ablation_inputs(sae, site, prepared, prompt, feature, values)
+        batches.append((prompt, resid, hooks))
+    start = time.perf_counter()
+    for prompt, resid, hooks in batches:
+        suffix_metric(
+            model, resid, prepared.start_layer, METRIC, lengths=lengths[prompt],
+            tokens=tokens[prompt], answer=answer[prompt], wrong=wrong[prompt], hooks=hooks,
+        )  # fmt: skip
+    ideal_seconds = time.perf_counter() - start
+
+    # Naive: one full forward pass (batch of one) per ablation, on a sample.
+    sample = pairs_[torch.randperm(pairs_.shape[0], generator=generator)[:naive_sample]]
+    start = time.perf_counter()
+    for prompt, feature in sample.tolist():
+        chosen = prepared.chosen[prompt]
+
+        def hook(x, hook=None, feature=feature, chosen=chosen):
+            acts = sae_encode(sae, x)
+            edited = acts.clone()
+            edited[0, chosen, feature] = 0.0
+            return x + (sae_decode(sae, edited, x) - sae_decode(sae, acts, x))
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(
+                tokens[prompt : prompt + 1], fwd_hooks=[(site.hook_name, hook)]
+            )
+        metric_per_prompt(
+            logits, METRIC, lengths=lengths[prompt : prompt + 1],
+            answer=answer[prompt : prompt + 1], wrong=wrong[prompt : prompt + 1],
+        )  # fmt: skip
+    naive_per = (time.perf_counter() - start) / max(len(sample), 1)
+
+    n = scan.n_ablations
+    ratio = ideal_seconds / scan_seconds
+    print(f"  {n} ablations over {n_prompts} prompts at {positions} of {site.label}")
+    print(f"  scan {scan_seconds:.2f}s ({n / scan_seconds:.1f}/s), ideal suffix-only "
+          f"{ideal_seconds:.2f}s ({n / ideal_seconds:.1f}/s): ratio {ratio:.3f}")  # fmt: skip
+    print(f"  naive full forward per ablation: {naive_per * 1000:.0f} ms (sample of "
+          f"{len(sample)}); scan speed-up over naive {naive_per * n / scan_seconds:.1f}x")  # fmt: skip
+    return ratio
+
+
+def report(label: str, comparison: RankingComparison) -> None:
+    n_true = int((comparison.truth > 0).sum())
+    print(f"  {label}: {len(comparison.nodes)} nodes ({n_true} with nonzero exact effect)")
+    for name in comparison.estimates:
+        costs = {k: comparison.cost(name, k) for k in (10, 20)}
+        print(
+            f"    {name:8s} recall@10 {comparison.recall(name, 10):.2f}  "
+            f"recall@20 {comparison.recall(name, 20):.2f}  cost of verified recall "
+            f"K=10: {costs[10]}  K=20: {costs[20]}  ({comparison.seconds[name]:.1f}s)"
+        )
+    print(f"    exact patching of every node: {comparison.seconds['patching']:.1f}s")
+    top = comparison.truth.argsort(descending=True)[:10].tolist()
+    print("    true top-10: " + ", ".join(
+        f"{comparison.nodes[i]} {float(comparison.truth[i]):.2f}" for i in top))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--recall-prompts", type=int, default=1)
+    parser.add_argument("--scan-prompts", type=int, default=4)
+    parser.add_argument("--naive-sample", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from circuitscan.services.model_loading import load_model
+    from circuitscan.services.sae_loading import load_default_saes
+
+    start = time.perf_counter()
+    model = load_model().model
+    loaded = load_default_saes(model)
+    saes = {item.site: item.sae for item in loaded}
+    n_layers = model.cfg.n_layers
+    print(f"model and SAEs loaded in {time.perf_counter() - start:.1f}s; {n_layers} layers; "
+          f"SAEs at {[item.site.label for item in loaded]}")  # fmt: skip
+
+    print("AtP / AtP* cost in forward passes (one prompt pair, every node):")
+    equivalents = forward_equivalents(model, saes, args.rounds)
+    print(f"  AtP {equivalents['atp']:.2f} (target <= 3.5), AtP* {equivalents['atpstar']:.2f} "
+          f"(target <= {3 + n_layers})")  # fmt: skip
+
+    print("feature-ablation scan:")
+    resid_site = HookSite(layer=15, point="resid_post")
+    ratio = scan_efficiency(model, saes[resid_site], resid_site, args.scan_prompts,
+                            args.naive_sample)  # fmt: skip
+
+    print(f"IOI rankings vs exhaustive exact patching ({args.recall_prompts} prompt pairs):")
+    pairs = ioi_pairs(model, args.recall_prompts)
+    heads = compare_rankings(model, saes, pairs, ioi_head_selections())
+    report("heads", heads)
+    sites = [item.site.label for item in loaded]
+    features = compare_rankings(model, saes, pairs, ioi_feature_selections(sites))
+    report("features", features)
+    print(f"total {time.perf_counter() - start:.1f}s")
+    print(json.dumps({
+        "atp_forward_equivalents": round(equivalents["atp"], 3),
+        "atpstar_forward_equivalents": round(equivalents["atpstar"], 3),
+        "n_layers": n_layers,
+        "scan_vs_ideal_ratio": round(ratio, 3),
+        "recall_at_20_heads_atpstar": heads.recall("atpstar", 20),
+        "recall_at_20_features_atpstar": features.recall("atpstar", 20),
+        "recall_at_20_heads_atp": heads.recall("atp", 20),
+        "recall_at_20_features_atp": features.recall("atp", 20),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
