@@ -114,7 +114,7 @@ def test_dfa_with_decoder_norm_rescaling_topk_saes():
     saes = [_rescaled_topk_sae(model, HookSite(layer=k, point="z"), k) for k in range(3)]
     tokens = torch.randint(0, 40, (9,), generator=torch.Generator().manual_seed(4))
     z = model.run_with_cache(tokens[None])[1]["blocks.2.attn.hook_z"][0, 8]
-    acts = saes[2].encode(z[None])[0]
+    acts = saes[2].encode(z[None])[0].detach()
     feature = int(acts.argmax())
     result = dfa(model, saes, tokens, feature, layer=2, dest_pos=8)
     # For an active TopK feature the (folded) pre-activation is the activation sae_lens reports.
