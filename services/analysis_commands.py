@@ -67,6 +67,14 @@ def _runs() -> Any:
     return importlib.import_module(_RUNS)
 
 
+def _check_store(store: str | None) -> None:
+    """Fail before any computation when --store names no existing feature store."""
+    if store is not None:
+        from circuitscan.services.store import FeatureStore
+
+        FeatureStore.open(store)
+
+
 def _run_command(
     command: str, out: Path | None, prompts: int, seed: int, store: str | None,
     model: str | None, saes: list[str] | None, run: Callable[[Any], Any],
@@ -76,6 +84,7 @@ def _run_command(
     runs = _runs()
     out_dir = out or Path("runs") / "analyses" / command
     try:
+        _check_store(store)
         setup = runs.ioi_setup(prompts, seed, model_source=model, sae_sources=saes)
         output = run(setup)
         sections = report_sections(out_dir, **{_SECTION_ARG[output.kind]: output})
@@ -166,6 +175,7 @@ def ioi_report_command(
     """All four analyses on the default model and SAEs: one HTML report with every plot."""
     runs = _runs()
     try:
+        _check_store(store)
         _, outputs = runs.run_ioi_report(out, n_prompts=prompts, seed=seed, store=store,
                                          echo=typer.echo)  # fmt: skip
     except _user_errors() as exc:

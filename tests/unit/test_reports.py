@@ -184,3 +184,6 @@ def test_analyze_cli_rejects_bad_input_with_a_clear_message():
     result = CliRunner().invoke(app, ["analyze", "dfa", "--prompts", "1"])
     assert result.exit_code == 2
     assert "at least 2 prompts" in result.output
+    result = CliRunner().invoke(app, ["analyze", "ioi-report", "--store", "/nonexistent/store"])
+    assert result.exit_code == 2
+    assert "no feature store at /nonexistent/store" in result.output
