@@ -72,6 +72,9 @@ def _check_store(store: str | None) -> None:
     if store is not None:
         from circuitscan.services.store import FeatureStore
 
+        # Opening a local path creates its directory; never leave one behind for a typo.
+        if "://" not in store and not Path(store).expanduser().is_dir():
+            raise ValueError(f"no feature store at {store}")
         FeatureStore.open(store)
 
 

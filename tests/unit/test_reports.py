@@ -176,7 +176,7 @@ def test_analysis_runs_end_to_end_on_a_tiny_llama(tiny_hf_model_dir, tmp_path):
     assert DFAOutput.model_validate_json(raw) == tree
 
 
-def test_analyze_cli_rejects_bad_input_with_a_clear_message():
+def test_analyze_cli_rejects_bad_input_with_a_clear_message(tmp_path):
     from typer.testing import CliRunner
 
     from circuitscan.services.cli import app
@@ -184,6 +184,12 @@ def test_analyze_cli_rejects_bad_input_with_a_clear_message():
     result = CliRunner().invoke(app, ["analyze", "dfa", "--prompts", "1"])
     assert result.exit_code == 2
     assert "at least 2 prompts" in result.output
-    result = CliRunner().invoke(app, ["analyze", "ioi-report", "--store", "/nonexistent/store"])
+    missing = tmp_path / "no" / "store"
+    result = CliRunner().invoke(app, ["analyze", "ioi-report", "--store", str(missing)])
     assert result.exit_code == 2
-    assert "no feature store at /nonexistent/store" in result.output
+    assert f"no feature store at {missing}" in result.output
+    assert not (tmp_path / "no").exists()
+    (tmp_path / "empty").mkdir()
+    result = CliRunner().invoke(app, ["analyze", "dfa", "--store", str(tmp_path / "empty")])
+    assert result.exit_code == 2
+    assert "no feature store at" in result.output
