@@ -1,14 +1,17 @@
 """HTTP API benchmark: concurrent clients querying a ≥ 100k-token store over loopback.
 
     .venv/bin/python bench/api.py [--tokens 102400] [--clients 50] [--seconds 20]
-                                  [--warmup 3] [--think-ms 0]
+                                  [--warmup 10] [--think-ms 0] [--workers 2]
 
 Builds a synthetic store (one site, d_sae 4096, 24 features per token drawn
 with skewed popularity, like real SAEs; token ids decoded by the default
 model's tokenizer when it is installed), starts ``circuitscan serve`` (real
-uvicorn, its own process) on 127.0.0.1, and runs ``--clients`` concurrent
-clients (one keep-alive connection each) for ``--seconds`` after a
-``--warmup``: each client alternates top-examples queries of a random live
+uvicorn, ``--workers`` processes, one per core by default) on 127.0.0.1,
+answers one query of each kind (cold start, timed apart), and runs
+``--clients`` concurrent clients (one keep-alive connection each, a minimal
+HTTP/1.1 client so that the load generator leaves the CPU to the server) for
+``--seconds`` after a ``--warmup`` (each worker decodes the shards it
+touches once): each client alternates top-examples queries of a random live
 feature (20 examples, 8 tokens of context, decoded) and features-at queries
 of a random (prompt, position) (top 32 by attribution). ``--think-ms`` adds a
 pause between a client's requests (0: back to back, the hardest case).
@@ -92,10 +95,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(root: Path, log) -> tuple[subprocess.Popen, str]:
+def start_server(root: Path, log, workers: int) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     env = dict(os.environ, CIRCUITSCAN_API_STORE_ROOT=str(root), CIRCUITSCAN_API_TOKENS="")
     command = [sys.executable, "-m", "circuitscan.services.cli", "serve", "--port", str(port)]
+    command += ["--workers", str(workers)]
     process = subprocess.Popen(
         command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -123,6 +127,41 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait()
 
 
+class Connection:
+    """One keep-alive HTTP/1.1 connection speaking just enough HTTP for GETs.
+
+    A full client library costs about a millisecond of CPU per request; on a
+    small machine that would be time taken from the server being measured.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def get(self, target: str) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        request = f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n\r\n"
+        self.writer.write(request.encode())
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        body = await self.reader.readexactly(length)
+        return status, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
 async def run_clients(
     url: str,
     n_clients: int,
@@ -133,45 +172,43 @@ async def run_clients(
     live: list[int],
 ) -> tuple[dict[str, list[float]], int, float]:
     """Latencies (ms) per query kind inside the timed window, errors, window length (s)."""
+    host, port = url.removeprefix("http://").split(":")
     latencies: dict[str, list[float]] = {"top_examples": [], "features_at": []}
     errors = 0
     start = time.perf_counter()
     window_start = start + warmup
     stop = window_start + seconds
+    base = f"/api/stores/bench/sites/{SITE}"
 
     async def client(index: int) -> None:
         nonlocal errors
         rng = random.Random(index)
-        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as http:
-            turn = index % 2
-            while time.perf_counter() < stop:
-                if turn == 0:
-                    kind = "top_examples"
-                    path = f"/api/stores/bench/sites/{SITE}/features/{rng.choice(live)}/examples"
-                    params = {"limit": 20, "context": 8}
-                else:
-                    kind = "features_at"
-                    prompt, position = rng.randrange(n_prompts), rng.randrange(PROMPT_LEN)
-                    path = (
-                        f"/api/stores/bench/sites/{SITE}/prompts/{prompt}"
-                        f"/positions/{position}/features"
-                    )
-                    params = {"limit": 32}
-                turn = 1 - turn
-                sent = time.perf_counter()
-                try:
-                    response = await http.get(path, params=params)
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                done = time.perf_counter()
-                if not ok:
-                    errors += 1
-                elif sent >= window_start and done <= stop:
-                    latencies[kind].append((done - sent) * 1e3)
-                if think_ms:
-                    await asyncio.sleep(think_ms / 1e3)
+        connection = Connection(host, int(port))
+        turn = index % 2
+        while time.perf_counter() < stop:
+            if turn == 0:
+                kind = "top_examples"
+                target = f"{base}/features/{rng.choice(live)}/examples?limit=20&context=8"
+            else:
+                kind = "features_at"
+                prompt, position = rng.randrange(n_prompts), rng.randrange(PROMPT_LEN)
+                target = f"{base}/prompts/{prompt}/positions/{position}/features?limit=32"
+            turn = 1 - turn
+            sent = time.perf_counter()
+            try:
+                status, body = await asyncio.wait_for(connection.get(target), timeout=30)
+                ok = status == 200 and body.startswith(b"{")
+            except (TimeoutError, OSError, asyncio.IncompleteReadError, ValueError):
+                ok = False
+                await connection.close()  # start over on a fresh connection
+            done = time.perf_counter()
+            if not ok:
+                errors += 1
+            elif sent >= window_start and done <= stop:
+                latencies[kind].append((done - sent) * 1e3)
+            if think_ms:
+                await asyncio.sleep(think_ms / 1e3)
+        await connection.close()
 
     await asyncio.gather(*(client(i) for i in range(n_clients)))
     return latencies, errors, seconds
@@ -186,8 +223,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=102_400, help="Tokens in the store.")
     parser.add_argument("--clients", type=int, default=50, help="Concurrent clients.")
     parser.add_argument("--seconds", type=float, default=20.0, help="Timed window (s).")
-    parser.add_argument("--warmup", type=float, default=3.0, help="Untimed warm-up (s).")
+    parser.add_argument("--warmup", type=float, default=10.0, help="Untimed warm-up (s).")
     parser.add_argument("--think-ms", type=float, default=0.0, help="Pause between requests.")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="uvicorn worker processes."
+    )
     args = parser.parse_args()
     # The server process inherits these: it must never try to reach a model hub.
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -205,15 +245,16 @@ def main() -> None:
             f"(built in {time.perf_counter() - started:.1f}s)",
             flush=True,
         )
-        process, url = start_server(root, log)
+        process, url = start_server(root, log, args.workers)
         try:
             # Cold start (opening the store, loading the tokenizer) is timed apart.
             cold = time.perf_counter()
-            for path in (
-                f"/api/stores/bench/sites/{SITE}/features/{live[0]}/examples",
-                f"/api/stores/bench/sites/{SITE}/prompts/0/positions/0/features",
-            ):
-                httpx.get(url + path, timeout=120).raise_for_status()
+            for _ in range(args.workers):  # each worker process has its own caches
+                for path in (
+                    f"/api/stores/bench/sites/{SITE}/features/{live[0]}/examples",
+                    f"/api/stores/bench/sites/{SITE}/prompts/0/positions/0/features",
+                ):
+                    httpx.get(url + path, timeout=120).raise_for_status()
             print(f"cold start: first queries answered in {time.perf_counter() - cold:.1f}s")
             latencies, errors, window = asyncio.run(
                 run_clients(
@@ -226,7 +267,8 @@ def main() -> None:
     every = latencies["top_examples"] + latencies["features_at"]
     print(
         f"{args.clients} clients, {window:.0f}s timed after {args.warmup:.0f}s warm-up, "
-        f"think time {args.think_ms:g} ms, server: one uvicorn process"
+        f"think time {args.think_ms:g} ms, {args.workers} uvicorn worker process(es); "
+        f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end"
     )
     for kind, values in latencies.items():
         print(

@@ -199,6 +199,7 @@ def serve(
     ),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="TCP port."),
+    workers: int = typer.Option(1, min=1, help="uvicorn worker processes."),
     ray_address: str | None = typer.Option(
         None, help="Ray dashboard address for jobs (default $CIRCUITSCAN_API_RAY_ADDRESS)."
     ),
@@ -218,6 +219,7 @@ def serve(
         serve_api(
             host=host,
             port=port,
+            workers=workers,
             store_root=store_root,
             ray_address=ray_address,
             tokens_file=tokens_file,

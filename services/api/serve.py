@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from pydantic import SecretStr, ValidationError
 
 from circuitscan.services.api.app import create_app
-from circuitscan.services.api.settings import ApiSettings, read_tokens_file
+from circuitscan.services.api.settings import ENV_PREFIX, ApiSettings, read_tokens_file
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,46 @@ def build_settings(
         raise ValueError(f"cannot read the tokens file: {exc}") from exc
 
 
-def serve_api(*, host: str, port: int, **flags: object) -> None:
-    """Run the API until interrupted."""
+_FLAG_ENV = {
+    "store_root": "STORE_ROOT",
+    "ray_address": "RAY_ADDRESS",
+    "tokens_file": "TOKENS_FILE",
+    "protect_reads": "PROTECT_READS",
+    "max_body_bytes": "MAX_BODY_BYTES",
+    "max_page_size": "MAX_PAGE_SIZE",
+}
+
+
+def app_from_env():
+    """App factory for uvicorn worker processes: settings from CIRCUITSCAN_API_* only."""
+    return create_app(build_settings())
+
+
+def serve_api(*, host: str, port: int, workers: int = 1, **flags: object) -> None:
+    """Run the API until interrupted (``workers`` > 1: that many uvicorn processes)."""
     import uvicorn
 
     settings = build_settings(**flags)  # type: ignore[arg-type]
     if not settings.tokens:
         log.warning("no API tokens configured: every mutating route will answer 403")
-    app = create_app(settings)
     print(
         f"circuitscan API on http://{host}:{port} (stores under {settings.store_root}; "
-        f"browser at /web/, OpenAPI at /docs)",
+        f"{workers} worker(s); browser at /web/, OpenAPI at /docs)",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)
+    if workers == 1:
+        uvicorn.run(create_app(settings), host=host, port=port, access_log=False)
+        return
+    # Worker processes rebuild the settings from the environment: put the flags there.
+    for name, value in flags.items():
+        if value is not None:
+            text = ("1" if value else "0") if isinstance(value, bool) else str(value)
+            os.environ[ENV_PREFIX + _FLAG_ENV[name]] = text
+    uvicorn.run(
+        "circuitscan.services.api.serve:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        access_log=False,
+    )
