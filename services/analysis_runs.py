@@ -75,16 +75,17 @@ def ioi_setup(
     n_prompts: int = 16,
     seed: int = 0,
     *,
-    model: HookedSAETransformer | None = None,
+    model: HookedSAETransformer | Any | None = None,
     model_name: str | None = None,
-    saes: dict[str, SAE] | None = None,
+    saes: dict[str, SAE] | list[Any] | None = None,
     model_source: str | None = None,
     sae_sources: list[str] | None = None,
 ) -> Setup:
     """Load (or take) the model and SAEs, and generate ``n_prompts`` seeded IOI prompts.
 
-    Defaults: the default model and its default SAEs. ``saes`` maps site
-    label (``L15.z``) → SAE.
+    Defaults: the default model and its default SAEs. ``model`` may be a
+    HookedSAETransformer or a ``LoadedModel``; ``saes`` a dict site label
+    (``L15.z``) → SAE or a list of ``LoadedSAE`` (as ``load_default_saes`` returns).
     """
     if n_prompts < 2:
         raise AnalysisInputError(f"need at least 2 prompts, got {n_prompts}")
@@ -92,15 +93,18 @@ def ioi_setup(
         from circuitscan.schemas.models import ModelSpec
         from circuitscan.services.model_loading import load_model
 
-        loaded = load_model(ModelSpec(source=model_source) if model_source else None)
-        model, model_name = loaded.model, loaded.name
+        model = load_model(ModelSpec(source=model_source) if model_source else None)
+    if not isinstance(model, HookedSAETransformer):  # a LoadedModel
+        model_name = model_name or model.name
+        model = model.model
     if saes is None:
         from circuitscan.services.sae_loading import load_default_saes, load_sae
 
-        loaded_saes = (
+        saes = (
             [load_sae(s, model) for s in sae_sources] if sae_sources else load_default_saes(model)
         )
-        saes = {ls.site.label: ls.sae for ls in loaded_saes}
+    if isinstance(saes, list):
+        saes = {loaded.site.label: loaded.sae for loaded in saes}
     if model.tokenizer is None:
         raise AnalysisInputError("IOI prompts need a model with a tokenizer")
     records = generate_ioi(model.tokenizer, n_prompts, seed=seed)

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def setup(default_model):
-    saes = {ls.site.label: ls.sae for ls in load_default_saes(default_model.model)}
-    return ioi_setup(3, seed=5, model=default_model.model, model_name="default", saes=saes)
+    # A LoadedModel and LoadedSAEs, as the demo holds them.
+    return ioi_setup(3, seed=5, model=default_model, saes=load_default_saes(default_model.model))
 
 
 @torch.no_grad()
