@@ -1,6 +1,6 @@
 """HTTP API benchmark: concurrent clients querying a ≥ 100k-token store over loopback.
 
-    .venv/bin/python bench/api.py [--tokens 102400] [--clients 50] [--seconds 20]
+    .venv/bin/python bench/api.py [--tokens 102400] [--clients 50] [--seconds 15]
                                   [--warmup 10] [--think-ms 0] [--workers 2]
 
 Builds a synthetic store (one site, d_sae 4096, 24 features per token drawn
@@ -222,7 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=102_400, help="Tokens in the store.")
     parser.add_argument("--clients", type=int, default=50, help="Concurrent clients.")
-    parser.add_argument("--seconds", type=float, default=20.0, help="Timed window (s).")
+    parser.add_argument("--seconds", type=float, default=15.0, help="Timed window (s).")
     parser.add_argument("--warmup", type=float, default=10.0, help="Untimed warm-up (s).")
     parser.add_argument("--think-ms", type=float, default=0.0, help="Pause between requests.")
     parser.add_argument(
