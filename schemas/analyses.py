@@ -188,6 +188,8 @@ class HeadFeatureLogitOutput(_Frozen):
     prompt_index: int = Field(ge=0, description="Prompt whose forward pass froze the norm scales.")
     src_pos: int = Field(ge=0, description="Source position the feature sits at.")
     dest_pos: int = Field(ge=0, description="Destination (answer-predicting) position.")
+    answer: str | None = Field(default=None, description="Answer token text (e.g. ' Mary').")
+    wrong: str | None = Field(default=None, description="Wrong-answer token text.")
     feature_activation: float = Field(description="The feature's activation at src_pos.")
     feature_attribution: float = Field(
         description="activation · (decoder row · ∂metric/∂x) at src_pos, in metric units."

@@ -210,6 +210,8 @@ def run_head_feature_logit(
         prompt_index=prompt_index,
         src_pos=src_pos,
         dest_pos=dest_pos,
+        answer=setup.records[prompt_index].answer,
+        wrong=setup.records[prompt_index].wrong,
         feature_activation=float(acts[feature]),
         feature_attribution=float(attr[feature]),
         result=result,

@@ -76,7 +76,7 @@ def head_feature_logit_section(out: HeadFeatureLogitOutput, out_dir: Path) -> Se
         title=f"{r.sae_site}#{r.feature} → head → logits",
     )  # fmt: skip
     rows = [
-        [f"L{h.layer}H{h.head}", h.logit_diff,
+        [f"L{h.layer}H{h.head}", h.logit_diff, h.logit_diff * out.feature_activation,
          " ".join(repr(t.token if t.token is not None else t.token_id) for t in h.top_tokens[:6]),
          " ".join(repr(t.token if t.token is not None else t.token_id) for t in h.bottom_tokens[:4])]
         for h in r.heads[:12]
@@ -86,15 +86,22 @@ def head_feature_logit_section(out: HeadFeatureLogitOutput, out_dir: Path) -> Se
         paragraphs=[
             f"Feature {r.sae_site}#{r.feature}: activation {out.feature_activation:.3f} at "
             f"position {out.src_pos} of prompt {out.prompt_index}, attribution "
-            f"{out.feature_attribution:+.3f} (the largest among that SAE's features there). "
-            f"For every later head: the logit difference (tokens {r.answer_id} vs "
-            f"{r.wrong_id}) it writes per unit of the feature at a source it attends to fully, "
+            f"{out.feature_attribution:+.3f} (metric units). "
+            f"For every later head: the logit difference ({out.answer or r.answer_id!r} − "
+            f"{out.wrong or r.wrong_id!r}) it writes per unit of the feature at a source it "
+            "attends to fully, "
             f"through W_V·W_O and the unembedding, norm scales frozen at source "
             f"{out.src_pos} / destination {out.dest_pos}.",
         ],
         tables=[
             Table(
-                columns=["head", "logit diff / unit", "top tokens pushed up", "pushed down"],
+                columns=[
+                    "head",
+                    "logit diff / unit",
+                    "× activation",
+                    "top tokens pushed up",
+                    "pushed down",
+                ],
                 rows=rows,
             )
         ],
