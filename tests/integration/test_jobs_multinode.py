@@ -55,9 +55,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 @pytest.fixture(scope="module")
 def two_node_cluster():
     temp_dir = tempfile.mkdtemp(prefix="csjobs_", dir="/tmp")  # short: socket paths
-    port = _free_port()
-    # A cluster private to this test: no token auth to share with the test process.
+    port, dashboard_port = _free_port(), _free_port()
+    # A cluster private to this test: no token auth to share with the test process;
+    # `circuitscan` on PATH for jobs submitted through Ray's job server.
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
     common = ["--block", "--num-cpus=1", "--num-gpus=0", "--node-ip-address=127.0.0.1"]
     logs = Path(temp_dir)
@@ -81,7 +83,9 @@ def two_node_cluster():
             [
                 "--head",
                 f"--port={port}",
-                "--include-dashboard=false",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={dashboard_port}",
                 "--disable-usage-stats",
                 f"--temp-dir={temp_dir}",
             ],
@@ -104,7 +108,7 @@ def two_node_cluster():
                 log = (logs / "worker.log").read_text(errors="replace")[-2000:]
                 raise AssertionError(f"the second node did not join:\n{log}")
             time.sleep(1)
-        yield address, env, _alive_nodes(address, env)
+        yield address, env, _alive_nodes(address, env), f"http://127.0.0.1:{dashboard_port}"
     finally:
         for process in reversed(processes):
             _stop(process)
@@ -123,20 +127,24 @@ def _alive_nodes(address: str, env: dict[str, str]) -> set[str]:
     return set(json.loads(done.stdout.splitlines()[-1])) if done.returncode == 0 else set()
 
 
-def test_job_shards_land_on_both_nodes(
-    two_node_cluster, tiny_hf_model_dir, tiny_hf_sae_dirs, tmp_path
-):
-    spec = JobSpec(
+def _spec(model_dir: Path, sae_dirs: list[Path], store: Path, n: int) -> JobSpec:
+    return JobSpec(
         name="two-nodes",
-        model=ModelSpec(source=str(tiny_hf_model_dir)),
-        saes=[SAESpec(source=str(path)) for path in tiny_hf_sae_dirs],
-        prompts=IOISource(kind="ioi", n=8, seed=7),
+        model=ModelSpec(source=str(model_dir)),
+        saes=[SAESpec(source=str(path)) for path in sae_dirs],
+        prompts=IOISource(kind="ioi", n=n, seed=7),
         job=CacheParams(kind="cache"),
-        store=str(tmp_path / "store"),
+        store=str(store),
         shard_size=1,
         execution=ExecutionSpec(num_actors=2, torch_threads=1, batch_size=4),
     )
-    address, env, nodes = two_node_cluster
+
+
+def test_job_shards_land_on_both_nodes(
+    two_node_cluster, tiny_hf_model_dir, tiny_hf_sae_dirs, tmp_path
+):
+    spec = _spec(tiny_hf_model_dir, tiny_hf_sae_dirs, tmp_path / "store", n=8)
+    address, env, nodes, _ = two_node_cluster
     spec_path, summary_path = tmp_path / "spec.json", tmp_path / "summary.json"
     spec_path.write_text(spec.model_dump_json(), encoding="utf-8")
     done = subprocess.run(
@@ -161,3 +169,45 @@ def test_job_shards_land_on_both_nodes(
     assert sum(summary.nodes.values()) == summary.shards_run == 8
     store = FeatureStore.open(spec.store)
     assert store.committed_shard_ids() == set(range(8)) and store.n_prompts() == 8
+
+
+def test_submit_status_logs_stop_through_ray_job_submission(
+    two_node_cluster, tiny_hf_model_dir, tiny_hf_sae_dirs, tmp_path
+):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    _, env, _, dashboard = two_node_cluster
+    spec = _spec(tiny_hf_model_dir, tiny_hf_sae_dirs, tmp_path / "store", n=4)
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(spec.model_dump_json(), encoding="utf-8")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CIRCUITSCAN, *args, "--address", dashboard],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
+
+    deadline = time.monotonic() + 120
+    while (submitted := cli("submit", str(spec_path))).returncode != 0:
+        assert time.monotonic() < deadline, submitted.stderr  # the job server starts last
+        time.sleep(2)
+    job_id = submitted.stdout.strip().splitlines()[-1]
+
+    client = JobSubmissionClient(dashboard)
+    terminal = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+    deadline = time.monotonic() + 300
+    while (status := client.get_job_status(job_id)) not in terminal:
+        assert time.monotonic() < deadline, f"job {job_id} still {status}"
+        time.sleep(2)
+    logs = cli("logs", job_id)
+    assert status == JobStatus.SUCCEEDED, logs.stdout[-3000:]
+
+    shown = cli("status", job_id)
+    assert shown.returncode == 0 and shown.stdout.split("\t")[:2] == [job_id, "SUCCEEDED"]
+    assert logs.returncode == 0 and "shards 4: ran 4, reused 0" in logs.stdout
+    stopped = cli("stop", job_id)
+    assert stopped.returncode == 0 and "already finished" in stopped.stdout
+    assert FeatureStore.open(spec.store).committed_shard_ids() == {0, 1, 2, 3}
