@@ -369,7 +369,7 @@ def test_schemathesis_finds_no_server_errors(server, tmp_path):
         "--max-examples",
         "10",
         "--max-time",
-        "25",
+        "20",
         "--seed",
         "1",
         "--workers",
