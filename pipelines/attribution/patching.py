@@ -94,11 +94,13 @@ def _group_values(
     members: Sequence[int],
     values: torch.Tensor,
     positions: torch.Tensor,
+    *,
+    is_mean: bool = False,
 ) -> Float[torch.Tensor, "batch members rest"]:
     """Each member node's slice of a recorded tensor, per prompt at its position."""
     batch = positions.shape[0]
     pos = positions[:, list(members)].clamp(min=0)
-    if values.shape[0] == 1:  # a reference mean: the same for every prompt and position
+    if is_mean:  # a reference mean [1, 1, ...]: the same for every prompt and position
         values = values.expand(batch, int(pos.max()) + 1, *values.shape[2:])
     rows = torch.arange(batch)[:, None]
     if nodes[members[0]].index is None:
@@ -128,7 +130,9 @@ def _unchanged(
         if mode == "zero":
             new = torch.zeros_like(now)
         else:
-            new = _group_values(nodes, members, sources[key], positions).to(now.dtype)
+            new = _group_values(nodes, members, sources[key], positions, is_mean=mode == "mean").to(
+                now.dtype
+            )
         out[:, members] = (now == new).all(-1)
     return out & (positions != UNDEFINED)
 
@@ -274,7 +278,7 @@ def _edits(
         src = sources.get(key)
         if src is None:
             value = None
-        elif src.shape[0] == 1:  # mean over the reference set, position-independent
+        elif mode == "mean":  # mean over the reference set, position-independent
             value = src[0, 0]
             value = (
                 value[units]

@@ -315,3 +315,27 @@ def test_exact_patch_sae_nodes_match_full_forward_patch(site):
         )
     assert float(reference.abs().max()) > 1e-3
     torch.testing.assert_close(ours, reference, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "mean"])
+def test_single_prompt_patch_equals_its_row_of_a_batch(mode):
+    """A batch of one is not mistaken for a reference mean (one row, position-independent)."""
+    model = build_tiny_model(normalization="RMS")
+    site = HookSite(layer=0, point="resid_post")
+    saes = {site: build_tiny_sae(model, site, architecture="topk", k=4)}
+    clean, corrupt, lengths, answer, wrong = _equal_length_pair(batch=2, seq=5)
+    nodes = [Node(kind="z", layer=1, index=2, position=p) for p in range(1, 5)] + [
+        Node(kind="feature", layer=0, point="resid_post", index=f, position=p)
+        for f in range(32)
+        for p in (2, 4)
+    ]
+    kwargs = {"mode": mode, "reference_tokens": corrupt, "reference_lengths": lengths}
+    both = exact_patch(
+        model, saes, clean, lengths, METRIC, answer, wrong, nodes, corrupt_tokens=corrupt, **kwargs
+    )
+    one = exact_patch(
+        model, saes, clean[:1], lengths[:1], METRIC, answer[:1], wrong[:1], nodes,
+        corrupt_tokens=corrupt[:1], **kwargs,
+    )  # fmt: skip
+    assert float(one.abs().max()) > 1e-3
+    torch.testing.assert_close(one, both[:1], atol=1e-9, rtol=0)
