@@ -149,6 +149,12 @@ def splice_eval(
     )  # fmt: skip
     first_layer = {tuple(g): min(HookSite.from_hook_name(n).layer for n in g) for g in resolved}
     prefix_names = {f"blocks.{layer}.hook_resid_pre" for layer in first_layer.values()}
+    # Starting mid-model skips the embedding, so shortformer position embeddings and the
+    # attention mask TransformerLens builds for left-padded tokenizers would be lost.
+    tokenizer = getattr(model, "tokenizer", None)
+    reuse_prefix = model.cfg.positional_embedding_type != "shortformer" and (
+        tokenizer is None or getattr(tokenizer, "padding_side", "right") == "right"
+    )
     keys: list[tuple[tuple[str, ...], SpliceVariant]] = [((), "clean")]
     keys += [(tuple(group), v) for group in resolved for v in VARIANTS]
     metrics: dict[tuple, list[torch.Tensor]] = {k: [] for k in keys}
@@ -171,6 +177,9 @@ def splice_eval(
             ]
             if not site_names:
                 logits = clean
+            elif not reuse_prefix:
+                with model.hooks(fwd_hooks=hooks):
+                    logits = model(toks)
             else:
                 # Layers before the set's first site see no intervention: start from the
                 # clean residual there (same numbers, about half the compute at mid-depth).
