@@ -79,6 +79,22 @@ def test_submit_follow_and_restart(ray_head, tmp_path, tiny_hf_model_dir, tiny_h
         assert cancel.status_code == 200 and cancel.json()["stopping"] is False
         assert httpx.get(f"{url}/api/jobs/raysubmit_nope", timeout=30).status_code == 404
 
+        # A job cancelled right after submission stops; a later resume could finish it.
+        longer = spec | {"prompts": {"kind": "ioi", "n": 64, "seed": 1}, "store": "cancelled"}
+        second = httpx.post(f"{url}/api/jobs", json={"spec": longer}, headers=AUTH, timeout=60)
+        second_id = second.json()["job_id"]
+        stopped = httpx.post(f"{url}/api/jobs/{second_id}/cancel", headers=AUTH, timeout=30)
+        assert stopped.status_code == 200 and stopped.json()["stopping"] is True
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            late = httpx.get(f"{url}/api/jobs/{second_id}", timeout=30).json()
+            if late["status"] in TERMINAL:
+                break
+            time.sleep(0.5)
+        assert late["status"] == "STOPPED"
+        assert late["progress"]["shards_planned"] == 32
+        assert late["progress"]["shards_committed"] < 32
+
     # A new API process knows nothing but Ray and the store: it sees the same job.
     with thread_server(_settings(root, ray_head)) as url:
         again = httpx.get(f"{url}/api/jobs/{job_id}", timeout=30).json()
