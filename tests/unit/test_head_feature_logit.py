@@ -46,7 +46,7 @@ def _intervened_logit_diff(model, tokens, direction, head, src, dest, answer, wr
         logits = model.run_with_hooks(tokens[None], fwd_hooks=hooks)
     finally:
         model.set_use_split_qkv_input(False)
-    return float(logits[0, dest, answer] - logits[0, dest, wrong]), cache
+    return float((logits[0, dest, answer] - logits[0, dest, wrong]).detach()), cache
 
 
 @pytest.mark.parametrize("normalization", ["LN", "RMS"])
