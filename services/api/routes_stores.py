@@ -83,12 +83,6 @@ def _summary(name: str, store: FeatureStore) -> StoreSummary:
     )
 
 
-def _page_limit(max_page: int, default: int):
-    return Annotated[int, Query(description=f"Page size (1..{max_page}).", ge=1, le=max_page)], min(
-        default, max_page
-    )
-
-
 def stores_router(settings: ApiSettings) -> APIRouter:
     """The /api/stores routes; page sizes are bounded by ``settings.max_page_size``."""
     router = APIRouter(
@@ -98,7 +92,8 @@ def stores_router(settings: ApiSettings) -> APIRouter:
         responses=ERROR_RESPONSES,
     )
     max_page = settings.max_page_size
-    Limit, default_limit = _page_limit(max_page, 50)
+    Limit = Annotated[int, Query(description=f"Page size (1..{max_page}).", ge=1, le=max_page)]
+    default_limit = min(50, max_page)
 
     @router.get("", response_model=Page[StoreSummary], summary="List stores")
     async def list_stores(
