@@ -101,7 +101,7 @@ def test_rescaled_topk_sae_rows_are_its_active_features():
     q_err = (error / sigma * model.blocks[1].ln1.w) @ attn.W_Q[head]
     k = cache["blocks.1.attn.hook_k"][0, src, head]
     row = table.table[table.query_labels.index("error")]
-    assert sum(row) == pytest.approx(float(q_err @ k / attn.attn_scale), abs=1e-9)
+    assert sum(row) == pytest.approx(float((q_err @ k / attn.attn_scale).detach()), abs=1e-9)
 
 
 def test_batch_of_padded_prompts_matches_single_prompts():
