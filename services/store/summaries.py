@@ -41,6 +41,29 @@ def _top_per_group(
     return order[rank < k]
 
 
+def _descending_key(values: np.ndarray) -> np.ndarray:
+    """uint32 keys whose ascending order is the float32 values' descending order."""
+    # + 0 turns -0.0 into 0.0, which compare equal and must tie.
+    bits = np.ascontiguousarray(values + np.float32(0), dtype=np.float32).view(np.uint32)
+    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31))
+    return ~ascending
+
+
+def _top_per_feature_in_token_order(feature: np.ndarray, value: np.ndarray, k: int) -> np.ndarray:
+    """``_top_per_group`` for entries already in (prompt, position) order, as a shard's are.
+
+    One stable sort of a packed (feature, descending value) key replaces the
+    four-key lexsort: ties keep entry order, which is (prompt, position).
+    """
+    key = (feature.astype(np.uint64) << np.uint64(32)) | _descending_key(value).astype(np.uint64)
+    order = np.argsort(key, kind="stable")
+    sorted_feature = feature[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_feature)) + 1]
+    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    rank = np.arange(len(order)) - group_start
+    return order[rank < k]
+
+
 def summarize_shard(
     feature_ids: np.ndarray,
     values: np.ndarray,
@@ -58,7 +81,7 @@ def summarize_shard(
     np.maximum.at(peak, inverse, values)
     prompt = token_prompt[token_index]
     position = token_position[token_index]
-    keep = _top_per_group(feature_ids, values, prompt, position, k)
+    keep = _top_per_feature_in_token_order(feature_ids, values, k)
     return ShardSummary(
         features=features.astype(np.uint32),
         count=count.astype(np.uint32),
