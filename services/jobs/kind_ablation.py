@@ -14,7 +14,13 @@ from sae_lens import HookedSAETransformer
 from circuitscan.pipelines.attribution import ablation_scan
 from circuitscan.schemas.jobs import AblationScanParams, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
-from circuitscan.services.jobs.kinds import ShardResult, StoreWriter, token_cap, tokenize_capped
+from circuitscan.services.jobs.kinds import (
+    ShardResult,
+    StoreWriter,
+    named_positions,
+    token_cap,
+    tokenize_capped_counting,
+)
 from circuitscan.services.jobs.planning import ShardPlan
 from circuitscan.services.sae_loading import LoadedSAE
 from circuitscan.services.store.results import write_shard_outputs
@@ -52,9 +58,10 @@ class AblationRunner(StoreWriter):
         done = self._already_committed(store, plan)
         if done is not None:
             return done
-        batch, truncated = tokenize_capped(self.model, records, self.cap)
+        batch, removed = tokenize_capped_counting(self.model, records, self.cap)
+        truncated = sum(1 for n in removed if n)
         positions = self.params.positions
-        named = [r.positions for r in records] if any(r.positions for r in records) else None
+        named = named_positions(records, removed)
         scan = ablation_scan(
             self.model,
             self.loaded.sae,

@@ -20,7 +20,14 @@ from circuitscan.pipelines.attribution import exact_patch, run_atp
 from circuitscan.schemas.attribution import AttributionMethod, Node, NodeKind, NodeSelection
 from circuitscan.schemas.jobs import AttributeParams, JobSpec, NodeKindName
 from circuitscan.schemas.prompts import PromptRecord
-from circuitscan.services.jobs.kinds import ShardResult, StoreWriter, token_cap, tokenize_capped
+from circuitscan.services.jobs.kinds import (
+    ShardResult,
+    StoreWriter,
+    named_positions,
+    token_cap,
+    tokenize_capped,
+    tokenize_capped_counting,
+)
 from circuitscan.services.jobs.planning import ShardPlan
 from circuitscan.services.sae_loading import LoadedSAE
 from circuitscan.services.store.results import write_shard_outputs
@@ -104,13 +111,14 @@ class AttributeRunner(StoreWriter):
         self.method = attribution_method(self.params)
 
     def _pairs(self, records: list[PromptRecord]):
-        clean, truncated = tokenize_capped(self.model, records, self.cap)
+        clean, removed = tokenize_capped_counting(self.model, records, self.cap)
+        truncated = sum(1 for n in removed if n)
         missing = [i for i, r in enumerate(records) if r.corrupted is None]
         if missing:
             raise ValueError(f"attribute jobs need a corrupted prompt for every prompt: {missing}")
         corrupted = [r.model_copy(update={"text": r.corrupted}) for r in records]
         corrupt, _ = tokenize_capped(self.model, corrupted, self.cap)
-        named = [r.positions for r in records] if any(r.positions for r in records) else None
+        named = named_positions(records, removed)
         return clean, corrupt, named, truncated
 
     def run_shard(

@@ -78,13 +78,21 @@ def tokenize_capped(
     'reject'; anything still over the cap here is truncated, keeping the end
     of the prompt because the metric reads its last position.
     """
+    batch, removed = tokenize_capped_counting(model, records, cap)
+    return batch, sum(1 for n in removed if n)
+
+
+def tokenize_capped_counting(
+    model: HookedSAETransformer, records: Sequence[PromptRecord], cap: int
+) -> tuple[TokenBatch, list[int]]:
+    """:func:`tokenize_capped`, returning how many tokens were cut from each prompt."""
     sequences: list[list[int]] = []
-    truncated = 0
+    removed: list[int] = []
     for record in records:
         ids = model.to_tokens(record.text, prepend_bos=True)[0].tolist()
+        removed.append(max(0, len(ids) - cap))
         if len(ids) > cap:
             ids = ids[:1] + ids[len(ids) - (cap - 1) :]
-            truncated += 1
         sequences.append(ids)
     pad_id = (model.tokenizer.pad_token_id if model.tokenizer is not None else None) or 0
     tokens, lengths = pad_right(sequences, pad_id=pad_id, device=model.cfg.device or "cpu")
@@ -100,7 +108,19 @@ def tokenize_capped(
         answer=ids([r.answer for r in records]),
         wrong=ids([r.wrong for r in records]),
     )
-    return batch, truncated
+    return batch, removed
+
+
+def named_positions(
+    records: Sequence[PromptRecord], removed: Sequence[int]
+) -> list[dict[str, int]] | None:
+    """The prompts' named positions after left-truncation (a name whose token was cut is dropped)."""
+    if not any(record.positions for record in records):
+        return None
+    return [
+        {name: at - cut for name, at in record.positions.items() if at - cut >= 1 or at == 0}
+        for record, cut in zip(records, removed, strict=True)
+    ]
 
 
 class CacheRunner(StoreWriter):

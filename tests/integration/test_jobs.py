@@ -458,3 +458,82 @@ def test_cli_query_and_results_print_tables(local_ray, make_spec, tmp_path):
     assert rows[0].split()[-1] in ("confirmed", "weaker", "sign_flipped", "no_effect")
     no_result = _cli("results", cache.store)
     assert no_result.returncode == 2 and "holds no job result" in no_result.stderr
+
+
+# --- specs and prompt sources (no Ray) -------------------------------------------------
+
+
+def test_prompt_sources_and_spec_errors(tmp_path):
+    import datasets
+
+    from circuitscan.schemas.jobs import DatasetSource, TemplateSource, TextFileSource
+    from circuitscan.services.jobs.prompt_sources import PromptSourceError, load_prompts
+    from circuitscan.services.jobs.spec_io import SpecError, parse_spec
+
+    text = tmp_path / "p.txt"
+    text.write_text("first prompt\n\n  \nsecond prompt\n", encoding="utf-8")
+    assert [r.text for r in load_prompts(TextFileSource(kind="text", path=str(text)), None)] == [
+        "first prompt",
+        "second prompt",
+    ]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"txt": "typo"}\n', encoding="utf-8")
+    with pytest.raises(PromptSourceError, match=r"bad\.jsonl:2"):
+        load_prompts(JsonlSource(kind="jsonl", path=str(bad)), None)
+
+    saved = tmp_path / "ds"
+    datasets.Dataset.from_dict(
+        {"sentence": ["a b", "c d", "e f"], "label": [" x", " y", " z"]}
+    ).save_to_disk(saved)
+    source = DatasetSource(
+        kind="dataset", path=str(saved), text_column="sentence", answer_column="label", limit=2
+    )
+    assert [(r.text, r.answer) for r in load_prompts(source, None)] == [
+        ("a b", " x"),
+        ("c d", " y"),
+    ]
+    missing = DatasetSource(kind="dataset", path=str(saved), text_column="text")
+    with pytest.raises(PromptSourceError, match="no column"):
+        load_prompts(missing, None)
+
+    template = TemplateSource(
+        kind="template",
+        templates=["When {A} and {B} met, {B} thanked"],
+        fillers={"A": [" Mary", " John", " Anna"], "B": [" Tom", " Paul"]},
+        answer="{A}",
+        wrong="{B}",
+        distinct=[["A", "B"]],
+        n=5,
+        seed=1,
+    )
+    filled = load_prompts(template, None)
+    assert len(filled) == 5 and all(r.text.endswith("thanked") and r.answer for r in filled)
+    assert filled == load_prompts(template, None)  # seeded: the same prompts every time
+
+    with pytest.raises(SpecError) as error:
+        parse_spec(
+            "prompts: {kind: template, templates: ['{X}'], fillers: {}, n: 1}\njob: {kind: cache}\n"
+        )
+    message = str(error.value)
+    assert "prompts.template" in message and "store" in message and "saes" not in message
+    with pytest.raises(SpecError, match="needs at least one SAE"):
+        parse_spec("prompts: {kind: ioi, n: 2}\njob: {kind: ablation_scan}\nstore: /tmp/x\n")
+    with pytest.raises(SpecError, match=r"\['sae_feature'\] need at least one SAE"):
+        parse_spec(
+            "prompts: {kind: ioi, n: 2}\njob: {kind: attribute, nodes: [sae_feature, head_z]}\n"
+            "store: /tmp/x\n"
+        )
+
+
+def test_named_positions_follow_left_truncation():
+    from circuitscan.schemas.prompts import PromptRecord
+    from circuitscan.services.jobs.kinds import named_positions
+
+    records = [
+        PromptRecord(text="a", positions={"IO": 2, "S2": 9, "END": 12}),
+        PromptRecord(text="b", positions={"IO": 3, "END": 5}),
+    ]
+    # 4 tokens cut after BOS from the first prompt: IO (2) went with them.
+    assert named_positions(records, [4, 0]) == [{"S2": 5, "END": 8}, {"IO": 3, "END": 5}]
+    assert named_positions([PromptRecord(text="c")], [3]) is None
