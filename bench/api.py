@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -100,9 +99,9 @@ def start_server(root: Path, log, workers: int) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, CIRCUITSCAN_API_STORE_ROOT=str(root), CIRCUITSCAN_API_TOKENS="")
     command = [sys.executable, "-m", "circuitscan.services.cli", "serve", "--port", str(port)]
     command += ["--workers", str(workers)]
-    process = subprocess.Popen(
-        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    # Same process group as this script: a runner that kills the group on a
+    # timeout takes the server (and its worker processes) with it.
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -119,11 +118,11 @@ def start_server(root: Path, log, workers: int) -> tuple[subprocess.Popen, str]:
 
 def stop_server(process: subprocess.Popen) -> None:
     if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        process.terminate()  # uvicorn's supervisor stops its workers on SIGTERM
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
+            process.kill()
             process.wait()
 
 
