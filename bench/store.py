@@ -300,7 +300,8 @@ def query_latencies(url: str, n_queries: int = 200) -> tuple[int, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=32)
+    # 64 prompts: one full shard (the layout default) for the bytes figures.
+    parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--query-tokens", type=int, default=1 << 20)

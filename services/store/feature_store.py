@@ -477,7 +477,8 @@ class FeatureStore:
                 source = memory_store(read_prefix(self.backend, base))
                 for label, item in index.items():
                     for name in item.__dataclass_fields__:
-                        setattr(item, name, open_array(source, f"{base}{label}/{name}")[...])
+                        stored = open_array(source, f"{base}{label}/{name}")[...]
+                        setattr(item, name, item.from_disk(name, stored))
                 indexed = shards
         self._index, self._indexed = index, indexed
 
@@ -486,7 +487,8 @@ class FeatureStore:
         parts = [f"sites/{label}/{kind}/" for label in self._index for kind in ("summary", "top")]
         source = self._read_verified(shard_id, parts)
         for label, item in self._index.items():
-            item.merge(read_summary(source, shard_id, label))
+            start = self._committed()[shard_id].prompt_start
+            item.merge(read_summary(source, shard_id, label, start))
         self._indexed.add(shard_id)
 
     def flush_index(self) -> None:
@@ -503,7 +505,7 @@ class FeatureStore:
         staged = memory_store({})
         for label, item in self._index.items():
             for name in item.__dataclass_fields__:
-                data = getattr(item, name)
+                data = item.to_disk(name)
                 chunk = (INDEX_ROW_CHUNK, *data.shape[1:])
                 write_array(staged, f"{base}{label}/{name}", data, chunk=chunk)
         objects = {key: value.to_bytes() for key, value in staged._store_dict.items()}

@@ -163,9 +163,8 @@ def write_shard_arrays(
         write_array(store, base + "activations", values)
         if layout.gradients:
             assert cache.gradients is not None
-            write_array(
-                store, base + "gradients", encode_values(cache.gradients, layout.value_dtype)
-            )
+            grads = encode_values(cache.gradients, layout.value_dtype)
+            write_array(store, base + "gradients", grads, shuffle="bitshuffle")
         write_array(store, base + "error_norm", cache.error_norm.to("cpu").float().numpy())
         if layout.top_k_per_token is not None:
             write_array(store, base + "dropped_mass", cache.dropped_mass.to("cpu").float().numpy())
@@ -177,7 +176,7 @@ def write_shard_arrays(
             token_index,
             layout.examples_per_feature,
         )
-        _write_summary(store, base, summary)
+        _write_summary(store, base, summary, prompt_start, site.d_sae)
         n_entries[site.label] = int(feature_ids.shape[0])
     # Parent groups outside the shard (the root, shards/) are not ours to write.
     objects = {
@@ -195,24 +194,64 @@ def write_shard_arrays(
     )
 
 
-def _write_summary(store: Store, base: str, summary: ShardSummary) -> None:
-    for name in ("features", "count", "total", "max"):
-        write_array(store, f"{base}summary/{name}", getattr(summary, name))
-    for name in ("feature", "prompt", "position", "value"):
-        write_array(store, f"{base}top/{name}", getattr(summary, f"top_{name}"))
+def _narrow_uint(values: np.ndarray) -> np.ndarray:
+    """The narrowest unsigned dtype that holds every value (they are small counts/indices)."""
+    top = int(values.max()) if values.size else 0
+    return values.astype(np.uint16 if top < 1 << 16 else np.uint32)
 
 
-def read_summary(store: Store, shard_id: int, label: str) -> ShardSummary:
+def _exact_values(values: np.ndarray) -> np.ndarray:
+    """float32 values that came from float16/bfloat16 storage, back in 16 bits (exact)."""
+    as_half = values.astype(np.float16)
+    if np.array_equal(as_half.astype(np.float32), values, equal_nan=True):
+        return as_half
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    if not np.any(bits & 0xFFFF):
+        return (bits >> 16).astype(np.uint16)  # bfloat16 bits
+    return values.astype(np.float32)
+
+
+def _values_back(raw: np.ndarray) -> np.ndarray:
+    if raw.dtype == np.uint16:
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
+def _write_summary(
+    store: Store, base: str, summary: ShardSummary, prompt_start: int, d_sae: int
+) -> None:
+    """A shard's summaries in narrow dtypes: they are written per shard, so for short
+    shards they weigh on bytes per pair (ids delta-encoded, prompts local to the
+    shard, values in the 16 bits they were stored in)."""
+    ids = feature_id_dtype(d_sae)
+    write_array(store, f"{base}summary/features", summary.features.astype(ids), delta=True)
+    write_array(store, f"{base}summary/count", _narrow_uint(summary.count))
+    write_array(store, f"{base}summary/total", summary.total)
+    write_array(store, f"{base}summary/max", _exact_values(summary.max))
+    write_array(store, f"{base}top/feature", summary.top_feature.astype(ids), delta=True)
+    local = summary.top_prompt.astype(np.int64) - prompt_start
+    write_array(store, f"{base}top/prompt", _narrow_uint(local))
+    write_array(store, f"{base}top/position", _narrow_uint(summary.top_position))
+    write_array(store, f"{base}top/value", _exact_values(summary.top_value))
+
+
+def read_summary(store: Store, shard_id: int, label: str, prompt_start: int = 0) -> ShardSummary:
+    """A shard's summaries; ``prompt_start`` (the shard's first prompt) makes prompts global."""
     base = f"{shard_prefix(shard_id)}sites/{label}/"
-    parts = {
-        name: open_array(store, f"{base}summary/{name}")[...]
-        for name in ("features", "count", "total", "max")
-    }
-    top = {
-        f"top_{name}": open_array(store, f"{base}top/{name}")[...]
-        for name in ("feature", "prompt", "position", "value")
-    }
-    return ShardSummary(**parts, **top)
+
+    def load(name: str) -> np.ndarray:
+        return open_array(store, base + name)[...]
+
+    return ShardSummary(
+        features=load("summary/features").astype(np.uint32),
+        count=load("summary/count").astype(np.uint32),
+        total=load("summary/total").astype(np.float64),
+        max=_values_back(load("summary/max")),
+        top_feature=load("top/feature").astype(np.uint32),
+        top_prompt=(load("top/prompt").astype(np.int64) + prompt_start).astype(np.uint32),
+        top_position=load("top/position").astype(np.uint32),
+        top_value=_values_back(load("top/value")),
+    )
 
 
 @dataclass

@@ -116,6 +116,25 @@ class FeatureIndex:
             top_value=np.zeros((d_sae, k), dtype=np.float32),
         )
 
+    def to_disk(self, name: str) -> np.ndarray:
+        """Field ``name`` in the narrowest dtype that holds it (empty slots: all ones)."""
+        data = getattr(self, name)
+        if data.dtype.kind in "iu":
+            widest = int(data.max()) if data.size else 0
+            narrow = np.uint16 if widest < (1 << 16) - 1 else np.uint32
+            if widest >= (1 << 32) - 1:
+                return data
+            return np.where(data == EMPTY, np.iinfo(narrow).max, data).astype(narrow)
+        return data
+
+    def from_disk(self, name: str, stored: np.ndarray) -> np.ndarray:
+        """Inverse of ``to_disk`` (indices and counts back to this index's dtypes)."""
+        dtype = getattr(self, name).dtype
+        if stored.dtype.kind == "u" and dtype.kind == "i":
+            empty = stored == np.iinfo(stored.dtype).max
+            return np.where(empty, EMPTY, stored.astype(dtype)).astype(dtype)
+        return stored.astype(dtype)
+
     def copy(self) -> FeatureIndex:
         return FeatureIndex(
             **{name: getattr(self, name).copy() for name in self.__dataclass_fields__}
