@@ -158,12 +158,19 @@ def main() -> None:
     print(f"two_vs_one_actor_speedup = {speedup:.3f} (target >= 1.7)")
     print(f"ray_overhead_fraction (1 actor) = {overhead_one:.4f} (target <= 0.05)")
     print(f"ray_overhead_fraction (2 actors, compute / (2 x wall)) = {overhead_two:.4f}")
+    drive_only = 1 - one.compute_seconds / one.drive_seconds
+    print(
+        f"  of which driver setup/finish (prompts, tokenizer, store, index): "
+        f"{one.seconds - one.drive_seconds:.2f}s; overhead within the shard loop alone: "
+        f"{drive_only:.4f}"
+    )
     print(
         json.dumps(
             {
                 "two_vs_one_actor_speedup": round(speedup, 4),
                 "ray_overhead_fraction": round(overhead_one, 4),
                 "ray_overhead_fraction_2_actors": round(overhead_two, 4),
+                "overhead_fraction_shard_loop": round(drive_only, 4),
                 "seconds_1_actor": round(one.seconds, 3),
                 "seconds_2_actors": round(two.seconds, 3),
                 "tokens": one.tokens,

@@ -22,6 +22,7 @@ from circuitscan.schemas.jobs import (
     JobSpec,
     SpliceEvalParams,
 )
+from circuitscan.schemas.models import ModelSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, SiteLayout, StoreLayout
 from circuitscan.services.jobs import aggregate
@@ -66,6 +67,10 @@ class JobSummary(BaseModel):
     tokens: int = Field(description="Real tokens computed by this run.")
     seconds: float = Field(description="Wall time of this run (s).")
     compute_seconds: float = Field(description="Sum of worker compute+write time (s).")
+    drive_seconds: float = Field(
+        default=0.0,
+        description="Wall time from the first shard submitted to the last committed (s).",
+    )
     actors: int = Field(description="Worker actors used.")
     retries: int = Field(description="Shards re-queued after losing their worker.")
     nodes: dict[str, int] = Field(description="Ray node id → shards it computed.")
@@ -82,6 +87,12 @@ class JobSummary(BaseModel):
             f"{len(self.nodes)} node(s)",
         ]
         return "\n".join(lines)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(model: ModelSpec) -> Any:
+    """The model's tokenizer, loaded once per driver process (jobs in a row reuse it)."""
+    return load_tokenizer(model)
 
 
 def _count_tokens(spec: JobSpec, records: list[PromptRecord], tokenizer: Any = None) -> list[int]:
@@ -218,7 +229,7 @@ def run_job(
     """
     started = time.perf_counter()
     say = echo or (lambda _line: None)
-    tokenizer = functools.cache(lambda: load_tokenizer(spec.model))  # loaded once, if needed
+    tokenizer = functools.partial(_tokenizer, spec.model)
     records = load_prompts(spec.prompts, tokenizer)
     _check_prompts(spec, records)
     _refuse_other_job(spec, overwrite)
@@ -251,7 +262,9 @@ def run_job(
             store.commit_shard(ShardEntry.model_validate(outcome.entry))
             progress.shard_done(outcome.tokens)
 
+        driving = time.perf_counter()
         stats = drive(spec, actors, todo, kept, spec.store, commit, _context(spec, kept))
+        drive_seconds = time.perf_counter() - driving
         store.flush_index()
         if todo or not _has_result(store, spec):
             _finish_result(spec, store, actors, kept, say)
@@ -272,6 +285,7 @@ def run_job(
         shards_recomputed_corrupt=corrupt,
         tokens=sum(o.tokens for o in outcomes),
         seconds=time.perf_counter() - started,
+        drive_seconds=drive_seconds,
         compute_seconds=sum(o.compute_seconds for o in outcomes),
         actors=n_actors,
         retries=stats.retries,
