@@ -10,13 +10,17 @@ counting real tokens, BOS included; scores in metric units):
   *, named_positions=None) -> AttributionResult`` — a·∂m/∂a on single prompts.
 - ``exact_patch(model, saes, clean_tokens, lengths, metric, answer, wrong, nodes: list[Node],
   *, mode='corrupt'|'zero'|'mean', corrupt_tokens=None, reference_tokens=None,
-  reference_lengths=None, named_positions=None, batch_size=64) -> Tensor[batch, n_nodes]``
-  — true Δm per (prompt, node), many patches per forward pass.
+  reference_lengths=None, named_positions=None, batch_size=64, skip_unchanged=True)
+  -> Tensor[batch, n_nodes]`` — true Δm per (prompt, node), many patches per forward
+  pass; each reruns only the blocks from the node's own on, up to the metric's position.
 - ``verify(estimate, truth, k, budget=None) -> VerificationReport`` and
   ``verify_by_patching(...)`` — recall@K and cost of verified recall.
 - ``ablation_scan(model, sae, site, tokens, lengths, metric, answer, wrong, *, mode,
   positions, named_positions=None, batch_size=64, seed=0) -> ScanResult`` — Δm of
   ablating every active SAE feature, prefix computed once per prompt.
+
+``answer``/``wrong`` are token ids or strings of exactly one token each.
+``evaluation.compare_rankings`` scores AtP/AtP* rankings against exhaustive patching.
 
 ``saes`` maps HookSite / site label / hook name → sae_lens SAE; SAEs are NOT attached
 to the model (the engine splices them itself, keeping the error term, so the model's

@@ -154,17 +154,18 @@ def compare_rankings(
     return RankingComparison(nodes, truth, estimates, reports, seconds)
 
 
-def ioi_head_selections() -> list[NodeSelection]:
+def ioi_head_selections(layers: Sequence[int] | None = None) -> list[NodeSelection]:
     """Attention-head nodes where IOI happens: queries/outputs at the end, keys/values at names.
 
     The name-mover and S-inhibition heads read at the last token (``END``) and
     attend to the names, so z and q are taken at ``END`` and k and v at the
     first two names (``IO``, ``S1``): the nodes whose effects the QK fix and
-    GradDrop are meant to get right.
+    GradDrop are meant to get right. ``layers``: only these layers (default all).
     """
+    chosen = None if layers is None else list(layers)
     return [
-        NodeSelection(kinds=["z", "q"], positions=["END"]),
-        NodeSelection(kinds=["k", "v"], positions=["IO", "S1"]),
+        NodeSelection(kinds=["z", "q"], layers=chosen, positions=["END"]),
+        NodeSelection(kinds=["k", "v"], layers=chosen, positions=["IO", "S1"]),
     ]
 
 
