@@ -104,7 +104,7 @@ def forward_equivalents(model, saes, rounds: int) -> dict[str, float]:
         model, saes, pairs.clean, pairs.corrupt, pairs.lengths, METRIC,
         pairs.answer, pairs.wrong, ALL_NODES,
     )  # fmt: skip
-    n_nodes = len(result.nodes())
+    n_nodes = sum(group.size for group in result.groups)
     print(f"  nodes per prompt pair: {n_nodes} ({int(pairs.lengths[0])} tokens)")
     return {name: statistics.median(values) for name, values in ratios.items()}
 

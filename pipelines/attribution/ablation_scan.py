@@ -92,21 +92,23 @@ def prepare_scan(
     check_tokens(tokens, lengths, "tokens")
     check_answers(model, tokens.shape[0], metric, answer, wrong)
     start = start_layer(site)
-    n_layers = model.cfg.n_layers
-    resid_key = (
-        ("act", HookSite(layer=start, point="resid_pre").hook_name)
-        if start < n_layers
-        else ("out", HookSite(layer=n_layers - 1, point="resid_post").hook_name)
-    )
     site_key = ("act", site.hook_name)
     with torch.no_grad():
-        rec = Recorder(wanted={resid_key, site_key})
-        run_recorded(model, {}, tokens, rec)
+        rec = Recorder(wanted={site_key})
+        # The prefix runs once and no further than the scan needs: up to the
+        # site's block, whose input (resid_pre) or output (resid_post) is cached.
+        if site.point == "resid_post":
+            resid = run_recorded(model, {}, tokens, rec, stop_at_layer=start)
+        else:
+            resid_key = ("act", HookSite(layer=start, point="resid_pre").hook_name)
+            rec.wanted.add(resid_key)
+            run_recorded(model, {}, tokens, rec, stop_at_layer=start + 1)
+            resid = rec.store[resid_key]
         # The baseline takes the same suffix path as the ablation rows, so an
         # ablation that changes nothing measures exactly 0.
         baseline = suffix_metric(
             model,
-            rec.store[resid_key],
+            resid,
             start,
             metric,
             lengths=lengths,
@@ -132,7 +134,7 @@ def prepare_scan(
     chosen[rows[defined], index[defined]] = True
     return PreparedScan(
         start_layer=start,
-        resid=rec.store[resid_key],
+        resid=resid,
         acts=acts,
         site_shape=tuple(rec.store[site_key].shape[2:]),
         chosen=chosen,
