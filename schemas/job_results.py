@@ -57,7 +57,10 @@ class AttributionJobResult(BaseModel):
     n_prompts: int = Field(ge=0, description="Prompt pairs aggregated.")
     n_nodes: int = Field(ge=0, description="Distinct nodes scored.")
     n_verified: int = Field(ge=0, description="Top nodes checked by exact patching.")
-    top: list[NodeEffect] = Field(description="Highest mean-|effect| nodes, best first.")
+    top: list[NodeEffect] = Field(
+        description="Nodes of largest total ranking score over the prompt set (mean_abs × "
+        "n_prompts), best first."
+    )
 
 
 class FeatureDelta(BaseModel):

@@ -60,9 +60,14 @@ def verification_status(estimate: float, exact: float) -> VerificationStatus:
 
 
 def ranked_nodes(estimates: dict[str, tuple[float, float, int]], k: int) -> list[str]:
-    """The k nodes of largest mean |score| (ties: by name, so the order is reproducible)."""
+    """The k nodes of largest total |score| over the prompt set (ties: by name).
+
+    Ranking by the mean over only the prompts where a node exists would put
+    a late position that two long prompts reach above one that every prompt
+    has; the total is the mean over all prompts with an absent node counting 0.
+    """
     defined = [(name, v) for name, v in estimates.items() if v[2] > 0]
-    defined.sort(key=lambda item: (-item[1][1], item[0]))
+    defined.sort(key=lambda item: (-item[1][1] * item[1][2], item[0]))
     return [name for name, _ in defined[:k]]
 
 

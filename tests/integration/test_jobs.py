@@ -329,7 +329,8 @@ def test_attribute_job_matches_the_pipeline_and_verifies_top_nodes(
             assert stored[name].mean_abs == pytest.approx(mean_abs, rel=1e-4, abs=1e-6)
 
     top = top_nodes(spec.store, k=4)
-    assert [t.mean_abs for t in top] == sorted((t.mean_abs for t in top), reverse=True)
+    totals = [t.mean_abs * t.n_prompts for t in top]
+    assert totals == sorted(totals, reverse=True)
     assert all(t.verification is not None for t in top)
     assert result.n_verified == 4 and top_nodes(spec.store, k=5)[4].verification is None
     exact = exact_patch(
