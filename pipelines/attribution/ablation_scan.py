@@ -81,8 +81,14 @@ def prepare_scan(
     wrong: Int[torch.Tensor, " n_prompts"] | None,
     positions: Literal["all", "last"] | Sequence[PositionSpec],
     named_positions: Sequence[Mapping[str, int]] | None = None,
+    *,
+    with_baseline: bool = True,
 ) -> PreparedScan:
-    """One clean forward pass over the prompt set, caching what every ablation row reuses."""
+    """One clean forward pass over the prompt set, caching what every ablation row reuses.
+
+    ``with_baseline=False`` leaves the clean metric NaN, for callers that run
+    it as unablated rows of their own suffix batches.
+    """
     check_saes(model, {site.hook_name: sae})
     hook = getattr(sae.cfg.metadata, "hook_name", None)
     if hook and hook != site.hook_name:
@@ -106,17 +112,20 @@ def prepare_scan(
             resid = rec.store[resid_key]
         # The baseline takes the same suffix path as the ablation rows, so an
         # ablation that changes nothing measures exactly 0.
-        baseline = suffix_metric(
-            model,
-            resid,
-            start,
-            metric,
-            lengths=lengths,
-            tokens=tokens,
-            answer=answer,
-            wrong=wrong,
-            hooks=[],
-        )
+        if with_baseline:
+            baseline = suffix_metric(
+                model,
+                resid,
+                start,
+                metric,
+                lengths=lengths,
+                tokens=tokens,
+                answer=answer,
+                wrong=wrong,
+                hooks=[],
+            )
+        else:
+            baseline = torch.full((tokens.shape[0],), float("nan"), dtype=resid.dtype)
         acts = sae_encode(sae, rec.store[site_key])
     if positions == "all":
         specs: list[PositionSpec] = list(range(tokens.shape[1]))
@@ -174,11 +183,14 @@ def ablation_inputs(
     feature: Int[torch.Tensor, " rows"],
     values: Float[torch.Tensor, "rows seq"],
 ) -> tuple[Float[torch.Tensor, "rows seq d_model"], list[tuple[str, Any]]]:
-    """The suffix input and hooks of the rows that ablate one feature each."""
+    """The suffix input and hooks of the rows that ablate one feature each (-1: none)."""
     acts = prepared.acts[prompt]
     rows = torch.arange(prompt.shape[0])
+    ablates = feature >= 0
+    feature = feature.clamp(min=0)
     old = acts[rows[:, None], torch.arange(acts.shape[1])[None, :], feature[:, None]]
-    change = torch.where(prepared.chosen[prompt], values - old, torch.zeros_like(old))
+    where = prepared.chosen[prompt] & ablates[:, None]
+    change = torch.where(where, values - old, torch.zeros_like(old))
     if _decoder_is_linear(sae):
         direction = sae.W_dec[feature].to(prepared.resid.dtype)  # [rows, d_in]
         delta = change[..., None] * direction[:, None, :]
@@ -226,8 +238,9 @@ def ablation_scan(
     answer = answer_ids(model, answer, "answer")
     wrong = answer_ids(model, wrong, "wrong")
     prepared = prepare_scan(
-        model, sae, site, tokens, lengths, metric, answer, wrong, positions, named_positions
-    )
+        model, sae, site, tokens, lengths, metric, answer, wrong, positions, named_positions,
+        with_baseline=False,
+    )  # fmt: skip
     active = ((prepared.acts > 0) & prepared.chosen[..., None]).any(1)  # [n_prompts, d_sae]
     features = torch.nonzero(active.any(0)).flatten()
     column = torch.full((active.shape[1],), -1, dtype=torch.long)
@@ -236,9 +249,15 @@ def ablation_scan(
     fill = 0.0 if mode == "zero" else float("nan")
     delta = torch.full((tokens.shape[0], features.numel()), fill, dtype=prepared.baseline.dtype)
     generator = torch.Generator().manual_seed(seed)
-    for start in range(0, pairs.shape[0], batch_size):
-        prompt, feature = pairs[start : start + batch_size].T
-        values = _ablation_values(prepared, mode, prompt, feature, generator)
+    # The clean baseline rides along as unablated rows (feature -1) at the head
+    # of the first batches, instead of costing a suffix pass of its own.
+    n_prompts = tokens.shape[0]
+    unablated = torch.stack([torch.arange(n_prompts), torch.full((n_prompts,), -1)], dim=1)
+    rows_all = torch.cat([unablated, pairs])
+    baseline = prepared.baseline.clone()
+    for start in range(0, rows_all.shape[0], batch_size):
+        prompt, feature = rows_all[start : start + batch_size].T
+        values = _ablation_values(prepared, mode, prompt, feature.clamp(min=0), generator)
         resid, hooks = ablation_inputs(sae, site, prepared, prompt, feature, values)
         metric_rows = suffix_metric(
             model,
@@ -251,12 +270,17 @@ def ablation_scan(
             wrong=None if wrong is None else wrong[prompt],
             hooks=hooks,
         )
-        delta[prompt, column[feature]] = (metric_rows - prepared.baseline[prompt]).to(delta.dtype)
+        clean = feature < 0
+        baseline[prompt[clean]] = metric_rows[clean].to(baseline.dtype)
+        ablated = ~clean
+        delta[prompt[ablated], column[feature[ablated]]] = (
+            metric_rows[ablated] - baseline[prompt[ablated]]
+        ).to(delta.dtype)
     return ScanResult(
         site=site,
         mode=mode,
         features=features,
         delta=delta,
-        baseline=prepared.baseline,
+        baseline=baseline,
         n_ablations=int(pairs.shape[0]),
     )
