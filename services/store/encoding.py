@@ -50,6 +50,25 @@ def feature_id_dtype(d_sae: int) -> np.dtype:
     return np.dtype(np.uint16 if d_sae <= 1 << 16 else np.uint32)
 
 
+def exact_values(values: np.ndarray) -> np.ndarray:
+    """float32 values that came from float16/bfloat16 storage, back in 16 bits (exact)."""
+    with np.errstate(over="ignore"):  # out of float16 range: not exact, bfloat16 next
+        as_half = values.astype(np.float16)
+    if np.array_equal(as_half.astype(np.float32), values, equal_nan=True):
+        return as_half
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    if not np.any(bits & 0xFFFF):
+        return (bits >> 16).astype(np.uint16)  # bfloat16 bits
+    return values.astype(np.float32)
+
+
+def values_back(raw: np.ndarray) -> np.ndarray:
+    """Inverse of ``exact_values``: float32 again."""
+    if raw.dtype == np.uint16:
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32)
+
+
 def _blosc(dtype: np.dtype, shuffle: str = "shuffle") -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=dtype.itemsize)
 

@@ -35,8 +35,10 @@ from circuitscan.schemas.store import ShardEntry, StoreLayout
 from circuitscan.services.store.backends import read_prefix, write_many
 from circuitscan.services.store.encoding import (
     TOKEN_CHUNK,
+    exact_values,
     feature_id_dtype,
     open_array,
+    values_back,
     write_array,
 )
 from circuitscan.services.store.summaries import ShardSummary, summarize_shard
@@ -200,23 +202,6 @@ def _narrow_uint(values: np.ndarray) -> np.ndarray:
     return values.astype(np.uint16 if top < 1 << 16 else np.uint32)
 
 
-def _exact_values(values: np.ndarray) -> np.ndarray:
-    """float32 values that came from float16/bfloat16 storage, back in 16 bits (exact)."""
-    as_half = values.astype(np.float16)
-    if np.array_equal(as_half.astype(np.float32), values, equal_nan=True):
-        return as_half
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    if not np.any(bits & 0xFFFF):
-        return (bits >> 16).astype(np.uint16)  # bfloat16 bits
-    return values.astype(np.float32)
-
-
-def _values_back(raw: np.ndarray) -> np.ndarray:
-    if raw.dtype == np.uint16:
-        return (raw.astype(np.uint32) << 16).view(np.float32)
-    return raw.astype(np.float32)
-
-
 def _write_summary(
     store: Store, base: str, summary: ShardSummary, prompt_start: int, d_sae: int
 ) -> None:
@@ -227,12 +212,12 @@ def _write_summary(
     write_array(store, f"{base}summary/features", summary.features.astype(ids), delta=True)
     write_array(store, f"{base}summary/count", _narrow_uint(summary.count))
     write_array(store, f"{base}summary/total", summary.total)
-    write_array(store, f"{base}summary/max", _exact_values(summary.max))
+    write_array(store, f"{base}summary/max", exact_values(summary.max))
     write_array(store, f"{base}top/feature", summary.top_feature.astype(ids), delta=True)
     local = summary.top_prompt.astype(np.int64) - prompt_start
     write_array(store, f"{base}top/prompt", _narrow_uint(local))
     write_array(store, f"{base}top/position", _narrow_uint(summary.top_position))
-    write_array(store, f"{base}top/value", _exact_values(summary.top_value))
+    write_array(store, f"{base}top/value", exact_values(summary.top_value))
 
 
 def read_summary(store: Store, shard_id: int, label: str, prompt_start: int = 0) -> ShardSummary:
@@ -246,11 +231,11 @@ def read_summary(store: Store, shard_id: int, label: str, prompt_start: int = 0)
         features=load("summary/features").astype(np.uint32),
         count=load("summary/count").astype(np.uint32),
         total=load("summary/total").astype(np.float64),
-        max=_values_back(load("summary/max")),
+        max=values_back(load("summary/max")),
         top_feature=load("top/feature").astype(np.uint32),
         top_prompt=(load("top/prompt").astype(np.int64) + prompt_start).astype(np.uint32),
         top_position=load("top/position").astype(np.uint32),
-        top_value=_values_back(load("top/value")),
+        top_value=values_back(load("top/value")),
     )
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from circuitscan.services.store.encoding import exact_values, values_back
+
 EMPTY = -1
 
 
@@ -125,11 +127,15 @@ class FeatureIndex:
             if widest >= (1 << 32) - 1:
                 return data
             return np.where(data == EMPTY, np.iinfo(narrow).max, data).astype(narrow)
+        if data.dtype == np.float32:  # max and top values: stored 16-bit values, exact
+            return exact_values(data)
         return data
 
     def from_disk(self, name: str, stored: np.ndarray) -> np.ndarray:
         """Inverse of ``to_disk`` (indices and counts back to this index's dtypes)."""
         dtype = getattr(self, name).dtype
+        if dtype.kind == "f":
+            return values_back(stored).astype(dtype)
         if stored.dtype.kind == "u" and dtype.kind == "i":
             empty = stored == np.iinfo(stored.dtype).max
             return np.where(empty, EMPTY, stored.astype(dtype)).astype(dtype)
