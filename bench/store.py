@@ -39,6 +39,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 for _name, _value in {
@@ -135,6 +136,45 @@ def bare_forward_backward(model, saes, batch: TokenBatch) -> None:
             torch.autograd.grad(total, leaves, allow_unused=True)
     finally:
         model.reset_saes()
+
+
+def _bare_step(spent: dict, model, saes, batch: TokenBatch) -> None:
+    spent["bare"] = _timed(lambda: bare_encode(model, saes, batch))
+
+
+def _bare_grad_step(spent: dict, model, saes, batch: TokenBatch) -> None:
+    spent["bare_grad"] = _timed(lambda: bare_forward_backward(model, saes, batch))
+
+
+def _cache_step(
+    spent: dict,
+    model,
+    saes,
+    batch: TokenBatch,
+    records: list[PromptRecord],
+    shard_id: int,
+    store: FeatureStore,
+    metric: MetricSpec | None,
+) -> None:
+    """cache_batch then write_shard + commit_shard, as a job worker and driver do."""
+    t0 = time.perf_counter()
+    caches = cache_batch(
+        model,
+        saes,
+        batch.tokens,
+        batch.lengths,
+        metric,
+        answer=batch.answer,
+        wrong=batch.wrong,
+        gradients=metric is not None,
+    )
+    compute = time.perf_counter() - t0
+    store.commit_shard(store.write_shard(shard_id, records, batch.token_lists(), caches))
+    total = time.perf_counter() - t0
+    if metric is None:
+        spent.update(cache_compute=compute, cache=total, caches_a=caches)
+    else:
+        spent.update(cache_grad=total, caches_g=caches)
 
 
 # --- layouts and stores --------------------------------------------------------------
@@ -333,6 +373,11 @@ def main() -> None:
     }
     grad_caches: list[dict[str, SiteCache]] = []
     act_caches: list[dict[str, SiteCache]] = []
+    # Each batch is timed as adjacent pairs (baseline, circuitscan), the pair's
+    # order alternating, and the ratio is the median over pairs: on a shared
+    # machine the load drifts on the scale of seconds, which round totals and
+    # a fixed order turn into bias.
+    pair_ratios: dict[str, list[float]] = {"acts": [], "acts_compute": [], "grads": []}
     for round_index in range(args.rounds):
         layout_a = layout_for(saes, gradients=False, shard_size=args.batch, fingerprint="a")
         layout_g = layout_for(saes, gradients=True, shard_size=args.batch, fingerprint="g")
@@ -340,30 +385,25 @@ def main() -> None:
         store_g = FeatureStore.create(str(work / f"round{round_index}g"), layout_g)
         row = dict.fromkeys(times, 0.0)
         for shard_id, (batch, chunk) in enumerate(zip(batches, chunks, strict=True)):
-            row["bare"] += _timed(lambda b=batch: bare_encode(model, saes, b))
-            t0 = time.perf_counter()
-            caches = cache_batch(model, saes, batch.tokens, batch.lengths, None, gradients=False)
-            row["cache_compute"] += time.perf_counter() - t0
-            store_a.commit_shard(store_a.write_shard(shard_id, chunk, batch.token_lists(), caches))
-            row["cache"] += time.perf_counter() - t0
-            row["bare_grad"] += _timed(lambda b=batch: bare_forward_backward(model, saes, b))
-            t0 = time.perf_counter()
-            caches_g = cache_batch(
-                model,
-                saes,
-                batch.tokens,
-                batch.lengths,
-                METRIC,
-                answer=batch.answer,
-                wrong=batch.wrong,
-            )
-            store_g.commit_shard(
-                store_g.write_shard(shard_id, chunk, batch.token_lists(), caches_g)
-            )
-            row["cache_grad"] += time.perf_counter() - t0
+            flip = (round_index + shard_id) % 2 == 1
+            spent: dict[str, float] = {}
+            steps = [
+                partial(_bare_step, spent, model, saes, batch),
+                partial(_cache_step, spent, model, saes, batch, chunk, shard_id, store_a, None),
+                partial(_bare_grad_step, spent, model, saes, batch),
+                partial(_cache_step, spent, model, saes, batch, chunk, shard_id, store_g, METRIC),
+            ]
+            for pair in (steps[:2], steps[2:]):
+                for step in reversed(pair) if flip else pair:
+                    step()
             if round_index == 0:
-                act_caches.append(caches)
-                grad_caches.append(caches_g)
+                act_caches.append(spent.pop("caches_a"))  # type: ignore[arg-type]
+                grad_caches.append(spent.pop("caches_g"))  # type: ignore[arg-type]
+            for key in row:
+                row[key] += spent[key]
+            pair_ratios["acts"].append(spent["bare"] / spent["cache"])
+            pair_ratios["acts_compute"].append(spent["bare"] / spent["cache_compute"])
+            pair_ratios["grads"].append(spent["bare_grad"] / spent["cache_grad"])
         for key, value in row.items():
             times[key].append(value)
         print(
@@ -371,13 +411,15 @@ def main() -> None:
             f"(compute {row['cache_compute']:.2f}s); bare fwd+bwd {row['bare_grad']:.2f}s, "
             f"cache acts+grads {row['cache_grad']:.2f}s"
         )
-    ratio = statistics.median(b / c for b, c in zip(times["bare"], times["cache"], strict=True))
-    ratio_grad = statistics.median(
-        b / c for b, c in zip(times["bare_grad"], times["cache_grad"], strict=True)
+    ratio = statistics.median(pair_ratios["acts"])
+    ratio_grad = statistics.median(pair_ratios["grads"])
+    print(
+        f"per-batch ratios: acts {[round(r, 2) for r in pair_ratios['acts']]}, "
+        f"grads {[round(r, 2) for r in pair_ratios['grads']]}"
     )
     print(
         f"cache_vs_bare {ratio:.3f} (compute only "
-        f"{statistics.median(b / c for b, c in zip(times['bare'], times['cache_compute'], strict=True)):.3f}), "
+        f"{statistics.median(pair_ratios['acts_compute']):.3f}), "
         f"cache_grad_vs_bare {ratio_grad:.3f}"
     )
 
