@@ -1,6 +1,6 @@
 """Attribution benchmark: AtP/AtP* cost in forward passes, scan efficiency, IOI recall.
 
-    .venv/bin/python bench/attribution.py [--rounds 3] [--recall-prompts 1]
+    .venv/bin/python bench/attribution.py [--rounds 2] [--recall-prompts 1]
                                           [--scan-prompts 4] [--naive-sample 8] [--threads 2]
 
 On the default model (SmolLM2-135M-Instruct, 30 layers) with its default SAEs
@@ -213,7 +213,7 @@ def report(label: str, comparison: RankingComparison) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--recall-prompts", type=int, default=1)
     parser.add_argument("--scan-prompts", type=int, default=4)
     parser.add_argument("--naive-sample", type=int, default=8)
