@@ -23,6 +23,7 @@ from circuitscan.services.jobs.kinds import (
 )
 from circuitscan.services.jobs.planning import ShardPlan
 from circuitscan.services.sae_loading import LoadedSAE
+from circuitscan.services.store import FeatureStore
 from circuitscan.services.store.results import write_shard_outputs
 
 
@@ -47,17 +48,13 @@ class AblationRunner(StoreWriter):
         self.loaded = next(loaded for loaded in saes if loaded.site.label == label)
         self.cap = token_cap(spec, model)
 
-    def run_shard(
+    def compute_shard(
         self,
-        store_url: str,
+        store: FeatureStore,
         plan: ShardPlan,
         records: list[PromptRecord],
-        context: list[PromptRecord] | None = None,
+        context: list[PromptRecord] | None,
     ) -> ShardResult:
-        store = self._open(store_url)
-        done = self._already_committed(store, plan)
-        if done is not None:
-            return done
         batch, removed = tokenize_capped_counting(self.model, records, self.cap)
         truncated = sum(1 for n in removed if n)
         positions = self.params.positions

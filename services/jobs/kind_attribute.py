@@ -30,6 +30,7 @@ from circuitscan.services.jobs.kinds import (
 )
 from circuitscan.services.jobs.planning import ShardPlan
 from circuitscan.services.sae_loading import LoadedSAE
+from circuitscan.services.store import FeatureStore
 from circuitscan.services.store.results import write_shard_outputs
 
 NODE_KINDS: dict[NodeKindName, NodeKind] = {
@@ -121,17 +122,13 @@ class AttributeRunner(StoreWriter):
         named = named_positions(records, removed)
         return clean, corrupt, named, truncated
 
-    def run_shard(
+    def compute_shard(
         self,
-        store_url: str,
+        store: FeatureStore,
         plan: ShardPlan,
         records: list[PromptRecord],
-        context: list[PromptRecord] | None = None,
+        context: list[PromptRecord] | None,
     ) -> ShardResult:
-        store = self._open(store_url)
-        done = self._already_committed(store, plan)
-        if done is not None:
-            return done
         sums = NodeSums()
         token_lists: list[list[int]] = []
         truncated = 0

@@ -16,6 +16,7 @@ from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.kinds import ShardResult, StoreWriter, token_cap, tokenize_capped
 from circuitscan.services.jobs.planning import ShardPlan
 from circuitscan.services.sae_loading import LoadedSAE
+from circuitscan.services.store import FeatureStore
 from circuitscan.services.store.results import write_shard_outputs
 
 
@@ -43,19 +44,15 @@ class SpliceEvalRunner(StoreWriter):
         self.sets = site_sets(spec, [loaded.site.label for loaded in saes])
         self.cap = token_cap(spec, model)
 
-    def run_shard(
+    def compute_shard(
         self,
-        store_url: str,
+        store: FeatureStore,
         plan: ShardPlan,
         records: list[PromptRecord],
-        context: list[PromptRecord] | None = None,
+        context: list[PromptRecord] | None,
     ) -> ShardResult:
         if not context:
             raise ValueError("splice_eval shards need the job's reference prompts as context")
-        store = self._open(store_url)
-        done = self._already_committed(store, plan)
-        if done is not None:
-            return done
         batch, truncated = tokenize_capped(self.model, records, self.cap)
         reference, _ = tokenize_capped(self.model, context, self.cap)
         rows = splice_eval(

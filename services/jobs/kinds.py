@@ -43,9 +43,35 @@ class KindRunner(Protocol):
 
 
 class StoreWriter:
-    """What every runner shares: the store handle and the retry short-cut."""
+    """What every runner shares: the store handle and the retry short-cut.
+
+    ``run_shard`` returns a committed shard's entry untouched (a retry of a
+    shard that made it) and otherwise calls the kind's ``compute_shard``.
+    """
 
     _store: FeatureStore | None = None
+
+    def run_shard(
+        self,
+        store_url: str,
+        plan: ShardPlan,
+        records: list[PromptRecord],
+        context: list[PromptRecord] | None = None,
+    ) -> ShardResult:
+        store = self._open(store_url)
+        done = self._already_committed(store, plan)
+        if done is not None:
+            return done
+        return self.compute_shard(store, plan, records, context)
+
+    def compute_shard(
+        self,
+        store: FeatureStore,
+        plan: ShardPlan,
+        records: list[PromptRecord],
+        context: list[PromptRecord] | None,
+    ) -> ShardResult:
+        raise NotImplementedError
 
     def _open(self, url: str) -> FeatureStore:
         if self._store is None or self._store.url != url:
@@ -134,17 +160,13 @@ class CacheRunner(StoreWriter):
         self.saes = [loaded.sae for loaded in saes]
         self.cap = token_cap(spec, model)
 
-    def run_shard(
+    def compute_shard(
         self,
-        store_url: str,
+        store: FeatureStore,
         plan: ShardPlan,
         records: list[PromptRecord],
-        context: list[PromptRecord] | None = None,
+        context: list[PromptRecord] | None,
     ) -> ShardResult:
-        store = self._open(store_url)
-        done = self._already_committed(store, plan)
-        if done is not None:
-            return done
         batch_size = self.spec.execution.batch_size
         caches = []
         token_lists: list[list[int]] = []
