@@ -235,6 +235,26 @@ from circuitscan.services.analysis_commands import analyze_app  # noqa: E402
 
 app.add_typer(analyze_app, name="analyze")
 
+
+@app.command()
+def report(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    out: Path = typer.Option(..., help="Folder for index.html and its plots."),
+) -> None:
+    """Write an offline HTML report of a store: cached features and any job results."""
+    from circuitscan.services.query_commands import _decoder
+    from circuitscan.services.store import FeatureStore, StoreError
+    from circuitscan.services.store_report import write_store_report
+
+    try:
+        decode = _decoder(FeatureStore.open(store))
+        path = write_store_report(store, out, decode=decode)
+    except (StoreError, ValueError) as exc:
+        _fail(str(exc))
+        return
+    typer.echo(f"report: {path}")
+
+
 from circuitscan.services.query_commands import register as _register_query_commands  # noqa: E402
 
 _register_query_commands(app)

@@ -11,6 +11,7 @@ import json
 import logging
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -148,6 +149,12 @@ class FeatureStore:
     @classmethod
     def open(cls, url: str) -> FeatureStore:
         """Open an existing store (StoreNotFoundError when there is none)."""
+        if "://" not in url or url.startswith("file://"):
+            # zarr's LocalStore makes its directory on open: look before opening, so
+            # a mistyped path is reported and not left behind as an empty folder.
+            local = Path(url.removeprefix("file://")).expanduser()
+            if not local.exists():
+                raise StoreNotFoundError(f"no feature store at {url}")
         backend = open_backend(url)
         layout = cls._read_layout(backend)
         if layout is None:

@@ -1,0 +1,67 @@
+"""`circuitscan report STORE`: a real store with cached shards and a job result → HTML + PNGs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_store_contract import N_SHARDS, _fill, make_shard
+
+from circuitscan.schemas.job_results import AttributionJobResult, NodeEffect, NodeVerification
+from circuitscan.services.store.results import write_job_result
+
+pytestmark = pytest.mark.integration
+PNG = b"\x89PNG"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "circuitscan.services.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_report_renders_cached_features_and_job_results(tmp_path: Path) -> None:
+    url = str(tmp_path / "store")
+    store = _fill(url, {i: make_shard(i) for i in range(N_SHARDS)})
+    top = [
+        NodeEffect(
+            node="z:L1:0@last",
+            mean=-0.75,
+            mean_abs=0.75,
+            n_prompts=8,
+            verification=NodeVerification(
+                exact_mean=-0.7, exact_mean_abs=0.7, n_prompts=8, status="confirmed"
+            ),
+        ),
+        NodeEffect(node="q:L1:1@last", mean=0.25, mean_abs=0.3, n_prompts=8),
+    ]
+    write_job_result(
+        store,
+        AttributionJobResult(
+            job_hash="test", method="atpstar", n_prompts=8, n_nodes=2, n_verified=1, top=top
+        ),
+    )
+    out = tmp_path / "report"
+    done = _cli("report", url, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    html = (out / "index.html").read_text()
+    index = store.feature_index("L0.resid_post")
+    busiest = int(index.count.argmax())
+    assert f">{busiest}<" in html  # the most frequent feature is in its site's table
+    assert "z:L1:0@last" in html and "confirmed" in html
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "attribution_vs_exact.png" in pngs and "firing_L0.resid_post.png" in pngs
+    assert all((out / name).read_bytes().startswith(PNG) for name in pngs)
+
+
+def test_report_on_a_missing_store_is_a_clear_error(tmp_path: Path) -> None:
+    done = _cli("report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
+    assert done.returncode == 2 and "no feature store" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "nowhere").exists()
