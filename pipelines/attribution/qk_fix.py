@@ -83,19 +83,6 @@ def query_effect(
     return (terms.delta * grad_pattern).sum(-1).transpose(1, 2)
 
 
-def query_scores(
-    attn: torch.nn.Module,
-    q: Float[torch.Tensor, "batch pos head d_head"],
-    q_corrupt: Float[torch.Tensor, "batch pos head d_head"],
-    k: Float[torch.Tensor, "batch pos kv_head d_head"],
-    scores: Float[torch.Tensor, "batch head query key"],
-    pattern: Float[torch.Tensor, "batch head query key"],
-    grad_pattern: Float[torch.Tensor, "batch head query key"],
-) -> Float[torch.Tensor, "batch pos head"]:
-    """QK-fixed effect (metric units) of patching each query head's query at each position."""
-    return query_effect(query_terms(attn, q, q_corrupt, k, scores, pattern), grad_pattern)
-
-
 def _sum_of_others(
     values: Float[torch.Tensor, "batch head query key"],
     is_top: torch.Tensor,
@@ -152,16 +139,3 @@ def key_effect(
     # repeat_interleave order: query head h reads KV head h // (n_heads / n_kv).
     per_kv = per_head.reshape(batch, terms.n_kv, n_heads // terms.n_kv, n_keys).sum(2)
     return per_kv.transpose(1, 2)
-
-
-def key_scores(
-    attn: torch.nn.Module,
-    q: Float[torch.Tensor, "batch pos head d_head"],
-    k: Float[torch.Tensor, "batch pos kv_head d_head"],
-    k_corrupt: Float[torch.Tensor, "batch pos kv_head d_head"],
-    scores: Float[torch.Tensor, "batch head query key"],
-    pattern: Float[torch.Tensor, "batch head query key"],
-    grad_pattern: Float[torch.Tensor, "batch head query key"],
-) -> Float[torch.Tensor, "batch pos kv_head"]:
-    """QK-fixed effect (metric units) of patching each key/value head's key at each position."""
-    return key_effect(key_terms(attn, q, k, k_corrupt, scores, pattern), grad_pattern)

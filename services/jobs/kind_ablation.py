@@ -18,7 +18,6 @@ from circuitscan.services.jobs.kinds import (
     ShardResult,
     StoreWriter,
     named_positions,
-    token_cap,
     tokenize_capped_counting,
 )
 from circuitscan.services.jobs.planning import ShardPlan
@@ -41,12 +40,10 @@ class AblationRunner(StoreWriter):
 
     def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
         assert isinstance(spec.job, AblationScanParams)
-        self.spec = spec
+        super().__init__(spec, model)
         self.params = spec.job
-        self.model = model
         label = scanned_site(spec, [loaded.site.label for loaded in saes])
         self.loaded = next(loaded for loaded in saes if loaded.site.label == label)
-        self.cap = token_cap(spec, model)
 
     def compute_shard(
         self,

@@ -24,7 +24,6 @@ from circuitscan.services.jobs.kinds import (
     ShardResult,
     StoreWriter,
     named_positions,
-    token_cap,
     tokenize_capped,
     tokenize_capped_counting,
 )
@@ -103,11 +102,9 @@ class AttributeRunner(StoreWriter):
 
     def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
         assert isinstance(spec.job, AttributeParams)
-        self.spec = spec
+        super().__init__(spec, model)
         self.params = spec.job
-        self.model = model
         self.saes = {loaded.site.label: loaded.sae for loaded in saes}
-        self.cap = token_cap(spec, model)
         self.selection = node_selection(self.params)
         self.method = attribution_method(self.params)
 

@@ -13,7 +13,7 @@ from sae_lens import HookedSAETransformer
 from circuitscan.pipelines.analyses.splice_eval import splice_eval
 from circuitscan.schemas.jobs import JobSpec, SpliceEvalParams
 from circuitscan.schemas.prompts import PromptRecord
-from circuitscan.services.jobs.kinds import ShardResult, StoreWriter, token_cap, tokenize_capped
+from circuitscan.services.jobs.kinds import ShardResult, StoreWriter, tokenize_capped
 from circuitscan.services.jobs.planning import ShardPlan
 from circuitscan.services.sae_loading import LoadedSAE
 from circuitscan.services.store import FeatureStore
@@ -38,11 +38,9 @@ class SpliceEvalRunner(StoreWriter):
 
     def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
         assert isinstance(spec.job, SpliceEvalParams)
-        self.spec = spec
-        self.model = model
+        super().__init__(spec, model)
         self.saes = [loaded.sae for loaded in saes]
         self.sets = site_sets(spec, [loaded.site.label for loaded in saes])
-        self.cap = token_cap(spec, model)
 
     def compute_shard(
         self,

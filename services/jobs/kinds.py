@@ -51,6 +51,11 @@ class StoreWriter:
 
     _store: FeatureStore | None = None
 
+    def __init__(self, spec: JobSpec, model: HookedSAETransformer) -> None:
+        self.spec = spec
+        self.model = model
+        self.cap = token_cap(spec, model)
+
     def run_shard(
         self,
         store_url: str,
@@ -154,11 +159,9 @@ class CacheRunner(StoreWriter):
 
     def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
         assert isinstance(spec.job, CacheParams)
-        self.spec = spec
+        super().__init__(spec, model)
         self.params = spec.job
-        self.model = model
         self.saes = [loaded.sae for loaded in saes]
-        self.cap = token_cap(spec, model)
 
     def compute_shard(
         self,
