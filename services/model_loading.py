@@ -10,6 +10,7 @@ dequantised once with transformers+gguf and kept as safetensors under
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
 import logging
@@ -132,12 +133,24 @@ def gguf_cache_dir(gguf: Path) -> Path:
     return circuitscan_home() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
 
 
+def _is_converted(target: Path) -> bool:
+    return (target / "model.safetensors").is_file() and (target / "config.json").is_file()
+
+
 def _ensure_converted(gguf: Path) -> tuple[Path, bool]:
     target = gguf_cache_dir(gguf)
-    if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
+    if _is_converted(target):
         return target, False
-    log.info("dequantising %s into %s (first load only)", gguf, target)
-    convert_gguf(gguf, target)
+    # Several processes (the actors of a fresh pool) may load the model for the
+    # first time at once: one converts under the lock, the others wait and
+    # then find the converted copy instead of replacing it under a reader.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_converted(target):
+            return target, False
+        log.info("dequantising %s into %s (first load only)", gguf, target)
+        convert_gguf(gguf, target)
     return target, True
 
 

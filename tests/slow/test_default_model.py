@@ -58,3 +58,28 @@ def test_shipped_saes_with_error_term_leave_logits_unchanged(default_model, ioi_
     with spliced(model, [loaded[0].sae], use_error_term=False):
         lossy = model(ioi_batch.tokens)
     assert float((lossy - plain).abs().max()) > 1e-2
+
+
+def test_first_loads_in_parallel_convert_the_gguf_once(tmp_path) -> None:
+    """Two processes meeting an empty model cache at once (a fresh actor pool):
+    one converts, the other waits for it, and neither sees a half-written copy."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from circuitscan.services.model_loading import _ensure_converted, default_gguf_path\n"
+        "from safetensors import safe_open\n"
+        "target, converted = _ensure_converted(default_gguf_path())\n"
+        "with safe_open(str(target / 'model.safetensors'), 'pt') as f: assert len(list(f.keys())) > 100\n"
+        "print(int(converted), target)\n"
+    )
+    env = {**os.environ, "CIRCUITSCAN_HOME": str(tmp_path / "home")}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=600)[0].split() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    assert sorted(int(out[0]) for out in outputs) == [0, 1]  # exactly one converted
+    assert outputs[0][1] == outputs[1][1]
