@@ -29,13 +29,18 @@ pair at 64Ki-entry chunks):
 
 from __future__ import annotations
 
+import asyncio
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import zarr
+import zarr.api.asynchronous as zarr_async
 from zarr.abc.store import Store
 from zarr.codecs import BloscCodec
 from zarr.codecs.numcodecs import Delta
+from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from circuitscan.services.store.backends import delete_keys, list_keys, write_many
@@ -101,6 +106,60 @@ def write_array(
     write_many(store, objects)
 
 
+@dataclass(frozen=True)
+class ArrayWrite:
+    """One array to encode: its path, data and the codec choices of its kind."""
+
+    path: str
+    data: np.ndarray
+    delta: bool = False
+    chunk: int | tuple[int, ...] = ENTRY_CHUNK
+    shuffle: str = "shuffle"
+
+
+def _delta_filters(data: np.ndarray, delta: bool) -> list[Delta] | None:
+    if not delta:
+        return None
+    with warnings.catch_warnings():
+        # Delta is a numcodecs codec outside the Zarr v3 spec; this store is
+        # read by zarr-python, which supports it.
+        warnings.simplefilter("ignore")
+        return [Delta(dtype=str(data.dtype))]
+
+
+async def _encode(store: MemoryStore, item: ArrayWrite) -> None:
+    data = item.data
+    chunks = item.chunk if isinstance(item.chunk, tuple) else (item.chunk,) * data.ndim
+    chunks = tuple(max(1, min(c, n)) for c, n in zip(chunks, data.shape, strict=True))
+    array = await zarr_async.create_array(
+        store,
+        name=item.path,
+        shape=data.shape,
+        dtype=data.dtype,
+        chunks=chunks,
+        filters=_delta_filters(data, item.delta),
+        compressors=[_blosc(data.dtype, item.shuffle)],
+        fill_value=0,
+        overwrite=True,
+    )
+    if data.size:
+        await array.setitem(..., data)
+
+
+def encode_arrays(store: MemoryStore, items: Sequence[ArrayWrite]) -> None:
+    """Encode many arrays into an in-memory store in one trip through zarr's event loop.
+
+    Zarr's synchronous API hands every call to its loop thread and waits;
+    a shard is ~30 arrays of a few calls each, and those round trips, not
+    compression, were most of the write time. Gathered, they interleave.
+    """
+
+    async def encode_all() -> None:
+        await asyncio.gather(*(_encode(store, item) for item in items))
+
+    sync(encode_all())
+
+
 def _create_array(
     store: MemoryStore,
     path: str,
@@ -110,28 +169,23 @@ def _create_array(
     chunk: int | tuple[int, ...],
     shuffle: str = "shuffle",
 ) -> None:
-    chunks = chunk if isinstance(chunk, tuple) else (chunk,) * data.ndim
-    chunks = tuple(max(1, min(c, n)) for c, n in zip(chunks, data.shape, strict=True))
-    filters = None
-    if delta:
-        with warnings.catch_warnings():
-            # Delta is a numcodecs codec outside the Zarr v3 spec; this store is
-            # read by zarr-python, which supports it.
-            warnings.simplefilter("ignore")
-            filters = [Delta(dtype=str(data.dtype))]
-    array = zarr.create_array(
-        store,
-        name=path,
-        shape=data.shape,
-        dtype=data.dtype,
-        chunks=chunks,
-        filters=filters,
-        compressors=[_blosc(data.dtype, shuffle)],
-        fill_value=0,
-        overwrite=True,
-    )
-    if data.size:
-        array[...] = data
+    encode_arrays(store, [ArrayWrite(path, data, delta, chunk, shuffle)])
+
+
+async def _decode(store: Store, path: str) -> np.ndarray:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Delta codec warning, see ArrayWrite
+        array = await zarr_async.open_array(store=store, path=path, mode="r")
+    return np.asarray(await array.getitem(...))
+
+
+def read_arrays(store: Store, paths: Sequence[str]) -> dict[str, np.ndarray]:
+    """Whole arrays by path, decoded in one trip through zarr's event loop."""
+
+    async def decode_all() -> list[np.ndarray]:
+        return list(await asyncio.gather(*(_decode(store, path) for path in paths)))
+
+    return dict(zip(paths, sync(decode_all()), strict=True))
 
 
 def open_array(store: Store, path: str) -> zarr.Array:

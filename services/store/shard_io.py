@@ -35,11 +35,13 @@ from circuitscan.schemas.store import ShardEntry, StoreLayout
 from circuitscan.services.store.backends import read_prefix, write_many
 from circuitscan.services.store.encoding import (
     TOKEN_CHUNK,
+    ArrayWrite,
+    encode_arrays,
     exact_values,
     feature_id_dtype,
     open_array,
+    read_arrays,
     values_back,
-    write_array,
 )
 from circuitscan.services.store.summaries import ShardSummary, summarize_shard
 
@@ -140,10 +142,12 @@ def write_shard_arrays(
     offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
     offsets[1:] = np.cumsum(lengths)
     flat = np.fromiter((t for ids in token_ids for t in ids), dtype=np.uint32, count=n_tokens)
-    write_array(store, prefix + "prompts/token_ids", flat, chunk=TOKEN_CHUNK)
-    write_array(store, prefix + "prompts/prompt_offsets", offsets, delta=True)
     records = json.dumps([p.model_dump(mode="json") for p in prompts]).encode()
-    write_array(store, prefix + "prompts/records", np.frombuffer(records, dtype=np.uint8))
+    writes = [
+        ArrayWrite(prefix + "prompts/token_ids", flat, chunk=TOKEN_CHUNK),
+        ArrayWrite(prefix + "prompts/prompt_offsets", offsets, delta=True),
+        ArrayWrite(prefix + "prompts/records", np.frombuffer(records, dtype=np.uint8)),
+    ]
     token_prompt = prompt_start + np.repeat(np.arange(len(lengths)), lengths.astype(np.int64))
     token_position = np.arange(n_tokens) - np.repeat(
         offsets[:-1].astype(np.int64), lengths.astype(np.int64)
@@ -155,21 +159,20 @@ def write_shard_arrays(
         feature_ids = cache.feature_ids.to("cpu").numpy().astype(feature_id_dtype(site.d_sae))
         token_index = cache.token_index.to("cpu").numpy()
         values = encode_values(cache.activations, layout.value_dtype)
-        write_array(
-            store,
-            base + "token_offsets",
-            cache.token_offsets().numpy().astype(np.uint32),
-            delta=True,
-        )
-        write_array(store, base + "feature_ids", feature_ids, delta=True)
-        write_array(store, base + "activations", values)
+        token_offsets = cache.token_offsets().numpy().astype(np.uint32)
+        writes += [
+            ArrayWrite(base + "token_offsets", token_offsets, delta=True),
+            ArrayWrite(base + "feature_ids", feature_ids, delta=True),
+            ArrayWrite(base + "activations", values),
+            ArrayWrite(base + "error_norm", cache.error_norm.to("cpu").float().numpy()),
+        ]
         if layout.gradients:
             assert cache.gradients is not None
             grads = encode_values(cache.gradients, layout.value_dtype)
-            write_array(store, base + "gradients", grads, shuffle="bitshuffle")
-        write_array(store, base + "error_norm", cache.error_norm.to("cpu").float().numpy())
+            writes.append(ArrayWrite(base + "gradients", grads, shuffle="bitshuffle"))
         if layout.top_k_per_token is not None:
-            write_array(store, base + "dropped_mass", cache.dropped_mass.to("cpu").float().numpy())
+            dropped = cache.dropped_mass.to("cpu").float().numpy()
+            writes.append(ArrayWrite(base + "dropped_mass", dropped))
         summary = summarize_shard(
             feature_ids.astype(np.int64),
             decode_values(values, layout.value_dtype),
@@ -178,8 +181,9 @@ def write_shard_arrays(
             token_index,
             layout.examples_per_feature,
         )
-        _write_summary(store, base, summary, prompt_start, site.d_sae)
+        writes += _summary_writes(base, summary, prompt_start, site.d_sae)
         n_entries[site.label] = int(feature_ids.shape[0])
+    encode_arrays(store, writes)
     # Parent groups outside the shard (the root, shards/) are not ours to write.
     objects = {
         key: value.to_bytes() for key, value in staged._store_dict.items() if key.startswith(prefix)
@@ -202,30 +206,39 @@ def _narrow_uint(values: np.ndarray) -> np.ndarray:
     return values.astype(np.uint16 if top < 1 << 16 else np.uint32)
 
 
-def _write_summary(
-    store: Store, base: str, summary: ShardSummary, prompt_start: int, d_sae: int
-) -> None:
+def _summary_writes(
+    base: str, summary: ShardSummary, prompt_start: int, d_sae: int
+) -> list[ArrayWrite]:
     """A shard's summaries in narrow dtypes: they are written per shard, so for short
     shards they weigh on bytes per pair (ids delta-encoded, prompts local to the
     shard, values in the 16 bits they were stored in)."""
     ids = feature_id_dtype(d_sae)
-    write_array(store, f"{base}summary/features", summary.features.astype(ids), delta=True)
-    write_array(store, f"{base}summary/count", _narrow_uint(summary.count))
-    write_array(store, f"{base}summary/total", summary.total)
-    write_array(store, f"{base}summary/max", exact_values(summary.max))
-    write_array(store, f"{base}top/feature", summary.top_feature.astype(ids), delta=True)
     local = summary.top_prompt.astype(np.int64) - prompt_start
-    write_array(store, f"{base}top/prompt", _narrow_uint(local))
-    write_array(store, f"{base}top/position", _narrow_uint(summary.top_position))
-    write_array(store, f"{base}top/value", exact_values(summary.top_value))
+    return [
+        ArrayWrite(f"{base}summary/features", summary.features.astype(ids), delta=True),
+        ArrayWrite(f"{base}summary/count", _narrow_uint(summary.count)),
+        ArrayWrite(f"{base}summary/total", summary.total),
+        ArrayWrite(f"{base}summary/max", exact_values(summary.max)),
+        ArrayWrite(f"{base}top/feature", summary.top_feature.astype(ids), delta=True),
+        ArrayWrite(f"{base}top/prompt", _narrow_uint(local)),
+        ArrayWrite(f"{base}top/position", _narrow_uint(summary.top_position)),
+        ArrayWrite(f"{base}top/value", exact_values(summary.top_value)),
+    ]
+
+
+_SUMMARY_ARRAYS = (
+    "summary/features", "summary/count", "summary/total", "summary/max",
+    "top/feature", "top/prompt", "top/position", "top/value",
+)  # fmt: skip
 
 
 def read_summary(store: Store, shard_id: int, label: str, prompt_start: int = 0) -> ShardSummary:
     """A shard's summaries; ``prompt_start`` (the shard's first prompt) makes prompts global."""
     base = f"{shard_prefix(shard_id)}sites/{label}/"
+    arrays = read_arrays(store, [base + name for name in _SUMMARY_ARRAYS])
 
     def load(name: str) -> np.ndarray:
-        return open_array(store, base + name)[...]
+        return arrays[base + name]
 
     return ShardSummary(
         features=load("summary/features").astype(np.uint32),
@@ -275,15 +288,18 @@ def read_records(store: Store, shard_id: int) -> list[PromptRecord]:
 def read_site(store: Store, layout: StoreLayout, shard_id: int, label: str) -> SiteShard:
     base = f"{shard_prefix(shard_id)}sites/{label}/"
     dtype = layout.value_dtype
+    names = ["token_offsets", "feature_ids", "activations", "error_norm"]
+    names += ["gradients"] if layout.gradients else []
+    names += ["dropped_mass"] if layout.top_k_per_token is not None else []
+    arrays = {
+        path.removeprefix(base): data
+        for path, data in read_arrays(store, [base + name for name in names]).items()
+    }
     return SiteShard(
-        token_offsets=open_array(store, base + "token_offsets")[...].astype(np.int64),
-        feature_ids=open_array(store, base + "feature_ids")[...],
-        activations=decode_values(open_array(store, base + "activations")[...], dtype),
-        gradients=decode_values(open_array(store, base + "gradients")[...], dtype)
-        if layout.gradients
-        else None,
-        error_norm=open_array(store, base + "error_norm")[...],
-        dropped_mass=open_array(store, base + "dropped_mass")[...]
-        if layout.top_k_per_token is not None
-        else None,
+        token_offsets=arrays["token_offsets"].astype(np.int64),
+        feature_ids=arrays["feature_ids"],
+        activations=decode_values(arrays["activations"], dtype),
+        gradients=decode_values(arrays["gradients"], dtype) if layout.gradients else None,
+        error_norm=arrays["error_norm"],
+        dropped_mass=arrays.get("dropped_mass"),
     )
