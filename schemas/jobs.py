@@ -175,6 +175,14 @@ class AblationScanParams(BaseModel):
         default="last", description="Positions whose active features are ablated."
     )
     batch_size: int = Field(default=32, ge=1, description="Ablations per forward pass.")
+    reference_prompts: int = Field(
+        default=64,
+        ge=1,
+        description=(
+            "mean/resample modes: the job's first N prompts give the values features are "
+            "set to (their activations at the chosen positions), the same for every shard."
+        ),
+    )
 
 
 class SpliceEvalParams(BaseModel):

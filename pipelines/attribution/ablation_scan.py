@@ -2,9 +2,11 @@
 
 For every (prompt, feature) pair where the feature is active (> 0) at one of
 the chosen positions, the feature is ablated at all chosen positions of that
-prompt — set to zero, to its mean over the prompt set's chosen positions, or
-to a value resampled from a random chosen (prompt, position) slot — with the
-SAE error term kept. The model's prefix (everything before the SAE's layer)
+prompt — set to zero, to its mean over the reference slots, or to a value
+resampled from a random reference slot — with the SAE error term kept. The
+reference slots are the SAE activations at the chosen positions of the
+prompt set itself, or of a separate reference set (:func:`reference_slots`),
+which is how a job split into shards keeps one reference for all of them. The model's prefix (everything before the SAE's layer)
 runs once per prompt: the residual stream entering the first affected layer
 is cached and each ablation row runs only the remaining layers
 (``forward(start_at_layer=...)``), many rows per forward pass.
@@ -156,18 +158,40 @@ def _decoder_is_linear(sae: SAE[Any]) -> bool:
     return norm in (None, "none") and hasattr(sae, "W_dec")
 
 
+def reference_slots(
+    model: HookedSAETransformer,
+    sae: SAE[Any],
+    site: HookSite,
+    tokens: Int[torch.Tensor, "n_prompts seq"],
+    lengths: Int[torch.Tensor, " n_prompts"],
+    positions: Literal["all", "last"] | Sequence[PositionSpec],
+    named_positions: Sequence[Mapping[str, int]] | None = None,
+) -> Float[torch.Tensor, "n_slots d_sae"]:
+    """SAE activations at the chosen positions of a reference prompt set.
+
+    The pool mean and resample ablations draw from (see ``ablation_scan``'s
+    ``reference``); no metric is needed, so reference prompts need no answers.
+    """
+    prepared = prepare_scan(
+        model, sae, site, tokens, lengths, MetricSpec(kind="next_token_loss"), None, None,
+        positions, named_positions, with_baseline=False,
+    )  # fmt: skip
+    return prepared.acts[prepared.chosen]
+
+
 def _ablation_values(
     prepared: PreparedScan,
     mode: AblationMode,
     prompt: torch.Tensor,
     feature: torch.Tensor,
     generator: torch.Generator,
+    reference: Float[torch.Tensor, "n_slots d_sae"] | None = None,
 ) -> Float[torch.Tensor, "rows seq"]:
     """The value each row's feature takes at every position (used where chosen)."""
     rows, seq = prompt.shape[0], prepared.acts.shape[1]
     if mode == "zero":
         return torch.zeros(rows, seq, dtype=prepared.acts.dtype)
-    slots = prepared.acts[prepared.chosen]  # [n_slots, d_sae]
+    slots = prepared.acts[prepared.chosen] if reference is None else reference
     if mode == "mean":
         return slots.mean(0)[feature][:, None].expand(rows, seq)
     draw = torch.randint(0, slots.shape[0], (rows, seq), generator=generator)
@@ -226,11 +250,24 @@ def ablation_scan(
     named_positions: Sequence[Mapping[str, int]] | None = None,
     batch_size: int = 64,
     seed: int = 0,
+    reference: Float[torch.Tensor, "n_slots d_sae"] | None = None,
 ) -> ScanResult:
     """Exact Δm of ablating each active feature at the chosen positions, per prompt.
 
     ``answer``/``wrong``: token ids, or strings of exactly one token each.
+    ``reference``: the slots mean and resample ablations draw from
+    (:func:`reference_slots`); default: this prompt set's chosen positions.
     """
+    if reference is not None:
+        if reference.ndim != 2 or reference.shape[0] == 0:
+            raise AttributionInputError(
+                f"reference slots must be a non-empty [n_slots, d_sae] tensor, "
+                f"got shape {tuple(reference.shape)}"
+            )
+        if reference.shape[1] != int(sae.cfg.d_sae):
+            raise AttributionInputError(
+                f"reference slots have {reference.shape[1]} features, the SAE has {sae.cfg.d_sae}"
+            )
     if batch_size < 1:
         raise AttributionInputError(f"batch_size must be positive, got {batch_size}")
     if mode not in ("zero", "mean", "resample"):
@@ -257,7 +294,9 @@ def ablation_scan(
     baseline = prepared.baseline.clone()
     for start in range(0, rows_all.shape[0], batch_size):
         prompt, feature = rows_all[start : start + batch_size].T
-        values = _ablation_values(prepared, mode, prompt, feature.clamp(min=0), generator)
+        values = _ablation_values(
+            prepared, mode, prompt, feature.clamp(min=0), generator, reference
+        )
         resid, hooks = ablation_inputs(sae, site, prepared, prompt, feature, values)
         metric_rows = suffix_metric(
             model,

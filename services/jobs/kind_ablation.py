@@ -1,9 +1,10 @@
 """Ablation-scan jobs in a worker: exact Δm of ablating every active SAE feature, per shard.
 
-Mean and resample ablation values come from the shard's own prompts (the
-pipeline takes them over the prompt set it is given), so they depend on the
-shard size; zero ablation does not. The shard stores the features it scanned,
-the per-prompt Δm matrix and the clean baseline.
+Mean and resample ablation values come from the job's reference prompts (its
+first ``reference_prompts`` prompts, sent by the driver as context), so every
+shard ablates to the same values and the result does not depend on how the
+job was cut into shards. The shard stores the features it scanned, the
+per-prompt Δm matrix and the clean baseline.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 from sae_lens import HookedSAETransformer
 
 from circuitscan.pipelines.attribution import ablation_scan
+from circuitscan.pipelines.attribution.ablation_scan import reference_slots
 from circuitscan.schemas.jobs import AblationScanParams, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.kinds import (
@@ -56,6 +58,20 @@ class AblationRunner(StoreWriter):
         truncated = sum(1 for n in removed if n)
         positions = self.params.positions
         named = named_positions(records, removed)
+        reference = None
+        if self.params.mode != "zero":
+            if not context:
+                raise ValueError(f"{self.params.mode} ablation shards need the reference prompts")
+            ref_batch, ref_removed = tokenize_capped_counting(self.model, context, self.cap)
+            reference = reference_slots(
+                self.model,
+                self.loaded.sae,
+                self.loaded.site,
+                ref_batch.tokens,
+                ref_batch.lengths,
+                positions if isinstance(positions, str) else list(positions),
+                named_positions(context, ref_removed),
+            )
         scan = ablation_scan(
             self.model,
             self.loaded.sae,
@@ -70,6 +86,7 @@ class AblationRunner(StoreWriter):
             named_positions=named,
             batch_size=self.params.batch_size,
             seed=plan.shard_id,
+            reference=reference,
         )
         token_lists = batch.token_lists()
         entry = store.write_shard(plan.shard_id, records, token_lists, {})

@@ -178,7 +178,10 @@ def _check_prompts(spec: JobSpec, records: list[PromptRecord]) -> None:
 
 
 def _context(spec: JobSpec, kept: list[PromptRecord]) -> list[PromptRecord] | None:
+    """Reference prompts every shard needs (one job-wide reference, not one per shard)."""
     if isinstance(spec.job, SpliceEvalParams):
+        return kept[: spec.job.reference_prompts]
+    if isinstance(spec.job, AblationScanParams) and spec.job.mode != "zero":
         return kept[: spec.job.reference_prompts]
     return None
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from circuitscan.schemas.jobs import (
     CacheParams,
@@ -348,26 +349,40 @@ def test_attribute_job_matches_the_pipeline_and_verifies_top_nodes(
     assert again.shards_run == 0 and read_result(spec.store) == result
 
 
-def test_ablation_scan_job_matches_the_pipeline(local_ray, make_spec, direct, tmp_path):
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_ablation_scan_job_matches_the_pipeline(local_ray, make_spec, direct, tmp_path, mode):
+    """Sharded over actors, the scan equals one pass over every prompt; mean ablation
+    takes its values from the job's reference prompts in every shard."""
     from circuitscan.pipelines.attribution import ablation_scan
+    from circuitscan.pipelines.attribution.ablation_scan import reference_slots
     from circuitscan.schemas.jobs import AblationScanParams
     from circuitscan.services.store.results import ablation_deltas, read_result
 
-    params = AblationScanParams(kind="ablation_scan", site="L1.z", mode="zero", positions="last")
-    spec = make_spec(tmp_path / "scan", prompts=KIND_PROMPTS, job=params)
+    params = AblationScanParams(
+        kind="ablation_scan", site="L1.z", mode=mode, positions="last", reference_prompts=6
+    )
+    spec = make_spec(tmp_path / f"scan-{mode}", prompts=KIND_PROMPTS, job=params)
     run_job(spec, keep_actors=True)
 
     model, saes, records, clean, _ = direct
+    sae, site = saes["L1.z"].sae, saes["L1.z"].site
+    reference = None
+    if mode == "mean":
+        reference = reference_slots(model, sae, site, clean.tokens[:6], clean.lengths[:6], "last")
     scan = ablation_scan(
-        model, saes["L1.z"].sae, saes["L1.z"].site, clean.tokens, clean.lengths, spec.metric,
-        clean.answer, clean.wrong, mode="zero", positions="last",
-        named_positions=[r.positions for r in records],
+        model, sae, site, clean.tokens, clean.lengths, spec.metric,
+        clean.answer, clean.wrong, mode=mode, positions="last",
+        named_positions=[r.positions for r in records], reference=reference,
     )  # fmt: skip
-    expected = dict(zip(scan.features.tolist(), scan.delta.mean(0).tolist(), strict=True))
+    defined = ~scan.delta.isnan()
+    means = scan.delta.nan_to_num(0).sum(0) / defined.sum(0)
+    expected = dict(zip(scan.features.tolist(), means.tolist(), strict=True))
+    counts = dict(zip(scan.features.tolist(), defined.sum(0).tolist(), strict=True))
     deltas = ablation_deltas(spec.store)
     assert {d.feature for d in deltas} == set(expected)
     for delta in deltas:
-        assert delta.site == "L1.z" and delta.n_prompts == 10
+        assert delta.site == "L1.z"
+        assert delta.n_prompts == (10 if mode == "zero" else counts[delta.feature])
         assert delta.mean_delta == pytest.approx(expected[delta.feature], rel=1e-4, abs=1e-6)
     assert [d.mean_abs_delta for d in deltas] == sorted(
         (d.mean_abs_delta for d in deltas), reverse=True
@@ -375,6 +390,19 @@ def test_ablation_scan_job_matches_the_pipeline(local_ray, make_spec, direct, tm
     result = read_result(spec.store, "ablation_scan")
     assert result.n_ablations == scan.n_ablations
     assert result.baseline_mean == pytest.approx(scan.baseline.mean().item(), rel=1e-4)
+    if mode == "mean":  # a per-shard reference would have given other values
+        own = ablation_scan(
+            model, sae, site, clean.tokens[:3], clean.lengths[:3], spec.metric,
+            clean.answer[:3], clean.wrong[:3], mode="mean", positions="last",
+        )  # fmt: skip
+        assert not torch.allclose(
+            own.delta.nan_to_num(0), scan.delta[:3][:, _columns(scan, own)].nan_to_num(0)
+        )
+
+
+def _columns(scan, part) -> list[int]:
+    where = {f: c for c, f in enumerate(scan.features.tolist())}
+    return [where[f] for f in part.features.tolist()]
 
 
 def test_splice_eval_job_pools_shards_like_one_pass(local_ray, make_spec, direct, tmp_path):

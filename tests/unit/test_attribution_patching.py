@@ -256,6 +256,51 @@ def test_ablation_scan_matches_naive_loop(site, architecture, mode):
     assert float(scan.delta.nan_to_num(0).abs().max()) > 1e-3
 
 
+def test_ablation_scan_mean_values_come_from_the_reference_set():
+    """A separate reference set (a job's shared reference prompts) sets the mean value;
+    passing the prompt set's own slots gives exactly the default result."""
+    from circuitscan.pipelines.attribution.ablation_scan import reference_slots
+    from circuitscan.pipelines.attribution.errors import AttributionInputError
+
+    site = HookSite(layer=0, point="resid_post")
+    model = build_tiny_model(normalization="LN")
+    sae = build_tiny_sae(model, site, architecture="topk", k=4)
+    generator = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, 40, (3, 6), generator=generator)
+    lengths = torch.tensor([6, 5, 4])
+    answer, wrong = torch.tensor([1, 2, 3]), torch.tensor([4, 5, 6])
+    ref_tokens = torch.randint(0, 40, (4, 5), generator=generator)
+    ref_lengths = torch.tensor([5, 5, 3, 4])
+    common = dict(mode="mean", positions="all", batch_size=7)
+    args = (model, sae, site, tokens, lengths, METRIC, answer, wrong)
+
+    own = reference_slots(model, sae, site, tokens, lengths, "all")
+    assert own.shape == (int(lengths.sum()), sae.cfg.d_sae)
+    default = ablation_scan(*args, **common)
+    same = ablation_scan(*args, **common, reference=own)
+    assert torch.equal(default.delta.nan_to_num(7.0), same.delta.nan_to_num(7.0))
+
+    slots = reference_slots(model, sae, site, ref_tokens, ref_lengths, "all")
+    assert slots.shape[0] == int(ref_lengths.sum())
+    scan = ablation_scan(*args, **common, reference=slots)
+    means = slots.mean(0)
+    assert not torch.allclose(means, own.mean(0))  # the two pools really differ
+    for p in range(3):
+        chosen = list(range(int(lengths[p])))
+        columns = [
+            c for c, f in enumerate(scan.features.tolist()) if not torch.isnan(scan.delta[p, c])
+        ]
+        edits = [(int(scan.features[c]), float(means[scan.features[c]])) for c in columns]
+        naive = _naive_ablations(model, sae, site, tokens, lengths, answer, wrong, p, chosen, edits)
+        for row, column in enumerate(columns):
+            assert abs(float(scan.delta[p, column]) - naive[row]) < 1e-9
+
+    with pytest.raises(AttributionInputError, match="reference slots have"):
+        ablation_scan(*args, **common, reference=slots[:, :3])
+    with pytest.raises(AttributionInputError, match="non-empty"):
+        ablation_scan(*args, **common, reference=slots[:0])
+
+
 SAE_SITES = [
     HookSite(layer=1, point="resid_pre"),
     HookSite(layer=0, point="resid_post"),
