@@ -205,7 +205,11 @@ def drive(
 
     while queue or in_flight:
         for slot in range(len(actors)):
-            while queue and load[slot] < execution.max_in_flight_per_actor:
+            # Queue ahead on an actor only while there is work for every actor:
+            # a shard queued behind a busy actor cannot move to one that has
+            # gone idle, so near the end each actor holds one shard at a time.
+            limit = execution.max_in_flight_per_actor if len(queue) >= len(actors) else 1
+            while queue and load[slot] < limit:
                 submit(slot, queue.popleft())
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         ref = ready[0]
