@@ -1,15 +1,17 @@
 """Feature-store benchmark: caching overhead, bytes per stored pair, read vs recompute, queries.
 
-    .venv/bin/python bench/store.py [--prompts 128] [--batch 32] [--rounds 3]
+    .venv/bin/python bench/store.py [--prompts 128] [--shard-size 64] [--batch 16]
+                                    [--rounds 3]
                                     [--query-tokens 1048576] [--threads 2]
 
 On the default model (SmolLM2-135M-Instruct) with its default SAEs (L15.resid_post,
 L15.z; top-k 32 of 2304) over IOI prompts:
 
 - cache_vs_bare_ratio: throughput of caching activations (cache_batch without
-  gradients, then write_shard + commit_shard into a local store) over a bare
-  forward to the last SAE's layer + SAE encode, same batches, timed side by
-  side in interleaved rounds (median over rounds).
+  gradients per batch, then write_shard + commit_shard of the shard into a
+  local store, as a job does: shards of 64 prompts, the job default) over a
+  bare forward to the last SAE's layer + SAE encode of the same batches,
+  timed side by side per shard (median over shards and rounds).
 - cache_grad_vs_bare_ratio: caching activations and gradients (write and
   commit included) over a bare forward + backward to the SAE activations with
   the SAEs spliced in (error term kept, parameters frozen), same batches.
@@ -138,38 +140,43 @@ def bare_forward_backward(model, saes, batch: TokenBatch) -> None:
         model.reset_saes()
 
 
-def _bare_step(spent: dict, model, saes, batch: TokenBatch) -> None:
-    spent["bare"] = _timed(lambda: bare_encode(model, saes, batch))
+def _bare_step(spent: dict, model, saes, batches: list[TokenBatch]) -> None:
+    spent["bare"] = _timed(lambda: [bare_encode(model, saes, b) for b in batches])
 
 
-def _bare_grad_step(spent: dict, model, saes, batch: TokenBatch) -> None:
-    spent["bare_grad"] = _timed(lambda: bare_forward_backward(model, saes, batch))
+def _bare_grad_step(spent: dict, model, saes, batches: list[TokenBatch]) -> None:
+    spent["bare_grad"] = _timed(lambda: [bare_forward_backward(model, saes, b) for b in batches])
 
 
 def _cache_step(
     spent: dict,
     model,
     saes,
-    batch: TokenBatch,
+    batches: list[TokenBatch],
     records: list[PromptRecord],
     shard_id: int,
     store: FeatureStore,
     metric: MetricSpec | None,
 ) -> None:
-    """cache_batch then write_shard + commit_shard, as a job worker and driver do."""
+    """cache_batch per batch, then write_shard + commit_shard, as a job worker and driver do."""
     t0 = time.perf_counter()
-    caches = cache_batch(
-        model,
-        saes,
-        batch.tokens,
-        batch.lengths,
-        metric,
-        answer=batch.answer,
-        wrong=batch.wrong,
-        gradients=metric is not None,
-    )
+    caches = [
+        cache_batch(
+            model,
+            saes,
+            batch.tokens,
+            batch.lengths,
+            metric,
+            answer=batch.answer,
+            wrong=batch.wrong,
+            gradients=metric is not None,
+        )
+        for batch in batches
+    ]
     compute = time.perf_counter() - t0
-    store.commit_shard(store.write_shard(shard_id, records, batch.token_lists(), caches))
+    token_lists = [ids for batch in batches for ids in batch.token_lists()]
+    merged = merge_site_caches(caches)
+    store.commit_shard(store.write_shard(shard_id, records, token_lists, merged))
     total = time.perf_counter() - t0
     if metric is None:
         spent.update(cache_compute=compute, cache=total, caches_a=caches)
@@ -341,9 +348,12 @@ def query_latencies(url: str, n_queries: int = 200) -> tuple[int, float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     # 64 prompts: one full shard (the layout default) for the bytes figures.
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=128)
+    parser.add_argument(
+        "--shard-size", type=int, default=64, help="Prompts per shard (job default)."
+    )
+    parser.add_argument("--batch", type=int, default=16, help="Prompts per forward pass.")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--query-tokens", type=int, default=1 << 20)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -357,13 +367,21 @@ def main() -> None:
     model = loaded.model
     saes = [s.sae for s in load_default_saes(model)]
     records = generate_ioi(model.tokenizer, args.prompts, seed=0)
-    chunks = [records[i : i + args.batch] for i in range(0, len(records), args.batch)]
-    batches = [tokenize_prompts(model, chunk) for chunk in chunks]
+    shards = [records[i : i + args.shard_size] for i in range(0, len(records), args.shard_size)]
+    shard_batches = [
+        [
+            tokenize_prompts(model, shard[i : i + args.batch])
+            for i in range(0, len(shard), args.batch)
+        ]
+        for shard in shards
+    ]
+    batches = [batch for group in shard_batches for batch in group]
     n_tokens = sum(int(b.lengths.sum()) for b in batches)
     print(
         f"model {loaded.name} ({model.cfg.n_layers} layers), SAEs "
         f"{[s.cfg.metadata.hook_name for s in saes]}, {len(records)} IOI prompts, "
-        f"{n_tokens} tokens, batch {args.batch}, torch threads {args.threads}, cpu"
+        f"{n_tokens} tokens, shards of {args.shard_size} prompts in batches of {args.batch}, "
+        f"torch threads {args.threads}, cpu"
     )
     cache_batch(model, saes, batches[0].tokens, batches[0].lengths, None, gradients=False)
 
@@ -373,32 +391,33 @@ def main() -> None:
     }
     grad_caches: list[dict[str, SiteCache]] = []
     act_caches: list[dict[str, SiteCache]] = []
-    # Each batch is timed as adjacent pairs (baseline, circuitscan), the pair's
+    # Each shard is timed as adjacent pairs (baseline, circuitscan), the pair's
     # order alternating, and the ratio is the median over pairs: on a shared
     # machine the load drifts on the scale of seconds, which round totals and
     # a fixed order turn into bias.
     pair_ratios: dict[str, list[float]] = {"acts": [], "acts_compute": [], "grads": []}
     for round_index in range(args.rounds):
-        layout_a = layout_for(saes, gradients=False, shard_size=args.batch, fingerprint="a")
-        layout_g = layout_for(saes, gradients=True, shard_size=args.batch, fingerprint="g")
+        shard_size = args.shard_size
+        layout_a = layout_for(saes, gradients=False, shard_size=shard_size, fingerprint="a")
+        layout_g = layout_for(saes, gradients=True, shard_size=shard_size, fingerprint="g")
         store_a = FeatureStore.create(str(work / f"round{round_index}a"), layout_a)
         store_g = FeatureStore.create(str(work / f"round{round_index}g"), layout_g)
         row = dict.fromkeys(times, 0.0)
-        for shard_id, (batch, chunk) in enumerate(zip(batches, chunks, strict=True)):
+        for shard_id, (group, chunk) in enumerate(zip(shard_batches, shards, strict=True)):
             flip = (round_index + shard_id) % 2 == 1
             spent: dict[str, float] = {}
             steps = [
-                partial(_bare_step, spent, model, saes, batch),
-                partial(_cache_step, spent, model, saes, batch, chunk, shard_id, store_a, None),
-                partial(_bare_grad_step, spent, model, saes, batch),
-                partial(_cache_step, spent, model, saes, batch, chunk, shard_id, store_g, METRIC),
+                partial(_bare_step, spent, model, saes, group),
+                partial(_cache_step, spent, model, saes, group, chunk, shard_id, store_a, None),
+                partial(_bare_grad_step, spent, model, saes, group),
+                partial(_cache_step, spent, model, saes, group, chunk, shard_id, store_g, METRIC),
             ]
             for pair in (steps[:2], steps[2:]):
                 for step in reversed(pair) if flip else pair:
                     step()
             if round_index == 0:
-                act_caches.append(spent.pop("caches_a"))  # type: ignore[arg-type]
-                grad_caches.append(spent.pop("caches_g"))  # type: ignore[arg-type]
+                act_caches += spent.pop("caches_a")  # type: ignore[arg-type]
+                grad_caches += spent.pop("caches_g")  # type: ignore[arg-type]
             for key in row:
                 row[key] += spent[key]
             pair_ratios["acts"].append(spent["bare"] / spent["cache"])

@@ -135,8 +135,10 @@ def read_prefix(store: Store, prefix: str) -> dict[str, bytes]:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically: readers see the old bytes or the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Replace ``path`` atomically: readers see the old bytes or the new, never a part.
+
+    The parent directory must exist (see :func:`write_many`).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         tmp.write_bytes(data)
@@ -153,8 +155,11 @@ def write_many(store: Store, objects: Mapping[str, bytes]) -> None:
     zarr's event loop cost more than the writes.
     """
     if isinstance(store, LocalStore) and not store.read_only:
+        paths = {key: store.root / key for key in objects}
+        for folder in {path.parent for path in paths.values()}:
+            folder.mkdir(parents=True, exist_ok=True)
         for key, data in objects.items():
-            _write_file(store.root / key, data)
+            _write_file(paths[key], data)
         return
     sync(_bounded(store.set(key, Buffer.from_bytes(data)) for key, data in objects.items()))
 
