@@ -1,6 +1,6 @@
 """Attribution benchmark: AtP/AtP* cost in forward passes, scan efficiency, IOI recall.
 
-    .venv/bin/python bench/attribution.py [--rounds 2] [--recall-prompts 1]
+    .venv/bin/python bench/attribution.py [--rounds 2] [--recall-prompts 8]
                                           [--scan-prompts 4] [--naive-sample 8] [--threads 2]
 
 On the default model (SmolLM2-135M-Instruct, 30 layers) with its default SAEs
@@ -20,7 +20,9 @@ On the default model (SmolLM2-135M-Instruct, 30 layers) with its default SAEs
 - recall_at_20_{heads,features}_{atp,atpstar}: recall@20 of AtP and AtP*
   rankings against exhaustive exact patching on IOI (heads: z/q at END,
   k/v at IO and S1; features: every feature of both L15 SAEs at IO, S1, S2,
-  END), with recall@10 and the cost of verified recall printed alongside.
+  END), nodes ranked by mean |effect| over 8 prompt pairs (mixed templates),
+  with recall@10 and the cost of verified recall printed alongside, and the
+  true top-20 nodes each method missed with their estimated rank.
 
 Ends with one JSON object on its last line.
 """
@@ -209,12 +211,25 @@ def report(label: str, comparison: RankingComparison) -> None:
     top = comparison.truth.argsort(descending=True)[:10].tolist()
     print("    true top-10: " + ", ".join(
         f"{comparison.nodes[i]} {float(comparison.truth[i]):.2f}" for i in top))  # fmt: skip
+    truth_order = comparison.truth.argsort(descending=True)
+    print(f"    true #20 {float(comparison.truth[truth_order[19]]):.3f}, "
+          f"#21 {float(comparison.truth[truth_order[20]]):.3f}")  # fmt: skip
+    for name, estimate in comparison.estimates.items():
+        rank = torch.empty_like(truth_order)
+        rank[estimate.argsort(descending=True)] = torch.arange(len(rank))
+        missed = [
+            f"{comparison.nodes[i]} (true {float(comparison.truth[i]):.3f}, "
+            f"estimate {float(estimate[i]):.3f}, ranked {int(rank[i]) + 1})"
+            for i in truth_order[:20].tolist()
+            if rank[i] >= 20
+        ]
+        print(f"    {name} misses of the true top-20: {', '.join(missed) or 'none'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--recall-prompts", type=int, default=1)
+    parser.add_argument("--recall-prompts", type=int, default=8)
     parser.add_argument("--scan-prompts", type=int, default=4)
     parser.add_argument("--naive-sample", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
