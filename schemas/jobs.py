@@ -160,6 +160,14 @@ class AttributeParams(BaseModel):
     top_nodes: int = Field(
         default=50, ge=1, description="How many top nodes (by mean |effect|) the job result keeps."
     )
+    align: Literal["same", "end"] = Field(
+        default="same",
+        description=(
+            "How clean and corrupted positions pair: 'same' (equal token lengths, one to one) "
+            "or 'end' (counted from the last token, BOS with BOS), for corruptions that "
+            "change the length early in the prompt; unpaired positions are not patched."
+        ),
+    )
 
 
 class AblationScanParams(BaseModel):

@@ -25,7 +25,7 @@ from circuitscan.pipelines.attribution.inputs import (
     check_tokens,
 )
 from circuitscan.pipelines.attribution.nodes import NodeGroup, build_groups, select, unit_scores
-from circuitscan.pipelines.attribution.positions import resolve_positions
+from circuitscan.pipelines.attribution.positions import remap_positions, resolve_positions
 from circuitscan.pipelines.attribution.qk_fix import (
     KeyTerms,
     QueryTerms,
@@ -155,12 +155,16 @@ def run_atp(
     method: AttributionMethod | None = None,
     named_positions: Sequence[Mapping[str, int]] | None = None,
     corrupt_lengths: Int[torch.Tensor, " batch"] | None = None,
+    position_map: Int[torch.Tensor, "batch seq"] | None = None,
 ) -> AttributionResult:
     """AtP / AtP* scores (metric units) of every selected node on every prompt pair.
 
     ``corrupt_tokens=None`` scores against a zero baseline: the estimate of
     zero-ablating each node, ``−a·∂m/∂a`` (see :func:`feature_attribution`).
     Prompts are right-padded; ``lengths`` counts real tokens (BOS included).
+    Clean and corrupted prompts pair position by position, or through
+    ``position_map`` (clean position → corrupted position, -1: no counterpart,
+    not patched; see ``positions.end_aligned_map``) when their lengths differ.
     """
     method = method or AttributionMethod()
     sae_map = normalize_saes(model, saes)
@@ -169,7 +173,11 @@ def run_atp(
     wrong = answer_ids(model, wrong, "wrong")
     check_answers(model, clean_tokens.shape[0], metric, answer, wrong)
     if corrupt_tokens is not None:
-        check_pair(clean_tokens, corrupt_tokens, lengths, corrupt_lengths)
+        position_map = check_pair(
+            clean_tokens, corrupt_tokens, lengths, corrupt_lengths, position_map
+        )
+    elif position_map is not None:
+        raise AttributionInputError("a position map needs corrupted prompts")
     elif method.qk_fix:
         raise AttributionInputError("the QK fix needs corrupted prompts")
     specs, strict = position_specs(nodes, lengths)
@@ -194,6 +202,11 @@ def run_atp(
             corrupt = rec.store
         clean = Recorder(wanted=set(node_keys) | set(qk_keys) | seeds, grad=True)
         resid = run_recorded(model, sae_map, clean_tokens, clean, stop_at_layer=n_layers)
+        if corrupt is not None and position_map is not None:
+            corrupt = {
+                key: remap_positions(value, position_map, clean.store[key].detach())
+                for key, value in corrupt.items()
+            }
         # Only the position the metric reads is unembedded, forward and backward.
         value = final_metric(
             model,

@@ -20,7 +20,7 @@ from circuitscan.pipelines.attribution.errors import (
     NodeSelectionError,
     PositionError,
 )
-from circuitscan.pipelines.attribution.positions import check_aligned
+from circuitscan.pipelines.attribution.positions import check_aligned, check_position_map
 from circuitscan.pipelines.tokens import NotSingleTokenError, single_token_id
 from circuitscan.schemas.attribution import Node
 from circuitscan.schemas.metrics import MetricSpec
@@ -53,18 +53,29 @@ def check_pair(
     corrupt_tokens: torch.Tensor,
     lengths: torch.Tensor,
     corrupt_lengths: torch.Tensor | None,
-) -> None:
-    """Clean and corrupted prompts must pair up position by position."""
+    position_map: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Clean and corrupted prompts must pair up position by position, or through a map.
+
+    Returns the validated position map (None when the prompts pair one to one).
+    """
     corrupt_lengths = lengths if corrupt_lengths is None else corrupt_lengths
     check_tokens(corrupt_tokens, corrupt_lengths, "corrupt_tokens")
+    if position_map is not None:
+        if corrupt_tokens.shape[0] != clean_tokens.shape[0]:
+            raise PositionError(
+                f"{clean_tokens.shape[0]} clean prompts but {corrupt_tokens.shape[0]} corrupted"
+            )
+        return check_position_map(position_map, tuple(clean_tokens.shape), lengths, corrupt_lengths)
     check_aligned(lengths, corrupt_lengths)
     if corrupt_tokens.shape != clean_tokens.shape:
         raise PositionError(
             f"clean tokens {tuple(clean_tokens.shape)} and corrupted tokens "
             f"{tuple(corrupt_tokens.shape)} differ in shape: clean and corrupted prompts must "
             "have the same token lengths (patching pairs them position by position) and be "
-            "padded alike; no explicit position mapping between them is supported"
+            "padded alike, or come with an explicit position map (position_map)"
         )
+    return None
 
 
 def answer_ids(model: HookedSAETransformer, answers: Answers, what: str) -> torch.Tensor | None:

@@ -35,7 +35,11 @@ from circuitscan.pipelines.attribution.inputs import (
     check_tokens,
 )
 from circuitscan.pipelines.attribution.nodes import group_nodes
-from circuitscan.pipelines.attribution.positions import UNDEFINED, resolve_positions
+from circuitscan.pipelines.attribution.positions import (
+    UNDEFINED,
+    remap_positions,
+    resolve_positions,
+)
 from circuitscan.pipelines.attribution.splice import Recorder, build_hooks, run_recorded
 from circuitscan.pipelines.attribution.suffix import (
     cache_residuals,
@@ -153,6 +157,7 @@ def exact_patch(
     reference_tokens: Int[torch.Tensor, "ref seq"] | None = None,
     reference_lengths: Int[torch.Tensor, " ref"] | None = None,
     named_positions: Sequence[Mapping[str, int]] | None = None,
+    position_map: Int[torch.Tensor, "batch seq"] | None = None,
     batch_size: int = 64,
     skip_unchanged: bool = True,
 ) -> Float[torch.Tensor, "batch n_nodes"]:
@@ -166,7 +171,8 @@ def exact_patch(
     position the metric reads. Rows whose patch changes nothing (the patch
     value equals the clean value, or the node sits after the position the
     metric reads) are exactly 0 and are not run unless ``skip_unchanged`` is
-    False.
+    False. ``position_map`` pairs clean positions with corrupted ones when
+    their lengths differ (as in :func:`run_atp`); unpaired positions are 0.
     """
     if not nodes:
         raise NodeSelectionError("no nodes to patch: the node list is empty")
@@ -180,7 +186,11 @@ def exact_patch(
     wrong = answer_ids(model, wrong, "wrong")
     check_answers(model, clean_tokens.shape[0], metric, answer, wrong)
     if corrupt_tokens is not None:
-        check_pair(clean_tokens, corrupt_tokens, lengths, corrupt_lengths)
+        position_map = check_pair(
+            clean_tokens, corrupt_tokens, lengths, corrupt_lengths, position_map
+        )
+    if position_map is not None and mode != "corrupt":
+        raise AttributionInputError("a position map only applies to mode='corrupt'")
     for node in nodes:
         check_node(model, sae_map, node)
     specs = [node.position for node in nodes]
@@ -203,6 +213,15 @@ def exact_patch(
     batch = clean_tokens.shape[0]
     with torch.no_grad():
         sources = _sources(model, sae_map, keys, mode, corrupt_tokens, reference)
+        clean = None
+        if skip_unchanged or position_map is not None:
+            clean = _record(model, sae_map, clean_tokens, keys)
+        if position_map is not None:
+            assert clean is not None
+            sources = {
+                key: remap_positions(value, position_map, clean[key])
+                for key, value in sources.items()
+            }
         resid = cache_residuals(model, clean_tokens, [*node_start, n_layers])
         base = suffix_metric(
             model,
@@ -217,7 +236,7 @@ def exact_patch(
         out = torch.full((batch, len(nodes)), float("nan"), dtype=base.dtype)
         skip = positions == UNDEFINED
         if skip_unchanged:
-            clean = _record(model, sae_map, clean_tokens, keys)
+            assert clean is not None
             same = _unchanged(nodes, mode, clean, sources, positions)
             if reads_one_position(metric):
                 read = read_positions(metric, lengths)

@@ -82,6 +82,73 @@ def check_aligned(
         raise PositionError(
             f"clean and corrupted prompt {row} have different token lengths "
             f"({int(clean_lengths[row])} vs {int(corrupt_lengths[row])}); give them equal "
-            "lengths (e.g. ABC-style corruption with single-token names): patching pairs "
-            "positions one to one and no explicit position mapping is supported"
+            "lengths (e.g. ABC-style corruption with single-token names), or pass an explicit "
+            "position map (position_map; jobs: align: end)"
         )
+
+
+def check_position_map(
+    position_map: Int[torch.Tensor, "batch seq"],
+    clean_shape: tuple[int, int],
+    clean_lengths: Int[torch.Tensor, " batch"],
+    corrupt_lengths: Int[torch.Tensor, " batch"],
+) -> Int[torch.Tensor, "batch seq"]:
+    """Validate an explicit clean → corrupted position map; padding entries become UNDEFINED.
+
+    ``position_map[b, t]`` is the corrupted-prompt position whose activations
+    patch clean position ``t`` of prompt ``b``; ``UNDEFINED`` (-1) marks a
+    clean position with no counterpart, which is never patched (Δ = 0).
+    """
+    if tuple(position_map.shape) != tuple(clean_shape):
+        raise PositionError(
+            f"the position map must be [batch, seq] like the clean tokens {tuple(clean_shape)}, "
+            f"got {tuple(position_map.shape)}"
+        )
+    if corrupt_lengths.shape != clean_lengths.shape:
+        raise PositionError(
+            f"{clean_lengths.shape[0]} clean prompts but {corrupt_lengths.shape[0]} corrupted"
+        )
+    position_map = position_map.long().cpu()
+    real = torch.arange(clean_shape[1])[None, :] < clean_lengths.cpu()[:, None]
+    bad = real & ((position_map < UNDEFINED) | (position_map >= corrupt_lengths.cpu()[:, None]))
+    if bool(bad.any()):
+        row, column = (int(i) for i in torch.nonzero(bad)[0])
+        raise PositionError(
+            f"position map: clean prompt {row} position {column} maps to "
+            f"{int(position_map[row, column])}, outside its corrupted prompt of length "
+            f"{int(corrupt_lengths[row])} (use -1 for no counterpart)"
+        )
+    return torch.where(real, position_map, UNDEFINED)
+
+
+def end_aligned_map(
+    clean_lengths: Int[torch.Tensor, " batch"],
+    corrupt_lengths: Int[torch.Tensor, " batch"],
+    seq: int,
+) -> Int[torch.Tensor, "batch seq"]:
+    """Pair positions counted from the end (BOS with BOS): prompts that differ in length
+    only early on, e.g. a longer corrupted preamble, keep their final tokens paired."""
+    clean_lengths, corrupt_lengths = clean_lengths.cpu(), corrupt_lengths.cpu()
+    steps = torch.arange(seq)[None, :]
+    mapped = steps + (corrupt_lengths - clean_lengths)[:, None]
+    valid = (steps >= 1) & (mapped >= 1) & (steps < clean_lengths[:, None])
+    out = torch.where(valid, mapped, UNDEFINED)
+    out[:, 0] = 0
+    return out
+
+
+def remap_positions(
+    values: torch.Tensor,
+    position_map: Int[torch.Tensor, "batch seq"],
+    fill: torch.Tensor,
+) -> torch.Tensor:
+    """Corrupted-run ``[batch, seq_c, ...]`` values moved to clean positions.
+
+    Where the map is UNDEFINED the clean value ``fill`` ([batch, seq, ...]) is
+    kept, so those positions are not patched.
+    """
+    index = position_map.to(values.device).clamp(min=0)
+    rows = torch.arange(values.shape[0], device=values.device)[:, None]
+    gathered = values[rows, index]
+    keep = (position_map >= 0).to(values.device).reshape(*index.shape, *[1] * (values.ndim - 2))
+    return torch.where(keep, gathered, fill.to(gathered.dtype))

@@ -11,12 +11,14 @@ patching is a second, read-only pass (:meth:`AttributeRunner.verify_nodes`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from sae_lens import HookedSAETransformer
 
 from circuitscan.pipelines.attribution import exact_patch, run_atp
+from circuitscan.pipelines.attribution.positions import end_aligned_map
 from circuitscan.schemas.attribution import AttributionMethod, Node, NodeKind, NodeSelection
 from circuitscan.schemas.jobs import AttributeParams, JobSpec, NodeKindName
 from circuitscan.schemas.prompts import PromptRecord
@@ -117,7 +119,12 @@ class AttributeRunner(StoreWriter):
         corrupted = [r.model_copy(update={"text": r.corrupted}) for r in records]
         corrupt, _ = tokenize_capped(self.model, corrupted, self.cap)
         named = named_positions(records, removed)
-        return clean, corrupt, named, truncated
+        pairing: dict[str, Any] = {"corrupt_lengths": corrupt.lengths}
+        if self.params.align == "end":
+            pairing["position_map"] = end_aligned_map(
+                clean.lengths, corrupt.lengths, clean.tokens.shape[1]
+            )
+        return clean, corrupt, named, truncated, pairing
 
     def compute_shard(
         self,
@@ -132,7 +139,7 @@ class AttributeRunner(StoreWriter):
         batch_size = self.spec.execution.batch_size
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            clean, corrupt, named, cut = self._pairs(chunk)
+            clean, corrupt, named, cut, pairing = self._pairs(chunk)
             truncated += cut
             result = run_atp(
                 self.model,
@@ -146,7 +153,7 @@ class AttributeRunner(StoreWriter):
                 self.selection,
                 method=self.method,
                 named_positions=named,
-                corrupt_lengths=corrupt.lengths,
+                **pairing,
             )
             sums.add(
                 [str(node) for node in result.nodes()],
@@ -175,7 +182,7 @@ class AttributeRunner(StoreWriter):
         batch_size = self.spec.execution.batch_size
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
-            clean, corrupt, named, _ = self._pairs(chunk)
+            clean, corrupt, named, _, pairing = self._pairs(chunk)
             longest = int(clean.lengths.max())
             # An absolute position past every prompt of the batch exists nowhere: skip it.
             keep = [
@@ -196,8 +203,8 @@ class AttributeRunner(StoreWriter):
                 [parsed[i] for i in keep],
                 mode="corrupt",
                 corrupt_tokens=corrupt.tokens,
-                corrupt_lengths=corrupt.lengths,
                 named_positions=named,
+                **pairing,
             )
             sums.add([nodes[i] for i in keep], delta)
         arrays = sums.arrays()

@@ -349,6 +349,56 @@ def test_attribute_job_matches_the_pipeline_and_verifies_top_nodes(
     assert again.shards_run == 0 and read_result(spec.store) == result
 
 
+def test_attribute_job_pairs_longer_corruptions_from_the_end(
+    local_ray, make_spec, direct, tmp_path
+):
+    """Corrupted prompts with an extra preamble (longer in tokens): align 'end' scores
+    them like the pipeline with an end-aligned position map; 'same' refuses them."""
+    from circuitscan.pipelines.attribution import run_atp
+    from circuitscan.pipelines.attribution.positions import end_aligned_map
+    from circuitscan.pipelines.batching import tokenize_prompts
+    from circuitscan.schemas.jobs import AttributeParams, JsonlSource
+    from circuitscan.services.jobs.kind_attribute import attribution_method, node_selection
+    from circuitscan.services.store.results import read_result
+
+    model, saes, records, clean, _ = direct
+    longer = [r.model_copy(update={"corrupted": "So, later on, " + r.corrupted}) for r in records]
+    source = tmp_path / "longer.jsonl"
+    source.write_text("".join(r.model_dump_json() + "\n" for r in longer))
+    params = AttributeParams(
+        kind="attribute", method="atpstar", nodes=["head_z", "head_k", "sae_feature"],
+        positions=["IO", "S2", "END"], align="end", top_nodes=100_000,
+    )  # fmt: skip
+    spec = make_spec(tmp_path / "end", prompts=JsonlSource(kind="jsonl", path=str(source)),
+                     job=params)  # fmt: skip
+    run_job(spec, keep_actors=True)
+
+    corrupt = tokenize_prompts(model, [r.model_copy(update={"text": r.corrupted}) for r in longer])
+    assert bool((corrupt.lengths > clean.lengths).all())
+    expected = run_atp(
+        model, {label: loaded.sae for label, loaded in saes.items()}, clean.tokens,
+        corrupt.tokens, clean.lengths, spec.metric, clean.answer, clean.wrong,
+        node_selection(params), method=attribution_method(params),
+        named_positions=[r.positions for r in records], corrupt_lengths=corrupt.lengths,
+        position_map=end_aligned_map(clean.lengths, corrupt.lengths, clean.tokens.shape[1]),
+    )  # fmt: skip
+    stored = {effect.node: effect for effect in read_result(spec.store).top}
+    means = dict(zip((str(n) for n in expected.nodes()), expected.mean().tolist(), strict=True))
+    assert set(stored) == {name for name, mean in means.items() if mean == mean}
+    for name, effect in stored.items():
+        assert effect.mean == pytest.approx(means[name], rel=1e-4, abs=1e-6)
+    assert max(abs(e.mean) for e in stored.values()) > 1e-3
+
+    same = make_spec(
+        tmp_path / "same", prompts=JsonlSource(kind="jsonl", path=str(source)),
+        job=params.model_copy(update={"align": "same"}),
+    )  # fmt: skip
+    from circuitscan.services.jobs.ray_pool import ShardFailed
+
+    with pytest.raises(ShardFailed, match="different token lengths.*align: end"):
+        run_job(same, keep_actors=True)
+
+
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 def test_ablation_scan_job_matches_the_pipeline(local_ray, make_spec, direct, tmp_path, mode):
     """Sharded over actors, the scan equals one pass over every prompt; mean ablation

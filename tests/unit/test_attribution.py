@@ -82,6 +82,71 @@ def test_qk_fix_exact_for_queries_and_keys(gqa):
     assert float((plain - truth).nan_to_num(0).abs().max()) > 1e-3
 
 
+def test_position_map_pairs_prompts_of_different_lengths():
+    """Corrupted prompts two tokens longer (an extra preamble), paired from the end:
+    AtP* stays exact where it is exact without a map, exact patching equals a hand-made
+    patch of the mapped corrupted activation, and an identity map changes nothing."""
+    from circuitscan.pipelines.attribution.positions import end_aligned_map
+
+    model = build_tiny_model(normalization=None, attn_only=True, n_key_value_heads=2)
+    clean, corrupt, lengths, answer, wrong = _pair()
+    generator = torch.Generator().manual_seed(5)
+    extra = torch.randint(0, 40, (clean.shape[0], 2), generator=generator)
+    longer = torch.cat([corrupt[:, :1], extra, corrupt[:, 1:]], dim=1)
+    longer_lengths = lengths + 2
+    position_map = end_aligned_map(lengths, longer_lengths, clean.shape[1])
+    assert position_map[0].tolist() == [0, 3, 4, 5, 6, 7, 8]
+    assert position_map[2, 5:].tolist() == [-1, -1]  # padding
+    selection = NodeSelection(kinds=["z", "v", "q", "k"], layers=[1])
+    args = (model, None, clean, longer, lengths, METRIC, answer, wrong, selection)
+    kwargs = {"corrupt_lengths": longer_lengths, "position_map": position_map}
+    result = run_atp(*args, method=AttributionMethod(qk_fix=True), **kwargs)
+    nodes = result.nodes()
+    patch_args = (model, None, clean, lengths, METRIC, answer, wrong, nodes)
+    exact = exact_patch(*patch_args, corrupt_tokens=longer, **kwargs)
+    assert float(exact.nan_to_num(0).abs().max()) > 1e-3
+    torch.testing.assert_close(result.per_prompt(), exact, atol=1e-9, rtol=0, equal_nan=True)
+
+    # By hand: clean run with one z entry replaced by the corrupted run's at the mapped position.
+    from circuitscan.pipelines.metrics import metric_per_prompt
+
+    with torch.no_grad():
+        _, cache = model.run_with_cache(longer)
+
+    def metric(logits):
+        return metric_per_prompt(logits, METRIC, lengths=lengths, answer=answer, wrong=wrong)
+
+    with torch.no_grad():
+        base = metric(model(clean))
+    z_nodes = [(i, n) for i, n in enumerate(nodes) if n.kind == "z"][:6]
+    for column, node in z_nodes:
+        name = f"blocks.{node.layer}.attn.hook_z"
+        at = int(node.position)  # type: ignore[arg-type]
+
+        def hook(z, hook=None, at=at, head=node.index, source_z=cache[name]):
+            z = z.clone()
+            for b in range(z.shape[0]):
+                source = int(position_map[b, at])
+                if at < int(lengths[b]) and source >= 0:
+                    z[b, at, head] = source_z[b, source, head]
+            return z
+
+        with torch.no_grad():
+            manual = metric(model.run_with_hooks(clean, fwd_hooks=[(name, hook)])) - base
+        for b in range(clean.shape[0]):
+            if not torch.isnan(exact[b, column]):
+                assert abs(float(exact[b, column] - manual[b])) < 1e-9
+
+    # Equal lengths with the identity map: the same as no map at all.
+    identity = torch.arange(clean.shape[1]).expand_as(clean)
+    plain = run_atp(model, None, clean, corrupt, lengths, METRIC, answer, wrong, selection)
+    mapped = run_atp(
+        model, None, clean, corrupt, lengths, METRIC, answer, wrong, selection,
+        position_map=identity,
+    )  # fmt: skip
+    torch.testing.assert_close(mapped.per_prompt(), plain.per_prompt(), equal_nan=True)
+
+
 def test_graddrop_without_cancellation_is_abs_atp():
     """Last-layer nodes have one path; dropping any other layer leaves it, so GD = |AtP|."""
     model = build_tiny_model(normalization=None, attn_only=True, n_layers=3)

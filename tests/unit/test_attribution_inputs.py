@@ -122,9 +122,7 @@ def test_clean_and_corrupted_prompts_must_align(setup):
     corrupt = setup[3]
     with pytest.raises(PositionError, match=r"prompt 1 have different token lengths \(5 vs 6\)"):
         _atp(setup, Z, corrupt_lengths=torch.tensor([6, 6]))
-    with pytest.raises(
-        PositionError, match=r"different token lengths.*no explicit position mapping"
-    ):
+    with pytest.raises(PositionError, match=r"different token lengths.*explicit position map"):
         _patch(
             setup,
             [Node(kind="z", layer=0, index=0, position=1)],
@@ -196,3 +194,20 @@ def test_empty_or_impossible_node_selections(setup):
     with pytest.raises(AttributionInputError, match="unknown ablation mode 'drop'"):
         model, saes, clean, _, lengths, answer, wrong = setup
         ablation_scan(model, saes[SITE], SITE, clean, lengths, METRIC, answer, wrong, mode="drop")
+
+
+def test_position_maps_are_checked(setup):
+    corrupt = setup[3]
+    longer = torch.cat([corrupt, corrupt[:, :2]], dim=1)
+    longer_lengths = torch.tensor([8, 7])
+    good = torch.arange(6).expand(2, 6).clone()
+    with pytest.raises(PositionError, match=r"like the clean tokens \(2, 6\), got \(2, 5\)"):
+        _atp(setup, Z, corrupt_tokens=longer, corrupt_lengths=longer_lengths,
+             position_map=good[:, :5])  # fmt: skip
+    bad = good.clone()
+    bad[1, 3] = 7
+    with pytest.raises(PositionError, match=r"prompt 1 position 3 maps to 7, outside"):
+        _atp(setup, Z, corrupt_tokens=longer, corrupt_lengths=longer_lengths, position_map=bad)
+    with pytest.raises(AttributionInputError, match="position map needs corrupted prompts"):
+        _atp(setup, Z, corrupt_tokens=None, position_map=good)
+    _atp(setup, Z, corrupt_tokens=longer, corrupt_lengths=longer_lengths, position_map=good)
