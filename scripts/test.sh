@@ -6,8 +6,13 @@ cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0
 start=$(date +%s)
-echo "== ruff" && .venv/bin/ruff check . && .venv/bin/ruff format --check .
-echo "== mypy (schemas, pipelines)" && .venv/bin/mypy schemas pipelines
+# One command per line: under `set -e` a failure inside an `a && b` list does
+# not stop the script, which would let a lint or type error pass.
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy (schemas, pipelines)"
+.venv/bin/mypy schemas pipelines
 echo "== pytest"
 set +e
 .venv/bin/pytest -q -ra --durations=15 "$@"

@@ -395,7 +395,7 @@ def test_attribute_job_pairs_longer_corruptions_from_the_end(
     )  # fmt: skip
     from circuitscan.services.jobs.ray_pool import ShardFailed
 
-    with pytest.raises(ShardFailed, match="different token lengths.*align: end"):
+    with pytest.raises(ShardFailed, match=r"different token lengths.*align: end"):
         run_job(same, keep_actors=True)
 
 
