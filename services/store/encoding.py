@@ -175,7 +175,8 @@ async def _encode(store: MemoryStore, item: ArrayWrite) -> None:
 
 
 async def _group_documents(store: MemoryStore, paths: Sequence[str]) -> None:
-    """zarr.json of every folder above the arrays, so the hierarchy opens as groups."""
+    """zarr.json of every folder above the arrays, so the hierarchy opens as groups
+    (an existing document, possibly with attributes, is left alone, as zarr does)."""
     folders = {
         "/".join(parts[:depth])
         for parts in (path.strip("/").split("/") for path in paths)
@@ -183,7 +184,7 @@ async def _group_documents(store: MemoryStore, paths: Sequence[str]) -> None:
     }
     document = GroupMetadata().to_buffer_dict(default_buffer_prototype())["zarr.json"]
     for folder in sorted(folders):
-        await store.set(f"{folder}/zarr.json", document)
+        await store.set_if_not_exists(f"{folder}/zarr.json", document)
 
 
 def encode_arrays(store: MemoryStore, items: Sequence[ArrayWrite]) -> None:
