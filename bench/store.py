@@ -34,6 +34,7 @@ services/store/encoding.py. Ends with one JSON object on its last line.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -366,6 +367,10 @@ def main() -> None:
     loaded = load_model()
     model = loaded.model
     saes = [s.sae for s in load_default_saes(model)]
+    # As a job worker does after loading (services/jobs/worker.py): keep the
+    # long-lived objects out of the garbage collector's full collections.
+    gc.collect()
+    gc.freeze()
     records = generate_ioi(model.tokenizer, args.prompts, seed=0)
     shards = [records[i : i + args.shard_size] for i in range(0, len(records), args.shard_size)]
     shard_batches = [

@@ -115,8 +115,9 @@ def cache_batch(
             answer,
             wrong,  # type: ignore[arg-type]
         )
+        errors = {label: error[real] for label, error in errors.items()}
     else:
-        acts, errors = _forward_only(model, saes, tokens)
+        acts, errors = _forward_only(model, saes, tokens, real)
         grads = {}
     out: dict[str, SiteCache] = {}
     n_tokens = int(lengths.sum())
@@ -131,7 +132,7 @@ def cache_batch(
             feature_ids=feature_ids.to(out_device),
             activations=values.detach().to(out_device),
             gradients=grad_values.to(out_device) if grad_values is not None else None,
-            error_norm=errors[label][real].to(out_device),
+            error_norm=errors[label].to(out_device),
             dropped_mass=dropped.detach().to(out_device),
             n_tokens=n_tokens,
             d_sae=int(sae.cfg.d_sae),
@@ -143,9 +144,45 @@ def _error_norm(error: torch.Tensor, batch_seq: int) -> torch.Tensor:
     return error.flatten(batch_seq).norm(dim=-1)
 
 
+# SAE classes whose decode is ``a·W_dec + b_dec`` (TopK: ``a`` divided by the
+# decoder row norms first when rescale_acts_by_decoder_norm is set), then
+# reshaped, with no output normalisation when normalize_activations is none.
+_LINEAR_DECODERS = ("StandardSAE", "TopKSAE", "JumpReLUSAE", "GatedSAE")
+
+
+def _decodes_sparsely(sae: SAE) -> bool:
+    return (
+        type(sae).__name__ in _LINEAR_DECODERS
+        and getattr(sae.cfg, "normalize_activations", "none") in (None, "none")
+        and not sae.hook_sae_recons._forward_hooks  # nobody edits the reconstruction
+    )
+
+
+def reconstruction_error_norm(
+    sae: SAE, x: Float[torch.Tensor, "tokens ..."], acts: Float[torch.Tensor, "tokens d_sae"]
+) -> Float[torch.Tensor, " tokens"]:
+    """‖x − decode(a)‖ per token, ``x`` flattened per token.
+
+    Codes are sparse (tens of features of thousands active), so where the
+    decoder is linear the reconstruction is a sparse product: its cost grows
+    with the active features, not with d_sae, which takes it off the
+    critical path of caching (a dense decode costs as much as the encode).
+    """
+    flat = x.reshape(x.shape[0], -1)
+    if _decodes_sparsely(sae):
+        codes = acts
+        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+            codes = acts / sae.W_dec.norm(dim=-1)
+        recon = torch.sparse.mm(codes.to_sparse(), sae.W_dec) + sae.b_dec
+    else:
+        recon = sae.decode(acts).reshape(flat.shape)
+    return (flat - recon.to(flat.dtype)).norm(dim=-1)
+
+
 def _forward_only(
-    model: HookedSAETransformer, saes: Sequence[SAE], tokens: torch.Tensor
+    model: HookedSAETransformer, saes: Sequence[SAE], tokens: torch.Tensor, real: torch.Tensor
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """SAE codes of every position, and reconstruction error norms of the real tokens."""
     inputs: dict[str, torch.Tensor] = {}
 
     def capture(tensor: torch.Tensor, hook) -> torch.Tensor:
@@ -166,7 +203,7 @@ def _forward_only(
             x = inputs[name].to(sae.dtype)
             feature_acts = sae.encode(x)
             acts[label] = feature_acts
-            errors[label] = _error_norm(x - sae.decode(feature_acts), 2)
+            errors[label] = reconstruction_error_norm(sae, x[real], feature_acts[real])
     return acts, errors
 
 

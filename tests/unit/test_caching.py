@@ -224,3 +224,31 @@ def test_tokenize_prompts_prepends_bos_and_checks_answers(tokenizer_model):
     bad = [PromptRecord(text="x", answer=" Maryland-Ontario", wrong=" John")]
     with pytest.raises(TokenizationError, match=r"Maryland-Ontario.*single token"):
         tokenize_prompts(tokenizer_model, bad)
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+@pytest.mark.parametrize("site", SITES, ids=lambda s: s.label)
+def test_sparse_reconstruction_error_equals_dense_decode(tiny_model, architecture, site):
+    """The sparse product gives sae_lens's own decode, decoder-norm rescaling included."""
+    from circuitscan.pipelines.caching import _decodes_sparsely, reconstruction_error_norm
+    from circuitscan.pipelines.tiny_models import build_tiny_sae
+
+    sae = build_tiny_sae(tiny_model, site, architecture=architecture, k=4)
+    if architecture == "topk":  # rows of unequal norm, divided out in decode
+        sae.cfg.rescale_acts_by_decoder_norm = True
+        with torch.no_grad():
+            sae.W_dec.mul_(torch.linspace(0.5, 2.0, sae.W_dec.shape[0])[:, None].double())
+    tokens, _, _, _ = _batch()
+    _, cache = tiny_model.run_with_cache(tokens)
+    x = cache[site.hook_name].flatten(0, 1)
+    with torch.no_grad():
+        acts = sae.encode(x)
+        dense = (x - sae.decode(acts)).flatten(1).norm(dim=-1)
+        assert _decodes_sparsely(sae)
+        torch.testing.assert_close(reconstruction_error_norm(sae, x, acts), dense)
+        # A hook on the reconstruction could change it: the dense decode runs it.
+        sae.hook_sae_recons.add_hook(lambda out, hook: out * 2.0)
+        assert not _decodes_sparsely(sae)
+        doubled = (x - sae.decode(acts)).flatten(1).norm(dim=-1)
+        torch.testing.assert_close(reconstruction_error_norm(sae, x, acts), doubled)
+        sae.hook_sae_recons.remove_hooks()
