@@ -30,6 +30,7 @@ Ends with one JSON object on its last line.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -243,6 +244,10 @@ def main() -> None:
     model = load_model().model
     loaded = load_default_saes(model)
     saes = {item.site: item.sae for item in loaded}
+    # As a job worker does after loading (services/jobs/worker.py): keep the
+    # long-lived objects out of the garbage collector's full collections.
+    gc.collect()
+    gc.freeze()
     n_layers = model.cfg.n_layers
     print(f"model and SAEs loaded in {time.perf_counter() - start:.1f}s; {n_layers} layers; "
           f"SAEs at {[item.site.label for item in loaded]}")  # fmt: skip
