@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.pipelines.sae_decoding import decoder_rows, decodes_linearly
 from circuitscan.pipelines.site_cache import SiteCache
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
@@ -144,20 +145,6 @@ def _error_norm(error: torch.Tensor, batch_seq: int) -> torch.Tensor:
     return error.flatten(batch_seq).norm(dim=-1)
 
 
-# SAE classes whose decode is ``a·W_dec + b_dec`` (TopK: ``a`` divided by the
-# decoder row norms first when rescale_acts_by_decoder_norm is set), then
-# reshaped, with no output normalisation when normalize_activations is none.
-_LINEAR_DECODERS = ("StandardSAE", "TopKSAE", "JumpReLUSAE", "GatedSAE")
-
-
-def _decodes_sparsely(sae: SAE) -> bool:
-    return (
-        type(sae).__name__ in _LINEAR_DECODERS
-        and getattr(sae.cfg, "normalize_activations", "none") in (None, "none")
-        and not sae.hook_sae_recons._forward_hooks  # nobody edits the reconstruction
-    )
-
-
 def reconstruction_error_norm(
     sae: SAE, x: Float[torch.Tensor, "tokens ..."], acts: Float[torch.Tensor, "tokens d_sae"]
 ) -> Float[torch.Tensor, " tokens"]:
@@ -169,11 +156,8 @@ def reconstruction_error_norm(
     critical path of caching (a dense decode costs as much as the encode).
     """
     flat = x.reshape(x.shape[0], -1)
-    if _decodes_sparsely(sae):
-        codes = acts
-        if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
-            codes = acts / sae.W_dec.norm(dim=-1)
-        recon = torch.sparse.mm(codes.to_sparse(), sae.W_dec) + sae.b_dec
+    if decodes_linearly(sae):
+        recon = torch.sparse.mm(acts.to_sparse(), decoder_rows(sae)) + sae.b_dec
     else:
         recon = sae.decode(acts).reshape(flat.shape)
     return (flat - recon.to(flat.dtype)).norm(dim=-1)

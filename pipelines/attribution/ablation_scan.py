@@ -38,6 +38,7 @@ from circuitscan.pipelines.attribution.splice import (
     sae_encode,
 )
 from circuitscan.pipelines.attribution.suffix import start_layer, suffix_metric
+from circuitscan.pipelines.sae_decoding import decoder_rows, decodes_linearly
 from circuitscan.schemas.attribution import AblationMode, PositionSpec
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
@@ -153,11 +154,6 @@ def prepare_scan(
     )
 
 
-def _decoder_is_linear(sae: SAE[Any]) -> bool:
-    norm = getattr(sae.cfg, "normalize_activations", "none")
-    return norm in (None, "none") and hasattr(sae, "W_dec")
-
-
 def reference_slots(
     model: HookedSAETransformer,
     sae: SAE[Any],
@@ -215,8 +211,8 @@ def ablation_inputs(
     old = acts[rows[:, None], torch.arange(acts.shape[1])[None, :], feature[:, None]]
     where = prepared.chosen[prompt] & ablates[:, None]
     change = torch.where(where, values - old, torch.zeros_like(old))
-    if _decoder_is_linear(sae):
-        direction = sae.W_dec[feature].to(prepared.resid.dtype)  # [rows, d_in]
+    if decodes_linearly(sae):
+        direction = decoder_rows(sae)[feature].to(prepared.resid.dtype)  # [rows, d_in]
         delta = change[..., None] * direction[:, None, :]
         delta = delta.reshape(*delta.shape[:2], *prepared.site_shape)
     else:

@@ -210,6 +210,12 @@ def test_ablation_scan_matches_naive_loop(site, architecture, mode):
     """Every (prompt, active feature) Δm equals a full forward pass with that one ablation."""
     model = build_tiny_model(normalization="LN")
     sae = build_tiny_sae(model, site, architecture=architecture, k=4)
+    if architecture == "topk":  # decoder rows of unequal norm, divided out in decode
+        sae.cfg.rescale_acts_by_decoder_norm = True
+        with torch.no_grad():
+            sae.W_dec.mul_(
+                torch.linspace(0.5, 2.0, sae.W_dec.shape[0], dtype=sae.W_dec.dtype)[:, None]
+            )
     generator = torch.Generator().manual_seed(7)
     tokens = torch.randint(0, 40, (3, 6), generator=generator)
     lengths = torch.tensor([6, 5, 4])

@@ -230,7 +230,8 @@ def test_tokenize_prompts_prepends_bos_and_checks_answers(tokenizer_model):
 @pytest.mark.parametrize("site", SITES, ids=lambda s: s.label)
 def test_sparse_reconstruction_error_equals_dense_decode(tiny_model, architecture, site):
     """The sparse product gives sae_lens's own decode, decoder-norm rescaling included."""
-    from circuitscan.pipelines.caching import _decodes_sparsely, reconstruction_error_norm
+    from circuitscan.pipelines.caching import reconstruction_error_norm
+    from circuitscan.pipelines.sae_decoding import decodes_linearly
     from circuitscan.pipelines.tiny_models import build_tiny_sae
 
     sae = build_tiny_sae(tiny_model, site, architecture=architecture, k=4)
@@ -244,11 +245,11 @@ def test_sparse_reconstruction_error_equals_dense_decode(tiny_model, architectur
     with torch.no_grad():
         acts = sae.encode(x)
         dense = (x - sae.decode(acts)).flatten(1).norm(dim=-1)
-        assert _decodes_sparsely(sae)
+        assert decodes_linearly(sae)
         torch.testing.assert_close(reconstruction_error_norm(sae, x, acts), dense)
         # A hook on the reconstruction could change it: the dense decode runs it.
         sae.hook_sae_recons.add_hook(lambda out, hook: out * 2.0)
-        assert not _decodes_sparsely(sae)
+        assert not decodes_linearly(sae)
         doubled = (x - sae.decode(acts)).flatten(1).norm(dim=-1)
         torch.testing.assert_close(reconstruction_error_norm(sae, x, acts), doubled)
         sae.hook_sae_recons.remove_hooks()
