@@ -1,6 +1,6 @@
 """Scaling benchmark: one cache job on 1 vs 2 CPU Ray actors, and Ray's share of a job's time.
 
-    .venv/bin/python bench/scaling.py [--model default|mid] [--prompts 64] [--shard-size 4]
+    .venv/bin/python bench/scaling.py [--model default|mid] [--prompts 128] [--shard-size 4]
                                       [--rounds 3]
 
 The same cache job (IOI prompts, activations + metric gradients for every
@@ -124,7 +124,7 @@ def quiet(_line: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["default", "mid"], default="default")
-    parser.add_argument("--prompts", type=int, default=64, help="IOI prompts per job.")
+    parser.add_argument("--prompts", type=int, default=128, help="IOI prompts per job.")
     parser.add_argument("--shard-size", type=int, default=4, help="Prompts per shard.")
     parser.add_argument("--rounds", type=int, default=3, help="Side-by-side (1, 2 actor) rounds.")
     args = parser.parse_args()
@@ -144,8 +144,13 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
         try:
             started = time.perf_counter()
-            # Warm-up: loads the model in both actors (kept for the timed runs).
-            warm = job(model, saes, argparse.Namespace(prompts=4, shard_size=2), root / "warm", 2)
+            # Warm-up: loads the model in both actors (kept for the timed runs) and
+            # runs two shards of the timed jobs' size on each: an actor's first
+            # shard of a new batch shape was measured up to 2x slower (allocator
+            # and kernel set-up), which a smaller warm-up shard left to the
+            # timed 2-actor run.
+            warm_args = argparse.Namespace(prompts=4 * args.shard_size, shard_size=args.shard_size)
+            warm = job(model, saes, warm_args, root / "warm", 2)
             run_job(warm, keep_actors=True, echo=quiet)
             print(f"actors loaded and warmed up in {time.perf_counter() - started:.1f}s")
 
