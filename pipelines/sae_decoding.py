@@ -28,8 +28,14 @@ def decodes_linearly(sae: SAE[Any]) -> bool:
     )
 
 
-def decoder_rows(sae: SAE[Any]) -> Float[torch.Tensor, "d_sae d_in"]:
-    """What one unit of each feature's activation adds to the reconstruction."""
+def decoder_rows(
+    sae: SAE[Any], features: torch.Tensor | None = None
+) -> Float[torch.Tensor, "rows d_in"]:
+    """What one unit of each feature's activation adds to the reconstruction.
+
+    ``features``: only these rows (an ablation batch needs a few, not d_sae).
+    """
+    rows = sae.W_dec if features is None else sae.W_dec[features]
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
-        return sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
-    return sae.W_dec
+        return rows / rows.norm(dim=-1, keepdim=True)
+    return rows

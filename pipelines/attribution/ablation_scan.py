@@ -212,7 +212,7 @@ def ablation_inputs(
     where = prepared.chosen[prompt] & ablates[:, None]
     change = torch.where(where, values - old, torch.zeros_like(old))
     if decodes_linearly(sae):
-        direction = decoder_rows(sae)[feature].to(prepared.resid.dtype)  # [rows, d_in]
+        direction = decoder_rows(sae, feature).to(prepared.resid.dtype)  # [rows, d_in]
         delta = change[..., None] * direction[:, None, :]
         delta = delta.reshape(*delta.shape[:2], *prepared.site_shape)
     else:
