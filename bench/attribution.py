@@ -198,7 +198,11 @@ def scan_efficiency(
     return ratio
 
 
-def report(label: str, comparison: RankingComparison) -> None:
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def report(label: str, comparison: RankingComparison, subsets: int = 1) -> None:
     n_true = int((comparison.truth > 0).sum())
     print(f"  {label}: {len(comparison.nodes)} nodes ({n_true} with nonzero exact effect)")
     for name in comparison.estimates:
@@ -225,6 +229,14 @@ def report(label: str, comparison: RankingComparison) -> None:
             if rank[i] >= 20
         ]
         print(f"    {name} misses of the true top-20: {', '.join(missed) or 'none'}")
+    if subsets > 1:
+        assert comparison.truth_per_prompt is not None
+        size = comparison.truth_per_prompt.shape[0] // subsets
+        for name in comparison.estimates:
+            recalls = comparison.subset_recalls(name, 20, subsets)
+            print(f"    {name} recall@20 on {subsets} disjoint subsets of {size} prompts: "
+                  + ", ".join(f"{r:.2f}" for r in recalls)
+                  + f" (mean {statistics.mean(recalls):.3f})")  # fmt: skip
 
 
 def main() -> None:
@@ -234,6 +246,18 @@ def main() -> None:
     parser.add_argument("--scan-prompts", type=int, default=4)
     parser.add_argument("--naive-sample", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--recall-subsets",
+        type=int,
+        default=1,
+        help="also print recall@20 on this many disjoint subsets of the recall prompts "
+        "(how much the figure moves with the prompts drawn)",
+    )
+    parser.add_argument(
+        "--skip-timing",
+        action="store_true",
+        help="recall only: skip the forward-equivalent and scan timings (their JSON keys are null)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -252,29 +276,33 @@ def main() -> None:
     print(f"model and SAEs loaded in {time.perf_counter() - start:.1f}s; {n_layers} layers; "
           f"SAEs at {[item.site.label for item in loaded]}")  # fmt: skip
 
-    print("AtP / AtP* cost in forward passes (one prompt pair, every node):")
-    equivalents = forward_equivalents(model, saes, args.rounds)
-    print(f"  AtP {equivalents['atp']:.2f} (target <= 3.5), AtP* {equivalents['atpstar']:.2f} "
-          f"(target <= {3 + n_layers})")  # fmt: skip
+    equivalents: dict[str, float | None] = {"atp": None, "atpstar": None}
+    ratio = None
+    if not args.skip_timing:
+        print("AtP / AtP* cost in forward passes (one prompt pair, every node):")
+        timed = forward_equivalents(model, saes, args.rounds)
+        equivalents.update(timed)
+        print(f"  AtP {timed['atp']:.2f} (target <= 3.5), AtP* {timed['atpstar']:.2f} "
+              f"(target <= {3 + n_layers})")  # fmt: skip
 
-    print("feature-ablation scan:")
-    resid_site = HookSite(layer=15, point="resid_post")
-    ratio = scan_efficiency(model, saes[resid_site], resid_site, args.scan_prompts,
-                            args.naive_sample, args.rounds)  # fmt: skip
+        print("feature-ablation scan:")
+        resid_site = HookSite(layer=15, point="resid_post")
+        ratio = scan_efficiency(model, saes[resid_site], resid_site, args.scan_prompts,
+                                args.naive_sample, args.rounds)  # fmt: skip
 
     print(f"IOI rankings vs exhaustive exact patching ({args.recall_prompts} prompt pairs):")
     pairs = ioi_pairs(model, args.recall_prompts)
     heads = compare_rankings(model, saes, pairs, ioi_head_selections())
-    report("heads", heads)
+    report("heads", heads, args.recall_subsets)
     sites = [item.site.label for item in loaded]
     features = compare_rankings(model, saes, pairs, ioi_feature_selections(sites))
-    report("features", features)
+    report("features", features, args.recall_subsets)
     print(f"total {time.perf_counter() - start:.1f}s")
     print(json.dumps({
-        "atp_forward_equivalents": round(equivalents["atp"], 3),
-        "atpstar_forward_equivalents": round(equivalents["atpstar"], 3),
+        "atp_forward_equivalents": _rounded(equivalents["atp"]),
+        "atpstar_forward_equivalents": _rounded(equivalents["atpstar"]),
         "n_layers": n_layers,
-        "scan_vs_ideal_ratio": round(ratio, 3),
+        "scan_vs_ideal_ratio": _rounded(ratio),
         "recall_at_20_heads_atpstar": heads.recall("atpstar", 20),
         "recall_at_20_features_atpstar": features.recall("atpstar", 20),
         "recall_at_20_heads_atp": heads.recall("atp", 20),

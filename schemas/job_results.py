@@ -1,4 +1,4 @@
-"""Job-level results: what an attribute, ablation-scan or splice-eval job leaves in its store.
+"""Job-level results: what an attribute, ablation-scan, splice-eval or DFA job leaves in its store.
 
 Workers write per-shard partial results under each shard's own prefix
 (committed with the shard's manifest entry); the driver aggregates the
@@ -104,7 +104,46 @@ class SpliceEvalJobResult(BaseModel):
     rows: list[SpliceEvalRow] = Field(description="clean, then each site set's variants.")
 
 
+class DFAFeatureSummary(BaseModel):
+    """One hook_z SAE feature's direct feature attribution, averaged over the prompts analysed.
+
+    ``sum(head_means) + bias == mean_pre_activation`` and
+    ``sum(source_means.values()) + bias == mean_pre_activation`` (exact per
+    prompt, so exact on average).
+    """
+
+    model_config = _STRICT
+    feature: int = Field(ge=0, description="SAE feature index.")
+    n_prompts: int = Field(ge=1, description="Prompts on which the feature was decomposed.")
+    mean_activation: float = Field(description="Mean feature activation at the destination.")
+    mean_pre_activation: float = Field(description="Mean encoder pre-activation (SAE units).")
+    bias: float = Field(description="The input-independent part b_enc − b_dec·W_enc (constant).")
+    head_means: list[float] = Field(
+        description="[head] mean over prompts of the head's total contribution (all sources)."
+    )
+    source_means: dict[str, float] = Field(
+        description="Source role → mean over prompts of the contribution of that source "
+        "position (all heads). Roles: the prompts' named positions (e.g. IO, S1, S2, END), "
+        "'dest' (the destination itself), 'first' (position 0, BOS) and 'other'; a role a "
+        "prompt lacks counts as 0 there."
+    )
+
+
+class DFAJobResult(BaseModel):
+    """A DFA job: features at the destination position split by head and source role."""
+
+    model_config = _STRICT
+    kind: Literal["dfa"] = Field(default="dfa", description="Result kind.")
+    job_hash: str = Field(description="JobSpec.content_hash() of the job.")
+    site: str = Field(description="hook_z SAE site label.")
+    position: str = Field(description="Destination position as the job named it.")
+    n_prompts: int = Field(ge=0, description="Prompts analysed.")
+    features: list[DFAFeatureSummary] = Field(
+        description="Every feature decomposed, by total activation over the prompts (largest first)."
+    )
+
+
 JobResult = Annotated[
-    AttributionJobResult | AblationJobResult | SpliceEvalJobResult,
+    AttributionJobResult | AblationJobResult | SpliceEvalJobResult | DFAJobResult,
     Field(discriminator="kind"),
 ]

@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.models import ModelSpec, SAESpec
 
@@ -209,8 +210,51 @@ class SpliceEvalParams(BaseModel):
     )
 
 
+class DFAParams(BaseModel):
+    """Direct feature attribution of attention-output (hook_z) SAE features on every prompt.
+
+    Each chosen feature's encoder pre-activation at the destination position is
+    split exactly into per-head, per-source-position terms (patterns and norm
+    scales frozen) plus a constant; the job result averages them over prompts.
+    """
+
+    model_config = _STRICT
+    kind: Literal["dfa"] = Field(description="Job kind.")
+    site: str | None = Field(
+        default=None,
+        description="hook_z SAE site label (e.g. L15.z); default: the job's first hook_z SAE.",
+    )
+    position: Literal["last"] | int | str = Field(
+        default="last",
+        description="Destination position: 'last' real token, a 0-based index (BOS is 0), "
+        "or a named position of the prompts (IOI: IO, S1, S2, END).",
+    )
+    features: list[int] | None = Field(
+        default=None,
+        description="Features decomposed on every prompt; default: each prompt's "
+        "top_features most active features at the position.",
+    )
+    top_features: int = Field(
+        default=4, ge=1, le=256, description="Features per prompt when 'features' is not given."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DFAParams:
+        if self.site is not None and HookSite.parse(self.site).point != "z":
+            raise ValueError(f"dfa site {self.site!r} is not an attention-output (z) site")
+        if isinstance(self.position, int) and self.position < 0:
+            raise ValueError(f"dfa position must be 0 or more, got {self.position}")
+        if self.features is not None:
+            if not self.features:
+                raise ValueError("dfa 'features' is empty: give feature ids or leave it out")
+            bad = [f for f in self.features if f < 0]
+            if bad or len(set(self.features)) != len(self.features):
+                raise ValueError(f"dfa 'features' must be distinct ids >= 0, got {self.features}")
+        return self
+
+
 JobParams = Annotated[
-    CacheParams | AttributeParams | AblationScanParams | SpliceEvalParams,
+    CacheParams | AttributeParams | AblationScanParams | SpliceEvalParams | DFAParams,
     Field(discriminator="kind"),
 ]
 
@@ -260,7 +304,7 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _kind_needs(self) -> JobSpec:
-        if self.job.kind in ("cache", "ablation_scan", "splice_eval") and not self.saes:
+        if self.job.kind in ("cache", "ablation_scan", "splice_eval", "dfa") and not self.saes:
             raise ValueError(f"job kind '{self.job.kind}' needs at least one SAE in 'saes'")
         if isinstance(self.job, AttributeParams) and not self.saes:
             sae_kinds = sorted({"sae_feature", "sae_error"} & set(self.job.nodes))

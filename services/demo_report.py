@@ -7,6 +7,7 @@ from pathlib import Path
 from circuitscan.schemas.job_results import (
     AblationJobResult,
     AttributionJobResult,
+    DFAJobResult,
     JobResult,
     SpliceEvalJobResult,
 )
@@ -84,6 +85,52 @@ def ablation_section(result: AblationJobResult, plots: Path) -> Section:
         ],
         tables=[Table(["feature", "mean Δ", "mean |Δ|", "active on", "prompts"], rows)],
         figures=[Figure(bars, "Largest mean |Δ| first.")],
+    )
+
+
+def dfa_section(result: DFAJobResult, plots: Path) -> Section:
+    """The most active feature's split by head and by source role, and every feature's summary."""
+    figures = []
+    if result.features:
+        top = result.features[0]
+        parts = {f"head {h}": v for h, v in enumerate(top.head_means)}
+        parts |= {f"from {role}": v for role, v in top.source_means.items()}
+        bars = attribution_bars(
+            list(parts),
+            list(parts.values()),
+            plots / "dfa_top_feature.png",
+            title=f"DFA of {result.site} #{top.feature} at {result.position}",
+            xlabel="mean contribution to the pre-activation (SAE units)",
+        )
+        caption = (
+            "By head (all sources) and by source role (all heads); each set plus the "
+            f"constant {top.bias:.3g} sums to the mean pre-activation."
+        )
+        figures.append(Figure(bars, caption))
+    rows: list[list[object]] = []
+    for feature in result.features[:25]:
+        head = max(range(len(feature.head_means)), key=lambda h: abs(feature.head_means[h]))
+        role = max(feature.source_means, key=lambda r: abs(feature.source_means[r]))
+        rows.append(
+            [
+                feature.feature,
+                feature.n_prompts,
+                feature.mean_activation,
+                feature.mean_pre_activation,
+                f"{head} ({feature.head_means[head]:+.3g})",
+                f"{role} ({feature.source_means[role]:+.3g})",
+            ]
+        )
+    return Section(
+        title=f"Direct feature attribution ({result.site} at {result.position})",
+        paragraphs=[
+            f"{len(result.features)} features decomposed over {result.n_prompts} prompts, "
+            "attention patterns and norm scales frozen (exact).",
+        ],
+        tables=[
+            Table(["feature", "prompts", "activation", "pre-act", "top head", "top source"], rows)
+        ],
+        figures=figures,
     )
 
 

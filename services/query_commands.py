@@ -156,10 +156,11 @@ def results(
     top: int = typer.Option(20, help="Rows at most."),
     as_json: bool = typer.Option(False, "--json", help="Print the result document as JSON."),
 ) -> None:
-    """Print a job's aggregated result (attribute, ablation_scan or splice_eval)."""
+    """Print a job's aggregated result (attribute, ablation_scan, splice_eval or dfa)."""
     from circuitscan.schemas.job_results import (
         AblationJobResult,
         AttributionJobResult,
+        DFAJobResult,
         SpliceEvalJobResult,
     )
     from circuitscan.services.store import StoreError
@@ -216,6 +217,30 @@ def results(
         ]
         headers = ["sites", "variant", "metric", "std", "kl_metric_pos", "kl_all", "recovered"]
         typer.echo(table(headers, rows))
+    elif isinstance(result, DFAJobResult):
+        typer.echo(
+            f"dfa at {result.site}, position {result.position}: {result.n_prompts} prompts, "
+            f"{len(result.features)} features (mean contributions, SAE pre-activation units)"
+        )
+        rows = [
+            (
+                f.feature,
+                f.n_prompts,
+                f.mean_activation,
+                f.mean_pre_activation,
+                _largest({f"H{h}": v for h, v in enumerate(f.head_means)}),
+                _largest(f.source_means),
+            )
+            for f in result.features[:top]
+        ]
+        headers = ["feature", "prompts", "activation", "pre_act", "top heads", "top sources"]
+        typer.echo(table(headers, rows))
+
+
+def _largest(values: dict[str, float], n: int = 3) -> str:
+    """The ``n`` entries of largest magnitude, as 'name +1.23'."""
+    best = sorted(values.items(), key=lambda item: -abs(item[1]))[:n]
+    return ", ".join(f"{name} {value:+.3g}" for name, value in best)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,11 +15,13 @@ import numpy as np
 from circuitscan.schemas.job_results import (
     AblationJobResult,
     AttributionJobResult,
+    DFAJobResult,
     SpliceEvalJobResult,
 )
 from circuitscan.services.demo_report import (
     ablation_section,
     attribution_section,
+    dfa_section,
     splice_section,
 )
 from circuitscan.services.reports import Figure, Section, Table, attribution_bars, write_report
@@ -99,6 +101,8 @@ def write_store_report(store_url: str, out_dir: Path, decode: Decode | None = No
             sections.append(ablation_section(result, plots))
         elif isinstance(result, SpliceEvalJobResult):
             sections.append(splice_section(result, plots))
+        elif isinstance(result, DFAJobResult):
+            sections.append(dfa_section(result, plots))
     if not sections:
         raise ValueError(f"{store_url} holds no committed data or job result to report on yet")
     spec = store.layout.job_spec or {}

@@ -20,7 +20,7 @@ ReLU-family SAEs where an active feature's activation equals its pre-activation
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -140,25 +140,62 @@ def dfa(
     pre-activation units, and ``contributions`` plus ``bias`` sum to
     ``pre_activation`` exactly (patterns and norm scales frozen).
     """
+    return dfa_features(model, saes, tokens, layer, dest_pos, features=[feature])[0]
+
+
+@torch.no_grad()
+def dfa_features(
+    model: HookedSAETransformer,
+    saes: list[SAE],
+    tokens: Int[torch.Tensor, " seq"],
+    layer: int,
+    dest_pos: int,
+    *,
+    features: Sequence[int] | None = None,
+    top: int = 4,
+) -> list[DFAResult]:
+    """:func:`dfa` of several features of the layer's hook_z SAE, sharing one forward pass.
+
+    ``features``: the features to split; ``None``: the ``top`` features with the
+    largest activation at ``dest_pos`` (active ones only, so possibly fewer).
+    """
     ctx = _Context(model, saes, tokens, layer)
     if layer not in ctx.z_saes:
         raise AnalysisInputError(f"no hook_z SAE at layer {layer} among the given SAEs")
     _check_position(ctx, dest_pos)
-    terms, bias = _head_source_terms(ctx, layer, feature, dest_pos)
     sae = ctx.z_saes[layer]
-    z = ctx.get(f"blocks.{layer}.attn.hook_z")[dest_pos]
-    pre = float(sae_pre_flat(sae, z.flatten())[feature])
-    act = float(sae_encode_flat(sae, z.flatten().unsqueeze(0), model.cfg.d_head)[0, feature])
-    return DFAResult(
-        site=HookSite(layer=layer, point="z").label,
-        feature=feature,
-        dest_pos=dest_pos,
-        pre_activation=pre,
-        activation=act,
-        contributions=terms.tolist(),
-        bias=bias,
-        tokens=ctx.tok_str,
-    )
+    z = ctx.get(f"blocks.{layer}.attn.hook_z")[dest_pos].flatten()
+    pre_all = sae_pre_flat(sae, z)
+    act_all = sae_encode_flat(sae, z.unsqueeze(0), model.cfg.d_head)[0]
+    if features is None:
+        if top < 1:
+            raise AnalysisInputError(f"top must be at least 1, got {top}")
+        values, order = act_all.topk(min(top, act_all.shape[0]))
+        chosen = [int(f) for f, v in zip(order.tolist(), values.tolist(), strict=True) if v > 0]
+    else:
+        chosen = [int(f) for f in features]
+        bad = [f for f in chosen if not 0 <= f < act_all.shape[0]]
+        if bad:
+            raise AnalysisInputError(
+                f"features {bad} out of range: the {HookSite(layer=layer, point='z').label} "
+                f"SAE has {act_all.shape[0]}"
+            )
+    out = []
+    for feature in chosen:
+        terms, bias = _head_source_terms(ctx, layer, feature, dest_pos)
+        out.append(
+            DFAResult(
+                site=HookSite(layer=layer, point="z").label,
+                feature=feature,
+                dest_pos=dest_pos,
+                pre_activation=float(pre_all[feature]),
+                activation=float(act_all[feature]),
+                contributions=terms.tolist(),
+                bias=bias,
+                tokens=ctx.tok_str,
+            )
+        )
+    return out
 
 
 def _check_position(ctx: _Context, pos: int) -> None:

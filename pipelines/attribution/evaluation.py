@@ -18,7 +18,7 @@ from sae_lens import HookedSAETransformer
 
 from circuitscan.pipelines.attribution.atp import SaeMap, run_atp
 from circuitscan.pipelines.attribution.patching import exact_patch
-from circuitscan.pipelines.attribution.verification import verify
+from circuitscan.pipelines.attribution.verification import recall_at_k, verify
 from circuitscan.pipelines.batching import tokenize_prompts
 from circuitscan.pipelines.tasks.ioi import generate_ioi
 from circuitscan.schemas.attribution import (
@@ -57,12 +57,32 @@ class RankingComparison:
     estimates: dict[str, Float[torch.Tensor, " n_nodes"]]  # mean |score| per method
     reports: dict[str, dict[int, VerificationReport]]  # method → K → report
     seconds: dict[str, float] = field(default_factory=dict)  # method / "patching" → wall s
+    # Per-prompt values (NaN = node absent), kept so subsets can be rescored.
+    truth_per_prompt: Float[torch.Tensor, "batch n_nodes"] | None = None
+    estimates_per_prompt: dict[str, Float[torch.Tensor, "batch n_nodes"]] | None = None
 
     def recall(self, method: str, k: int) -> float:
         return self.reports[method][k].recall_at_k
 
     def cost(self, method: str, k: int) -> int | None:
         return self.reports[method][k].cost_of_verified_recall
+
+    def subset_recalls(self, method: str, k: int, n_subsets: int) -> list[float]:
+        """Recall@K of ``method`` on each of ``n_subsets`` disjoint, equal, consecutive prompt
+        subsets: how much the figure moves with the prompts drawn."""
+        if self.truth_per_prompt is None or self.estimates_per_prompt is None:
+            raise ValueError("this comparison kept no per-prompt values")
+        n_prompts = self.truth_per_prompt.shape[0]
+        if not 1 <= n_subsets <= n_prompts:
+            raise ValueError(f"cannot cut {n_prompts} prompts into {n_subsets} subsets")
+        size = n_prompts // n_subsets
+        out = []
+        for index in range(n_subsets):
+            rows = slice(index * size, (index + 1) * size)
+            truth = self.truth_per_prompt[rows].abs().nanmean(0).nan_to_num(0.0)
+            estimate = self.estimates_per_prompt[method][rows].abs().nanmean(0).nan_to_num(0.0)
+            out.append(recall_at_k(estimate, truth, k))
+        return out
 
 
 def ioi_pairs(
@@ -114,6 +134,7 @@ def compare_rankings(
     methods = dict(methods or METHODS)
     args = (pairs.clean, pairs.corrupt, pairs.lengths, metric, pairs.answer, pairs.wrong)
     estimates: dict[str, torch.Tensor] = {}
+    per_prompt: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
     nodes: list[Node] = []
     for name, method in methods.items():
@@ -131,7 +152,8 @@ def compare_rankings(
             parts.append(result.per_prompt())
             nodes += result.nodes()
         seconds[name] = time.perf_counter() - start
-        estimates[name] = torch.cat(parts, dim=1).abs().nanmean(0).nan_to_num(0.0)
+        per_prompt[name] = torch.cat(parts, dim=1)
+        estimates[name] = per_prompt[name].abs().nanmean(0).nan_to_num(0.0)
     start = time.perf_counter()
     exact = exact_patch(
         model,
@@ -151,7 +173,7 @@ def compare_rankings(
     reports = {
         name: {k: verify(estimate, truth, k) for k in ks} for name, estimate in estimates.items()
     }
-    return RankingComparison(nodes, truth, estimates, reports, seconds)
+    return RankingComparison(nodes, truth, estimates, reports, seconds, exact, per_prompt)
 
 
 def ioi_head_selections(layers: Sequence[int] | None = None) -> list[NodeSelection]:

@@ -1,4 +1,4 @@
-"""Job results held in a store: attribution top nodes, splice evaluations, ablation scans.
+"""Job results held in a store: attribution top nodes, splice evaluations, ablation scans, DFA.
 
 No ``from __future__ import annotations``: FastAPI reads these signatures at runtime.
 """
@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from circuitscan.schemas.job_results import (
     AblationJobResult,
     AttributionJobResult,
+    DFAFeatureSummary,
+    DFAJobResult,
     FeatureDelta,
     NodeEffect,
     SpliceEvalJobResult,
@@ -57,6 +59,23 @@ class AblationResults(BaseModel):
     limit: int = Field(description="Page size asked for.")
     total: int = Field(description="Features scanned.")
     features: list[FeatureDelta] = Field(description="Features by mean |Δm|, largest first.")
+
+
+class DFAResults(BaseModel):
+    """A page of a DFA job's features, with the job's summary."""
+
+    model_config = _STRICT
+    job_hash: str = Field(description="JobSpec.content_hash() of the job.")
+    site: str = Field(description="hook_z SAE site label.")
+    position: str = Field(description="Destination position as the job named it.")
+    n_prompts: int = Field(description="Prompts analysed.")
+    offset: int = Field(description="Rank of the first feature of this page.")
+    limit: int = Field(description="Page size asked for.")
+    total: int = Field(description="Features decomposed.")
+    features: list[DFAFeatureSummary] = Field(
+        description="Features by total activation, largest first; contributions by head and "
+        "by source role."
+    )
 
 
 def results_router(settings: ApiSettings) -> APIRouter:
@@ -131,6 +150,28 @@ def results_router(settings: ApiSettings) -> APIRouter:
             mode=result.mode,
             n_prompts=result.n_prompts,
             baseline_mean=result.baseline_mean,
+            offset=offset,
+            limit=limit,
+            total=len(result.features),
+            features=result.features[offset : offset + limit],
+        )
+
+    @router.get(
+        "/dfa",
+        response_model=DFAResults,
+        summary="Features of a dfa job split by head and by source role",
+    )
+    async def dfa(
+        request: Request, store: StoreName, offset: Offset = 0, limit: Limit = default_limit
+    ) -> DFAResults:
+        with registry(request).reading(store) as entry:
+            result = read_result(entry.store, "dfa")
+        assert isinstance(result, DFAJobResult)
+        return DFAResults(
+            job_hash=result.job_hash,
+            site=result.site,
+            position=result.position,
+            n_prompts=result.n_prompts,
             offset=offset,
             limit=limit,
             total=len(result.features),

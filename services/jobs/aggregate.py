@@ -4,7 +4,8 @@ Reads only committed (checksum-verified) shards through the results API, so
 a result always reflects exactly the manifest. Means are over prompts:
 attribution nodes over the prompts where a node exists, ablation deltas over
 all prompts in zero mode (an inactive feature's ablation changes nothing)
-and over the prompts where the feature was ablated otherwise.
+and over the prompts where the feature was ablated otherwise, DFA features
+over the prompts where the feature was decomposed.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from circuitscan.schemas.analyses import SpliceEvalRow
 from circuitscan.schemas.job_results import (
     AblationJobResult,
     AttributionJobResult,
+    DFAFeatureSummary,
+    DFAJobResult,
     FeatureDelta,
     NodeEffect,
     NodeVerification,
     SpliceEvalJobResult,
     VerificationStatus,
 )
-from circuitscan.schemas.jobs import AblationScanParams, AttributeParams, JobSpec
+from circuitscan.schemas.jobs import AblationScanParams, AttributeParams, DFAParams, JobSpec
 from circuitscan.services.store import FeatureStore
 from circuitscan.services.store.results import read_shard_outputs
 
@@ -210,4 +213,55 @@ def splice_result(
         n_prompts=store.n_prompts(),
         reference_prompts=reference_prompts,
         rows=out,
+    )
+
+
+class _DFASums:
+    """Running float64 sums of one feature's DFA rows."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.activation = 0.0
+        self.pre = 0.0
+        self.bias = 0.0
+        self.heads: np.ndarray | None = None
+        self.roles: dict[str, float] = defaultdict(float)
+
+    def add(self, row: dict) -> None:
+        table = np.asarray(row["contributions"], dtype=np.float64)  # head × source
+        self.n += 1
+        self.activation += row["activation"]
+        self.pre += row["pre_activation"]
+        self.bias = row["bias"]
+        per_head = table.sum(axis=1)
+        self.heads = per_head if self.heads is None else self.heads + per_head
+        for role, value in zip(row["roles"], table.sum(axis=0).tolist(), strict=True):
+            self.roles[role] += value
+
+    def summary(self, feature: int) -> DFAFeatureSummary:
+        assert self.heads is not None
+        return DFAFeatureSummary(
+            feature=feature,
+            n_prompts=self.n,
+            mean_activation=self.activation / self.n,
+            mean_pre_activation=self.pre / self.n,
+            bias=self.bias,
+            head_means=(self.heads / self.n).tolist(),
+            source_means={role: value / self.n for role, value in self.roles.items()},
+        )
+
+
+def dfa_result(spec: JobSpec, store: FeatureStore, site: str) -> DFAJobResult:
+    assert isinstance(spec.job, DFAParams)
+    sums: dict[int, _DFASums] = defaultdict(_DFASums)
+    for outputs in _shards(store):
+        for row in outputs.documents["rows"]:
+            sums[row["feature"]].add(row)
+    order = sorted(sums, key=lambda f: (-sums[f].activation, f))
+    return DFAJobResult(
+        job_hash=spec.content_hash(),
+        site=site,
+        position=str(spec.job.position),
+        n_prompts=store.n_prompts(),
+        features=[sums[feature].summary(feature) for feature in order],
     )

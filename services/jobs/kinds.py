@@ -206,6 +206,7 @@ def make_runner(spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE
     # Imported here: those modules build on this one.
     from circuitscan.services.jobs.kind_ablation import AblationRunner
     from circuitscan.services.jobs.kind_attribute import AttributeRunner
+    from circuitscan.services.jobs.kind_dfa import DFARunner
     from circuitscan.services.jobs.kind_splice import SpliceEvalRunner
 
     runners: dict[str, type] = {
@@ -213,6 +214,7 @@ def make_runner(spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE
         "attribute": AttributeRunner,
         "ablation_scan": AblationRunner,
         "splice_eval": SpliceEvalRunner,
+        "dfa": DFARunner,
     }
     runner: KindRunner = runners[spec.job.kind](spec, model, saes)
     return runner

@@ -125,11 +125,25 @@ def _pool_key(spec: JobSpec, use_gpu: bool) -> str:
     return json.dumps(payload, sort_keys=True)
 
 
+def _evict_pools(pools: dict[str, list[Any]], keep: str | None) -> None:
+    """Kill pooled actors of every other model/SAE set: idle, they still hold their CPUs or
+    GPUs, and a job waiting for fresh actors behind them would never be scheduled."""
+    for key in [key for key in pools if key != keep]:
+        for actor in pools.pop(key):
+            ray.kill(actor)
+
+
 def acquire_actors(spec: JobSpec, n_actors: int, use_gpu: bool, *, reuse: bool) -> list[Any]:
-    """``n_actors`` workers for ``spec``: pooled ones first (when reusing), then fresh ones."""
+    """``n_actors`` workers for ``spec``: pooled ones first (when reusing), then fresh ones.
+
+    Pooled actors of other specs are killed first: one process keeps one pool
+    (jobs that reuse actors run one at a time).
+    """
+    pools = _session_pools() if ray.is_initialized() else {}
     if not reuse:
+        _evict_pools(pools, keep=None)
         return start_actors(spec, n_actors, use_gpu)
-    pools = _session_pools()
+    _evict_pools(pools, keep=_pool_key(spec, use_gpu))
     pooled = [actor for actor in pools.get(_pool_key(spec, use_gpu), []) if _alive(actor)]
     fresh = start_actors(spec, max(0, n_actors - len(pooled)), use_gpu)
     pools[_pool_key(spec, use_gpu)] = pooled + fresh

@@ -15,10 +15,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.jobs import (
     AblationScanParams,
     AttributeParams,
     CacheParams,
+    DFAParams,
     JobSpec,
     SpliceEvalParams,
 )
@@ -26,6 +28,8 @@ from circuitscan.schemas.models import ModelSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, SiteLayout, StoreLayout
 from circuitscan.services.jobs import aggregate
+from circuitscan.services.jobs.kind_ablation import scanned_site
+from circuitscan.services.jobs.kind_dfa import dfa_site
 from circuitscan.services.jobs.planning import plan_shards
 from circuitscan.services.jobs.progress import Progress
 from circuitscan.services.jobs.prompt_sources import load_prompts
@@ -177,6 +181,32 @@ def _check_prompts(spec: JobSpec, records: list[PromptRecord]) -> None:
             )
 
 
+def _check_sites(spec: JobSpec, info: WorkerInfo) -> str | None:
+    """The SAE site a kind works on, checked against the loaded SAEs before any shard runs."""
+    labels = list(info.sae_hooks)
+    try:
+        if isinstance(spec.job, AblationScanParams):
+            return scanned_site(spec, labels)
+        if isinstance(spec.job, DFAParams):
+            return dfa_site(spec.job, [HookSite.parse(label) for label in labels]).label
+    except ValueError as exc:
+        raise JobError(str(exc)) from exc
+    return None
+
+
+def _check_named_position(spec: JobSpec, kept: list[PromptRecord]) -> None:
+    position = spec.job.position if isinstance(spec.job, DFAParams) else None
+    if not isinstance(position, str) or position == "last":
+        return
+    missing = [i for i, record in enumerate(kept) if position not in record.positions]
+    if missing:
+        raise JobError(
+            f"dfa position {position!r} is not a named position of {len(missing)} of "
+            f"{len(kept)} prompts (first: prompt {missing[0]}); use 'last', an index, or a "
+            "name the prompt source gives (IOI: IO, S1, S2, END)"
+        )
+
+
 def _context(spec: JobSpec, kept: list[PromptRecord]) -> list[PromptRecord] | None:
     """Reference prompts every shard needs (one job-wide reference, not one per shard)."""
     if isinstance(spec.job, SpliceEvalParams):
@@ -192,6 +222,7 @@ def _finish_result(
     actors: list[Any],
     kept: list[PromptRecord],
     say: Callable[[str], None],
+    site: str | None,
 ) -> None:
     """Aggregate the committed shards into the job-level result (kinds other than cache)."""
     params = spec.job
@@ -212,6 +243,9 @@ def _finish_result(
     elif isinstance(params, SpliceEvalParams):
         context = _context(spec, kept) or []
         result = aggregate.splice_result(spec, store, len(context))
+    elif isinstance(params, DFAParams):
+        assert site is not None
+        result = aggregate.dfa_result(spec, store, site)
     else:
         return
     write_job_result(store, result)
@@ -244,6 +278,8 @@ def run_job(
         kept, rejected, truncated = select_prompts(spec, records, info.n_ctx, tokenizer())
         if not kept:
             raise JobError(f"all {len(records)} prompts exceed the token cap; nothing to run")
+        site = _check_sites(spec, info)
+        _check_named_position(spec, kept)
         plans = plan_shards(len(kept), spec.shard_size)
         try:
             store = FeatureStore.create(spec.store, _layout(spec, info), overwrite=overwrite)
@@ -270,7 +306,7 @@ def run_job(
         drive_seconds = time.perf_counter() - driving
         store.flush_index()
         if todo or not _has_result(store, spec):
-            _finish_result(spec, store, actors, kept, say)
+            _finish_result(spec, store, actors, kept, say, site)
     finally:
         release_actors(spec, actors, use_gpu, reuse=keep_actors)
     outcomes = stats.outcomes

@@ -16,6 +16,8 @@ Readers for the CLI and HTTP API::
     top_nodes(store, k=20) -> list[NodeEffect]          # attribute jobs
     splice_eval_rows(store) -> list[SpliceEvalRow]      # splice_eval jobs
     ablation_deltas(store, limit=None) -> list[FeatureDelta]   # ablation_scan jobs
+    dfa_features(store) -> DFAJobResult                 # dfa jobs: means by head and role
+    dfa_tables(store, feature, limit=None) -> list[dict]  # dfa jobs: per-prompt tables
 
 ``store`` is a FeatureStore or a store URL.
 """
@@ -33,6 +35,7 @@ from circuitscan.schemas.analyses import SpliceEvalRow
 from circuitscan.schemas.job_results import (
     AblationJobResult,
     AttributionJobResult,
+    DFAJobResult,
     FeatureDelta,
     JobResult,
     NodeEffect,
@@ -56,7 +59,7 @@ class JobResultInfo(BaseModel):
     """One job result a store holds."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    kind: str = Field(description="Result kind (attribute, ablation_scan, splice_eval).")
+    kind: str = Field(description="Result kind (attribute, ablation_scan, splice_eval, dfa).")
     job_hash: str = Field(description="JobSpec.content_hash() of the job that wrote it.")
     n_prompts: int = Field(description="Prompts the result aggregates.")
 
@@ -199,3 +202,30 @@ def ablation_deltas(store: FeatureStore | str, limit: int | None = None) -> list
     """Per-feature Δm of an ablation scan, largest mean |Δm| first."""
     result: AblationJobResult = _typed(store, "ablation_scan", AblationJobResult)
     return result.features[:limit]
+
+
+def dfa_features(store: FeatureStore | str) -> DFAJobResult:
+    """A DFA job's features, averaged by head and by source role."""
+    result: DFAJobResult = _typed(store, "dfa", DFAJobResult)
+    return result
+
+
+def dfa_tables(
+    store: FeatureStore | str, feature: int, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """A DFA job's per-prompt rows of one feature, in prompt order (``limit``: the first N).
+
+    Each row: ``prompt``, ``dest_pos``, ``activation``, ``pre_activation``,
+    ``bias``, ``contributions`` ([head][source 0..dest_pos]) and ``roles``
+    (each source position's role). Only committed shards of a finished job are read.
+    """
+    opened = _open(store)
+    dfa_features(opened)  # the job is finished: every shard is committed
+    rows: list[dict[str, Any]] = []
+    for shard_id in sorted(opened.committed_shard_ids()):
+        for row in read_shard_outputs(opened, shard_id).documents["rows"]:
+            if row["feature"] == feature:
+                rows.append(row)
+                if limit is not None and len(rows) >= limit:
+                    return rows
+    return rows

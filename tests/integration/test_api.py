@@ -20,6 +20,8 @@ from pydantic import SecretStr
 from circuitscan.schemas.analyses import SpliceEvalRow
 from circuitscan.schemas.job_results import (
     AttributionJobResult,
+    DFAFeatureSummary,
+    DFAJobResult,
     NodeEffect,
     NodeVerification,
     SpliceEvalJobResult,
@@ -83,6 +85,19 @@ SPLICE_ROWS = [
     ),
 ]
 
+DFA_FEATURES = [
+    DFAFeatureSummary(
+        feature=i,
+        n_prompts=5 - i,
+        mean_activation=2.0 - i / 4,
+        mean_pre_activation=2.0 - i / 4,
+        bias=0.25,
+        head_means=[1.0 - i / 4, 0.75],
+        source_means={"S1": 1.25 - i / 4, "END": 0.5},
+    )
+    for i in range(4)
+]
+
 
 def _write_results(store: FeatureStore) -> None:
     """Job results as a job's driver stores them when it finishes."""
@@ -96,6 +111,12 @@ def _write_results(store: FeatureStore) -> None:
         store,
         SpliceEvalJobResult(
             job_hash="api-test", n_prompts=5, reference_prompts=5, rows=SPLICE_ROWS
+        ),
+    )
+    write_job_result(
+        store,
+        DFAJobResult(
+            job_hash="api-test", site="L1.z", position="END", n_prompts=5, features=DFA_FEATURES
         ),
     )
 
@@ -137,6 +158,7 @@ def test_openapi_documents_every_route(client):
         ("GET", "/api/stores/{store}/sites/{site}/summaries"),
         ("GET", "/api/stores/{store}/results/attribution"),
         ("GET", "/api/stores/{store}/results/splice-eval"),
+        ("GET", "/api/stores/{store}/results/dfa"),
         ("POST", "/api/jobs"),
         ("GET", "/api/jobs"),
         ("GET", "/api/jobs/{job_id}"),
@@ -211,7 +233,7 @@ def test_store_routes_match_direct_store_queries(client, store_root, tiny_hf_mod
 def test_job_results(client):
     base = f"/api/stores/{STORE}/results"
     kinds = {item["kind"] for item in client.get(base).json()}
-    assert kinds == {"attribute", "splice_eval"}
+    assert kinds == {"attribute", "splice_eval", "dfa"}
     page = client.get(f"{base}/attribution", params={"offset": 1, "limit": 3}).json()
     assert page["total"] == len(NODES) and page["method"] == "atpstar"
     assert page["nodes"] == [n.model_dump(mode="json") for n in NODES[1:4]]
@@ -220,6 +242,9 @@ def test_job_results(client):
     splice = client.get(f"{base}/splice-eval").json()
     assert splice["rows"] == [r.model_dump(mode="json") for r in SPLICE_ROWS]
     assert "no ablation_scan result" in _error(client.get(f"{base}/ablation"), 404)
+    dfa = client.get(f"{base}/dfa", params={"offset": 1, "limit": 2}).json()
+    assert (dfa["site"], dfa["position"], dfa["total"]) == ("L1.z", "END", len(DFA_FEATURES))
+    assert dfa["features"] == [f.model_dump(mode="json") for f in DFA_FEATURES[1:3]]
     _error(client.get(f"{base}/attribution", params={"limit": MAX_PAGE + 1}), 422)
 
 

@@ -483,6 +483,100 @@ def test_splice_eval_job_pools_shards_like_one_pass(local_ray, make_spec, direct
             assert row.metric_recovered == pytest.approx(want.metric_recovered, rel=1e-3)
 
 
+def _dfa_means(rows_by_prompt):
+    """Per-feature means by head and by role from (roles, DFAResult) pairs."""
+    import numpy as np
+
+    sums: dict[int, dict] = {}
+    for roles, result in rows_by_prompt:
+        table = np.asarray(result.contributions)[:, : len(roles)]
+        entry = sums.setdefault(result.feature, {"n": 0, "heads": 0.0, "roles": {}, "pre": 0.0})
+        entry["n"] += 1
+        entry["pre"] += result.pre_activation
+        entry["heads"] = entry["heads"] + table.sum(axis=1)
+        for role, value in zip(roles, table.sum(axis=0), strict=True):
+            entry["roles"][role] = entry["roles"].get(role, 0.0) + value
+    return sums
+
+
+def test_dfa_job_matches_the_pipeline_per_prompt(local_ray, make_spec, direct, tmp_path):
+    from circuitscan.pipelines.analyses.dfa import dfa_features
+    from circuitscan.schemas.jobs import DFAParams
+    from circuitscan.services.jobs.kind_dfa import source_roles
+    from circuitscan.services.store.results import dfa_features as read_dfa
+    from circuitscan.services.store.results import dfa_tables
+
+    params = DFAParams(kind="dfa", position="END", top_features=3)
+    spec = make_spec(tmp_path / "dfa", prompts=KIND_PROMPTS, job=params)
+    summary = run_job(spec, keep_actors=True)
+    assert summary.shards_total == 4 and summary.prompts == 10
+
+    model, saes, records, clean, _ = direct
+    expected = []
+    for index, record in enumerate(records):
+        tokens = clean.tokens[index, : int(clean.lengths[index])]
+        dest = record.positions["END"]
+        assert dest == len(tokens) - 1  # IOI's END is the last token
+        for result in dfa_features(model, [s.sae for s in saes.values()], tokens, 1, dest, top=3):
+            expected.append((source_roles(dest, record.positions), result))
+    want = _dfa_means(expected)
+
+    result = read_dfa(spec.store)
+    assert result.site == "L1.z" and result.position == "END" and result.n_prompts == 10
+    assert {f.feature for f in result.features} == set(want)
+    totals = [f.mean_activation * f.n_prompts for f in result.features]
+    assert totals == sorted(totals, reverse=True)
+    for feature in result.features:
+        entry = want[feature.feature]
+        assert feature.n_prompts == entry["n"]
+        assert feature.mean_pre_activation == pytest.approx(entry["pre"] / entry["n"], abs=1e-5)
+        assert feature.head_means == pytest.approx((entry["heads"] / entry["n"]).tolist(), abs=1e-5)
+        assert set(feature.source_means) <= {"IO", "S1", "S2", "END", "first", "other"}
+        for role, value in entry["roles"].items():
+            assert feature.source_means[role] == pytest.approx(value / entry["n"], abs=1e-5)
+        # The decomposition is exact: heads (or roles) plus the constant give the pre-activation.
+        assert sum(feature.head_means) + feature.bias == pytest.approx(
+            feature.mean_pre_activation, abs=1e-4
+        )
+        assert sum(feature.source_means.values()) + feature.bias == pytest.approx(
+            feature.mean_pre_activation, abs=1e-4
+        )
+    top = result.features[0].feature
+    tables = dfa_tables(spec.store, top)
+    assert [row["prompt"] for row in tables] == sorted(row["prompt"] for row in tables)
+    assert len(tables) == result.features[0].n_prompts
+    for row in tables:
+        assert len(row["contributions"]) == model.cfg.n_heads
+        assert all(len(per_head) == row["dest_pos"] + 1 for per_head in row["contributions"])
+
+
+def test_dfa_job_bad_input_fails_before_storing(local_ray, make_spec, tmp_path, tiny_hf_sae_dirs):
+    from circuitscan.schemas.jobs import DFAParams
+
+    store = tmp_path / "dfa_bad"
+    named = make_spec(store, prompts=KIND_PROMPTS, job=DFAParams(kind="dfa", position="X"))
+    with pytest.raises(JobError, match="'X' is not a named position of 10 of 10 prompts"):
+        run_job(named, keep_actors=True)
+    assert not store.exists()
+    resid_only = make_spec(
+        store,
+        prompts=KIND_PROMPTS,
+        saes=[SAESpec(source=str(tiny_hf_sae_dirs[0]))],
+        job=DFAParams(kind="dfa"),
+    )
+    # Another SAE set: the pooled actors of the first must go, or these never schedule.
+    with pytest.raises(JobError, match=r"need an attention-output \(hook_z\) SAE"):
+        run_job(resid_only, keep_actors=True)
+    assert not store.exists()
+    far = make_spec(store, prompts=KIND_PROMPTS, job=DFAParams(kind="dfa", position=500))
+    from circuitscan.services.jobs.ray_pool import ShardFailed
+
+    # Only a worker knows a prompt's token count: the first shard fails, nothing commits.
+    with pytest.raises(ShardFailed, match="dfa position 500 is outside prompt 0"):
+        run_job(far, keep_actors=True)
+    assert FeatureStore.open(str(store)).committed_shard_ids() == set()
+
+
 # --- query and results commands --------------------------------------------------------
 
 

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 from test_store_contract import N_SHARDS, _fill, make_shard
 
-from circuitscan.schemas.job_results import AttributionJobResult, NodeEffect, NodeVerification
+from circuitscan.schemas.job_results import (
+    AttributionJobResult,
+    DFAFeatureSummary,
+    DFAJobResult,
+    NodeEffect,
+    NodeVerification,
+)
 from circuitscan.services.store.results import write_job_result
 
 pytestmark = pytest.mark.integration
@@ -48,6 +54,26 @@ def test_report_renders_cached_features_and_job_results(tmp_path: Path) -> None:
             job_hash="test", method="atpstar", n_prompts=8, n_nodes=2, n_verified=1, top=top
         ),
     )
+    write_job_result(
+        store,
+        DFAJobResult(
+            job_hash="test",
+            site="L1.z",
+            position="END",
+            n_prompts=8,
+            features=[
+                DFAFeatureSummary(
+                    feature=77,
+                    n_prompts=8,
+                    mean_activation=1.5,
+                    mean_pre_activation=1.5,
+                    bias=0.25,
+                    head_means=[1.0, 0.25],
+                    source_means={"S1": 1.0, "other": 0.25},
+                )
+            ],
+        ),
+    )
     out = tmp_path / "report"
     done = _cli("report", url, "--out", str(out))
     assert done.returncode == 0, done.stderr
@@ -57,6 +83,8 @@ def test_report_renders_cached_features_and_job_results(tmp_path: Path) -> None:
     assert f">{busiest}<" in html  # the most frequent feature is in its site's table
     assert "z:L1:0@last" in html and "confirmed" in html
     pngs = sorted(p.name for p in out.glob("*.png"))
+    assert "Direct feature attribution (L1.z at END)" in html and "S1 (+1)" in html
+    assert "dfa_top_feature.png" in pngs
     assert "attribution_vs_exact.png" in pngs and "firing_L0.resid_post.png" in pngs
     assert all((out / name).read_bytes().startswith(PNG) for name in pngs)
 

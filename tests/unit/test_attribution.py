@@ -265,3 +265,23 @@ def test_verification_metrics_and_patching_loop():
     # After nodes 3 and 1, the verified top-1 (|−4| at node 1) beats the largest
     # remaining estimate (3.0 at node 2), so the loop stops there.
     assert patched == [3, 1] and torch.equal(effects, truth[[3, 1]].abs())
+
+
+def test_subset_recalls_rescore_disjoint_prompt_subsets():
+    from circuitscan.pipelines.attribution.evaluation import RankingComparison
+
+    # Prompts 0-1 rank node 0 first, prompts 2-3 node 1; the estimate always says node 0.
+    truth = torch.tensor([[3.0, 1.0, 0.0], [-3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, -2.0, 1.0]])
+    estimate = torch.tensor([[1.0, 0.0, 0.5]] * 4)
+    comparison = RankingComparison(
+        nodes=[],
+        truth=truth.abs().mean(0),
+        estimates={"atp": estimate.abs().mean(0)},
+        reports={},
+        truth_per_prompt=truth,
+        estimates_per_prompt={"atp": estimate},
+    )
+    assert comparison.subset_recalls("atp", 1, 2) == [1.0, 0.0]
+    assert comparison.subset_recalls("atp", 2, 2) == [0.5, 0.5]  # the estimate ranks node 2 second
+    with pytest.raises(ValueError, match="cannot cut 4 prompts into 5"):
+        comparison.subset_recalls("atp", 1, 5)

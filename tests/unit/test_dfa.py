@@ -128,3 +128,21 @@ def test_dfa_with_decoder_norm_rescaling_topk_saes():
     upstream = [n for n in _walk(tree) if n.kind == "attn_feature" and n is not tree]
     assert upstream and any(n.children for n in upstream)
     assert saes[2].cfg.rescale_acts_by_decoder_norm  # the caller's SAE is left untouched
+
+
+def test_dfa_features_share_one_pass_and_pick_the_most_active():
+    from circuitscan.pipelines.analyses.dfa import dfa_features
+
+    model, saes, tokens = _setup("RMS-rotary-GQA")
+    picked = dfa_features(model, saes, tokens, layer=2, dest_pos=8, top=3)
+    acts = [r.activation for r in picked]
+    assert len(picked) == 3 and acts == sorted(acts, reverse=True) and acts[-1] > 0
+    # Every other feature is no more active than the third pick.
+    everything = dfa_features(model, saes, tokens, 2, 8, features=range(saes[2].cfg.d_sae))
+    others = [r.activation for r in everything if r.feature not in {p.feature for p in picked}]
+    assert max(others) <= acts[-1]
+    for result in picked:
+        alone = dfa(model, saes, tokens, result.feature, layer=2, dest_pos=8)
+        assert result == alone
+    with pytest.raises(AnalysisInputError, match=r"features \[999\] out of range"):
+        dfa_features(model, saes, tokens, 2, 8, features=[0, 999])
