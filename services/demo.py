@@ -25,6 +25,7 @@ from circuitscan.schemas.jobs import (
     AblationScanParams,
     AttributeParams,
     CacheParams,
+    DFAParams,
     ExecutionSpec,
     IOISource,
     JobParams,
@@ -39,7 +40,7 @@ Echo = Callable[[str], None]
 
 
 def demo_specs(out: Path, saes: list[LoadedSAE], n_prompts: int, seed: int) -> dict[str, JobSpec]:
-    """The four job specs of the story, sharing model, SAEs and prompts."""
+    """The job specs of the story (dfa only with a hook_z SAE), sharing model, SAEs and prompts."""
     sae_specs = [SAESpec(source=DEFAULT_PREFIX + s.name) for s in saes]
     resid = next((s.site.label for s in saes if s.site.point == "resid_post"), saes[0].site.label)
     params: dict[str, JobParams] = {
@@ -61,6 +62,8 @@ def demo_specs(out: Path, saes: list[LoadedSAE], n_prompts: int, seed: int) -> d
             reference_prompts=n_prompts,
         ),
     }
+    if any(s.site.point == "z" for s in saes):
+        params["dfa"] = DFAParams(kind="dfa", position="END", top_features=4)
     return {
         name: JobSpec(
             name=f"ioi-{name}",
@@ -128,9 +131,10 @@ def run_demo(
     attribution = read_result(specs["attribute"].store, "attribute")
     ablation = read_result(specs["ablation_scan"].store, "ablation_scan")
     splice = read_result(specs["splice_eval"].store, "splice_eval")
+    dfa = read_result(specs["dfa"].store, "dfa") if "dfa" in specs else None
     assert isinstance(attribution, AttributionJobResult)
     assert isinstance(ablation, AblationJobResult)
-    report = write_demo_report(out / "report", specs, attribution, ablation, splice)
+    report = write_demo_report(out / "report", specs, attribution, ablation, splice, dfa)
     echo("")
     for line in _findings(attribution, ablation):
         echo(line)

@@ -163,6 +163,7 @@ def write_demo_report(
     attribution: AttributionJobResult,
     ablation: AblationJobResult,
     splice: JobResult,
+    dfa: JobResult | None = None,
 ) -> Path:
     plots = out_dir / "plots"
     sections = [
@@ -180,4 +181,6 @@ def write_demo_report(
     ]
     if isinstance(splice, SpliceEvalJobResult):
         sections.append(splice_section(splice, plots))
+    if isinstance(dfa, DFAJobResult):
+        sections.append(dfa_section(dfa, plots))
     return write_report(out_dir, sections, title="circuitscan — IOI on the default model")
