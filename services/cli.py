@@ -194,8 +194,10 @@ def stop(
 
 @app.command()
 def serve(
-    store_root: Path | None = typer.Option(
-        None, help="Folder of named stores; default $CIRCUITSCAN_API_STORE_ROOT or HOME/stores."
+    store_root: str | None = typer.Option(
+        None,
+        help="Folder (or s3://BUCKET/PREFIX) of named stores; default "
+        "$CIRCUITSCAN_API_STORE_ROOT or HOME/stores.",
     ),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     port: int = typer.Option(8000, help="TCP port."),

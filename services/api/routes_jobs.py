@@ -107,11 +107,7 @@ def jobs_router(settings: ApiSettings) -> APIRouter:
     )
     def submit(request: Request, body: JobSubmission) -> JobSubmitted:
         name = check_store_name(body.spec.store)
-        stores = registry(request)
-        target = stores.root / name
-        if target.is_symlink() or (target.exists() and not target.is_dir()):
-            raise ApiError(400, f"store {name!r} cannot be written: not a plain folder")
-        spec = body.spec.model_copy(update={"store": str(target)})
+        spec = body.spec.model_copy(update={"store": registry(request).target_of(name)})
         return JobSubmitted(job_id=server(request).submit(spec), store=name)
 
     @router.get(

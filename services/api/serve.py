@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def build_settings(
     *,
-    store_root: Path | None = None,
+    store_root: str | Path | None = None,
     ray_address: str | None = None,
     tokens_file: Path | None = None,
     protect_reads: bool | None = None,

@@ -15,8 +15,9 @@ class ApiSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    store_root: Path = Field(
-        description="Directory whose named subfolders are the stores the API serves and writes."
+    store_root: str = Field(
+        description="Directory, or s3://BUCKET/PREFIX, whose named entries are the stores the "
+        "API serves and jobs submitted through it write."
     )
     tokens: tuple[SecretStr, ...] = Field(
         default=(),
@@ -46,6 +47,22 @@ class ApiSettings(BaseModel):
         ge=0.0,
         description="How often an open store re-reads its manifest to see newly committed shards.",
     )
+
+    @field_validator("store_root", mode="before")
+    @classmethod
+    def _root_text(cls, root: object) -> object:
+        return os.fspath(root) if isinstance(root, os.PathLike) else root
+
+    @field_validator("store_root")
+    @classmethod
+    def _supported_root(cls, root: str) -> str:
+        if "://" in root and not root.startswith("s3://"):
+            raise ValueError(
+                f"unsupported store root {root!r}: use a directory or s3://BUCKET/PREFIX"
+            )
+        if root.startswith("s3://") and not root.removeprefix("s3://").strip("/"):
+            raise ValueError(f"an s3 store root needs a bucket: {root!r}")
+        return root
 
     @field_validator("tokens")
     @classmethod
@@ -77,7 +94,7 @@ class ApiSettings(BaseModel):
         if root is None:
             home = env.get("CIRCUITSCAN_HOME") or str(Path.home() / ".cache" / "circuitscan")
             root = str(Path(home) / "stores")
-        values["store_root"] = Path(root)
+        values["store_root"] = root
         tokens = [t.strip() for t in (get("TOKENS") or "").split(",") if t.strip()]
         tokens_file = get("TOKENS_FILE")
         if tokens_file:

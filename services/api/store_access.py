@@ -1,8 +1,9 @@
-"""Named stores under one root directory, opened safely and shared between requests.
+"""Named stores under one root (a directory or an s3:// prefix), opened safely and shared.
 
 A store name is one path segment (letters, digits, ``.``, ``_``, ``-``; no
-``..``). Its folder must resolve, symlinks followed, to a direct child of the
-root, so neither names nor links reach anything outside the root.
+``..``). In a local root its folder must resolve, symlinks followed, to a
+direct child of the root, so neither names nor links reach anything outside
+the root (store_roots.py).
 
 An open ``FeatureStore`` caches decoded shards and is not thread-safe, so
 each store carries a lock held for the length of one query. Open stores
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import threading
 import time
@@ -27,6 +27,7 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 
 from circuitscan.services.api.errors import ApiError
+from circuitscan.services.api.store_roots import StoreRoot, store_root
 from circuitscan.services.store import FeatureStore, StoreNotFoundError
 from circuitscan.services.store.backends import list_keys
 
@@ -56,7 +57,7 @@ class OpenStore:
 
     name: str
     store: FeatureStore
-    layout_mtime: int
+    layout_version: str  # the root's version token of the store's layout
     checked_at: float
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -64,9 +65,10 @@ class OpenStore:
 class StoreRegistry:
     """Resolves, opens and caches the stores under ``root``."""
 
-    def __init__(self, root: Path, refresh_seconds: float = 1.0, decoded_shards: int = 64) -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        self.root = root.resolve()
+    def __init__(
+        self, root: str | Path, refresh_seconds: float = 1.0, decoded_shards: int = 64
+    ) -> None:
+        self.root: StoreRoot = store_root(root)
         self.refresh_seconds = refresh_seconds
         self.decoded_shards = decoded_shards
         self._open: OrderedDict[str, OpenStore] = OrderedDict()
@@ -74,60 +76,47 @@ class StoreRegistry:
         self._tokenizers: dict[str, Decode | None] = {}
         self._loading: dict[str, asyncio.Future[Decode | None]] = {}
 
-    # --- names and paths ---------------------------------------------------------
+    # --- names and locations ---------------------------------------------------------
 
-    def path_of(self, name: str) -> Path:
-        """The folder of store ``name``, checked to lie inside the root (404 when absent)."""
-        check_store_name(name)
-        path = (self.root / name).resolve()
-        if path.parent != self.root:
-            raise ApiError(400, f"store {name!r} resolves outside the store root")
-        if not (path / "zarr.json").is_file():
-            raise ApiError(404, f"no store named {name!r}")
-        return path
+    def location_of(self, name: str) -> str:
+        """The URL of store ``name`` under the root (400 for a bad name, 404 when absent)."""
+        return self.root.location(check_store_name(name))
+
+    def target_of(self, name: str) -> str:
+        """Where a new job's store ``name`` goes."""
+        return self.root.target(check_store_name(name))
 
     def name_of(self, location: str) -> str | None:
-        """The store name of a path inside the root, None for anything else."""
-        if "://" in location:
-            return None
-        path = Path(location).expanduser().resolve()
-        return path.name if path.parent == self.root and STORE_NAME.fullmatch(path.name) else None
+        """The store name of a location directly under the root, None for anything else."""
+        name = self.root.name_of(location)
+        return name if name is not None and STORE_NAME.fullmatch(name) else None
 
     def names(self) -> list[str]:
-        """Names of the folders under the root that hold a store, sorted."""
+        """Names of the entries under the root that hold a store, sorted."""
         found = []
-        with os.scandir(self.root) as entries:
-            for entry in entries:
-                if not STORE_NAME.fullmatch(entry.name) or ".." in entry.name:
-                    continue
-                try:
-                    self.path_of(entry.name)
-                except ApiError:
-                    continue
-                found.append(entry.name)
+        for name in self.root.candidates():
+            if not STORE_NAME.fullmatch(name) or ".." in name:
+                continue
+            try:
+                self.location_of(name)
+            except ApiError:
+                continue
+            found.append(name)
         return sorted(found)
 
     # --- opening -------------------------------------------------------------------
 
     def _open_fresh(self, name: str) -> OpenStore:
-        path = self.path_of(name)
-        self._refuse_escaping_links(path)
+        version = self.root.version(check_store_name(name))
+        self.root.check_contained(name)
         try:
-            store = FeatureStore.open(str(path))
+            store = FeatureStore.open(self.location_of(name))
         except StoreNotFoundError as exc:
             raise ApiError(404, f"no store named {name!r}") from exc
         store.site_cache_shards = self.decoded_shards
-        mtime = (path / "zarr.json").stat().st_mtime_ns
-        return OpenStore(name=name, store=store, layout_mtime=mtime, checked_at=time.monotonic())
-
-    def _refuse_escaping_links(self, path: Path) -> None:
-        # Zarr follows links inside a store; one pointing outside the root
-        # would expose arbitrary files through shard reads.
-        for folder, dirs, files in os.walk(path):
-            for item in (*dirs, *files):
-                candidate = Path(folder) / item
-                if candidate.is_symlink() and not candidate.resolve().is_relative_to(self.root):
-                    raise ApiError(400, f"store {path.name!r} links outside the store root")
+        return OpenStore(
+            name=name, store=store, layout_version=version, checked_at=time.monotonic()
+        )
 
     def _get(self, name: str) -> OpenStore:
         check_store_name(name)
@@ -148,9 +137,7 @@ class StoreRegistry:
         now = time.monotonic()
         if now - entry.checked_at < self.refresh_seconds:
             return entry
-        path = self.path_of(entry.name)
-        mtime = (path / "zarr.json").stat().st_mtime_ns
-        if mtime != entry.layout_mtime:
+        if self.root.version(entry.name) != entry.layout_version:
             fresh = self._open_fresh(entry.name)
             with self._lock:
                 self._open[entry.name] = fresh

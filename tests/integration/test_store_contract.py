@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 
 import numpy as np
 import pytest
 import torch
+from s3_server import moto_s3
 
 from circuitscan.pipelines.caching import SiteCache, cache_batch
 from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
@@ -83,64 +79,10 @@ def shards():
     return {shard_id: make_shard(shard_id) for shard_id in range(N_SHARDS)}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """A real S3-compatible server (moto's server mode) in its own process on a free port.
-
-    Its own process, not a thread of the test process: in-process, every
-    request competes with the client for the GIL.
-    """
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError("the moto S3 server did not start") from None
-            time.sleep(0.05)
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {
-        k: os.environ.get(k)
-        for k in (
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-            "AWS_DEFAULT_REGION",
-            "CIRCUITSCAN_S3_ENDPOINT",
-        )
-    }
-    os.environ.update(
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        AWS_DEFAULT_REGION="us-east-1",
-        CIRCUITSCAN_S3_ENDPOINT=endpoint,
-    )
-    import boto3
-
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(
-        Bucket="circuitscan"
-    )
-    yield endpoint
-    server.terminate()
-    server.wait(timeout=10)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module", params=["memory", "local", "s3"])
