@@ -188,7 +188,12 @@ def _check_sites(spec: JobSpec, info: WorkerInfo) -> str | None:
         if isinstance(spec.job, AblationScanParams):
             return scanned_site(spec, labels)
         if isinstance(spec.job, DFAParams):
-            return dfa_site(spec.job, [HookSite.parse(label) for label in labels]).label
+            site = dfa_site(spec.job, [HookSite.parse(label) for label in labels]).label
+            width = info.sae_widths[site]
+            too_big = [f for f in spec.job.features or [] if f >= width]
+            if too_big:
+                raise JobError(f"dfa features {too_big} out of range: the {site} SAE has {width}")
+            return site
     except ValueError as exc:
         raise JobError(str(exc)) from exc
     return None

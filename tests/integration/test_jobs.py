@@ -568,6 +568,10 @@ def test_dfa_job_bad_input_fails_before_storing(local_ray, make_spec, tmp_path, 
     with pytest.raises(JobError, match=r"need an attention-output \(hook_z\) SAE"):
         run_job(resid_only, keep_actors=True)
     assert not store.exists()
+    wide = make_spec(store, prompts=KIND_PROMPTS, job=DFAParams(kind="dfa", features=[3, 48]))
+    with pytest.raises(JobError, match=r"dfa features \[48\] out of range: the L1.z SAE has 48"):
+        run_job(wide, keep_actors=True)
+    assert not store.exists()
     far = make_spec(store, prompts=KIND_PROMPTS, job=DFAParams(kind="dfa", position=500))
     from circuitscan.services.jobs.ray_pool import ShardFailed
 
