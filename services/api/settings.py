@@ -7,6 +7,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from circuitscan.services.api.store_roots import check_root
+
 ENV_PREFIX = "CIRCUITSCAN_API_"
 
 
@@ -56,13 +58,7 @@ class ApiSettings(BaseModel):
     @field_validator("store_root")
     @classmethod
     def _supported_root(cls, root: str) -> str:
-        if "://" in root and not root.startswith("s3://"):
-            raise ValueError(
-                f"unsupported store root {root!r}: use a directory or s3://BUCKET/PREFIX"
-            )
-        if root.startswith("s3://") and not root.removeprefix("s3://").strip("/"):
-            raise ValueError(f"an s3 store root needs a bucket: {root!r}")
-        return root
+        return check_root(root)
 
     @field_validator("tokens")
     @classmethod

@@ -107,10 +107,11 @@ class StoreRegistry:
     # --- opening -------------------------------------------------------------------
 
     def _open_fresh(self, name: str) -> OpenStore:
-        version = self.root.version(check_store_name(name))
+        location = self.location_of(name)
+        version = self.root.version(name)
         self.root.check_contained(name)
         try:
-            store = FeatureStore.open(self.location_of(name))
+            store = FeatureStore.open(location)
         except StoreNotFoundError as exc:
             raise ApiError(404, f"no store named {name!r}") from exc
         store.site_cache_shards = self.decoded_shards

@@ -104,10 +104,8 @@ class ObjectRoot:
     """Stores as prefixes under ``s3://BUCKET/PREFIX``."""
 
     def __init__(self, url: str) -> None:
-        rest = url.removeprefix("s3://").strip("/")
-        if not rest:
-            raise ValueError(f"an s3 store root needs a bucket: {url!r}")
-        self.url = f"s3://{rest}"
+        check_root(url)
+        self.url = f"s3://{url.removeprefix('s3://').strip('/')}"
         self._fs: Any = None
 
     def __str__(self) -> str:
@@ -168,11 +166,18 @@ class ObjectRoot:
         return None  # object keys cannot link elsewhere
 
 
+def check_root(text: str) -> str:
+    """``text`` itself when it names a supported root (no I/O); ValueError saying why not."""
+    if "://" in text and not text.startswith("s3://"):
+        raise ValueError(f"unsupported store root {text!r}: use a directory or s3://BUCKET/PREFIX")
+    if text.startswith("s3://") and not text.removeprefix("s3://").strip("/"):
+        raise ValueError(f"an s3 store root needs a bucket: {text!r}")
+    return text
+
+
 def store_root(location: str | Path) -> StoreRoot:
     """The root for a local directory or an ``s3://BUCKET/PREFIX`` URL."""
-    text = str(location)
+    text = check_root(str(location))
     if text.startswith("s3://"):
         return ObjectRoot(text)
-    if "://" in text:
-        raise ValueError(f"unsupported store root {text!r}: use a directory or s3://BUCKET/PREFIX")
     return LocalRoot(Path(text).expanduser())

@@ -139,14 +139,15 @@ def acquire_actors(spec: JobSpec, n_actors: int, use_gpu: bool, *, reuse: bool) 
     Pooled actors of other specs are killed first: one process keeps one pool
     (jobs that reuse actors run one at a time).
     """
-    pools = _session_pools() if ray.is_initialized() else {}
+    pools = _session_pools()
     if not reuse:
         _evict_pools(pools, keep=None)
         return start_actors(spec, n_actors, use_gpu)
-    _evict_pools(pools, keep=_pool_key(spec, use_gpu))
-    pooled = [actor for actor in pools.get(_pool_key(spec, use_gpu), []) if _alive(actor)]
+    key = _pool_key(spec, use_gpu)
+    _evict_pools(pools, keep=key)
+    pooled = [actor for actor in pools.get(key, []) if _alive(actor)]
     fresh = start_actors(spec, max(0, n_actors - len(pooled)), use_gpu)
-    pools[_pool_key(spec, use_gpu)] = pooled + fresh
+    pools[key] = pooled + fresh
     return (pooled + fresh)[:n_actors]
 
 

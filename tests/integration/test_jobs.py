@@ -551,9 +551,16 @@ def test_dfa_job_matches_the_pipeline_per_prompt(local_ray, make_spec, direct, t
 
 
 def test_dfa_job_bad_input_fails_before_storing(local_ray, make_spec, tmp_path, tiny_hf_sae_dirs):
-    from circuitscan.schemas.jobs import DFAParams
+    from circuitscan.schemas.jobs import AblationScanParams, DFAParams
 
     store = tmp_path / "dfa_bad"
+    # The site checks run on the driver, against the SAEs the workers loaded.
+    scan = make_spec(
+        store, prompts=KIND_PROMPTS, job=AblationScanParams(kind="ablation_scan", site="L5.z")
+    )
+    with pytest.raises(JobError, match=r"ablation site 'L5\.z' is not one of the job's SAEs"):
+        run_job(scan, keep_actors=True)
+    assert not store.exists()
     named = make_spec(store, prompts=KIND_PROMPTS, job=DFAParams(kind="dfa", position="X"))
     with pytest.raises(JobError, match="'X' is not a named position of 10 of 10 prompts"):
         run_job(named, keep_actors=True)
