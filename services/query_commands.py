@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from enum import StrEnum
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -36,7 +36,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(2)
 
@@ -60,6 +60,17 @@ def _need(**values: Any) -> None:
         _fail(f"this query needs {', '.join(missing)}")
 
 
+def _resolve_site(store: Any, site: str | None) -> str:
+    """The asked site, or the store's only site; a clear error when a choice is needed."""
+    labels = [s.label for s in store.layout.sites]
+    if site is not None:
+        store.layout.site(site)
+        return site
+    if len(labels) == 1:
+        return labels[0]
+    _fail(f"this store has sites {', '.join(labels) or '(none)'}: choose one with --site")
+
+
 def _overview(store: Any) -> str:
     layout = store.layout
     spec = layout.job_spec or {}
@@ -79,7 +90,9 @@ def _overview(store: Any) -> str:
 def query(
     store_url: str = typer.Argument(..., metavar="STORE", help="Store path or URL."),
     what: QueryKind = typer.Argument(..., help="features-at, top-examples or summary."),
-    site: str | None = typer.Option(None, help="Site label, e.g. L6.z."),
+    site: str | None = typer.Option(
+        None, help="Site label, e.g. L6.z (default: the store's only site)."
+    ),
     prompt: int | None = typer.Option(None, help="Prompt index (features-at)."),
     position: int | None = typer.Option(None, help="Token position, BOS = 0 (features-at)."),
     feature: int | None = typer.Option(None, help="Feature id (top-examples, summary)."),
@@ -103,9 +116,7 @@ def query(
         if what is QueryKind.summary and feature is None:
             typer.echo(_overview(store))
             return
-        _need(site=site)
-        assert site is not None
-        store.layout.site(site)
+        site = _resolve_site(store, site)
         if what is QueryKind.features_at:
             _need(prompt=prompt, position=position)
             if sort_by not in ("attribution", "activation"):

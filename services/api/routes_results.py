@@ -3,7 +3,7 @@
 No ``from __future__ import annotations``: FastAPI reads these signatures at runtime.
 """
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,6 +78,20 @@ class DFAResults(BaseModel):
     )
 
 
+Page = TypeVar("Page", AttributionResults, AblationResults, DFAResults)
+
+
+def _page(
+    page: type[Page], result: BaseModel, rows_from: str, rows_to: str, offset: int, limit: int
+) -> Page:
+    """One page of ``result.<rows_from>`` as ``page.<rows_to>``, with the job's summary fields."""
+    rows = getattr(result, rows_from)
+    paging = {"offset": offset, "limit": limit, "total": len(rows)}
+    paging[rows_to] = rows[offset : offset + limit]
+    summary = {name: getattr(result, name) for name in page.model_fields if name not in paging}
+    return page(**summary, **paging)
+
+
 def results_router(settings: ApiSettings) -> APIRouter:
     """The /api/stores/{store}/results routes."""
     router = APIRouter(
@@ -110,17 +124,7 @@ def results_router(settings: ApiSettings) -> APIRouter:
         with registry(request).reading(store) as entry:
             result = read_result(entry.store, "attribute")
         assert isinstance(result, AttributionJobResult)
-        return AttributionResults(
-            job_hash=result.job_hash,
-            method=result.method,
-            n_prompts=result.n_prompts,
-            n_nodes=result.n_nodes,
-            n_verified=result.n_verified,
-            offset=offset,
-            limit=limit,
-            total=len(result.top),
-            nodes=result.top[offset : offset + limit],
-        )
+        return _page(AttributionResults, result, "top", "nodes", offset, limit)
 
     @router.get(
         "/splice-eval",
@@ -144,17 +148,7 @@ def results_router(settings: ApiSettings) -> APIRouter:
         with registry(request).reading(store) as entry:
             result = read_result(entry.store, "ablation_scan")
         assert isinstance(result, AblationJobResult)
-        return AblationResults(
-            job_hash=result.job_hash,
-            site=result.site,
-            mode=result.mode,
-            n_prompts=result.n_prompts,
-            baseline_mean=result.baseline_mean,
-            offset=offset,
-            limit=limit,
-            total=len(result.features),
-            features=result.features[offset : offset + limit],
-        )
+        return _page(AblationResults, result, "features", "features", offset, limit)
 
     @router.get(
         "/dfa",
@@ -167,15 +161,6 @@ def results_router(settings: ApiSettings) -> APIRouter:
         with registry(request).reading(store) as entry:
             result = read_result(entry.store, "dfa")
         assert isinstance(result, DFAJobResult)
-        return DFAResults(
-            job_hash=result.job_hash,
-            site=result.site,
-            position=result.position,
-            n_prompts=result.n_prompts,
-            offset=offset,
-            limit=limit,
-            total=len(result.features),
-            features=result.features[offset : offset + limit],
-        )
+        return _page(DFAResults, result, "features", "features", offset, limit)
 
     return router

@@ -81,14 +81,17 @@ class JobSummary(BaseModel):
     pids: list[int] = Field(default_factory=list, description="Worker processes that ran shards.")
 
     def render(self) -> str:
-        rate = self.tokens / self.seconds if self.seconds else 0.0
+        # Actor start-up (model loading) dominates short jobs, so the shard
+        # phase's own rate is the figure that says how fast the pool computes.
+        rate = self.tokens / self.drive_seconds if self.drive_seconds else 0.0
         lines = [
             f"job {self.name!r} ({self.kind}) done in {self.seconds:.1f}s → {self.store}",
             f"  prompts {self.prompts} (rejected {self.rejected}, truncated {self.truncated})",
             f"  shards {self.shards_total}: ran {self.shards_run}, reused {self.shards_reused}, "
             f"recomputed corrupt {self.shards_recomputed_corrupt}, retries {self.retries}",
-            f"  tokens {self.tokens} at {rate:,.0f} tok/s on {self.actors} actor(s), "
-            f"{len(self.nodes)} node(s)",
+            f"  tokens {self.tokens} in {self.drive_seconds:.1f}s of shards ({rate:,.0f} tok/s) "
+            f"on {self.actors} actor(s), {len(self.nodes)} node(s); "
+            f"start-up and commit {max(self.seconds - self.drive_seconds, 0.0):.1f}s",
         ]
         return "\n".join(lines)
 

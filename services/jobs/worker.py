@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
+from transformers.utils import logging as hf_logging
 
 from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.prompts import PromptRecord
@@ -72,6 +73,9 @@ class ShardWorker:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.spec = JobSpec.model_validate_json(spec_json)
+        # The driver reports the job's progress; N actors' weight-loading bars
+        # would only interleave in its log.
+        hf_logging.disable_progress_bar()
         loaded = load_model(self.spec.model)
         self.model = loaded.model
         self.saes = [load_sae(sae_spec, self.model) for sae_spec in self.spec.saes]

@@ -19,9 +19,11 @@ from pydantic import SecretStr
 
 from circuitscan.schemas.analyses import SpliceEvalRow
 from circuitscan.schemas.job_results import (
+    AblationJobResult,
     AttributionJobResult,
     DFAFeatureSummary,
     DFAJobResult,
+    FeatureDelta,
     NodeEffect,
     NodeVerification,
     SpliceEvalJobResult,
@@ -42,10 +44,15 @@ MAX_BODY = 65536  # and CIRCUITSCAN_API_MAX_BODY_BYTES=65536
 
 @pytest.fixture(scope="module")
 def store_root(tmp_path_factory, tiny_hf_model_dir) -> Path:
-    """A store root with one real store, one symlink escaping the root, one leaky store."""
+    """A store root with one real store, one symlink escaping the root, one leaky store.
+
+    Plus ``scan``: the same cache holding an ablation scan's result and nothing else.
+    """
     root = tmp_path_factory.mktemp("api_root") / "stores"
     root.mkdir()
     build_store(root / STORE, tiny_hf_model_dir)
+    shutil.copytree(root / STORE, root / "scan")
+    write_job_result(FeatureStore.open(str(root / "scan")), ABLATION)
     outside = tmp_path_factory.mktemp("outside")
     shutil.copytree(root / STORE, outside / "secret")
     (outside / "passwd").write_text("root:x:0:0")
@@ -97,6 +104,26 @@ DFA_FEATURES = [
     )
     for i in range(4)
 ]
+
+ABLATION = AblationJobResult(
+    job_hash="api-scan",
+    site=SITE,
+    mode="zero",
+    n_prompts=5,
+    n_ablations=30,
+    baseline_mean=3.1,
+    features=[
+        FeatureDelta(
+            site=SITE,
+            feature=i,
+            mean_delta=-(6 - i) / 4,
+            mean_abs_delta=(6 - i) / 4,
+            n_prompts=5,
+            n_active=5 - i % 3,
+        )
+        for i in range(6)
+    ],
+)
 
 
 def _write_results(store: FeatureStore) -> None:
@@ -242,6 +269,13 @@ def test_job_results(client):
     splice = client.get(f"{base}/splice-eval").json()
     assert splice["rows"] == [r.model_dump(mode="json") for r in SPLICE_ROWS]
     assert "no ablation_scan result" in _error(client.get(f"{base}/ablation"), 404)
+    scan = "/api/stores/scan/results"
+    assert [item["kind"] for item in client.get(scan).json()] == ["ablation_scan"]
+    ablation = client.get(f"{scan}/ablation", params={"offset": 4, "limit": 5}).json()
+    assert (ablation["site"], ablation["mode"], ablation["baseline_mean"]) == (SITE, "zero", 3.1)
+    assert (ablation["offset"], ablation["limit"], ablation["total"]) == (4, 5, 6)
+    assert ablation["features"] == [f.model_dump(mode="json") for f in ABLATION.features[4:]]
+    assert "no attribute result" in _error(client.get(f"{scan}/attribution"), 404)
     dfa = client.get(f"{base}/dfa", params={"offset": 1, "limit": 2}).json()
     assert (dfa["site"], dfa["position"], dfa["total"]) == ("L1.z", "END", len(DFA_FEATURES))
     assert dfa["features"] == [f.model_dump(mode="json") for f in DFA_FEATURES[1:3]]

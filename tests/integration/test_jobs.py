@@ -626,6 +626,11 @@ def test_cli_query_and_results_print_tables(local_ray, make_spec, tmp_path):
     summary = _cli("query", cache.store, "summary")
     assert summary.returncode == 0 and "prompts           4" in summary.stdout
 
+    # Two sites: the CLI names them instead of guessing.
+    unsure = _cli("query", cache.store, "top-examples", "--feature", "0")
+    assert unsure.returncode == 2
+    assert "this store has sites L0.resid_post, L1.z: choose one with --site" in unsure.stderr
+
     outside = _cli("query", cache.store, "features-at", "--site", "L0.resid_post",
                    "--prompt", "9", "--position", "0")  # fmt: skip
     assert outside.returncode == 2 and "out of range" in outside.stderr
