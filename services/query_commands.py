@@ -154,9 +154,9 @@ def query(
         else:
             assert feature is not None
             s = feature_summary(store, site, feature)
-            rows = [(s.site, s.feature, s.count, s.total, s.max, s.mean_when_active, s.frequency)]
             headers = ["site", "feature", "count", "total", "max", "mean_active", "frequency"]
-            typer.echo(table(headers, rows))
+            values = (s.site, s.feature, s.count, s.total, s.max, s.mean_when_active, s.frequency)
+            typer.echo(table(headers, [values]))
     except (StoreError, ValueError) as exc:
         _fail(str(exc))
 

@@ -40,8 +40,8 @@ def cache_sections(
     tokens = max(store.n_tokens(), 1)
     for site in store.layout.sites:
         index = store.feature_index(site.label)
-        order = np.argsort(-index.count, kind="stable")[:top]
-        order = [int(f) for f in order if index.count[f] > 0]
+        by_count = np.argsort(-index.count, kind="stable")[:top]
+        order = [int(f) for f in by_count if index.count[f] > 0]
         rows: list[list[object]] = []
         for feature in order:
             hits = top_examples(store, site.label, feature, 1, context=6, decode=decode)

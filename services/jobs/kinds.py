@@ -128,7 +128,7 @@ def tokenize_capped_counting(
     pad_id = (model.tokenizer.pad_token_id if model.tokenizer is not None else None) or 0
     tokens, lengths = pad_right(sequences, pad_id=pad_id, device=model.cfg.device or "cpu")
 
-    def ids(texts: list[str | None]) -> torch.Tensor | None:
+    def answer_ids(texts: list[str | None]) -> torch.Tensor | None:
         if any(text is None for text in texts):
             return None
         return torch.tensor([single_token(model, t) for t in texts], device=tokens.device)  # type: ignore[arg-type]
@@ -136,8 +136,8 @@ def tokenize_capped_counting(
     batch = TokenBatch(
         tokens=tokens,
         lengths=lengths,
-        answer=ids([r.answer for r in records]),
-        wrong=ids([r.wrong for r in records]),
+        answer=answer_ids([r.answer for r in records]),
+        wrong=answer_ids([r.wrong for r in records]),
     )
     return batch, removed
 

@@ -15,7 +15,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.jobs import (
     AblationScanParams,
     AttributeParams,
@@ -28,8 +27,6 @@ from circuitscan.schemas.models import ModelSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, SiteLayout, StoreLayout
 from circuitscan.services.jobs import aggregate
-from circuitscan.services.jobs.kind_ablation import scanned_site
-from circuitscan.services.jobs.kind_dfa import dfa_site
 from circuitscan.services.jobs.planning import plan_shards
 from circuitscan.services.jobs.progress import Progress
 from circuitscan.services.jobs.prompt_sources import load_prompts
@@ -42,14 +39,17 @@ from circuitscan.services.jobs.ray_pool import (
     fan_out,
     release_actors,
 )
+from circuitscan.services.jobs.spec_checks import (
+    JobError,
+    check_named_positions,
+    check_prompts,
+    check_sites,
+    position_notes,
+)
 from circuitscan.services.jobs.worker import ShardOutcome, WorkerInfo
 from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, StoreError
 from circuitscan.services.store.results import delete_job_result, read_result, write_job_result
-
-
-class JobError(RuntimeError):
-    """A job that cannot run as specified (empty prompt set, store conflict...)."""
 
 
 class JobSummary(BaseModel):
@@ -172,49 +172,6 @@ def _refuse_other_job(spec: JobSpec, overwrite: bool) -> None:
         )
 
 
-def _check_prompts(spec: JobSpec, records: list[PromptRecord]) -> None:
-    if not records:
-        raise JobError("the prompt set is empty: nothing to run")
-    if isinstance(spec.job, AttributeParams):
-        missing = [i for i, r in enumerate(records) if r.corrupted is None]
-        if missing:
-            raise JobError(
-                f"attribute jobs need a corrupted prompt for every prompt; {len(missing)} of "
-                f"{len(records)} have none (first: prompt {missing[0]})"
-            )
-
-
-def _check_sites(spec: JobSpec, info: WorkerInfo) -> str | None:
-    """The SAE site a kind works on, checked against the loaded SAEs before any shard runs."""
-    labels = list(info.sae_hooks)
-    try:
-        if isinstance(spec.job, AblationScanParams):
-            return scanned_site(spec, labels)
-        if isinstance(spec.job, DFAParams):
-            site = dfa_site(spec.job, [HookSite.parse(label) for label in labels]).label
-            width = info.sae_widths[site]
-            too_big = [f for f in spec.job.features or [] if f >= width]
-            if too_big:
-                raise JobError(f"dfa features {too_big} out of range: the {site} SAE has {width}")
-            return site
-    except ValueError as exc:
-        raise JobError(str(exc)) from exc
-    return None
-
-
-def _check_named_position(spec: JobSpec, kept: list[PromptRecord]) -> None:
-    position = spec.job.position if isinstance(spec.job, DFAParams) else None
-    if not isinstance(position, str) or position == "last":
-        return
-    missing = [i for i, record in enumerate(kept) if position not in record.positions]
-    if missing:
-        raise JobError(
-            f"dfa position {position!r} is not a named position of {len(missing)} of "
-            f"{len(kept)} prompts (first: prompt {missing[0]}); use 'last', an index, or a "
-            "name the prompt source gives (IOI: IO, S1, S2, END)"
-        )
-
-
 def _context(spec: JobSpec, kept: list[PromptRecord]) -> list[PromptRecord] | None:
     """Reference prompts every shard needs (one job-wide reference, not one per shard)."""
     if isinstance(spec.job, SpliceEvalParams):
@@ -276,7 +233,7 @@ def run_job(
     say = echo or (lambda _line: None)
     tokenizer = functools.partial(_tokenizer, spec.model)
     records = load_prompts(spec.prompts, tokenizer)
-    _check_prompts(spec, records)
+    check_prompts(spec, records)
     _refuse_other_job(spec, overwrite)
     connect(address)
     n_actors, use_gpu = actor_count(spec.execution, -(-len(records) // spec.shard_size))
@@ -286,8 +243,10 @@ def run_job(
         kept, rejected, truncated = select_prompts(spec, records, info.n_ctx, tokenizer())
         if not kept:
             raise JobError(f"all {len(records)} prompts exceed the token cap; nothing to run")
-        site = _check_sites(spec, info)
-        _check_named_position(spec, kept)
+        site = check_sites(spec, info)
+        check_named_positions(spec, kept)
+        for note in position_notes(spec, kept):
+            say(note)
         plans = plan_shards(len(kept), spec.shard_size)
         try:
             store = FeatureStore.create(spec.store, _layout(spec, info), overwrite=overwrite)

@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Iterable, Mapping
 from pathlib import Path
 
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.buffer.cpu import Buffer
+from zarr.core.buffer import Buffer, default_buffer_prototype
+from zarr.core.buffer.cpu import Buffer as CPUBuffer
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
@@ -161,7 +161,7 @@ def write_many(store: Store, objects: Mapping[str, bytes]) -> None:
         for key, data in objects.items():
             _write_file(paths[key], data)
         return
-    sync(_bounded(store.set(key, Buffer.from_bytes(data)) for key, data in objects.items()))
+    sync(_bounded(store.set(key, CPUBuffer.from_bytes(data)) for key, data in objects.items()))
 
 
 def read_bytes(store: Store, key: str) -> bytes | None:

@@ -84,10 +84,10 @@ def read_rows(fetch: Fetch, path: str, start: int, stop: int, meta: ArrayMeta) -
     if not meta.fast():
         objects = dict(fetch([f"{path}/zarr.json", *keys]))
         return open_array(memory_store(objects), path)[start:stop]
-    objects = fetch(keys)
+    fetched = fetch(keys)
     parts = []
     for key in keys:
-        raw = objects.get(key)
+        raw = fetched.get(key)
         if raw is None:  # zarr does not write chunks that are all fill value
             parts.append(np.full(meta.chunk, meta.fill_value, dtype=meta.dtype))
         else:

@@ -34,6 +34,7 @@ import dataclasses
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import zarr
@@ -54,6 +55,7 @@ from circuitscan.services.store.backends import delete_keys, list_keys, write_ma
 ENTRY_CHUNK = 1 << 16
 TOKEN_CHUNK = 1 << 16
 INDEX_ROW_CHUNK = 256
+Shuffle = Literal["noshuffle", "shuffle", "bitshuffle"]
 
 
 def feature_id_dtype(d_sae: int) -> np.dtype:
@@ -80,7 +82,7 @@ def values_back(raw: np.ndarray) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def _blosc(dtype: np.dtype, shuffle: str = "shuffle") -> BloscCodec:
+def _blosc(dtype: np.dtype, shuffle: Shuffle = "shuffle") -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=5, shuffle=shuffle, typesize=dtype.itemsize)
 
 
@@ -91,7 +93,7 @@ def write_array(
     *,
     delta: bool = False,
     chunk: int | tuple[int, ...] = ENTRY_CHUNK,
-    shuffle: str = "shuffle",
+    shuffle: Shuffle = "shuffle",
 ) -> None:
     """Create (or replace) ``path`` holding ``data`` with the codecs its kind calls for.
 
@@ -120,7 +122,7 @@ class ArrayWrite:
     data: np.ndarray
     delta: bool = False
     chunk: int | tuple[int, ...] = ENTRY_CHUNK
-    shuffle: str = "shuffle"
+    shuffle: Shuffle = "shuffle"
 
 
 def _delta_filters(data: np.ndarray, delta: bool) -> list[Delta] | None:
@@ -139,7 +141,7 @@ def _delta_filters(data: np.ndarray, delta: bool) -> list[Delta] | None:
 _TEMPLATES: dict[tuple[str, int, bool, str], ArrayV3Metadata] = {}
 
 
-async def _template(data: np.ndarray, delta: bool, shuffle: str) -> ArrayV3Metadata:
+async def _template(data: np.ndarray, delta: bool, shuffle: Shuffle) -> ArrayV3Metadata:
     key = (data.dtype.str, data.ndim, delta, shuffle)
     if key not in _TEMPLATES:
         scratch = await zarr_async.create_array(
@@ -210,7 +212,7 @@ def _create_array(
     *,
     delta: bool,
     chunk: int | tuple[int, ...],
-    shuffle: str = "shuffle",
+    shuffle: Shuffle = "shuffle",
 ) -> None:
     encode_arrays(store, [ArrayWrite(path, data, delta, chunk, shuffle)])
 
