@@ -9,7 +9,13 @@ from __future__ import annotations
 from collections import defaultdict
 
 from circuitscan.schemas.hooks import HookSite
-from circuitscan.schemas.jobs import AblationScanParams, AttributeParams, DFAParams, JobSpec
+from circuitscan.schemas.jobs import (
+    AblationScanParams,
+    AttributeParams,
+    CacheParams,
+    DFAParams,
+    JobSpec,
+)
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.kind_ablation import scanned_site
 from circuitscan.services.jobs.kind_dfa import dfa_site
@@ -20,9 +26,33 @@ class JobError(RuntimeError):
     """A job that cannot run as specified (empty prompt set, store conflict...)."""
 
 
+def _reads_metric(spec: JobSpec) -> bool:
+    job = spec.job
+    if isinstance(job, CacheParams):
+        return job.gradients
+    return not isinstance(job, DFAParams)
+
+
+def _check_labels(spec: JobSpec, records: list[PromptRecord]) -> None:
+    """Answer-reading metrics need their labels on every prompt (else every shard would fail)."""
+    kind = spec.metric.kind
+    if kind == "next_token_loss" or not _reads_metric(spec):
+        return
+    needed = ["answer", "wrong"] if kind == "logit_diff" else ["answer"]
+    for label in needed:
+        missing = [i for i, r in enumerate(records) if getattr(r, label) is None]
+        if missing:
+            raise JobError(
+                f"metric {kind} needs the {label!r} label on every prompt; {len(missing)} of "
+                f"{len(records)} have none (first: prompt {missing[0]}). Label the prompts "
+                "(jsonl fields answer/wrong) or use metric: {kind: next_token_loss}"
+            )
+
+
 def check_prompts(spec: JobSpec, records: list[PromptRecord]) -> None:
     if not records:
         raise JobError("the prompt set is empty: nothing to run")
+    _check_labels(spec, records)
     if isinstance(spec.job, AttributeParams):
         missing = [i for i, r in enumerate(records) if r.corrupted is None]
         if missing:

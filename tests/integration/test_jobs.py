@@ -28,6 +28,7 @@ from circuitscan.schemas.jobs import (
     JobSpec,
     JsonlSource,
 )
+from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.models import ModelSpec, SAESpec
 from circuitscan.services.jobs.ray_pool import acquire_actors, describe
 from circuitscan.services.jobs.runner import JobError, run_job
@@ -249,8 +250,16 @@ def test_cli_reports_bad_input_without_traceback(make_spec, tmp_path):
     assert "Traceback" not in invalid.stderr
 
     source = JsonlSource(kind="jsonl", path=str(_write_jsonl(tmp_path / "p.jsonl", ["Hi there."])))
+    unlabelled = tmp_path / "unlabelled.json"
+    unlabelled.write_text(make_spec(tmp_path / "store", prompts=source).model_dump_json())
+    no_answers = _cli("run", str(unlabelled))  # the default metric is logit_diff
+    assert no_answers.returncode != 0
+    assert "metric logit_diff needs the 'answer' label on every prompt" in no_answers.stderr
+    assert "Traceback" not in no_answers.stderr and not (tmp_path / "store").exists()
+
     good = tmp_path / "good.json"
-    good.write_text(make_spec(tmp_path / "store", prompts=source).model_dump_json())
+    loss = MetricSpec(kind="next_token_loss")
+    good.write_text(make_spec(tmp_path / "store", prompts=source, metric=loss).model_dump_json())
     unreachable = _cli("run", str(good), "--address", "127.0.0.1:9")
     assert unreachable.returncode != 0
     assert "cannot reach a Ray cluster at 127.0.0.1:9" in unreachable.stderr

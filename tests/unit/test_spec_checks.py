@@ -12,10 +12,12 @@ from circuitscan.schemas.jobs import (
     IOISource,
     JobSpec,
 )
+from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.spec_checks import (
     JobError,
     check_named_positions,
+    check_prompts,
     position_notes,
 )
 
@@ -78,3 +80,33 @@ def test_no_note_where_index_and_role_agree_or_positions_are_named() -> None:
     assert position_notes(named, MIXED_TEMPLATES) == []
     plain = [PromptRecord(text="x y", corrupted="x z"), PromptRecord(text="u", corrupted="v")]
     assert position_notes(_spec(AttributeParams(kind="attribute")), plain) == []
+
+
+UNLABELLED = [PromptRecord(text="one two"), PromptRecord(text="three", answer=" four")]
+
+
+@pytest.mark.parametrize(
+    ("metric", "job", "label"),
+    [
+        ("logit_diff", CacheParams(kind="cache"), "answer"),
+        ("target_logprob", AblationScanParams(kind="ablation_scan"), "answer"),
+    ],
+)
+def test_a_metric_that_reads_answers_needs_them_on_every_prompt(metric, job, label) -> None:
+    spec = _spec(job).model_copy(update={"metric": MetricSpec(kind=metric)})
+    with pytest.raises(JobError, match=rf"metric {metric} needs the '{label}' label .* 1 of 2"):
+        check_prompts(spec, UNLABELLED)
+
+
+def test_labels_are_not_needed_where_the_metric_is_not_read() -> None:
+    for job in (CacheParams(kind="cache", gradients=False), DFAParams(kind="dfa", top_features=1)):
+        check_prompts(_spec(job), UNLABELLED)
+    loss = _spec(CacheParams(kind="cache")).model_copy(
+        update={"metric": MetricSpec(kind="next_token_loss")}
+    )
+    check_prompts(loss, UNLABELLED)
+    wrong_missing = [PromptRecord(text="a", answer=" b")]
+    logprob = loss.model_copy(update={"metric": MetricSpec(kind="target_logprob")})
+    check_prompts(logprob, wrong_missing)
+    with pytest.raises(JobError, match="needs the 'wrong' label"):
+        check_prompts(_spec(CacheParams(kind="cache")), wrong_missing)
