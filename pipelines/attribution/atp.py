@@ -19,10 +19,7 @@ from circuitscan.pipelines.attribution import graddrop as gd
 from circuitscan.pipelines.attribution.errors import AttributionInputError
 from circuitscan.pipelines.attribution.inputs import (
     Answers,
-    answer_ids,
-    check_answers,
-    check_pair,
-    check_tokens,
+    checked_prompts,
 )
 from circuitscan.pipelines.attribution.nodes import NodeGroup, build_groups, select, unit_scores
 from circuitscan.pipelines.attribution.positions import remap_positions, resolve_positions
@@ -168,17 +165,13 @@ def run_atp(
     """
     method = method or AttributionMethod()
     sae_map = normalize_saes(model, saes)
-    check_tokens(clean_tokens, lengths, "clean_tokens")
-    answer = answer_ids(model, answer, "answer")
-    wrong = answer_ids(model, wrong, "wrong")
-    check_answers(model, clean_tokens.shape[0], metric, answer, wrong)
-    if corrupt_tokens is not None:
-        position_map = check_pair(
-            clean_tokens, corrupt_tokens, lengths, corrupt_lengths, position_map
-        )
-    elif position_map is not None:
+    answer, wrong, position_map = checked_prompts(
+        model, clean_tokens, lengths, metric, answer, wrong,
+        corrupt_tokens, corrupt_lengths, position_map,
+    )  # fmt: skip
+    if corrupt_tokens is None and position_map is not None:
         raise AttributionInputError("a position map needs corrupted prompts")
-    elif method.qk_fix:
+    if corrupt_tokens is None and method.qk_fix:
         raise AttributionInputError("the QK fix needs corrupted prompts")
     specs, strict = position_specs(nodes, lengths)
     positions = resolve_positions(specs, lengths, named_positions, strict=strict)

@@ -123,6 +123,34 @@ def check_answers(
             raise AnswerTokenError(f"{what} ids {ids.tolist()} are not all in 0..{vocab - 1}")
 
 
+def checked_prompts(
+    model: HookedSAETransformer,
+    clean_tokens: torch.Tensor,
+    lengths: torch.Tensor,
+    metric: MetricSpec,
+    answer: Answers,
+    wrong: Answers,
+    corrupt_tokens: torch.Tensor | None,
+    corrupt_lengths: torch.Tensor | None,
+    position_map: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The checks every engine entry point makes on its prompts: (answer ids, wrong ids, map).
+
+    The position map comes back validated (None when corrupted prompts pair one
+    to one); without corrupted prompts it is returned as given, for the caller
+    to refuse or use.
+    """
+    check_tokens(clean_tokens, lengths, "clean_tokens")
+    answer_t = answer_ids(model, answer, "answer")
+    wrong_t = answer_ids(model, wrong, "wrong")
+    check_answers(model, clean_tokens.shape[0], metric, answer_t, wrong_t)
+    if corrupt_tokens is not None:
+        position_map = check_pair(
+            clean_tokens, corrupt_tokens, lengths, corrupt_lengths, position_map
+        )
+    return answer_t, wrong_t, position_map
+
+
 def n_units(model: HookedSAETransformer, saes: Mapping[str, SAE[Any]], node: Node) -> int:
     """How many features / heads / neurons the node's kind has at its site."""
     cfg = model.cfg

@@ -28,11 +28,8 @@ from circuitscan.pipelines.attribution.errors import (
 )
 from circuitscan.pipelines.attribution.inputs import (
     Answers,
-    answer_ids,
-    check_answers,
     check_node,
-    check_pair,
-    check_tokens,
+    checked_prompts,
 )
 from circuitscan.pipelines.attribution.nodes import group_nodes
 from circuitscan.pipelines.attribution.positions import (
@@ -181,14 +178,10 @@ def exact_patch(
     if mode not in ("corrupt", "zero", "mean"):
         raise AttributionInputError(f"unknown patch mode {mode!r} (corrupt, zero or mean)")
     sae_map = normalize_saes(model, saes)
-    check_tokens(clean_tokens, lengths, "clean_tokens")
-    answer = answer_ids(model, answer, "answer")
-    wrong = answer_ids(model, wrong, "wrong")
-    check_answers(model, clean_tokens.shape[0], metric, answer, wrong)
-    if corrupt_tokens is not None:
-        position_map = check_pair(
-            clean_tokens, corrupt_tokens, lengths, corrupt_lengths, position_map
-        )
+    answer, wrong, position_map = checked_prompts(
+        model, clean_tokens, lengths, metric, answer, wrong,
+        corrupt_tokens, corrupt_lengths, position_map,
+    )  # fmt: skip
     if position_map is not None and mode != "corrupt":
         raise AttributionInputError("a position map only applies to mode='corrupt'")
     for node in nodes:
