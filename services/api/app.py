@@ -9,6 +9,7 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from circuitscan.services.api.body_limit import BodyLimitMiddleware
 from circuitscan.services.api.errors import ERROR_RESPONSES, install_error_handlers
@@ -32,7 +33,9 @@ def _version() -> str:
 
 def create_app(settings: ApiSettings) -> FastAPI:
     """A new app serving the stores under ``settings.store_root`` and, if set, Ray jobs."""
-    app = FastAPI(
+    # /docs and /redoc with their scripts served from the package, not a CDN:
+    # cluster API pods often have no way out to the internet.
+    app = FastAPIOffline(
         title="circuitscan",
         version=_version(),
         description=(

@@ -6,6 +6,7 @@ Job submission against a real Ray job server is in test_api_jobs.py.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -167,6 +168,18 @@ def _error(response: httpx.Response, status: int) -> str:
     assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"]
     assert "Traceback" not in response.text and 'File "' not in response.text
     return body["error"]
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_api_docs_load_their_scripts_from_this_server(client, page):
+    """Air-gapped clusters: the docs pages must not need a CDN."""
+    html = client.get(page)
+    assert html.status_code == 200 and "/openapi.json" in html.text
+    scripts = re.findall(r'<script src="([^"]+)"', html.text)
+    assert scripts and all(src.startswith("/") for src in scripts), scripts
+    for src in scripts:
+        asset = client.get(src)
+        assert asset.status_code == 200 and len(asset.content) > 100_000, src
 
 
 def test_openapi_documents_every_route(client):
