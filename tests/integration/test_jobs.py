@@ -655,6 +655,8 @@ def test_cli_query_and_results_print_tables(local_ray, make_spec, tmp_path):
     assert printed.returncode == 0, printed.stderr
     rows = printed.stdout.splitlines()[3:]
     assert [r.split()[1] for r in rows] == [n.node for n in top_nodes(attribute.store, 3)]
+    scores = [float(r.split()[2]) for r in rows]  # the column the ranking sorts by
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0
     assert rows[0].split()[-1] in ("confirmed", "weaker", "sign_flipped", "no_effect")
     no_result = _cli("results", cache.store)
     assert no_result.returncode == 2 and "holds no job result" in no_result.stderr
