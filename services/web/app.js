@@ -63,8 +63,16 @@ async function loadStores() {
 async function loadStore() {
   const info = await api(storePath());
   const sites = info.layout.sites.map((s) => s.label);
-  if (!sites.includes(state.site)) state.site = sites[0];
+  // Attribute stores hold job results and no SAE cache: no site, no feature to pick.
+  state.hasSites = sites.length > 0;
+  if (!sites.includes(state.site)) state.site = sites[0] ?? null;
   fillSelect($("site"), info.layout.sites.map((s) => [s.label, `${s.label} (${s.d_sae})`]), state.site);
+  $("site").disabled = $("feature").disabled = $("prompt").disabled = !state.hasSites;
+  if (!state.hasSites) {
+    state.feature = state.prompt = null;
+    fillSelect($("prompt"), [["", "—"]], "");
+    return;
+  }
   $("feature").max = String(info.layout.sites.find((s) => s.label === state.site).d_sae - 1);
   const prompts = await api(storePath() + "/prompts?limit=100");
   const options = [["", "—"]].concat(prompts.items.map((p) =>
@@ -119,18 +127,59 @@ async function showPrompt() {
   $("prompt-view").hidden = false;
 }
 
+const largest = (values) => values.reduce((best, v, i) => (Math.abs(v) > Math.abs(values[best]) ? i : best), 0);
+
+// One table per result kind: [API path under /results, title, rows, columns].
+const RESULT_VIEWS = {
+  attribute: ["attribution?limit=20", (r) => `attribute (${r.method}) · ${r.n_prompts} prompt pairs · ` +
+      `top ${r.nodes.length} of ${r.n_nodes} nodes, ${r.n_verified} verified by exact patching`, (r) => r.nodes,
+    [["node", (n) => n.node], ["mean effect", (n) => fmt(n.mean)], ["mean |estimate|", (n) => fmt(n.mean_abs)],
+     ["exact mean", (n) => (n.verification ? fmt(n.verification.exact_mean) : "—")],
+     ["status", (n) => (n.verification ? n.verification.status : "—")]]],
+  ablation_scan: ["ablation?limit=20", (r) => `ablation scan (${r.mode}) at ${r.site} · ${r.n_prompts} prompts · ` +
+      `baseline ${fmt(r.baseline_mean)}`, (r) => r.features,
+    [["feature", (f) => String(f.feature)], ["mean Δ", (f) => fmt(f.mean_delta)],
+     ["mean |Δ|", (f) => fmt(f.mean_abs_delta)], ["active", (f) => `${f.n_active}/${f.n_prompts}`]]],
+  splice_eval: ["splice-eval", (r) => `splice evaluation · ${r.n_prompts} prompts`, (r) => r.rows,
+    [["sites", (row) => row.sites.join("+") || "—"], ["variant", (row) => row.variant],
+     ["metric", (row) => fmt(row.metric_mean)], ["KL at answer", (row) => fmt(row.kl_metric_pos)]]],
+  dfa: ["dfa?limit=20", (r) => `DFA at ${r.site}, position ${r.position} · ${r.n_prompts} prompts`, (r) => r.features,
+    [["feature", (f) => String(f.feature)], ["mean activation", (f) => fmt(f.mean_activation)],
+     ["top head", (f) => `h${largest(f.head_means)} ${fmt(f.head_means[largest(f.head_means)], 3)}`],
+     ["top source", (f) => { const [role, v] = Object.entries(f.source_means)
+       .reduce((best, e) => (Math.abs(e[1]) > Math.abs(best[1]) ? e : best), ["—", 0]); return `${role} ${fmt(v, 3)}`; }]]],
+};
+
+async function resultTable(kind) {
+  const view = RESULT_VIEWS[kind];
+  if (!view) return el("p", { text: `${kind}: no view for this result kind` });
+  const [path, title, rowsOf, columns] = view;
+  const result = await api(storePath() + "/results/" + path);
+  const head = el("tr", {}, ...columns.map(([name]) => el("th", { text: name })));
+  const body = rowsOf(result).map((row) => el("tr", {}, ...columns.map(([, cell]) => el("td", { text: cell(row) }))));
+  return el("div", { class: "result", "data-kind": kind }, el("h3", { text: title(result) }),
+            el("table", {}, el("thead", {}, head), el("tbody", {}, ...body)));
+}
+
+async function showResults() {
+  const held = await api(storePath() + "/results");
+  $("results").replaceChildren(...await Promise.all(held.map((item) => resultTable(item.kind))));
+  $("results-view").hidden = held.length === 0;
+}
+
 async function render() {
   document.body.dataset.state = "loading";
   syncUrl();
   try {
     setStatus("loading…");
-    const work = [];
+    const work = [showResults()];
     $("feature-view").hidden = state.feature === null || state.feature === "";
     $("prompt-view").hidden = state.prompt === null || state.prompt === "";
     if (!$("feature-view").hidden) work.push(showFeature());
     if (!$("prompt-view").hidden) work.push(showPrompt());
     await Promise.all(work);
-    setStatus(work.length ? "" : "pick a feature or a prompt");
+    const picked = !$("feature-view").hidden || !$("prompt-view").hidden;
+    setStatus(picked || !state.hasSites ? "" : "pick a feature or a prompt");
     document.body.dataset.state = "ready";
   } catch (error) {
     setStatus(error.message, true);

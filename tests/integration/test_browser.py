@@ -19,10 +19,23 @@ import pytest
 from api_server import SITES, build_store, thread_server
 from PIL import Image
 
+from circuitscan.schemas.analyses import SpliceEvalRow
+from circuitscan.schemas.job_results import (
+    AblationJobResult,
+    AttributionJobResult,
+    DFAFeatureSummary,
+    DFAJobResult,
+    FeatureDelta,
+    NodeEffect,
+    NodeVerification,
+    SpliceEvalJobResult,
+)
 from circuitscan.schemas.models import ModelSpec
+from circuitscan.schemas.store import StoreLayout
 from circuitscan.services.api import ApiSettings
 from circuitscan.services.model_loading import load_tokenizer
-from circuitscan.services.store import feature_summary, features_at, top_examples
+from circuitscan.services.store import FeatureStore, feature_summary, features_at, top_examples
+from circuitscan.services.store.results import write_job_result
 
 pytestmark = pytest.mark.integration
 
@@ -113,3 +126,67 @@ def test_feature_browser_renders_store_content(browser_store, tmp_path, tiny_hf_
     keep = os.environ.get("CIRCUITSCAN_SCREENSHOT_DIR")
     if keep:  # for looking at the page by eye
         shutil.copy(shot, Path(keep) / "browser.png")
+
+
+def _results_only_store(path: Path) -> None:
+    """A store as an attribute job leaves it (prompts, no SAE cache), holding every result kind."""
+    layout = StoreLayout(
+        sites=[], shard_size=4, model_fingerprint="tiny-llama", job_hash="browser-results",
+        job_spec={"name": "attr", "job": {"kind": "attribute"}},
+    )  # fmt: skip
+    store = FeatureStore.create(str(path), layout)
+    verified = NodeVerification(
+        exact_mean=-1.5, exact_mean_abs=1.5, n_prompts=4, status="confirmed"
+    )
+    nodes = [
+        NodeEffect(
+            node="z:L1:0@END", mean=-1.25, mean_abs=1.25, n_prompts=4, verification=verified
+        ),
+        NodeEffect(node="k:L0:1@IO", mean=0.5, mean_abs=0.75, n_prompts=4),
+    ]
+    results = [
+        AttributionJobResult(
+            job_hash="r", method="atpstar", n_prompts=4, n_nodes=96, n_verified=1, top=nodes
+        ),
+        AblationJobResult(
+            job_hash="r", site=SITE, mode="zero", n_prompts=4, n_ablations=8, baseline_mean=2.0,
+            features=[FeatureDelta(site=SITE, feature=17, mean_delta=-0.3, mean_abs_delta=0.4,
+                                   n_prompts=4, n_active=3)],
+        ),
+        SpliceEvalJobResult(job_hash="r", n_prompts=4, reference_prompts=4, rows=[
+            SpliceEvalRow(sites=[SITE], variant="spliced", n_prompts=4, metric_mean=1.5,
+                          metric_std=0.2, kl_metric_pos=0.125),
+        ]),
+        DFAJobResult(job_hash="r", site=SITE, position="END", n_prompts=4, features=[
+            DFAFeatureSummary(feature=5, n_prompts=4, mean_activation=2.0, mean_pre_activation=2.0,
+                              bias=0.0, head_means=[0.25, -1.5], source_means={"S1": 1.75}),
+        ]),
+    ]  # fmt: skip
+    for result in results:
+        write_job_result(store, result)
+
+
+def test_browser_shows_the_job_results_of_a_store_without_a_cache(tmp_path):
+    chromium = _chromium()
+    root = tmp_path / "stores"
+    _results_only_store(root / "attr")
+    with thread_server(ApiSettings(store_root=root)) as url:
+        dumped = _run_chromium(
+            chromium, tmp_path / "profile", "--dump-dom", f"{url}/web/?store=attr"
+        )
+    dom = dumped.stdout
+    assert 'data-state="ready"' in dom, (dumped.stderr[-2000:], dom[-3000:])
+    assert '<p id="status" role="status" class="">' in dom  # no error, nothing to pick
+    assert re.search(r'<select id="site" name="site" disabled=""', dom)
+    kinds = re.findall(r'<div class="result" data-kind="([a-z_]+)">', dom)
+    assert sorted(kinds) == ["ablation_scan", "attribute", "dfa", "splice_eval"]
+    cells = [html.unescape(c) for c in re.findall(r"<td>([^<]*)</td>", dom)]
+    for expected in (
+        ["z:L1:0@END", "-1.25", "1.25", "-1.5", "confirmed"],
+        ["k:L0:1@IO", "0.5", "0.75", "—", "—"],
+        ["17", "-0.3", "0.4", "3/4"],
+        [SITE, "spliced", "1.5", "0.125"],
+        ["5", "2", "h1 -1.5", "S1 1.75"],
+    ):
+        assert any(cells[i : i + len(expected)] == expected for i in range(len(cells))), expected
+    assert "2 nodes" not in dom and "top 2 of 96 nodes, 1 verified" in dom
