@@ -62,6 +62,10 @@ class AttributionJobResult(BaseModel):
         "n_prompts), best first."
     )
 
+    def rank_score(self, effect: NodeEffect) -> float:
+        """The key ``top`` is sorted by, as a mean over all prompts (0 where the node is absent)."""
+        return effect.mean_abs * effect.n_prompts / max(self.n_prompts, 1)
+
 
 class FeatureDelta(BaseModel):
     """Exact effect of ablating one SAE feature, aggregated over prompts."""

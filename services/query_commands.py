@@ -193,10 +193,8 @@ def results(
         rows = []
         for rank, e in enumerate(result.top[:top], start=1):
             v = e.verification
-            # The rank's own key: mean_abs counted as 0 on prompts lacking the node.
-            score = e.mean_abs * e.n_prompts / max(result.n_prompts, 1)
             rows.append(
-                (rank, e.node, score, e.mean, e.mean_abs, e.n_prompts)
+                (rank, e.node, result.rank_score(e), e.mean, e.mean_abs, e.n_prompts)
                 + ((v.exact_mean, v.status) if v else (None, None))
             )
         headers = ["rank", "node", "score", "mean", "mean_abs", "prompts", "exact_mean", "status"]
