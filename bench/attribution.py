@@ -22,7 +22,10 @@ On the default model (SmolLM2-135M-Instruct, 30 layers) with its default SAEs
   k/v at IO and S1; features: every feature of both L15 SAEs at IO, S1, S2,
   END), nodes ranked by mean |effect| over 8 prompt pairs (mixed templates),
   with recall@10 and the cost of verified recall printed alongside, and the
-  true top-20 nodes each method missed with their estimated rank.
+  true top-20 nodes each method missed with their estimated rank and their
+  exact effect with every later attention pattern frozen (how much of it
+  later heads carry by attending differently, which no first-order estimate
+  at the clean point sees once those softmaxes saturate).
 
 Ends with one JSON object on its last line.
 """
@@ -52,6 +55,7 @@ from circuitscan.pipelines.attribution.evaluation import (
     METHODS,
     RankingComparison,
     compare_rankings,
+    frozen_pattern_truth,
     ioi_feature_selections,
     ioi_head_selections,
     ioi_pairs,
@@ -202,7 +206,12 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
-def report(label: str, comparison: RankingComparison, subsets: int = 1) -> None:
+def report(
+    label: str,
+    comparison: RankingComparison,
+    frozen: dict[int, float],
+    subsets: int = 1,
+) -> None:
     n_true = int((comparison.truth > 0).sum())
     print(f"  {label}: {len(comparison.nodes)} nodes ({n_true} with nonzero exact effect)")
     for name in comparison.estimates:
@@ -224,9 +233,9 @@ def report(label: str, comparison: RankingComparison, subsets: int = 1) -> None:
         rank[estimate.argsort(descending=True)] = torch.arange(len(rank))
         missed = [
             f"{comparison.nodes[i]} (true {float(comparison.truth[i]):.3f}, "
+            f"later patterns frozen {float(frozen[i]):.3f}, "
             f"estimate {float(estimate[i]):.3f}, ranked {int(rank[i]) + 1})"
-            for i in truth_order[:20].tolist()
-            if rank[i] >= 20
+            for i in comparison.misses(name, 20)
         ]
         print(f"    {name} misses of the true top-20: {', '.join(missed) or 'none'}")
     if subsets > 1:
@@ -237,6 +246,29 @@ def report(label: str, comparison: RankingComparison, subsets: int = 1) -> None:
             print(f"    {name} recall@20 on {subsets} disjoint subsets of {size} prompts: "
                   + ", ".join(f"{r:.2f}" for r in recalls)
                   + f" (mean {statistics.mean(recalls):.3f})")  # fmt: skip
+
+
+def explain_misses(model, saes, pairs, comparison: RankingComparison) -> dict[int, float]:
+    """Mean |Δm| with later attention patterns frozen, for every node some method missed."""
+    missed = sorted({i for name in comparison.estimates for i in comparison.misses(name, 20)})
+    if not missed:
+        return {}
+    frozen = frozen_pattern_truth(model, saes, pairs, [comparison.nodes[i] for i in missed])
+    return dict(zip(missed, frozen.tolist(), strict=True))
+
+
+def pattern_mediated(
+    comparison: RankingComparison, frozen: dict[int, float], method: str
+) -> tuple[int, int]:
+    """(misses of the true top-20, those whose mean |Δm| moves by more than half when later
+    attention patterns are frozen): how many misses later heads' attention explains."""
+    missed = comparison.misses(method, 20)
+    moved = [
+        i
+        for i in missed
+        if abs(frozen[i] - float(comparison.truth[i])) > 0.5 * float(comparison.truth[i])
+    ]
+    return len(missed), len(moved)
 
 
 def main() -> None:
@@ -293,10 +325,14 @@ def main() -> None:
     print(f"IOI rankings vs exhaustive exact patching ({args.recall_prompts} prompt pairs):")
     pairs = ioi_pairs(model, args.recall_prompts)
     heads = compare_rankings(model, saes, pairs, ioi_head_selections())
-    report("heads", heads, args.recall_subsets)
+    heads_frozen = explain_misses(model, saes, pairs, heads)
+    report("heads", heads, heads_frozen, args.recall_subsets)
     sites = [item.site.label for item in loaded]
     features = compare_rankings(model, saes, pairs, ioi_feature_selections(sites))
-    report("features", features, args.recall_subsets)
+    report("features", features, explain_misses(model, saes, pairs, features), args.recall_subsets)
+    n_missed, n_mediated = pattern_mediated(heads, heads_frozen, "atpstar")
+    print(f"  AtP* misses {n_missed} of the true top-20 heads; {n_mediated} of them change their "
+          "mean |Δm| by more than half when later attention patterns are frozen")  # fmt: skip
     print(f"total {time.perf_counter() - start:.1f}s")
     print(json.dumps({
         "atp_forward_equivalents": _rounded(equivalents["atp"]),
@@ -307,6 +343,8 @@ def main() -> None:
         "recall_at_20_features_atpstar": features.recall("atpstar", 20),
         "recall_at_20_heads_atp": heads.recall("atp", 20),
         "recall_at_20_features_atp": features.recall("atp", 20),
+        "heads_atpstar_misses": n_missed,
+        "heads_atpstar_misses_pattern_mediated": n_mediated,
     }))  # fmt: skip
 
 

@@ -67,6 +67,12 @@ class RankingComparison:
     def cost(self, method: str, k: int) -> int | None:
         return self.reports[method][k].cost_of_verified_recall
 
+    def misses(self, method: str, k: int) -> list[int]:
+        """Indices of the true top-K nodes outside ``method``'s top-K, in true order."""
+        truth_order = self.truth.argsort(descending=True, stable=True)[:k].tolist()
+        estimated = set(self.estimates[method].argsort(descending=True, stable=True)[:k].tolist())
+        return [index for index in truth_order if index not in estimated]
+
     def subset_recalls(self, method: str, k: int, n_subsets: int) -> list[float]:
         """Recall@K of ``method`` on each of ``n_subsets`` disjoint, equal, consecutive prompt
         subsets: how much the figure moves with the prompts drawn."""
@@ -174,6 +180,38 @@ def compare_rankings(
         name: {k: verify(estimate, truth, k) for k in ks} for name, estimate in estimates.items()
     }
     return RankingComparison(nodes, truth, estimates, reports, seconds, exact, per_prompt)
+
+
+def frozen_pattern_truth(
+    model: HookedSAETransformer,
+    saes: SaeMap | None,
+    pairs: PromptPairs,
+    nodes: Sequence[Node],
+    *,
+    metric: MetricSpec | None = None,
+    batch_size: int = 64,
+) -> Float[torch.Tensor, " n_nodes"]:
+    """Mean |Δm| of each node patched exactly with every later attention pattern frozen.
+
+    Next to the unfrozen truth it tells how much of a node's effect later
+    heads carry by attending differently: the part a first-order estimate at
+    the clean point misses when those softmaxes saturate.
+    """
+    exact = exact_patch(
+        model,
+        saes,
+        pairs.clean,
+        pairs.lengths,
+        metric or MetricSpec(),
+        pairs.answer,
+        pairs.wrong,
+        nodes,
+        corrupt_tokens=pairs.corrupt,
+        named_positions=pairs.named_positions,
+        batch_size=batch_size,
+        freeze_later_patterns=True,
+    )
+    return exact.abs().nanmean(0).nan_to_num(0.0)
 
 
 def ioi_head_selections(layers: Sequence[int] | None = None) -> list[NodeSelection]:

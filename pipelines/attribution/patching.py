@@ -45,6 +45,7 @@ from circuitscan.pipelines.attribution.suffix import (
 )
 from circuitscan.pipelines.metrics import read_positions
 from circuitscan.schemas.attribution import Node, PatchMode
+from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 
 Key = tuple[str, str]
@@ -157,6 +158,7 @@ def exact_patch(
     position_map: Int[torch.Tensor, "batch seq"] | None = None,
     batch_size: int = 64,
     skip_unchanged: bool = True,
+    freeze_later_patterns: bool = False,
 ) -> Float[torch.Tensor, "batch n_nodes"]:
     """Δm = m(patched) − m(clean) in metric units, one node patched at a time.
 
@@ -170,6 +172,13 @@ def exact_patch(
     metric reads) are exactly 0 and are not run unless ``skip_unchanged`` is
     False. ``position_map`` pairs clean positions with corrupted ones when
     their lengths differ (as in :func:`run_atp`); unpaired positions are 0.
+
+    ``freeze_later_patterns`` holds the attention pattern of every block after
+    the node's own block at its clean value: Δm through everything but later
+    attention patterns. Its gap to the unfrozen Δm is the part of the effect
+    that later heads carry by attending differently, which no linearisation
+    at the clean point (AtP, or AtP*'s QK fix on the node's own head) sees
+    once those softmaxes saturate.
     """
     if not nodes:
         raise NodeSelectionError("no nodes to patch: the node list is empty")
@@ -216,6 +225,7 @@ def exact_patch(
                 for key, value in sources.items()
             }
         resid = cache_residuals(model, clean_tokens, [*node_start, n_layers])
+        patterns = clean_patterns(model, clean_tokens) if freeze_later_patterns else None
         base = suffix_metric(
             model,
             resid[n_layers],
@@ -252,6 +262,8 @@ def exact_patch(
                 node_ix = torch.tensor([n for _, _, n in chunk])
                 pos = positions[prompt, node_ix]
                 raw_edits, sae_edits = _edits(nodes, by_group, sources, mode, prompt, node_ix, pos)
+                if patterns is not None:
+                    raw_edits.update(_frozen_after(patterns, layer, prompt))
                 hooks = build_hooks(sae_map, Recorder(), raw_edits=raw_edits, sae_edits=sae_edits)
                 value = suffix_metric(
                     model,
@@ -266,6 +278,41 @@ def exact_patch(
                 )
                 out[prompt, node_ix] = (value - base[prompt]).to(out.dtype)
     return out
+
+
+def clean_patterns(
+    model: HookedSAETransformer, tokens: Int[torch.Tensor, "batch seq"]
+) -> dict[int, Float[torch.Tensor, "batch head query key"]]:
+    """Every block's attention pattern on ``tokens`` (SAE splices leave them unchanged)."""
+    out: dict[int, torch.Tensor] = {}
+    names = {HookSite(layer=layer, point="pattern").hook_name: layer
+             for layer in range(model.cfg.n_layers)}  # fmt: skip
+
+    def keep(x: torch.Tensor, hook: Any) -> None:
+        out[names[hook.name]] = x.detach()
+
+    with torch.no_grad(), model.hooks(fwd_hooks=[(name, keep) for name in names]):
+        model(tokens, return_type=None)
+    return out
+
+
+def _frozen_after(
+    patterns: Mapping[int, torch.Tensor], layer: int, prompt: torch.Tensor
+) -> dict[str, Any]:
+    """Raw edits replacing each later block's pattern by the clean one of each row's prompt."""
+
+    def frozen(x: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        # Suffix passes may stop at the last position the metric reads; causal
+        # rows before that cut are the full pass's rows.
+        return clean[..., : x.shape[-2], : x.shape[-1]].to(x.dtype)
+
+    return {
+        HookSite(layer=later, point="pattern").hook_name: (
+            lambda x, clean=patterns[later][prompt]: frozen(x, clean)
+        )
+        for later in patterns
+        if later > layer
+    }
 
 
 def _edits(

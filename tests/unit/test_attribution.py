@@ -285,3 +285,6 @@ def test_subset_recalls_rescore_disjoint_prompt_subsets():
     assert comparison.subset_recalls("atp", 2, 2) == [0.5, 0.5]  # the estimate ranks node 2 second
     with pytest.raises(ValueError, match="cannot cut 4 prompts into 5"):
         comparison.subset_recalls("atp", 1, 5)
+    # Over all prompts the true top-2 is nodes 0 and 1; the estimate's is 0 and 2.
+    assert comparison.misses("atp", 2) == [1]
+    assert comparison.misses("atp", 3) == []

@@ -86,6 +86,66 @@ def test_exact_patch_matches_transformer_lens_patching(kind, tl_patch, gqa):
     torch.testing.assert_close(ours, reference.to(ours.dtype), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "kind,tl_patch", TL_PATCHERS, ids=lambda v: v if isinstance(v, str) else None
+)
+def test_frozen_later_patterns_match_transformer_lens_patching_with_frozen_patterns(kind, tl_patch):
+    """freeze_later_patterns: Δm equals TransformerLens's patching with every later block's
+    attention pattern pinned to its clean value by a permanent hook, node by node.
+
+    The prompts are shorter than the padded sequence, so our suffix passes cut
+    their rows at the last position the metric reads while TransformerLens
+    runs them whole.
+    """
+    model = build_tiny_model(n_layers=3, normalization="LN")
+    clean, corrupt, _, answer, wrong = _equal_length_pair()
+    lengths = torch.tensor([4, 3])
+    _, clean_cache = model.run_with_cache(clean)
+    _, corrupt_cache = model.run_with_cache(corrupt)
+    with torch.no_grad():
+        base = metric_per_prompt(model(clean), METRIC, lengths=lengths, answer=answer, wrong=wrong)
+
+    def metric(logits: torch.Tensor) -> torch.Tensor:
+        per = metric_per_prompt(logits, METRIC, lengths=lengths, answer=answer, wrong=wrong)
+        return (per - base).sum()
+
+    n_layers = model.cfg.n_layers
+    reference = []
+    for layer in range(n_layers):
+        for later in range(layer + 1, n_layers):
+            model.add_hook(
+                f"blocks.{later}.attn.hook_pattern",
+                lambda x, hook: clean_cache[hook.name],
+                is_permanent=True,
+            )
+        try:
+            reference.append(tl_patch(model, clean, corrupt_cache, metric)[layer])
+        finally:
+            model.reset_hooks(including_permanent=True)
+    # Positions past every prompt's end are not nodes; past one prompt's end, NaN (no effect).
+    seq, n_units = int(lengths.max()), reference[0].shape[1]
+    reference = [values[:seq] for values in reference]
+    nodes = [
+        Node(kind=kind, layer=layer, index=unit, position=pos)
+        for layer in range(n_layers)
+        for pos in range(seq)
+        for unit in range(n_units)
+    ]
+    args = (model, None, clean, lengths, METRIC, answer, wrong, nodes)
+    frozen = exact_patch(*args, corrupt_tokens=corrupt, freeze_later_patterns=True)
+    free = exact_patch(*args, corrupt_tokens=corrupt)
+    frozen, free = frozen.nan_to_num(0.0).sum(0), free.nan_to_num(0.0).sum(0)
+    torch.testing.assert_close(
+        frozen.reshape(n_layers, seq, n_units),
+        torch.stack(reference).to(frozen.dtype),
+        atol=1e-9,
+        rtol=1e-7,
+    )
+    by_layer = (frozen - free).abs().reshape(n_layers, -1).amax(1)
+    assert float(by_layer[-1]) == 0.0  # nothing comes after the last block
+    assert float(by_layer[0]) > 1e-3  # later patterns do carry part of early nodes' effects
+
+
 def test_exact_patch_mlp_matches_generic_activation_patch():
     """Whole-MLP nodes (mlp_post at a position) against generic_activation_patch."""
     model = build_tiny_model(normalization="LN")
