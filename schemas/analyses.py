@@ -1,4 +1,5 @@
-"""Results of the circuit analyses: splice evaluation, head→feature→logit, DFA, QK pairs.
+"""Results of the circuit analyses: splice evaluation, head→feature→logit, DFA, QK pairs,
+and the patch path of nodes an attribution estimate gets wrong.
 
 Plain JSON-serialisable pydantic models, so the store and the report writer
 can keep and render them without torch.
@@ -158,6 +159,37 @@ class QKVarianceExplained(_Frozen):
     )
 
 
+PerPrompt = list[float | None]  # one value per prompt; None where the node is absent
+
+
+class PatchPathNode(_Frozen):
+    """One node's exact, frozen-pattern and partial patches beside its estimates."""
+
+    node: str = Field(description="The node (see circuitscan.schemas.attribution.Node).")
+    exact: PerPrompt = Field(description="Δm of the full patch, metric units, per prompt.")
+    frozen_later_patterns: PerPrompt = Field(
+        description="Δm of the full patch with every later block's attention pattern frozen "
+        "at its clean value, per prompt."
+    )
+    partial: list[PerPrompt] = Field(
+        description="Δm/f of the patch taken a fraction f of the way, per fraction (in the "
+        "output's order) and prompt; tends to AtP's derivative as f → 0."
+    )
+    estimates: dict[str, PerPrompt] = Field(
+        description="Signed estimate per method (atp, atpstar: QK-fixed), per prompt."
+    )
+    ranking_scores: dict[str, PerPrompt] = Field(
+        description="What each method ranks by, per prompt (AtP*: GradDrop's magnitude)."
+    )
+    mean_abs_exact: float = Field(description="Mean |exact Δm| over prompts.")
+    mean_abs_frozen: float = Field(description="Mean |Δm| with later patterns frozen.")
+    sign_changes: int = Field(
+        ge=0,
+        description="Prompts where Δm/f at the smallest fraction and the full Δm differ in "
+        "sign: no first-order estimate at the clean point gets these right.",
+    )
+
+
 class AnalysisContext(_Frozen):
     """What an analysis ran on: enough to rerun it."""
 
@@ -223,3 +255,13 @@ class QKPairsOutput(_Frozen):
     mean_attention: float = Field(description="The head's mean attention weight dest→src.")
     tables: list[QKPairTable] = Field(description="One pair table per prompt.")
     variance: QKVarianceExplained = Field(description="Variance explained by the top pairs.")
+
+
+class PatchPathOutput(_Frozen):
+    """Why estimates and exact patching disagree on some nodes, over a prompt set."""
+
+    kind: Literal["patch_path"] = Field(default="patch_path", description="Output kind.")
+    context: AnalysisContext = Field(description="Model, SAEs and prompts.")
+    corruption: str = Field(description="What the corrupted prompts are (e.g. IOI's ABC).")
+    fractions: list[float] = Field(description="Partial-patch fractions, increasing.")
+    nodes: list[PatchPathNode] = Field(description="One entry per node asked for.")

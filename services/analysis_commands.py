@@ -36,7 +36,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 # --- CLI ------------------------------------------------------------------------------
 
 analyze_app = typer.Typer(
-    help="Circuit analyses on IOI prompts: splice eval, head→feature→logit, DFA, QK pairs.",
+    help="Circuit analyses on IOI prompts: splice eval, head→feature→logit, DFA, QK pairs, "
+    "and the patch path of nodes attribution gets wrong.",
     no_args_is_help=True,
 )
 
@@ -101,7 +102,7 @@ def _run_command(
 
 
 _SECTION_ARG = {"splice_eval": "splice", "head_feature_logit": "hfl", "dfa": "dfa",
-                "qk_pairs": "qk"}  # fmt: skip
+                "qk_pairs": "qk", "patch_path": "path"}  # fmt: skip
 
 
 @analyze_app.command("splice-eval")
@@ -167,6 +168,32 @@ def qk_pairs_command(
     _run_command("qk-pairs", out, prompts, seed, store, model, sae,
                  lambda s: _runs().run_qk_pairs(
                      s, site=site, head=head, dest=dest, src=src, top_n=top_n))  # fmt: skip
+
+
+@analyze_app.command("patch-path")
+def patch_path_command(
+    nodes: list[str] = typer.Argument(
+        ..., help="Nodes, e.g. v:L16:0@S1 z:L19:2@END feature:L15.resid_post:302@S2."),
+    out: Path | None = _OUT, prompts: int = _PROMPTS, seed: int = _SEED,
+    store: str | None = _STORE, model: str | None = _MODEL, sae: list[str] | None = _SAES,
+    fraction: list[float] | None = typer.Option(
+        None, "--fraction", help="Partial-patch fraction in (0, 1], repeatable "
+        "(default 0.05, 0.25, 0.5, 0.75)."),
+) -> None:  # fmt: skip
+    """Why AtP/AtP* and exact patching disagree on nodes: frozen-pattern and partial patches."""
+    from circuitscan.schemas.attribution import Node
+
+    try:  # before the model loads: a typo should not cost a minute
+        for text in nodes:
+            Node.parse(text)
+        for value in fraction or []:
+            if not 0.0 < value <= 1.0:
+                raise ValueError(f"--fraction must be in (0, 1], got {value}")
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
+    _run_command("patch-path", out, prompts, seed, store, model, sae,
+                 lambda s: _runs().run_patch_path(s, nodes, fractions=fraction))  # fmt: skip
 
 
 @analyze_app.command("ioi-report")

@@ -7,6 +7,7 @@ Python API::
     hfl = run_head_feature_logit(setup)                 -> HeadFeatureLogitOutput
     tree = run_dfa(setup)                               -> DFAOutput
     qk = run_qk_pairs(setup)                            -> QKPairsOutput
+    path = run_patch_path(setup, ["v:L16:0@S1"])        -> PatchPathOutput
     sections = report_sections(out_dir, splice=..., hfl=..., dfa=..., qk=...)
     write_report(out_dir, sections, title=...)          (circuitscan.services.reports)
 
@@ -41,19 +42,25 @@ from circuitscan.pipelines.analyses import (
     splice_eval,
 )
 from circuitscan.pipelines.analyses.feature_choice import feature_attributions
+from circuitscan.pipelines.attribution import patch_path
+from circuitscan.pipelines.attribution.patch_path import DEFAULT_FRACTIONS
 from circuitscan.pipelines.batching import TokenBatch, tokenize_prompts
 from circuitscan.pipelines.tasks.ioi import generate_ioi
 from circuitscan.schemas.analyses import (
     AnalysisContext,
     DFAOutput,
     HeadFeatureLogitOutput,
+    PatchPathNode,
+    PatchPathOutput,
     QKPairsOutput,
     SpliceEvalOutput,
 )
+from circuitscan.schemas.attribution import Node
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.reports import Section, report_sections, write_report
+from circuitscan.services.reports.analysis_sections import patch_path_table
 
 Echo = Callable[[str], None]
 METRIC = MetricSpec()  # logit difference answer − wrong at the last token
@@ -315,6 +322,53 @@ def run_qk_pairs(
 # --- output ---------------------------------------------------------------------------
 
 
+def _per_prompt(values: torch.Tensor) -> list[float | None]:
+    return [None if v != v else float(v) for v in values.tolist()]
+
+
+def run_patch_path(
+    setup: Setup, nodes: list[str], *, fractions: list[float] | None = None
+) -> PatchPathOutput:
+    """Exact, frozen-pattern and partial patches of ``nodes`` (e.g. ``v:L16:0@S1``) on the
+    clean/ABC-corrupted prompt pairs, beside their AtP and AtP* estimates."""
+    if not nodes:
+        raise AnalysisInputError("name at least one node, e.g. v:L16:0@S1")
+    parsed = [Node.parse(text) for text in nodes]
+    b, ref = setup.batch, setup.reference
+    if not torch.equal(b.lengths, ref.lengths):
+        bad = int(torch.nonzero(b.lengths != ref.lengths)[0, 0])
+        raise AnalysisInputError(
+            f"prompt {bad}'s corrupted version has {int(ref.lengths[bad])} tokens, the clean one "
+            f"{int(b.lengths[bad])}: patching pairs positions one to one"
+        )
+    path = patch_path(
+        setup.model, setup.saes, b.tokens, ref.tokens, b.lengths, METRIC, b.answer, b.wrong,
+        parsed, named_positions=[dict(r.positions) for r in setup.records],
+        fractions=fractions or DEFAULT_FRACTIONS,
+    )  # fmt: skip
+    flips = path.sign_changes()
+    entries = [
+        PatchPathNode(
+            node=str(node),
+            exact=_per_prompt(path.exact[:, i]),
+            frozen_later_patterns=_per_prompt(path.frozen[:, i]),
+            partial=[_per_prompt(step[:, i]) for step in path.partial],
+            estimates={name: _per_prompt(v[:, i]) for name, v in path.estimates.items()},
+            ranking_scores={name: _per_prompt(v[:, i]) for name, v in path.scores.items()},
+            mean_abs_exact=float(path.exact[:, i].abs().nanmean()),
+            mean_abs_frozen=float(path.frozen[:, i].abs().nanmean()),
+            sign_changes=int(flips[i]),
+        )
+        for i, node in enumerate(path.nodes)
+    ]
+    return PatchPathOutput(
+        context=setup.context,
+        corruption="IOI ABC prompts (IO, S1, S2 replaced by three other names)",
+        fractions=path.fractions,
+        nodes=entries,
+    )
+
+
 def save_outputs(
     out_dir: Path, outputs: list[Any], sections: list[Section], title: str,
     store: str | None = None,
@@ -418,6 +472,8 @@ def summary_lines(output: Any) -> str:
             f"{r.site}#{r.feature} at pos {r.dest_pos}: pre-activation {r.pre_activation:.4f}, "
             f"tree sum error {output.max_sum_error:.2e}\n" + render_dfa_text(output.tree, 2)
         )
+    if isinstance(output, PatchPathOutput):
+        return format_table(*patch_path_table(output))
     if isinstance(output, QKPairsOutput):
         v = output.variance
         cols = ["query", "key", "mean contribution", "variance share", "cum. explained"]

@@ -10,9 +10,14 @@ counting real tokens, BOS included; scores in metric units):
   *, named_positions=None) -> AttributionResult`` — a·∂m/∂a on single prompts.
 - ``exact_patch(model, saes, clean_tokens, lengths, metric, answer, wrong, nodes: list[Node],
   *, mode='corrupt'|'zero'|'mean', corrupt_tokens=None, reference_tokens=None,
-  reference_lengths=None, named_positions=None, batch_size=64, skip_unchanged=True)
-  -> Tensor[batch, n_nodes]`` — true Δm per (prompt, node), many patches per forward
-  pass; each reruns only the blocks from the node's own on, up to the metric's position.
+  reference_lengths=None, named_positions=None, batch_size=64, skip_unchanged=True,
+  freeze_later_patterns=False, fraction=1.0) -> Tensor[batch, n_nodes]`` — true Δm per
+  (prompt, node), many patches per forward pass; each reruns only the blocks from the
+  node's own on, up to the metric's position. Optionally with every later attention
+  pattern frozen at its clean value, or only a fraction of the way to the patch value.
+- ``patch_path(model, saes, clean_tokens, corrupt_tokens, lengths, metric, answer, wrong,
+  nodes, *, named_positions=None, fractions=(0.05, 0.25, 0.5, 0.75)) -> PatchPath`` —
+  why an estimate misses a node: exact, frozen-pattern and partial patches beside AtP/AtP*.
 - ``verify(estimate, truth, k, budget=None) -> VerificationReport`` and
   ``verify_by_patching(...)`` — recall@K and cost of verified recall.
 - ``ablation_scan(model, sae, site, tokens, lengths, metric, answer, wrong, *, mode,
@@ -36,6 +41,7 @@ from circuitscan.pipelines.attribution.errors import (
     NodeSelectionError,
     PositionError,
 )
+from circuitscan.pipelines.attribution.patch_path import PatchPath, patch_path
 from circuitscan.pipelines.attribution.patching import exact_patch
 from circuitscan.pipelines.attribution.result import AttributionResult
 from circuitscan.pipelines.attribution.verification import (
@@ -49,11 +55,13 @@ __all__ = [
     "AttributionResult",
     "MissingSAEError",
     "NodeSelectionError",
+    "PatchPath",
     "PositionError",
     "ScanResult",
     "ablation_scan",
     "exact_patch",
     "feature_attribution",
+    "patch_path",
     "recall_at_k",
     "run_atp",
     "verify",

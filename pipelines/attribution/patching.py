@@ -159,6 +159,7 @@ def exact_patch(
     batch_size: int = 64,
     skip_unchanged: bool = True,
     freeze_later_patterns: bool = False,
+    fraction: float = 1.0,
 ) -> Float[torch.Tensor, "batch n_nodes"]:
     """Δm = m(patched) − m(clean) in metric units, one node patched at a time.
 
@@ -179,6 +180,11 @@ def exact_patch(
     that later heads carry by attending differently, which no linearisation
     at the clean point (AtP, or AtP*'s QK fix on the node's own head) sees
     once those softmaxes saturate.
+
+    ``fraction`` moves each node only that far from its clean value towards
+    the patch value (``a + fraction · (a' − a)``): Δm/fraction tends to the
+    derivative AtP uses as ``fraction`` → 0, so a sweep shows where along the
+    patch a node's effect stops being linear.
     """
     if not nodes:
         raise NodeSelectionError("no nodes to patch: the node list is empty")
@@ -186,6 +192,8 @@ def exact_patch(
         raise AttributionInputError(f"batch_size must be positive, got {batch_size}")
     if mode not in ("corrupt", "zero", "mean"):
         raise AttributionInputError(f"unknown patch mode {mode!r} (corrupt, zero or mean)")
+    if not 0.0 < fraction <= 1.0:
+        raise AttributionInputError(f"fraction must be in (0, 1], got {fraction}")
     sae_map = normalize_saes(model, saes)
     answer, wrong, position_map = checked_prompts(
         model, clean_tokens, lengths, metric, answer, wrong,
@@ -261,7 +269,9 @@ def exact_patch(
                 prompt = torch.tensor([b for _, b, _ in chunk])
                 node_ix = torch.tensor([n for _, _, n in chunk])
                 pos = positions[prompt, node_ix]
-                raw_edits, sae_edits = _edits(nodes, by_group, sources, mode, prompt, node_ix, pos)
+                raw_edits, sae_edits = _edits(
+                    nodes, by_group, sources, mode, prompt, node_ix, pos, fraction
+                )
                 if patterns is not None:
                     raw_edits.update(_frozen_after(patterns, layer, prompt))
                 hooks = build_hooks(sae_map, Recorder(), raw_edits=raw_edits, sae_edits=sae_edits)
@@ -323,8 +333,14 @@ def _edits(
     prompt: torch.Tensor,
     node_ix: torch.Tensor,
     pos: torch.Tensor,
+    fraction: float = 1.0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Edit functions per hook name for one expanded chunk (row r patches node_ix[r])."""
+    """Edit functions per hook name for one expanded chunk (row r patches node_ix[r]).
+
+    Each row patches one node and reruns from the node's own layer on the
+    clean stream, so the value an edit sees at the node is the clean one:
+    the partial patch needs no separate record of it.
+    """
     raw: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     sae: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
     for (kind, _, _), members in by_group.items():
@@ -359,8 +375,12 @@ def _edits(
                 continue
             new = torch.zeros((), dtype=x.dtype) if value is None else value.to(x.dtype)
             if kind in ("sae_error", "mlp"):
+                if fraction != 1.0:
+                    new = x[rows, at] + fraction * (new - x[rows, at])
                 x[rows, at] = new
             else:
+                if fraction != 1.0:
+                    new = x[rows, at, units] + fraction * (new - x[rows, at, units])
                 x[rows, at, units] = new
         return x
 

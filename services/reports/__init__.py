@@ -5,10 +5,10 @@
 - ``Section``, ``Table``, ``Figure``: what a report is made of (plain data).
 - plots (each ``(..., path) -> Path`` writing one PNG): ``attribution_bars``,
   ``atp_vs_exact_scatter``, ``splice_eval_chart``, ``dfa_heatmap``, ``qk_pair_heatmap``,
-  ``variance_explained_curve``.
+  ``variance_explained_curve``, ``patch_path_curves``.
 - ``render_dfa_text(tree)`` / ``render_dfa_html(tree)``: a DFA tree as indented text / nested
   HTML lists.
-- ``report_sections(out_dir, splice=..., hfl=..., dfa=..., qk=...)``: sections (tables, plots)
+- ``report_sections(out_dir, splice=..., hfl=..., dfa=..., qk=..., path=...)``: sections (tables, plots)
   for the analyses' outputs (``circuitscan.schemas.analyses.*Output``).
 """
 
@@ -19,6 +19,7 @@ from circuitscan.services.reports.plots import (
     atp_vs_exact_scatter,
     attribution_bars,
     dfa_heatmap,
+    patch_path_curves,
     qk_pair_heatmap,
     splice_eval_chart,
     variance_explained_curve,
@@ -31,6 +32,7 @@ __all__ = [
     "atp_vs_exact_scatter",
     "attribution_bars",
     "dfa_heatmap",
+    "patch_path_curves",
     "qk_pair_heatmap",
     "render_dfa_html",
     "render_dfa_text",

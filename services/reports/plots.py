@@ -13,6 +13,7 @@ import numpy as np
 
 from circuitscan.schemas.analyses import (
     DFAResult,
+    PatchPathNode,
     QKPairTable,
     QKVarianceExplained,
     SpliceEvalRow,
@@ -140,4 +141,29 @@ def variance_explained_curve(
     ax.set_ylabel("fraction of score variance explained")
     ax.set_title(title or f"L{result.layer}H{result.head} over {result.n_prompts} prompts")
     ax.axhline(1.0, color="k", lw=0.5, ls=":")
+    return _save(fig, path)
+
+
+def patch_path_curves(entry: PatchPathNode, fractions: Sequence[float], path: Path | str) -> Path:
+    """Δm/f against f per prompt: AtP's estimate at f = 0, the exact Δm at f = 1."""
+    steps = list(fractions)
+    partial = [list(step) for step in entry.partial]
+    if steps[-1] < 1.0:
+        steps.append(1.0)
+        partial.append(list(entry.exact))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = plt.get_cmap("tab10")
+    atp = entry.estimates.get("atp")
+    for prompt in range(len(entry.exact)):
+        ys = [step[prompt] for step in partial]
+        if any(y is None for y in ys):
+            continue
+        color = colors(prompt % 10)
+        ax.plot(steps, ys, marker="o", ms=3, lw=1, color=color)
+        if atp is not None and atp[prompt] is not None:
+            ax.plot([0.0], [atp[prompt]], marker="x", ms=7, color=color)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xlabel("fraction f of the patch")
+    ax.set_ylabel("Δmetric / f")
+    ax.set_title(f"{entry.node}: × AtP at f = 0, exact Δm at f = 1")
     return _save(fig, path)

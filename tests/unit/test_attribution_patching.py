@@ -11,11 +11,12 @@ import pytest
 import torch
 from transformer_lens import patching
 
-from circuitscan.pipelines.attribution import ablation_scan, exact_patch
+from circuitscan.pipelines.attribution import ablation_scan, exact_patch, run_atp
+from circuitscan.pipelines.attribution.errors import AttributionInputError
 from circuitscan.pipelines.attribution.splice import sae_decode, sae_encode
 from circuitscan.pipelines.metrics import metric_per_prompt
 from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
-from circuitscan.schemas.attribution import Node
+from circuitscan.schemas.attribution import Node, NodeSelection
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 
@@ -144,6 +145,54 @@ def test_frozen_later_patterns_match_transformer_lens_patching_with_frozen_patte
     by_layer = (frozen - free).abs().reshape(n_layers, -1).amax(1)
     assert float(by_layer[-1]) == 0.0  # nothing comes after the last block
     assert float(by_layer[0]) > 1e-3  # later patterns do carry part of early nodes' effects
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "zero"])
+def test_partial_patch_tends_to_the_atp_derivative(mode):
+    """Δm/fraction as fraction → 0 is the directional derivative AtP multiplies out.
+
+    Every z/q/k/v/neuron node of a float64 model with LayerNorm: at
+    fraction 1e-6 the finite difference matches run_atp's estimate to
+    1e-4 (relative), while at fraction 1 the two differ (the model is not
+    linear), so the fraction really is applied.
+    """
+    model = build_tiny_model(normalization="LN")
+    clean, corrupt, lengths, answer, wrong = _equal_length_pair()
+    selection = NodeSelection(kinds=["z", "q", "k", "v", "neuron"], positions="all")
+    result = run_atp(
+        model, None, clean, corrupt if mode == "corrupt" else None, lengths, METRIC, answer,
+        wrong, selection,
+    )  # fmt: skip
+    nodes = result.nodes()
+    kwargs = {"mode": mode, "corrupt_tokens": corrupt if mode == "corrupt" else None}
+    args = (model, None, clean, lengths, METRIC, answer, wrong, nodes)
+    small = exact_patch(*args, **kwargs, fraction=1e-6) / 1e-6
+    whole = exact_patch(*args, **kwargs)
+    estimate = result.per_prompt()
+    torch.testing.assert_close(small, estimate, rtol=1e-4, atol=1e-7)
+    assert float((whole - estimate).abs().max()) > 1e-2
+
+
+def test_partial_patch_is_linear_where_the_path_is():
+    """Attention-only, no normalisation: the last layer's z nodes reach the logits linearly,
+    so Δm(fraction) = fraction · Δm(1) exactly; layer 0's reach them through layer 1's
+    attention patterns, so theirs is not."""
+    model = build_tiny_model(normalization=None, attn_only=True)
+    clean, corrupt, lengths, answer, wrong = _equal_length_pair()
+    n_layers, n_heads, seq = model.cfg.n_layers, model.cfg.n_heads, clean.shape[1]
+    nodes = [
+        Node(kind="z", layer=layer, index=head, position=pos)
+        for layer in range(n_layers)
+        for pos in range(seq)
+        for head in range(n_heads)
+    ]
+    args = (model, None, clean, lengths, METRIC, answer, wrong, nodes)
+    whole = exact_patch(*args, corrupt_tokens=corrupt).reshape(2, n_layers, -1)
+    part = exact_patch(*args, corrupt_tokens=corrupt, fraction=0.3).reshape(2, n_layers, -1)
+    torch.testing.assert_close(part[:, -1], 0.3 * whole[:, -1], rtol=1e-9, atol=1e-12)
+    assert float((part[:, 0] - 0.3 * whole[:, 0]).abs().max()) > 1e-3
+    with pytest.raises(AttributionInputError, match="fraction must be in"):
+        exact_patch(*args, corrupt_tokens=corrupt, fraction=0.0)
 
 
 def test_exact_patch_mlp_matches_generic_activation_patch():

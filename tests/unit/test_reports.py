@@ -107,12 +107,18 @@ def test_analysis_runs_end_to_end_on_a_tiny_llama(tiny_hf_model_dir, tmp_path):
     """The service functions behind `circuitscan analyze`: IOI prompts → outputs → report."""
     import json
 
-    from circuitscan.schemas.analyses import DFAOutput, QKPairsOutput, SpliceEvalOutput
+    from circuitscan.schemas.analyses import (
+        DFAOutput,
+        PatchPathOutput,
+        QKPairsOutput,
+        SpliceEvalOutput,
+    )
     from circuitscan.schemas.models import ModelSpec
     from circuitscan.services.analysis_commands import (
         ioi_setup,
         run_dfa,
         run_head_feature_logit,
+        run_patch_path,
         run_qk_pairs,
         run_splice_eval,
         save_outputs,
@@ -146,11 +152,17 @@ def test_analysis_runs_end_to_end_on_a_tiny_llama(tiny_hf_model_dir, tmp_path):
     assert isinstance(qk, QKPairsOutput) and len(qk.tables) == 4 and qk.variance.layer == 1
     for table, record in zip(qk.tables, setup.records, strict=True):
         assert (table.dest_pos, table.src_pos) == (record.positions["S2"], record.positions["S1"])
-    outputs = [splice, hfl, tree, qk]
-    sections = report_sections(tmp_path, splice=splice, hfl=hfl, dfa=tree, qk=qk)
+    path = run_patch_path(setup, ["v:L1:0@S1", "z:L0:1@END"], fractions=[0.5, 0.1])
+    assert isinstance(path, PatchPathOutput) and path.fractions == [0.1, 0.5]
+    assert [e.node for e in path.nodes] == ["v:L1:0@S1", "z:L0:1@END"]
+    assert all(len(e.exact) == 4 and len(e.partial) == 2 for e in path.nodes)
+    assert set(path.nodes[0].ranking_scores) == {"atp", "atpstar"}
+    outputs = [splice, hfl, tree, qk, path]
+    sections = report_sections(tmp_path, splice=splice, hfl=hfl, dfa=tree, qk=qk, path=path)
     index = save_outputs(tmp_path, outputs, sections, "tiny IOI")
     page = index.read_text()
-    for png in ("splice_eval", "head_feature_logit", "dfa_heatmap", "qk_pairs", "qk_variance"):
+    for png in ("splice_eval", "head_feature_logit", "dfa_heatmap", "qk_pairs", "qk_variance",
+                "patch_path_0", "patch_path_1"):  # fmt: skip
         assert (tmp_path / f"{png}.png").read_bytes().startswith(PNG)
         assert f"src='{png}.png'" in page
     assert DFAOutput.model_validate(json.loads((tmp_path / "dfa.json").read_text())) == tree
@@ -193,3 +205,10 @@ def test_analyze_cli_rejects_bad_input_with_a_clear_message(tmp_path):
     result = CliRunner().invoke(app, ["analyze", "dfa", "--store", str(tmp_path / "empty")])
     assert result.exit_code == 2
     assert "no feature store at" in result.output
+    # patch-path checks its nodes and fractions before loading any model.
+    result = CliRunner().invoke(app, ["analyze", "patch-path", "v:16:0@S1"])
+    assert result.exit_code == 2
+    assert "not a node string: 'v:16:0@S1'" in result.output
+    result = CliRunner().invoke(app, ["analyze", "patch-path", "z:L3:1@END", "--fraction", "0"])
+    assert result.exit_code == 2
+    assert "--fraction must be in (0, 1], got 0.0" in result.output
