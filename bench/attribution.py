@@ -55,10 +55,10 @@ from circuitscan.pipelines.attribution.evaluation import (
     METHODS,
     RankingComparison,
     compare_rankings,
-    frozen_pattern_truth,
     ioi_feature_selections,
     ioi_head_selections,
     ioi_pairs,
+    patch_pairs,
 )
 from circuitscan.pipelines.attribution.splice import sae_decode, sae_encode
 from circuitscan.pipelines.attribution.suffix import suffix_metric
@@ -253,8 +253,9 @@ def explain_misses(model, saes, pairs, comparison: RankingComparison) -> dict[in
     missed = sorted({i for name in comparison.estimates for i in comparison.misses(name, 20)})
     if not missed:
         return {}
-    frozen = frozen_pattern_truth(model, saes, pairs, [comparison.nodes[i] for i in missed])
-    return dict(zip(missed, frozen.tolist(), strict=True))
+    nodes = [comparison.nodes[i] for i in missed]
+    frozen = patch_pairs(model, saes, pairs, nodes, freeze_later_patterns=True)
+    return dict(zip(missed, frozen.abs().nanmean(0).tolist(), strict=True))
 
 
 def pattern_mediated(

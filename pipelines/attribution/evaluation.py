@@ -121,6 +121,39 @@ def ioi_pairs(
     )
 
 
+def patch_pairs(
+    model: HookedSAETransformer,
+    saes: SaeMap | None,
+    pairs: PromptPairs,
+    nodes: Sequence[Node],
+    *,
+    metric: MetricSpec | None = None,
+    batch_size: int = 64,
+    freeze_later_patterns: bool = False,
+) -> Float[torch.Tensor, "batch n_nodes"]:
+    """Exact Δm of patching each node's corrupted value into its clean prompt.
+
+    ``freeze_later_patterns``: with every later attention pattern frozen at its
+    clean value; next to the plain Δm it tells how much of a node's effect
+    later heads carry by attending differently, which a first-order estimate
+    at the clean point misses when those softmaxes saturate.
+    """
+    return exact_patch(
+        model,
+        saes,
+        pairs.clean,
+        pairs.lengths,
+        metric or MetricSpec(),
+        pairs.answer,
+        pairs.wrong,
+        list(nodes),
+        corrupt_tokens=pairs.corrupt,
+        named_positions=pairs.named_positions,
+        batch_size=batch_size,
+        freeze_later_patterns=freeze_later_patterns,
+    )
+
+
 def compare_rankings(
     model: HookedSAETransformer,
     saes: SaeMap | None,
@@ -161,57 +194,13 @@ def compare_rankings(
         per_prompt[name] = torch.cat(parts, dim=1)
         estimates[name] = per_prompt[name].abs().nanmean(0).nan_to_num(0.0)
     start = time.perf_counter()
-    exact = exact_patch(
-        model,
-        saes,
-        pairs.clean,
-        pairs.lengths,
-        metric,
-        pairs.answer,
-        pairs.wrong,
-        nodes,
-        corrupt_tokens=pairs.corrupt,
-        named_positions=pairs.named_positions,
-        batch_size=batch_size,
-    )
+    exact = patch_pairs(model, saes, pairs, nodes, metric=metric, batch_size=batch_size)
     seconds["patching"] = time.perf_counter() - start
     truth = exact.abs().nanmean(0).nan_to_num(0.0)
     reports = {
         name: {k: verify(estimate, truth, k) for k in ks} for name, estimate in estimates.items()
     }
     return RankingComparison(nodes, truth, estimates, reports, seconds, exact, per_prompt)
-
-
-def frozen_pattern_truth(
-    model: HookedSAETransformer,
-    saes: SaeMap | None,
-    pairs: PromptPairs,
-    nodes: Sequence[Node],
-    *,
-    metric: MetricSpec | None = None,
-    batch_size: int = 64,
-) -> Float[torch.Tensor, " n_nodes"]:
-    """Mean |Δm| of each node patched exactly with every later attention pattern frozen.
-
-    Next to the unfrozen truth it tells how much of a node's effect later
-    heads carry by attending differently: the part a first-order estimate at
-    the clean point misses when those softmaxes saturate.
-    """
-    exact = exact_patch(
-        model,
-        saes,
-        pairs.clean,
-        pairs.lengths,
-        metric or MetricSpec(),
-        pairs.answer,
-        pairs.wrong,
-        nodes,
-        corrupt_tokens=pairs.corrupt,
-        named_positions=pairs.named_positions,
-        batch_size=batch_size,
-        freeze_later_patterns=True,
-    )
-    return exact.abs().nanmean(0).nan_to_num(0.0)
 
 
 def ioi_head_selections(layers: Sequence[int] | None = None) -> list[NodeSelection]:
