@@ -17,6 +17,9 @@ On the default model (SmolLM2-135M-Instruct, 30 layers) with its default SAEs
   positions) over the ideal: the same suffix forward passes alone, inputs
   prepared beforehand. Target ≥ 0.9. Also prints the speed-up over a naive
   loop of one full forward pass per ablation (timed on a sample).
+- verified_recall_cost_at_20_*: nodes patched exactly, in estimated order,
+  until all of the true top-20 are found (the AtP* paper's cost of verified
+  recall; 20 at best).
 - recall_at_20_{heads,features}_{atp,atpstar}: recall@20 of AtP and AtP*
   rankings against exhaustive exact patching on IOI (heads: z/q at END,
   k/v at IO and S1; features: every feature of both L15 SAEs at IO, S1, S2,
@@ -344,6 +347,9 @@ def main() -> None:
         "recall_at_20_features_atpstar": features.recall("atpstar", 20),
         "recall_at_20_heads_atp": heads.recall("atp", 20),
         "recall_at_20_features_atp": features.recall("atp", 20),
+        "verified_recall_cost_at_20_heads_atpstar": heads.cost("atpstar", 20),
+        "verified_recall_cost_at_20_heads_atp": heads.cost("atp", 20),
+        "verified_recall_cost_at_20_features_atpstar": features.cost("atpstar", 20),
         "heads_atpstar_misses": n_missed,
         "heads_atpstar_misses_pattern_mediated": n_mediated,
     }))  # fmt: skip
