@@ -159,7 +159,7 @@ class QKVarianceExplained(_Frozen):
     )
 
 
-PerPrompt = list[float | None]  # one value per prompt; None where the node is absent
+PerPrompt = list[float]  # one value per prompt (every node exists in every prompt)
 
 
 class PatchPathNode(_Frozen):

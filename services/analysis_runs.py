@@ -322,10 +322,6 @@ def run_qk_pairs(
 # --- output ---------------------------------------------------------------------------
 
 
-def _per_prompt(values: torch.Tensor) -> list[float | None]:
-    return [None if v != v else float(v) for v in values.tolist()]
-
-
 def run_patch_path(
     setup: Setup, nodes: list[str], *, fractions: list[float] | None = None
 ) -> PatchPathOutput:
@@ -350,13 +346,13 @@ def run_patch_path(
     entries = [
         PatchPathNode(
             node=str(node),
-            exact=_per_prompt(path.exact[:, i]),
-            frozen_later_patterns=_per_prompt(path.frozen[:, i]),
-            partial=[_per_prompt(step[:, i]) for step in path.partial],
-            estimates={name: _per_prompt(v[:, i]) for name, v in path.estimates.items()},
-            ranking_scores={name: _per_prompt(v[:, i]) for name, v in path.scores.items()},
-            mean_abs_exact=float(path.exact[:, i].abs().nanmean()),
-            mean_abs_frozen=float(path.frozen[:, i].abs().nanmean()),
+            exact=path.exact[:, i].tolist(),
+            frozen_later_patterns=path.frozen[:, i].tolist(),
+            partial=[step[:, i].tolist() for step in path.partial],
+            estimates={name: v[:, i].tolist() for name, v in path.estimates.items()},
+            ranking_scores={name: v[:, i].tolist() for name, v in path.scores.items()},
+            mean_abs_exact=float(path.exact[:, i].abs().mean()),
+            mean_abs_frozen=float(path.frozen[:, i].abs().mean()),
             sign_changes=int(flips[i]),
         )
         for i, node in enumerate(path.nodes)

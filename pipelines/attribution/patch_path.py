@@ -28,6 +28,7 @@ from circuitscan.pipelines.attribution.inputs import Answers
 from circuitscan.pipelines.attribution.patching import exact_patch
 from circuitscan.pipelines.attribution.positions import resolve_positions
 from circuitscan.schemas.attribution import AttributionMethod, Node, NodeSelection
+from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 
 DEFAULT_FRACTIONS = (0.05, 0.25, 0.5, 0.75)
@@ -56,18 +57,28 @@ class PatchPath:
         return flipped.sum(0)
 
 
-def _selection(node: Node) -> NodeSelection:
-    """The smallest node selection that scores ``node``."""
-    return NodeSelection(
-        kinds=[node.kind],
-        layers=[node.layer],
-        positions=[node.position],
-        sae_sites=None if node.point is None else [node.site.label],
-        features=[node.index] if node.kind == "feature" and node.index is not None else None,
-        heads=[node.index]
-        if node.kind in ("z", "q", "k", "v") and node.index is not None
-        else None,
-    )
+def _selections(nodes: Sequence[Node]) -> list[NodeSelection]:
+    """The fewest node selections that score ``nodes``: one per kind, layer, site, position."""
+    units: dict[tuple[str, int, str | None, object], list[int]] = {}
+    for node in nodes:
+        key = (node.kind, node.layer, node.point, node.position)
+        units.setdefault(key, [])
+        if node.index is not None:
+            units[key].append(node.index)
+    out = []
+    for (kind, layer, point, position), indices in units.items():
+        site = None if point is None else HookSite(layer=layer, point=point)
+        out.append(
+            NodeSelection(
+                kinds=[kind],
+                layers=[layer],
+                positions=[position],
+                sae_sites=None if site is None else [site.label],
+                features=indices if kind == "feature" else None,
+                heads=indices if kind in ("z", "q", "k", "v") else None,
+            )
+        )
+    return out
 
 
 def patch_path(
@@ -95,34 +106,40 @@ def patch_path(
     # The estimates need every node in every prompt; say so before any patching.
     resolve_positions([node.position for node in nodes], lengths, named_positions)
     methods = dict(methods or DEFAULT_METHODS)
-    patch_args = (model, saes, clean_tokens, lengths, metric, answer, wrong, list(nodes))
-    common = {
-        "corrupt_tokens": corrupt_tokens,
-        "named_positions": named_positions,
-        "batch_size": batch_size,
-    }
-    exact = exact_patch(*patch_args, **common)  # type: ignore[arg-type]
-    frozen = exact_patch(*patch_args, **common, freeze_later_patterns=True)  # type: ignore[arg-type]
-    partial = torch.stack(
-        [exact_patch(*patch_args, **common, fraction=f) / f for f in steps]  # type: ignore[arg-type]
-    )
-    estimates: dict[str, list[torch.Tensor]] = {name: [] for name in methods}
-    scores: dict[str, list[torch.Tensor]] = {name: [] for name in methods}
-    for node in nodes:
-        for name, method in methods.items():
+
+    def patch(**options: object) -> torch.Tensor:
+        return exact_patch(
+            model, saes, clean_tokens, lengths, metric, answer, wrong, list(nodes),
+            corrupt_tokens=corrupt_tokens, named_positions=named_positions,
+            batch_size=batch_size, **options,
+        )  # fmt: skip
+
+    exact = patch()
+    frozen = patch(freeze_later_patterns=True)
+    partial = torch.stack([exact if f == 1.0 else patch(fraction=f) / f for f in steps])
+    names = [str(node) for node in nodes]
+    estimates: dict[str, torch.Tensor] = {}
+    scores: dict[str, torch.Tensor] = {}
+    for name, method in methods.items():
+        signed_cols: dict[str, torch.Tensor] = {}
+        score_cols: dict[str, torch.Tensor] = {}
+        for selection in _selections(nodes):
             result = run_atp(
                 model, saes, clean_tokens, corrupt_tokens, lengths, metric, answer, wrong,
-                _selection(node), method=method, named_positions=named_positions,
+                selection, method=method, named_positions=named_positions,
             )  # fmt: skip
-            column = [str(n) for n in result.nodes()].index(str(node))
-            estimates[name].append(result.per_prompt_signed()[:, column])
-            scores[name].append(result.per_prompt()[:, column])
+            scored = [str(n) for n in result.nodes()]
+            signed, ranking = result.per_prompt_signed(), result.per_prompt()
+            for column, node in enumerate(scored):
+                signed_cols[node], score_cols[node] = signed[:, column], ranking[:, column]
+        estimates[name] = torch.stack([signed_cols[n] for n in names], 1).to(exact.dtype)
+        scores[name] = torch.stack([score_cols[n] for n in names], 1).to(exact.dtype)
     return PatchPath(
         nodes=list(nodes),
         exact=exact,
         frozen=frozen,
         fractions=steps,
         partial=partial,
-        estimates={name: torch.stack(cols, 1).to(exact.dtype) for name, cols in estimates.items()},
-        scores={name: torch.stack(cols, 1).to(exact.dtype) for name, cols in scores.items()},
+        estimates=estimates,
+        scores=scores,
     )

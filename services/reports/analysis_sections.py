@@ -180,9 +180,8 @@ def patch_path_table(out: PatchPathOutput) -> tuple[list[str], list[list[Any]]]:
     """Per node: mean |Δm| exact and frozen, mean ranking score per method, sign changes."""
     methods = list(out.nodes[0].ranking_scores) if out.nodes else []
 
-    def mean_abs(values: list[float | None]) -> float:
-        real = [abs(v) for v in values if v is not None]
-        return sum(real) / max(len(real), 1)
+    def mean_abs(values: list[float]) -> float:
+        return sum(abs(v) for v in values) / max(len(values), 1)
 
     columns = ["node", "mean |Δm|", "later patterns frozen",
                *(f"{m} mean |score|" for m in methods), "sign changes"]  # fmt: skip

@@ -155,12 +155,9 @@ def patch_path_curves(entry: PatchPathNode, fractions: Sequence[float], path: Pa
     colors = plt.get_cmap("tab10")
     atp = entry.estimates.get("atp")
     for prompt in range(len(entry.exact)):
-        ys = [step[prompt] for step in partial]
-        if any(y is None for y in ys):
-            continue
         color = colors(prompt % 10)
-        ax.plot(steps, ys, marker="o", ms=3, lw=1, color=color)
-        if atp is not None and atp[prompt] is not None:
+        ax.plot(steps, [step[prompt] for step in partial], marker="o", ms=3, lw=1, color=color)
+        if atp is not None:
             ax.plot([0.0], [atp[prompt]], marker="x", ms=7, color=color)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xlabel("fraction f of the patch")

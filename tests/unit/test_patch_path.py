@@ -43,6 +43,7 @@ def test_each_row_is_the_intervention_it_names(case):
     nodes = [
         Node(kind="v", layer=0, index=1, position="X"),
         Node(kind="z", layer=1, index=3, position=4),
+        Node(kind="z", layer=1, index=1, position=4),  # scored in the same run_atp as head 3
         Node(kind="feature", layer=0, point="resid_post", index=feature, position=2),
     ]
     args = (model, saes, clean, corrupt, lengths, METRIC, answer, wrong, nodes)
