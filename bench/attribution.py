@@ -54,7 +54,13 @@ from circuitscan.pipelines.attribution.ablation_scan import (
     ablation_inputs,
     prepare_scan,
 )
-from circuitscan.pipelines.attribution.evaluation import (
+from circuitscan.pipelines.attribution.splice import sae_decode, sae_encode
+from circuitscan.pipelines.attribution.suffix import suffix_metric
+from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.schemas.attribution import NodeSelection
+from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.testing.evaluation import (
     METHODS,
     RankingComparison,
     compare_rankings,
@@ -63,12 +69,6 @@ from circuitscan.pipelines.attribution.evaluation import (
     ioi_pairs,
     patch_pairs,
 )
-from circuitscan.pipelines.attribution.splice import sae_decode, sae_encode
-from circuitscan.pipelines.attribution.suffix import suffix_metric
-from circuitscan.pipelines.metrics import metric_per_prompt
-from circuitscan.schemas.attribution import NodeSelection
-from circuitscan.schemas.hooks import HookSite
-from circuitscan.schemas.metrics import MetricSpec
 
 METRIC = MetricSpec()
 ALL_NODES = NodeSelection(

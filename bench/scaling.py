@@ -54,9 +54,9 @@ def mid_model(root: Path) -> tuple[ModelSpec, list[SAESpec]]:
     """A mid-size seeded Llama (HF directory, default tokenizer) and two SAEs for it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from circuitscan.pipelines.tiny_models import build_tiny_sae
     from circuitscan.schemas.hooks import HookSite
     from circuitscan.services.model_loading import load_model, load_tokenizer
+    from circuitscan.testing import build_tiny_sae
 
     tokenizer = load_tokenizer()
     torch.manual_seed(0)

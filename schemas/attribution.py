@@ -128,6 +128,18 @@ class NodeSelection(BaseModel):
     )
 
 
+# Method names → (qk_fix, graddrop); the first spelling of each is the one ``name`` reports.
+_METHOD_NAMES: dict[str, tuple[bool, bool]] = {
+    "atp": (False, False),
+    "atpstar": (True, True),
+    "atp*": (True, True),
+    "atp_qk": (True, False),
+    "atp+qk": (True, False),
+    "atp_graddrop": (False, True),
+    "atp+graddrop": (False, True),
+}
+
+
 class AttributionMethod(BaseModel):
     """How scores are estimated: plain AtP, or AtP* with the QK fix and/or GradDrop."""
 
@@ -135,6 +147,25 @@ class AttributionMethod(BaseModel):
 
     qk_fix: bool = Field(default=False, description="Exact softmax rows for q/k nodes.")
     graddrop: bool = Field(default=False, description="Per-layer gradient-drop scores.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: object) -> object:
+        # A method is also written by name ("atpstar", "atp+qk", ...), in code and in specs.
+        if not isinstance(data, str):
+            return data
+        flags = _METHOD_NAMES.get(data.strip().lower().replace(" ", ""))
+        if flags is None:
+            raise ValueError(
+                f"unknown attribution method {data!r}; expected one of {', '.join(_METHOD_NAMES)}"
+            )
+        return {"qk_fix": flags[0], "graddrop": flags[1]}
+
+    @classmethod
+    def parse(cls, method: AttributionMethod | str) -> AttributionMethod:
+        """A method from its name (``"atp"``, ``"atpstar"``, ``"atp+qk"``, ``"atp+graddrop"``,
+        or the ``name`` it reports, e.g. ``"atp_qk"``); a method is returned as it is."""
+        return method if isinstance(method, AttributionMethod) else cls.model_validate(method)
 
     @property
     def name(self) -> str:

@@ -11,8 +11,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest
 import torch
 
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.hooks import HookSite
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,6 @@ import torch
 
 from circuitscan.pipelines.batching import tokenize_prompts
 from circuitscan.pipelines.caching import cache_batch
-from circuitscan.pipelines.tiny_models import build_tiny_sae
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.models import ModelSpec
@@ -31,6 +30,7 @@ from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import SiteLayout, StoreLayout
 from circuitscan.services.api import ApiSettings
 from circuitscan.services.store import FeatureStore
+from circuitscan.testing import build_tiny_sae
 
 SITES = [HookSite(layer=0, point="resid_post"), HookSite(layer=1, point="z")]
 D_SAE = 48

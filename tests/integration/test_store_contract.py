@@ -10,7 +10,6 @@ import torch
 from s3_server import moto_s3
 
 from circuitscan.pipelines.caching import SiteCache, cache_batch
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.prompts import PromptRecord
@@ -31,6 +30,7 @@ from circuitscan.services.store import (
 )
 from circuitscan.services.store.backends import list_keys, read_bytes, write_bytes
 from circuitscan.services.store.shard_io import shard_prefix
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 pytestmark = pytest.mark.integration
 

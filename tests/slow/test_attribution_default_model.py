@@ -12,15 +12,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitscan.pipelines.attribution.evaluation import (
+from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.services.sae_loading import load_default_saes
+from circuitscan.testing.evaluation import (
     compare_rankings,
     ioi_feature_selections,
     ioi_head_selections,
     ioi_pairs,
 )
-from circuitscan.pipelines.metrics import metric_per_prompt
-from circuitscan.schemas.metrics import MetricSpec
-from circuitscan.services.sae_loading import load_default_saes
 
 pytestmark = pytest.mark.slow
 

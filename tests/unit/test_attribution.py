@@ -13,10 +13,10 @@ from circuitscan.pipelines.attribution import (
     verify,
     verify_by_patching,
 )
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.attribution import AttributionMethod, Node, NodeSelection
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 METRIC = MetricSpec()
 
@@ -268,7 +268,7 @@ def test_verification_metrics_and_patching_loop():
 
 
 def test_subset_recalls_rescore_disjoint_prompt_subsets():
-    from circuitscan.pipelines.attribution.evaluation import RankingComparison
+    from circuitscan.testing.evaluation import RankingComparison
 
     # Prompts 0-1 rank node 0 first, prompts 2-3 node 1; the estimate always says node 0.
     truth = torch.tensor([[3.0, 1.0, 0.0], [-3.0, 1.0, 0.0], [0.0, 2.0, 1.0], [0.0, -2.0, 1.0]])

@@ -15,10 +15,10 @@ from circuitscan.pipelines.attribution import (
     run_atp,
 )
 from circuitscan.pipelines.attribution.inputs import AnswerTokenError
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.attribution import Node, NodeSelection
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 METRIC = MetricSpec()
 SITE = HookSite(layer=1, point="z")

@@ -15,10 +15,10 @@ from circuitscan.pipelines.attribution import ablation_scan, exact_patch, run_at
 from circuitscan.pipelines.attribution.errors import AttributionInputError
 from circuitscan.pipelines.attribution.splice import sae_decode, sae_encode
 from circuitscan.pipelines.metrics import metric_per_prompt
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.attribution import Node, NodeSelection
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 METRIC = MetricSpec()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from circuitscan.pipelines.attribution import exact_patch, run_atp
-from circuitscan.pipelines.tiny_models import build_tiny_model
 from circuitscan.schemas.attribution import AttributionMethod, NodeSelection
 from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.testing import build_tiny_model
 
 
 def test_atpstar_signed_estimates_match_exact_patching_on_linear_paths() -> None:

@@ -196,8 +196,8 @@ def test_pad_right_rejects_empty_prompts():
 @pytest.fixture(scope="module")
 def tokenizer_model():
     """A tiny random model carrying the default model's real tokenizer."""
-    from circuitscan.pipelines.tiny_models import build_tiny_model
     from circuitscan.services.model_loading import load_tokenizer
+    from circuitscan.testing import build_tiny_model
 
     tokenizer = load_tokenizer()
     model = build_tiny_model(d_vocab=len(tokenizer), d_model=8, n_heads=2, d_head=4, d_mlp=8)
@@ -232,7 +232,7 @@ def test_sparse_reconstruction_error_equals_dense_decode(tiny_model, architectur
     """The sparse product gives sae_lens's own decode, decoder-norm rescaling included."""
     from circuitscan.pipelines.caching import reconstruction_error_norm
     from circuitscan.pipelines.sae_decoding import decodes_linearly
-    from circuitscan.pipelines.tiny_models import build_tiny_sae
+    from circuitscan.testing import build_tiny_sae
 
     sae = build_tiny_sae(tiny_model, site, architecture=architecture, k=4)
     if architecture == "topk":  # rows of unequal norm, divided out in decode

@@ -8,9 +8,9 @@ import torch
 
 from circuitscan.pipelines.analyses.dfa import Pruning, check_tree_sums, dfa, recursive_dfa
 from circuitscan.pipelines.analyses.linear_parts import AnalysisInputError, sae_pre_flat
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.analyses import DFANode
 from circuitscan.schemas.hooks import HookSite
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 MODELS = {
     "LN-standard": dict(normalization="LN"),

@@ -11,8 +11,8 @@ from circuitscan.pipelines.analyses.head_feature_logit import (
     head_feature_logit,
 )
 from circuitscan.pipelines.analyses.linear_parts import AnalysisInputError
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.hooks import HookSite
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 
 def _intervened_logit_diff(model, tokens, direction, head, src, dest, answer, wrong, eps):

@@ -12,10 +12,10 @@ from circuitscan.pipelines.attribution import (
     patch_path,
     run_atp,
 )
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.attribution import AttributionMethod, Node, NodeSelection
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 METRIC = MetricSpec()
 SITE = HookSite(layer=0, point="resid_post")

@@ -7,9 +7,9 @@ import torch
 
 from circuitscan.pipelines.analyses.linear_parts import AnalysisInputError
 from circuitscan.pipelines.analyses.qk_pairs import qk_feature_pairs, qk_pair_variance
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.analyses import QKPairTable
 from circuitscan.schemas.hooks import HookSite
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 MODELS = {
     "LN-standard": dict(normalization="LN"),

@@ -15,7 +15,6 @@ from circuitscan.pipelines.analyses import (
     recursive_dfa,
     splice_eval,
 )
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.services.reports import (
@@ -33,6 +32,7 @@ from circuitscan.services.reports import (
     write_report,
 )
 from circuitscan.services.reports.html_report import ReportError
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from circuitscan.pipelines.fingerprint import fingerprint_tensors
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.models import SAESpec
 from circuitscan.services.sae_loading import (
@@ -16,6 +15,7 @@ from circuitscan.services.sae_loading import (
     default_sae_names,
     load_sae,
 )
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 
 @pytest.mark.parametrize("architecture", ["standard", "topk"])

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from circuitscan.pipelines.splice import SpliceError, spliced
-from circuitscan.pipelines.tiny_models import build_tiny_sae
 from circuitscan.schemas.hooks import HookSite
+from circuitscan.testing import build_tiny_sae
 
 SITES = [HookSite(layer=0, point="resid_post"), HookSite(layer=1, point="z")]
 

@@ -8,9 +8,9 @@ import torch
 from circuitscan.pipelines.analyses.linear_parts import AnalysisInputError
 from circuitscan.pipelines.analyses.splice_eval import splice_eval
 from circuitscan.pipelines.metrics import metric_per_prompt
-from circuitscan.pipelines.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.testing import build_tiny_model, build_tiny_sae
 
 
 def _identity_sae(model, site):

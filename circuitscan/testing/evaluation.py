@@ -3,7 +3,7 @@
 Every node of a node set is patched exactly (the ground truth); each
 estimator's ranking (mean |score| over prompts) is then scored against the
 true ranking (mean |Δm|). Used by the default-model tests and the attribution
-benchmark on IOI.
+benchmark on IOI; production code never imports it.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 from sae_lens import HookedSAETransformer
 
 from circuitscan.pipelines.attribution.atp import SaeMap, run_atp
 from circuitscan.pipelines.attribution.patching import exact_patch
 from circuitscan.pipelines.attribution.verification import recall_at_k, verify
-from circuitscan.pipelines.batching import tokenize_prompts
-from circuitscan.pipelines.tasks.ioi import generate_ioi
+from circuitscan.pipelines.prompt_pairs import PromptPairs
 from circuitscan.schemas.attribution import (
     AttributionMethod,
     Node,
@@ -33,19 +32,6 @@ METHODS: dict[str, AttributionMethod] = {
     "atp": AttributionMethod(),
     "atpstar": AttributionMethod(qk_fix=True, graddrop=True),
 }
-
-
-@dataclass
-class PromptPairs:
-    """Right-padded clean/corrupted token ids with their labels."""
-
-    clean: Int[torch.Tensor, "batch seq"]
-    corrupt: Int[torch.Tensor, "batch seq"]
-    lengths: Int[torch.Tensor, " batch"]
-    answer: Int[torch.Tensor, " batch"]
-    wrong: Int[torch.Tensor, " batch"]
-    named_positions: list[dict[str, int]]
-    texts: list[str]
 
 
 @dataclass
@@ -94,31 +80,9 @@ class RankingComparison:
 def ioi_pairs(
     model: HookedSAETransformer, n_prompts: int, *, seed: int = 0, template: str | None = None
 ) -> PromptPairs:
-    """IOI clean prompts and their ABC-corrupted counterparts (token-aligned).
-
-    ``template`` (e.g. ``ABBA/then_went``) keeps only prompts of that template,
-    so absolute positions mean the same thing in every prompt.
-    """
-    if model.tokenizer is None:
-        raise ValueError("IOI prompts need a model with a tokenizer")
-    records = generate_ioi(model.tokenizer, n_prompts * (20 if template else 1), seed=seed)
-    if template is not None:
-        records = [r for r in records if r.template == template]
-    records = records[:n_prompts]
-    if len(records) < n_prompts:
-        raise ValueError(f"only {len(records)} IOI prompts of template {template}")
-    clean = tokenize_prompts(model, records)
-    corrupt = tokenize_prompts(model, [r.model_copy(update={"text": r.corrupted}) for r in records])
-    assert clean.answer is not None and clean.wrong is not None
-    return PromptPairs(
-        clean=clean.tokens,
-        corrupt=corrupt.tokens,
-        lengths=clean.lengths,
-        answer=clean.answer,
-        wrong=clean.wrong,
-        named_positions=[dict(r.positions) for r in records],
-        texts=[r.text for r in records],
-    )
+    """IOI clean prompts and their ABC-corrupted counterparts (token-aligned); see
+    :meth:`PromptPairs.from_ioi`."""
+    return PromptPairs.from_ioi(model, n_prompts, seed=seed, template=template)
 
 
 def patch_pairs(

@@ -12,6 +12,7 @@ import torch
 from sae_lens import HookedSAETransformer, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
 from transformer_lens import HookedTransformerConfig
 
+from circuitscan.pipelines.site_width import site_width
 from circuitscan.schemas.hooks import HookSite
 
 
@@ -57,17 +58,6 @@ def build_tiny_model(
     model = HookedSAETransformer(cfg)
     model.eval()
     return model
-
-
-def site_width(model: HookedSAETransformer, site: HookSite) -> int:
-    """The SAE input width at a site: d_model, d_mlp, or n_heads·d_head for z."""
-    cfg = model.cfg
-    if site.point == "z":
-        return cfg.n_heads * cfg.d_head
-    if site.point in ("mlp_post", "mlp_pre"):
-        assert cfg.d_mlp is not None
-        return cfg.d_mlp
-    return cfg.d_model
 
 
 def build_tiny_sae(
