@@ -54,9 +54,9 @@ from circuitscan.pipelines.attribution.ablation_scan import (
     ablation_inputs,
     prepare_scan,
 )
-from circuitscan.pipelines.attribution.splice import sae_decode, sae_encode
 from circuitscan.pipelines.attribution.suffix import suffix_metric
 from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.pipelines.sae_splice import sae_decode, sae_encode
 from circuitscan.schemas.attribution import NodeSelection
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec

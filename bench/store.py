@@ -59,6 +59,7 @@ import torch  # noqa: E402
 from circuitscan.pipelines.batching import TokenBatch, tokenize_prompts  # noqa: E402
 from circuitscan.pipelines.caching import cache_batch, merge_site_caches  # noqa: E402
 from circuitscan.pipelines.metrics import metric_per_prompt  # noqa: E402
+from circuitscan.pipelines.sae_splice import spliced  # noqa: E402
 from circuitscan.pipelines.site_cache import SiteCache  # noqa: E402
 from circuitscan.pipelines.tasks.ioi import generate_ioi  # noqa: E402
 from circuitscan.schemas.hooks import HookSite  # noqa: E402
@@ -126,19 +127,14 @@ def bare_forward_backward(model, saes, batch: TokenBatch) -> None:
         return leaf
 
     hooks = [(f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post", make_leaf) for sae in saes]
-    try:
-        for sae in saes:
-            model.add_sae(sae, use_error_term=True)
-        with _frozen([model, *saes]), model.hooks(fwd_hooks=hooks):
-            logits = model(batch.tokens)
-            total = metric_per_prompt(
-                logits, METRIC, lengths=batch.lengths, answer=batch.answer, wrong=batch.wrong
-            ).sum()
-            # allow_unused: spliced as sae_lens does it, the downstream SAE's
-            # detached error term cuts the gradient to the upstream one.
-            torch.autograd.grad(total, leaves, allow_unused=True)
-    finally:
-        model.reset_saes()
+    with spliced(model, saes), _frozen([model, *saes]), model.hooks(fwd_hooks=hooks):
+        logits = model(batch.tokens)
+        total = metric_per_prompt(
+            logits, METRIC, lengths=batch.lengths, answer=batch.answer, wrong=batch.wrong
+        ).sum()
+        # allow_unused: spliced as sae_lens does it, the downstream SAE's
+        # detached error term cuts the gradient to the upstream one.
+        torch.autograd.grad(total, leaves, allow_unused=True)
 
 
 def _bare_step(spent: dict, model, saes, batches: list[TokenBatch]) -> None:

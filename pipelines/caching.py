@@ -5,15 +5,15 @@ batch gives, for every SAE site, the non-zero (or top-k) features of every
 real token, ∂metric/∂activation for each of them, and the SAE reconstruction
 error norm per token. Padding never appears in the result.
 
-Gradient semantics. Each SAE is spliced with its error term, and each
-feature activation is made an intervention variable: the site's output is
-``x + decode(a) − decode(a).detach()`` in value ``x`` (the model's output is
-unchanged) while ``∂out/∂a = W_dec`` and ``∂out/∂x = I``. So ∂m/∂a_i equals
-``d_i · ∂m/∂x`` in the unmodified model — exactly the effect on the metric of
-nudging feature i with everything downstream (other SAEs' errors included)
-recomputed. sae_lens's own error term is computed under ``no_grad``; with
-several SAEs it would cut the gradient through downstream error terms, which
-is why the identity path is restored here.
+Gradient semantics. Each SAE is spliced transparently (see
+``sae_splice.transparent_splice``): the site's output is ``x`` exactly in
+value (the model's output is unchanged) while ``∂out/∂a = W_dec`` and
+``∂out/∂x = I``. So ∂m/∂a_i equals ``d_i · ∂m/∂x`` in the unmodified model —
+exactly the effect on the metric of nudging feature i with everything
+downstream (other SAEs' errors included) recomputed. (sae_lens's own error
+term is computed under ``no_grad``; with several SAEs it would cut the
+gradient through downstream error terms.) The SAEs are never attached to the
+model, and a model with SAEs attached by the caller is refused, not reset.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.metrics import metric_per_prompt
 from circuitscan.pipelines.sae_decoding import decoder_rows, decodes_linearly
+from circuitscan.pipelines.sae_splice import require_detached, transparent_splice
 from circuitscan.pipelines.site_cache import SiteCache
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
@@ -100,6 +101,7 @@ def cache_batch(
     """
     if gradients and metric is None:
         raise ValueError("caching gradients needs a metric")
+    require_detached(model, "cache_batch")
     labels = [site_label(sae) for sae in saes]
     if len(set(labels)) != len(labels):
         raise ValueError(f"two SAEs read the same site: {labels}")
@@ -202,56 +204,28 @@ def _forward_backward(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     leaves: dict[str, torch.Tensor] = {}
     errors: dict[str, torch.Tensor] = {}
-    handles: list[torch.utils.hooks.RemovableHandle] = []
     fwd_hooks = []
     for sae in saes:
-        label, name = site_label(sae), sae.cfg.metadata.hook_name
 
-        def make_leaf(tensor: torch.Tensor, hook, label: str = label) -> torch.Tensor:
-            leaf = tensor.detach().requires_grad_(True)
-            leaves[label] = leaf
-            return leaf
+        def splice(tensor: torch.Tensor, hook, sae: SAE = sae, label: str = site_label(sae)):
+            out, acts, error = transparent_splice(sae, tensor, grad=True)
+            leaves[label] = acts
+            errors[label] = _error_norm(error.detach(), 2)
+            return out
 
-        def keep_error(tensor: torch.Tensor, hook, label: str = label) -> torch.Tensor:
-            errors[label] = _error_norm(tensor.detach(), 2)
-            return tensor
-
-        fwd_hooks += [
-            (f"{name}.hook_sae_acts_post", make_leaf),
-            (f"{name}.hook_sae_error", keep_error),
-        ]
-    try:
-        for sae in saes:
-            model.add_sae(sae, use_error_term=True)
-        for sae in saes:
-            wrapper = model._acts_to_saes[sae.cfg.metadata.hook_name]
-            handles.append(wrapper.register_forward_hook(_restore_identity_path))
-        with _frozen([model, *saes]), model.hooks(fwd_hooks=fwd_hooks):
-            logits = model(tokens)
-            total = metric_per_prompt(
-                logits, metric, lengths=lengths, tokens=tokens, answer=answer, wrong=wrong
-            ).sum()
-            labels = list(leaves)
-            grads = torch.autograd.grad(
-                total, [leaves[label] for label in labels], allow_unused=True
-            )
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.reset_saes()
+        fwd_hooks.append((sae.cfg.metadata.hook_name, splice))
+    with _frozen([model, *saes]), model.hooks(fwd_hooks=fwd_hooks):
+        logits = model(tokens)
+        total = metric_per_prompt(
+            logits, metric, lengths=lengths, tokens=tokens, answer=answer, wrong=wrong
+        ).sum()
+        labels = list(leaves)
+        grads = torch.autograd.grad(total, [leaves[label] for label in labels], allow_unused=True)
     grad_map = {
         label: grad if grad is not None else torch.zeros_like(leaves[label])
         for label, grad in zip(labels, grads, strict=True)
     }
     return {label: leaf.detach() for label, leaf in leaves.items()}, grad_map, errors
-
-
-def _restore_identity_path(
-    module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor
-) -> torch.Tensor:
-    """Add ``x − x.detach()`` (zero in value) so ∂out/∂x is the identity, as in the model."""
-    x = args[0]
-    return output + (x - x.detach()).to(output.dtype)
 
 
 def merge_site_caches(batches: Sequence[dict[str, SiteCache]]) -> dict[str, SiteCache]:

@@ -338,7 +338,7 @@ def run_patch_path(
             f"{int(b.lengths[bad])}: patching pairs positions one to one"
         )
     path = patch_path(
-        setup.model, setup.saes, b.tokens, ref.tokens, b.lengths, METRIC, b.answer, b.wrong,
+        setup.model, list(setup.saes.values()), b.tokens, ref.tokens, b.lengths, METRIC, b.answer, b.wrong,
         parsed, named_positions=[dict(r.positions) for r in setup.records],
         fractions=fractions or DEFAULT_FRACTIONS,
     )  # fmt: skip

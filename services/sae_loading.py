@@ -19,8 +19,8 @@ import torch
 from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.fingerprint import fingerprint_tensors
+from circuitscan.pipelines.sae_splice import sae_hook_name
 from circuitscan.pipelines.site_width import site_width
-from circuitscan.pipelines.splice import sae_hook_name
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.models import SAESpec
 

@@ -37,9 +37,9 @@ from circuitscan.pipelines.analyses.linear_parts import (
     norm_readout,
     sae_encode_flat,
     sae_encoder_bias,
-    sae_hook_name,
     sae_pre_flat,
 )
+from circuitscan.pipelines.sae_splice import require_detached, sae_hook_name
 from circuitscan.schemas.analyses import DFANode, DFANodeKind, DFAResult
 from circuitscan.schemas.hooks import HookSite
 
@@ -73,6 +73,8 @@ class _Context:
             raise AnalysisInputError(f"DFA takes one prompt's token ids (1-D), got {tokens.shape}")
         if model.cfg.attn_scores_soft_cap not in (None, -1.0) or model.cfg.use_qk_norm:
             raise AnalysisInputError("attention variants with soft-cap or QK-norm are unsupported")
+        # The decomposition is of the model's own forward pass, without SAEs in it.
+        require_detached(model, "DFA", AnalysisInputError)
         self.model = model
         self.cfg = model.cfg
         self.tokens = tokens

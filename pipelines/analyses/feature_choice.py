@@ -16,9 +16,9 @@ from circuitscan.pipelines.analyses.linear_parts import (
     AnalysisInputError,
     as_plain_sae,
     sae_encode_flat,
-    sae_hook_name,
 )
 from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.pipelines.sae_splice import require_detached, sae_hook_name
 from circuitscan.schemas.metrics import MetricSpec
 
 
@@ -37,8 +37,7 @@ def feature_attributions(
     Attributions are in metric units (logits for a logit difference); the SAE
     is not spliced, so the gradient is that of the original model.
     """
-    if getattr(model, "acts_to_saes", None):
-        raise AnalysisInputError("detach SAEs from the model (reset_saes) before attributing")
+    require_detached(model, "feature_attributions", AnalysisInputError)
     if positions.shape != lengths.shape or bool((positions >= lengths).any()):
         raise AnalysisInputError("each prompt needs one position inside its real tokens")
     plain = as_plain_sae(sae)

@@ -23,8 +23,8 @@ from circuitscan.pipelines.analyses.linear_parts import (
     AnalysisInputError,
     as_plain_sae,
     norm_linear,
-    sae_hook_name,
 )
+from circuitscan.pipelines.sae_splice import require_detached, sae_hook_name
 from circuitscan.schemas.analyses import HeadFeatureLogitResult, HeadLogitEffect, TokenEffect
 from circuitscan.schemas.hooks import HookSite
 
@@ -54,6 +54,8 @@ def frozen_norm_scales(
     model: HookedSAETransformer, tokens: Int[torch.Tensor, " seq"], src_pos: int, dest_pos: int
 ) -> tuple[float, Float[torch.Tensor, " n_layers"]]:
     """(final-norm scale at dest_pos, each layer's attention-input norm scale at src_pos)."""
+    # Scales of the model's own forward pass, which the weights-only effects assume.
+    require_detached(model, "frozen_norm_scales", AnalysisInputError)
     _, cache = model.run_with_cache(
         tokens.unsqueeze(0), names_filter=lambda n: n.endswith("hook_scale")
     )

@@ -118,11 +118,3 @@ def sae_encoder_bias(sae: SAE, feature: int) -> float:
     """The input-independent part of a feature's pre-activation."""
     apply = float(sae.cfg.apply_b_dec_to_input)
     return float((sae.b_enc[feature] - apply * (sae.b_dec @ sae.W_enc[:, feature])).detach())
-
-
-def sae_hook_name(sae: SAE) -> str:
-    """The TransformerLens hook name an SAE reads."""
-    name = sae.cfg.metadata.hook_name
-    if not name:
-        raise AnalysisInputError("SAE has no metadata.hook_name")
-    return str(name)

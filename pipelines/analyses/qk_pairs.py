@@ -25,8 +25,8 @@ from circuitscan.pipelines.analyses.linear_parts import (
     norm_bias,
     norm_linear,
     sae_encode_flat,
-    sae_hook_name,
 )
+from circuitscan.pipelines.sae_splice import require_detached, sae_hook_name
 from circuitscan.schemas.analyses import QKPairTable, QKVarianceExplained
 from circuitscan.schemas.hooks import HookSite
 
@@ -65,6 +65,8 @@ def _components(
 
 
 def _check(model: HookedSAETransformer, saes: tuple[SAE, SAE], layer: int, head: int) -> None:
+    # The scores are decomposed on the model's own forward pass, without SAEs in it.
+    require_detached(model, "qk_feature_pairs", AnalysisInputError)
     cfg = model.cfg
     if cfg.attn_scores_soft_cap not in (None, -1.0) or cfg.use_qk_norm or cfg.use_logn_attn:
         raise AnalysisInputError(

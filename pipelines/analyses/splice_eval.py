@@ -18,26 +18,25 @@ in an unmodified forward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from sae_lens import SAE, HookedSAETransformer
 
-from circuitscan.pipelines.analyses.linear_parts import AnalysisInputError, sae_hook_name
+from circuitscan.pipelines.analyses.linear_parts import AnalysisInputError
 from circuitscan.pipelines.metrics import metric_per_prompt, read_positions
+from circuitscan.pipelines.sae_splice import (
+    SaeArg,
+    require_detached,
+    sae_reconstruct,
+    saes_by_hook,
+)
 from circuitscan.schemas.analyses import SpliceEvalRow, SpliceVariant
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 
 VARIANTS: tuple[SpliceVariant, ...] = ("spliced", "error_mean", "mean_ablation")
-
-
-def sae_reconstruct(sae: SAE, x: torch.Tensor) -> torch.Tensor:
-    """The SAE's reconstruction of an activation given in its hook's shape."""
-    if x.dim() == 4 and not getattr(sae, "hook_z_reshaping_mode", False):
-        return sae.decode(sae.encode(x.flatten(-2))).reshape(x.shape).to(x.dtype)
-    return sae.decode(sae.encode(x)).reshape(x.shape).to(x.dtype)
 
 
 def _token_mask(lengths: torch.Tensor, seq: int, keep_bos: bool) -> torch.Tensor:
@@ -51,23 +50,29 @@ def _token_mask(lengths: torch.Tensor, seq: int, keep_bos: bool) -> torch.Tensor
 @torch.no_grad()
 def reference_means(
     model: HookedSAETransformer,
-    saes: dict[str, SAE],
+    saes: SaeArg,
     tokens: Int[torch.Tensor, "batch seq"],
     lengths: Int[torch.Tensor, " batch"],
     *,
     keep_bos: bool = True,
     batch_size: int = 32,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per hook name: (mean activation, mean SAE error) over the reference prompts' tokens."""
+    """Per hook name: (mean activation, mean SAE error) over the reference prompts' tokens.
+
+    ``saes`` is a sequence of SAEs (each at the hook its config names) or a
+    mapping from site label or hook name to SAE.
+    """
+    require_detached(model, "reference_means", AnalysisInputError)
+    by_hook = saes_by_hook(saes)
     sums: dict[str, list[torch.Tensor]] = {}
     count = 0
     for start in range(0, tokens.shape[0], batch_size):
         toks = tokens[start : start + batch_size]
         lens = lengths[start : start + batch_size].to(toks.device)
-        _, cache = model.run_with_cache(toks, names_filter=lambda n: n in saes)
+        _, cache = model.run_with_cache(toks, names_filter=lambda n: n in by_hook)
         mask = _token_mask(lens, toks.shape[1], keep_bos)
         count += int(mask.sum())
-        for name, sae in saes.items():
+        for name, sae in by_hook.items():
             x = cache[name]
             err = x - sae_reconstruct(sae, x)
             act_sum, err_sum = x[mask].sum(0), err[mask].sum(0)
@@ -109,7 +114,7 @@ def _kl(
 @torch.no_grad()
 def splice_eval(
     model: HookedSAETransformer,
-    saes: list[SAE],
+    saes: Sequence[SAE],
     prompts_tokens: Int[torch.Tensor, "batch seq"],
     lengths: Int[torch.Tensor, " batch"],
     metric: MetricSpec,
@@ -130,9 +135,8 @@ def splice_eval(
     ``lengths`` real tokens; the metric is ``metric_per_prompt`` (logits for a
     logit difference), KLs are in nats. The model must have no SAEs attached.
     """
-    if getattr(model, "acts_to_saes", None):
-        raise AnalysisInputError("detach SAEs from the model (reset_saes) before splice_eval")
-    by_name = {sae_hook_name(sae): sae for sae in saes}
+    require_detached(model, "splice_eval", AnalysisInputError)
+    by_name = saes_by_hook(saes)
     label_to_name = {HookSite.from_hook_name(n).label: n for n in by_name}
     sets = layer_sets or [[HookSite.from_hook_name(n).label] for n in by_name]
     resolved: list[list[str]] = []

@@ -27,9 +27,11 @@ counting real tokens, BOS included; scores in metric units):
 ``answer``/``wrong`` are token ids or strings of exactly one token each.
 ``evaluation.compare_rankings`` scores AtP/AtP* rankings against exhaustive patching.
 
-``saes`` maps HookSite / site label / hook name → sae_lens SAE; SAEs are NOT attached
-to the model (the engine splices them itself, keeping the error term, so the model's
-output is unchanged). Nodes and selections are ``circuitscan.schemas.attribution``.
+``saes`` is a sequence of sae_lens SAEs, each at the site its own config names (a
+mapping from HookSite / site label / hook name is still accepted). SAEs are NOT
+attached to the model, and a model with SAEs attached is refused rather than reset:
+the engine splices them itself (``circuitscan.pipelines.sae_splice``, keeping the
+error term, so the model's output is unchanged). Nodes and selections are ``circuitscan.schemas.attribution``.
 Bad input raises ``AttributionInputError`` (a ValueError) or one of its subclasses.
 """
 

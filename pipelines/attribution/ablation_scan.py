@@ -30,15 +30,10 @@ from circuitscan.pipelines.attribution.inputs import (
     check_tokens,
 )
 from circuitscan.pipelines.attribution.positions import UNDEFINED, resolve_positions
-from circuitscan.pipelines.attribution.splice import (
-    Recorder,
-    check_saes,
-    run_recorded,
-    sae_decode,
-    sae_encode,
-)
+from circuitscan.pipelines.attribution.recording import Recorder, check_saes, run_recorded
 from circuitscan.pipelines.attribution.suffix import start_layer, suffix_metric
 from circuitscan.pipelines.sae_decoding import decoder_rows, decodes_linearly
+from circuitscan.pipelines.sae_splice import sae_decode, sae_encode
 from circuitscan.schemas.attribution import AblationMode, PositionSpec
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec

@@ -9,7 +9,7 @@ graddrop.py): (1/(L−1)) Σ_l |AtP_l(n)|.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from jaxtyping import Int
@@ -32,28 +32,28 @@ from circuitscan.pipelines.attribution.qk_fix import (
     query_effect,
     query_terms,
 )
-from circuitscan.pipelines.attribution.result import AttributionResult
-from circuitscan.pipelines.attribution.splice import (
+from circuitscan.pipelines.attribution.recording import (
     Recorder,
     check_saes,
     frozen_parameters,
     run_recorded,
 )
+from circuitscan.pipelines.attribution.result import AttributionResult
 from circuitscan.pipelines.attribution.suffix import final_metric
+from circuitscan.pipelines.sae_splice import SaeArg, saes_by_hook
 from circuitscan.schemas.attribution import AttributionMethod, NodeSelection, PositionSpec
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 
 Key = tuple[str, str]
-SaeMap = Mapping[HookSite | str, SAE[Any]]
+# A sequence of SAEs, each at the site its config names (or the older mapping
+# from HookSite, site label or hook name to SAE).
+SaeMap: TypeAlias = SaeArg
 
 
 def normalize_saes(model: HookedSAETransformer, saes: SaeMap | None) -> dict[str, SAE[Any]]:
-    """SAEs keyed by TransformerLens hook name; keys may be HookSites, labels or hook names."""
-    out: dict[str, SAE[Any]] = {}
-    for key, sae in (saes or {}).items():
-        site = key if isinstance(key, HookSite) else HookSite.parse(key)
-        out[site.hook_name] = sae
+    """SAEs keyed by TransformerLens hook name, after checking the model can take them."""
+    out = saes_by_hook(saes)
     check_saes(model, out)
     return out
 

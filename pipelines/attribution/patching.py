@@ -37,7 +37,7 @@ from circuitscan.pipelines.attribution.positions import (
     remap_positions,
     resolve_positions,
 )
-from circuitscan.pipelines.attribution.splice import Recorder, build_hooks, run_recorded
+from circuitscan.pipelines.attribution.recording import Recorder, build_hooks, run_recorded
 from circuitscan.pipelines.attribution.suffix import (
     cache_residuals,
     reads_one_position,

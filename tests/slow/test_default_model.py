@@ -7,7 +7,7 @@ import torch
 
 from circuitscan.pipelines.batching import tokenize_prompts
 from circuitscan.pipelines.metrics import metric_per_prompt
-from circuitscan.pipelines.splice import spliced
+from circuitscan.pipelines.sae_splice import spliced
 from circuitscan.pipelines.tasks.ioi import generate_ioi
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.services.sae_loading import default_sae_names, load_default_saes

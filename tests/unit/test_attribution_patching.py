@@ -13,8 +13,8 @@ from transformer_lens import patching
 
 from circuitscan.pipelines.attribution import ablation_scan, exact_patch, run_atp
 from circuitscan.pipelines.attribution.errors import AttributionInputError
-from circuitscan.pipelines.attribution.splice import sae_decode, sae_encode
 from circuitscan.pipelines.metrics import metric_per_prompt
+from circuitscan.pipelines.sae_splice import sae_decode, sae_encode
 from circuitscan.schemas.attribution import Node, NodeSelection
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec

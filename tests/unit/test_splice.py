@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuitscan.pipelines.splice import SpliceError, spliced
+from circuitscan.pipelines.sae_splice import SpliceError, spliced
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.testing import build_tiny_sae
 

@@ -1,15 +1,10 @@
-"""Transparent SAE splicing and activation recording through TransformerLens hooks.
+"""Recording and editing activations in one forward pass, with SAEs transparently spliced.
 
-sae_lens's own splice computes the error term under ``no_grad``, so gradients
-reaching nodes *upstream* of an SAE would flow only through the reconstruction.
-Here the splice is written so that, at every site,
-
-    out = x + (decode(a) − decode(a₀)) + (e − e₀),  a₀ = encode(x),  e₀ = x − decode(a₀)
-
-which equals ``x`` exactly when nothing is edited (the model's output is
-unchanged, as with ``use_error_term=True``), passes ∂m/∂x through as the
-identity (upstream nodes see the true model), and gives the feature
-activations ``a`` and the error ``e`` their own exact gradients.
+The splice itself is :func:`circuitscan.pipelines.sae_splice.transparent_splice`
+(the model's output is unchanged and every feature activation and error term
+gets its own exact gradient); this module decides, per hook, what a forward
+pass records, which raw activations or SAE terms it edits, and where an SAE
+has to be spliced for that.
 """
 
 from __future__ import annotations
@@ -24,22 +19,14 @@ from jaxtyping import Float
 from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.attribution.errors import AttributionInputError
+from circuitscan.pipelines.sae_splice import (
+    SaeEdit,
+    check_hooks,
+    require_detached,
+    transparent_splice,
+)
 
-SaeEdit = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 RawEdit = Callable[[torch.Tensor], torch.Tensor]
-
-
-def sae_encode(sae: SAE[Any], x: torch.Tensor) -> Float[torch.Tensor, "batch pos d_sae"]:
-    """Feature activations of ``x`` (hook_z inputs may be [batch, pos, head, d_head])."""
-    if x.ndim == 4 and not getattr(sae, "hook_z_reshaping_mode", False):
-        x = x.flatten(-2)
-    return sae.encode(x.to(sae.dtype))
-
-
-def sae_decode(sae: SAE[Any], acts: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reconstruction in the shape and dtype of the site activation ``like``."""
-    out = sae.decode(acts)
-    return out.reshape(like.shape).to(like.dtype)
 
 
 @dataclass
@@ -62,35 +49,17 @@ class Recorder:
 
 def check_saes(model: HookedSAETransformer, saes: Mapping[str, SAE[Any]]) -> None:
     """SAEs are passed to the engine, not attached to the model; their hooks must exist."""
-    attached = getattr(model, "acts_to_saes", {})
-    if attached:
-        raise AttributionInputError(
-            f"the model has SAEs attached at {sorted(attached)}; call model.reset_saes() and "
-            "pass the SAEs to the attribution engine, which splices them itself"
-        )
-    for name in saes:
-        if name not in model.hook_dict:
-            raise AttributionInputError(f"SAE hook {name!r} is not a hook of this model")
+    require_detached(model, "attributing", AttributionInputError)
+    check_hooks(model, list(saes), AttributionInputError)
 
 
 def _splice(
     sae: SAE[Any], x: torch.Tensor, name: str, recorder: Recorder, edit: SaeEdit | None
 ) -> torch.Tensor:
-    with torch.no_grad():
-        acts0 = sae_encode(sae, x)
-        recon0 = sae_decode(sae, acts0, x)
-        err0 = x - recon0
-    acts, err = acts0, err0
-    if recorder.grad:
-        acts = acts0.clone().requires_grad_(True)
-        err = err0.clone().requires_grad_(True)
+    out, acts, err = transparent_splice(sae, x, grad=recorder.grad, edit=edit)
     recorder.keep("feat", name, acts)
     recorder.keep("err", name, err)
-    if edit is not None:
-        acts, err = edit(acts, err)
-    elif not recorder.grad:
-        return x
-    return x + (sae_decode(sae, acts, x) - recon0) + (err - err0)
+    return out
 
 
 def build_hooks(
