@@ -106,7 +106,7 @@ class AttributeRunner(StoreWriter):
         assert isinstance(spec.job, AttributeParams)
         super().__init__(spec, model)
         self.params = spec.job
-        self.saes = {loaded.site.label: loaded.sae for loaded in saes}
+        self.saes = [loaded.sae for loaded in saes]
         self.selection = node_selection(self.params)
         self.method = attribution_method(self.params)
 
