@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from circuitscan.services.api.errors import ApiError
 from circuitscan.services.api.store_roots import StoreRoot, store_root
 from circuitscan.services.store import FeatureStore, StoreNotFoundError
-from circuitscan.services.store.backends import list_keys
+from circuitscan.services.store.manifest import MANIFEST_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class StoreRegistry:
             with self._lock:
                 self._open[entry.name] = fresh
             return fresh
-        committed = len(list_keys(entry.store.backend, "manifest/"))
+        committed = len(entry.store.location.list_keys(MANIFEST_PREFIX))
         if committed != len(entry.store.committed_shard_ids()):
             entry.store.refresh()
         entry.checked_at = now

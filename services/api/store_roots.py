@@ -1,23 +1,28 @@
 """Where the API's named stores live: a local directory or an object-storage prefix.
 
-Either way a store name is one path segment under the root. A local root
-resolves names (symlinks followed) to direct children of the directory and
-refuses stores whose links point outside it; an ``s3://BUCKET/PREFIX`` root
-(the endpoint from ``CIRCUITSCAN_S3_ENDPOINT``, credentials from the usual
-AWS variables) maps a name to ``s3://BUCKET/PREFIX/NAME``, where jobs on a
-cluster write their stores.
+Either way a store name is one path segment under the root, and the root is
+a store backend (:mod:`circuitscan.services.store.backends`) whose scheme
+can hold named stores. A local root resolves names (symlinks followed) to
+direct children of the directory and refuses stores whose links point
+outside it; an ``s3://BUCKET/PREFIX`` root (the endpoint from
+``CIRCUITSCAN_S3_ENDPOINT``, credentials from the usual AWS variables) maps
+a name to ``s3://BUCKET/PREFIX/NAME``, where jobs on a cluster write their
+stores.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol, TypeVar
 
 from circuitscan.services.api.errors import ApiError
-from circuitscan.services.store.backends import s3_options
+from circuitscan.services.store.backends import Backend, StoreURLError, open_location, open_root
 
 _LAYOUT = "zarr.json"  # a store's root document: present once the store exists
+
+T = TypeVar("T")
 
 
 class StoreRoot(Protocol):
@@ -48,12 +53,21 @@ class StoreRoot(Protocol):
         ...
 
 
+def _parsed(location: str) -> Backend | None:
+    try:
+        return open_location(location)
+    except StoreURLError:
+        return None
+
+
 class LocalRoot:
     """Stores as folders of one directory."""
 
-    def __init__(self, path: Path) -> None:
-        path.mkdir(parents=True, exist_ok=True)
-        self.path = path.resolve()
+    def __init__(self, root: Backend) -> None:
+        assert root.local_path is not None, "a local root needs a local directory"
+        root.local_path.mkdir(parents=True, exist_ok=True)
+        self.path = root.local_path.resolve()
+        self.root = root
 
     def __str__(self) -> str:
         return str(self.path)
@@ -66,7 +80,7 @@ class LocalRoot:
 
     def location(self, name: str) -> str:
         folder = self._folder(name)
-        if not (folder / _LAYOUT).is_file():
+        if not self.root.child(name).exists(_LAYOUT):
             raise ApiError(404, f"no store named {name!r}")
         return str(folder)
 
@@ -77,17 +91,21 @@ class LocalRoot:
         return str(folder)
 
     def name_of(self, location: str) -> str | None:
-        if "://" in location:
+        parsed = _parsed(location)
+        if parsed is None or parsed.local_path is None:
             return None
-        path = Path(location).expanduser().resolve()
+        path = parsed.local_path.expanduser().resolve()
         return path.name if path.parent == self.path else None
 
     def candidates(self) -> list[str]:
-        with os.scandir(self.path) as entries:
-            return [entry.name for entry in entries]
+        return self.root.children()
 
     def version(self, name: str) -> str:
-        return str((Path(self.location(name)) / _LAYOUT).stat().st_mtime_ns)
+        self.location(name)
+        version = self.root.child(name).version(_LAYOUT)
+        if version is None:  # replaced between the two looks
+            raise ApiError(404, f"no store named {name!r}")
+        return version
 
     def check_contained(self, name: str) -> None:
         # Zarr follows links inside a store; one pointing outside the root
@@ -101,83 +119,62 @@ class LocalRoot:
 
 
 class ObjectRoot:
-    """Stores as prefixes under ``s3://BUCKET/PREFIX``."""
+    """Stores as prefixes under a root location that is not a local folder (``s3://...``)."""
 
-    def __init__(self, url: str) -> None:
-        check_root(url)
-        self.url = f"s3://{url.removeprefix('s3://').strip('/')}"
-        self._fs: Any = None
+    def __init__(self, root: Backend) -> None:
+        self.root = root
+        self.url = root.url
 
     def __str__(self) -> str:
         return self.url
 
-    @property
-    def fs(self) -> Any:
-        if self._fs is None:
-            import fsspec
-
-            # Synchronous calls: the registry runs in the API's worker threads.
-            self._fs = fsspec.filesystem("s3", **{**s3_options(), "asynchronous": False})
-        return self._fs
-
-    def _info(self, name: str) -> dict[str, Any] | None:
+    def _reach(self, call: Callable[[], T]) -> T:
         try:
-            return dict(self.fs.info(f"{self.url}/{name}/{_LAYOUT}"))
-        except FileNotFoundError:
-            return None
+            return call()
         except OSError as exc:  # endpoint down, credentials refused
             raise ApiError(503, f"object storage at {self.url} is unreachable: {exc}") from exc
 
     def location(self, name: str) -> str:
-        if self._info(name) is None:
+        child = self.root.child(name)
+        if not self._reach(lambda: child.exists(_LAYOUT)):
             raise ApiError(404, f"no store named {name!r}")
-        return f"{self.url}/{name}"
+        return child.url
 
     def target(self, name: str) -> str:
-        return f"{self.url}/{name}"
+        return self.root.child(name).url
 
     def name_of(self, location: str) -> str | None:
+        parsed = _parsed(location)
         prefix = self.url + "/"
-        if not location.startswith(prefix):
+        if parsed is None or not parsed.url.startswith(prefix):
             return None
-        name = location.removeprefix(prefix).rstrip("/")
+        name = parsed.url.removeprefix(prefix)
         return name if name and "/" not in name else None
 
     def candidates(self) -> list[str]:
-        try:
-            entries = self.fs.ls(self.url, detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
-        except OSError as exc:
-            raise ApiError(503, f"object storage at {self.url} is unreachable: {exc}") from exc
-        return [
-            entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            for entry in entries
-            if entry.get("type") == "directory"
-        ]
+        return self._reach(self.root.children)
 
     def version(self, name: str) -> str:
-        info = self._info(name)
-        if info is None:
+        child = self.root.child(name)
+        version = self._reach(lambda: child.version(_LAYOUT))
+        if version is None:
             raise ApiError(404, f"no store named {name!r}")
-        return str(info.get("ETag") or info.get("LastModified") or info.get("size"))
+        return version
 
     def check_contained(self, name: str) -> None:
         return None  # object keys cannot link elsewhere
 
 
 def check_root(text: str) -> str:
-    """``text`` itself when it names a supported root (no I/O); ValueError saying why not."""
-    if "://" in text and not text.startswith("s3://"):
-        raise ValueError(f"unsupported store root {text!r}: use a directory or s3://BUCKET/PREFIX")
-    if text.startswith("s3://") and not text.removeprefix("s3://").strip("/"):
-        raise ValueError(f"an s3 store root needs a bucket: {text!r}")
+    """``text`` itself when it names a supported root (no network I/O); a UserInputError
+    saying why not."""
+    open_root(text)
     return text
 
 
 def store_root(location: str | Path) -> StoreRoot:
     """The root for a local directory or an ``s3://BUCKET/PREFIX`` URL."""
-    text = check_root(str(location))
-    if text.startswith("s3://"):
-        return ObjectRoot(text)
-    return LocalRoot(Path(text).expanduser())
+    root = open_root(str(location))
+    if root.local_path is not None:
+        return LocalRoot(root)
+    return ObjectRoot(root)

@@ -22,17 +22,17 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import zarr
 from zarr.abc.store import Store
+from zarr.core.buffer import Buffer
 from zarr.storage import MemoryStore
 
-from circuitscan.pipelines.site_cache import SiteCache
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, StoreLayout
-from circuitscan.services.store.backends import read_prefix, write_many
+from circuitscan.services.store.backends import Objects, read_prefix, write_many
 from circuitscan.services.store.encoding import (
     TOKEN_CHUNK,
     ArrayWrite,
@@ -43,10 +43,16 @@ from circuitscan.services.store.encoding import (
     read_arrays,
     values_back,
 )
+from circuitscan.services.store.errors import StoreError
 from circuitscan.services.store.summaries import ShardSummary, summarize_shard
 
+if TYPE_CHECKING:  # readers of a store never load torch: only writers hold tensors
+    import torch
 
-class ShardDataError(ValueError):
+    from circuitscan.pipelines.site_cache import SiteCache
+
+
+class ShardDataError(StoreError):
     """Shard data that does not match the store layout."""
 
 
@@ -56,6 +62,8 @@ def shard_prefix(shard_id: int) -> str:
 
 def encode_values(values: torch.Tensor, dtype: str) -> np.ndarray:
     """Activations/gradients in the on-disk dtype (bfloat16 as its uint16 bits)."""
+    import torch
+
     values = values.detach().to("cpu")
     if dtype == "bfloat16":
         return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
@@ -65,7 +73,9 @@ def encode_values(values: torch.Tensor, dtype: str) -> np.ndarray:
 def decode_values(raw: np.ndarray, dtype: str) -> np.ndarray:
     """On-disk values → float32."""
     if dtype == "bfloat16":
-        return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float().numpy()
+        # bfloat16 is the top half of a float32: widening is a 16-bit shift, exact
+        # for every value (NaN payloads included), with no torch on the read path.
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float32)
 
 
@@ -73,7 +83,7 @@ def checksum(data: bytes) -> str:
     return f"{len(data)}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
 
 
-def shard_checksums(store: Store, shard_id: int) -> dict[str, str]:
+def shard_checksums(store: Objects, shard_id: int) -> dict[str, str]:
     """Checksums of every object the shard holds, keyed relative to its prefix."""
     prefix = shard_prefix(shard_id)
     return {
@@ -119,7 +129,7 @@ def _validate(
 
 
 def write_shard_arrays(
-    store: Store,
+    store: Objects,
     layout: StoreLayout,
     shard_id: int,
     prompts: Sequence[PromptRecord],
@@ -135,8 +145,10 @@ def write_shard_arrays(
     n_tokens = _validate(layout, prompts, token_ids, site_caches)
     prefix = shard_prefix(shard_id)
     prompt_start = shard_id * layout.shard_size
-    backend, staged = store, MemoryStore()
-    store = staged
+    # Encoded into a staging dict first: the shard's objects are then checksummed
+    # and uploaded together.
+    staging: dict[str, Buffer] = {}
+    backend, store = store, MemoryStore(store_dict=staging)
     zarr.create_group(store, path=prefix.rstrip("/"), overwrite=True)
     lengths = np.array([len(ids) for ids in token_ids], dtype=np.uint64)
     offsets = np.zeros(len(lengths) + 1, dtype=np.uint64)
@@ -185,9 +197,7 @@ def write_shard_arrays(
         n_entries[site.label] = int(feature_ids.shape[0])
     encode_arrays(store, writes)
     # Parent groups outside the shard (the root, shards/) are not ours to write.
-    objects = {
-        key: value.to_bytes() for key, value in staged._store_dict.items() if key.startswith(prefix)
-    }
+    objects = {key: value.to_bytes() for key, value in staging.items() if key.startswith(prefix)}
     write_many(backend, objects)
     return ShardEntry(
         shard_id=shard_id,

@@ -1,0 +1,200 @@
+"""The commit manifest: which shards are visible, and checking their bytes against it.
+
+A shard becomes visible when its entry (``manifest/NNNNNN.json``, with a
+checksum of every object the shard holds) is written, after its data.
+Readers trust the manifest and nothing else: every object read out of a
+committed shard goes through :meth:`ShardManifest.fetch_verified`, so a
+missing, truncated or altered object is a CorruptShardError naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+from zarr.abc.store import Store
+
+from circuitscan.schemas.store import ShardEntry, StoreLayout
+from circuitscan.services.store.backends import Backend
+from circuitscan.services.store.errors import (
+    CorruptManifestError,
+    CorruptShardError,
+    ShardConflictError,
+    StoreError,
+)
+from circuitscan.services.store.shard_io import checksum, memory_store, shard_prefix
+
+log = logging.getLogger(__name__)
+
+MANIFEST_PREFIX = "manifest/"
+
+
+def manifest_key(shard_id: int) -> str:
+    """Where shard ``shard_id``'s entry is stored."""
+    return f"{MANIFEST_PREFIX}{shard_id:06d}.json"
+
+
+def _parse_entry(raw: bytes, key: str, url: str) -> ShardEntry:
+    """A manifest entry read back; a truncated or altered one is named, not a traceback."""
+    try:
+        return ShardEntry.model_validate_json(raw)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"] if exc.errors() else "invalid"
+        raise CorruptManifestError(
+            f"manifest entry {key} of {url} is unreadable ({reason}); delete it and resume "
+            "the job to recompute that shard"
+        ) from exc
+
+
+class ShardManifest:
+    """The committed entries of one store (read once, then cached) and their verification."""
+
+    def __init__(self, location: Backend, layout: StoreLayout, url: str) -> None:
+        self.location = location
+        self.layout = layout
+        self.url = url
+        self._entries: dict[int, ShardEntry] | None = None
+        # Objects of the shard just checked by a commit, reused by the index
+        # merge that follows so that a commit reads each object once.
+        self._recent: tuple[int, dict[str, bytes]] | None = None
+
+    # --- entries ----------------------------------------------------------------------
+
+    def read_entry(self, shard_id: int) -> ShardEntry | None:
+        """Shard ``shard_id``'s entry as stored now (not the cached view), None if uncommitted.
+
+        A worker reads only its own entry: per-shard cost never grows with the
+        number of shards.
+        """
+        key = manifest_key(shard_id)
+        raw = self.location.read_bytes(key)
+        return None if raw is None else _parse_entry(raw, key, self.url)
+
+    def committed(self) -> dict[int, ShardEntry]:
+        """Every committed entry by shard id (the live cached dict: callers must not change it)."""
+        if self._entries is None:
+            entries = {}
+            keys = self.location.list_keys(MANIFEST_PREFIX)
+            for key, raw in self.location.read_many(keys).items():
+                if raw is not None:
+                    entry = _parse_entry(raw, key, self.url)
+                    entries[entry.shard_id] = entry
+            self._entries = entries
+        return self._entries
+
+    def entry(self, shard_id: int) -> ShardEntry:
+        """The committed entry of ``shard_id`` (StoreError when it is not committed)."""
+        entry = self.committed().get(shard_id)
+        if entry is None:
+            raise StoreError(f"shard {shard_id} is not committed")
+        return entry
+
+    def n_prompts(self) -> int:
+        """One past the highest committed prompt index (0 when empty)."""
+        entries = self.committed().values()
+        return max((e.prompt_start + e.n_prompts for e in entries), default=0)
+
+    def n_tokens(self) -> int:
+        """Tokens stored over all committed shards."""
+        return sum(e.n_tokens for e in self.committed().values())
+
+    def commit(self, entry: ShardEntry, *, verify: bool) -> bool:
+        """Write ``entry`` (after checking the shard's bytes with ``verify``); False when
+        an equal entry is committed already, ShardConflictError when another one is."""
+        if entry.layout_hash != self.layout.layout_hash():
+            raise ShardConflictError(
+                f"shard {entry.shard_id} was written for layout {entry.layout_hash}, "
+                f"this store has {self.layout.layout_hash()}"
+            )
+        existing = self.read_entry(entry.shard_id)
+        if existing is not None:
+            if existing.digest() != entry.digest():
+                raise ShardConflictError(
+                    f"shard {entry.shard_id} is already committed with other content"
+                )
+            return False
+        if verify:
+            bad = self.checksum_mismatches(entry)
+            if bad:
+                raise CorruptShardError(
+                    f"shard {entry.shard_id}: stored data does not match the entry ({bad[:5]})"
+                )
+        self.location.write_bytes(manifest_key(entry.shard_id), entry.model_dump_json().encode())
+        self.committed()[entry.shard_id] = entry
+        return True
+
+    def remove(self, shard_id: int) -> None:
+        """Delete shard ``shard_id``'s entry: the shard is invisible from here on."""
+        self.location.delete_keys([manifest_key(shard_id)])
+        self.committed().pop(shard_id, None)
+
+    def forget_recent(self) -> None:
+        """Drop the objects kept from the last commit's check."""
+        self._recent = None
+
+    def refresh(self) -> None:
+        """Forget the cached entries (see other writers' commits)."""
+        self._entries = None
+        self._recent = None
+
+    # --- verification -----------------------------------------------------------------
+
+    def checksum_mismatches(self, entry: ShardEntry) -> list[str]:
+        """Objects (relative to the shard) whose stored bytes differ from ``entry``, sorted."""
+        prefix = shard_prefix(entry.shard_id)
+        objects = self.location.read_prefix(prefix)
+        self._recent = (entry.shard_id, objects)
+        actual = {key.removeprefix(prefix): checksum(data) for key, data in objects.items()}
+        keys = set(actual) | set(entry.checksums)
+        return sorted(k for k in keys if actual.get(k) != entry.checksums.get(k))
+
+    def verify(self, shard_id: int) -> bool:
+        """True when the shard is committed and every stored byte matches its checksums."""
+        entry = self.committed().get(shard_id)
+        if entry is None:
+            return False
+        bad = self.checksum_mismatches(entry)
+        if bad:
+            log.warning("shard %d is corrupt: %d objects differ (%s)", shard_id, len(bad), bad[:5])
+            return False
+        return True
+
+    def fetch_verified(self, shard_id: int, keys: Sequence[str]) -> dict[str, bytes]:
+        """Objects of a committed shard (keys relative to it), checked against the manifest.
+
+        Keys the manifest does not list are skipped (zarr leaves chunks that
+        are all fill value unwritten); listed ones that are missing, truncated
+        or altered raise CorruptShardError.
+        """
+        entry = self.entry(shard_id)
+        prefix = shard_prefix(shard_id)
+        keys = [key for key in keys if key in entry.checksums]
+        if self._recent is not None and self._recent[0] == shard_id:
+            data = {prefix + key: self._recent[1].get(prefix + key) for key in keys}
+        else:
+            data = self.location.read_many([prefix + key for key in keys])
+        bad = [
+            key
+            for key in keys
+            if (raw := data[prefix + key]) is None or checksum(raw) != entry.checksums[key]
+        ]
+        if bad:
+            log.warning("shard %d is corrupt: %d objects differ (%s)", shard_id, len(bad), bad[:5])
+            raise CorruptShardError(
+                f"shard {shard_id} of {self.url} is corrupt (checksum mismatch in {bad[:3]}); "
+                "resume the job to recompute it"
+            )
+        return {key: raw for key in keys if (raw := data[prefix + key]) is not None}
+
+    def read_verified(self, shard_id: int, parts: Sequence[str]) -> Store:
+        """The shard's objects under ``parts`` (prefixes inside the shard), each checked
+        against its manifest checksum, as an in-memory store to decode from.
+
+        The keys come from the manifest (no listing).
+        """
+        entry = self.entry(shard_id)
+        keys = [key for key in entry.checksums if key.startswith(tuple(parts))]
+        prefix = shard_prefix(shard_id)
+        objects = self.fetch_verified(shard_id, keys)
+        return memory_store({prefix + key: raw for key, raw in objects.items()})
