@@ -15,22 +15,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from circuitscan.schemas.hooks import HookPoint, HookSite
+from circuitscan.schemas.node_kinds import NODE_KINDS, NodeKind, node_kind
 
-NodeKind = Literal["feature", "sae_error", "z", "q", "k", "v", "neuron", "mlp"]
 PatchMode = Literal["corrupt", "zero", "mean"]
 AblationMode = Literal["zero", "mean", "resample"]
 PositionSpec = int | str
 
-# Head and neuron kinds live at fixed hook points; SAE kinds live at their SAE's site.
-KIND_POINT: dict[str, HookPoint] = {
-    "z": "z",
-    "q": "q",
-    "k": "k",
-    "v": "v",
-    "neuron": "mlp_post",
-    "mlp": "mlp_post",
-}
-_UNINDEXED = ("sae_error", "mlp")
 _NODE_RE = re.compile(
     r"^(?P<kind>[a-z_]+):L(?P<layer>\d+)(?:\.(?P<point>[a-z_]+))?(?::(?P<index>\d+))?"
     r"@(?P<pos>-?\d+|[A-Za-z_][A-Za-z0-9_]*)$"
@@ -61,11 +51,11 @@ class Node(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> Node:
-        sae_kind = self.kind in ("feature", "sae_error")
-        if sae_kind != (self.point is not None):
-            raise ValueError(f"{self.kind} nodes {'need' if sae_kind else 'take no'} a point")
-        if (self.kind in _UNINDEXED) != (self.index is None):
-            raise ValueError(f"{self.kind} nodes {'take no' if self.index else 'need an'} index")
+        spec = NODE_KINDS[self.kind]
+        if spec.sae != (self.point is not None):
+            raise ValueError(f"{self.kind} nodes {'need' if spec.sae else 'take no'} a point")
+        if spec.indexed != (self.index is not None):
+            raise ValueError(f"{self.kind} nodes {'need an' if spec.indexed else 'take no'} index")
         if isinstance(self.position, int) and self.position < 0:
             raise ValueError(f"position must be >= 0, got {self.position}")
         return self
@@ -73,7 +63,9 @@ class Node(BaseModel):
     @property
     def site(self) -> HookSite:
         """The hook site whose activation this node is part of."""
-        point = self.point if self.point is not None else KIND_POINT[self.kind]
+        # SAE kinds sit at their SAE's site (the node's point); other kinds at a fixed point.
+        point = self.point if self.point is not None else NODE_KINDS[self.kind].point
+        assert point is not None  # guaranteed by the validator
         return HookSite(layer=self.layer, point=point)
 
     def __str__(self) -> str:
@@ -90,8 +82,14 @@ class Node(BaseModel):
         raw_pos: str = match["pos"]
         pos: PositionSpec = int(raw_pos) if raw_pos.lstrip("-").isdigit() else raw_pos
         index = match["index"]
+        spec = node_kind(match["kind"])
+        if spec.name != match["kind"]:  # an alias: node names use the kind's name only
+            raise ValueError(
+                f"not a node string: {text!r} ({match['kind']!r} is a job-spec spelling; "
+                f"node names write {spec.name!r})"
+            )
         return cls(
-            kind=match["kind"],  # type: ignore[arg-type]
+            kind=spec.name,
             layer=int(match["layer"]),
             point=match["point"],  # type: ignore[arg-type]
             index=None if index is None else int(index),

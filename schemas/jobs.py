@@ -16,6 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.models import ModelSpec, SAESpec
+from circuitscan.schemas.node_kinds import (
+    NodeKind,
+    NodeKindSpelling,
+    canonical_kinds,
+    kinds_help,
+    node_kind,
+)
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
@@ -135,21 +142,18 @@ class CacheParams(BaseModel):
     )
 
 
-NodeKindName = Literal[
-    "sae_feature", "sae_error", "head_z", "head_q", "head_k", "head_v", "mlp_neuron"
-]
-
-
 class AttributeParams(BaseModel):
     """Attribution patching (AtP or AtP*) over clean/corrupted pairs."""
 
     model_config = _STRICT
     kind: Literal["attribute"] = Field(description="Job kind.")
     method: Literal["atp", "atpstar"] = Field(default="atpstar", description="Estimator.")
-    nodes: list[NodeKindName] = Field(
-        default_factory=lambda: list[NodeKindName](["sae_feature", "head_z"]),
+    # Kept as written (the spec hash covers it, so older specs keep resuming their stores);
+    # code reads the kind names through ``node_kinds``.
+    nodes: list[NodeKindSpelling] = Field(
+        default_factory=lambda: list[NodeKindSpelling](["sae_feature", "head_z"]),
         min_length=1,
-        description="Node kinds to score.",
+        description=f"Node kinds to score: {kinds_help()}.",
     )
     positions: Literal["all", "last"] | list[str] = Field(
         default="all",
@@ -169,6 +173,11 @@ class AttributeParams(BaseModel):
             "change the length early in the prompt; unpaired positions are not patched."
         ),
     )
+
+    @property
+    def node_kinds(self) -> list[NodeKind]:
+        """The node kinds to score, by name (aliases resolved, repeats dropped)."""
+        return canonical_kinds(list(self.nodes))
 
 
 class AblationScanParams(BaseModel):
@@ -307,7 +316,7 @@ class JobSpec(BaseModel):
         if self.job.kind in ("cache", "ablation_scan", "splice_eval", "dfa") and not self.saes:
             raise ValueError(f"job kind '{self.job.kind}' needs at least one SAE in 'saes'")
         if isinstance(self.job, AttributeParams) and not self.saes:
-            sae_kinds = sorted({"sae_feature", "sae_error"} & set(self.job.nodes))
+            sae_kinds = sorted({n for n in self.job.nodes if node_kind(n).sae})
             if sae_kinds:
                 raise ValueError(f"attribute nodes {sae_kinds} need at least one SAE in 'saes'")
         return self

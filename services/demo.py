@@ -48,7 +48,7 @@ def demo_specs(out: Path, saes: list[LoadedSAE], n_prompts: int, seed: int) -> d
         "attribute": AttributeParams(
             kind="attribute",
             method="atpstar",
-            nodes=["head_z", "head_q", "head_k", "head_v", "sae_feature"],
+            nodes=["z", "q", "k", "v", "feature"],
             positions=["IO", "S1", "S2", "END"],
             verify_top_k=10,
             top_nodes=40,

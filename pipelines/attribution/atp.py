@@ -21,16 +21,15 @@ from circuitscan.pipelines.attribution.inputs import (
     Answers,
     checked_prompts,
 )
-from circuitscan.pipelines.attribution.nodes import NodeGroup, build_groups, select, unit_scores
+from circuitscan.pipelines.attribution.node_kinds import ops
+from circuitscan.pipelines.attribution.nodes import NodeGroup, build_groups, select
 from circuitscan.pipelines.attribution.positions import remap_positions, resolve_positions
 from circuitscan.pipelines.attribution.qk_fix import (
     KeyTerms,
     QueryTerms,
-    key_effect,
-    key_terms,
+    fix_effect,
+    fix_terms,
     qk_sites,
-    query_effect,
-    query_terms,
 )
 from circuitscan.pipelines.attribution.recording import (
     Recorder,
@@ -70,9 +69,9 @@ def position_specs(
 
 
 def _qk_keys(model: HookedSAETransformer, groups: Sequence[NodeGroup]) -> dict[int, list[Key]]:
-    """Per layer with q/k nodes: (q, k, scores, pattern) record keys."""
+    """Per layer with nodes the QK fix applies to: (q, k, scores, pattern) record keys."""
     out = {}
-    for layer in sorted({g.layer for g in groups if g.kind in ("q", "k")}):
+    for layer in sorted({g.layer for g in groups if ops(g.kind).spec.qk_fix}):
         q_site, k_site = qk_sites(model.cfg, layer)
         scores = HookSite(layer=layer, point="attn_scores").hook_name
         pattern = HookSite(layer=layer, point="pattern").hook_name
@@ -107,28 +106,24 @@ def _score_groups(
     out: dict[int, torch.Tensor] = {}
     for index in range(len(groups)) if only is None else only:
         group = groups[index]
+        row = ops(group.kind)
         key = group.record_key
-        if group.layer in qk and group.kind in ("q", "k"):
+        side = row.spec.qk_fix
+        if group.layer in qk and side is not None:
             assert corrupt is not None
             q_key, k_key, s_key, p_key = qk[group.layer]
             if index not in qk_terms:
-                attn = model.blocks[group.layer].attn
                 q, k = clean[q_key].detach(), clean[k_key].detach()
                 scores, pattern = clean[s_key].detach(), clean[p_key].detach()
-                qk_terms[index] = (
-                    query_terms(attn, q, corrupt[q_key], k, scores, pattern)
-                    if group.kind == "q"
-                    else key_terms(attn, q, k, corrupt[k_key], scores, pattern)
-                )
-            terms = qk_terms[index]
-            if isinstance(terms, QueryTerms):
-                per_unit = query_effect(terms, grads[p_key])
-            else:
-                per_unit = key_effect(terms, grads[p_key])
+                qk_terms[index] = fix_terms(
+                    side, model.blocks[group.layer].attn, q, k, corrupt[q_key], corrupt[k_key],
+                    scores, pattern,
+                )  # fmt: skip
+            per_unit = fix_effect(qk_terms[index], grads[p_key])
         else:
             base = clean[key].detach()
             delta = (corrupt[key] - base) if corrupt is not None else -base
-            per_unit = unit_scores(group.kind, delta * grads[key])
+            per_unit = row.reduce(delta * grads[key])
         out[index] = select(group, per_unit, positions)
     return out
 

@@ -20,6 +20,7 @@ from circuitscan.pipelines.attribution.errors import (
     NodeSelectionError,
     PositionError,
 )
+from circuitscan.pipelines.attribution.node_kinds import has_mlp, ops
 from circuitscan.pipelines.attribution.positions import check_aligned, check_position_map
 from circuitscan.pipelines.tokens import NotSingleTokenError, single_token_id
 from circuitscan.schemas.attribution import Node
@@ -153,18 +154,7 @@ def checked_prompts(
 
 def n_units(model: HookedSAETransformer, saes: Mapping[str, SAE[Any]], node: Node) -> int:
     """How many features / heads / neurons the node's kind has at its site."""
-    cfg = model.cfg
-    if node.kind == "feature":
-        return int(saes[node.site.hook_name].cfg.d_sae)
-    if node.kind in ("k", "v"):
-        if cfg.n_key_value_heads is None or cfg.ungroup_grouped_query_attention:
-            return int(cfg.n_heads)
-        return int(cfg.n_key_value_heads)
-    if node.kind in ("z", "q"):
-        return int(cfg.n_heads)
-    if node.kind == "neuron":
-        return int(cfg.d_mlp or 0)
-    return 1
+    return ops(node.kind).n_units(model, saes.get(node.site.hook_name))
 
 
 def check_node(model: HookedSAETransformer, saes: Mapping[str, SAE[Any]], node: Node) -> None:
@@ -173,12 +163,13 @@ def check_node(model: HookedSAETransformer, saes: Mapping[str, SAE[Any]], node: 
         raise NodeSelectionError(
             f"node {node}: layer {node.layer} does not exist (model has {model.cfg.n_layers})"
         )
-    if node.kind in ("feature", "sae_error") and node.site.hook_name not in saes:
+    spec = ops(node.kind).spec
+    if spec.sae and node.site.hook_name not in saes:
         raise MissingSAEError(
             f"node {node} needs an SAE at {node.site.label}; SAEs given at "
             f"{sorted(saes) or 'no sites'}"
         )
-    if node.kind in ("neuron", "mlp") and (model.cfg.attn_only or model.cfg.d_mlp is None):
+    if spec.needs_mlp and not has_mlp(model):
         raise NodeSelectionError(f"node {node}: this model is attention-only (no MLPs)")
     if node.index is not None and node.index >= n_units(model, saes, node):
         raise NodeSelectionError(

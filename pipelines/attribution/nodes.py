@@ -16,12 +16,10 @@ from jaxtyping import Float, Int
 from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.attribution.errors import MissingSAEError, NodeSelectionError
+from circuitscan.pipelines.attribution.node_kinds import has_mlp, ops
 from circuitscan.pipelines.attribution.positions import UNDEFINED
-from circuitscan.schemas.attribution import KIND_POINT, Node, NodeKind, NodeSelection, PositionSpec
+from circuitscan.schemas.attribution import Node, NodeKind, NodeSelection, PositionSpec
 from circuitscan.schemas.hooks import HookPoint, HookSite
-
-SAE_KINDS = ("feature", "sae_error")
-HEAD_KINDS = ("z", "q", "k", "v")
 
 
 @dataclass(frozen=True)
@@ -45,17 +43,16 @@ class NodeGroup:
     @property
     def record_key(self) -> tuple[str, str]:
         """Which recorded tensor holds this group's activation."""
-        what = {"feature": "feat", "sae_error": "err"}.get(self.kind, "act")
-        return (what, self.hook_name)
+        return ops(self.kind).record_key(self.site)
 
     def node(self, position: int, unit: int) -> Node:
         """The node at (position slot, unit slot)."""
-        unindexed = self.kind in ("sae_error", "mlp")
+        spec = ops(self.kind).spec
         return Node(
             kind=self.kind,
             layer=self.layer,
-            point=self.point if self.kind in SAE_KINDS else None,
-            index=None if unindexed else self.units[unit],
+            point=self.point if spec.sae else None,
+            index=self.units[unit] if spec.indexed else None,
             position=self.positions[position],
         )
 
@@ -65,15 +62,6 @@ class NodeGroup:
     @property
     def size(self) -> int:
         return len(self.positions) * len(self.units)
-
-
-def unit_scores(kind: str, product: torch.Tensor) -> Float[torch.Tensor, "batch pos units"]:
-    """Sum an elementwise (Δactivation · gradient) over everything inside one unit."""
-    if kind in HEAD_KINDS:
-        return product.sum(-1)
-    if kind in ("sae_error", "mlp"):
-        return product.flatten(2).sum(-1, keepdim=True)
-    return product
 
 
 def select(
@@ -129,50 +117,37 @@ def build_groups(
     positions = tuple(position_specs)
     groups: list[NodeGroup] = []
     for kind in dict.fromkeys(selection.kinds):
-        if kind in SAE_KINDS:
+        row = ops(kind)
+        spec = row.spec
+        if spec.needs_mlp and not has_mlp(model):
+            raise NodeSelectionError(f"{kind} nodes need MLPs; this model is attention-only")
+        if spec.sae:
             if not saes:
                 raise MissingSAEError(f"{kind} nodes need at least one SAE; none was given")
-            for site in _sae_sites(saes, selection.sae_sites):
-                if selection.layers is not None and site.layer not in layers:
-                    continue
-                units: tuple[int, ...] = (0,)
-                if kind == "feature":
-                    d_sae = saes[site.hook_name].cfg.d_sae
-                    units = tuple(selection.features or range(d_sae))
-                    if max(units) >= d_sae:
-                        raise NodeSelectionError(
-                            f"feature {max(units)} does not exist at {site.label} (d_sae {d_sae})"
-                        )
-                groups.append(NodeGroup(kind, site.layer, site.point, units, positions))
-            continue
-        if kind in ("neuron", "mlp") and (cfg.attn_only or cfg.d_mlp is None):
-            raise NodeSelectionError(f"{kind} nodes need MLPs; this model is attention-only")
-        for layer in layers:
-            units = (0,)
-            if kind in HEAD_KINDS:
-                n = _n_kv_heads(model) if kind in ("k", "v") else cfg.n_heads
-                units = tuple(selection.heads or range(n))
+            sites = [s for s in _sae_sites(saes, selection.sae_sites) if s.layer in layers]
+        else:
+            assert spec.point is not None
+            sites = [HookSite(layer=layer, point=spec.point) for layer in layers]
+        for site in sites:
+            units: tuple[int, ...] = (0,)
+            if spec.indexed:
+                n = row.n_units(model, saes.get(site.hook_name))
+                wanted = getattr(selection, spec.restricted_by) if spec.restricted_by else None
+                units = tuple(wanted or range(n))
                 if max(units) >= n:
-                    raise NodeSelectionError(f"head {max(units)} does not exist for {kind} ({n})")
-            elif kind == "neuron":
-                units = tuple(range(cfg.d_mlp))
-            groups.append(NodeGroup(kind, layer, KIND_POINT[kind], units, positions))
+                    raise NodeSelectionError(
+                        f"{spec.unit} {max(units)} does not exist for {kind} at {site.label} "
+                        f"({n} {spec.unit} units)"
+                    )
+            groups.append(NodeGroup(kind, site.layer, site.point, units, positions))
     if not groups:
         raise NodeSelectionError(f"the node selection {selection} names no nodes")
     return groups
 
 
-def _n_kv_heads(model: HookedSAETransformer) -> int:
-    """Key/value heads as hook_k/hook_v expose them (fewer than query heads under GQA)."""
-    cfg = model.cfg
-    if cfg.n_key_value_heads is None or cfg.ungroup_grouped_query_attention:
-        return cfg.n_heads
-    return int(cfg.n_key_value_heads)
-
-
-def group_nodes(nodes: Sequence[Node]) -> dict[tuple[str, int, str], list[int]]:
+def group_nodes(nodes: Sequence[Node]) -> dict[tuple[NodeKind, int, str], list[int]]:
     """Indices of ``nodes`` by (kind, layer, point)."""
-    out: dict[tuple[str, int, str], list[int]] = {}
+    out: dict[tuple[NodeKind, int, str], list[int]] = {}
     for i, node in enumerate(nodes):
         out.setdefault((node.kind, node.layer, node.site.point), []).append(i)
     return out

@@ -27,9 +27,16 @@ from circuitscan.pipelines.attribution.errors import AttributionInputError, Node
 from circuitscan.pipelines.attribution.inputs import Answers
 from circuitscan.pipelines.attribution.patching import exact_patch
 from circuitscan.pipelines.attribution.positions import resolve_positions
-from circuitscan.schemas.attribution import AttributionMethod, Node, NodeSelection
-from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.attribution import (
+    AttributionMethod,
+    Node,
+    NodeKind,
+    NodeSelection,
+    PositionSpec,
+)
+from circuitscan.schemas.hooks import HookPoint, HookSite
 from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.schemas.node_kinds import NODE_KINDS
 
 DEFAULT_FRACTIONS = (0.05, 0.25, 0.5, 0.75)
 DEFAULT_METHODS = {
@@ -59,7 +66,7 @@ class PatchPath:
 
 def _selections(nodes: Sequence[Node]) -> list[NodeSelection]:
     """The fewest node selections that score ``nodes``: one per kind, layer, site, position."""
-    units: dict[tuple[str, int, str | None, object], list[int]] = {}
+    units: dict[tuple[NodeKind, int, HookPoint | None, PositionSpec], list[int]] = {}
     for node in nodes:
         key = (node.kind, node.layer, node.point, node.position)
         units.setdefault(key, [])
@@ -68,14 +75,15 @@ def _selections(nodes: Sequence[Node]) -> list[NodeSelection]:
     out = []
     for (kind, layer, point, position), indices in units.items():
         site = None if point is None else HookSite(layer=layer, point=point)
+        # Units the selection cannot narrow (neurons) are all scored and picked by name.
+        narrow = NODE_KINDS[kind].restricted_by
         out.append(
             NodeSelection(
                 kinds=[kind],
                 layers=[layer],
                 positions=[position],
                 sae_sites=None if site is None else [site.label],
-                features=indices if kind == "feature" else None,
-                heads=indices if kind in ("z", "q", "k", "v") else None,
+                **({narrow: indices} if narrow else {}),
             )
         )
     return out

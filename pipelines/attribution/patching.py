@@ -31,6 +31,7 @@ from circuitscan.pipelines.attribution.inputs import (
     check_node,
     checked_prompts,
 )
+from circuitscan.pipelines.attribution.node_kinds import NodeKindOps, ops
 from circuitscan.pipelines.attribution.nodes import group_nodes
 from circuitscan.pipelines.attribution.positions import (
     UNDEFINED,
@@ -44,16 +45,18 @@ from circuitscan.pipelines.attribution.suffix import (
     suffix_metric,
 )
 from circuitscan.pipelines.metrics import read_positions
-from circuitscan.schemas.attribution import Node, PatchMode
+from circuitscan.schemas.attribution import Node, NodeKind, PatchMode
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 
 Key = tuple[str, str]
+# One kind's patch in a chunk: (kind row, chunk rows, positions, unit indices, new value or
+# None for zero).
+Edit = tuple[NodeKindOps, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 def _record_key(node: Node) -> Key:
-    what = {"feature": "feat", "sae_error": "err"}.get(node.kind, "act")
-    return (what, node.site.hook_name)
+    return ops(node.kind).record_key(node.site)
 
 
 def _record(
@@ -105,10 +108,9 @@ def _group_values(
     if is_mean:  # a reference mean [1, 1, ...]: the same for every prompt and position
         values = values.expand(batch, int(pos.max()) + 1, *values.shape[2:])
     rows = torch.arange(batch)[:, None]
-    if nodes[members[0]].index is None:
-        return values[rows, pos].flatten(2)
-    units = torch.tensor([nodes[m].index for m in members])[None, :]
-    return values[rows, pos, units].reshape(batch, len(members), -1)
+    units = torch.tensor([nodes[m].index or 0 for m in members])[None, :]
+    picked = ops(nodes[members[0]].kind).take(values, rows, pos, units)
+    return picked.reshape(batch, len(members), -1)
 
 
 def _unchanged(
@@ -327,7 +329,7 @@ def _frozen_after(
 
 def _edits(
     nodes: Sequence[Node],
-    by_group: Mapping[tuple[str, int, str], list[int]],
+    by_group: Mapping[tuple[NodeKind, int, str], list[int]],
     sources: Mapping[Key, torch.Tensor],
     mode: PatchMode,
     prompt: torch.Tensor,
@@ -341,55 +343,36 @@ def _edits(
     clean stream, so the value an edit sees at the node is the clean one:
     the partial patch needs no separate record of it.
     """
-    raw: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-    sae: dict[str, list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    raw: dict[str, list[Edit]] = {}  # edits of hook activations
+    sae: dict[str, list[Edit]] = {}  # edits inside an SAE's splice (features, error)
     for (kind, _, _), members in by_group.items():
         rows = torch.nonzero(torch.isin(node_ix, torch.tensor(members))).flatten()
         if rows.numel() == 0:
             continue
-        node0 = nodes[members[0]]
+        row = ops(kind)
         units = torch.tensor([nodes[int(node_ix[r])].index or 0 for r in rows])
-        key = _record_key(node0)
+        key = _record_key(nodes[members[0]])
         src = sources.get(key)
-        if src is None:
-            value = None
-        elif mode == "mean":  # mean over the reference set, position-independent
+        value: torch.Tensor | None = None
+        if src is not None and mode == "mean":  # mean over the reference set, position-free
             value = src[0, 0]
-            value = (
-                value[units]
-                if kind not in ("sae_error", "mlp")
-                else value.expand(len(rows), *value.shape)
-            )
-        else:
-            value = src[prompt[rows], pos[rows]]
-            if kind not in ("sae_error", "mlp"):
-                value = value[torch.arange(len(rows)), units]
-        entry = (kind, rows, pos[rows], units, value)
-        target = sae if kind in ("feature", "sae_error") else raw
-        target.setdefault(key[1], []).append(entry)  # type: ignore[arg-type]
+            value = value[units] if row.spec.indexed else value.expand(len(rows), *value.shape)
+        elif src is not None:
+            value = row.take(src, prompt[rows], pos[rows], units)
+        target = raw if row.slot == "act" else sae
+        target.setdefault(key[1], []).append((row, rows, pos[rows], units, value))
 
-    def apply(x: torch.Tensor, entries: list[Any], kinds: tuple[str, ...]) -> torch.Tensor:
+    def apply(x: torch.Tensor, entries: list[Edit], slot: str) -> torch.Tensor:
         x = x.clone()
-        for kind, rows, at, units, value in entries:
-            if kind not in kinds:
-                continue
-            new = torch.zeros((), dtype=x.dtype) if value is None else value.to(x.dtype)
-            if kind in ("sae_error", "mlp"):
-                if fraction != 1.0:
-                    new = x[rows, at] + fraction * (new - x[rows, at])
-                x[rows, at] = new
-            else:
-                if fraction != 1.0:
-                    new = x[rows, at, units] + fraction * (new - x[rows, at, units])
-                x[rows, at, units] = new
+        for row, rows, at, units, value in entries:
+            if row.slot == slot:
+                new = torch.zeros((), dtype=x.dtype) if value is None else value.to(x.dtype)
+                row.put(x, rows, at, units, new, fraction)
         return x
 
-    raw_edits = {
-        name: (lambda x, e=entries: apply(x, e, ("z", "q", "k", "v", "neuron", "mlp")))
-        for name, entries in raw.items()
-    }
+    raw_edits = {name: (lambda x, e=entries: apply(x, e, "act")) for name, entries in raw.items()}
     sae_edits = {
-        name: (lambda a, err, e=entries: (apply(a, e, ("feature",)), apply(err, e, ("sae_error",))))
+        name: (lambda a, err, e=entries: (apply(a, e, "feat"), apply(err, e, "err")))
         for name, entries in sae.items()
     }
     return raw_edits, sae_edits

@@ -19,7 +19,7 @@ at s with the corrupted value yields exactly the corrupted rotated query.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from jaxtyping import Float
@@ -139,3 +139,28 @@ def key_effect(
     # repeat_interleave order: query head h reads KV head h // (n_heads / n_kv).
     per_kv = per_head.reshape(batch, terms.n_kv, n_heads // terms.n_kv, n_keys).sum(2)
     return per_kv.transpose(1, 2)
+
+
+def fix_terms(
+    side: Literal["query", "key"],
+    attn: torch.nn.Module,
+    q: Float[torch.Tensor, "batch pos head d_head"],
+    k: Float[torch.Tensor, "batch pos kv_head d_head"],
+    q_corrupt: Float[torch.Tensor, "batch pos head d_head"],
+    k_corrupt: Float[torch.Tensor, "batch pos kv_head d_head"],
+    scores: Float[torch.Tensor, "batch head query key"],
+    pattern: Float[torch.Tensor, "batch head query key"],
+) -> QueryTerms | KeyTerms:
+    """The exact-row terms of a node kind's side of the score (its row's ``qk_fix``)."""
+    if side == "query":
+        return query_terms(attn, q, q_corrupt, k, scores, pattern)
+    return key_terms(attn, q, k, k_corrupt, scores, pattern)
+
+
+def fix_effect(
+    terms: QueryTerms | KeyTerms, grad_pattern: Float[torch.Tensor, "batch head query key"]
+) -> Float[torch.Tensor, "batch pos units"]:
+    """QK-fixed effect per (position, head) of the terms :func:`fix_terms` computed."""
+    if isinstance(terms, QueryTerms):
+        return query_effect(terms, grad_pattern)
+    return key_effect(terms, grad_pattern)

@@ -19,8 +19,8 @@ from sae_lens import HookedSAETransformer
 
 from circuitscan.pipelines.attribution import exact_patch, run_atp
 from circuitscan.pipelines.attribution.positions import end_aligned_map
-from circuitscan.schemas.attribution import AttributionMethod, Node, NodeKind, NodeSelection
-from circuitscan.schemas.jobs import AttributeParams, JobSpec, NodeKindName
+from circuitscan.schemas.attribution import AttributionMethod, Node, NodeSelection
+from circuitscan.schemas.jobs import AttributeParams, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.kinds import (
     ShardResult,
@@ -34,21 +34,11 @@ from circuitscan.services.sae_loading import LoadedSAE
 from circuitscan.services.store import FeatureStore
 from circuitscan.services.store.results import write_shard_outputs
 
-NODE_KINDS: dict[NodeKindName, NodeKind] = {
-    "sae_feature": "feature",
-    "sae_error": "sae_error",
-    "head_z": "z",
-    "head_q": "q",
-    "head_k": "k",
-    "head_v": "v",
-    "mlp_neuron": "neuron",
-}
-
 
 def node_selection(params: AttributeParams) -> NodeSelection:
     """The pipeline's node selection for a job's AttributeParams."""
     positions = params.positions if isinstance(params.positions, str) else list(params.positions)
-    return NodeSelection(kinds=[NODE_KINDS[k] for k in params.nodes], positions=positions)
+    return NodeSelection(kinds=params.node_kinds, positions=positions)
 
 
 def attribution_method(params: AttributeParams) -> AttributionMethod:
