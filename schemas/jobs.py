@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -127,6 +127,7 @@ class CacheParams(BaseModel):
     """Cache SAE feature activations (and gradients of the metric) into the store."""
 
     model_config = _STRICT
+    needs_saes: ClassVar[bool] = True  # the kind runs on the job's SAEs
     kind: Literal["cache"] = Field(description="Job kind.")
     top_k: int | None = Field(
         default=None,
@@ -146,6 +147,7 @@ class AttributeParams(BaseModel):
     """Attribution patching (AtP or AtP*) over clean/corrupted pairs."""
 
     model_config = _STRICT
+    needs_saes: ClassVar[bool] = False  # only its SAE node kinds need SAEs (checked below)
     kind: Literal["attribute"] = Field(description="Job kind.")
     method: Literal["atp", "atpstar"] = Field(default="atpstar", description="Estimator.")
     # Kept as written (the spec hash covers it, so older specs keep resuming their stores);
@@ -184,6 +186,7 @@ class AblationScanParams(BaseModel):
     """Exhaustive ablation of every SAE feature active at the chosen positions."""
 
     model_config = _STRICT
+    needs_saes: ClassVar[bool] = True  # the kind runs on the job's SAEs
     kind: Literal["ablation_scan"] = Field(description="Job kind.")
     site: str | None = Field(
         default=None, description="SAE site label (e.g. L15.resid_post); default: the first SAE."
@@ -207,6 +210,7 @@ class SpliceEvalParams(BaseModel):
     """Splice SAEs in without their error term and measure metric and KL."""
 
     model_config = _STRICT
+    needs_saes: ClassVar[bool] = True  # the kind runs on the job's SAEs
     kind: Literal["splice_eval"] = Field(description="Job kind.")
     layer_sets: list[list[str]] = Field(
         default_factory=list,
@@ -228,6 +232,7 @@ class DFAParams(BaseModel):
     """
 
     model_config = _STRICT
+    needs_saes: ClassVar[bool] = True  # the kind runs on the job's SAEs
     kind: Literal["dfa"] = Field(description="Job kind.")
     site: str | None = Field(
         default=None,
@@ -313,7 +318,7 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _kind_needs(self) -> JobSpec:
-        if self.job.kind in ("cache", "ablation_scan", "splice_eval", "dfa") and not self.saes:
+        if self.job.needs_saes and not self.saes:
             raise ValueError(f"job kind '{self.job.kind}' needs at least one SAE in 'saes'")
         if isinstance(self.job, AttributeParams) and not self.saes:
             sae_kinds = sorted({n for n in self.job.nodes if node_kind(n).sae})

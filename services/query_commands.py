@@ -168,12 +168,7 @@ def results(
     as_json: bool = typer.Option(False, "--json", help="Print the result document as JSON."),
 ) -> None:
     """Print a job's aggregated result (attribute, ablation_scan, splice_eval or dfa)."""
-    from circuitscan.schemas.job_results import (
-        AblationJobResult,
-        AttributionJobResult,
-        DFAJobResult,
-        SpliceEvalJobResult,
-    )
+    from circuitscan.services.jobs.kinds import job_kind
     from circuitscan.services.store import StoreError
     from circuitscan.services.store.results import read_result
 
@@ -185,73 +180,9 @@ def results(
     if as_json:
         typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
         return
-    if isinstance(result, AttributionJobResult):
-        typer.echo(
-            f"attribute ({result.method}): {result.n_prompts} prompts, {result.n_nodes} nodes, "
-            f"{result.n_verified} verified by exact patching"
-        )
-        rows = []
-        for rank, e in enumerate(result.top[:top], start=1):
-            v = e.verification
-            rows.append(
-                (rank, e.node, result.rank_score(e), e.mean, e.mean_abs, e.n_prompts)
-                + ((v.exact_mean, v.status) if v else (None, None))
-            )
-        headers = ["rank", "node", "score", "mean", "mean_abs", "prompts", "exact_mean", "status"]
-        typer.echo(table(headers, rows))
-    elif isinstance(result, AblationJobResult):
-        typer.echo(
-            f"ablation_scan ({result.mode}) at {result.site}: {result.n_prompts} prompts, "
-            f"{result.n_ablations} ablations, baseline metric {result.baseline_mean:.4g}"
-        )
-        rows = [
-            (f.feature, f.mean_delta, f.mean_abs_delta, f.n_prompts, f.n_active)
-            for f in result.features[:top]
-        ]
-        typer.echo(table(["feature", "mean_delta", "mean_abs", "prompts", "active"], rows))
-    elif isinstance(result, SpliceEvalJobResult):
-        typer.echo(
-            f"splice_eval: {result.n_prompts} prompts, references over "
-            f"{result.reference_prompts} prompts"
-        )
-        rows = [
-            (
-                "+".join(r.sites) or "-",
-                r.variant,
-                r.metric_mean,
-                r.metric_std,
-                r.kl_metric_pos,
-                r.kl_all_pos,
-                r.metric_recovered,
-            )
-            for r in result.rows[:top]
-        ]
-        headers = ["sites", "variant", "metric", "std", "kl_metric_pos", "kl_all", "recovered"]
-        typer.echo(table(headers, rows))
-    elif isinstance(result, DFAJobResult):
-        typer.echo(
-            f"dfa at {result.site}, position {result.position}: {result.n_prompts} prompts, "
-            f"{len(result.features)} features (mean contributions, SAE pre-activation units)"
-        )
-        rows = [
-            (
-                f.feature,
-                f.n_prompts,
-                f.mean_activation,
-                f.mean_pre_activation,
-                _largest({f"H{h}": v for h, v in enumerate(f.head_means)}),
-                _largest(f.source_means),
-            )
-            for f in result.features[:top]
-        ]
-        headers = ["feature", "prompts", "activation", "pre_act", "top heads", "top sources"]
-        typer.echo(table(headers, rows))
-
-
-def _largest(values: dict[str, float], n: int = 3) -> str:
-    """The ``n`` entries of largest magnitude, as 'name +1.23'."""
-    best = sorted(values.items(), key=lambda item: -abs(item[1]))[:n]
-    return ", ".join(f"{name} {value:+.3g}" for name, value in best)
+    view = job_kind(result.kind).cli_view(result, top)
+    typer.echo(view.header)
+    typer.echo(table(view.columns, view.rows))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,8 +1,8 @@
 """``circuitscan report STORE``: an offline HTML report of whatever a store holds.
 
-Job results (attribute, ablation scan, splice evaluation) get the same
-sections as the demo's report; a cache store gets, per SAE site, its most
-active features with their top example in context.
+Each job result gets its kind's section (the same as in the demo's report);
+a cache store gets, per SAE site, its most active features with their top
+example in context.
 """
 
 from __future__ import annotations
@@ -12,18 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from circuitscan.schemas.job_results import (
-    AblationJobResult,
-    AttributionJobResult,
-    DFAJobResult,
-    SpliceEvalJobResult,
-)
-from circuitscan.services.demo_report import (
-    ablation_section,
-    attribution_section,
-    dfa_section,
-    splice_section,
-)
+from circuitscan.services.jobs.kinds import job_kind
 from circuitscan.services.reports import Figure, Section, Table, attribution_bars, write_report
 from circuitscan.services.store import FeatureStore
 from circuitscan.services.store.queries import top_examples
@@ -95,14 +84,7 @@ def write_store_report(store_url: str, out_dir: Path, decode: Decode | None = No
     sections = cache_sections(store, plots, decode) if store.layout.sites else []
     for info in list_results(store):
         result = read_result(store, info.kind)
-        if isinstance(result, AttributionJobResult):
-            sections.append(attribution_section(result, plots))
-        elif isinstance(result, AblationJobResult):
-            sections.append(ablation_section(result, plots))
-        elif isinstance(result, SpliceEvalJobResult):
-            sections.append(splice_section(result, plots))
-        elif isinstance(result, DFAJobResult):
-            sections.append(dfa_section(result, plots))
+        sections.append(job_kind(result.kind).report_section(result, plots))
     if not sections:
         raise ValueError(f"{store_url} holds no committed data or job result to report on yet")
     spec = store.layout.job_spec or {}

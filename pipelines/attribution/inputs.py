@@ -177,7 +177,3 @@ def check_node(model: HookedSAETransformer, saes: Mapping[str, SAE[Any]], node: 
             f"({n_units(model, saes, node)} {node.kind} units at layer {node.layer})"
         )
 
-
-def check_nonempty(nodes: Sequence[Node]) -> None:
-    if not nodes:
-        raise NodeSelectionError("no nodes to patch: the node list is empty")

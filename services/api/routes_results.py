@@ -1,95 +1,44 @@
-"""Job results held in a store: attribution top nodes, splice evaluations, ablation scans, DFA.
+"""Job results held in a store: one route per job kind, built from the kinds' registry.
+
+Each kind with an :class:`~circuitscan.services.jobs.job_kind.ApiView` gets
+``GET /api/stores/{store}/results/<path>`` (paged when the view has a page
+model); ``GET /api/result-views`` tells the browser how to show each kind's
+payload, so a new kind needs no change here nor in the browser.
 
 No ``from __future__ import annotations``: FastAPI reads these signatures at runtime.
 """
 
-from typing import Annotated, TypeVar
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from circuitscan.schemas.job_results import (
-    AblationJobResult,
-    AttributionJobResult,
-    DFAFeatureSummary,
-    DFAJobResult,
-    FeatureDelta,
-    NodeEffect,
-    SpliceEvalJobResult,
-)
 from circuitscan.services.api.auth import require_reader
 from circuitscan.services.api.errors import ERROR_RESPONSES
 from circuitscan.services.api.settings import ApiSettings
 from circuitscan.services.api.store_access import STORE_NAME_PATTERN, StoreRegistry
+from circuitscan.services.jobs.job_kind import ApiPage, ApiView, BrowserView
+from circuitscan.services.jobs.kinds import JOB_KINDS
 from circuitscan.services.store.results import JobResultInfo, list_results, read_result
 
 StoreName = Annotated[
     str, Path(description="Store name.", max_length=100, pattern=STORE_NAME_PATTERN)
 ]
-_STRICT = ConfigDict(frozen=True, extra="forbid")
-
-
-class AttributionResults(BaseModel):
-    """A page of an attribute job's top nodes, with the job's summary."""
-
-    model_config = _STRICT
-    job_hash: str = Field(description="JobSpec.content_hash() of the job.")
-    method: str = Field(description="Estimator: atp or atpstar.")
-    n_prompts: int = Field(description="Prompt pairs aggregated.")
-    n_nodes: int = Field(description="Distinct nodes scored.")
-    n_verified: int = Field(description="Top nodes checked by exact patching.")
-    offset: int = Field(description="Rank of the first node of this page (0 = best).")
-    limit: int = Field(description="Page size asked for.")
-    total: int = Field(description="Top nodes the job kept.")
-    nodes: list[NodeEffect] = Field(
-        description="Nodes by mean |effect|, with scores and verification status."
-    )
-
-
-class AblationResults(BaseModel):
-    """A page of an ablation scan's per-feature effects, with the scan's summary."""
-
-    model_config = _STRICT
-    job_hash: str = Field(description="JobSpec.content_hash() of the job.")
-    site: str = Field(description="SAE site label scanned.")
-    mode: str = Field(description="Ablation value: zero, mean or resample.")
-    n_prompts: int = Field(description="Prompts scanned.")
-    baseline_mean: float = Field(description="Mean clean metric over the prompts.")
-    offset: int = Field(description="Rank of the first feature of this page.")
-    limit: int = Field(description="Page size asked for.")
-    total: int = Field(description="Features scanned.")
-    features: list[FeatureDelta] = Field(description="Features by mean |Δm|, largest first.")
-
-
-class DFAResults(BaseModel):
-    """A page of a DFA job's features, with the job's summary."""
-
-    model_config = _STRICT
-    job_hash: str = Field(description="JobSpec.content_hash() of the job.")
-    site: str = Field(description="hook_z SAE site label.")
-    position: str = Field(description="Destination position as the job named it.")
-    n_prompts: int = Field(description="Prompts analysed.")
-    offset: int = Field(description="Rank of the first feature of this page.")
-    limit: int = Field(description="Page size asked for.")
-    total: int = Field(description="Features decomposed.")
-    features: list[DFAFeatureSummary] = Field(
-        description="Features by total activation, largest first; contributions by head and "
-        "by source role."
-    )
-
-
-Page = TypeVar("Page", AttributionResults, AblationResults, DFAResults)
 
 
 def _page(
-    page: type[Page], result: BaseModel, rows_from: str, rows_to: str, offset: int, limit: int
-) -> Page:
+    page: type[ApiPage], result: BaseModel, rows_from: str, rows_to: str, offset: int, limit: int
+) -> ApiPage:
     """One page of ``result.<rows_from>`` as ``page.<rows_to>``, with the job's summary fields."""
     rows = getattr(result, rows_from)
     paging = {"offset": offset, "limit": limit, "total": len(rows)}
     paging[rows_to] = rows[offset : offset + limit]
     summary = {name: getattr(result, name) for name in page.model_fields if name not in paging}
     return page(**summary, **paging)
+
+
+def _registry(request: Request) -> StoreRegistry:
+    return request.app.state.stores
 
 
 def results_router(settings: ApiSettings) -> APIRouter:
@@ -105,62 +54,55 @@ def results_router(settings: ApiSettings) -> APIRouter:
     Limit = Annotated[int, Query(description=f"Page size (1..{max_page}).", ge=1, le=max_page)]
     default_limit = min(50, max_page)
 
-    def registry(request: Request) -> StoreRegistry:
-        return request.app.state.stores
-
     @router.get("", response_model=list[JobResultInfo], summary="Job results a store holds")
     async def results(request: Request, store: StoreName) -> list[JobResultInfo]:
-        with registry(request).reading(store) as entry:
+        with _registry(request).reading(store) as entry:
             return list_results(entry.store)
 
-    @router.get(
-        "/attribution",
-        response_model=AttributionResults,
-        summary="Top nodes of an attribute job (scores, verification status)",
-    )
-    async def attribution(
-        request: Request, store: StoreName, offset: Offset = 0, limit: Limit = default_limit
-    ) -> AttributionResults:
-        with registry(request).reading(store) as entry:
-            result = read_result(entry.store, "attribute")
-        assert isinstance(result, AttributionJobResult)
-        return _page(AttributionResults, result, "top", "nodes", offset, limit)
+    def whole(kind: str) -> Any:
+        async def endpoint(request: Request, store: StoreName) -> Any:
+            with _registry(request).reading(store) as entry:
+                return read_result(entry.store, kind)
+
+        return endpoint
+
+    def paged(kind: str, view: ApiView, page: type[ApiPage]) -> Any:
+        async def endpoint(
+            request: Request, store: StoreName, offset: Offset = 0, limit: Limit = default_limit
+        ) -> Any:
+            with _registry(request).reading(store) as entry:
+                result = read_result(entry.store, kind)
+            return _page(page, result, view.rows_from, view.rows_to, offset, limit)
+
+        return endpoint
+
+    for kind in JOB_KINDS.values():
+        view = kind.api
+        if view is None:
+            continue
+        page = view.page
+        router.add_api_route(
+            view.path,
+            whole(kind.name) if page is None else paged(kind.name, view, page),
+            methods=["GET"],
+            response_model=kind.result if page is None else page,
+            summary=view.summary,
+            name=view.name,
+        )
+    return router
+
+
+def result_views_router() -> APIRouter:
+    """``GET /api/result-views``: how the browser shows each job kind's results payload."""
+    router = APIRouter(tags=["results"], dependencies=[Depends(require_reader)])
 
     @router.get(
-        "/splice-eval",
-        response_model=SpliceEvalJobResult,
-        summary="Splice evaluation of a splice_eval job (metric, KL per site set)",
+        "/api/result-views",
+        response_model=dict[str, BrowserView],
+        summary="How the browser shows each job kind's results (route, title, columns)",
+        responses=ERROR_RESPONSES,
     )
-    async def splice_eval(request: Request, store: StoreName) -> SpliceEvalJobResult:
-        with registry(request).reading(store) as entry:
-            result = read_result(entry.store, "splice_eval")
-        assert isinstance(result, SpliceEvalJobResult)
-        return result
-
-    @router.get(
-        "/ablation",
-        response_model=AblationResults,
-        summary="Per-feature effects of an ablation_scan job",
-    )
-    async def ablation(
-        request: Request, store: StoreName, offset: Offset = 0, limit: Limit = default_limit
-    ) -> AblationResults:
-        with registry(request).reading(store) as entry:
-            result = read_result(entry.store, "ablation_scan")
-        assert isinstance(result, AblationJobResult)
-        return _page(AblationResults, result, "features", "features", offset, limit)
-
-    @router.get(
-        "/dfa",
-        response_model=DFAResults,
-        summary="Features of a dfa job split by head and by source role",
-    )
-    async def dfa(
-        request: Request, store: StoreName, offset: Offset = 0, limit: Limit = default_limit
-    ) -> DFAResults:
-        with registry(request).reading(store) as entry:
-            result = read_result(entry.store, "dfa")
-        assert isinstance(result, DFAJobResult)
-        return _page(DFAResults, result, "features", "features", offset, limit)
+    async def result_views() -> dict[str, BrowserView]:
+        return {name: kind.browser for name, kind in JOB_KINDS.items() if kind.browser}
 
     return router

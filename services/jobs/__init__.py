@@ -5,11 +5,12 @@ Entry points::
     run_job(spec, address=None, overwrite=False, echo=None, keep_actors=False) -> JobSummary
     resume_job(store_url, address=None, echo=None) -> JobSummary        # runner.py
 
-Kinds (one runner each, inside the worker actors): ``cache`` (kinds.py),
-``attribute`` (kind_attribute.py), ``ablation_scan`` (kind_ablation.py),
-``splice_eval`` (kind_splice.py), ``dfa`` (kind_dfa.py). Each shard's outputs are written by its
-worker under the shard's prefix and become visible when the driver commits
-the shard's manifest entry; the driver then aggregates the committed shards
-into the job-level result (aggregate.py), read with
-``circuitscan.services.store.results``.
+Job kinds (``cache``, ``attribute``, ``ablation_scan``, ``splice_eval``,
+``dfa``) are one module each under ``kinds/``, registered once in
+``kinds/__init__.py`` (:class:`~circuitscan.services.jobs.job_kind.JobKind`).
+Inside the worker actors a kind's runner (``shard_runner.ShardRunner``)
+computes a shard and writes it, with its typed partial result, under the
+shard's prefix; the shard becomes visible when the driver commits its
+manifest entry; the driver then merges the committed shards' partials into
+the job-level result, read with ``circuitscan.services.store.results``.
 """

@@ -183,7 +183,6 @@ def describe(actor: Any) -> WorkerInfo:
 @dataclass
 class DriveStats:
     retries: int = 0
-    replaced_actors: int = 0
     outcomes: list[ShardOutcome] = field(default_factory=list)
 
 
@@ -245,7 +244,6 @@ def drive(
             queue.appendleft(plan)
             if not _alive(actors[slot]):
                 actors[slot] = start_actors(spec, 1, use_gpu=_uses_gpu(spec))[0]
-                stats.replaced_actors += 1
             continue
         stats.outcomes.append(outcome)
         on_done(outcome)

@@ -15,18 +15,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from circuitscan.schemas.jobs import (
-    AblationScanParams,
-    AttributeParams,
-    CacheParams,
-    DFAParams,
-    JobSpec,
-    SpliceEvalParams,
-)
+from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.models import ModelSpec
 from circuitscan.schemas.prompts import PromptRecord
-from circuitscan.schemas.store import ShardEntry, SiteLayout, StoreLayout
-from circuitscan.services.jobs import aggregate
+from circuitscan.schemas.store import ShardEntry
+from circuitscan.services.jobs.job_kind import MergeContext, committed_partials
+from circuitscan.services.jobs.kinds import job_kind
 from circuitscan.services.jobs.planning import plan_shards
 from circuitscan.services.jobs.progress import Progress
 from circuitscan.services.jobs.prompt_sources import load_prompts
@@ -46,7 +40,7 @@ from circuitscan.services.jobs.spec_checks import (
     check_sites,
     position_notes,
 )
-from circuitscan.services.jobs.worker import ShardOutcome, WorkerInfo
+from circuitscan.services.jobs.worker import ShardOutcome
 from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, StoreError
 from circuitscan.services.store.results import delete_job_result, read_result, write_job_result
@@ -122,39 +116,6 @@ def select_prompts(
     return records, 0, sum(over)
 
 
-def _layout(spec: JobSpec, info: WorkerInfo) -> StoreLayout:
-    params = spec.job
-    if not isinstance(params, CacheParams):
-        # Other kinds store prompts and their own outputs, no per-token SAE features.
-        return StoreLayout(
-            sites=[],
-            gradients=False,
-            shard_size=spec.shard_size,
-            model_fingerprint=info.model_fingerprint,
-            job_hash=spec.content_hash(),
-            job_spec=spec.model_dump(mode="json"),
-        )
-    return StoreLayout(
-        sites=[
-            SiteLayout(
-                label=label,
-                hook_name=info.sae_hooks[label],
-                d_sae=info.sae_widths[label],
-                sae_fingerprint=info.sae_fingerprints[label],
-            )
-            for label in info.sae_hooks
-        ],
-        value_dtype=params.value_dtype,
-        gradients=params.gradients,
-        top_k_per_token=params.top_k,
-        examples_per_feature=params.examples_per_feature,
-        shard_size=spec.shard_size,
-        model_fingerprint=info.model_fingerprint,
-        job_hash=spec.content_hash(),
-        job_spec=spec.model_dump(mode="json"),
-    )
-
-
 def _refuse_other_job(spec: JobSpec, overwrite: bool) -> None:
     """Fail fast (before any actor starts) when the store already holds a different job."""
     if overwrite:
@@ -174,11 +135,7 @@ def _refuse_other_job(spec: JobSpec, overwrite: bool) -> None:
 
 def _context(spec: JobSpec, kept: list[PromptRecord]) -> list[PromptRecord] | None:
     """Reference prompts every shard needs (one job-wide reference, not one per shard)."""
-    if isinstance(spec.job, SpliceEvalParams):
-        return kept[: spec.job.reference_prompts]
-    if isinstance(spec.job, AblationScanParams) and spec.job.mode != "zero":
-        return kept[: spec.job.reference_prompts]
-    return None
+    return job_kind(spec.job.kind).context(spec.job, kept)
 
 
 def _finish_result(
@@ -189,31 +146,19 @@ def _finish_result(
     say: Callable[[str], None],
     site: str | None,
 ) -> None:
-    """Aggregate the committed shards into the job-level result (kinds other than cache)."""
-    params = spec.job
-    if isinstance(params, AttributeParams):
-        estimates = aggregate.attribution_estimates(store)
-        exact = None
-        if params.verify_top_k:
-            nodes = aggregate.ranked_nodes(estimates, params.verify_top_k)
-            say(f"verifying the top {len(nodes)} nodes by exact patching")
-            plans = plan_shards(len(kept), spec.shard_size)
-            parts = fan_out(
-                spec, actors, "verify_nodes", [(kept[p.start : p.stop], nodes) for p in plans]
-            )
-            exact = aggregate.merge_exact(parts, nodes)
-        result: Any = aggregate.attribution_result(spec, store, estimates, exact)
-    elif isinstance(params, AblationScanParams):
-        result = aggregate.ablation_result(spec, store)
-    elif isinstance(params, SpliceEvalParams):
-        context = _context(spec, kept) or []
-        result = aggregate.splice_result(spec, store, len(context))
-    elif isinstance(params, DFAParams):
-        assert site is not None
-        result = aggregate.dfa_result(spec, store, site)
-    else:
+    """Merge the committed shards' partials into the job-level result (kinds that have one)."""
+    kind = job_kind(spec.job.kind)
+    if kind.result is None or kind.partial is None:
         return
-    write_job_result(store, result)
+    ctx = MergeContext(
+        spec=spec,
+        n_prompts=store.n_prompts(),
+        kept=kept,
+        site=site,
+        say=say,
+        fan_out=lambda method, calls: fan_out(spec, actors, method, calls),
+    )
+    write_job_result(store, kind.merge(spec.job, committed_partials(store, kind.partial), ctx))
 
 
 def run_job(
@@ -249,7 +194,9 @@ def run_job(
             say(note)
         plans = plan_shards(len(kept), spec.shard_size)
         try:
-            store = FeatureStore.create(spec.store, _layout(spec, info), overwrite=overwrite)
+            store = FeatureStore.create(
+                spec.store, job_kind(spec.job.kind).store_layout(spec, info), overwrite=overwrite
+            )
         except StoreError as exc:
             raise JobError(str(exc)) from exc
         already = store.committed_shard_ids()
@@ -301,7 +248,7 @@ def run_job(
 
 
 def _has_result(store: FeatureStore, spec: JobSpec) -> bool:
-    if isinstance(spec.job, CacheParams):
+    if job_kind(spec.job.kind).result is None:
         return True
     try:
         return read_result(store, spec.job.kind).job_hash == spec.content_hash()

@@ -2,41 +2,30 @@
 
 Each raises :class:`JobError` naming the problem; ``position_notes`` only
 warns about a choice that is valid but probably not what the user meant.
+What a kind needs of its prompts, sites and positions it says itself
+(:class:`~circuitscan.services.jobs.job_kind.JobKind`); these functions ask it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from typing import TYPE_CHECKING
 
-from circuitscan.schemas.hooks import HookSite
-from circuitscan.schemas.jobs import (
-    AblationScanParams,
-    AttributeParams,
-    CacheParams,
-    DFAParams,
-    JobSpec,
-)
+from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.prompts import PromptRecord
-from circuitscan.services.jobs.kind_ablation import scanned_site
-from circuitscan.services.jobs.kind_dfa import dfa_site
-from circuitscan.services.jobs.worker import WorkerInfo
+from circuitscan.services.jobs.kinds import job_kind
+
+if TYPE_CHECKING:
+    from circuitscan.services.jobs.worker import WorkerInfo
 
 
 class JobError(RuntimeError):
     """A job that cannot run as specified (empty prompt set, store conflict...)."""
 
 
-def _reads_metric(spec: JobSpec) -> bool:
-    job = spec.job
-    if isinstance(job, CacheParams):
-        return job.gradients
-    return not isinstance(job, DFAParams)
-
-
 def _check_labels(spec: JobSpec, records: list[PromptRecord]) -> None:
     """Answer-reading metrics need their labels on every prompt (else every shard would fail)."""
     kind = spec.metric.kind
-    if kind == "next_token_loss" or not _reads_metric(spec):
+    if kind == "next_token_loss" or not job_kind(spec.job.kind).reads_metric(spec.job):
         return
     needed = ["answer", "wrong"] if kind == "logit_diff" else ["answer"]
     for label in needed:
@@ -53,46 +42,23 @@ def check_prompts(spec: JobSpec, records: list[PromptRecord]) -> None:
     if not records:
         raise JobError("the prompt set is empty: nothing to run")
     _check_labels(spec, records)
-    if isinstance(spec.job, AttributeParams):
-        missing = [i for i, r in enumerate(records) if r.corrupted is None]
-        if missing:
-            raise JobError(
-                f"attribute jobs need a corrupted prompt for every prompt; {len(missing)} of "
-                f"{len(records)} have none (first: prompt {missing[0]})"
-            )
+    try:
+        job_kind(spec.job.kind).check_prompts(spec.job, records)
+    except ValueError as exc:
+        raise JobError(str(exc)) from exc
 
 
 def check_sites(spec: JobSpec, info: WorkerInfo) -> str | None:
     """The SAE site a kind works on, checked against the loaded SAEs before any shard runs."""
-    labels = list(info.sae_hooks)
     try:
-        if isinstance(spec.job, AblationScanParams):
-            return scanned_site(spec, labels)
-        if isinstance(spec.job, DFAParams):
-            site = dfa_site(spec.job, [HookSite.parse(label) for label in labels]).label
-            width = info.sae_widths[site]
-            too_big = [f for f in spec.job.features or [] if f >= width]
-            if too_big:
-                raise JobError(f"dfa features {too_big} out of range: the {site} SAE has {width}")
-            return site
+        return job_kind(spec.job.kind).check_sites(spec, info)
     except ValueError as exc:
         raise JobError(str(exc)) from exc
-    return None
-
-
-def _named_positions(spec: JobSpec) -> list[str]:
-    """The position names a job asks for ('last' and indices are not names)."""
-    job = spec.job
-    if isinstance(job, DFAParams):
-        return [job.position] if isinstance(job.position, str) and job.position != "last" else []
-    if isinstance(job, AttributeParams | AblationScanParams) and isinstance(job.positions, list):
-        return [name for name in job.positions if name != "last"]
-    return []
 
 
 def check_named_positions(spec: JobSpec, kept: list[PromptRecord]) -> None:
     """Every asked-for position name must be one the prompt source gave every prompt."""
-    for name in _named_positions(spec):
+    for name in job_kind(spec.job.kind).position_names(spec.job):
         missing = [i for i, record in enumerate(kept) if name not in record.positions]
         if missing:
             raise JobError(
@@ -103,23 +69,5 @@ def check_named_positions(spec: JobSpec, kept: list[PromptRecord]) -> None:
 
 
 def position_notes(spec: JobSpec, kept: list[PromptRecord]) -> list[str]:
-    """Warnings for ``positions: all`` on prompts whose named roles sit at different indices.
-
-    Attribution nodes are keyed by token index, so with mixed templates a node
-    ``@15`` pools different tokens (END in one prompt, a name in another).
-    """
-    if not isinstance(spec.job, AttributeParams) or spec.job.positions != "all":
-        return []
-    indices: dict[str, set[int]] = defaultdict(set)
-    for record in kept:
-        for name, index in record.positions.items():
-            indices[name].add(index)
-    spread = {name: len(found) for name, found in indices.items() if len(found) > 1}
-    if not spread:
-        return []
-    where = ", ".join(f"{name} at {n} indices" for name, n in sorted(spread.items()))
-    return [
-        f"note: positions: all keys nodes by token index, but these prompts put {where}; "
-        f"nodes at one index pool different tokens. Name the positions instead "
-        f"(positions: {sorted(indices)}) to compare like with like."
-    ]
+    """Warnings about the job's positions on these prompts (see the kind's ``position_notes``)."""
+    return job_kind(spec.job.kind).position_notes(spec.job, kept)

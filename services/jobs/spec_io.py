@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
@@ -41,7 +40,3 @@ def load_spec(path: str | Path) -> JobSpec:
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
     return parse_spec(path.read_text(encoding="utf-8"), origin=str(path))
-
-
-def dump_spec(spec: JobSpec) -> str:
-    return json.dumps(spec.model_dump(mode="json"), indent=2)

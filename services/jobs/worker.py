@@ -18,8 +18,9 @@ from transformers.utils import logging as hf_logging
 
 from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.prompts import PromptRecord
-from circuitscan.services.jobs.kinds import KindRunner, make_runner
+from circuitscan.services.jobs.kinds import job_kind
 from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.jobs.shard_runner import ShardRunner
 from circuitscan.services.model_loading import load_model
 from circuitscan.services.sae_loading import load_sae
 
@@ -47,9 +48,6 @@ class ShardOutcome(BaseModel):
     shard_id: int = Field(description="Shard index.")
     entry: dict[str, Any] = Field(description="The store's manifest entry (JSON form).")
     tokens: int = Field(description="Real tokens processed (padding excluded).")
-    prompts: int = Field(description="Prompts stored.")
-    truncated: int = Field(description="Prompts cut to the token cap.")
-    rejected: int = Field(description="Prompts skipped for exceeding the token cap.")
     compute_seconds: float = Field(description="Wall time of compute + write in the worker.")
     node_id: str = Field(description="Ray node that ran the shard.")
     pid: int = Field(description="Worker process id.")
@@ -94,19 +92,19 @@ class ShardWorker:
             node_id=_node_id(),
             pid=os.getpid(),
         )
-        self._runners: dict[str, KindRunner] = {}
+        self._runners: dict[str, ShardRunner] = {}
 
     def describe(self) -> WorkerInfo:
         return self.info
 
-    def _runner(self, spec_json: str | None) -> KindRunner:
+    def _runner(self, spec_json: str | None) -> ShardRunner:
         """The runner of a job; a pooled actor serves several jobs on the same model and SAEs."""
         key = spec_json or ""
         if key not in self._runners:
             spec = self.spec if spec_json is None else JobSpec.model_validate_json(spec_json)
             if (spec.model, spec.saes) != (self.spec.model, self.spec.saes):
                 raise ValueError("this worker holds another model or other SAEs than the job")
-            self._runners = {key: make_runner(spec, self.model, self.saes)}
+            self._runners = {key: job_kind(spec.job.kind).runner(spec, self.model, self.saes)}
         return self._runners[key]
 
     def run_shard(
@@ -124,9 +122,6 @@ class ShardWorker:
             shard_id=plan.shard_id,
             entry=result.entry,
             tokens=result.tokens,
-            prompts=result.prompts,
-            truncated=result.truncated,
-            rejected=result.rejected,
             compute_seconds=time.perf_counter() - start,
             node_id=self.info.node_id,
             pid=self.info.pid,
@@ -134,7 +129,7 @@ class ShardWorker:
 
     def verify_nodes(
         self, records: list[PromptRecord], nodes: list[str], spec_json: str | None = None
-    ) -> dict[str, list[float]]:
+    ) -> Any:
         """Exact patching of ``nodes`` on ``records``: per-node sum, sum of |Δm| and count."""
         runner = self._runner(spec_json)
         verify = getattr(runner, "verify_nodes", None)

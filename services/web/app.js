@@ -129,40 +129,49 @@ async function showPrompt() {
 
 const largest = (values) => values.reduce((best, v, i) => (Math.abs(v) > Math.abs(values[best]) ? i : best), 0);
 
-// One table per result kind: [API path under /results, title, rows, columns].
-const RESULT_VIEWS = {
-  attribute: ["attribution?limit=20", (r) => `attribute (${r.method}) · ${r.n_prompts} prompt pairs · ` +
-      `top ${r.nodes.length} of ${r.n_nodes} nodes, ${r.n_verified} verified by exact patching`, (r) => r.nodes,
-    [["node", (n) => n.node], ["mean effect", (n) => fmt(n.mean)], ["mean |estimate|", (n) => fmt(n.mean_abs)],
-     ["exact mean", (n) => (n.verification ? fmt(n.verification.exact_mean) : "—")],
-     ["status", (n) => (n.verification ? n.verification.status : "—")]]],
-  ablation_scan: ["ablation?limit=20", (r) => `ablation scan (${r.mode}) at ${r.site} · ${r.n_prompts} prompts · ` +
-      `baseline ${fmt(r.baseline_mean)}`, (r) => r.features,
-    [["feature", (f) => String(f.feature)], ["mean Δ", (f) => fmt(f.mean_delta)],
-     ["mean |Δ|", (f) => fmt(f.mean_abs_delta)], ["active", (f) => `${f.n_active}/${f.n_prompts}`]]],
-  splice_eval: ["splice-eval", (r) => `splice evaluation · ${r.n_prompts} prompts`, (r) => r.rows,
-    [["sites", (row) => row.sites.join("+") || "—"], ["variant", (row) => row.variant],
-     ["metric", (row) => fmt(row.metric_mean)], ["KL at answer", (row) => fmt(row.kl_metric_pos)]]],
-  dfa: ["dfa?limit=20", (r) => `DFA at ${r.site}, position ${r.position} · ${r.n_prompts} prompts`, (r) => r.features,
-    [["feature", (f) => String(f.feature)], ["mean activation", (f) => fmt(f.mean_activation)],
-     ["top head", (f) => `h${largest(f.head_means)} ${fmt(f.head_means[largest(f.head_means)], 3)}`],
-     ["top source", (f) => { const [role, v] = Object.entries(f.source_means)
-       .reduce((best, e) => (Math.abs(e[1]) > Math.abs(best[1]) ? e : best), ["—", 0]); return `${role} ${fmt(v, 3)}`; }]]],
+// How each job kind's result is shown comes from the API (GET /api/result-views): the route to
+// fetch, a title template and the table's columns, so a new kind needs no change here.
+let resultViews = null;
+const pick = (row, path) => path.split(".").reduce((value, key) => (value == null ? undefined : value[key]), row);
+
+const CELLS = {
+  text: (v) => String(v),
+  num: (v) => fmt(v),
+  num3: (v) => fmt(v, 3),
+  joined: (v) => v.join("+") || "—",
+  ratio: (v, row, column) => `${v}/${pick(row, column.over)}`,
+  largest_index: (v, row, column) => `${column.prefix}${largest(v)} ${fmt(v[largest(v)], 3)}`,
+  largest_entry: (v) => { const [name, x] = Object.entries(v)
+    .reduce((best, e) => (Math.abs(e[1]) > Math.abs(best[1]) ? e : best), ["—", 0]); return `${name} ${fmt(x, 3)}`; },
 };
 
+function cellText(row, column) {
+  const value = pick(row, column.field);
+  return value == null ? "—" : CELLS[column.cell](value, row, column);
+}
+
+function titleText(template, result) {
+  return template.replace(/\{(#?)([\w.]+)(?::(\w+))?\}/g, (_, count, path, format) => {
+    const value = pick(result, path);
+    if (count) return String(value.length);
+    return format ? CELLS[format](value) : String(value);
+  });
+}
+
 async function resultTable(kind) {
-  const view = RESULT_VIEWS[kind];
+  const view = resultViews[kind];
   if (!view) return el("p", { text: `${kind}: no view for this result kind` });
-  const [path, title, rowsOf, columns] = view;
-  const result = await api(storePath() + "/results/" + path);
-  const head = el("tr", {}, ...columns.map(([name]) => el("th", { text: name })));
-  const body = rowsOf(result).map((row) => el("tr", {}, ...columns.map(([, cell]) => el("td", { text: cell(row) }))));
-  return el("div", { class: "result", "data-kind": kind }, el("h3", { text: title(result) }),
+  const result = await api(storePath() + "/results/" + view.query);
+  const head = el("tr", {}, ...view.columns.map((column) => el("th", { text: column.name })));
+  const body = pick(result, view.rows).map((row) =>
+    el("tr", {}, ...view.columns.map((column) => el("td", { text: cellText(row, column) }))));
+  return el("div", { class: "result", "data-kind": kind }, el("h3", { text: titleText(view.title, result) }),
             el("table", {}, el("thead", {}, head), el("tbody", {}, ...body)));
 }
 
 async function showResults() {
   const held = await api(storePath() + "/results");
+  if (held.length && !resultViews) resultViews = await api("/api/result-views");
   $("results").replaceChildren(...await Promise.all(held.map((item) => resultTable(item.kind))));
   $("results-view").hidden = held.length === 0;
 }

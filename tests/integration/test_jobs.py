@@ -302,7 +302,7 @@ def test_attribute_job_matches_the_pipeline_and_verifies_top_nodes(
     from circuitscan.pipelines.attribution import exact_patch, run_atp
     from circuitscan.schemas.attribution import Node
     from circuitscan.schemas.jobs import AttributeParams
-    from circuitscan.services.jobs.kind_attribute import attribution_method, node_selection
+    from circuitscan.services.jobs.kinds.attribute import attribution_method, node_selection
     from circuitscan.services.store.results import list_results, read_result, top_nodes
 
     params = AttributeParams(
@@ -367,7 +367,7 @@ def test_attribute_job_pairs_longer_corruptions_from_the_end(
     from circuitscan.pipelines.attribution.positions import end_aligned_map
     from circuitscan.pipelines.batching import tokenize_prompts
     from circuitscan.schemas.jobs import AttributeParams, JsonlSource
-    from circuitscan.services.jobs.kind_attribute import attribution_method, node_selection
+    from circuitscan.services.jobs.kinds.attribute import attribution_method, node_selection
     from circuitscan.services.store.results import read_result
 
     model, saes, records, clean, _ = direct
@@ -511,7 +511,7 @@ def _dfa_means(rows_by_prompt):
 def test_dfa_job_matches_the_pipeline_per_prompt(local_ray, make_spec, direct, tmp_path):
     from circuitscan.pipelines.analyses.dfa import dfa_features
     from circuitscan.schemas.jobs import DFAParams
-    from circuitscan.services.jobs.kind_dfa import source_roles
+    from circuitscan.services.jobs.kinds.dfa import source_roles
     from circuitscan.services.store.results import dfa_features as read_dfa
     from circuitscan.services.store.results import dfa_tables
 
@@ -730,7 +730,7 @@ def test_prompt_sources_and_spec_errors(tmp_path):
 
 def test_named_positions_follow_left_truncation():
     from circuitscan.schemas.prompts import PromptRecord
-    from circuitscan.services.jobs.kinds import named_positions
+    from circuitscan.services.jobs.shard_runner import named_positions
 
     records = [
         PromptRecord(text="a", positions={"IO": 2, "S2": 9, "END": 12}),

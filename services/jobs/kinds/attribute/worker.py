@@ -1,38 +1,42 @@
-"""Attribute jobs in a worker: AtP / AtP* over clean/corrupted prompt pairs, per shard.
+"""The ``attribute`` kind's worker side: per-shard AtP / AtP* node sums and exact verification.
 
 A shard stores, per node it scored, the sum of the per-prompt scores, the sum
 of their absolute values and the number of prompts where the node exists
 (float64), so the driver's means over the whole prompt set are exact whatever
 the sharding. Node names are their string form (``feature:L0.resid_post:7@3``),
-the same in every shard. Verification of the job's top nodes by exact
-patching is a second, read-only pass (:meth:`AttributeRunner.verify_nodes`).
+the same in every shard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from sae_lens import HookedSAETransformer
+from pydantic import Field
 
-from circuitscan.pipelines.attribution import exact_patch, run_atp
-from circuitscan.pipelines.attribution.positions import end_aligned_map
-from circuitscan.schemas.attribution import AttributionMethod, Node, NodeSelection
+from circuitscan.schemas.attribution import AttributionMethod, NodeSelection
 from circuitscan.schemas.jobs import AttributeParams, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
-from circuitscan.services.jobs.kinds import (
-    ShardResult,
-    StoreWriter,
+from circuitscan.services.jobs.job_kind import ComputedShard, ShardPartial
+from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.jobs.shard_runner import (
+    ShardRunner,
     named_positions,
     tokenize_capped,
     tokenize_capped_counting,
 )
-from circuitscan.services.jobs.planning import ShardPlan
-from circuitscan.services.sae_loading import LoadedSAE
-from circuitscan.services.store import FeatureStore
-from circuitscan.services.store.results import write_shard_outputs
+
+if TYPE_CHECKING:
+    import torch
+    from sae_lens import HookedSAETransformer
+
+    from circuitscan.services.sae_loading import LoadedSAE
+
+
+# --- node kinds: the job's node selection for the engine --------------------------------
 
 
 def node_selection(params: AttributeParams) -> NodeSelection:
@@ -43,6 +47,18 @@ def node_selection(params: AttributeParams) -> NodeSelection:
 
 def attribution_method(params: AttributeParams) -> AttributionMethod:
     return AttributionMethod(qk_fix=params.method == "atpstar", graddrop=params.method == "atpstar")
+
+
+# --- worker → driver -------------------------------------------------------------------
+
+
+class NodeSumsPartial(ShardPartial):
+    """Per-node sums over one shard's prompts (also the shape of a verification pass)."""
+
+    nodes: list[str] = Field(description="Node names, in the order of the arrays.")
+    node_sum: np.ndarray = Field(description="[node] sum of per-prompt signed values (float64).")
+    node_sum_abs: np.ndarray = Field(description="[node] sum of per-prompt ranking scores.")
+    node_count: np.ndarray = Field(description="[node] prompts where the node exists (int64).")
 
 
 class NodeSums:
@@ -62,6 +78,8 @@ class NodeSums:
         AtP*'s GradDrop ranking scores are unsigned, so its signed estimates
         and its ranking scores are summed separately.
         """
+        import torch
+
         values = per_prompt.detach().double().cpu()
         rank = values if ranking is None else ranking.detach().double().cpu()
         defined = ~torch.isnan(values)
@@ -78,18 +96,37 @@ class NodeSums:
             self.total_abs[slot] += sums_abs[column]
             self.count[slot] += int(counts[column])
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "node_sum": np.asarray(self.total, dtype=np.float64),
-            "node_sum_abs": np.asarray(self.total_abs, dtype=np.float64),
-            "node_count": np.asarray(self.count, dtype=np.int64),
-        }
-
-    def names(self) -> list[str]:
-        return list(self.index)
+    def partial(self) -> NodeSumsPartial:
+        return NodeSumsPartial(
+            nodes=list(self.index),
+            node_sum=np.asarray(self.total, dtype=np.float64),
+            node_sum_abs=np.asarray(self.total_abs, dtype=np.float64),
+            node_count=np.asarray(self.count, dtype=np.int64),
+        )
 
 
-class AttributeRunner(StoreWriter):
+Means = dict[str, tuple[float, float, int]]  # node → (mean, mean |·|, prompts)
+
+
+def merge_node_sums(partials: Iterable[NodeSumsPartial]) -> Means:
+    """Node → (mean, mean |score|, prompts) over the partials."""
+    total: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0])
+    for part in partials:
+        for i, name in enumerate(part.nodes):
+            slot = total[name]
+            slot[0] += float(part.node_sum[i])
+            slot[1] += float(part.node_sum_abs[i])
+            slot[2] += float(part.node_count[i])
+    return {
+        name: (s / n, a / n, int(n)) if n else (math.nan, math.nan, 0)
+        for name, (s, a, n) in total.items()
+    }
+
+
+# --- worker side -----------------------------------------------------------------------
+
+
+class AttributeRunner(ShardRunner):
     """AtP or AtP* scores of every selected node, summed over a shard's prompt pairs."""
 
     def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
@@ -101,36 +138,32 @@ class AttributeRunner(StoreWriter):
         self.method = attribution_method(self.params)
 
     def _pairs(self, records: list[PromptRecord]):
+        from circuitscan.pipelines.attribution.positions import end_aligned_map
+
         clean, removed = tokenize_capped_counting(self.model, records, self.cap)
-        truncated = sum(1 for n in removed if n)
         missing = [i for i, r in enumerate(records) if r.corrupted is None]
         if missing:
             raise ValueError(f"attribute jobs need a corrupted prompt for every prompt: {missing}")
         corrupted = [r.model_copy(update={"text": r.corrupted}) for r in records]
-        corrupt, _ = tokenize_capped(self.model, corrupted, self.cap)
+        corrupt = tokenize_capped(self.model, corrupted, self.cap)
         named = named_positions(records, removed)
         pairing: dict[str, Any] = {"corrupt_lengths": corrupt.lengths}
         if self.params.align == "end":
             pairing["position_map"] = end_aligned_map(
                 clean.lengths, corrupt.lengths, clean.tokens.shape[1]
             )
-        return clean, corrupt, named, truncated, pairing
+        return clean, corrupt, named, pairing
 
-    def compute_shard(
-        self,
-        store: FeatureStore,
-        plan: ShardPlan,
-        records: list[PromptRecord],
-        context: list[PromptRecord] | None,
-    ) -> ShardResult:
+    def compute(
+        self, plan: ShardPlan, records: list[PromptRecord], context: list[PromptRecord] | None
+    ) -> ComputedShard:
+        from circuitscan.pipelines.attribution import run_atp
+
         sums = NodeSums()
         token_lists: list[list[int]] = []
-        truncated = 0
         batch_size = self.spec.execution.batch_size
         for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            clean, corrupt, named, cut, pairing = self._pairs(chunk)
-            truncated += cut
+            clean, corrupt, named, pairing = self._pairs(records[start : start + batch_size])
             result = run_atp(
                 self.model,
                 self.saes,
@@ -151,28 +184,22 @@ class AttributeRunner(StoreWriter):
                 ranking=result.per_prompt(),
             )
             token_lists += clean.token_lists()
-        entry = store.write_shard(plan.shard_id, records, token_lists, {})
-        entry = write_shard_outputs(
-            store, entry, arrays=sums.arrays(), documents={"nodes": sums.names()}
-        )
-        return ShardResult(
-            entry=entry.model_dump(mode="json"),
-            tokens=sum(len(t) for t in token_lists),
-            prompts=len(records),
-            truncated=truncated,
-            rejected=0,
-        )
+        return ComputedShard(token_lists, partial=sums.partial())
 
-    def verify_nodes(self, records: list[PromptRecord], nodes: list[str]) -> dict[str, list[float]]:
+    def verify_nodes(self, records: list[PromptRecord], nodes: list[str]) -> NodeSumsPartial:
         """Exact Δm of patching each node clean → corrupted: per-node sum, |sum| and count."""
+        import torch
+
+        from circuitscan.pipelines.attribution import exact_patch
+        from circuitscan.schemas.attribution import Node
+
         parsed = [Node.parse(name) for name in nodes]
         sums = NodeSums()
         for name in nodes:
             sums.add([name], torch.empty(0, 1))
         batch_size = self.spec.execution.batch_size
         for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            clean, corrupt, named, _, pairing = self._pairs(chunk)
+            clean, corrupt, named, pairing = self._pairs(records[start : start + batch_size])
             longest = int(clean.lengths.max())
             # An absolute position past every prompt of the batch exists nowhere: skip it.
             keep = [
@@ -197,5 +224,4 @@ class AttributeRunner(StoreWriter):
                 **pairing,
             )
             sums.add([nodes[i] for i in keep], delta)
-        arrays = sums.arrays()
-        return {name: values.tolist() for name, values in arrays.items()}
+        return sums.partial()

@@ -1,0 +1,279 @@
+"""The ``ablation_scan`` kind: exact Δm of ablating every active SAE feature at one site.
+
+Mean and resample ablation values come from the job's reference prompts (its
+first ``reference_prompts`` prompts, sent by the driver as context), so every
+shard ablates to the same values and the result does not depend on how the
+job was cut into shards. A shard stores the features it scanned, the
+per-prompt Δm matrix and the clean baseline. Means are over all prompts in
+zero mode (an inactive feature's ablation changes nothing) and over the
+prompts where the feature was ablated otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from circuitscan.schemas.job_results import AblationJobResult, FeatureDelta
+from circuitscan.schemas.jobs import AblationScanParams, JobSpec
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.jobs.job_kind import (
+    ApiPage,
+    ApiView,
+    BrowserColumn,
+    BrowserView,
+    CliView,
+    ComputedShard,
+    JobKind,
+    KindCheckError,
+    MergeContext,
+    ShardPartial,
+)
+from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.jobs.shard_runner import (
+    ShardRunner,
+    named_positions,
+    tokenize_capped_counting,
+)
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
+
+    from circuitscan.services.jobs.worker import WorkerInfo
+    from circuitscan.services.reports import Section
+    from circuitscan.services.sae_loading import LoadedSAE
+
+
+def scanned_site(spec: JobSpec, labels: list[str]) -> str:
+    """The SAE site label an ablation scan runs on (default: the job's first SAE)."""
+    assert isinstance(spec.job, AblationScanParams)
+    site = spec.job.site or labels[0]
+    if site not in labels:
+        raise KindCheckError(f"ablation site {site!r} is not one of the job's SAEs {labels}")
+    return site
+
+
+class ScanInfo(BaseModel):
+    """Which site a shard scanned and how many ablations it ran."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    site: str = Field(description="SAE site label scanned.")
+    n_ablations: int = Field(ge=0, description="(prompt, feature) ablations run in the shard.")
+
+
+class AblationPartial(ShardPartial):
+    """One shard's scan: the features it ablated and every prompt's Δm for each."""
+
+    features: np.ndarray = Field(description="[feature] feature ids scanned (int64).")
+    delta: np.ndarray = Field(
+        description="[prompt, feature] Δm of the ablation (float64; NaN: not ablated there)."
+    )
+    baseline: np.ndarray = Field(description="[prompt] clean metric (float64).")
+    scan: ScanInfo = Field(description="Site and ablation count.")
+
+
+class AblationRunner(ShardRunner):
+    """One shard's feature-ablation scan at one SAE site."""
+
+    def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
+        assert isinstance(spec.job, AblationScanParams)
+        super().__init__(spec, model)
+        self.params = spec.job
+        label = scanned_site(spec, [loaded.site.label for loaded in saes])
+        self.loaded = next(loaded for loaded in saes if loaded.site.label == label)
+
+    def compute(
+        self, plan: ShardPlan, records: list[PromptRecord], context: list[PromptRecord] | None
+    ) -> ComputedShard:
+        from circuitscan.pipelines.attribution import ablation_scan
+        from circuitscan.pipelines.attribution.ablation_scan import reference_slots
+
+        batch, removed = tokenize_capped_counting(self.model, records, self.cap)
+        positions = self.params.positions
+        named = named_positions(records, removed)
+        reference = None
+        if self.params.mode != "zero":
+            if not context:
+                raise ValueError(f"{self.params.mode} ablation shards need the reference prompts")
+            ref_batch, ref_removed = tokenize_capped_counting(self.model, context, self.cap)
+            reference = reference_slots(
+                self.model,
+                self.loaded.sae,
+                self.loaded.site,
+                ref_batch.tokens,
+                ref_batch.lengths,
+                positions if isinstance(positions, str) else list(positions),
+                named_positions(context, ref_removed),
+            )
+        scan = ablation_scan(
+            self.model,
+            self.loaded.sae,
+            self.loaded.site,
+            batch.tokens,
+            batch.lengths,
+            self.spec.metric,
+            batch.answer,
+            batch.wrong,
+            mode=self.params.mode,
+            positions=positions if isinstance(positions, str) else list(positions),
+            named_positions=named,
+            batch_size=self.params.batch_size,
+            seed=plan.shard_id,
+            reference=reference,
+        )
+        partial = AblationPartial(
+            features=scan.features.cpu().numpy().astype(np.int64),
+            delta=scan.delta.detach().cpu().double().numpy(),
+            baseline=scan.baseline.detach().cpu().double().numpy(),
+            scan=ScanInfo(site=self.loaded.site.label, n_ablations=scan.n_ablations),
+        )
+        return ComputedShard(batch.token_lists(), partial=partial)
+
+
+def ablation_result(spec: JobSpec, partials: Iterable[AblationPartial]) -> AblationJobResult:
+    assert isinstance(spec.job, AblationScanParams)
+    zero = spec.job.mode == "zero"
+    sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+    n_prompts, n_ablations, baseline, site = 0, 0, 0.0, spec.job.site or ""
+    for part in partials:
+        delta = part.delta
+        n_prompts += delta.shape[0]
+        baseline += float(part.baseline.sum())
+        n_ablations += part.scan.n_ablations
+        site = part.scan.site
+        defined = ~np.isnan(delta)
+        values = np.nan_to_num(delta)
+        active = (values != 0) if zero else defined
+        for column, feature in enumerate(part.features.tolist()):
+            slot = sums[int(feature)]
+            slot[0] += float(values[:, column].sum())
+            slot[1] += float(np.abs(values[:, column]).sum())
+            slot[2] += float(defined[:, column].sum())
+            slot[3] += float(active[:, column].sum())
+    features = []
+    for feature, (total, total_abs, defined_n, active_n) in sums.items():
+        n = n_prompts if zero else int(defined_n)
+        features.append(
+            FeatureDelta(
+                site=site,
+                feature=feature,
+                mean_delta=total / n if n else math.nan,
+                mean_abs_delta=total_abs / n if n else math.nan,
+                n_prompts=n,
+                n_active=int(active_n),
+            )
+        )
+    features.sort(key=lambda f: (-f.mean_abs_delta, f.feature))
+    return AblationJobResult(
+        job_hash=spec.content_hash(),
+        site=site,
+        mode=spec.job.mode,
+        n_prompts=n_prompts,
+        n_ablations=n_ablations,
+        baseline_mean=baseline / n_prompts if n_prompts else math.nan,
+        features=features,
+    )
+
+
+class AblationResults(ApiPage):
+    """A page of an ablation scan's per-feature effects, with the scan's summary."""
+
+    job_hash: str = Field(description="JobSpec.content_hash() of the job.")
+    site: str = Field(description="SAE site label scanned.")
+    mode: str = Field(description="Ablation value: zero, mean or resample.")
+    n_prompts: int = Field(description="Prompts scanned.")
+    baseline_mean: float = Field(description="Mean clean metric over the prompts.")
+    offset: int = Field(description="Rank of the first feature of this page.")
+    limit: int = Field(description="Page size asked for.")
+    total: int = Field(description="Features scanned.")
+    features: list[FeatureDelta] = Field(description="Features by mean |Δm|, largest first.")
+
+
+class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
+    name = "ablation_scan"
+    params = AblationScanParams
+    result = AblationJobResult
+    partial = AblationPartial
+    api = ApiView(
+        path="/ablation",
+        name="ablation",
+        summary="Per-feature effects of an ablation_scan job",
+        page=AblationResults,
+        rows_from="features",
+        rows_to="features",
+    )
+    browser = BrowserView(
+        query="ablation?limit=20",
+        title="ablation scan ({mode}) at {site} · {n_prompts} prompts · baseline {baseline_mean:num}",
+        rows="features",
+        columns=[
+            BrowserColumn(name="feature", field="feature"),
+            BrowserColumn(name="mean Δ", field="mean_delta", cell="num"),
+            BrowserColumn(name="mean |Δ|", field="mean_abs_delta", cell="num"),
+            BrowserColumn(name="active", field="n_active", cell="ratio", over="n_prompts"),
+        ],
+    )
+
+    def runner(
+        self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]
+    ) -> ShardRunner:
+        return AblationRunner(spec, model, saes)
+
+    def check_sites(self, spec: JobSpec, info: WorkerInfo) -> str | None:
+        return scanned_site(spec, list(info.sae_hooks))
+
+    def position_names(self, params: AblationScanParams) -> list[str]:
+        if isinstance(params.positions, list):
+            return [name for name in params.positions if name != "last"]
+        return []
+
+    def context(
+        self, params: AblationScanParams, kept: list[PromptRecord]
+    ) -> list[PromptRecord] | None:
+        return None if params.mode == "zero" else kept[: params.reference_prompts]
+
+    def merge(
+        self, params: AblationScanParams, partials: Iterable[AblationPartial], ctx: MergeContext
+    ) -> AblationJobResult:
+        return ablation_result(ctx.spec, partials)
+
+    def cli_view(self, result: AblationJobResult, top: int) -> CliView:
+        return CliView(
+            header=f"ablation_scan ({result.mode}) at {result.site}: {result.n_prompts} prompts, "
+            f"{result.n_ablations} ablations, baseline metric {result.baseline_mean:.4g}",
+            columns=["feature", "mean_delta", "mean_abs", "prompts", "active"],
+            rows=[
+                (f.feature, f.mean_delta, f.mean_abs_delta, f.n_prompts, f.n_active)
+                for f in result.features[:top]
+            ],
+        )
+
+    def report_section(self, result: AblationJobResult, plots: Path) -> Section:
+        from circuitscan.services.reports import Figure, Section, Table, attribution_bars
+
+        top = result.features[:25]
+        bars = attribution_bars(
+            [f"{result.site} #{f.feature}" for f in top],
+            [f.mean_delta for f in top],
+            plots / "ablation_deltas.png",
+            title=f"{result.mode}-ablation of each active feature ({result.site})",
+            xlabel="mean Δ logit difference",
+        )
+        rows: list[list[object]] = [
+            [f.feature, f.mean_delta, f.mean_abs_delta, f.n_active, f.n_prompts] for f in top
+        ]
+        return Section(
+            title=f"Feature ablation scan ({result.site}, {result.mode})",
+            paragraphs=[
+                f"{result.n_ablations} exact ablations over {result.n_prompts} prompts; "
+                f"clean mean logit difference {result.baseline_mean:.3f}.",
+            ],
+            tables=[Table(["feature", "mean Δ", "mean |Δ|", "active on", "prompts"], rows)],
+            figures=[Figure(bars, "Largest mean |Δ| first.")],
+        )

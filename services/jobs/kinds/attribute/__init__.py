@@ -1,0 +1,277 @@
+"""The ``attribute`` kind: AtP / AtP* over clean/corrupted prompt pairs.
+
+Workers sum each node's per-prompt scores per shard (``worker.py``); the
+driver pools the shards' sums into exact means, ranks the nodes, and
+optionally verifies the top ones by exact patching in a second, read-only
+pass on the workers (:meth:`AttributeRunner.verify_nodes`), pooled the same way.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydantic import Field
+
+from circuitscan.schemas.job_results import (
+    AttributionJobResult,
+    NodeEffect,
+    NodeVerification,
+    VerificationStatus,
+)
+from circuitscan.schemas.jobs import AttributeParams, JobSpec
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.jobs.job_kind import (
+    ApiPage,
+    ApiView,
+    BrowserColumn,
+    BrowserView,
+    CliView,
+    JobKind,
+    KindCheckError,
+    MergeContext,
+)
+from circuitscan.services.jobs.kinds.attribute.worker import (
+    AttributeRunner,
+    Means,
+    NodeSumsPartial,
+    attribution_method,
+    merge_node_sums,
+    node_selection,
+)
+from circuitscan.services.jobs.planning import plan_shards
+from circuitscan.services.jobs.shard_runner import ShardRunner
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
+
+    from circuitscan.services.reports import Section
+    from circuitscan.services.sae_loading import LoadedSAE
+
+__all__ = ["AttributeKind", "attribution_method", "node_selection", "ranked_nodes"]
+
+
+# --- driver side -----------------------------------------------------------------------
+
+
+def verification_status(estimate: float, exact: float) -> VerificationStatus:
+    if exact == 0.0:
+        return "no_effect"
+    if estimate * exact < 0:
+        return "sign_flipped"
+    return "confirmed" if abs(exact) >= 0.5 * abs(estimate) else "weaker"
+
+
+def ranked_nodes(estimates: Means, k: int) -> list[str]:
+    """The k nodes of largest total |score| over the prompt set (ties: by name).
+
+    Ranking by the mean over only the prompts where a node exists would put
+    a late position that two long prompts reach above one that every prompt
+    has; the total is the mean over all prompts with an absent node counting 0.
+    """
+    defined = [(name, v) for name, v in estimates.items() if v[2] > 0]
+    defined.sort(key=lambda item: (-item[1][1] * item[1][2], item[0]))
+    return [name for name, _ in defined[:k]]
+
+
+def attribution_result(
+    spec: JobSpec, n_prompts: int, estimates: Means, exact: Means | None = None
+) -> AttributionJobResult:
+    assert isinstance(spec.job, AttributeParams)
+    top = []
+    for name in ranked_nodes(estimates, spec.job.top_nodes):
+        mean, mean_abs, n = estimates[name]
+        check = None
+        if exact is not None and name in exact:
+            e_mean, e_abs, e_n = exact[name]
+            check = NodeVerification(
+                exact_mean=e_mean,
+                exact_mean_abs=e_abs,
+                n_prompts=e_n,
+                status=verification_status(mean, e_mean),
+            )
+        top.append(
+            NodeEffect(node=name, mean=mean, mean_abs=mean_abs, n_prompts=n, verification=check)
+        )
+    return AttributionJobResult(
+        job_hash=spec.content_hash(),
+        method=spec.job.method,
+        n_prompts=n_prompts,
+        n_nodes=len(estimates),
+        n_verified=len(exact or {}),
+        top=top,
+    )
+
+
+class AttributionResults(ApiPage):
+    """A page of an attribute job's top nodes, with the job's summary."""
+
+    job_hash: str = Field(description="JobSpec.content_hash() of the job.")
+    method: str = Field(description="Estimator: atp or atpstar.")
+    n_prompts: int = Field(description="Prompt pairs aggregated.")
+    n_nodes: int = Field(description="Distinct nodes scored.")
+    n_verified: int = Field(description="Top nodes checked by exact patching.")
+    offset: int = Field(description="Rank of the first node of this page (0 = best).")
+    limit: int = Field(description="Page size asked for.")
+    total: int = Field(description="Top nodes the job kept.")
+    nodes: list[NodeEffect] = Field(
+        description="Nodes by mean |effect|, with scores and verification status."
+    )
+
+
+class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
+    name = "attribute"
+    params = AttributeParams
+    result = AttributionJobResult
+    partial = NodeSumsPartial
+    api = ApiView(
+        path="/attribution",
+        name="attribution",
+        summary="Top nodes of an attribute job (scores, verification status)",
+        page=AttributionResults,
+        rows_from="top",
+        rows_to="nodes",
+    )
+    browser = BrowserView(
+        query="attribution?limit=20",
+        title="attribute ({method}) · {n_prompts} prompt pairs · top {#nodes} of {n_nodes} "
+        "nodes, {n_verified} verified by exact patching",
+        rows="nodes",
+        columns=[
+            BrowserColumn(name="node", field="node"),
+            BrowserColumn(name="mean effect", field="mean", cell="num"),
+            BrowserColumn(name="mean |estimate|", field="mean_abs", cell="num"),
+            BrowserColumn(name="exact mean", field="verification.exact_mean", cell="num"),
+            BrowserColumn(name="status", field="verification.status"),
+        ],
+    )
+
+    def runner(
+        self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]
+    ) -> ShardRunner:
+        return AttributeRunner(spec, model, saes)
+
+    def check_prompts(self, params: AttributeParams, records: list[PromptRecord]) -> None:
+        missing = [i for i, r in enumerate(records) if r.corrupted is None]
+        if missing:
+            raise KindCheckError(
+                f"attribute jobs need a corrupted prompt for every prompt; {len(missing)} of "
+                f"{len(records)} have none (first: prompt {missing[0]})"
+            )
+
+    def position_names(self, params: AttributeParams) -> list[str]:
+        if isinstance(params.positions, list):
+            return [name for name in params.positions if name != "last"]
+        return []
+
+    def position_notes(self, params: AttributeParams, kept: list[PromptRecord]) -> list[str]:
+        """Warnings for ``positions: all`` on prompts whose named roles sit at different indices.
+
+        Attribution nodes are keyed by token index, so with mixed templates a node
+        ``@15`` pools different tokens (END in one prompt, a name in another).
+        """
+        if params.positions != "all":
+            return []
+        indices: dict[str, set[int]] = defaultdict(set)
+        for record in kept:
+            for name, index in record.positions.items():
+                indices[name].add(index)
+        spread = {name: len(found) for name, found in indices.items() if len(found) > 1}
+        if not spread:
+            return []
+        where = ", ".join(f"{name} at {n} indices" for name, n in sorted(spread.items()))
+        return [
+            f"note: positions: all keys nodes by token index, but these prompts put {where}; "
+            f"nodes at one index pool different tokens. Name the positions instead "
+            f"(positions: {sorted(indices)}) to compare like with like."
+        ]
+
+    def merge(
+        self, params: AttributeParams, partials: Iterable[NodeSumsPartial], ctx: MergeContext
+    ) -> AttributionJobResult:
+        estimates = merge_node_sums(partials)
+        exact = None
+        if params.verify_top_k:
+            nodes = ranked_nodes(estimates, params.verify_top_k)
+            ctx.say(f"verifying the top {len(nodes)} nodes by exact patching")
+            kept = ctx.kept
+            plans = plan_shards(len(kept), ctx.spec.shard_size)
+            parts = ctx.fan_out("verify_nodes", [(kept[p.start : p.stop], nodes) for p in plans])
+            # Each pass returns every node asked for (count 0 where none existed).
+            exact = merge_node_sums(parts)
+        return attribution_result(ctx.spec, ctx.n_prompts, estimates, exact)
+
+    def cli_view(self, result: AttributionJobResult, top: int) -> CliView:
+        rows = []
+        for rank, e in enumerate(result.top[:top], start=1):
+            v = e.verification
+            rows.append(
+                (rank, e.node, result.rank_score(e), e.mean, e.mean_abs, e.n_prompts)
+                + ((v.exact_mean, v.status) if v else (None, None))
+            )
+        return CliView(
+            header=f"attribute ({result.method}): {result.n_prompts} prompts, "
+            f"{result.n_nodes} nodes, {result.n_verified} verified by exact patching",
+            columns=[
+                "rank",
+                "node",
+                "score",
+                "mean",
+                "mean_abs",
+                "prompts",
+                "exact_mean",
+                "status",
+            ],
+            rows=rows,
+        )
+
+    def report_section(self, result: AttributionJobResult, plots: Path) -> Section:
+        from circuitscan.services.reports import (
+            Figure,
+            Section,
+            Table,
+            atp_vs_exact_scatter,
+            attribution_bars,
+        )
+
+        labels = [node.node for node in result.top]
+        bars = attribution_bars(
+            labels,
+            [node.mean for node in result.top],
+            plots / "attribution_top_nodes.png",
+            title=f"{result.method}: top nodes (mean effect on the logit difference)",
+            xlabel="estimated effect of patching clean → corrupted (logits)",
+        )
+        verified = [node for node in result.top if node.verification is not None]
+        figures = [Figure(bars, "Top nodes by mean |estimated effect|.")]
+        if verified:
+            scatter = atp_vs_exact_scatter(
+                [node.mean for node in verified],
+                [node.verification.exact_mean for node in verified if node.verification],
+                plots / "attribution_vs_exact.png",
+                labels=[node.node for node in verified],
+                title=f"{result.method} estimate vs exact patching",
+            )
+            figures.append(Figure(scatter, "Verified nodes: estimate (y) against exact Δm (x)."))
+        rows: list[list[object]] = []
+        for node in result.top:
+            check = node.verification
+            rows.append(
+                [
+                    node.node,
+                    node.mean,
+                    node.mean_abs,
+                    check.exact_mean if check else None,
+                    check.status if check else "",
+                ]
+            )
+        return Section(
+            title=f"Attribution ({result.method}) over {result.n_prompts} clean/corrupted pairs",
+            paragraphs=[
+                f"{result.n_nodes} nodes scored; the top {result.n_verified} were patched exactly.",
+            ],
+            tables=[Table(["node", "mean", "mean |·|", "exact mean", "verification"], rows)],
+            figures=figures,
+        )

@@ -1,0 +1,97 @@
+"""The ``cache`` kind: sparse SAE activations, their gradients and error norms for every site.
+
+A cache job's output is the store's per-site data itself (written by
+``write_shard``), so it has no partial and no job-level result.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from circuitscan.schemas.jobs import CacheParams, JobSpec
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.schemas.store import SiteLayout, StoreLayout
+from circuitscan.services.jobs.job_kind import ComputedShard, JobKind
+from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.jobs.shard_runner import ShardRunner, tokenize_capped
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
+
+    from circuitscan.services.jobs.worker import WorkerInfo
+    from circuitscan.services.sae_loading import LoadedSAE
+
+
+class CacheRunner(ShardRunner):
+    """One shard's activations (and gradients of the metric) at every SAE site."""
+
+    def __init__(self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]):
+        assert isinstance(spec.job, CacheParams)
+        super().__init__(spec, model)
+        self.params = spec.job
+        self.saes = [loaded.sae for loaded in saes]
+
+    def compute(
+        self, plan: ShardPlan, records: list[PromptRecord], context: list[PromptRecord] | None
+    ) -> ComputedShard:
+        from circuitscan.pipelines.caching import cache_batch, merge_site_caches
+
+        batch_size = self.spec.execution.batch_size
+        caches = []
+        token_lists: list[list[int]] = []
+        for start in range(0, len(records), batch_size):
+            batch = tokenize_capped(self.model, records[start : start + batch_size], self.cap)
+            caches.append(
+                cache_batch(
+                    self.model,
+                    self.saes,
+                    batch.tokens,
+                    batch.lengths,
+                    self.spec.metric if self.params.gradients else None,
+                    answer=batch.answer,
+                    wrong=batch.wrong,
+                    top_k=self.params.top_k,
+                    gradients=self.params.gradients,
+                )
+            )
+            token_lists += batch.token_lists()
+        return ComputedShard(token_lists, site_caches=merge_site_caches(caches))
+
+
+class CacheKind(JobKind[CacheParams, BaseModel]):
+    name = "cache"
+    params = CacheParams
+
+    def runner(
+        self, spec: JobSpec, model: HookedSAETransformer, saes: list[LoadedSAE]
+    ) -> ShardRunner:
+        return CacheRunner(spec, model, saes)
+
+    def reads_metric(self, params: CacheParams) -> bool:
+        return params.gradients
+
+    def store_layout(self, spec: JobSpec, info: WorkerInfo) -> StoreLayout:
+        """Per-site sparse activations (and gradients) as the params ask."""
+        assert isinstance(spec.job, CacheParams)
+        params = spec.job
+        return StoreLayout(
+            sites=[
+                SiteLayout(
+                    label=label,
+                    hook_name=info.sae_hooks[label],
+                    d_sae=info.sae_widths[label],
+                    sae_fingerprint=info.sae_fingerprints[label],
+                )
+                for label in info.sae_hooks
+            ],
+            value_dtype=params.value_dtype,
+            gradients=params.gradients,
+            top_k_per_token=params.top_k,
+            examples_per_feature=params.examples_per_feature,
+            shard_size=spec.shard_size,
+            model_fingerprint=info.model_fingerprint,
+            job_hash=spec.content_hash(),
+            job_spec=spec.model_dump(mode="json"),
+        )

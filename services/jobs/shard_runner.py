@@ -1,0 +1,149 @@
+"""The worker-side base of every job kind's shard computation, and the tokenization they share.
+
+A kind's runner implements ``compute`` (one shard's prompts → token lists,
+site caches and a typed partial); :meth:`ShardRunner.run_shard` owns what
+every kind does around it: the retry short-cut for a shard already
+committed, writing the shard's prompts and data, writing the partial under
+the shard's prefix and returning the manifest entry the driver commits.
+
+torch and the store are imported when a worker runs, not when a kind module
+is imported (the kinds' registry is read by torch-free store commands too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from circuitscan.schemas.jobs import JobSpec
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.jobs.job_kind import ComputedShard
+from circuitscan.services.jobs.planning import ShardPlan
+
+if TYPE_CHECKING:
+    from sae_lens import HookedSAETransformer
+
+    from circuitscan.pipelines.batching import TokenBatch
+    from circuitscan.services.store import FeatureStore
+
+
+@dataclass
+class ShardResult:
+    """A written shard: its manifest entry (JSON form) and the real tokens it holds."""
+
+    entry: dict[str, Any]
+    tokens: int
+
+
+class ShardRunner:
+    """One job's shard computation in a worker: the model, the store handle, the token cap."""
+
+    _store: FeatureStore | None = None
+
+    def __init__(self, spec: JobSpec, model: HookedSAETransformer) -> None:
+        self.spec = spec
+        self.model = model
+        self.cap = token_cap(spec, model)
+
+    def compute(
+        self, plan: ShardPlan, records: list[PromptRecord], context: list[PromptRecord] | None
+    ) -> ComputedShard:
+        """The kind's work on one shard (``context``: the job's reference prompts, if any)."""
+        raise NotImplementedError
+
+    def run_shard(
+        self,
+        store_url: str,
+        plan: ShardPlan,
+        records: list[PromptRecord],
+        context: list[PromptRecord] | None = None,
+    ) -> ShardResult:
+        from circuitscan.services.store.results import write_shard_outputs
+
+        store = self._open(store_url)
+        committed = store.committed_entries().get(plan.shard_id)
+        if committed is not None:  # a retry of a shard that made it: nothing to redo
+            return ShardResult(committed.model_dump(mode="json"), committed.n_tokens)
+        computed = self.compute(plan, records, context)
+        entry = store.write_shard(
+            plan.shard_id, records, computed.token_lists, computed.site_caches
+        )
+        if computed.partial is not None:
+            arrays, documents = computed.partial.to_outputs()
+            entry = write_shard_outputs(store, entry, arrays=arrays, documents=documents)
+        return ShardResult(
+            entry=entry.model_dump(mode="json"),
+            tokens=sum(len(tokens) for tokens in computed.token_lists),
+        )
+
+    def _open(self, url: str) -> FeatureStore:
+        from circuitscan.services.store import FeatureStore
+
+        if self._store is None or self._store.url != url:
+            self._store = FeatureStore.open(url)
+        # The driver commits between our calls: always read the manifest afresh.
+        self._store.refresh()
+        return self._store
+
+
+def token_cap(spec: JobSpec, model: HookedSAETransformer) -> int:
+    cap = int(model.cfg.n_ctx)
+    return min(cap, spec.max_prompt_tokens) if spec.max_prompt_tokens else cap
+
+
+def tokenize_capped(
+    model: HookedSAETransformer, records: Sequence[PromptRecord], cap: int
+) -> TokenBatch:
+    """BOS-prepended token ids, left-truncated to ``cap`` (BOS kept), right-padded.
+
+    Over-long prompts were already removed on the driver when the spec says
+    'reject'; anything still over the cap here is truncated, keeping the end
+    of the prompt because the metric reads its last position.
+    """
+    return tokenize_capped_counting(model, records, cap)[0]
+
+
+def tokenize_capped_counting(
+    model: HookedSAETransformer, records: Sequence[PromptRecord], cap: int
+) -> tuple[TokenBatch, list[int]]:
+    """:func:`tokenize_capped`, returning how many tokens were cut from each prompt."""
+    import torch
+
+    from circuitscan.pipelines.batching import TokenBatch, pad_right, single_token
+
+    sequences: list[list[int]] = []
+    removed: list[int] = []
+    for record in records:
+        ids = model.to_tokens(record.text, prepend_bos=True)[0].tolist()
+        removed.append(max(0, len(ids) - cap))
+        if len(ids) > cap:
+            ids = ids[:1] + ids[len(ids) - (cap - 1) :]
+        sequences.append(ids)
+    pad_id = (model.tokenizer.pad_token_id if model.tokenizer is not None else None) or 0
+    tokens, lengths = pad_right(sequences, pad_id=pad_id, device=model.cfg.device or "cpu")
+
+    def answer_ids(texts: list[str | None]) -> torch.Tensor | None:
+        if any(text is None for text in texts):
+            return None
+        return torch.tensor([single_token(model, t) for t in texts], device=tokens.device)  # type: ignore[arg-type]
+
+    batch = TokenBatch(
+        tokens=tokens,
+        lengths=lengths,
+        answer=answer_ids([r.answer for r in records]),
+        wrong=answer_ids([r.wrong for r in records]),
+    )
+    return batch, removed
+
+
+def named_positions(
+    records: Sequence[PromptRecord], removed: Sequence[int]
+) -> list[dict[str, int]] | None:
+    """The prompts' named positions after left-truncation (a name whose token was cut is dropped)."""
+    if not any(record.positions for record in records):
+        return None
+    return [
+        {name: at - cut for name, at in record.positions.items() if at - cut >= 1 or at == 0}
+        for record, cut in zip(records, removed, strict=True)
+    ]
