@@ -1,0 +1,57 @@
+"""The feature store's errors, each on a branch of :mod:`circuitscan.schemas.errors`.
+
+``StoreError`` is the store's user-error family (a ValueError, as it always
+was): a store, prompt, feature or result that is not there, or a store that
+holds something else. Damage is not a StoreError: it is a
+``StoreCorruptionError`` (``CorruptShardError``, ``CorruptManifestError``,
+``CorruptResultError``), so code that falls back on "no such store" never
+mistakes a damaged one for a missing one.
+
+A module of its own with no heavy imports: every store module, the CLI and the
+HTTP API use these names.
+"""
+
+from __future__ import annotations
+
+from circuitscan.schemas.errors import (
+    ConflictError,
+    NotFoundError,
+    StoreCorruptionError,
+    UserInputError,
+)
+
+
+class StoreError(UserInputError):
+    """Base class of the feature store's user errors (a request the store cannot answer)."""
+
+
+class StoreNotFoundError(StoreError, NotFoundError):
+    """No feature store at that URL."""
+
+
+class StoreLayoutMismatchError(StoreError, ConflictError):
+    """The store exists with a different layout, fingerprint or job hash."""
+
+
+class ShardConflictError(StoreError, ConflictError):
+    """A shard is committed with different content than the entry offered."""
+
+
+class QueryRangeError(StoreError, NotFoundError):
+    """A feature, prompt or position outside what the store holds."""
+
+
+class ResultNotFoundError(StoreError, NotFoundError):
+    """The store holds no (complete) job result of the kind asked for."""
+
+
+class CorruptShardError(StoreCorruptionError):
+    """A committed shard whose stored bytes do not match its manifest checksums."""
+
+
+class CorruptManifestError(StoreCorruptionError):
+    """A manifest entry (the record that commits a shard) that cannot be read back."""
+
+
+class CorruptResultError(StoreCorruptionError):
+    """A stored job result document that cannot be read back."""
