@@ -9,10 +9,11 @@ import torch
 from jaxtyping import Int
 from transformer_lens import HookedTransformer
 
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.prompts import PromptRecord
 
 
-class TokenizationError(ValueError):
+class TokenizationError(UserInputError):
     """A prompt or answer string that cannot be tokenized as the job needs."""
 
 

@@ -29,6 +29,7 @@ from circuitscan.pipelines.metrics import metric_per_prompt
 from circuitscan.pipelines.sae_decoding import decoder_rows, decodes_linearly
 from circuitscan.pipelines.sae_splice import require_detached, transparent_splice
 from circuitscan.pipelines.site_cache import SiteCache
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 
@@ -100,11 +101,11 @@ def cache_batch(
     needs no metric; the forward then stops after the last SAE's layer.
     """
     if gradients and metric is None:
-        raise ValueError("caching gradients needs a metric")
+        raise UserInputError("caching gradients needs a metric")
     require_detached(model, "cache_batch")
     labels = [site_label(sae) for sae in saes]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"two SAEs read the same site: {labels}")
+        raise UserInputError(f"two SAEs read the same site: {labels}")
     tokens = tokens.to(model.cfg.device)
     lengths = lengths.to(tokens.device)
     real = _real_mask(lengths, tokens.shape[1])

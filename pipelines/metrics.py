@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float, Int
 
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.metrics import MetricSpec
 
 
@@ -17,7 +18,7 @@ def read_positions(
     position = torch.full_like(lengths, spec.position)
     if bool((position >= lengths).any()):
         bad = int(torch.nonzero(position >= lengths)[0, 0])
-        raise ValueError(
+        raise UserInputError(
             f"metric position {spec.position} is out of range for prompt {bad} "
             f"of length {int(lengths[bad])}"
         )
@@ -43,7 +44,7 @@ def metric_per_prompt(
     batch = torch.arange(logits.shape[0], device=logits.device)
     if spec.kind == "next_token_loss":
         if tokens is None:
-            raise ValueError("next_token_loss needs the token ids")
+            raise UserInputError("next_token_loss needs the token ids")
         logprobs = logits[:, :-1].log_softmax(-1)
         targets = tokens[:, 1:]
         token_loss = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -51,11 +52,11 @@ def metric_per_prompt(
         real = steps.unsqueeze(0) < (lengths - 1).unsqueeze(1)
         return (token_loss * real).sum(-1) / real.sum(-1).clamp(min=1)
     if answer is None:
-        raise ValueError(f"metric {spec.kind} needs an answer token per prompt")
+        raise UserInputError(f"metric {spec.kind} needs an answer token per prompt")
     positions = read_positions(spec, lengths)
     read = logits[batch, positions]
     if spec.kind == "target_logprob":
         return read.log_softmax(-1)[batch, answer]
     if wrong is None:
-        raise ValueError("logit_diff needs a wrong-answer token per prompt")
+        raise UserInputError("logit_diff needs a wrong-answer token per prompt")
     return read[batch, answer] - read[batch, wrong]

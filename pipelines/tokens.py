@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from circuitscan.schemas.errors import UserInputError
+
 
 class Tokenizer(Protocol):
     """The slice of a Hugging Face tokenizer that circuitscan relies on."""
@@ -11,7 +13,7 @@ class Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> Any: ...
 
 
-class NotSingleTokenError(ValueError):
+class NotSingleTokenError(UserInputError):
     """A string that must be exactly one token for the model's tokenizer is not."""
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.hooks import HookPoint, HookSite
 from circuitscan.schemas.node_kinds import NODE_KINDS, NodeKind, node_kind
 
@@ -78,7 +79,7 @@ class Node(BaseModel):
         """Inverse of ``str(node)``."""
         match = _NODE_RE.match(text)
         if match is None:
-            raise ValueError(f"not a node string: {text!r}")
+            raise UserInputError(f"not a node string: {text!r}")
         raw_pos: str = match["pos"]
         pos: PositionSpec = int(raw_pos) if raw_pos.lstrip("-").isdigit() else raw_pos
         index = match["index"]

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from circuitscan.schemas.errors import UserInputError
+
 HookPoint = Literal[
     "resid_pre",
     "resid_mid",
@@ -73,13 +75,13 @@ class HookSite(BaseModel):
         """Parse a TransformerLens hook name back into a site."""
         match = _HOOK_RE.match(name)
         if match is None:
-            raise ValueError(f"not a per-block TransformerLens hook name: {name!r}")
+            raise UserInputError(f"not a per-block TransformerLens hook name: {name!r}")
         layer, sub, point = int(match.group(1)), match.group(2), match.group(3)
         if sub == "mlp":
             point = {"post": "mlp_post", "pre": "mlp_pre"}.get(point, point)
         site = cls(layer=layer, point=point)  # type: ignore[arg-type]
         if site.hook_name != name:
-            raise ValueError(f"unsupported hook name: {name!r}")
+            raise UserInputError(f"unsupported hook name: {name!r}")
         return site
 
     @classmethod

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from circuitscan.schemas.errors import NotFoundError
+
 LAYOUT_VERSION = 1
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
@@ -77,11 +79,13 @@ class StoreLayout(BaseModel):
         return self
 
     def site(self, label: str) -> SiteLayout:
-        """The site with this label; ValueError naming the known labels otherwise."""
+        """The site with this label; NotFoundError (a ValueError) naming the known labels otherwise."""
         for site in self.sites:
             if site.label == label:
                 return site
-        raise ValueError(f"unknown site {label!r}; the store has {[s.label for s in self.sites]}")
+        raise NotFoundError(
+            f"unknown site {label!r}; the store has {[s.label for s in self.sites]}"
+        )
 
     def layout_hash(self) -> str:
         """Hash of the fields that decide compatibility (the informational job spec excluded)."""

@@ -15,6 +15,8 @@ from typing import Any
 
 import typer
 
+from circuitscan.services.cli_errors import reported_errors
+
 _RUNS = "circuitscan.services.analysis_runs"
 
 
@@ -22,15 +24,6 @@ def __getattr__(name: str) -> Any:
     if name.startswith("__"):
         raise AttributeError(name)
     return getattr(importlib.import_module(_RUNS), name)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from circuitscan.pipelines.analyses import AnalysisInputError
-    from circuitscan.services.model_loading import ModelLoadError
-    from circuitscan.services.sae_loading import SAELoadError
-    from circuitscan.services.store.feature_store import StoreError
-
-    return (AnalysisInputError, ModelLoadError, SAELoadError, StoreError, ValueError)
 
 
 # --- CLI ------------------------------------------------------------------------------
@@ -71,11 +64,11 @@ def _runs() -> Any:
 def _check_store(store: str | None) -> None:
     """Fail before any computation when --store names no existing feature store."""
     if store is not None:
-        from circuitscan.services.store import FeatureStore
+        from circuitscan.services.store import FeatureStore, StoreNotFoundError
 
         # Opening a local path creates its directory; never leave one behind for a typo.
         if "://" not in store and not Path(store).expanduser().is_dir():
-            raise ValueError(f"no feature store at {store}")
+            raise StoreNotFoundError(f"no feature store at {store}")
         FeatureStore.open(store)
 
 
@@ -87,16 +80,13 @@ def _run_command(
 
     runs = _runs()
     out_dir = out or Path("runs") / "analyses" / command
-    try:
+    with reported_errors():
         _check_store(store)
         setup = runs.ioi_setup(prompts, seed, model_source=model, sae_sources=saes)
         output = run(setup)
         sections = report_sections(out_dir, **{_SECTION_ARG[output.kind]: output})
         title = f"{command} ({setup.context.model})"
         index = runs.save_outputs(out_dir, [output], sections, title, store)
-    except _user_errors() as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from exc
     typer.echo(runs.summary_lines(output))
     typer.echo(f"wrote {out_dir / (output.kind + '.json')} and {index}")
 
@@ -204,12 +194,9 @@ def ioi_report_command(
 ) -> None:  # fmt: skip
     """All four analyses on the default model and SAEs: one HTML report with every plot."""
     runs = _runs()
-    try:
+    with reported_errors():
         _check_store(store)
         _, outputs = runs.run_ioi_report(out, n_prompts=prompts, seed=seed, store=store,
                                          echo=typer.echo)  # fmt: skip
-    except _user_errors() as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2) from exc
     for output in outputs:
         typer.echo(runs.summary_lines(output))

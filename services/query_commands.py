@@ -13,6 +13,8 @@ from typing import Any, NoReturn
 
 import typer
 
+from circuitscan.services.cli_errors import reported_errors
+
 
 class QueryKind(StrEnum):
     features_at = "features-at"
@@ -105,13 +107,12 @@ def query(
     """Query a feature store: active features at a token, top examples, summaries."""
     from circuitscan.services.store import (
         FeatureStore,
-        StoreError,
         feature_summary,
         features_at,
         top_examples,
     )
 
-    try:
+    with reported_errors():
         store = FeatureStore.open(store_url)
         if what is QueryKind.summary and feature is None:
             typer.echo(_overview(store))
@@ -157,8 +158,6 @@ def query(
             headers = ["site", "feature", "count", "total", "max", "mean_active", "frequency"]
             values = (s.site, s.feature, s.count, s.total, s.max, s.mean_when_active, s.frequency)
             typer.echo(table(headers, [values]))
-    except (StoreError, ValueError) as exc:
-        _fail(str(exc))
 
 
 def results(
@@ -169,14 +168,10 @@ def results(
 ) -> None:
     """Print a job's aggregated result (attribute, ablation_scan, splice_eval or dfa)."""
     from circuitscan.services.jobs.kinds import job_kind
-    from circuitscan.services.store import StoreError
     from circuitscan.services.store.results import read_result
 
-    try:
+    with reported_errors():
         result = read_result(store_url, kind)
-    except (StoreError, ValueError) as exc:
-        _fail(str(exc))
-        return
     if as_json:
         typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
         return

@@ -21,6 +21,7 @@ from sae_lens import SAE, HookedSAETransformer
 from circuitscan.pipelines.fingerprint import fingerprint_tensors
 from circuitscan.pipelines.sae_splice import sae_hook_name
 from circuitscan.pipelines.site_width import site_width
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.models import SAESpec
 
@@ -30,7 +31,7 @@ DEFAULT_PREFIX = "default/"
 PRETRAINED_PREFIX = "pretrained:"
 
 
-class SAELoadError(ValueError):
+class SAELoadError(UserInputError):
     """An SAE spec that cannot be loaded or does not fit the model; the message says why."""
 
 

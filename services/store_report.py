@@ -15,6 +15,7 @@ import numpy as np
 from circuitscan.services.jobs.kinds import job_kind
 from circuitscan.services.reports import Figure, Section, Table, attribution_bars, write_report
 from circuitscan.services.store import FeatureStore
+from circuitscan.services.store.errors import ResultNotFoundError
 from circuitscan.services.store.queries import top_examples
 from circuitscan.services.store.results import list_results, read_result
 
@@ -86,7 +87,9 @@ def write_store_report(store_url: str, out_dir: Path, decode: Decode | None = No
         result = read_result(store, info.kind)
         sections.append(job_kind(result.kind).report_section(result, plots))
     if not sections:
-        raise ValueError(f"{store_url} holds no committed data or job result to report on yet")
+        raise ResultNotFoundError(
+            f"{store_url} holds no committed data or job result to report on yet"
+        )
     spec = store.layout.job_spec or {}
     title = f"circuitscan — {spec.get('name', 'store')} ({store_url})"
     return write_report(out_dir, sections, title=title)

@@ -16,8 +16,10 @@ from sae_lens import SAE
 from torch import nn
 from transformer_lens.components import LayerNorm, LayerNormPre, RMSNorm, RMSNormPre
 
+from circuitscan.schemas.errors import UserInputError
 
-class AnalysisInputError(ValueError):
+
+class AnalysisInputError(UserInputError):
     """An analysis was asked for something the model, SAEs or positions do not allow."""
 
 

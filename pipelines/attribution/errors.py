@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from circuitscan.schemas.errors import UserInputError
 
-class AttributionInputError(ValueError):
+
+class AttributionInputError(UserInputError):
     """Inputs that cannot be attributed; the message names the problem."""
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 from circuitscan.pipelines.tokens import Tokenizer, encode_plain, is_single_token, single_token_id
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.prompts import PromptRecord
 
 TemplateFamily = Literal["ABBA", "BABA", "mixed"]
@@ -55,7 +56,7 @@ OBJECTS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-class IOIGenerationError(ValueError):
+class IOIGenerationError(UserInputError):
     """The IOI generator cannot produce prompts for this tokenizer or these settings."""
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import string
 
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.prompts import PromptRecord
 
 
@@ -45,12 +46,12 @@ def fill_templates(
             members = [slot for slot in group if slot in needed]
             pool = sorted(set().union(*(fillers[slot] for slot in members))) if members else []
             if len(pool) < len(members):
-                raise ValueError(f"not enough distinct words for slots {members}")
+                raise UserInputError(f"not enough distinct words for slots {members}")
             chosen: list[str] = []
             for slot in members:
                 options = [word for word in fillers[slot] if word not in chosen]
                 if not options:
-                    raise ValueError(f"not enough distinct words for slots {members}")
+                    raise UserInputError(f"not enough distinct words for slots {members}")
                 word = options[rng.randrange(len(options))]
                 chosen.append(word)
                 values[slot] = word

@@ -1,8 +1,11 @@
 """Every error leaves the API as JSON ``{"error": message}`` with a fitting status code.
 
-Client mistakes get a 4xx naming what is wrong; anything unexpected gets a
-500 whose body says nothing about the server's internals (the traceback goes
-to the server log only).
+Errors of circuitscan's own (:mod:`circuitscan.schemas.errors`) answer with
+their branch's status: user errors a 4xx naming what is wrong (404 for
+something missing, 409 for a clash), a damaged store a 500 naming the damaged
+object, unreachable machinery a 503. Anything unexpected gets a 500 whose body
+says nothing about the server's internals. Tracebacks go to the server log
+only, and only for the unexpected.
 """
 
 from __future__ import annotations
@@ -15,12 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from circuitscan.services.store import (
-    CorruptShardError,
-    QueryRangeError,
-    StoreError,
-    StoreNotFoundError,
-)
+from circuitscan.schemas.errors import CircuitscanError, StoreCorruptionError
 
 log = logging.getLogger(__name__)
 
@@ -32,12 +30,16 @@ class ErrorBody(BaseModel):
     error: str = Field(description="What went wrong, for a person to read.")
 
 
-class ApiError(Exception):
-    """An error with an HTTP status and a message safe to show to the client."""
+class ApiError(CircuitscanError):
+    """An error with an HTTP status and a message safe to show to the client.
+
+    Raised by the HTTP layer itself (auth, store names, the Ray job server), so
+    it carries its own status instead of taking its branch's.
+    """
 
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = self.http_status = status
         self.message = message
         self.headers = headers
 
@@ -56,16 +58,6 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def _store_error_status(exc: StoreError) -> int:
-    from circuitscan.services.store.results import ResultNotFoundError
-
-    if isinstance(exc, StoreNotFoundError | QueryRangeError | ResultNotFoundError):
-        return 404
-    if isinstance(exc, CorruptShardError):
-        return 409
-    return 400
-
-
 def install_error_handlers(app: FastAPI) -> None:
     """Map exceptions to JSON error responses (a catch-all 500 included)."""
 
@@ -81,9 +73,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(422, _validation_message(exc))
 
-    @app.exception_handler(StoreError)
-    async def _store_error(_request: Request, exc: StoreError) -> JSONResponse:
-        return error_response(_store_error_status(exc), str(exc))
+    @app.exception_handler(CircuitscanError)
+    async def _circuitscan_error(request: Request, exc: CircuitscanError) -> JSONResponse:
+        if isinstance(exc, StoreCorruptionError):
+            log.error("damaged store on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(exc.http_status, str(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -99,8 +93,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (401, "Missing bearer token"),
         (403, "Token not accepted"),
         (404, "Not found"),
+        (409, "Conflicts with what the store holds"),
         (413, "Request body too large"),
         (422, "Invalid parameters"),
-        (500, "Internal error"),
+        (500, "Internal error or a damaged store"),
+        (503, "A backing service is unreachable"),
     )
 }

@@ -37,7 +37,6 @@ from circuitscan.services.api.store_access import (
 )
 from circuitscan.services.store import (
     FeatureStore,
-    StoreError,
     feature_summary,
     features_at,
     top_examples,
@@ -310,19 +309,13 @@ def _decode_shard_of(store: FeatureStore, site: str, prompt: int) -> None:
     time; this long-lived process instead decodes each shard once and then
     answers from memory.
     """
-    try:
-        shard = store.shard_of_prompt(prompt)
-    except StoreError as exc:
-        raise ApiError(404, str(exc)) from exc
+    shard = store.shard_of_prompt(prompt)  # QueryRangeError (404) names the bound
     store.site_shard(shard.shard_id, site)
 
 
 def _prompt_detail(entry: OpenStore, prompt: int, decode: Decode | None) -> PromptDetail:
     data = entry.store
-    try:
-        shard = data.shard_of_prompt(prompt)
-    except StoreError as exc:
-        raise ApiError(404, str(exc)) from exc
+    shard = data.shard_of_prompt(prompt)  # QueryRangeError (404) names the bound
     record = data.prompt_records(shard.shard_id)[prompt - shard.prompt_start]
     token_ids = [int(t) for t in data.prompt_tokens(prompt)]
     return PromptDetail(

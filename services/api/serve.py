@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pydantic import SecretStr, ValidationError
 
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.services.api.app import create_app
 from circuitscan.services.api.settings import ENV_PREFIX, ApiSettings, read_tokens_file
 
@@ -23,7 +24,7 @@ def build_settings(
     max_body_bytes: int | None = None,
     max_page_size: int | None = None,
 ) -> ApiSettings:
-    """Environment settings with the given flags on top (ValueError with a readable message)."""
+    """Environment settings with the given flags on top (UserInputError with a readable message)."""
     try:
         base = ApiSettings.from_env(
             store_root=store_root,
@@ -40,9 +41,9 @@ def build_settings(
         return base
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"invalid API settings: {problems}") from exc
+        raise UserInputError(f"invalid API settings: {problems}") from exc
     except OSError as exc:
-        raise ValueError(f"cannot read the tokens file: {exc}") from exc
+        raise UserInputError(f"cannot read the tokens file: {exc}") from exc
 
 
 _FLAG_ENV = {

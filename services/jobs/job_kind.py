@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from circuitscan.services.store import FeatureStore
 
 
-class KindCheckError(ValueError):
+class KindCheckError(UserInputError):
     """A job that its kind cannot run as specified (the driver reports it as a JobError)."""
 
 

@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from circuitscan.pipelines.tasks.template_filler import fill_templates
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.jobs import (
     DatasetSource,
     IOISource,
@@ -21,7 +22,7 @@ from circuitscan.schemas.jobs import (
 from circuitscan.schemas.prompts import PromptRecord
 
 
-class PromptSourceError(ValueError):
+class PromptSourceError(UserInputError):
     """A prompt source that cannot be read; the message names the file and line."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from circuitscan.schemas.errors import InfrastructureError
 from circuitscan.schemas.jobs import ExecutionSpec, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.planning import ShardPlan
@@ -31,11 +32,11 @@ log = logging.getLogger(__name__)
 _FORWARDED_ENV = ("CIRCUITSCAN_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME")
 
 
-class ClusterUnreachable(RuntimeError):
+class ClusterUnreachable(InfrastructureError):
     """The Ray address given does not answer."""
 
 
-class ShardFailed(RuntimeError):
+class ShardFailed(InfrastructureError):
     """A shard raised an error in the worker (deterministic: not retried)."""
 
 

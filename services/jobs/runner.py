@@ -43,6 +43,7 @@ from circuitscan.services.jobs.spec_checks import (
 from circuitscan.services.jobs.worker import ShardOutcome
 from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, StoreError
+from circuitscan.services.store.errors import CorruptResultError
 from circuitscan.services.store.results import delete_job_result, read_result, write_job_result
 
 
@@ -252,7 +253,7 @@ def _has_result(store: FeatureStore, spec: JobSpec) -> bool:
         return True
     try:
         return read_result(store, spec.job.kind).job_hash == spec.content_hash()
-    except StoreError:
+    except (StoreError, CorruptResultError):  # a missing or damaged result is rewritten
         return False
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.kinds import job_kind
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from circuitscan.services.jobs.worker import WorkerInfo
 
 
-class JobError(RuntimeError):
+class JobError(UserInputError):
     """A job that cannot run as specified (empty prompt set, store conflict...)."""
 
 

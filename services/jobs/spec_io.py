@@ -7,10 +7,11 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.jobs import JobSpec
 
 
-class SpecError(ValueError):
+class SpecError(UserInputError):
     """An invalid job spec; the message lists every offending field path."""
 
 

@@ -7,6 +7,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from circuitscan.schemas.errors import UserInputError
+
 _STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
@@ -18,7 +20,7 @@ ul.tree { font-family: monospace; font-size: 0.85em; }
 """
 
 
-class ReportError(ValueError):
+class ReportError(UserInputError):
     """A report that cannot be written as asked (e.g. a figure file that does not exist)."""
 
 

@@ -36,8 +36,11 @@ Reading (``circuitscan.services.store.queries``)::
     dense_slice(store, "L6.z", prompt, positions=None, features=None, gradients=False) -> Tensor
     iter_shards(store, "L6.z", device="cpu") -> Iterator[ShardTensors]
 
-Errors are ValueError subclasses: StoreLayoutMismatchError, StoreNotFoundError,
-CorruptShardError, ShardConflictError, QueryRangeError, StoreURLError.
+Errors (``circuitscan.services.store.errors``): StoreError and its kinds
+(StoreNotFoundError, StoreLayoutMismatchError, ShardConflictError,
+QueryRangeError, ResultNotFoundError, ShardDataError, StoreURLError) are user
+errors and ValueErrors; CorruptShardError, CorruptManifestError and
+CorruptResultError are store corruption and deliberately not ValueErrors.
 """
 
 from circuitscan.schemas.store import (
@@ -49,16 +52,19 @@ from circuitscan.schemas.store import (
     StoreLayout,
 )
 from circuitscan.services.store.backends import StoreURLError, drop_memory_store
-from circuitscan.services.store.feature_store import (
+from circuitscan.services.store.errors import (
+    CorruptManifestError,
+    CorruptResultError,
     CorruptShardError,
-    FeatureStore,
+    QueryRangeError,
+    ResultNotFoundError,
     ShardConflictError,
     StoreError,
     StoreLayoutMismatchError,
     StoreNotFoundError,
 )
+from circuitscan.services.store.feature_store import FeatureStore
 from circuitscan.services.store.queries import (
-    QueryRangeError,
     ShardTensors,
     dense_slice,
     feature_summary,
@@ -70,11 +76,14 @@ from circuitscan.services.store.shard_io import ShardDataError
 
 __all__ = [
     "ActiveFeatures",
+    "CorruptManifestError",
+    "CorruptResultError",
     "CorruptShardError",
     "FeatureExample",
     "FeatureStore",
     "FeatureSummary",
     "QueryRangeError",
+    "ResultNotFoundError",
     "ShardConflictError",
     "ShardDataError",
     "ShardEntry",

@@ -16,15 +16,12 @@ import torch
 from jaxtyping import Float, Int
 
 from circuitscan.schemas.store import ActiveFeatures, FeatureExample, FeatureSummary
-from circuitscan.services.store.feature_store import FeatureStore, StoreError
+from circuitscan.services.store.errors import QueryRangeError, StoreError
+from circuitscan.services.store.feature_store import FeatureStore
 from circuitscan.services.store.shard_io import decode_values
 from circuitscan.services.store.summaries import EMPTY
 
 Decode = Callable[[Sequence[int]], list[str]]
-
-
-class QueryRangeError(StoreError):
-    """A feature, prompt or position outside what the store holds."""
 
 
 def _check_feature(store: FeatureStore, site: str, feature: int) -> int:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from circuitscan.schemas.analyses import SpliceEvalRow
 from circuitscan.schemas.job_results import (
@@ -44,15 +44,17 @@ from circuitscan.schemas.job_results import (
 from circuitscan.schemas.store import ShardEntry
 from circuitscan.services.store.backends import list_keys, read_bytes, write_bytes
 from circuitscan.services.store.encoding import open_array, write_array
-from circuitscan.services.store.feature_store import CorruptShardError, FeatureStore, StoreError
+from circuitscan.services.store.errors import (
+    CorruptResultError,
+    CorruptShardError,
+    ResultNotFoundError,
+    StoreError,
+)
+from circuitscan.services.store.feature_store import FeatureStore
 from circuitscan.services.store.shard_io import shard_checksums, shard_prefix
 
 RESULTS_PREFIX = "results/"
 _RESULT = TypeAdapter(JobResult)
-
-
-class ResultNotFoundError(StoreError):
-    """The store holds no (complete) job result of the kind asked for."""
 
 
 class JobResultInfo(BaseModel):
@@ -177,7 +179,14 @@ def read_result(store: FeatureStore | str, kind: str | None = None) -> JobResult
     raw = read_bytes(opened.backend, _result_key(kind))
     if raw is None:
         raise ResultNotFoundError(f"{opened.url} holds no {kind} result")
-    return _RESULT.validate_json(raw)
+    try:
+        return _RESULT.validate_json(raw)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"] if exc.errors() else "invalid"
+        raise CorruptResultError(
+            f"job result {_result_key(kind)} of {opened.url} is unreadable ({reason}); "
+            "resume the job to write it again"
+        ) from exc
 
 
 def _typed(store: FeatureStore | str, kind: str, cls: type) -> Any:
