@@ -41,7 +41,7 @@ from circuitscan.pipelines.analyses.linear_parts import (
 )
 from circuitscan.pipelines.sae_splice import require_detached, sae_hook_name
 from circuitscan.schemas.analyses import DFANode, DFANodeKind, DFAResult
-from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.hooks import EMBED_HOOK, POS_EMBED_HOOK, HookSite, block_hook
 
 
 @dataclass(frozen=True)
@@ -102,12 +102,12 @@ class _Context:
         return self.cache[name][0]
 
     def values(self, layer: int) -> Float[torch.Tensor, "pos head d_head"]:
-        v = self.get(f"blocks.{layer}.attn.hook_v")
+        v = self.get(block_hook(layer, "v"))
         reps = self.cfg.n_heads // v.shape[-2]
         return torch.repeat_interleave(v, reps, dim=-2) if reps > 1 else v
 
     def ln1_scale(self, layer: int) -> Float[torch.Tensor, " pos"]:
-        name = f"blocks.{layer}.ln1.hook_scale"
+        name = block_hook(layer, "ln1_scale")
         if name not in self.cache:
             return torch.ones(self.tokens.shape[0], dtype=self.cfg.dtype)
         return self.get(name).reshape(self.tokens.shape[0])
@@ -122,7 +122,7 @@ def _head_source_terms(
     sae = ctx.z_saes[layer]
     d_head = ctx.cfg.d_head
     w_enc = sae.W_enc[:, feature].reshape(ctx.cfg.n_heads, d_head).to(ctx.cfg.dtype)
-    pattern = ctx.get(f"blocks.{layer}.attn.hook_pattern")[:, dest, :]  # head src
+    pattern = ctx.get(block_hook(layer, "pattern"))[:, dest, :]  # head src
     v_dot = torch.einsum("thd,hd->ht", ctx.values(layer), w_enc)
     return pattern * v_dot, sae_encoder_bias(sae, feature)
 
@@ -166,7 +166,7 @@ def dfa_features(
         raise AnalysisInputError(f"no hook_z SAE at layer {layer} among the given SAEs")
     _check_position(ctx, dest_pos)
     sae = ctx.z_saes[layer]
-    z = ctx.get(f"blocks.{layer}.attn.hook_z")[dest_pos].flatten()
+    z = ctx.get(block_hook(layer, "z"))[dest_pos].flatten()
     pre_all = sae_pre_flat(sae, z)
     act_all = sae_encode_flat(sae, z.unsqueeze(0), model.cfg.d_head)[0]
     if features is None:
@@ -254,7 +254,7 @@ class _Builder:
         sae = ctx.z_saes[layer]
         d_head = ctx.cfg.d_head
         e_h = sae.W_enc[head * d_head : (head + 1) * d_head, feature].to(ctx.cfg.dtype)
-        a = float(ctx.get(f"blocks.{layer}.attn.hook_pattern")[head, dest, src])
+        a = float(ctx.get(block_hook(layer, "pattern"))[head, dest, src])
         u = gain * a * (attn.W_V[head] @ e_h)
         ln1 = ctx.model.blocks[layer].ln1
         const = float(norm_bias(ln1, u) @ u) + gain * a * float(attn.b_V[head] @ e_h)
@@ -285,21 +285,21 @@ class _Builder:
         kids = [_Kid(_leaf("bias", const, "bias"))]
         if allow_resid_sae and layer in ctx.resid_saes:
             sae, site = ctx.resid_saes[layer]
-            x = ctx.get(f"blocks.{layer}.hook_resid_pre")[pos]
+            x = ctx.get(block_hook(layer, "resid_pre"))[pos]
             kids += self.sae_kids(
                 sae, site, x, readout, "resid_feature", {"layer": layer, "position": pos},
                 lambda j, g: partial(self.resid_feature, layer, j, pos, g),
             )  # fmt: skip
             return kids
         at = {"position": pos}
-        kids.append(_Kid(_leaf("embed", float(ctx.get("hook_embed")[pos] @ readout),
+        kids.append(_Kid(_leaf("embed", float(ctx.get(EMBED_HOOK)[pos] @ readout),
                                f"embed {ctx.tok(pos)}@{pos}", **at)))  # fmt: skip
-        if "hook_pos_embed" in ctx.cache:
-            value = float(ctx.get("hook_pos_embed")[pos] @ readout)
+        if POS_EMBED_HOOK in ctx.cache:
+            value = float(ctx.get(POS_EMBED_HOOK)[pos] @ readout)
             kids.append(_Kid(_leaf("pos_embed", value, f"pos_embed@{pos}", **at)))
         for k in range(layer):
             kids += self.attn_out_kids(k, pos, readout)
-            mlp = f"blocks.{k}.hook_mlp_out"
+            mlp = block_hook(k, "mlp_out")
             if mlp in ctx.cache:
                 value = float(ctx.get(mlp)[pos] @ readout)
                 kids.append(_Kid(_leaf("mlp_out", value, f"L{k} mlp_out@{pos}", layer=k, **at)))
@@ -341,7 +341,7 @@ class _Builder:
         attn = ctx.model.blocks[k].attn
         through_o = attn.W_O.reshape(-1, ctx.cfg.d_model) @ readout
         b_o = float(attn.b_O @ readout)
-        z_flat = ctx.get(f"blocks.{k}.attn.hook_z")[pos].flatten()
+        z_flat = ctx.get(block_hook(k, "z"))[pos].flatten()
         meta = {"layer": k, "position": pos}
         if k not in ctx.z_saes:
             value = float(z_flat @ through_o) + b_o

@@ -26,7 +26,7 @@ from circuitscan.pipelines.analyses.linear_parts import (
 )
 from circuitscan.pipelines.sae_splice import require_detached, sae_hook_name
 from circuitscan.schemas.analyses import HeadFeatureLogitResult, HeadLogitEffect, TokenEffect
-from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.hooks import FINAL_LN_SCALE_HOOK, HookSite, block_hook
 
 # Points whose output lands in the residual stream read by the next layer.
 _FIRST_READER_OFFSET = {"resid_pre": 0, "resid_mid": 1, "resid_post": 1, "attn_out": 1,
@@ -59,12 +59,12 @@ def frozen_norm_scales(
     _, cache = model.run_with_cache(
         tokens.unsqueeze(0), names_filter=lambda n: n.endswith("hook_scale")
     )
-    final = cache["ln_final.hook_scale"][0, dest_pos] if "ln_final.hook_scale" in cache else None
+    final = cache[FINAL_LN_SCALE_HOOK][0, dest_pos] if FINAL_LN_SCALE_HOOK in cache else None
     ones = torch.ones(model.cfg.n_layers, dtype=model.cfg.dtype)
     inputs = torch.stack(
         [
-            cache[f"blocks.{layer}.ln1.hook_scale"][0, src_pos].reshape(())
-            if f"blocks.{layer}.ln1.hook_scale" in cache
+            cache[block_hook(layer, "ln1_scale")][0, src_pos].reshape(())
+            if block_hook(layer, "ln1_scale") in cache
             else ones[layer]
             for layer in range(model.cfg.n_layers)
         ]

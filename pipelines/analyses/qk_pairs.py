@@ -28,7 +28,7 @@ from circuitscan.pipelines.analyses.linear_parts import (
 )
 from circuitscan.pipelines.sae_splice import require_detached, sae_hook_name
 from circuitscan.schemas.analyses import QKPairTable, QKVarianceExplained
-from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.hooks import HookSite, block_hook
 
 
 def _resid_layer(sae: SAE) -> int:
@@ -135,7 +135,7 @@ def qk_feature_pairs_batch(
                 f"need 0 ≤ src_pos ≤ dest_pos < {n}, got src {src_pos}, dest {dest_pos}"
             )
     block = model.blocks[layer]
-    names = [f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.ln1.hook_scale"]
+    names = [block_hook(layer, "resid_pre"), block_hook(layer, "ln1_scale")]
     # Right padding is harmless: positions only attend backwards, and only real ones are read.
     _, cache = model.run_with_cache(
         tokens, names_filter=lambda n: n in names, stop_at_layer=layer + 1

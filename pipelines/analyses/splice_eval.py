@@ -33,7 +33,7 @@ from circuitscan.pipelines.sae_splice import (
     saes_by_hook,
 )
 from circuitscan.schemas.analyses import SpliceEvalRow, SpliceVariant
-from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.hooks import HookSite, block_hook
 from circuitscan.schemas.metrics import MetricSpec
 
 VARIANTS: tuple[SpliceVariant, ...] = ("spliced", "error_mean", "mean_ablation")
@@ -152,7 +152,7 @@ def splice_eval(
         keep_bos=keep_bos, batch_size=batch_size,
     )  # fmt: skip
     first_layer = {tuple(g): min(HookSite.from_hook_name(n).layer for n in g) for g in resolved}
-    prefix_names = {f"blocks.{layer}.hook_resid_pre" for layer in first_layer.values()}
+    prefix_names = {block_hook(layer, "resid_pre") for layer in first_layer.values()}
     # Starting mid-model skips the embedding, so shortformer position embeddings and the
     # attention mask TransformerLens builds for left-padded tokenizers would be lost.
     tokenizer = getattr(model, "tokenizer", None)
@@ -189,7 +189,7 @@ def splice_eval(
                 # clean residual there (same numbers, about half the compute at mid-depth).
                 start = first_layer[tuple(site_names)]
                 with model.hooks(fwd_hooks=hooks):
-                    logits = model(prefix[f"blocks.{start}.hook_resid_pre"], start_at_layer=start)
+                    logits = model(prefix[block_hook(start, "resid_pre")], start_at_layer=start)
             m = metric_per_prompt(logits, metric, lengths=lens, tokens=toks, answer=ans, wrong=wro)
             metrics[(site_names, variant)].append(m.double().cpu())
             kl_pos[(site_names, variant)].append(

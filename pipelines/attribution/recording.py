@@ -25,6 +25,7 @@ from circuitscan.pipelines.sae_splice import (
     require_detached,
     transparent_splice,
 )
+from circuitscan.schemas.hooks import EMBED_HOOK
 
 RawEdit = Callable[[torch.Tensor], torch.Tensor]
 
@@ -137,7 +138,7 @@ def run_recorded(
         def leaf(x: torch.Tensor, hook: object = None) -> torch.Tensor:
             return x.detach().requires_grad_(True)
 
-        hooks = [("hook_embed", leaf), *hooks]
+        hooks = [(EMBED_HOOK, leaf), *hooks]
     context = contextlib.nullcontext() if recorder.grad else torch.no_grad()
     with context, model.hooks(fwd_hooks=hooks):
         if stop_at_layer is not None:
