@@ -7,7 +7,7 @@ can keep and render them without torch.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -265,3 +265,10 @@ class PatchPathOutput(_Frozen):
     corruption: str = Field(description="What the corrupted prompts are (e.g. IOI's ABC).")
     fractions: list[float] = Field(description="Partial-patch fractions, increasing.")
     nodes: list[PatchPathNode] = Field(description="One entry per node asked for.")
+
+
+AnalysisOutput = Annotated[
+    SpliceEvalOutput | HeadFeatureLogitOutput | DFAOutput | QKPairsOutput | PatchPathOutput,
+    Field(discriminator="kind"),
+]
+"""Any analysis output, told apart by its ``kind`` (how a store reads one back)."""

@@ -1,9 +1,11 @@
 """``circuitscan analyze …``: the circuit analyses on IOI prompts, with JSON and HTML reports.
 
-The work is done by :mod:`circuitscan.services.analysis_runs` (imported on
-first use so that ``circuitscan --help`` stays fast); its functions are also
+The work is done by :mod:`circuitscan.services.analysis_runs` (the analyses),
+:mod:`~circuitscan.services.analysis_saving` (files, report, store) and
+:mod:`~circuitscan.services.analysis_text` (terminal tables), imported on first
+use so that ``circuitscan --help`` stays fast; their functions are also
 reachable from here, e.g. ``from circuitscan.services.analysis_commands import
-ioi_setup, run_dfa``.
+ioi_setup, run_dfa, save_outputs``.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ import typer
 from circuitscan.services.cli_errors import reported_errors
 
 _RUNS = "circuitscan.services.analysis_runs"
+_SAVING = "circuitscan.services.analysis_saving"
+_TEXT = "circuitscan.services.analysis_text"
 
 
 def __getattr__(name: str) -> Any:
     if name.startswith("__"):
         raise AttributeError(name)
-    return getattr(importlib.import_module(_RUNS), name)
+    for module in (_RUNS, _SAVING, _TEXT):
+        found = importlib.import_module(module)
+        if hasattr(found, name):
+            return getattr(found, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- CLI ------------------------------------------------------------------------------
@@ -64,12 +72,9 @@ def _runs() -> Any:
 def _check_store(store: str | None) -> None:
     """Fail before any computation when --store names no existing feature store."""
     if store is not None:
-        from circuitscan.services.store import FeatureStore, StoreNotFoundError
+        from circuitscan.services.store import FeatureStore
 
-        # Opening a local path creates its directory; never leave one behind for a typo.
-        if "://" not in store and not Path(store).expanduser().is_dir():
-            raise StoreNotFoundError(f"no feature store at {store}")
-        FeatureStore.open(store)
+        FeatureStore.open(store)  # creates nothing: a typo leaves no folder behind
 
 
 def _run_command(
@@ -86,8 +91,10 @@ def _run_command(
         output = run(setup)
         sections = report_sections(out_dir, **{_SECTION_ARG[output.kind]: output})
         title = f"{command} ({setup.context.model})"
-        index = runs.save_outputs(out_dir, [output], sections, title, store)
-    typer.echo(runs.summary_lines(output))
+        index = importlib.import_module(_SAVING).save_outputs(
+            out_dir, [output], sections, title, store
+        )
+    typer.echo(importlib.import_module(_TEXT).summary_lines(output))
     typer.echo(f"wrote {out_dir / (output.kind + '.json')} and {index}")
 
 
@@ -199,4 +206,4 @@ def ioi_report_command(
         _, outputs = runs.run_ioi_report(out, n_prompts=prompts, seed=seed, store=store,
                                          echo=typer.echo)  # fmt: skip
     for output in outputs:
-        typer.echo(runs.summary_lines(output))
+        typer.echo(importlib.import_module(_TEXT).summary_lines(output))

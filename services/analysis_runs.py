@@ -8,8 +8,11 @@ Python API::
     tree = run_dfa(setup)                               -> DFAOutput
     qk = run_qk_pairs(setup)                            -> QKPairsOutput
     path = run_patch_path(setup, ["v:L16:0@S1"])        -> PatchPathOutput
-    sections = report_sections(out_dir, splice=..., hfl=..., dfa=..., qk=...)
-    write_report(out_dir, sections, title=...)          (circuitscan.services.reports)
+    index, outputs = run_ioi_report(out_dir)            # the four analyses, saved and reported
+
+Saving (JSON files, the HTML report, a feature store) is
+:mod:`circuitscan.services.analysis_saving`; terminal text is
+:mod:`circuitscan.services.analysis_text`.
 
 Each run_* picks a sensible default (the feature with the largest attribution,
 the head attending most from END to IO) and takes explicit choices as keyword
@@ -19,7 +22,6 @@ ABC-corrupted counterparts.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,11 +58,11 @@ from circuitscan.schemas.analyses import (
     SpliceEvalOutput,
 )
 from circuitscan.schemas.attribution import Node
-from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.hooks import HookSite, block_hook
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.prompts import PromptRecord
-from circuitscan.services.reports import Section, report_sections, write_report
-from circuitscan.services.reports.analysis_sections import patch_path_table
+from circuitscan.services.analysis_saving import save_outputs
+from circuitscan.services.reports import report_sections
 
 Echo = Callable[[str], None]
 METRIC = MetricSpec()  # logit difference answer − wrong at the last token
@@ -266,7 +268,7 @@ def run_dfa(
 
 @torch.no_grad()
 def _mean_attention(setup: Setup, layer: int, dest: str, src: str) -> torch.Tensor:
-    name = f"blocks.{layer}.attn.hook_pattern"
+    name = block_hook(layer, "pattern")
     _, cache = setup.model.run_with_cache(
         setup.batch.tokens, names_filter=lambda n: n == name, stop_at_layer=layer + 1
     )
@@ -319,9 +321,6 @@ def run_qk_pairs(
     )
 
 
-# --- output ---------------------------------------------------------------------------
-
-
 def run_patch_path(
     setup: Setup, nodes: list[str], *, fractions: list[float] | None = None
 ) -> PatchPathOutput:
@@ -363,128 +362,6 @@ def run_patch_path(
         fractions=path.fractions,
         nodes=entries,
     )
-
-
-def save_outputs(
-    out_dir: Path, outputs: list[Any], sections: list[Section], title: str,
-    store: str | None = None,
-) -> Path:  # fmt: skip
-    """Write each output as ``<kind>.json``, the HTML report, and (optionally) into a store."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for output in outputs:
-        (out_dir / f"{output.kind}.json").write_text(output.model_dump_json(indent=1))
-    index = write_report(out_dir, sections, title=title)
-    if store is not None:
-        save_to_store(store, outputs)
-    return index
-
-
-def save_to_store(url: str, outputs: list[Any]) -> None:
-    """Put outputs into an existing feature store.
-
-    A splice evaluation becomes the store's ``splice_eval`` job result (what
-    ``circuitscan`` readers of splice jobs expect); the other analyses go under
-    ``analyses/<kind>.json`` (a DFA tree, QK tables, head rankings as JSON).
-    """
-    import hashlib
-
-    from circuitscan.schemas.job_results import SpliceEvalJobResult
-    from circuitscan.services.store import FeatureStore
-    from circuitscan.services.store.backends import write_bytes
-    from circuitscan.services.store.results import write_job_result
-
-    opened = FeatureStore.open(url)
-    for output in outputs:
-        if isinstance(output, SpliceEvalOutput):
-            digest = hashlib.sha256(output.context.model_dump_json().encode()).hexdigest()[:16]
-            result = SpliceEvalJobResult(
-                job_hash=f"analyze-{digest}", n_prompts=output.context.n_prompts,
-                reference_prompts=output.reference_prompts, rows=output.rows,
-            )  # fmt: skip
-            write_job_result(opened, result)
-        else:
-            write_bytes(opened.backend, f"analyses/{output.kind}.json",
-                        output.model_dump_json().encode())  # fmt: skip
-
-
-def splice_table(output: SpliceEvalOutput) -> tuple[list[str], list[list[Any]]]:
-    """Per site set: clean, spliced, KL, mean-ablation and error-only-ablation metrics."""
-    clean = next(r for r in output.rows if r.variant == "clean")
-    by = {("+".join(r.sites), r.variant): r for r in output.rows if r.sites}
-    columns = [
-        "SAE site(s)", "clean metric", "spliced metric", "spliced KL (END)", "spliced KL (all)",
-        "recovered", "mean-ablation metric", "mean-ablation KL (END)",
-        "error-only ablation metric", "error-only ablation KL (END)",
-    ]  # fmt: skip
-    rows = []
-    for group in dict.fromkeys(g for g, _ in by):
-        sp, ma, em = by[(group, "spliced")], by[(group, "mean_ablation")], by[(group, "error_mean")]
-        rows.append([
-            group, clean.metric_mean, sp.metric_mean, sp.kl_metric_pos, sp.kl_all_pos,
-            sp.metric_recovered, ma.metric_mean, ma.kl_metric_pos, em.metric_mean,
-            em.kl_metric_pos,
-        ])  # fmt: skip
-    return columns, rows
-
-
-def format_table(columns: list[str], rows: list[list[Any]], markdown: bool = False) -> str:
-    """A plain-text (or markdown) table; floats with 3 decimals."""
-
-    def cell(v: Any) -> str:
-        return f"{v:.3f}" if isinstance(v, float) else ("–" if v is None else str(v))
-
-    text = [[cell(v) for v in row] for row in rows]
-    if markdown:
-        lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in text])
-    widths = [max(len(c), *(len(r[i]) for r in text)) for i, c in enumerate(columns)]
-    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
-    return "\n".join([fmt.format(*columns), *(fmt.format(*r) for r in text)])
-
-
-def summary_lines(output: Any) -> str:
-    """A short plain-text summary of one output for the terminal."""
-    if isinstance(output, SpliceEvalOutput):
-        return format_table(*splice_table(output))
-    if isinstance(output, HeadFeatureLogitOutput):
-        r = output.result
-        cols = ["head", "logit diff / unit", "× activation", "top tokens"]
-        act = output.feature_activation
-        rows = [
-            [f"L{h.layer}H{h.head}", h.logit_diff, h.logit_diff * act,
-             " ".join(repr(t.token) for t in h.top_tokens[:4])]
-            for h in r.heads[:10]
-        ]  # fmt: skip
-        head = (
-            f"{r.sae_site}#{r.feature} (activation {output.feature_activation:.3f}, "
-            f"attribution {output.feature_attribution:+.3f}) at pos {output.src_pos}"
-        )
-        return head + "\n" + format_table(cols, rows)
-    if isinstance(output, DFAOutput):
-        from circuitscan.services.reports import render_dfa_text
-
-        r = output.result
-        return (
-            f"{r.site}#{r.feature} at pos {r.dest_pos}: pre-activation {r.pre_activation:.4f}, "
-            f"tree sum error {output.max_sum_error:.2e}\n" + render_dfa_text(output.tree, 2)
-        )
-    if isinstance(output, PatchPathOutput):
-        return format_table(*patch_path_table(output))
-    if isinstance(output, QKPairsOutput):
-        v = output.variance
-        cols = ["query", "key", "mean contribution", "variance share", "cum. explained"]
-        rows = [
-            [q, k, m, share, f]
-            for (q, k, m), share, f in zip(
-                v.top_pairs, v.variance_share, v.fraction_explained, strict=True
-            )
-        ][:12]
-        head = (
-            f"L{v.layer}H{v.head} {output.dest}→{output.src} (mean attention "
-            f"{output.mean_attention:.3f}) over {v.n_prompts} prompts"
-        )
-        return head + "\n" + format_table(cols, rows)
-    return json.dumps(output.model_dump(), indent=1)[:2000]
 
 
 def run_ioi_report(

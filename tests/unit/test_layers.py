@@ -1,12 +1,15 @@
-"""Imports go one way: services → pipelines → schemas.
+"""Imports go one way: services → pipelines → schemas; hook names are spelled in one place.
 
 schemas/ imports no torch and no other layer; pipelines/ imports no ray,
 zarr, fastapi or services; nothing imports a bare top-level layer name.
+TransformerLens hook names are written only in schemas/hooks.py (HookSite,
+block_hook and its model-level constants); everywhere else asks it.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -76,6 +79,59 @@ def test_checker_sees_a_violation(tmp_path: Path) -> None:
     modules = [module for _, module in _imports(sample)]
     assert modules == ["ray", "circuitscan.services"]
     assert any(m.startswith(f) for m in modules for f in FORBIDDEN["pipelines"])
+
+
+# A string literal that is (or starts) a TransformerLens hook name: per-block
+# names, f-string pieces like f"blocks.{layer}...", and the model-level hooks.
+HOOK_NAME_LITERAL = re.compile(r"^(blocks\.|ln_final\.|hook_embed$|hook_pos_embed$)")
+HOOK_NAMES_HOME = ROOT / "schemas" / "hooks.py"
+
+
+def _hook_name_literals(path: Path) -> list[tuple[int, str]]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    scopes = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, scopes) and node.body and isinstance(node.body[0], ast.Expr)
+    }
+    return sorted(
+        (node.lineno, node.value)
+        for node in ast.walk(tree)  # f-string pieces are Constant nodes too
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings  # prose may name hooks
+        and HOOK_NAME_LITERAL.match(node.value)
+    )
+
+
+def test_hook_names_are_spelled_only_in_schemas_hooks() -> None:
+    folders = [ROOT / layer for layer in LAYERS] + [ROOT / "circuitscan"]
+    bad = [
+        f"{path.relative_to(ROOT)}:{lineno} spells hook name {value!r}: use HookSite/block_hook"
+        for folder in folders
+        for path in sorted(folder.rglob("*.py"))
+        if path != HOOK_NAMES_HOME
+        for lineno, value in _hook_name_literals(path)
+    ]
+    assert bad == []
+
+
+def test_hook_name_checker_sees_literals(tmp_path: Path) -> None:
+    sample = tmp_path / "bad.py"
+    sample.write_text(
+        '"""blocks.0.attn.hook_z in a docstring is prose."""\n'
+        'name = f"blocks.{layer}.attn.hook_pattern"\n'
+        'final = "ln_final.hook_scale"\n'
+        'embed = "hook_embed"\n'
+        'sae = f"{name}.hook_sae_acts_post"\n'
+    )
+    assert _hook_name_literals(sample) == [
+        (2, "blocks."),
+        (3, "ln_final.hook_scale"),
+        (4, "hook_embed"),
+    ]
+    assert _hook_name_literals(HOOK_NAMES_HOME)  # where they are allowed, they are found
 
 
 # The top-level API (circuitscan/*.py) sits above every layer, and

@@ -186,6 +186,11 @@ def test_analysis_runs_end_to_end_on_a_tiny_llama(tiny_hf_model_dir, tmp_path):
     assert [r.kind for r in list_results(url)] == ["splice_eval"]
     raw = read_bytes(FeatureStore.open(url).backend, "analyses/dfa.json")
     assert DFAOutput.model_validate_json(raw) == tree
+    from circuitscan.services.store.analyses import read_analysis
+
+    assert read_analysis(url, "dfa") == tree and read_analysis(url, "qk_pairs") == qk
+    with pytest.raises(ValueError, match="no splice_eval analysis"):  # it is the job result
+        read_analysis(url, "splice_eval")
 
 
 def test_analyze_cli_rejects_bad_input_with_a_clear_message(tmp_path):
