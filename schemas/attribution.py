@@ -85,7 +85,7 @@ class Node(BaseModel):
         index = match["index"]
         spec = node_kind(match["kind"])
         if spec.name != match["kind"]:  # an alias: node names use the kind's name only
-            raise ValueError(
+            raise UserInputError(
                 f"not a node string: {text!r} ({match['kind']!r} is a job-spec spelling; "
                 f"node names write {spec.name!r})"
             )

@@ -24,6 +24,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.hooks import HookPoint
 
 NodeKind = Literal["feature", "sae_error", "z", "q", "k", "v", "neuron", "mlp"]
@@ -126,7 +127,7 @@ def node_kind(spelling: str) -> NodeKindSpec:
     """The row for a kind name or an older job-spec alias (``head_z`` → the ``z`` row)."""
     spec = _SPELLINGS.get(spelling)
     if spec is None:
-        raise ValueError(f"unknown node kind {spelling!r}; kinds: {', '.join(NODE_KINDS)}")
+        raise UserInputError(f"unknown node kind {spelling!r}; kinds: {', '.join(NODE_KINDS)}")
     return spec
 
 
