@@ -20,15 +20,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from sae_lens import HookedSAETransformer
-
-from circuitscan.pipelines.fingerprint import fingerprint_tensors
 from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.models import DEFAULT_MODEL, DEFAULT_MODEL_HF_NAME, ModelSpec
-from circuitscan.services.devices import resolve_device, resolve_dtype
 from circuitscan.services.paths import circuitscan_home
+
+if TYPE_CHECKING:
+    # Loaded inside the loaders only: the model's files (GGUF path, converted
+    # directory) are also what the torch-free store commands look up.
+    import torch
+    from sae_lens import HookedSAETransformer
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     Written into a temporary sibling and renamed, so a crash never leaves a
     half-written cache that a later load would trust.
     """
+    import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -181,6 +184,8 @@ def _neutral_path(directory: Path) -> Path:
 
 
 def _load_hf_directory(directory: Path, dtype: torch.dtype, device: torch.device):
+    import torch
+    from sae_lens import HookedSAETransformer
     from transformer_lens.loading_from_pretrained import (
         get_pretrained_model_config,
         get_pretrained_state_dict,
@@ -214,6 +219,8 @@ def _load_hf_directory(directory: Path, dtype: torch.dtype, device: torch.device
 
 
 def _load_official(name: str, spec: ModelSpec, dtype: torch.dtype, device: torch.device):
+    import torch
+    from sae_lens import HookedSAETransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
 
     try:
@@ -240,6 +247,9 @@ def _load_official(name: str, spec: ModelSpec, dtype: torch.dtype, device: torch
 
 def load_model(spec: ModelSpec | None = None) -> LoadedModel:
     """Load the model a spec names, on the spec's device and dtype."""
+    from circuitscan.pipelines.fingerprint import fingerprint_tensors
+    from circuitscan.services.devices import resolve_device, resolve_dtype
+
     spec = spec or ModelSpec()
     start = time.perf_counter()
     device = resolve_device(spec.device)

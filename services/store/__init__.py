@@ -27,7 +27,8 @@ Shard ``s`` owns prompts ``[s*shard_size, (s+1)*shard_size)`` (the last may be
 short). ``write_shard`` on a committed shard is a no-op returning the committed
 entry; ``commit_shard`` of an already committed equal entry returns False.
 
-Reading (``circuitscan.services.store.queries``)::
+Reading (``circuitscan.services.store.queries``; the two tensor views from
+``tensor_reads``, imported on first use so that reading a store needs no torch)::
 
     store = FeatureStore.open(url)
     features_at(store, "L6.z", prompt, position, sort_by="attribution", limit=None) -> ActiveFeatures
@@ -42,6 +43,8 @@ QueryRangeError, ResultNotFoundError, ShardDataError, StoreURLError) are user
 errors and ValueErrors; CorruptShardError, CorruptManifestError and
 CorruptResultError are store corruption and deliberately not ValueErrors.
 """
+
+from typing import TYPE_CHECKING, Any
 
 from circuitscan.schemas.store import (
     ActiveFeatures,
@@ -65,14 +68,26 @@ from circuitscan.services.store.errors import (
 )
 from circuitscan.services.store.feature_store import FeatureStore
 from circuitscan.services.store.queries import (
-    ShardTensors,
-    dense_slice,
     feature_summary,
     features_at,
-    iter_shards,
     top_examples,
 )
 from circuitscan.services.store.shard_io import ShardDataError
+
+if TYPE_CHECKING:
+    from circuitscan.services.store.tensor_reads import ShardTensors, dense_slice, iter_shards
+
+_TENSOR_READS = frozenset({"ShardTensors", "dense_slice", "iter_shards"})
+
+
+def __getattr__(name: str) -> Any:
+    # torch loads only when a caller asks for a tensor view of the store.
+    if name in _TENSOR_READS:
+        from circuitscan.services.store import tensor_reads
+
+        return getattr(tensor_reads, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ActiveFeatures",

@@ -2,18 +2,17 @@
 
 Every query reads only what it needs: a (prompt, position) lookup decodes
 one shard's site arrays (cached by the store), top examples come from the
-merged per-feature index, never from a scan.
+merged per-feature index, never from a scan. numpy only: the tensor views of
+a store (``dense_slice``, ``iter_shards``) live in ``tensor_reads``, so that the
+CLI's store commands start without torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
-import torch
-from jaxtyping import Float, Int
 
 from circuitscan.schemas.store import ActiveFeatures, FeatureExample, FeatureSummary
 from circuitscan.services.store.errors import QueryRangeError, StoreError
@@ -33,7 +32,7 @@ def _check_feature(store: FeatureStore, site: str, feature: int) -> int:
     return d_sae
 
 
-def _token_slot(store: FeatureStore, prompt: int, position: int) -> tuple[int, int, int]:
+def token_slot(store: FeatureStore, prompt: int, position: int) -> tuple[int, int, int]:
     """(shard id, shard-local token index, token id) of a (prompt, position)."""
     try:
         entry = store.shard_of_prompt(prompt)
@@ -64,7 +63,7 @@ def features_at(
     Without stored gradients, ``sort_by='attribution'`` falls back to activation.
     """
     store.layout.site(site)
-    shard_id, token, token_id = _token_slot(store, prompt, position)
+    shard_id, token, token_id = token_slot(store, prompt, position)
     ids, acts, grads, error_norm, dropped_mass = _token_entries(store, site, shard_id, token)
     attr = acts * grads if grads is not None else None
     key = np.abs(attr) if (sort_by == "attribution" and attr is not None) else acts
@@ -172,69 +171,3 @@ def feature_summary(store: FeatureStore, site: str, feature: int) -> FeatureSumm
         mean_when_active=total / count if count else 0.0,
         frequency=count / tokens if tokens else 0.0,
     )
-
-
-def dense_slice(
-    store: FeatureStore,
-    site: str,
-    prompt: int,
-    *,
-    positions: slice | None = None,
-    features: slice | None = None,
-    gradients: bool = False,
-) -> Float[torch.Tensor, "positions features"]:
-    """A prompt's activations (or gradients) as a dense float32 matrix; zeros where not stored."""
-    d_sae = store.layout.site(site).d_sae
-    shard_id, first, _ = _token_slot(store, prompt, 0)
-    n_pos = len(store.prompt_tokens(prompt))
-    data = store.site_shard(shard_id, site)
-    if gradients and data.gradients is None:
-        raise StoreError("this store holds no gradients")
-    values = data.gradients if gradients else data.activations
-    lo, hi = int(data.token_offsets[first]), int(data.token_offsets[first + n_pos])
-    rows = np.repeat(np.arange(n_pos), np.diff(data.token_offsets[first : first + n_pos + 1]))
-    dense = torch.zeros(n_pos, d_sae, dtype=torch.float32)
-    dense[torch.from_numpy(rows), torch.from_numpy(data.feature_ids[lo:hi].astype(np.int64))] = (
-        torch.from_numpy(values[lo:hi].copy())
-    )
-    return dense[positions or slice(None), features or slice(None)]
-
-
-@dataclass(frozen=True)
-class ShardTensors:
-    """One committed shard of one site as torch tensors (CSR over the shard's tokens)."""
-
-    shard_id: int
-    prompt_start: int
-    token_ids: Int[torch.Tensor, " tokens"]
-    prompt_offsets: Int[torch.Tensor, " prompts_plus_one"]
-    token_offsets: Int[torch.Tensor, " tokens_plus_one"]
-    feature_ids: Int[torch.Tensor, " entries"]
-    activations: Float[torch.Tensor, " entries"]
-    gradients: Float[torch.Tensor, " entries"] | None
-    error_norm: Float[torch.Tensor, " tokens"]
-
-
-def iter_shards(
-    store: FeatureStore, site: str, *, device: torch.device | str = "cpu"
-) -> Iterator[ShardTensors]:
-    """Committed shards of a site in shard order, decoded to tensors on ``device``."""
-    store.layout.site(site)
-    for shard_id, entry in sorted(store.committed_entries().items()):
-        data = store.site_shard(shard_id, site)
-        prompts = store.prompt_shard(shard_id)
-
-        def tensor(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
-
-        yield ShardTensors(
-            shard_id=shard_id,
-            prompt_start=entry.prompt_start,
-            token_ids=tensor(prompts.token_ids.astype(np.int64), torch.long),
-            prompt_offsets=tensor(prompts.prompt_offsets, torch.long),
-            token_offsets=tensor(data.token_offsets, torch.long),
-            feature_ids=tensor(data.feature_ids.astype(np.int64), torch.long),
-            activations=tensor(data.activations, torch.float32),
-            gradients=tensor(data.gradients, torch.float32) if data.gradients is not None else None,
-            error_norm=tensor(data.error_norm, torch.float32),
-        )
