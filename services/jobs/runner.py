@@ -151,6 +151,7 @@ def _finish_result(
     kind = job_kind(spec.job.kind)
     if kind.result is None or kind.partial is None:
         return
+    store.refresh()  # the prompt count below and the partials read the same manifest
     ctx = MergeContext(
         spec=spec,
         n_prompts=store.n_prompts(),
