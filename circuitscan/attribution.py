@@ -164,7 +164,6 @@ def exact_patch(
     >>> tuple(delta.shape)
     (1, 3)
     """
-    ref = reference
     return engine.exact_patch(
         model,
         sae_map(saes),
@@ -177,8 +176,8 @@ def exact_patch(
         mode=mode,
         corrupt_tokens=pairs.corrupt if mode == "corrupt" else None,
         corrupt_lengths=pairs.corrupt_lengths if mode == "corrupt" else None,
-        reference_tokens=ref.clean if ref is not None else None,
-        reference_lengths=ref.lengths if ref is not None else None,
+        reference_tokens=reference.clean if reference is not None else None,
+        reference_lengths=reference.lengths if reference is not None else None,
         named_positions=_named(pairs),
         position_map=pairs.position_map if mode == "corrupt" else None,
         batch_size=batch_size,

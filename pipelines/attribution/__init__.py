@@ -25,7 +25,8 @@ counting real tokens, BOS included; scores in metric units):
   ablating every active SAE feature, prefix computed once per prompt.
 
 ``answer``/``wrong`` are token ids or strings of exactly one token each.
-``evaluation.compare_rankings`` scores AtP/AtP* rankings against exhaustive patching.
+``circuitscan.testing.evaluation.compare_rankings`` scores AtP/AtP* rankings against
+exhaustive patching (for tests and benchmarks).
 
 ``saes`` is a sequence of sae_lens SAEs, each at the site its own config names (a
 mapping from HookSite / site label / hook name is still accepted). SAEs are NOT
