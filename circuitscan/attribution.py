@@ -40,11 +40,6 @@ Positions = Literal["all", "last"] | Sequence[PositionSpec]
 MethodName = Literal["atp", "atpstar", "atp+qk", "atp+graddrop"]
 
 
-def sae_map(saes: Sequence[SAE[Any]] | None) -> dict[str, SAE[Any]]:
-    """The SAEs keyed by the hook each reads (its own config), as the engine takes them."""
-    return {str(sae.cfg.metadata.hook_name): sae for sae in saes or ()}
-
-
 def _named(pairs: PromptPairs) -> list[dict[str, int]] | None:
     return pairs.named_positions or None
 
@@ -105,7 +100,7 @@ def attribute(
     )
     return engine.run_atp(
         model,
-        sae_map(saes),
+        list(saes or ()),
         pairs.clean,
         pairs.corrupt,
         pairs.lengths,
@@ -166,7 +161,7 @@ def exact_patch(
     """
     return engine.exact_patch(
         model,
-        sae_map(saes),
+        list(saes or ()),
         pairs.clean,
         pairs.lengths,
         metric or MetricSpec(),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from transformer_lens import HookedTransformer
 
+from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.hooks import HookSite
 
 
@@ -22,6 +23,6 @@ def site_width(model: HookedTransformer, site: HookSite) -> int:
         return cfg.n_heads * cfg.d_head
     if site.point in ("mlp_post", "mlp_pre"):
         if cfg.d_mlp is None:
-            raise ValueError(f"{site.label}: this model has no MLPs (attention-only)")
+            raise UserInputError(f"{site.label}: this model has no MLPs (attention-only)")
         return cfg.d_mlp
     return cfg.d_model

@@ -15,6 +15,7 @@ from sae_lens import SAE, HookedSAETransformer
 from circuitscan.pipelines.batching import tokenize_prompts
 from circuitscan.pipelines.caching import cache_batch, site_label
 from circuitscan.pipelines.fingerprint import fingerprint_tensors
+from circuitscan.pipelines.sae_splice import sae_hook_name
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import SiteLayout, StoreLayout
@@ -37,7 +38,7 @@ def write_tiny_store(
         sites=[
             SiteLayout(
                 label=site_label(sae),
-                hook_name=str(sae.cfg.metadata.hook_name),
+                hook_name=sae_hook_name(sae),
                 d_sae=int(sae.cfg.d_sae),
                 sae_fingerprint=fingerprint_tensors(sae.state_dict()),
             )
