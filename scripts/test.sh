@@ -11,8 +11,8 @@ start=$(date +%s)
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-echo "== mypy (schemas, pipelines, services)"
-.venv/bin/mypy schemas pipelines services
+echo "== mypy (schemas, pipelines, services, circuitscan)"
+.venv/bin/mypy schemas pipelines services circuitscan
 echo "== pytest"
 set +e
 .venv/bin/pytest -q -ra --durations=15 "$@"
