@@ -176,4 +176,3 @@ def check_node(model: HookedSAETransformer, saes: Mapping[str, SAE[Any]], node: 
             f"node {node}: index {node.index} does not exist "
             f"({n_units(model, saes, node)} {node.kind} units at layer {node.layer})"
         )
-
