@@ -1,13 +1,13 @@
 """``cs.open_store``: a feature store written by a job, with its queries as methods.
 
-Thin over ``services.store`` (``FeatureStore`` and ``queries``) and
+Thin over ``services.store`` (``FeatureStore``, ``queries``, ``tensor_reads``) and
 ``services.store.results``: the same reads the CLI's ``query`` and ``results``
 commands make. A site may be left out when the store has only one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from typing import Literal
 
 import torch
 from jaxtyping import Float
@@ -15,8 +15,8 @@ from jaxtyping import Float
 from circuitscan.schemas.job_results import JobResult, NodeEffect
 from circuitscan.schemas.store import ActiveFeatures, FeatureExample, FeatureSummary
 from circuitscan.services.store import FeatureStore, StoreError, queries, results
-
-Decode = Callable[[Sequence[int]], list[str]]
+from circuitscan.services.store.queries import Decode
+from circuitscan.services.store.tensor_reads import dense_slice
 
 
 class StoreView:
@@ -61,7 +61,7 @@ class StoreView:
         position: int,
         site: str | None = None,
         *,
-        sort_by: str = "attribution",
+        sort_by: Literal["attribution", "activation"] = "attribution",
         limit: int | None = None,
     ) -> ActiveFeatures:
         """Features active at (prompt, position), by |activation · gradient| (or activation)."""
@@ -70,7 +70,7 @@ class StoreView:
             self._site(site),
             prompt,
             position,
-            sort_by="activation" if sort_by == "activation" else "attribution",
+            sort_by=sort_by,
             limit=limit,
         )
 
@@ -97,7 +97,7 @@ class StoreView:
         self, prompt: int, site: str | None = None, *, gradients: bool = False
     ) -> Float[torch.Tensor, "positions features"]:
         """A prompt's activations (or gradients) as a dense ``[positions, d_sae]`` matrix."""
-        return queries.dense_slice(self.backend, self._site(site), prompt, gradients=gradients)
+        return dense_slice(self.backend, self._site(site), prompt, gradients=gradients)
 
     def result(self, kind: str | None = None) -> JobResult:
         """The job result of ``kind`` (default: the only one the store holds)."""

@@ -191,3 +191,40 @@ def test_cache_reads_each_sae_at_its_own_site(model, pairs) -> None:
     scans = cs.ablation_scan(model, saes[:1], pairs, positions=["last"])
     assert list(scans) == ["L0.resid_post"]
     assert scans["L0.resid_post"].delta.shape[0] == len(pairs)
+
+
+def test_store_view_reads_what_was_cached(model, pairs) -> None:
+    from circuitscan.services.store import drop_memory_store
+    from circuitscan.services.store.results import ResultNotFoundError
+    from circuitscan.testing import write_tiny_store
+
+    sites = [cs.HookSite.parse("L0.resid_post"), cs.HookSite.parse("L1.z")]
+    saes = [build_tiny_sae(model, site, seed=i) for i, site in enumerate(sites)]
+    records = [
+        {"text": text, "answer": answer, "wrong": wrong}
+        for text, answer, wrong in zip(CLEAN, [" Mary", " Tom"], [" John", " Amy"], strict=True)
+    ]
+    url = write_tiny_store("memory://test-store-view", model, saes, records, shard_size=1)
+    try:
+        store = cs.open_store(url)
+        assert store.sites == ["L0.resid_post", "L1.z"] and store.n_prompts == 2
+        assert store.prompt_tokens(1) == pairs.clean[1, : pairs.lengths[1]].tolist()
+        with pytest.raises(ValueError, match="choose one with site="):
+            store.features_at(0, 3)
+        cached = cs.cache(model, saes, pairs)["L1.z"].dense().float()
+        first = int(pairs.lengths[0])
+        dense = store.dense(1, site="L1.z")
+        assert dense.shape == (int(pairs.lengths[1]), saes[1].cfg.d_sae)
+        torch.testing.assert_close(dense, cached[first:], atol=2e-3, rtol=2e-3)  # float16 store
+        active = store.features_at(1, 4, site="L1.z", sort_by="activation")
+        expected = cached[first + 4].nonzero().flatten().tolist()
+        assert sorted(active.feature_ids) == expected
+        assert active.activations == sorted(active.activations, reverse=True)
+        feature = active.feature_ids[0]
+        hits = store.top_examples(feature, site="L1.z", n=2)
+        assert hits and hits[0].activation == max(h.activation for h in hits)
+        assert store.summary(feature, site="L1.z").count == int((cached[:, feature] != 0).sum())
+        with pytest.raises(ResultNotFoundError):
+            store.result()
+    finally:
+        drop_memory_store(url)
