@@ -87,12 +87,18 @@ def run(
 def resume(
     store: str = typer.Argument(..., help="Store path or URL of an interrupted job."),
     address: str | None = typer.Option(None, help="Ray cluster address."),
+    verify: bool = typer.Option(
+        False,
+        help="Also read every committed shard back against its checksums and recompute the "
+        "damaged ones (downloads the whole store from object storage). Without it committed "
+        "shards are trusted by their manifest entries and checked when read.",
+    ),
 ) -> None:
-    """Finish an interrupted job: recompute only its uncommitted (or corrupted) shards."""
+    """Finish an interrupted job: recompute only its uncommitted (with --verify: or damaged) shards."""
     from circuitscan.services.jobs.runner import resume_job
 
     with reported_errors():
-        summary = resume_job(store, address=address, echo=typer.echo)
+        summary = resume_job(store, address=address, echo=typer.echo, verify=verify)
     typer.echo(summary.render())
 
 

@@ -2,8 +2,9 @@
 
 Entry points::
 
-    run_job(spec, address=None, overwrite=False, echo=None, keep_actors=False) -> JobSummary
-    resume_job(store_url, address=None, echo=None) -> JobSummary        # runner.py
+    run_job(spec, address=None, overwrite=False, echo=None, keep_actors=False, verify=False)
+        -> JobSummary
+    resume_job(store_url, address=None, echo=None, verify=False) -> JobSummary   # runner.py
 
 Job kinds (``cache``, ``attribute``, ``ablation_scan``, ``splice_eval``,
 ``dfa``) are one module each under ``kinds/``, registered once in

@@ -170,11 +170,17 @@ def run_job(
     overwrite: bool = False,
     echo: Callable[[str], None] | None = None,
     keep_actors: bool = False,
+    verify: bool = False,
 ) -> JobSummary:
-    """Run (or finish) ``spec``: only shards not yet committed (and verified) are computed.
+    """Run (or finish) ``spec``: only shards not yet committed are computed.
 
-    ``keep_actors`` leaves the workers alive for the next job of this process
-    on the same model and SAEs (they go when Ray shuts down).
+    Committed shards are trusted by their manifest entries (each parsed and
+    checked against the store's layout), so finishing a job reads no shard
+    data back; the store's readers verify every object they read. ``verify``
+    also reads every committed shard back against its checksums first and
+    recomputes the ones that fail (on object storage: a download of the
+    whole store). ``keep_actors`` leaves the workers alive for the next job
+    of this process on the same model and SAEs (they go when Ray shuts down).
     """
     started = time.perf_counter()
     say = echo or (lambda _line: None)
@@ -202,7 +208,7 @@ def run_job(
         except StoreError as exc:
             raise JobError(str(exc)) from exc
         already = store.committed_shard_ids()
-        todo_ids = set(store.uncommitted(range(len(plans))))
+        todo_ids = set(store.uncommitted(range(len(plans)), verify=verify))
         corrupt = len(todo_ids & already)
         todo = [plan for plan in plans if plan.shard_id in todo_ids]
         if todo:  # a stored result would no longer match the shards: drop it first
@@ -259,9 +265,14 @@ def _has_result(store: FeatureStore, spec: JobSpec) -> bool:
 
 
 def resume_job(
-    store_url: str, *, address: str | None = None, echo: Callable[[str], None] | None = None
+    store_url: str,
+    *,
+    address: str | None = None,
+    echo: Callable[[str], None] | None = None,
+    verify: bool = False,
 ) -> JobSummary:
-    """Finish the job recorded in a store, recomputing only uncommitted or corrupt shards."""
+    """Finish the job recorded in a store, recomputing only uncommitted shards (and, with
+    ``verify``, committed ones whose bytes fail their checksums; see :func:`run_job`)."""
     try:
         store = FeatureStore.open(store_url)
     except StoreError as exc:
@@ -270,4 +281,4 @@ def resume_job(
         raise JobError(f"{store_url} records no job spec; it cannot be resumed")
     # The store may have moved since the job started: resume where it is now.
     spec = JobSpec.model_validate(store.layout.job_spec).model_copy(update={"store": store_url})
-    return run_job(spec, address=address, echo=echo)
+    return run_job(spec, address=address, echo=echo, verify=verify)

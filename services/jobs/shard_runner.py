@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
 
     from circuitscan.pipelines.batching import TokenBatch
+    from circuitscan.schemas.store import ShardEntry
     from circuitscan.services.store import FeatureStore
 
 
@@ -62,7 +63,7 @@ class ShardRunner:
         from circuitscan.services.store.results import write_shard_outputs
 
         store = self._open(store_url)
-        committed = store.committed_entries().get(plan.shard_id)
+        committed = already_committed(store, plan.shard_id)
         if committed is not None:  # a retry of a shard that made it: nothing to redo
             return ShardResult(committed.model_dump(mode="json"), committed.n_tokens)
         computed = self.compute(plan, records, context)
@@ -82,9 +83,20 @@ class ShardRunner:
 
         if self._store is None or self._store.url != url:
             self._store = FeatureStore.open(url)
-        # The driver commits between our calls: always read the manifest afresh.
-        self._store.refresh()
+        # The driver commits between our calls; nothing here reads a cached
+        # manifest (see already_committed), so there is nothing to refresh.
         return self._store
+
+
+def already_committed(store: FeatureStore, shard_id: int) -> ShardEntry | None:
+    """The committed entry of the shard a worker is about to run, None when it is not committed.
+
+    One read of the shard's own manifest entry as stored now (the driver may
+    have committed it since this worker last looked), never a listing of the
+    manifest: a shard's bookkeeping costs the same in a store of ten shards
+    and in one of a hundred thousand.
+    """
+    return store.committed_entry(shard_id)
 
 
 def token_cap(spec: JobSpec, model: HookedSAETransformer) -> int:

@@ -12,7 +12,9 @@ Writing a job (driver D, workers W; W may be other processes or nodes)::
                          model_fingerprint=..., job_hash=spec.content_hash(), job_spec=...)
     store = FeatureStore.create(url, layout, overwrite=False)      # D; reopens an equal layout
     todo = store.uncommitted(range(n_shards))                       # D; resume (verifies checksums,
-                                                                    #    store.corrupt_shards lists bad ones)
+                                                                    #    store.corrupt_shards lists bad ones;
+                                                                    #    verify=False: entries only)
+    # W, first: store.committed_entry(shard_id) is not None -> already done (one read)
     # W, for each shard id in todo (prompts = the shard's PromptRecords, in order):
     batch = tokenize_prompts(model, prompts)                        # pipelines.batching
     caches = cache_batch(model, saes, batch.tokens, batch.lengths, metric,

@@ -13,6 +13,7 @@ merged feature index (``index_writer.py``).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,8 @@ __all__ = [
 ]
 
 LAYOUT_ATTR = "circuitscan_layout"
+
+log = logging.getLogger(__name__)
 
 
 def _layout_diff(old: StoreLayout, new: StoreLayout) -> list[str]:
@@ -197,7 +200,7 @@ class FeatureStore:
         """
         if not self.manifest.commit(entry, verify=verify):
             return False
-        self.index.after_commit()  # reuses the objects the verification just read
+        self.index.after_commit(entry.shard_id)  # reuses the objects the verification read
         self.manifest.forget_recent()
         return True
 
@@ -208,6 +211,15 @@ class FeatureStore:
         self.reader.clear()
 
     # --- manifest ---------------------------------------------------------------
+
+    def committed_entry(self, shard_id: int) -> ShardEntry | None:
+        """Shard ``shard_id``'s committed entry as stored now, None when it is uncommitted.
+
+        One read of that shard's own manifest key (parsed and checked like a
+        listed one), never a listing: a worker asks this once per shard, and
+        its cost does not grow with the number of committed shards.
+        """
+        return self.manifest.read_entry(shard_id)
 
     def committed_entries(self) -> dict[int, ShardEntry]:
         """Manifest entries of committed shards, by shard id."""
@@ -234,16 +246,26 @@ class FeatureStore:
     def uncommitted(self, all_ids: Iterable[int], *, verify: bool = True) -> list[int]:
         """The shard ids of ``all_ids`` a resume must (re)compute, sorted.
 
-        Committed shards that fail verification are reported (warning log,
-        ``self.corrupt_shards``), uncommitted and included.
+        Every committed entry is checked on its own (it parses, and it was
+        written for this store's layout). With ``verify`` each committed
+        shard's bytes are also read back against the entry's checksums; on
+        object storage that downloads the whole store, so a job's resume
+        skips it by default and leaves shard data to the readers, which
+        verify every object they read. Committed shards that fail are
+        reported (warning log, ``self.corrupt_shards``), uncommitted and
+        included.
         """
         committed = self.manifest.committed()
+        layout_hash = self.layout.layout_hash()
         todo = set()
         self.corrupt_shards = []
         for shard_id in all_ids:
-            if shard_id not in committed:
+            entry = committed.get(shard_id)
+            if entry is None:
                 todo.add(shard_id)
-            elif verify and not self.verify_shard(shard_id):
+            elif entry.layout_hash != layout_hash or (verify and not self.verify_shard(shard_id)):
+                if entry.layout_hash != layout_hash:
+                    log.warning("shard %d was committed for another layout", shard_id)
                 self.corrupt_shards.append(shard_id)
                 self.uncommit(shard_id)
                 todo.add(shard_id)

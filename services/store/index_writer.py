@@ -56,11 +56,17 @@ class IndexWriter:
             self._merge(self._index, shard_id)
         return self._index
 
-    def after_commit(self) -> None:
-        """Fold a just-committed shard in, flushing every ``flush_every`` commits."""
-        # Merging loads the index once, then folds in just the new shard's summaries.
+    def after_commit(self, shard_id: int) -> None:
+        """Fold just-committed shard ``shard_id`` in, flushing every ``flush_every`` commits."""
+        # Merging loads the index once, then folds in just the new shard's
+        # summaries: a loaded index already holds every other committed shard
+        # (commits come through here; uncommits and refreshes drop the index),
+        # so a commit costs the same however many shards are committed.
         if self.layout.sites:  # result-only stores (no SAE sites) have no feature index
-            self._current()
+            if self._index is None:
+                self._current()
+            elif shard_id not in self._indexed:
+                self._merge(self._index, shard_id)
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
             self.flush()

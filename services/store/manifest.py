@@ -69,7 +69,15 @@ class ShardManifest:
         """
         key = manifest_key(shard_id)
         raw = self.location.read_bytes(key)
-        return None if raw is None else _parse_entry(raw, key, self.url)
+        if raw is None:
+            return None
+        entry = _parse_entry(raw, key, self.url)
+        if entry.shard_id != shard_id:  # a listing keys entries by their own shard id
+            raise CorruptManifestError(
+                f"manifest entry {key} of {self.url} names shard {entry.shard_id}; delete it "
+                "and resume the job to recompute that shard"
+            )
+        return entry
 
     def committed(self) -> dict[int, ShardEntry]:
         """Every committed entry by shard id (the live cached dict: callers must not change it)."""
@@ -121,13 +129,17 @@ class ShardManifest:
                     f"shard {entry.shard_id}: stored data does not match the entry ({bad[:5]})"
                 )
         self.location.write_bytes(manifest_key(entry.shard_id), entry.model_dump_json().encode())
-        self.committed()[entry.shard_id] = entry
+        # Only a manifest already in memory is extended: a worker-side handle
+        # never lists the manifest just to record its own commit.
+        if self._entries is not None:
+            self._entries[entry.shard_id] = entry
         return True
 
     def remove(self, shard_id: int) -> None:
         """Delete shard ``shard_id``'s entry: the shard is invisible from here on."""
         self.location.delete_keys([manifest_key(shard_id)])
-        self.committed().pop(shard_id, None)
+        if self._entries is not None:
+            self._entries.pop(shard_id, None)
 
     def forget_recent(self) -> None:
         """Drop the objects kept from the last commit's check."""
@@ -183,7 +195,7 @@ class ShardManifest:
             log.warning("shard %d is corrupt: %d objects differ (%s)", shard_id, len(bad), bad[:5])
             raise CorruptShardError(
                 f"shard {shard_id} of {self.url} is corrupt (checksum mismatch in {bad[:3]}); "
-                "resume the job to recompute it"
+                "`circuitscan resume --verify` on the store recomputes it"
             )
         return {key: raw for key in keys if (raw := data[prefix + key]) is not None}
 

@@ -46,7 +46,6 @@ from circuitscan.services.store.backends import list_keys, read_bytes, write_byt
 from circuitscan.services.store.encoding import open_array, write_array
 from circuitscan.services.store.errors import (
     CorruptResultError,
-    CorruptShardError,
     ResultNotFoundError,
     StoreError,
 )
@@ -106,23 +105,29 @@ def write_shard_outputs(
 
 
 def read_shard_outputs(store: FeatureStore, shard_id: int) -> ShardOutputs:
-    """The outputs of a committed shard, after checking its bytes against the manifest."""
+    """The outputs of a committed shard, each object checked against its manifest checksum.
+
+    Only the outputs are read (keys from the manifest, no listing), not the
+    rest of the shard: merging a job's partials reads each shard's results,
+    not its site data. A missing or altered object is a CorruptShardError.
+    """
     if shard_id not in store.committed_shard_ids():
         raise StoreError(f"shard {shard_id} is not committed")
-    if not store.verify_shard(shard_id):
-        raise CorruptShardError(f"shard {shard_id} of {store.url} is corrupt; resume the job")
     prefix = _outputs_prefix(shard_id)
+    source = store.manifest.read_verified(shard_id, ["results/"])
     arrays: dict[str, np.ndarray] = {}
     documents: dict[str, Any] = {}
-    for key in list_keys(store.backend, prefix):
-        rest = key.removeprefix(prefix)
+    for key in sorted(store.manifest.entry(shard_id).checksums):
+        if not key.startswith("results/"):
+            continue
+        rest = key.removeprefix("results/")
         if rest.startswith("docs/") and rest.endswith(".json"):
-            raw = read_bytes(store.backend, key)
+            raw = read_bytes(source, prefix + rest)
             assert raw is not None
             documents[rest.removeprefix("docs/").removesuffix(".json")] = json.loads(raw)
         elif rest.startswith("arrays/") and rest.count("/") == 2 and rest.endswith("/zarr.json"):
             name = rest.split("/")[1]
-            arrays[name] = open_array(store.backend, f"{prefix}arrays/{name}")[...]
+            arrays[name] = open_array(source, f"{prefix}arrays/{name}")[...]
     return ShardOutputs(arrays, documents)
 
 
