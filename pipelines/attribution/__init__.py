@@ -20,6 +20,11 @@ counting real tokens, BOS included; scores in metric units):
   why an estimate misses a node: exact, frozen-pattern and partial patches beside AtP/AtP*.
 - ``verify(estimate, truth, k, budget=None) -> VerificationReport`` and
   ``verify_by_patching(...)`` — recall@K and cost of verified recall.
+- ``certify(model, saes, clean_tokens, lengths, metric, answer, wrong, nodes, *, samples,
+  p=0.25, confidence=0.95, seed=0, mode=..., corrupt_tokens=None, ...) ->
+  CertificationResult`` — an upper confidence bound θ on the largest mean |Δm| of any
+  unverified node, from patching S random subsets of them together (AtP* paper's
+  diagnostic; batched and suffix-only like exact patching).
 - ``ablation_scan(model, sae, site, tokens, lengths, metric, answer, wrong, *, mode,
   positions, named_positions=None, batch_size=64, seed=0) -> ScanResult`` — Δm of
   ablating every active SAE feature, prefix computed once per prompt.
@@ -38,6 +43,7 @@ Bad input raises ``AttributionInputError`` (a ValueError) or one of its subclass
 
 from circuitscan.pipelines.attribution.ablation_scan import ScanResult, ablation_scan
 from circuitscan.pipelines.attribution.atp import feature_attribution, run_atp
+from circuitscan.pipelines.attribution.certify import certify
 from circuitscan.pipelines.attribution.errors import (
     AttributionInputError,
     MissingSAEError,
@@ -62,6 +68,7 @@ __all__ = [
     "PositionError",
     "ScanResult",
     "ablation_scan",
+    "certify",
     "exact_patch",
     "feature_attribution",
     "patch_path",

@@ -1,0 +1,95 @@
+"""Certified verification: a bound on the effect of every node that was not verified.
+
+After the top nodes of a ranking are patched exactly, random subsets of the
+remaining (unverified) nodes are patched together (AtP* paper, Kramár et al.
+2024, arXiv 2403.00745, its diagnostic for remaining false negatives). Each
+node's effect is estimated from the subsets that include it against those that
+exclude it, and an upper confidence bound θ is put on the largest mean
+absolute effect any of them can have. What the bound assumes is carried in
+the result itself (``assumptions``).
+"""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ASSUMPTIONS: tuple[str, ...] = (
+    "Additivity: patching a set of nodes together changes the metric by the sum of their "
+    "single-node effects; interactions between patched nodes bias the per-node estimates "
+    "(each is then the node's mean marginal effect over random subsets, not its effect "
+    "patched alone).",
+    "Normal-theory bound: each per-node estimate is a difference of two sample means whose "
+    "error is bounded with a Student-t quantile (Welch's degrees of freedom, rounded down); "
+    "this is approximate for small samples and heavy-tailed Δm.",
+    "Union bound: the confidence holds for all (node, prompt) pairs at once (Bonferroni over "
+    "the pairs that were not exactly zero), so θ bounds the largest mean |effect| over the "
+    "prompts of every unverified node simultaneously.",
+)
+
+
+class CertifiedNode(BaseModel):
+    """One unverified node's estimate from random-subset patching, in metric units."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+    node: str = Field(description="The node's string form.")
+    estimate: float = Field(
+        description="Mean over prompts of (mean Δm of subsets including the node − mean Δm "
+        "of subsets excluding it): the node's estimated signed effect."
+    )
+    estimate_abs: float = Field(ge=0, description="Mean over prompts of the estimate's |·|.")
+    upper: float = Field(
+        ge=0,
+        description="Mean over prompts of the per-prompt upper confidence bound on |effect|; "
+        "infinite when the node was in fewer than 2 subsets or out of fewer than 2.",
+    )
+    included: int = Field(ge=0, description="Subsets (samples) that patched this node.")
+
+
+class CertificationResult(BaseModel):
+    """An upper confidence bound θ on the largest |effect| of any unverified node."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+    theta: float = Field(
+        ge=0,
+        description="Upper confidence bound on max over unverified nodes of the mean over "
+        "prompts of |Δm| (metric units); infinite when some node lacked samples.",
+    )
+    samples: int = Field(ge=2, description="Random subsets drawn (S).")
+    p: float = Field(gt=0, lt=1, description="Inclusion probability of each node in a subset.")
+    confidence: float = Field(gt=0, lt=1, description="Confidence level 1 − δ of the bound.")
+    delta: float = Field(gt=0, lt=1, description="δ = 1 − confidence.")
+    seed: int = Field(description="Seed of the subset draws.")
+    mode: str = Field(description="Patch value: corrupt, zero or mean.")
+    n_nodes: int = Field(ge=1, description="Unverified nodes the bound covers.")
+    n_prompts: int = Field(ge=1, description="Prompts (or prompt pairs) patched.")
+    forward_passes: int = Field(
+        ge=0,
+        description="Patched forward passes over the prompt set (one per subset, the unit in "
+        "which verifying one node costs one).",
+    )
+    patched_rows: int = Field(
+        ge=0, description="(subset, prompt) suffix passes actually run (empty patches skipped)."
+    )
+    closest_node: str = Field(
+        description="The node whose estimate came closest to θ (largest mean |estimate|)."
+    )
+    binding_node: str = Field(description="The node whose upper bound is θ.")
+    nodes: list[CertifiedNode] = Field(description="Every node's estimate, highest bound first.")
+    assumptions: list[str] = Field(
+        default_factory=lambda: list(ASSUMPTIONS), description="What the bound assumes."
+    )
+
+    @property
+    def bounded(self) -> bool:
+        return math.isfinite(self.theta)
+
+    def statement(self) -> str:
+        """The one-line claim, e.g. ``no unverified node exceeds 0.0123 (95 %)``."""
+        level = f"{100 * self.confidence:g} %"
+        if not self.bounded:
+            return f"no bound at {level}: some unverified node was sampled too rarely"
+        return f"no unverified node exceeds {self.theta:.4g} ({level})"

@@ -1,0 +1,216 @@
+"""Certified verification (random-subset patching) by intervention on tiny float64 models.
+
+References: exact single-node patching (``exact_patch``) for the effects the
+bound must cover, and, where effects add up exactly (neurons of the last MLP
+read by a linear unembedding with no final norm), the closed form of the
+difference-of-means estimator given the drawn subsets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from circuitscan.pipelines.attribution import exact_patch
+from circuitscan.pipelines.attribution.certify import (
+    certify,
+    draw_subsets,
+    subset_patch,
+    t_quantile_two_sided,
+)
+from circuitscan.pipelines.attribution.errors import AttributionInputError
+from circuitscan.schemas.attribution import Node
+from circuitscan.schemas.certification import CertificationResult
+from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.testing import build_tiny_model, build_tiny_sae
+
+METRIC = MetricSpec()
+
+
+def _pairs(batch: int = 3, seq: int = 6, vocab: int = 40, seed: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (batch, seq), generator=generator)
+    corrupt = clean.clone()
+    corrupt[:, 1 : seq - 1] = torch.randint(0, vocab, (batch, seq - 2), generator=generator)
+    lengths = torch.full((batch,), seq)
+    answer = torch.arange(1, batch + 1)
+    wrong = torch.arange(5, batch + 5)
+    return clean, corrupt, lengths, answer, wrong
+
+
+def _run(model, saes, nodes, data, **kwargs):
+    clean, corrupt, lengths, answer, wrong = data
+    return certify(
+        model, saes, clean, lengths, METRIC, answer, wrong, nodes, corrupt_tokens=corrupt, **kwargs
+    )
+
+
+def _exact(model, saes, nodes, data):
+    clean, corrupt, lengths, answer, wrong = data
+    return exact_patch(
+        model, saes, clean, lengths, METRIC, answer, wrong, nodes, corrupt_tokens=corrupt
+    )
+
+
+def _additive_model(planted: int | None = None):
+    """No final norm and neurons of the last MLP: Δm of any neuron set is the sum of each."""
+    model = build_tiny_model(normalization=None, seed=1)
+    if planted is not None:
+        with torch.no_grad():
+            model.blocks[1].mlp.W_out[planted] *= 25.0
+    nodes = [Node(kind="neuron", layer=1, index=i, position="last") for i in range(32)]
+    return model, nodes
+
+
+def test_t_quantile_matches_reference_values():
+    # scipy.stats.t.ppf(1 - tail / 2, df), written out.
+    for tail, df, want in [
+        (0.05, 1, 12.706204736174694),
+        (0.05, 2, 4.302652729749462),
+        (0.05, 10, 2.228138851986274),
+        (1e-4, 7, 7.884584262416738),
+        (1e-6, 200, 5.0482856598700385),
+        (0.01, 31, 2.744041919294269),
+    ]:
+        assert t_quantile_two_sided(tail, df) == pytest.approx(want, rel=1e-9)
+
+
+def test_singleton_subsets_equal_exact_patching_for_every_kind():
+    """Subsets of one node each are exact patching: features, errors, heads, neurons, MLPs."""
+    model = build_tiny_model()
+    site = HookSite.parse("L1.resid_pre")
+    saes = [build_tiny_sae(model, site)]
+    data = _pairs()
+    nodes = [
+        *(Node(kind="feature", layer=1, point="resid_pre", index=i, position=4) for i in range(6)),
+        Node(kind="sae_error", layer=1, point="resid_pre", position=3),
+        Node(kind="z", layer=0, index=2, position=2),
+        Node(kind="q", layer=1, index=1, position="last"),
+        Node(kind="k", layer=1, index=3, position=1),
+        Node(kind="v", layer=0, index=0, position=4),
+        Node(kind="neuron", layer=0, index=5, position=3),
+        Node(kind="mlp", layer=1, position="last"),
+    ]
+    clean, corrupt, lengths, answer, wrong = data
+    subsets = torch.eye(len(nodes), dtype=torch.bool)
+    delta_m, known_zero, undefined, _ = subset_patch(
+        model, saes, clean, lengths, METRIC, answer, wrong, nodes, subsets, corrupt_tokens=corrupt
+    )
+    exact = _exact(model, saes, nodes, data)
+    torch.testing.assert_close(delta_m, exact.T, rtol=0, atol=1e-10)
+    assert not bool(undefined.any())
+    assert bool((exact.T[known_zero.T] == 0).all())
+
+
+def test_subset_patch_is_the_sum_of_single_effects_when_they_add_up():
+    model, nodes = _additive_model()
+    data = _pairs()
+    exact = _exact(model, [], nodes, data)  # [batch, n]
+    subsets = draw_subsets(len(nodes), 12, 0.3, seed=5)
+    clean, corrupt, lengths, answer, wrong = data
+    delta_m, *_ = subset_patch(
+        model, [], clean, lengths, METRIC, answer, wrong, nodes, subsets,
+        corrupt_tokens=corrupt, batch_size=7,
+    )  # fmt: skip
+    torch.testing.assert_close(delta_m, subsets.double() @ exact.T, rtol=0, atol=1e-10)
+
+
+def test_estimates_follow_the_closed_form_and_approach_exact_effects_when_additive():
+    model, nodes = _additive_model()
+    data = _pairs()
+    exact = _exact(model, [], nodes, data)
+    errors = []
+    for samples in (40, 640):
+        result = _run(model, [], nodes, data, samples=samples, p=0.3, seed=2)
+        x = draw_subsets(len(nodes), samples, 0.3, seed=2).double()
+        # ĉ_n − c_n = Σ_{m≠n} c_m (mean of x_m where n is in − mean where n is out)
+        imbalance = (x.T @ x) / x.sum(0)[:, None] - ((1 - x).T @ x) / (1 - x).sum(0)[:, None]
+        imbalance.fill_diagonal_(0.0)
+        # Pairs whose patch changes nothing (dead neurons: exactly 0) are known zeros.
+        per_prompt = torch.where(exact == 0, 0.0, exact + exact @ imbalance.T)
+        want = per_prompt.mean(0)  # [n], mean over prompts
+        got = torch.tensor([{n.node: n.estimate for n in result.nodes}[str(n)] for n in nodes],
+                           dtype=torch.float64)  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        errors.append(float((got - exact.mean(0)).abs().max()))
+    assert errors[1] < 0.5 * errors[0]
+    assert errors[1] < 0.15 * float(exact.abs().mean(0).max())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_bound_covers_the_true_largest_effect_on_a_nonlinear_model(seed):
+    model = build_tiny_model()
+    data = _pairs(seed=seed + 10)
+    nodes = [
+        Node(kind="z", layer=layer, index=head, position=pos)
+        for layer in range(2)
+        for head in range(4)
+        for pos in range(1, 6)
+    ]
+    true_max = float(_exact(model, [], nodes, data).abs().nanmean(0).max())
+    result = _run(model, [], nodes, data, samples=60, p=0.25, seed=seed)
+    assert result.bounded
+    assert result.theta >= true_max > 0
+    assert result.n_nodes == len(nodes) and result.forward_passes == 60
+    assert result.binding_node == result.nodes[0].node
+    assert result.nodes[0].upper == result.theta
+
+
+def test_bound_shrinks_with_samples_and_the_planted_node_comes_closest():
+    planted = 29
+    model, nodes = _additive_model(planted=planted)
+    data = _pairs()
+    effect = _exact(model, [], nodes, data).abs().mean(0)
+    assert int(effect.argmax()) == planted and float(effect.topk(2).values[1]) < 0.3 * float(
+        effect.max()
+    )
+    thetas = []
+    for samples in (30, 300):
+        result = _run(model, [], nodes, data, samples=samples, p=0.3, seed=4)
+        assert result.theta >= float(effect.max())
+        assert result.closest_node == str(nodes[planted])
+        thetas.append(result.theta)
+    assert thetas[1] < thetas[0]
+    assert thetas[1] < 1.5 * float(effect.max())
+
+
+def test_a_node_sampled_too_rarely_leaves_the_bound_infinite_and_it_round_trips():
+    model, nodes = _additive_model()
+    result = _run(model, [], nodes, _pairs(), samples=3, p=0.1, seed=0)
+    assert not result.bounded and math.isinf(result.theta)
+    assert result.statement().startswith("no bound at 95 %")
+    again = CertificationResult.model_validate_json(result.model_dump_json())
+    assert again == result
+
+
+def test_statement_names_theta_and_confidence():
+    model, nodes = _additive_model()
+    result = _run(model, [], nodes[:4], _pairs(), samples=20, p=0.5, confidence=0.9)
+    assert result.statement() == f"no unverified node exceeds {result.theta:.4g} (90 %)"
+    assert result.delta == pytest.approx(0.1)
+    assert any("Additivity" in text for text in result.assumptions)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"samples": 1}, "samples must be at least 2"),
+        ({"samples": 10, "p": 0.0}, "p \\(inclusion probability\\)"),
+        ({"samples": 10, "p": 1.0}, "p \\(inclusion probability\\)"),
+        ({"samples": 10, "confidence": 1.0}, "confidence must be in"),
+        ({"samples": 10, "confidence": 0.0}, "confidence must be in"),
+    ],
+)
+def test_bad_parameters_are_refused(kwargs, message):
+    model, nodes = _additive_model()
+    with pytest.raises(AttributionInputError, match=message):
+        _run(model, [], nodes, _pairs(), **kwargs)
+
+
+def test_no_nodes_is_refused():
+    model, _ = _additive_model()
+    with pytest.raises(AttributionInputError, match="no nodes to certify"):
+        _run(model, [], [], _pairs(), samples=10)
