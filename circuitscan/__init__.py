@@ -9,6 +9,8 @@ The researcher's front door, ``import circuitscan as cs``::
     result = cs.attribute(model, saes, pairs, method="atpstar", nodes=["z", "feature"],
                           positions=["last"])
     delta = cs.exact_patch(model, saes, pairs, result.top(10))   # verify the top nodes
+    bound = cs.certify(model, saes, pairs, result.nodes(), verified=result.top(10),
+                       samples=200)                               # θ on what was not verified
     sites = cs.cache(model, saes, pairs)                          # activations + gradients
     store = cs.open_store("runs/ioi-cache")                       # a job's store, and its queries
 
@@ -30,6 +32,7 @@ _EXPORTS: dict[str, str] = {
     "PromptPairs": "circuitscan.pipelines.prompt_pairs",
     "attribute": "circuitscan.attribution",
     "exact_patch": "circuitscan.attribution",
+    "certify": "circuitscan.attribution",
     "ablation_scan": "circuitscan.attribution",
     "cache": "circuitscan.caching",
     "open_store": "circuitscan.stores",
@@ -52,6 +55,7 @@ __all__ = [
     "ablation_scan",
     "attribute",
     "cache",
+    "certify",
     "exact_patch",
     "load_model",
     "load_saes",
@@ -59,7 +63,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from circuitscan.attribution import ablation_scan, attribute, exact_patch
+    from circuitscan.attribution import ablation_scan, attribute, certify, exact_patch
     from circuitscan.caching import cache
     from circuitscan.loading import load_model, load_saes
     from circuitscan.pipelines.prompt_pairs import PromptPairs

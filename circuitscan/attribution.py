@@ -1,4 +1,4 @@
-"""``cs.attribute``, ``cs.exact_patch``, ``cs.ablation_scan``: the attribution engine by keyword.
+"""``cs.attribute``, ``cs.exact_patch``, ``cs.certify``, ``cs.ablation_scan``: the engine by keyword.
 
 Each call takes ``(model, saes, pairs, ...)``: the model, its SAEs as a
 sequence (each SAE's site read from its own config; none are attached to the
@@ -33,6 +33,7 @@ from circuitscan.schemas.attribution import (
     PatchMode,
     PositionSpec,
 )
+from circuitscan.schemas.certification import CertificationResult
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 
@@ -178,6 +179,76 @@ def exact_patch(
         batch_size=batch_size,
         freeze_later_patterns=freeze_later_patterns,
         fraction=fraction,
+    )
+
+
+def certify(
+    model: HookedSAETransformer,
+    saes: Sequence[SAE[Any]] | None,
+    pairs: PromptPairs,
+    nodes: Sequence[Node | NodeScore | str],
+    *,
+    verified: Sequence[Node | NodeScore | str] = (),
+    samples: int,
+    p: float = 0.25,
+    confidence: float = 0.95,
+    seed: int = 0,
+    mode: PatchMode = "corrupt",
+    reference: PromptPairs | None = None,
+    metric: MetricSpec | None = None,
+    batch_size: int = 64,
+) -> CertificationResult:
+    """A bound θ on the effect of every node not verified: no unverified node exceeds θ.
+
+    ``nodes`` less ``verified`` (e.g. ``result.nodes()`` less the
+    ``result.top(k)`` just checked with :func:`exact_patch`) are the
+    unverified nodes; ``samples`` random subsets of them (each node in each
+    with probability ``p``) are patched together, and θ bounds the largest
+    mean |Δm| over the prompts of any of them at ``confidence`` (AtP*
+    paper's diagnostic; assumes effects add up, see ``result.assumptions``).
+    ``mode``/``reference`` as in :func:`exact_patch`.
+
+    >>> import circuitscan as cs
+    >>> from circuitscan.testing import build_tiny_language_model
+    >>> model = build_tiny_language_model()
+    >>> pairs = cs.PromptPairs.from_strings(
+    ...     model,
+    ...     clean=["When Mary and John went to the store, John gave a drink to"],
+    ...     corrupted=["When Alice and Bob went to the store, Carl gave a drink to"],
+    ...     answers=[" Mary"],
+    ...     wrong=[" John"],
+    ... )
+    >>> result = cs.attribute(model, [], pairs, nodes=["z"], positions=["last"])
+    >>> top = result.top(3)
+    >>> bound = cs.certify(model, [], pairs, result.nodes(), verified=top, samples=16, p=0.5)
+    >>> bound.n_nodes, bound.forward_passes
+    (5, 16)
+    >>> bound.statement().startswith("no unverified node exceeds")
+    True
+    """
+    skip = {str(_node(n)) for n in verified}
+    unverified = [node for node in (_node(n) for n in nodes) if str(node) not in skip]
+    return engine.certify(
+        model,
+        list(saes or ()),
+        pairs.clean,
+        pairs.lengths,
+        metric or MetricSpec(),
+        pairs.answer,
+        pairs.wrong,
+        unverified,
+        samples=samples,
+        p=p,
+        confidence=confidence,
+        seed=seed,
+        mode=mode,
+        corrupt_tokens=pairs.corrupt if mode == "corrupt" else None,
+        corrupt_lengths=pairs.corrupt_lengths if mode == "corrupt" else None,
+        reference_tokens=reference.clean if reference is not None else None,
+        reference_lengths=reference.lengths if reference is not None else None,
+        named_positions=_named(pairs),
+        position_map=pairs.position_map if mode == "corrupt" else None,
+        batch_size=batch_size,
     )
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import circuitscan as cs
-from circuitscan.pipelines.attribution import exact_patch, run_atp
+from circuitscan.pipelines.attribution import certify, exact_patch, run_atp
 from circuitscan.pipelines.attribution.errors import PositionError
 from circuitscan.pipelines.batching import TokenizationError
 from circuitscan.schemas.attribution import AttributionMethod, NodeSelection
@@ -44,7 +44,7 @@ def test_docstring_examples_run(name: str) -> None:
 
 
 def test_every_public_function_has_an_example() -> None:
-    functions = ["load_model", "load_saes", "attribute", "exact_patch", "ablation_scan"]
+    functions = ["load_model", "load_saes", "attribute", "exact_patch", "certify", "ablation_scan"]
     functions += ["cache", "open_store"]
     missing = [name for name in functions if ">>> " not in (getattr(cs, name).__doc__ or "")]
     assert missing == []
@@ -178,6 +178,31 @@ def test_attribute_and_exact_patch_equal_the_engine(model, pairs) -> None:
     )
     torch.testing.assert_close(delta, truth, rtol=0, atol=0)
     assert delta.abs().sum() > 0
+
+
+def test_certify_bounds_the_unverified_nodes_as_the_engine_does(model, pairs) -> None:
+    saes = [build_tiny_sae(model, cs.HookSite.parse("L1.resid_pre"), seed=3)]
+    result = cs.attribute(model, saes, pairs, nodes=["z", "feature"], positions=["last"])
+    top = result.top(4)
+    bound = cs.certify(model, saes, pairs, result.nodes(), verified=top, samples=12, p=0.5)
+    verified = {score.node for score in top}
+    unverified = [node for node in result.nodes() if str(node) not in verified]
+    expected = certify(
+        model,
+        {"L1.resid_pre": saes[0]},
+        pairs.clean,
+        pairs.lengths,
+        MetricSpec(),
+        pairs.answer,
+        pairs.wrong,
+        unverified,
+        samples=12,
+        p=0.5,
+        corrupt_tokens=pairs.corrupt,
+    )
+    assert bound == expected
+    assert bound.n_nodes == len(result.nodes()) - 4
+    assert not verified & {node.node for node in bound.nodes}
 
 
 def test_cache_reads_each_sae_at_its_own_site(model, pairs) -> None:
