@@ -147,9 +147,10 @@ def subset_bounds(
     tail = delta / m_pairs
     batch, n = known_zero.shape
     estimate = torch.zeros(batch, n, dtype=torch.float64)
-    upper = torch.zeros(batch, n, dtype=torch.float64)
     enough = (n_in >= 2) & (n_out >= 2)
     safe_in, safe_out = n_in.clamp(min=1), n_out.clamp(min=1)
+    se = torch.zeros(batch, n, dtype=torch.float64)
+    dfs = torch.zeros(batch, n, dtype=torch.long)
     for b in range(batch):
         yb = y[:, b : b + 1]  # [S, 1]
         mean_in = (inside * yb).sum(0) / safe_in
@@ -159,15 +160,15 @@ def subset_bounds(
         ss_out = ((1 - inside) * (yb - mean_out) ** 2).sum(0)
         var_in = ss_in / (n_in - 1).clamp(min=1) / safe_in  # variance of the mean
         var_out = ss_out / (n_out - 1).clamp(min=1) / safe_out
-        se = (var_in + var_out).sqrt()
-        est = mean_in - mean_out
-        bound = torch.full((n,), math.inf, dtype=torch.float64)
-        for j in torch.nonzero(enough & counted[b]).flatten().tolist():
-            df = _welch_df(float(var_in[j]), float(var_out[j]), int(n_in[j]), int(n_out[j]))
-            t = t_quantile_two_sided(tail, df)
-            bound[j] = abs(float(est[j])) + t * float(se[j])
-        estimate[b] = est
-        upper[b] = bound
+        se[b] = (var_in + var_out).sqrt()
+        estimate[b] = mean_in - mean_out
+        dfs[b] = _welch_df(var_in, var_out, n_in, n_out)
+    # One t quantile per distinct df (few: capped at MAX_DF), looked up per pair.
+    quantiles = torch.zeros(MAX_DF + 1, dtype=torch.float64)
+    for df in torch.unique(dfs).tolist():
+        quantiles[df] = t_quantile_two_sided(tail, int(df))
+    bounded = enough[None, :] & counted
+    upper = torch.where(bounded, estimate.abs() + quantiles[dfs] * se, math.inf)
     estimate[known_zero] = 0.0
     upper[known_zero] = 0.0
     estimate[undefined] = float("nan")
@@ -175,14 +176,18 @@ def subset_bounds(
     return estimate, upper, counted
 
 
-def _welch_df(var_in: float, var_out: float, n_in: int, n_out: int) -> int:
-    """Welch–Satterthwaite degrees of freedom of a difference of means, rounded down."""
+def _welch_df(
+    var_in: torch.Tensor, var_out: torch.Tensor, n_in: torch.Tensor, n_out: torch.Tensor
+) -> torch.Tensor:
+    """Welch–Satterthwaite degrees of freedom of each difference of means, rounded down.
+
+    In 1..MAX_DF; MAX_DF where there is no spread at all (the quantile then
+    multiplies a zero standard error) or a group is too small to have any.
+    """
     total = var_in + var_out
-    if total <= 0.0:
-        return MAX_DF  # no spread at all: the quantile multiplies a zero standard error
-    denom = var_in**2 / (n_in - 1) + var_out**2 / (n_out - 1)
-    df = total**2 / denom
-    return max(1, min(MAX_DF, math.floor(df)))
+    denom = var_in**2 / (n_in - 1).clamp(min=1) + var_out**2 / (n_out - 1).clamp(min=1)
+    df = torch.where(denom > 0, total**2 / denom.clamp(min=torch.finfo(total.dtype).tiny), MAX_DF)
+    return df.floor().clamp(1, MAX_DF).long()
 
 
 def _subset_edits(

@@ -9,6 +9,7 @@ difference-of-means estimator given the drawn subsets.
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from circuitscan.pipelines.attribution import exact_patch
 from circuitscan.pipelines.attribution.certify import (
     certify,
     draw_subsets,
+    subset_bounds,
     subset_patch,
     t_quantile_two_sided,
 )
@@ -214,3 +216,27 @@ def test_no_nodes_is_refused():
     model, _ = _additive_model()
     with pytest.raises(AttributionInputError, match="no nodes to certify"):
         _run(model, [], [], _pairs(), samples=10)
+
+
+def test_subset_bounds_are_welch_t_bounds_with_a_union_over_pairs():
+    """Each (prompt, node) bound is |difference of means| + t(δ/M, Welch df) · Welch se."""
+    generator = torch.Generator().manual_seed(0)
+    subsets = draw_subsets(5, 30, 0.4, seed=1)
+    y = torch.randn(30, 2, generator=generator, dtype=torch.float64)
+    known_zero = torch.zeros(2, 5, dtype=torch.bool)
+    known_zero[1, 4] = True
+    undefined = torch.zeros(2, 5, dtype=torch.bool)
+    undefined[0, 0] = True
+    estimate, upper, counted = subset_bounds(y, subsets, known_zero, undefined, 0.05)
+    assert int(counted.sum()) == 8
+    for b, j in [(0, 1), (1, 3)]:
+        inside, outside = y[subsets[:, j], b].tolist(), y[~subsets[:, j], b].tolist()
+        a = statistics.variance(inside) / len(inside)
+        c = statistics.variance(outside) / len(outside)
+        df = math.floor((a + c) ** 2 / (a**2 / (len(inside) - 1) + c**2 / (len(outside) - 1)))
+        diff = statistics.fmean(inside) - statistics.fmean(outside)
+        want = abs(diff) + t_quantile_two_sided(0.05 / 8, df) * math.sqrt(a + c)
+        assert float(estimate[b, j]) == pytest.approx(diff, abs=1e-12)
+        assert float(upper[b, j]) == pytest.approx(want, rel=1e-12)
+    assert float(upper[1, 4]) == 0.0 and float(estimate[1, 4]) == 0.0
+    assert math.isnan(float(upper[0, 0]))
