@@ -237,6 +237,47 @@ def test_killed_driver_then_resume_recomputes_only_uncommitted(make_spec, tmp_pa
     assert _stored_texts(spec.store) == _stored_texts(reference.store)
 
 
+def test_resume_trusts_committed_entries_and_verify_recomputes_a_damaged_shard(
+    make_spec, tmp_path, local_ray
+):
+    from circuitscan.services.store import CorruptShardError
+    from circuitscan.services.store.shard_io import shard_prefix
+
+    fields = {
+        "prompts": IOISource(kind="ioi", n=6, seed=5),
+        "shard_size": 2,
+        "job": CacheParams(kind="cache", gradients=False),
+        "execution": ExecutionSpec(num_actors=1, torch_threads=1, batch_size=4),
+    }
+    spec = make_spec(tmp_path / "store", **fields)
+    run_job(spec, keep_actors=True)
+    digests = _digests(spec.store)
+    entry = FeatureStore.open(spec.store).committed_entries()[1]
+    chunk = next(key for key in sorted(entry.checksums) if "/feature_ids/c/" in key)
+    path = Path(spec.store) / shard_prefix(1) / chunk
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # same size: only checksums tell
+
+    # By default committed shards are trusted by their entries: nothing is read back or redone,
+    # and the damage is still caught where the shard is read.
+    trusted = run_job(spec, keep_actors=True)
+    assert (trusted.shards_run, trusted.shards_reused, trusted.shards_recomputed_corrupt) == (
+        0,
+        3,
+        0,
+    )
+    assert path.read_bytes() != data
+    label = chunk.split("/")[1]  # sites/LABEL/feature_ids/c/N
+    with pytest.raises(CorruptShardError, match="resume --verify"):
+        features_at(FeatureStore.open(spec.store), label, 2, 0)
+
+    verified = _cli("resume", "--verify", spec.store)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "ran 1, reused 2, recomputed corrupt 1" in verified.stdout
+    assert path.read_bytes() == data
+    assert _digests(spec.store) == digests
+
+
 # --- bad input through the CLI ---------------------------------------------------------
 
 
