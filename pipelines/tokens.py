@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from circuitscan.schemas.errors import UserInputError
 
 
+@runtime_checkable  # so that runtime type checks (jaxtyping + beartype in tests) can test it
 class Tokenizer(Protocol):
     """The slice of a Hugging Face tokenizer that circuitscan relies on."""
 

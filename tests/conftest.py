@@ -20,6 +20,23 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _runtime_type_checks(request):
+    """jaxtyping + beartype check every pipelines call (pyproject's addopts), except in
+    tests marked ``unchecked_types``: those feed deliberately wrong inputs to check the
+    messages the functions themselves give users, who run without these checks."""
+    if request.node.get_closest_marker("unchecked_types") is None:
+        yield
+        return
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)
+
+
 @pytest.fixture(params=["LN", "RMS"])
 def tiny_model(request):
     """A float64 two-layer model, LayerNorm and RMSNorm variants."""

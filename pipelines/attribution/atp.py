@@ -137,7 +137,7 @@ def run_atp(
     model: HookedSAETransformer,
     saes: SaeMap | None,
     clean_tokens: Int[torch.Tensor, "batch seq"],
-    corrupt_tokens: Int[torch.Tensor, "batch seq"] | None,
+    corrupt_tokens: Int[torch.Tensor, "batch corrupt_seq"] | None,
     lengths: Int[torch.Tensor, " batch"],
     metric: MetricSpec,
     answer: Answers,

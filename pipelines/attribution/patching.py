@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.attribution.atp import SaeMap, normalize_saes
@@ -119,7 +119,7 @@ def _unchanged(
     clean: Mapping[Key, torch.Tensor],
     sources: Mapping[Key, torch.Tensor],
     positions: torch.Tensor,
-) -> Int[torch.Tensor, "batch n_nodes"]:
+) -> Bool[torch.Tensor, "batch n_nodes"]:
     """(prompt, node) pairs whose patch value equals the clean value: Δm is exactly 0.
 
     Nothing changes anywhere in such a forward pass (the transparent splice
@@ -152,7 +152,7 @@ def exact_patch(
     nodes: Sequence[Node],
     *,
     mode: PatchMode = "corrupt",
-    corrupt_tokens: Int[torch.Tensor, "batch seq"] | None = None,
+    corrupt_tokens: Int[torch.Tensor, "batch corrupt_seq"] | None = None,
     corrupt_lengths: Int[torch.Tensor, " batch"] | None = None,
     reference_tokens: Int[torch.Tensor, "ref seq"] | None = None,
     reference_lengths: Int[torch.Tensor, " ref"] | None = None,

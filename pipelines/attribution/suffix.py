@@ -61,13 +61,15 @@ def final_metric(
     metric: MetricSpec,
     *,
     lengths: Int[torch.Tensor, " rows"],
-    tokens: Int[torch.Tensor, "rows seq"] | None,
+    tokens: Int[torch.Tensor, "rows prompt_seq"] | None,
     answer: Int[torch.Tensor, " rows"] | None,
     wrong: Int[torch.Tensor, " rows"] | None,
 ) -> Float[torch.Tensor, " rows"]:
     """The metric from the residual stream after the last block (final norm, unembedding).
 
     Differentiable; one-position metrics unembed only the position they read.
+    ``tokens`` are the whole prompts: for a one-position metric ``resid`` may
+    stop after the position it reads (``suffix_metric`` cuts it there).
     """
     if reads_one_position(metric):
         read = read_positions(metric, lengths).to(resid.device)

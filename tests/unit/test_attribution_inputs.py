@@ -109,6 +109,7 @@ def test_answer_strings_must_be_single_tokens(tokenized):
         run_atp(model, None, clean, corrupt, lengths, METRIC, " Mary", [" John"], selection)
 
 
+@pytest.mark.unchecked_types  # wrong inputs on purpose: the functions' own messages
 def test_answer_ids_are_checked(setup):
     with pytest.raises(AnswerTokenError, match="one token id per prompt"):
         _atp(setup, Z, answer=torch.tensor([1, 2, 3]))
@@ -172,6 +173,7 @@ def test_positions_out_of_range(setup):
         Node(kind="z", layer=0, index=1, position=-1)
 
 
+@pytest.mark.unchecked_types  # wrong inputs on purpose: the functions' own messages
 def test_empty_or_impossible_node_selections(setup):
     with pytest.raises(NodeSelectionError, match="no kinds"):
         _atp(setup, NodeSelection(kinds=[]))
@@ -196,6 +198,7 @@ def test_empty_or_impossible_node_selections(setup):
         ablation_scan(model, saes[SITE], SITE, clean, lengths, METRIC, answer, wrong, mode="drop")
 
 
+@pytest.mark.unchecked_types  # wrong inputs on purpose: the functions' own messages
 def test_position_maps_are_checked(setup):
     corrupt = setup[3]
     longer = torch.cat([corrupt, corrupt[:, :2]], dim=1)
