@@ -36,9 +36,7 @@ normal (see ``schemas.certification.ASSUMPTIONS``).
 
 from __future__ import annotations
 
-import functools
 import itertools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,6 +66,11 @@ from circuitscan.pipelines.attribution.positions import (
     resolve_positions,
 )
 from circuitscan.pipelines.attribution.recording import Recorder, build_hooks
+from circuitscan.pipelines.attribution.subset_stats import (
+    certification_result,
+    certification_sums,
+    draw_subsets,
+)
 from circuitscan.pipelines.attribution.suffix import (
     cache_residuals,
     reads_one_position,
@@ -75,119 +78,8 @@ from circuitscan.pipelines.attribution.suffix import (
 )
 from circuitscan.pipelines.metrics import read_positions
 from circuitscan.schemas.attribution import Node, PatchMode
-from circuitscan.schemas.certification import CertificationResult, CertifiedNode
+from circuitscan.schemas.certification import CertificationResult
 from circuitscan.schemas.metrics import MetricSpec
-
-MAX_DF = 200  # t quantiles fall with df: capping it only widens the bound
-
-
-def _t_two_sided_inside(t: float, df: int) -> float:
-    """P(|T| ≤ t) for Student's t with integer ``df`` (Abramowitz & Stegun 26.7.3-4)."""
-    theta = math.atan(t / math.sqrt(df))
-    c2 = math.cos(theta) ** 2
-    if df % 2 == 0:
-        term, total = 1.0, 1.0
-        for j in range(2, df, 2):  # (1·3···(j−1))/(2·4···j) cos^j θ
-            term *= c2 * (j - 1) / j
-            total += term
-        return math.sin(theta) * total
-    if df == 1:
-        return 2 * theta / math.pi
-    term = math.cos(theta)
-    total = term
-    for j in range(3, df, 2):  # (2·4···(j−1))/(1·3···j) cos^j θ
-        term *= c2 * (j - 1) / j
-        total += term
-    return 2 / math.pi * (theta + math.sin(theta) * total)
-
-
-@functools.lru_cache(maxsize=4096)
-def t_quantile_two_sided(tail: float, df: int) -> float:
-    """The t with P(|T| > t) = ``tail`` for Student's t with ``df`` degrees of freedom."""
-    if not 0.0 < tail < 1.0 or df < 1:
-        raise AttributionInputError(f"t quantile needs tail in (0, 1) and df ≥ 1: {tail}, {df}")
-    lo, hi = 0.0, 1.0
-    while 1.0 - _t_two_sided_inside(hi, df) > tail:
-        hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if 1.0 - _t_two_sided_inside(mid, df) > tail:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    return hi
-
-
-def draw_subsets(n_nodes: int, samples: int, p: float, seed: int) -> Bool[torch.Tensor, "S n"]:
-    """Row s: which nodes subset s patches (each independently with probability ``p``)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand((samples, n_nodes), generator=generator, dtype=torch.float64) < p
-
-
-def subset_bounds(
-    delta_m: Float[torch.Tensor, "S batch"],
-    subsets: Bool[torch.Tensor, "S n"],
-    known_zero: Bool[torch.Tensor, "batch n"],
-    undefined: Bool[torch.Tensor, "batch n"],
-    delta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per (prompt, node): difference-of-means estimate and its Bonferroni upper bound on |c|.
-
-    Returns (estimate, upper, counted) as [batch, n]; ``upper`` is inf where a
-    node was in (or out of) fewer than 2 subsets, NaN where undefined.
-    """
-    y = delta_m.to(torch.float64)
-    inside = subsets.to(torch.float64)
-    n_in = inside.sum(0)  # [n]
-    n_out = subsets.shape[0] - n_in
-    counted = ~(known_zero | undefined)
-    m_pairs = max(int(counted.sum()), 1)
-    tail = delta / m_pairs
-    batch, n = known_zero.shape
-    estimate = torch.zeros(batch, n, dtype=torch.float64)
-    enough = (n_in >= 2) & (n_out >= 2)
-    safe_in, safe_out = n_in.clamp(min=1), n_out.clamp(min=1)
-    se = torch.zeros(batch, n, dtype=torch.float64)
-    dfs = torch.zeros(batch, n, dtype=torch.long)
-    for b in range(batch):
-        yb = y[:, b : b + 1]  # [S, 1]
-        mean_in = (inside * yb).sum(0) / safe_in
-        mean_out = ((1 - inside) * yb).sum(0) / safe_out
-        # Centred sums of squares (not Σy² − (Σy)²/n) so constant groups give exactly 0.
-        ss_in = (inside * (yb - mean_in) ** 2).sum(0)
-        ss_out = ((1 - inside) * (yb - mean_out) ** 2).sum(0)
-        var_in = ss_in / (n_in - 1).clamp(min=1) / safe_in  # variance of the mean
-        var_out = ss_out / (n_out - 1).clamp(min=1) / safe_out
-        se[b] = (var_in + var_out).sqrt()
-        estimate[b] = mean_in - mean_out
-        dfs[b] = _welch_df(var_in, var_out, n_in, n_out)
-    # One t quantile per distinct df (few: capped at MAX_DF), looked up per pair.
-    quantiles = torch.zeros(MAX_DF + 1, dtype=torch.float64)
-    for df in torch.unique(dfs).tolist():
-        quantiles[df] = t_quantile_two_sided(tail, int(df))
-    bounded = enough[None, :] & counted
-    upper = torch.where(bounded, estimate.abs() + quantiles[dfs] * se, math.inf)
-    estimate[known_zero] = 0.0
-    upper[known_zero] = 0.0
-    estimate[undefined] = float("nan")
-    upper[undefined] = float("nan")
-    return estimate, upper, counted
-
-
-def _welch_df(
-    var_in: torch.Tensor, var_out: torch.Tensor, n_in: torch.Tensor, n_out: torch.Tensor
-) -> torch.Tensor:
-    """Welch–Satterthwaite degrees of freedom of each difference of means, rounded down.
-
-    In 1..MAX_DF; MAX_DF where there is no spread at all (the quantile then
-    multiplies a zero standard error) or a group is too small to have any.
-    """
-    total = var_in + var_out
-    denom = var_in**2 / (n_in - 1).clamp(min=1) + var_out**2 / (n_out - 1).clamp(min=1)
-    df = torch.where(denom > 0, total**2 / denom.clamp(min=torch.finfo(total.dtype).tiny), MAX_DF)
-    return df.floor().clamp(1, MAX_DF).long()
 
 
 def _subset_edits(
@@ -261,6 +153,7 @@ def subset_patch(
     named_positions: Sequence[Mapping[str, int]] | None = None,
     position_map: Int[torch.Tensor, "batch seq"] | None = None,
     batch_size: int = 64,
+    allow_absent: bool = False,
 ) -> tuple[
     Float[torch.Tensor, "S batch"],
     Bool[torch.Tensor, "batch n"],
@@ -272,6 +165,8 @@ def subset_patch(
     Returns (Δm [S, batch], known-zero [batch, n], undefined [batch, n], rows
     run). Within a row, nodes that change nothing there (known zero) or do
     not exist in that prompt are not patched; a row with nothing left is 0.
+    A node that exists in no prompt is an error unless ``allow_absent`` (a
+    shard of a larger prompt set, whose subsets span every node).
     """
     if not nodes:
         raise NodeSelectionError("no nodes to certify: the node list is empty")
@@ -295,7 +190,7 @@ def subset_patch(
     positions = resolve_positions([n.position for n in nodes], lengths, named_positions,
                                   strict=False)  # fmt: skip
     dead = (positions == UNDEFINED).all(0)
-    if bool(dead.any()):
+    if bool(dead.any()) and not allow_absent:
         bad = int(torch.nonzero(dead)[0, 0])
         raise PositionError(
             f"node {nodes[bad]} is at position {nodes[bad].position}, out of range for every "
@@ -384,6 +279,7 @@ def certify(
     named_positions: Sequence[Mapping[str, int]] | None = None,
     position_map: Int[torch.Tensor, "batch seq"] | None = None,
     batch_size: int = 64,
+    union_size: int | None = None,
 ) -> CertificationResult:
     """Upper confidence bound θ on the largest mean |Δm| any of ``nodes`` can have.
 
@@ -393,7 +289,9 @@ def certify(
     (under the module's assumptions: additive effects, normal differences of
     means) no node's mean |Δm| over the prompts exceeds θ. θ is infinite
     when some node was in, or out of, fewer than 2 subsets (raise S or move
-    ``p`` towards 0.5).
+    ``p`` towards 0.5). ``union_size``: how many (node, prompt) bounds the
+    union bound covers (default: those not exactly zero here); a job cut into
+    shards passes nodes × all its prompts, so every shard's bounds share it.
     """
     if samples < 2:
         raise AttributionInputError(f"samples must be at least 2, got {samples}")
@@ -408,37 +306,10 @@ def certify(
         reference_tokens=reference_tokens, reference_lengths=reference_lengths,
         named_positions=named_positions, position_map=position_map, batch_size=batch_size,
     )  # fmt: skip
-    delta = 1.0 - confidence
-    estimate, upper, _ = subset_bounds(delta_m, subsets, known_zero, undefined, delta)
-    node_est = estimate.nanmean(0)
-    node_abs = estimate.abs().nanmean(0)
-    node_upper = upper.nanmean(0)  # inf stays inf: an unbounded prompt leaves the node unbounded
-    included = subsets.sum(0)
-    scored = [
-        CertifiedNode(
-            node=str(nodes[j]),
-            estimate=float(node_est[j]),
-            estimate_abs=float(node_abs[j]),
-            upper=float(node_upper[j]),
-            included=int(included[j]),
-        )
-        for j in range(len(nodes))
-    ]
-    order = sorted(range(len(nodes)), key=lambda j: (-float(node_upper[j]), j))
-    closest = max(range(len(nodes)), key=lambda j: (float(node_abs[j]), -j))
-    return CertificationResult(
-        theta=float(node_upper.max()),
-        samples=samples,
-        p=p,
-        confidence=confidence,
-        delta=delta,
-        seed=seed,
-        mode=mode,
-        n_nodes=len(nodes),
-        n_prompts=int(clean_tokens.shape[0]),
-        forward_passes=samples,
-        patched_rows=rows,
-        closest_node=str(nodes[closest]),
-        binding_node=str(nodes[order[0]]),
-        nodes=[scored[j] for j in order],
+    sums = certification_sums(
+        delta_m, subsets, known_zero, undefined, 1.0 - confidence, rows=rows, union_size=union_size
     )
+    return certification_result(
+        nodes, sums, samples=samples, p=p, confidence=confidence, seed=seed, mode=mode,
+        n_prompts=int(clean_tokens.shape[0]),
+    )  # fmt: skip

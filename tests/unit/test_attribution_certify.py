@@ -15,14 +15,16 @@ import pytest
 import torch
 
 from circuitscan.pipelines.attribution import exact_patch
-from circuitscan.pipelines.attribution.certify import (
-    certify,
+from circuitscan.pipelines.attribution.certify import certify, subset_patch
+from circuitscan.pipelines.attribution.errors import AttributionInputError
+from circuitscan.pipelines.attribution.subset_stats import (
+    CertificationSums,
+    certification_result,
+    certification_sums,
     draw_subsets,
     subset_bounds,
-    subset_patch,
     t_quantile_two_sided,
 )
-from circuitscan.pipelines.attribution.errors import AttributionInputError
 from circuitscan.schemas.attribution import Node
 from circuitscan.schemas.certification import CertificationResult
 from circuitscan.schemas.hooks import HookSite
@@ -240,3 +242,43 @@ def test_subset_bounds_are_welch_t_bounds_with_a_union_over_pairs():
         assert float(upper[b, j]) == pytest.approx(want, rel=1e-12)
     assert float(upper[1, 4]) == 0.0 and float(estimate[1, 4]) == 0.0
     assert math.isnan(float(upper[0, 0]))
+
+
+def test_shards_summed_equal_one_call_with_the_same_union_size():
+    """A job's shards (same subsets, union over nodes × all prompts) merge into the direct result.
+
+    The second shard's prompts are shorter, so the nodes at the last index exist
+    nowhere in it: a shard of a larger prompt set patches what it has.
+    """
+    model = build_tiny_model()
+    nodes = [Node(kind="z", layer=layer, index=head, position=pos)
+             for layer in range(2) for head in range(4) for pos in (2, 5)]  # fmt: skip
+    clean, corrupt, lengths, answer, wrong = _pairs(batch=4)
+    lengths = torch.tensor([6, 6, 4, 5])
+    union = len(nodes) * 4
+    kwargs = {"samples": 24, "p": 0.3, "seed": 7}
+    direct = certify(
+        model, [], clean, lengths, METRIC, answer, wrong, nodes,
+        corrupt_tokens=corrupt, corrupt_lengths=lengths, union_size=union, **kwargs,
+    )  # fmt: skip
+    subsets = draw_subsets(len(nodes), 24, 0.3, seed=7)
+    parts = []
+    for rows in (slice(0, 2), slice(2, 4)):
+        delta_m, zero, undefined, ran = subset_patch(
+            model, [], clean[rows], lengths[rows], METRIC, answer[rows], wrong[rows], nodes,
+            subsets, corrupt_tokens=corrupt[rows], corrupt_lengths=lengths[rows],
+            allow_absent=True,
+        )  # fmt: skip
+        parts.append(certification_sums(delta_m, subsets, zero, undefined, 0.05, rows=ran,
+                                        union_size=union))  # fmt: skip
+    merged = certification_result(nodes, CertificationSums.merge(parts), n_prompts=4,
+                                  mode="corrupt", confidence=0.95, **kwargs)  # fmt: skip
+    assert merged.patched_rows == direct.patched_rows and merged.n_nodes == direct.n_nodes
+    for a, b in zip(merged.nodes, direct.nodes, strict=True):
+        assert a.node == b.node and a.included == b.included
+        assert a.upper == pytest.approx(b.upper, rel=1e-12)
+        assert a.estimate == pytest.approx(b.estimate, rel=1e-12, abs=1e-15)
+    assert merged.theta == pytest.approx(direct.theta, rel=1e-12)
+    with pytest.raises(AttributionInputError, match="out of range for every prompt"):
+        subset_patch(model, [], clean[2:], lengths[2:], METRIC, answer[2:], wrong[2:], nodes,
+                     subsets, corrupt_tokens=corrupt[2:], corrupt_lengths=lengths[2:])  # fmt: skip
