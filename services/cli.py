@@ -61,7 +61,11 @@ def run(
     address: str | None = typer.Option(
         None, help="Ray cluster address; default: $RAY_ADDRESS or an embedded local Ray."
     ),
-    overwrite: bool = typer.Option(False, help="Replace a store that holds a different job."),
+    overwrite: bool = typer.Option(
+        False,
+        help="Replace a store that holds a different job (only that store's own objects "
+        "are deleted; a folder holding anything else is refused).",
+    ),
     summary_json: Path | None = typer.Option(
         None, help="Also write the job summary as JSON to this file (for scripts)."
     ),

@@ -58,6 +58,7 @@ from circuitscan.services.store import (
 from circuitscan.services.store.backends import open_location
 from circuitscan.services.store.shard_io import shard_prefix
 from circuitscan.testing.tiny_models import build_tiny_model, build_tiny_sae
+from circuitscan.testing.writer_contract import WriterContract
 
 SITES = [HookSite(layer=0, point="resid_post"), HookSite(layer=1, point="z")]
 SHARD_SIZE = 3
@@ -127,8 +128,12 @@ def _token_starts(token_ids: Sequence[Sequence[int]]) -> np.ndarray:
     return np.cumsum([0] + [len(t) for t in token_ids])
 
 
-class StoreContract(ABC):
-    """Subclass once per backend; see the module docstring for what to supply."""
+class StoreContract(WriterContract, ABC):
+    """Subclass once per backend; see the module docstring for what to supply.
+
+    The writer side (conditional writes, the lease, replacing a store) is in
+    :mod:`circuitscan.testing.writer_contract`.
+    """
 
     @abstractmethod
     @pytest.fixture(scope="class")
@@ -227,12 +232,14 @@ class StoreContract(ABC):
         replaced = FeatureStore.create(store_url, make_layout(job_hash="job1"), overwrite=True)
         assert FeatureStore.open(store_url).layout.job_hash == "job1" == replaced.layout.job_hash
 
-    def test_refuses_a_non_store_location_unless_overwrite(self, store_url: str) -> None:
+    def test_refuses_a_non_store_location_even_with_overwrite(self, store_url: str) -> None:
         self.raw_write(store_url, "something/else.txt", b"user data")
         with pytest.raises(StoreLayoutMismatchError, match="not empty"):
             FeatureStore.create(store_url, make_layout())
-        FeatureStore.create(store_url, make_layout(), overwrite=True)
-        assert self.raw_read(store_url, "something/else.txt") is None
+        # Replacing deletes only a store's own objects, and this is none.
+        with pytest.raises(StoreLayoutMismatchError, match=r"not empty.*something/"):
+            FeatureStore.create(store_url, make_layout(), overwrite=True)
+        assert self.raw_read(store_url, "something/else.txt") == b"user data"
 
     # --- writing, committing, reading -------------------------------------------------
 

@@ -55,3 +55,18 @@ class CorruptManifestError(StoreCorruptionError):
 
 class CorruptResultError(StoreCorruptionError):
     """A stored job result document that cannot be read back."""
+
+
+class NotAStoreError(StoreLayoutMismatchError):
+    """The location holds something that is not a feature store (it is never replaced).
+
+    A layout mismatch as well, as "not empty and holds no store" always was.
+    """
+
+
+class StoreLeaseHeldError(StoreError, ConflictError):
+    """Another job's driver holds the store's writer lease (one writer per store)."""
+
+
+class StoreLeaseLostError(StoreError, ConflictError):
+    """This driver's writer lease was taken over (it looked expired); it stops writing."""

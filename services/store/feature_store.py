@@ -13,7 +13,6 @@ merged feature index (``index_writer.py``).
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -42,6 +41,7 @@ from circuitscan.services.store.shard_io import (
     write_shard_arrays,
 )
 from circuitscan.services.store.shard_reader import ShardReader
+from circuitscan.services.store.store_keys import clear_store, refuse_non_store
 from circuitscan.services.store.summaries import FeatureIndex
 
 if TYPE_CHECKING:  # the caches come from writers; readers never load torch
@@ -61,8 +61,6 @@ __all__ = [
 ]
 
 LAYOUT_ATTR = "circuitscan_layout"
-
-log = logging.getLogger(__name__)
 
 
 def _layout_diff(old: StoreLayout, new: StoreLayout) -> list[str]:
@@ -125,9 +123,11 @@ class FeatureStore:
         """Create a store, or reopen one with an equal layout (resume).
 
         An existing store with a different layout (sites, SAE/model
-        fingerprints, job hash, dtypes...) or a non-empty non-store location is
-        refused with StoreLayoutMismatchError unless ``overwrite`` (which
-        deletes everything there first).
+        fingerprints, job hash, dtypes...) is refused with
+        StoreLayoutMismatchError unless ``overwrite``, which deletes the old
+        store's own objects (store_keys.py) and nothing else. A location that
+        holds anything but a store (a writer lease alone counts as empty) is
+        refused with NotAStoreError, ``overwrite`` or not: it is never deleted.
         """
         location = open_location(url)
         existing = _read_layout(location)
@@ -136,23 +136,22 @@ class FeatureStore:
                 return cls(url, location, existing)
             raise StoreLayoutMismatchError(
                 f"store {url} exists with a different layout (fields differ: "
-                f"{_layout_diff(existing, layout)}); pass overwrite=True to replace it"
+                f"{_layout_diff(existing, layout)}); use another store, or run with "
+                "--overwrite to replace it"
             )
-        if existing is None and not overwrite and location.list_keys(""):
-            raise StoreLayoutMismatchError(
-                f"{url} is not empty and holds no feature store; pass overwrite=True to replace it"
-            )
-        if overwrite:
-            location.delete_prefix("")
+        if existing is None:
+            refuse_non_store(location, url)
+        else:
+            clear_store(location)  # overwrite: only the old store's own objects
+        # Not zarr's overwrite=True: that deletes the whole location.
         zarr.create_group(
             location.store,
-            overwrite=True,
             attributes={
                 LAYOUT_ATTR: layout.model_dump(mode="json"),
                 "layout_hash": layout.layout_hash(),
             },
         )
-        zarr.create_group(location.store, path="shards", overwrite=True)
+        zarr.create_group(location.store, path="shards")
         return cls(url, location, layout)
 
     @classmethod
@@ -246,9 +245,9 @@ class FeatureStore:
     def uncommitted(self, all_ids: Iterable[int], *, verify: bool = True) -> list[int]:
         """The shard ids of ``all_ids`` a resume must (re)compute, sorted.
 
-        Every committed entry is checked on its own (it parses, and it was
-        written for this store's layout). With ``verify`` each committed
-        shard's bytes are also read back against the entry's checksums; on
+        Committed entries are read (an unreadable one is a
+        CorruptManifestError naming it). With ``verify`` each committed
+        shard's bytes are also read back against its entry's checksums; on
         object storage that downloads the whole store, so a job's resume
         skips it by default and leaves shard data to the readers, which
         verify every object they read. Committed shards that fail are
@@ -256,16 +255,12 @@ class FeatureStore:
         included.
         """
         committed = self.manifest.committed()
-        layout_hash = self.layout.layout_hash()
         todo = set()
         self.corrupt_shards = []
         for shard_id in all_ids:
-            entry = committed.get(shard_id)
-            if entry is None:
+            if shard_id not in committed:
                 todo.add(shard_id)
-            elif entry.layout_hash != layout_hash or (verify and not self.verify_shard(shard_id)):
-                if entry.layout_hash != layout_hash:
-                    log.warning("shard %d was committed for another layout", shard_id)
+            elif verify and not self.verify_shard(shard_id):
                 self.corrupt_shards.append(shard_id)
                 self.uncommit(shard_id)
                 todo.add(shard_id)

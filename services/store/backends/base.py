@@ -161,6 +161,39 @@ class Backend(ABC):
         data = self.read_bytes(key)
         return None if data is None else hashlib.blake2b(data, digest_size=16).hexdigest()
 
+    # --- conditional writes (the writer lease) ----------------------------------------
+
+    def create_object(self, key: str, data: bytes) -> bool:
+        """Write object ``key`` only when it is absent; True when this call wrote it.
+
+        ``data`` must be unique to the caller (the lease's owner id is in it):
+        the default puts with zarr's ``set_if_not_exists`` and reads back
+        whose bytes won, which is atomic where the zarr store's own
+        create-if-absent is. Backends override it with their medium's atomic
+        create.
+        """
+        sync(self.store.set_if_not_exists(key, CPUBuffer.from_bytes(data)))
+        return self.read_bytes(key) == data
+
+    def swap_object(self, key: str, expected: bytes, data: bytes | None) -> bool:
+        """Replace object ``key`` by ``data`` (delete it when None) only while it holds
+        ``expected``; True when done, False when it holds anything else or is absent.
+
+        The default reads, compares and writes: another writer can slip in
+        between. Backends override it with a compare-and-swap of their medium.
+        """
+        if self.read_bytes(key) != expected:
+            return False
+        if data is None:
+            self.delete_keys([key])
+        else:
+            self.write_bytes(key, data)
+        return True
+
+    def remove_empty_folders(self, prefixes: Iterable[str]) -> None:
+        """Remove folders left empty under ``prefixes`` (only media with real folders)."""
+        return None  # object storage and memory have no folders to leave behind
+
     def children(self) -> list[str]:
         """Names of the entries directly under this location (not all need hold a store)."""
 

@@ -3,13 +3,22 @@
 Objects are read and written as files directly, not through zarr's event
 loop: a point query reads a handful of small files and a shard is tens of
 them, and a thread hop per file would cost more than the I/O.
+
+Conditional writes (the writer lease) hold an exclusive ``flock`` on the
+store's directory while they read and write, and a create links a complete
+file into place (``os.link`` fails when the name exists), so a create or a
+swap is atomic against every other process on this machine and against any
+client of a file system whose ``flock`` and ``link`` are honoured (local
+disks; NFS v4 and most cluster file systems honour them too).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from zarr.abc.store import Store
@@ -68,6 +77,53 @@ class LocalBackend(Backend):
             return str((self.path / key).stat().st_mtime_ns)
         except (FileNotFoundError, NotADirectoryError):
             return None
+
+    def create_object(self, key: str, data: bytes) -> bool:
+        path = self.path / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+        with self._locked():
+            try:
+                tmp.write_bytes(data)
+                os.link(tmp, path)  # atomic: fails when the name exists
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                tmp.unlink(missing_ok=True)
+
+    def swap_object(self, key: str, expected: bytes, data: bytes | None) -> bool:
+        if not self.path.is_dir():
+            return False
+        path = self.path / key
+        with self._locked():
+            if _read_file(path) != expected:
+                return False
+            if data is None:
+                path.unlink(missing_ok=True)
+            else:
+                _write_file(path, data)
+            return True
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive flock on the store's directory (released when the process dies)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def remove_empty_folders(self, prefixes: Iterable[str]) -> None:
+        for prefix in prefixes:
+            top = self.path / prefix.rstrip("/")
+            if not top.is_dir():
+                continue
+            # Deepest first, so a folder whose sub-folders were all empty goes too.
+            for folder, _, _ in sorted(os.walk(top), key=lambda item: -len(item[0])):
+                with contextlib.suppress(OSError):  # not empty: something else lives there
+                    os.rmdir(folder)
 
     def children(self) -> list[str]:
         try:

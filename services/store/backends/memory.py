@@ -72,6 +72,25 @@ class MemoryBackend(Backend):
         for key in keys:
             self.objects.pop(key, None)
 
+    # One process holds every memory store: the module lock makes these atomic.
+    def create_object(self, key: str, data: bytes) -> bool:
+        with _LOCK:
+            if key in self.objects:
+                return False
+            self.objects[key] = CPUBuffer.from_bytes(data)
+            return True
+
+    def swap_object(self, key: str, expected: bytes, data: bytes | None) -> bool:
+        with _LOCK:
+            current = self.objects.get(key)
+            if current is None or current.to_bytes() != expected:
+                return False
+            if data is None:
+                del self.objects[key]
+            else:
+                self.objects[key] = CPUBuffer.from_bytes(data)
+            return True
+
     def children(self) -> list[str]:
         prefix = f"{self.name}/"
         with _LOCK:

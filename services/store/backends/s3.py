@@ -4,11 +4,18 @@ The endpoint comes from ``CIRCUITSCAN_S3_ENDPOINT`` or ``AWS_ENDPOINT_URL``
 when set (MinIO, moto, ...), credentials from the usual AWS variables.
 Object storage charges a round trip per request, so deletes go out as one
 bulk request and listings of a root are a single call.
+
+Conditional writes (the writer lease) are S3's conditional requests: a create
+is a put with ``If-None-Match: *``, a swap a put (or delete) with
+``If-Match`` on the ETag read just before. AWS S3 and MinIO honour both, so
+both are atomic there; a server that ignores the headers degrades to a
+read-compare-write, which another writer can slip into.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -83,9 +90,41 @@ class S3Backend(Backend):
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm(paths)
 
-    def _info(self, key: str) -> dict[str, Any] | None:
+    def create_object(self, key: str, data: bytes) -> bool:
         try:
-            return dict(self.fs.info(f"{self.path}/{key}"))
+            self.fs.pipe_file(f"{self.path}/{key}", data, mode="create")
+        except FileExistsError:  # s3fs's name for 412 Precondition Failed here
+            return False
+        return True
+
+    def swap_object(self, key: str, expected: bytes, data: bytes | None) -> bool:
+        info = self._info(key, refresh=True)
+        if info is None or "ETag" not in info:
+            return False
+        path = f"{self.path}/{key}"
+        if self.fs.cat_file(path) != expected:
+            return False
+        bucket, _, name = path.partition("/")
+        try:
+            # Conditional on the ETag of the bytes just compared: a rewrite
+            # in between fails the request instead of being overwritten.
+            if data is None:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=name, IfMatch=info["ETag"])
+            else:
+                self.fs.call_s3(
+                    "put_object", Bucket=bucket, Key=name, Body=data, IfMatch=info["ETag"]
+                )
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # s3fs's name for 412 Precondition Failed
+                return False
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+        return True
+
+    def _info(self, key: str, *, refresh: bool = False) -> dict[str, Any] | None:
+        try:
+            return dict(self.fs.info(f"{self.path}/{key}", refresh=refresh))
         except FileNotFoundError:
             return None
 
