@@ -41,7 +41,6 @@ from circuitscan.services.store.shard_io import (
     write_shard_arrays,
 )
 from circuitscan.services.store.shard_reader import ShardReader
-from circuitscan.services.store.store_keys import clear_store, refuse_non_store
 from circuitscan.services.store.summaries import FeatureIndex
 
 if TYPE_CHECKING:  # the caches come from writers; readers never load torch
@@ -123,11 +122,9 @@ class FeatureStore:
         """Create a store, or reopen one with an equal layout (resume).
 
         An existing store with a different layout (sites, SAE/model
-        fingerprints, job hash, dtypes...) is refused with
-        StoreLayoutMismatchError unless ``overwrite``, which deletes the old
-        store's own objects (store_keys.py) and nothing else. A location that
-        holds anything but a store (a writer lease alone counts as empty) is
-        refused with NotAStoreError, ``overwrite`` or not: it is never deleted.
+        fingerprints, job hash, dtypes...) or a non-empty non-store location is
+        refused with StoreLayoutMismatchError unless ``overwrite`` (which
+        deletes everything there first).
         """
         location = open_location(url)
         existing = _read_layout(location)
@@ -136,22 +133,23 @@ class FeatureStore:
                 return cls(url, location, existing)
             raise StoreLayoutMismatchError(
                 f"store {url} exists with a different layout (fields differ: "
-                f"{_layout_diff(existing, layout)}); use another store, or run with "
-                "--overwrite to replace it"
+                f"{_layout_diff(existing, layout)}); pass overwrite=True to replace it"
             )
-        if existing is None:
-            refuse_non_store(location, url)
-        else:
-            clear_store(location)  # overwrite: only the old store's own objects
-        # Not zarr's overwrite=True: that deletes the whole location.
+        if existing is None and not overwrite and location.list_keys(""):
+            raise StoreLayoutMismatchError(
+                f"{url} is not empty and holds no feature store; pass overwrite=True to replace it"
+            )
+        if overwrite:
+            location.delete_prefix("")
         zarr.create_group(
             location.store,
+            overwrite=True,
             attributes={
                 LAYOUT_ATTR: layout.model_dump(mode="json"),
                 "layout_hash": layout.layout_hash(),
             },
         )
-        zarr.create_group(location.store, path="shards")
+        zarr.create_group(location.store, path="shards", overwrite=True)
         return cls(url, location, layout)
 
     @classmethod
