@@ -87,6 +87,7 @@ TARGETS: tuple[Target, ...] = (
     Target("api", "api_errors", "==", 0),
     Target("api", "api_p99_ms", "<=", 100),
     Target("shard_overhead", "shard_check_growth_ratio", "<=", 1.5),
+    Target("cli_startup", "cli_query_seconds", "<=", 2),
 )
 
 
