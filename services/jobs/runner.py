@@ -43,8 +43,11 @@ from circuitscan.services.jobs.spec_checks import (
 from circuitscan.services.jobs.worker import ShardOutcome
 from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, StoreError
-from circuitscan.services.store.errors import CorruptResultError
+from circuitscan.services.store.backends import open_location
+from circuitscan.services.store.errors import CorruptResultError, StoreNotFoundError
+from circuitscan.services.store.lease import StoreLease
 from circuitscan.services.store.results import delete_job_result, read_result, write_job_result
+from circuitscan.services.store.store_keys import refuse_non_store
 
 
 class JobSummary(BaseModel):
@@ -118,13 +121,17 @@ def select_prompts(
 
 
 def _refuse_other_job(spec: JobSpec, overwrite: bool) -> None:
-    """Fail fast (before any actor starts) when the store already holds a different job."""
-    if overwrite:
-        return
+    """Fail fast (before any actor starts) when the store already holds a different job,
+    or the location holds something that is not a store (never replaced, --overwrite or not)."""
     try:
         existing = FeatureStore.open(spec.store)
+    except StoreNotFoundError:
+        refuse_non_store(open_location(spec.store), spec.store)
+        return  # no store yet
     except StoreError:
-        return  # no store yet (or not a store: FeatureStore.create reports that)
+        return  # FeatureStore.create reports it
+    if overwrite:
+        return
     if existing.layout.job_hash != spec.content_hash():
         held = (existing.layout.job_spec or {}).get("name", "?")
         raise JobError(
@@ -188,9 +195,16 @@ def run_job(
     records = load_prompts(spec.prompts, tokenizer)
     check_prompts(spec, records)
     _refuse_other_job(spec, overwrite)
-    connect(address)
-    n_actors, use_gpu = actor_count(spec.execution, -(-len(records) // spec.shard_size))
-    actors = acquire_actors(spec, n_actors, use_gpu, reuse=keep_actors)
+    # One writer per store: taken before anything touches the store or starts
+    # (a second run is refused here), released however the job ends.
+    lease = StoreLease(spec.store, job=spec.name, say=say).take()
+    try:
+        connect(address)
+        n_actors, use_gpu = actor_count(spec.execution, -(-len(records) // spec.shard_size))
+        actors = acquire_actors(spec, n_actors, use_gpu, reuse=keep_actors)
+    except BaseException:
+        lease.release()
+        raise
     try:
         info = describe(actors[0])
         kept, rejected, truncated = select_prompts(spec, records, info.n_ctx, tokenizer())
@@ -220,6 +234,7 @@ def run_job(
         progress = Progress(len(todo), echo=say if echo else None)
 
         def commit(outcome: ShardOutcome) -> None:
+            lease.check()  # a driver whose lease was taken over commits nothing more
             store.commit_shard(ShardEntry.model_validate(outcome.entry))
             progress.shard_done(outcome.tokens)
 
@@ -230,7 +245,10 @@ def run_job(
         if todo or not _has_result(store, spec):
             _finish_result(spec, store, actors, kept, say, site)
     finally:
-        release_actors(spec, actors, use_gpu, reuse=keep_actors)
+        try:
+            release_actors(spec, actors, use_gpu, reuse=keep_actors)
+        finally:
+            lease.release()
     outcomes = stats.outcomes
     return JobSummary(
         name=spec.name,

@@ -41,6 +41,7 @@ from circuitscan.services.store.shard_io import (
     write_shard_arrays,
 )
 from circuitscan.services.store.shard_reader import ShardReader
+from circuitscan.services.store.store_keys import clear_store, refuse_non_store
 from circuitscan.services.store.summaries import FeatureIndex
 
 if TYPE_CHECKING:  # the caches come from writers; readers never load torch
@@ -122,9 +123,11 @@ class FeatureStore:
         """Create a store, or reopen one with an equal layout (resume).
 
         An existing store with a different layout (sites, SAE/model
-        fingerprints, job hash, dtypes...) or a non-empty non-store location is
-        refused with StoreLayoutMismatchError unless ``overwrite`` (which
-        deletes everything there first).
+        fingerprints, job hash, dtypes...) is refused with
+        StoreLayoutMismatchError unless ``overwrite``, which deletes the old
+        store's own objects (store_keys.py) and nothing else. A location that
+        holds anything but a store (a writer lease alone counts as empty) is
+        refused with NotAStoreError, ``overwrite`` or not: it is never deleted.
         """
         location = open_location(url)
         existing = _read_layout(location)
@@ -133,23 +136,22 @@ class FeatureStore:
                 return cls(url, location, existing)
             raise StoreLayoutMismatchError(
                 f"store {url} exists with a different layout (fields differ: "
-                f"{_layout_diff(existing, layout)}); pass overwrite=True to replace it"
+                f"{_layout_diff(existing, layout)}); use another store, or run with "
+                "--overwrite to replace it"
             )
-        if existing is None and not overwrite and location.list_keys(""):
-            raise StoreLayoutMismatchError(
-                f"{url} is not empty and holds no feature store; pass overwrite=True to replace it"
-            )
-        if overwrite:
-            location.delete_prefix("")
+        if existing is None:
+            refuse_non_store(location, url)
+        else:
+            clear_store(location)  # overwrite: only the old store's own objects
+        # Not zarr's overwrite=True: that deletes the whole location.
         zarr.create_group(
             location.store,
-            overwrite=True,
             attributes={
                 LAYOUT_ATTR: layout.model_dump(mode="json"),
                 "layout_hash": layout.layout_hash(),
             },
         )
-        zarr.create_group(location.store, path="shards", overwrite=True)
+        zarr.create_group(location.store, path="shards")
         return cls(url, location, layout)
 
     @classmethod
