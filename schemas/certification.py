@@ -24,8 +24,8 @@ ASSUMPTIONS: tuple[str, ...] = (
     "error is bounded with a Student-t quantile (Welch's degrees of freedom, rounded down); "
     "this is approximate for small samples and heavy-tailed Δm.",
     "Union bound: the confidence holds for all (node, prompt) pairs at once (Bonferroni over "
-    "the pairs that were not exactly zero), so θ bounds the largest mean |effect| over the "
-    "prompts of every unverified node simultaneously.",
+    "the pairs bounded: those not exactly zero, or every pair in a job cut into shards), so θ "
+    "bounds the largest mean |effect| over the prompts of every unverified node at once.",
 )
 
 

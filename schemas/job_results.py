@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from circuitscan.schemas.analyses import SpliceEvalRow
+from circuitscan.schemas.certification import CertificationResult
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
@@ -61,6 +62,16 @@ class AttributionJobResult(BaseModel):
         description="Nodes of largest total ranking score over the prompt set (mean_abs × "
         "n_prompts), best first."
     )
+    certification: CertificationResult | None = Field(
+        default=None,
+        description="Bound θ on the mean |effect| of every scored node not verified (the "
+        "job's certify setting); None when not asked for.",
+    )
+
+    @property
+    def certified(self) -> str | None:
+        """The certification in words (``no unverified node exceeds θ (95 %)``), if any."""
+        return None if self.certification is None else self.certification.statement()
 
     def rank_score(self, effect: NodeEffect) -> float:
         """The key ``top`` is sorted by, as a mean over all prompts (0 where the node is absent)."""

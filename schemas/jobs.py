@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
@@ -143,6 +143,20 @@ class CacheParams(BaseModel):
     )
 
 
+class CertifyParams(BaseModel):
+    """Certified verification: a bound θ on every node the verification did not patch."""
+
+    model_config = _STRICT
+    samples: int = Field(ge=2, description="Random subsets of the unverified nodes patched (S).")
+    confidence: float = Field(
+        default=0.95, gt=0, lt=1, description="Confidence 1 − δ of the bound θ."
+    )
+    p: float = Field(
+        default=0.25, gt=0, lt=1, description="Probability that a subset includes each node."
+    )
+    seed: int = Field(default=0, description="Seed of the subset draws.")
+
+
 class AttributeParams(BaseModel):
     """Attribution patching (AtP or AtP*) over clean/corrupted pairs."""
 
@@ -167,6 +181,11 @@ class AttributeParams(BaseModel):
     top_nodes: int = Field(
         default=50, ge=1, description="How many top nodes (by mean |effect|) the job result keeps."
     )
+    certify: CertifyParams | None = Field(
+        default=None,
+        description="After verifying the top nodes, bound the effect of every other scored "
+        "node by patching random subsets of them (needs verify_top_k ≥ 1); None: off.",
+    )
     align: Literal["same", "end"] = Field(
         default="same",
         description=(
@@ -180,6 +199,22 @@ class AttributeParams(BaseModel):
     def node_kinds(self) -> list[NodeKind]:
         """The node kinds to score, by name (aliases resolved, repeats dropped)."""
         return canonical_kinds(list(self.nodes))
+
+    @model_validator(mode="after")
+    def _certify_after_verification(self) -> AttributeParams:
+        if self.certify is not None and self.verify_top_k < 1:
+            raise ValueError(
+                "certify bounds the nodes left unverified, so it needs verify_top_k ≥ 1"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_certify(self, handler: Any) -> Any:
+        # Specs without certify dump (and hash) exactly as before the field existed.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("certify") is None:
+            data.pop("certify", None)
+        return data
 
 
 class AblationScanParams(BaseModel):

@@ -136,3 +136,17 @@ class ShardWorker:
         if verify is None:
             raise ValueError(f"job kind {type(runner).__name__} has no node verification")
         return verify(records, nodes)
+
+    def certify_nodes(
+        self,
+        records: list[PromptRecord],
+        nodes: list[str],
+        union_size: int,
+        spec_json: str | None = None,
+    ) -> Any:
+        """Random-subset patching of unverified ``nodes`` on ``records``: certification sums."""
+        runner = self._runner(spec_json)
+        certify = getattr(runner, "certify_nodes", None)
+        if certify is None:
+            raise ValueError(f"job kind {type(runner).__name__} has no certification")
+        return certify(records, nodes, union_size)

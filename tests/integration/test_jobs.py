@@ -399,6 +399,47 @@ def test_attribute_job_matches_the_pipeline_and_verifies_top_nodes(
     assert again.shards_run == 0 and read_result(spec.store) == result
 
 
+def test_attribute_job_certifies_the_unverified_nodes_as_the_pipeline_does(
+    local_ray, make_spec, direct, tmp_path
+):
+    from circuitscan.pipelines.attribution import certify
+    from circuitscan.schemas.attribution import Node
+    from circuitscan.schemas.jobs import AttributeParams, CertifyParams
+    from circuitscan.services.store.results import read_result
+
+    params = AttributeParams(
+        kind="attribute", method="atpstar", nodes=["head_z"], positions=["IO", "S2", "END"],
+        verify_top_k=3, top_nodes=100_000, certify=CertifyParams(samples=12, p=0.3, seed=4),
+    )  # fmt: skip
+    spec = make_spec(tmp_path / "certify", prompts=KIND_PROMPTS, job=params)
+    run_job(spec, keep_actors=True)
+    result = read_result(spec.store)
+    bound = result.certification
+    assert bound is not None and bound.samples == 12 and bound.confidence == 0.95
+    verified = {e.node for e in result.top if e.verification is not None}
+    rest = sorted({e.node for e in result.top} - verified)
+    assert len(verified) == 3 and bound.n_nodes == len(rest) == result.n_nodes - 3
+
+    model, saes, records, clean, corrupt = direct
+    expected = certify(
+        model, {label: loaded.sae for label, loaded in saes.items()}, clean.tokens,
+        clean.lengths, spec.metric, clean.answer, clean.wrong, [Node.parse(n) for n in rest],
+        samples=12, p=0.3, seed=4, corrupt_tokens=corrupt.tokens,
+        corrupt_lengths=corrupt.lengths, named_positions=[r.positions for r in records],
+        union_size=len(rest) * 10,
+    )  # fmt: skip
+    assert bound.theta == pytest.approx(expected.theta, rel=1e-4)
+    assert (bound.closest_node, bound.binding_node) == (
+        expected.closest_node,
+        expected.binding_node,
+    )
+    got = {n.node: n for n in bound.nodes}
+    for node in expected.nodes:
+        assert got[node.node].estimate == pytest.approx(node.estimate, rel=1e-4, abs=1e-6)
+        assert got[node.node].upper == pytest.approx(node.upper, rel=1e-4, abs=1e-6)
+    assert result.certified == bound.statement()
+
+
 def test_attribute_job_pairs_longer_corruptions_from_the_end(
     local_ray, make_spec, direct, tmp_path
 ):

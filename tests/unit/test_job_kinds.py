@@ -19,7 +19,7 @@ import pytest
 from pydantic import BaseModel
 
 from circuitscan.schemas.analyses import SpliceEvalRow
-from circuitscan.schemas.job_results import JobResult
+from circuitscan.schemas.job_results import AttributionJobResult, JobResult
 from circuitscan.schemas.jobs import (
     AblationScanParams,
     AttributeParams,
@@ -257,6 +257,45 @@ def test_attribute_merge_pools_shards_and_verifies_the_top_nodes_on_the_workers(
     check = result.top[0].verification
     assert check is not None and (check.exact_mean, check.status) == (-0.5, "weaker")
     assert result.top[1].verification is None and result.n_nodes == 3 and result.n_verified == 1
+
+
+def test_certify_needs_verification_and_sane_parameters():
+    from pydantic import ValidationError
+
+    from circuitscan.schemas.jobs import CertifyParams
+
+    with pytest.raises(ValidationError, match="needs verify_top_k"):
+        AttributeParams(kind="attribute", certify=CertifyParams(samples=10))
+    for bad in ({"samples": 1}, {"samples": 9, "confidence": 1.0}, {"samples": 9, "p": 0.0}):
+        with pytest.raises(ValidationError):
+            CertifyParams(**bad)  # type: ignore[arg-type]
+    plain = AttributeParams(kind="attribute", verify_top_k=2)
+    assert "certify" not in plain.model_dump()  # specs without it hash as before it existed
+    with_certify = plain.model_copy(update={"certify": CertifyParams(samples=8)})
+    assert with_certify.model_dump()["certify"]["samples"] == 8
+    assert AttributeParams.model_validate(with_certify.model_dump()) == with_certify
+
+
+def test_attribute_views_state_the_certified_bound():
+    from circuitscan.schemas.certification import CertificationResult, CertifiedNode
+
+    bound = CertificationResult(
+        theta=0.125, samples=40, p=0.25, confidence=0.95, delta=0.05, seed=0, mode="corrupt",
+        n_nodes=2, n_prompts=4, forward_passes=40, patched_rows=150, closest_node="z:L1:0@3",
+        binding_node="z:L1:0@3",
+        nodes=[CertifiedNode(node="z:L1:0@3", estimate=0.05, estimate_abs=0.05, upper=0.125,
+                             included=11)],
+    )  # fmt: skip
+    result = AttributionJobResult(
+        job_hash="h", method="atp", n_prompts=4, n_nodes=3, n_verified=1, top=[],
+        certification=bound,
+    )  # fmt: skip
+    header = job_kind("attribute").cli_view(result, 5).header
+    assert "no unverified node exceeds 0.125 (95 %)" in header and "z:L1:0@3" in header
+    assert result.certified == "no unverified node exceeds 0.125 (95 %)"
+    plain = result.model_copy(update={"certification": None})
+    assert "exceeds" not in job_kind("attribute").cli_view(plain, 5).header
+    assert plain.certified is None
 
 
 def test_ablation_merge_means_over_prompts_where_defined_outside_zero_mode():

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
+from circuitscan.schemas.certification import CertificationResult
 from circuitscan.schemas.job_results import (
     AttributionJobResult,
     NodeEffect,
@@ -35,6 +36,7 @@ from circuitscan.services.jobs.job_kind import (
 )
 from circuitscan.services.jobs.kinds.attribute.worker import (
     AttributeRunner,
+    CertifySumsPartial,
     Means,
     NodeSumsPartial,
     attribution_method,
@@ -64,6 +66,15 @@ def verification_status(estimate: float, exact: float) -> VerificationStatus:
     return "confirmed" if abs(exact) >= 0.5 * abs(estimate) else "weaker"
 
 
+def certified_line(certification: CertificationResult) -> str:
+    """``no unverified node exceeds θ (95 %)``, with what it cost and who came closest."""
+    return (
+        f"{certification.statement()} — {certification.n_nodes} unverified nodes, "
+        f"{certification.forward_passes} subset passes (p = {certification.p:g}); closest: "
+        f"{certification.closest_node}"
+    )
+
+
 def ranked_nodes(estimates: Means, k: int) -> list[str]:
     """The k nodes of largest total |score| over the prompt set (ties: by name).
 
@@ -77,7 +88,11 @@ def ranked_nodes(estimates: Means, k: int) -> list[str]:
 
 
 def attribution_result(
-    spec: JobSpec, n_prompts: int, estimates: Means, exact: Means | None = None
+    spec: JobSpec,
+    n_prompts: int,
+    estimates: Means,
+    exact: Means | None = None,
+    certification: CertificationResult | None = None,
 ) -> AttributionJobResult:
     assert isinstance(spec.job, AttributeParams)
     top = []
@@ -102,6 +117,55 @@ def attribution_result(
         n_nodes=len(estimates),
         n_verified=len(exact or {}),
         top=top,
+        certification=certification,
+    )
+
+
+def certify_rest(
+    params: AttributeParams, estimates: Means, verified: set[str], ctx: MergeContext
+) -> CertificationResult | None:
+    """θ over every scored node not in ``verified``, from shards run on the workers."""
+    from circuitscan.pipelines.attribution.subset_stats import (
+        CertificationSums,
+        certification_result,
+    )
+
+    certify = params.certify
+    assert certify is not None
+    rest = sorted(name for name, v in estimates.items() if v[2] > 0 and name not in verified)
+    if not rest:
+        ctx.say("certify: every scored node was verified; nothing left to bound")
+        return None
+    ctx.say(f"certifying {len(rest)} unverified nodes with {certify.samples} random subsets")
+    kept = ctx.kept
+    # One union bound over every (node, prompt) pair of the job, so shards' bounds add up.
+    union = len(rest) * len(kept)
+    plans = plan_shards(len(kept), ctx.spec.shard_size)
+    parts: list[CertifySumsPartial] = ctx.fan_out(
+        "certify_nodes", [(kept[p.start : p.stop], rest, union) for p in plans]
+    )
+    import torch
+
+    sums = CertificationSums.merge(
+        CertificationSums(
+            estimate=torch.tensor(part.estimate_sum, dtype=torch.float64),
+            estimate_abs=torch.tensor(part.estimate_abs_sum, dtype=torch.float64),
+            upper=torch.tensor(part.upper_sum, dtype=torch.float64),
+            defined=torch.tensor(part.defined, dtype=torch.float64),
+            included=torch.tensor(part.included, dtype=torch.float64),
+            rows=part.rows,
+        )
+        for part in parts
+    )
+    return certification_result(
+        rest,
+        sums,
+        samples=certify.samples,
+        p=certify.p,
+        confidence=certify.confidence,
+        seed=certify.seed,
+        mode="corrupt",
+        n_prompts=len(kept),
     )
 
 
@@ -113,6 +177,12 @@ class AttributionResults(ApiPage):
     n_prompts: int = Field(description="Prompt pairs aggregated.")
     n_nodes: int = Field(description="Distinct nodes scored.")
     n_verified: int = Field(description="Top nodes checked by exact patching.")
+    certification: CertificationResult | None = Field(
+        default=None, description="Bound θ on every unverified node (certify); None when off."
+    )
+    certified: str | None = Field(
+        default=None, description="The bound in words: no unverified node exceeds θ (95 %)."
+    )
     offset: int = Field(description="Rank of the first node of this page (0 = best).")
     limit: int = Field(description="Page size asked for.")
     total: int = Field(description="Top nodes the job kept.")
@@ -201,6 +271,9 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
             parts = ctx.fan_out("verify_nodes", [(kept[p.start : p.stop], nodes) for p in plans])
             # Each pass returns every node asked for (count 0 where none existed).
             exact = merge_node_sums(parts)
+            if params.certify is not None:
+                certification = certify_rest(params, estimates, set(nodes), ctx)
+                return attribution_result(ctx.spec, ctx.n_prompts, estimates, exact, certification)
         return attribution_result(ctx.spec, ctx.n_prompts, estimates, exact)
 
     def cli_view(self, result: AttributionJobResult, top: int) -> CliView:
@@ -211,9 +284,14 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
                 (rank, e.node, result.rank_score(e), e.mean, e.mean_abs, e.n_prompts)
                 + ((v.exact_mean, v.status) if v else (None, None))
             )
+        header = (
+            f"attribute ({result.method}): {result.n_prompts} prompts, "
+            f"{result.n_nodes} nodes, {result.n_verified} verified by exact patching"
+        )
+        if result.certification is not None:
+            header += "; " + certified_line(result.certification)
         return CliView(
-            header=f"attribute ({result.method}): {result.n_prompts} prompts, "
-            f"{result.n_nodes} nodes, {result.n_verified} verified by exact patching",
+            header=header,
             columns=[
                 "rank",
                 "node",
@@ -271,6 +349,7 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
             title=f"Attribution ({result.method}) over {result.n_prompts} clean/corrupted pairs",
             paragraphs=[
                 f"{result.n_nodes} nodes scored; the top {result.n_verified} were patched exactly.",
+                *([certified_line(result.certification) + "."] if result.certification else []),
             ],
             tables=[Table(["node", "mean", "mean |·|", "exact mean", "verification"], rows)],
             figures=figures,

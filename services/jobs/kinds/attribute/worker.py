@@ -61,6 +61,18 @@ class NodeSumsPartial(ShardPartial):
     node_count: np.ndarray = Field(description="[node] prompts where the node exists (int64).")
 
 
+class CertifySumsPartial(ShardPartial):
+    """One shard's random-subset patching sums (every shard patches the same subsets)."""
+
+    nodes: list[str] = Field(description="Unverified node names, in the order of the arrays.")
+    estimate_sum: np.ndarray = Field(description="[node] sum over prompts of the estimate.")
+    estimate_abs_sum: np.ndarray = Field(description="[node] sum over prompts of |estimate|.")
+    upper_sum: np.ndarray = Field(description="[node] sum over prompts of the upper bound.")
+    defined: np.ndarray = Field(description="[node] prompts where the node exists.")
+    included: np.ndarray = Field(description="[node] subsets that patch the node.")
+    rows: int = Field(ge=0, description="(subset, prompt) suffix passes run.")
+
+
 class NodeSums:
     """Per-node running sums of per-prompt scores (NaN = node absent on that prompt)."""
 
@@ -225,3 +237,69 @@ class AttributeRunner(ShardRunner):
             )
             sums.add([nodes[i] for i in keep], delta)
         return sums.partial()
+
+    def certify_nodes(
+        self, records: list[PromptRecord], nodes: list[str], union_size: int
+    ) -> CertifySumsPartial:
+        """Random-subset patching of ``nodes`` on ``records``: the per-node certification sums."""
+        import torch
+
+        from circuitscan.pipelines.attribution.certify import subset_patch
+        from circuitscan.pipelines.attribution.subset_stats import (
+            CertificationSums,
+            certification_sums,
+            draw_subsets,
+        )
+        from circuitscan.schemas.attribution import Node
+
+        certify = self.params.certify
+        assert certify is not None
+        parsed = [Node.parse(name) for name in nodes]
+        subsets = draw_subsets(len(parsed), certify.samples, certify.p, certify.seed)
+        parts = []
+        batch_size = self.spec.execution.batch_size
+        for start in range(0, len(records), batch_size):
+            clean, corrupt, named, pairing = self._pairs(records[start : start + batch_size])
+            delta_m, zero, undefined, rows = subset_patch(
+                self.model,
+                self.saes,
+                clean.tokens,
+                clean.lengths,
+                self.spec.metric,
+                clean.answer,
+                clean.wrong,
+                parsed,
+                subsets,
+                mode="corrupt",
+                corrupt_tokens=corrupt.tokens,
+                named_positions=named,
+                batch_size=batch_size,
+                allow_absent=True,
+                **pairing,
+            )
+            parts.append(
+                certification_sums(
+                    delta_m,
+                    subsets,
+                    zero,
+                    undefined,
+                    1.0 - certify.confidence,
+                    rows=rows,
+                    union_size=union_size,
+                )
+            )
+        if not parts:
+            zeros = torch.zeros(len(parsed), dtype=torch.float64)
+            parts.append(
+                CertificationSums(zeros, zeros, zeros, zeros, subsets.sum(0).to(torch.float64), 0)
+            )
+        total = CertificationSums.merge(parts)
+        return CertifySumsPartial(
+            nodes=nodes,
+            estimate_sum=total.estimate.numpy(),
+            estimate_abs_sum=total.estimate_abs.numpy(),
+            upper_sum=total.upper.numpy(),
+            defined=total.defined.numpy(),
+            included=total.included.numpy(),
+            rows=total.rows,
+        )
