@@ -293,6 +293,12 @@ def test_attribute_views_state_the_certified_bound():
     header = job_kind("attribute").cli_view(result, 5).header
     assert "no unverified node exceeds 0.125 (95 %)" in header and "z:L1:0@3" in header
     assert result.certified == "no unverified node exceeds 0.125 (95 %)"
+    from circuitscan.services.api.routes_results import _page
+
+    api = job_kind("attribute").api
+    assert api is not None
+    page = _page(api.page, result, api.rows_from, api.rows_to, 0, 5).model_dump()
+    assert page["certified"] == result.certified and page["certification"]["theta"] == 0.125
     plain = result.model_copy(update={"certification": None})
     assert "exceeds" not in job_kind("attribute").cli_view(plain, 5).header
     assert plain.certified is None
