@@ -19,6 +19,7 @@ from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.models import ModelSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry
+from circuitscan.services.jobs.input_digest import check_inputs, record_inputs
 from circuitscan.services.jobs.job_kind import MergeContext, committed_partials
 from circuitscan.services.jobs.kinds import job_kind
 from circuitscan.services.jobs.planning import plan_shards
@@ -199,6 +200,8 @@ def run_job(
     # (a second run is refused here), released however the job ends.
     lease = StoreLease(spec.store, job=spec.name, say=say).take()
     try:
+        if not overwrite:  # an edited prompt file is another job, refused before Ray starts
+            check_inputs(spec, records)
         connect(address)
         n_actors, use_gpu = actor_count(spec.execution, -(-len(records) // spec.shard_size))
         actors = acquire_actors(spec, n_actors, use_gpu, reuse=keep_actors)
@@ -221,6 +224,7 @@ def run_job(
             )
         except StoreError as exc:
             raise JobError(str(exc)) from exc
+        record_inputs(spec, records)
         already = store.committed_shard_ids()
         todo_ids = set(store.uncommitted(range(len(plans)), verify=verify))
         corrupt = len(todo_ids & already)

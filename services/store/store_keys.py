@@ -20,11 +20,12 @@ from circuitscan.services.store.errors import NotAStoreError
 
 LAYOUT_KEY = "zarr.json"
 LEASE_KEY = "lease.json"
+INPUTS_KEY = "inputs.json"  # the digest of the job's prompts (services/jobs/input_digest.py)
 
 # Folders: shard data, manifest entries, merged-index generations, job
 # results, analyses.
 STORE_PREFIXES = ("shards/", "manifest/", "index/", "results/", "analyses/")
-STORE_OBJECTS = (LAYOUT_KEY, LEASE_KEY)
+STORE_OBJECTS = (LAYOUT_KEY, LEASE_KEY, INPUTS_KEY)
 
 
 def is_store_key(key: str) -> bool:

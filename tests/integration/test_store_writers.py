@@ -5,8 +5,8 @@ store contract (circuitscan.testing.writer_contract); here the job driver
 and the CLI are exercised on local folders: a live lease refuses a second
 ``run`` / ``resume`` before anything starts, two drivers racing into one
 store leave one job done and the other refused, a stale lease is taken
-over, the lease is gone after a job however it ended, and ``--overwrite``
-never deletes a user's files.
+over, the lease is gone after a job however it ended, ``--overwrite``
+never deletes a user's files, and an edited prompt file is refused.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from pathlib import Path
 import pytest
 import ray
 
-from circuitscan.schemas.jobs import CacheParams, ExecutionSpec, IOISource, JobSpec
+from circuitscan.schemas.jobs import CacheParams, ExecutionSpec, IOISource, JobSpec, JsonlSource
+from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.models import ModelSpec, SAESpec
+from circuitscan.services.jobs.input_digest import PromptsChangedError
 from circuitscan.services.jobs.runner import JobError, run_job
 from circuitscan.services.store import FeatureStore
 from circuitscan.services.store.lease import LeaseRecord, StoreLease
@@ -194,4 +196,28 @@ def test_overwrite_replaces_an_old_store_and_nothing_else(local_ray, make_spec, 
     store = FeatureStore.open(new.store)
     assert store.layout.job_hash == new.content_hash() and store.committed_shard_ids() == {0, 1}
     assert (tmp_path / "store" / "README.txt").read_text() == "what this store is"
+    assert not (tmp_path / "store" / LEASE_KEY).exists()
+
+
+def test_an_edited_prompt_file_is_refused_by_run_and_resume(local_ray, make_spec, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"text": f"Prompt number {i}."}) + "\n" for i in range(4))
+    )
+    spec = make_spec(
+        tmp_path / "store",
+        prompts=JsonlSource(kind="jsonl", path=str(prompts)),
+        metric=MetricSpec(kind="next_token_loss"),
+    )
+    run_job(spec, keep_actors=True)
+    before = _digests(spec.store)
+    prompts.write_text(prompts.read_text().replace("number 2", "number two"))
+
+    with pytest.raises(PromptsChangedError, match=rf"the prompts of {prompts} changed"):
+        run_job(spec, keep_actors=True)
+    resumed = _cli("resume", spec.store)
+    assert resumed.returncode == 2, resumed.stdout + resumed.stderr
+    assert f"the prompts of {prompts} changed" in resumed.stderr
+    assert "sha256" in resumed.stderr and "Traceback" not in resumed.stderr
+    assert _digests(spec.store) == before  # nothing recomputed from the edited file
     assert not (tmp_path / "store" / LEASE_KEY).exists()
