@@ -50,6 +50,15 @@ SCRIPTS = {
         print(json.dumps({"partial": 1}))
         sys.exit(3)
     """,
+    # The newer targeted scripts: one passes, one falls short.
+    "cli_startup.py": """
+        import json
+        print(json.dumps({"cli_query_seconds": 1.5, "cli_schema_seconds": 1.2}))
+    """,
+    "shard_overhead.py": """
+        import json
+        print(json.dumps({"shard_check_growth_ratio": 2.0, "shard_check_ms_1k": 0.1}))
+    """,
     "_helper.py": """
         import pathlib, sys
         pathlib.Path(sys.argv[0]).with_suffix(".ran").write_text("ran")
@@ -97,7 +106,15 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
     assert machine["cpu_cores"] >= 1 and machine["torch"] and machine["ray"]
 
     benches = results["benches"]
-    assert set(benches) == {"store", "attribution", "api", "scaling", "crash"}
+    assert set(benches) == {
+        "store",
+        "attribution",
+        "api",
+        "scaling",
+        "crash",
+        "cli_startup",
+        "shard_overhead",
+    }
     assert not (bench_dir / "_helper.ran").exists()
     status = {name: run["status"] for name, run in benches.items()}
     assert status == {
@@ -106,6 +123,8 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
         "api": "no-json",
         "scaling": "timeout",
         "crash": "failed",
+        "cli_startup": "ok",
+        "shard_overhead": "ok",
     }
     assert benches["crash"]["returncode"] == 3
     assert benches["store"]["result"]["bytes_per_pair"] == 5.1
@@ -126,6 +145,8 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
     assert rows["attribution.py", "atp_forward_equivalents"]["status"] == "short"
     assert rows["api.py", "api_errors"]["status"] == "missing"
     assert ("scaling.py", "two_vs_one_actor_speedup") in rows
+    assert rows["cli_startup.py", "cli_query_seconds"]["status"] == "pass"
+    assert rows["shard_overhead.py", "shard_check_growth_ratio"]["status"] == "short"
 
     table = (bench_dir / "RESULTS.md").read_text(encoding="utf-8")
     assert "| figure | value | target | status | script | device |" in table
@@ -134,7 +155,7 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
     assert "| `tokens_per_s` | 123,457 |" in table
     assert "timeout" in table and "no-json" in table
     assert f"{machine['cpu_cores']} cores" in table
-    assert "no bench script here yet" not in table  # all four targeted benches are present
+    assert "no bench script here yet" not in table  # every targeted bench is present
 
     text = readme.read_text(encoding="utf-8")
     assert text.startswith("# project\n\nIntro text.\n")
