@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -51,14 +50,13 @@ from circuitscan.pipelines.attribution.errors import (
     PositionError,
 )
 from circuitscan.pipelines.attribution.inputs import Answers, check_node, checked_prompts
-from circuitscan.pipelines.attribution.node_kinds import ops
 from circuitscan.pipelines.attribution.nodes import group_nodes
 from circuitscan.pipelines.attribution.patching import (
-    Edit,
     _record,
     _record_key,
     _sources,
     _unchanged,
+    patch_edits,
 )
 from circuitscan.pipelines.attribution.positions import (
     UNDEFINED,
@@ -80,58 +78,6 @@ from circuitscan.pipelines.metrics import read_positions
 from circuitscan.schemas.attribution import Node, PatchMode
 from circuitscan.schemas.certification import CertificationResult
 from circuitscan.schemas.metrics import MetricSpec
-
-
-def _subset_edits(
-    nodes: Sequence[Node],
-    sources: Mapping[tuple[str, str], torch.Tensor],
-    mode: PatchMode,
-    entry_row: torch.Tensor,
-    entry_prompt: torch.Tensor,
-    entry_node: torch.Tensor,
-    entry_pos: torch.Tensor,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Edit functions per hook name for a chunk in which a row patches several nodes.
-
-    Entry e patches node ``entry_node[e]`` of prompt ``entry_prompt[e]`` into
-    chunk row ``entry_row[e]``: exact patching's edits, with rows and nodes
-    decoupled (there, row r patches node r).
-    """
-    raw: dict[str, list[Edit]] = {}
-    sae: dict[str, list[Edit]] = {}
-    for (kind, _, _), members in group_nodes(nodes).items():
-        picked = torch.nonzero(torch.isin(entry_node, torch.tensor(members))).flatten()
-        if picked.numel() == 0:
-            continue
-        row = ops(kind)
-        units = torch.tensor([nodes[int(entry_node[e])].index or 0 for e in picked])
-        key = _record_key(nodes[members[0]])
-        src = sources.get(key)
-        value: torch.Tensor | None = None
-        if src is not None and mode == "mean":
-            value = src[0, 0]
-            value = value[units] if row.spec.indexed else value.expand(len(picked), *value.shape)
-        elif src is not None:
-            value = row.take(src, entry_prompt[picked], entry_pos[picked], units)
-        target = raw if row.slot == "act" else sae
-        target.setdefault(key[1], []).append(
-            (row, entry_row[picked], entry_pos[picked], units, value)
-        )
-
-    def apply(x: torch.Tensor, entries: list[Edit], slot: str) -> torch.Tensor:
-        x = x.clone()
-        for row, rows, at, units, value in entries:
-            if row.slot == slot:
-                new = torch.zeros((), dtype=x.dtype) if value is None else value.to(x.dtype)
-                row.put(x, rows, at, units, new)
-        return x
-
-    raw_edits = {name: (lambda x, e=entries: apply(x, e, "act")) for name, entries in raw.items()}
-    sae_edits = {
-        name: (lambda a, err, e=entries: (apply(a, e, "feat"), apply(err, e, "err")))
-        for name, entries in sae.items()
-    }
-    return raw_edits, sae_edits
 
 
 def subset_patch(
@@ -228,6 +174,7 @@ def subset_patch(
                 if bool(chosen.any()):
                     rows.append((int(node_start[chosen].min()), s, b))
         rows.sort()
+        by_group = group_nodes(nodes)
         for layer, members in itertools.groupby(rows, key=lambda row: row[0]):
             layer_rows = list(members)
             for begin in range(0, len(layer_rows), batch_size):
@@ -237,8 +184,8 @@ def subset_patch(
                 chosen = subsets[subset_ix] & active[prompt]  # [rows, n]
                 entry_row, entry_node = torch.nonzero(chosen, as_tuple=True)
                 entry_prompt = prompt[entry_row]
-                raw_edits, sae_edits = _subset_edits(
-                    nodes, sources, mode, entry_row, entry_prompt, entry_node,
+                raw_edits, sae_edits = patch_edits(
+                    nodes, by_group, sources, mode, entry_row, entry_prompt, entry_node,
                     positions[entry_prompt, entry_node],
                 )  # fmt: skip
                 hooks = build_hooks(sae_map, Recorder(), raw_edits=raw_edits, sae_edits=sae_edits)

@@ -271,9 +271,10 @@ def exact_patch(
                 prompt = torch.tensor([b for _, b, _ in chunk])
                 node_ix = torch.tensor([n for _, _, n in chunk])
                 pos = positions[prompt, node_ix]
-                raw_edits, sae_edits = _edits(
-                    nodes, by_group, sources, mode, prompt, node_ix, pos, fraction
-                )
+                raw_edits, sae_edits = patch_edits(
+                    nodes, by_group, sources, mode,
+                    torch.arange(len(chunk)), prompt, node_ix, pos, fraction,
+                )  # fmt: skip
                 if patterns is not None:
                     raw_edits.update(_frozen_after(patterns, layer, prompt))
                 hooks = build_hooks(sae_map, Recorder(), raw_edits=raw_edits, sae_edits=sae_edits)
@@ -327,40 +328,46 @@ def _frozen_after(
     }
 
 
-def _edits(
+def patch_edits(
     nodes: Sequence[Node],
     by_group: Mapping[tuple[NodeKind, int, str], list[int]],
     sources: Mapping[Key, torch.Tensor],
     mode: PatchMode,
-    prompt: torch.Tensor,
-    node_ix: torch.Tensor,
-    pos: torch.Tensor,
+    entry_row: torch.Tensor,
+    entry_prompt: torch.Tensor,
+    entry_node: torch.Tensor,
+    entry_pos: torch.Tensor,
     fraction: float = 1.0,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Edit functions per hook name for one expanded chunk (row r patches node_ix[r]).
+    """Edit functions per hook name for one expanded chunk.
 
-    Each row patches one node and reruns from the node's own layer on the
-    clean stream, so the value an edit sees at the node is the clean one:
-    the partial patch needs no separate record of it.
+    Entry e patches node ``entry_node[e]`` of prompt ``entry_prompt[e]`` (at
+    ``entry_pos[e]``) into chunk row ``entry_row[e]``. Exact patching has one
+    entry per row; subset patching puts several nodes into one row. Each row
+    reruns from its earliest patched layer on the clean stream, so the value
+    an edit sees at a node is the clean one: the partial patch needs no
+    separate record of it.
     """
     raw: dict[str, list[Edit]] = {}  # edits of hook activations
     sae: dict[str, list[Edit]] = {}  # edits inside an SAE's splice (features, error)
     for (kind, _, _), members in by_group.items():
-        rows = torch.nonzero(torch.isin(node_ix, torch.tensor(members))).flatten()
-        if rows.numel() == 0:
+        picked = torch.nonzero(torch.isin(entry_node, torch.tensor(members))).flatten()
+        if picked.numel() == 0:
             continue
         row = ops(kind)
-        units = torch.tensor([nodes[int(node_ix[r])].index or 0 for r in rows])
+        units = torch.tensor([nodes[int(entry_node[e])].index or 0 for e in picked])
         key = _record_key(nodes[members[0]])
         src = sources.get(key)
         value: torch.Tensor | None = None
         if src is not None and mode == "mean":  # mean over the reference set, position-free
             value = src[0, 0]
-            value = value[units] if row.spec.indexed else value.expand(len(rows), *value.shape)
+            value = value[units] if row.spec.indexed else value.expand(len(picked), *value.shape)
         elif src is not None:
-            value = row.take(src, prompt[rows], pos[rows], units)
+            value = row.take(src, entry_prompt[picked], entry_pos[picked], units)
         target = raw if row.slot == "act" else sae
-        target.setdefault(key[1], []).append((row, rows, pos[rows], units, value))
+        target.setdefault(key[1], []).append(
+            (row, entry_row[picked], entry_pos[picked], units, value)
+        )
 
     def apply(x: torch.Tensor, entries: list[Edit], slot: str) -> torch.Tensor:
         x = x.clone()
