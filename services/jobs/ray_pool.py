@@ -24,6 +24,7 @@ from circuitscan.schemas.errors import InfrastructureError
 from circuitscan.schemas.jobs import ExecutionSpec, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.jobs.ray_reaper import child_pids, start_reaper
 from circuitscan.services.jobs.worker import ShardOutcome, ShardWorker, WorkerInfo
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def connect(address: str | None = None) -> None:
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         _check_reachable(target)
+    before = child_pids()
     try:
         ray.init(
             # "local": never attach to whatever `ray start` cluster this machine ran last.
@@ -81,6 +83,9 @@ def connect(address: str | None = None) -> None:
         )
     except (ConnectionError, TimeoutError, ValueError) as exc:
         raise ClusterUnreachable(f"cannot reach a Ray cluster at {target}: {exc}") from exc
+    if target is None:
+        # A local cluster is this driver's own: it must not outlive a killed driver.
+        start_reaper(child_pids() - before)
 
 
 def actor_count(execution: ExecutionSpec, n_shards: int) -> tuple[int, bool]:
