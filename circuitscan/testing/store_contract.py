@@ -57,6 +57,7 @@ from circuitscan.services.store import (
 )
 from circuitscan.services.store.backends import open_location
 from circuitscan.services.store.shard_io import shard_prefix
+from circuitscan.services.store.summaries import histogram_edges
 from circuitscan.testing.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.testing.writer_contract import WriterContract
 
@@ -344,6 +345,11 @@ class StoreContract(WriterContract, ABC):
             for g in got:
                 tokens = reader.prompt_tokens(g.prompt)
                 assert g.context_token_ids[g.hit_index] == tokens[g.position]
+            # The merged histogram counts every activation in the bin numpy puts it in.
+            edges = histogram_edges()
+            values = np.clip([h[1] for h in hits], edges[0], np.nextafter(edges[-1], 0))
+            brute, _ = np.histogram(values, bins=edges)
+            assert reader.feature_index(site).hist[feature].tolist() == brute.tolist()
 
     def test_query_bounds_are_named(self, filled_url: str) -> None:
         reader = FeatureStore.open(filled_url)

@@ -2,30 +2,107 @@
 
 Each shard stores its own summaries (``sites/LABEL/summary``, ``.../top``);
 the merged index folds them together so that "top examples of feature i"
-never scans the store. It is persisted in generations: the arrays of
-generation ``gNNNNNNNN`` go under ``index/gNNNNNNNN/``, then the pointer
-``index/current.json`` (generation and the shard ids it covers) is
-replaced, then the previous generation is deleted. A reader that finds a
-pointer covering shards no longer committed ignores it and rebuilds from
-the per-shard summaries.
+never scans the store. It is persisted in generations: the arrays of a
+generation go under ``index/<generation>/``, then the pointer
+``index/current.json`` is replaced, then the previous generation is deleted.
+
+Nothing of the index is trusted unchecked. The pointer (format 2) records
+the checksum of every object of its generation, as a manifest entry does for
+a shard's, a digest of the manifest entries of the shards it covers, and a
+digest of itself; a generation is named by the digest of its checksums, so
+the same committed shards give the same keys and bytes whatever the commit
+order (totals are summed exactly, see summaries.on_grid). A reader that finds
+a mismatch raises CorruptIndexError naming the object; the job's writer and
+``circuitscan repair`` rebuild the index from the shards' own summaries. A
+pointer covering shards no longer committed is ignored (rebuilt from the
+per-shard summaries), as before. Pointers written before format 2 carry no
+checksums: they are read unverified, and a generation that cannot be decoded
+is a CorruptIndexError too.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+from typing import Any
 
 from zarr.core.buffer import Buffer
 from zarr.storage import MemoryStore
 
 from circuitscan.schemas.store import StoreLayout
+from circuitscan.services.store.attribution_index import (
+    AttributionIndex,
+    NoAttributionIndexError,
+    attribution_writes,
+    load_attribution,
+    shard_attribution,
+)
 from circuitscan.services.store.backends import Backend
-from circuitscan.services.store.encoding import INDEX_ROW_CHUNK, open_array, write_array
+from circuitscan.services.store.encoding import (
+    INDEX_ROW_CHUNK,
+    encode_arrays,
+    open_array,
+    write_array,
+)
+from circuitscan.services.store.errors import CorruptIndexError
 from circuitscan.services.store.manifest import ShardManifest
-from circuitscan.services.store.shard_io import memory_store, read_summary
+from circuitscan.services.store.shard_io import (
+    checksum,
+    memory_store,
+    read_prompts,
+    read_site,
+    read_summary,
+)
 from circuitscan.services.store.summaries import FeatureIndex
 
+log = logging.getLogger(__name__)
+
+FIELDS = tuple(FeatureIndex.__dataclass_fields__)
+
 INDEX_POINTER = "index/current.json"
+INDEX_PREFIX = "index/"
+POINTER_FORMAT = 2
 FLUSH_EVERY = 16
+
+
+def _digest(payload: Any) -> str:
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def shards_digest(manifest: ShardManifest, shard_ids: list[int]) -> str:
+    """One digest over the manifest entries of ``shard_ids`` (what an index was built from)."""
+    entries = manifest.committed()
+    return _digest([[i, entries[i].digest()] for i in sorted(shard_ids)])
+
+
+def _pointer_bytes(pointer: dict[str, Any]) -> bytes:
+    body = {**pointer, "digest": _digest(pointer)}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_pointer(raw: bytes, url: str) -> dict[str, Any]:
+    """The pointer's fields; CorruptIndexError when it is unreadable or fails its own digest."""
+    fix = f"`circuitscan repair {url}` rebuilds the index from the shards"
+    try:
+        pointer = json.loads(raw)
+        shards = pointer["shards"]
+        generation = pointer["generation"]
+        ok = isinstance(generation, str) and all(isinstance(s, int) for s in shards)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CorruptIndexError(
+            f"index pointer {INDEX_POINTER} of {url} is unreadable; {fix}"
+        ) from exc
+    if not ok or "/" in generation or generation in ("", ".", ".."):
+        raise CorruptIndexError(f"index pointer {INDEX_POINTER} of {url} is unreadable; {fix}")
+    if pointer.get("format", 1) >= POINTER_FORMAT:
+        claimed = pointer.pop("digest", None)
+        if claimed != _digest(pointer):
+            raise CorruptIndexError(
+                f"index pointer {INDEX_POINTER} of {url} fails its checksum; {fix}"
+            )
+    return pointer
 
 
 class IndexWriter:
@@ -41,17 +118,53 @@ class IndexWriter:
         self._index: dict[str, FeatureIndex] | None = None
         self._indexed: set[int] = set()
         self._unflushed = 0
+        # Per-site attribution sums (attribution_index.py); None when the store keeps
+        # no gradients or its index generation predates them.
+        self._attribution: dict[str, AttributionIndex] | None = None
+
+    @property
+    def url(self) -> str:
+        return self.manifest.url
 
     def feature_index(self, label: str) -> FeatureIndex:
         """Summaries and top-K examples of a site over every committed shard."""
         self.layout.site(label)
+        self.manifest.raise_if_damaged()  # an index without a damaged shard would undercount
         index = self._current()
         return index[label]
 
-    def _current(self) -> dict[str, FeatureIndex]:
-        """The index with every committed shard merged in (loaded on first use)."""
+    def attribution(self, label: str) -> AttributionIndex:
+        """Per-feature Σ a·g, Σ |a·g| and top hits of a site over every committed shard."""
+        self.layout.site(label)
+        self.manifest.raise_if_damaged()
+        self._current()
+        if not self.layout.gradients:
+            raise NoAttributionIndexError(
+                f"store {self.manifest.url} keeps no gradients, so it has no attributions to "
+                "rank: run its cache job with gradients: true"
+            )
+        if self._attribution is None:
+            raise NoAttributionIndexError(
+                f"the index of store {self.manifest.url} was written before it kept "
+                "attribution sums; rebuild the store's index (or rerun its cache job into "
+                "a new store) to rank features by attribution"
+            )
+        return self._attribution[label]
+
+    def _current(self, *, repair: bool = False) -> dict[str, FeatureIndex]:
+        """The index with every committed shard merged in (loaded on first use).
+
+        ``repair`` (the job's writer): a damaged persisted index is rebuilt
+        from the shards' summaries instead of raising CorruptIndexError.
+        """
         if self._index is None:
-            self._index, self._indexed = self._load()
+            try:
+                self._index, self._indexed = self._load()
+            except CorruptIndexError as exc:
+                if not repair:
+                    raise
+                log.warning("%s; rebuilding it from the shards' summaries", exc)
+                self._index, self._indexed = self._empty(), set()
         for shard_id in sorted(set(self.manifest.committed()) - self._indexed):
             self._merge(self._index, shard_id)
         return self._index
@@ -64,7 +177,7 @@ class IndexWriter:
         # so a commit costs the same however many shards are committed.
         if self.layout.sites:  # result-only stores (no SAE sites) have no feature index
             if self._index is None:
-                self._current()
+                self._current(repair=True)
             elif shard_id not in self._indexed:
                 self._merge(self._index, shard_id)
         self._unflushed += 1
@@ -85,54 +198,145 @@ class IndexWriter:
         self.location.delete_keys([INDEX_POINTER])
         self.forget()
 
-    def _load(self) -> tuple[dict[str, FeatureIndex], set[int]]:
+    def rebuild(self) -> None:
+        """Rebuild the index from every committed shard's own summaries and persist it,
+        dropping every other generation (``circuitscan repair``)."""
+        self._index, self._indexed = self._empty(), set()
+        self._current()
+        self.flush()
+
+    def _empty(self) -> dict[str, FeatureIndex]:
+        """An empty index (and attribution sums, when the store keeps gradients)."""
         k = self.layout.examples_per_feature
-        index = {s.label: FeatureIndex.empty(s.d_sae, k) for s in self.layout.sites}
+        self._attribution = None
+        if self.layout.gradients:  # rebuilt from the shards along with the index
+            self._attribution = {
+                s.label: AttributionIndex.empty(s.d_sae, k) for s in self.layout.sites
+            }
+        return {s.label: FeatureIndex.empty(s.d_sae, k) for s in self.layout.sites}
+
+    def problems(self) -> list[str]:
+        """What is wrong with the persisted index, one line each (``circuitscan verify``)."""
+        if not self.layout.sites or not self.manifest.committed():
+            return []
+        if self.location.read_bytes(INDEX_POINTER) is None:
+            return [f"{INDEX_POINTER} is missing: every reader rebuilds the index from the shards"]
+        try:
+            _index, covered = self._load()
+        except CorruptIndexError as exc:
+            return [str(exc)]
+        if covered != set(self.manifest.committed()):
+            return [f"{INDEX_POINTER} does not cover every committed shard"]
+        return []
+
+    def _load(self) -> tuple[dict[str, FeatureIndex], set[int]]:
+        index = self._empty()
         raw = self.location.read_bytes(INDEX_POINTER)
         if raw is None:
             return index, set()
-        pointer = json.loads(raw)
+        pointer = parse_pointer(raw, self.url)
         shards = set(pointer["shards"])
         if not shards <= set(self.manifest.committed()):
             return index, set()
-        base = f"index/{pointer['generation']}/"
-        source = memory_store(self.location.read_prefix(base))
-        for label, item in index.items():
-            for name in item.__dataclass_fields__:
-                stored = open_array(source, f"{base}{label}/{name}")[...]
-                setattr(item, name, item.from_disk(name, stored))
+        fix = f"`circuitscan repair {self.url}` rebuilds the index from the shards"
+        base = f"{INDEX_PREFIX}{pointer['generation']}/"
+        objects = self.location.read_prefix(base)
+        checksums = pointer.get("checksums")
+        if checksums is not None:  # format 2: every object and the shards it covers
+            if pointer.get("shards_digest") != shards_digest(self.manifest, sorted(shards)):
+                raise CorruptIndexError(
+                    f"index pointer {INDEX_POINTER} of {self.url} was built from other shards "
+                    f"than the committed ones; {fix}"
+                )
+            bad = sorted(
+                key
+                for key, expected in checksums.items()
+                if (data := objects.get(base + key)) is None or checksum(data) != expected
+            )
+            if bad:
+                raise CorruptIndexError(
+                    f"index object {base}{bad[0]} of {self.url} fails its checksum"
+                    f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; {fix}"
+                )
+        wanted = [f"{base}{label}/{name}/zarr.json" for label in index for name in FIELDS]
+        if any(key not in objects for key in wanted):
+            # A generation written before the index had a field (the histogram):
+            # rebuilt from the per-shard summaries, as for a stale pointer.
+            return index, set()
+        source = memory_store(objects)
+        try:
+            for label, item in index.items():
+                for name in item.__dataclass_fields__:
+                    stored = open_array(source, f"{base}{label}/{name}")[...]
+                    setattr(item, name, item.from_disk(name, stored))
+            if self._attribution is not None:
+                loaded = {
+                    label: load_attribution(source, set(objects), f"{base}{label}/")
+                    for label in index
+                }
+                found = {label: item for label, item in loaded.items() if item is not None}
+                self._attribution = found if len(found) == len(loaded) else None
+        except Exception as exc:  # an unverified (format 1) generation that does not decode
+            raise CorruptIndexError(
+                f"index generation {base} of {self.url} cannot be decoded ({type(exc).__name__})"
+                f"; {fix}"
+            ) from exc
         return index, shards
 
     def _merge(self, index: dict[str, FeatureIndex], shard_id: int) -> None:
         parts = [f"sites/{label}/{kind}/" for label in index for kind in ("summary", "top")]
+        if self._attribution is not None:  # a·g needs the entries (in memory after a commit)
+            parts = [f"sites/{label}/" for label in index] + ["prompts/"]
         source = self.manifest.read_verified(shard_id, parts)
         start = self.manifest.entry(shard_id).prompt_start
         for label, item in index.items():
             item.merge(read_summary(source, shard_id, label, start))
+        if self._attribution is not None:
+            prompts = read_prompts(source, shard_id)
+            for label, attribution in self._attribution.items():
+                site = read_site(source, self.layout, shard_id, label)
+                attribution.merge(shard_attribution(site, prompts, start))
         self._indexed.add(shard_id)
 
     def flush(self) -> None:
         """Persist the merged index (a new generation, then the pointer, then drop the old)."""
-        if self._index is None:
-            self._index, self._indexed = self._load()
-            if self.layout.sites:
-                self._current()
+        stale = self._indexed != set(self.manifest.committed())
+        if self._index is None or (self.layout.sites and stale):
+            self._current(repair=True)
         index = self._index
-        raw = self.location.read_bytes(INDEX_POINTER)
-        old = json.loads(raw)["generation"] if raw is not None else None
-        generation = f"g{(int(old[1:]) + 1) if old else 1:08d}"
-        base = f"index/{generation}/"
+        assert index is not None
         staging: dict[str, Buffer] = {}
         staged = MemoryStore(store_dict=staging)
         for label, item in index.items():
             for name in item.__dataclass_fields__:
                 data = item.to_disk(name)
                 chunk = (INDEX_ROW_CHUNK, *data.shape[1:])
-                write_array(staged, f"{base}{label}/{name}", data, chunk=chunk)
+                write_array(staged, f"{label}/{name}", data, chunk=chunk)
+        if self._attribution is not None:
+            writes = [
+                write
+                for label, item in self._attribution.items()
+                for write in attribution_writes(f"{label}/", item)
+            ]
+            encode_arrays(staged, writes)
         objects = {key: value.to_bytes() for key, value in staging.items()}
-        self.location.write_many({k: v for k, v in objects.items() if k.startswith(base)})
-        pointer = {"generation": generation, "shards": sorted(self._indexed)}
-        self.location.write_bytes(INDEX_POINTER, json.dumps(pointer).encode())
-        if old:
-            self.location.delete_prefix(f"index/{old}/")
+        checksums = {key: checksum(data) for key, data in sorted(objects.items())}
+        # Named by its content: equal shards give an equal generation, in any order.
+        generation = f"c{_digest(checksums)}"
+        base = f"{INDEX_PREFIX}{generation}/"
+        shards = sorted(self._indexed)
+        pointer = {
+            "format": POINTER_FORMAT,
+            "generation": generation,
+            "shards": shards,
+            "shards_digest": shards_digest(self.manifest, shards),
+            "checksums": checksums,
+        }
+        self.location.write_many({base + key: data for key, data in objects.items()})
+        self.location.write_bytes(INDEX_POINTER, _pointer_bytes(pointer))
+        # Every other generation goes: the previous one, and any a crash left behind.
+        keys = self.location.list_keys(INDEX_PREFIX)
+        for old in sorted({key.split("/")[1] for key in keys if key != INDEX_POINTER}):
+            if old != generation:
+                self.location.delete_prefix(f"{INDEX_PREFIX}{old}/")
         self._unflushed = 0

@@ -13,6 +13,7 @@ writers ever share a chunk or a file:
     sites/<label>/error_norm     float32 [tokens]
     sites/<label>/dropped_mass   float32 [tokens] (when the layout keeps top-k)
     sites/<label>/summary/{features,count,total,max}
+    sites/<label>/summary/hist   [fired, 32] activations per histogram bin (newer shards)
     sites/<label>/top/{feature,prompt,position,value}
 """
 
@@ -32,6 +33,7 @@ from zarr.storage import MemoryStore
 
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, StoreLayout
+from circuitscan.services.store import paired_io
 from circuitscan.services.store.backends import Objects, read_prefix, write_many
 from circuitscan.services.store.encoding import (
     TOKEN_CHUNK,
@@ -44,6 +46,7 @@ from circuitscan.services.store.encoding import (
     values_back,
 )
 from circuitscan.services.store.errors import StoreError
+from circuitscan.services.store.paired_io import ShardPairs, check_pairs
 from circuitscan.services.store.summaries import ShardSummary, summarize_shard
 
 if TYPE_CHECKING:  # readers of a store never load torch: only writers hold tensors
@@ -135,14 +138,21 @@ def write_shard_arrays(
     prompts: Sequence[PromptRecord],
     token_ids: Sequence[Sequence[int]],
     site_caches: Mapping[str, SiteCache],
+    pairs: ShardPairs | None = None,
 ) -> ShardEntry:
     """Write one shard's data (not its manifest entry) and return the entry to commit.
+
+    ``pairs``: a paired cache's named and paired positions (its layout has
+    ``pairing``; each site cache then carries its corrupted side, see paired_io).
 
     The shard is encoded into memory, checksummed there, then uploaded in one
     concurrent batch of puts: a few requests per shard instead of several per
     array, which is what makes object storage usable.
     """
     n_tokens = _validate(layout, prompts, token_ids, site_caches)
+    problem = check_pairs(layout, pairs, dict(site_caches), n_tokens)
+    if problem:
+        raise ShardDataError(problem)
     prefix = shard_prefix(shard_id)
     prompt_start = shard_id * layout.shard_size
     # Encoded into a staging dict first: the shard's objects are then checksummed
@@ -195,6 +205,10 @@ def write_shard_arrays(
         )
         writes += _summary_writes(base, summary, prompt_start, site.d_sae)
         n_entries[site.label] = int(feature_ids.shape[0])
+        if pairs is not None:
+            writes += paired_io.site_writes(base, cache, layout, site.d_sae)
+    if pairs is not None:
+        writes += paired_io.prompt_writes(prefix, pairs)
     encode_arrays(store, writes)
     # Parent groups outside the shard (the root, shards/) are not ours to write.
     objects = {key: value.to_bytes() for key, value in staging.items() if key.startswith(prefix)}
@@ -233,7 +247,11 @@ def _summary_writes(
         ArrayWrite(f"{base}top/prompt", _narrow_uint(local)),
         ArrayWrite(f"{base}top/position", _narrow_uint(summary.top_position)),
         ArrayWrite(f"{base}top/value", exact_values(summary.top_value)),
-    ]
+    ] + (
+        []
+        if summary.hist is None
+        else [ArrayWrite(f"{base}summary/hist", _narrow_uint(summary.hist), chunk=(2048, 32))]
+    )
 
 
 _SUMMARY_ARRAYS = (
@@ -245,7 +263,12 @@ _SUMMARY_ARRAYS = (
 def read_summary(store: Store, shard_id: int, label: str, prompt_start: int = 0) -> ShardSummary:
     """A shard's summaries; ``prompt_start`` (the shard's first prompt) makes prompts global."""
     base = f"{shard_prefix(shard_id)}sites/{label}/"
-    arrays = read_arrays(store, [base + name for name in _SUMMARY_ARRAYS])
+    # Shards written before stores kept histograms have no summary/hist.
+    names = [
+        *_SUMMARY_ARRAYS,
+        *(["summary/hist"] if _has_array(store, base + "summary/hist") else []),
+    ]
+    arrays = read_arrays(store, [base + name for name in names])
 
     def load(name: str) -> np.ndarray:
         return arrays[base + name]
@@ -259,7 +282,14 @@ def read_summary(store: Store, shard_id: int, label: str, prompt_start: int = 0)
         top_prompt=(load("top/prompt").astype(np.int64) + prompt_start).astype(np.uint32),
         top_position=load("top/position").astype(np.uint32),
         top_value=values_back(load("top/value")),
+        hist=load("summary/hist").astype(np.uint32) if "summary/hist" in names else None,
     )
+
+
+def _has_array(store: Store, path: str) -> bool:
+    from zarr.core.sync import sync
+
+    return bool(sync(store.exists(f"{path}/zarr.json")))
 
 
 @dataclass

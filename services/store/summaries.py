@@ -16,6 +16,39 @@ from circuitscan.services.store.encoding import exact_values, values_back
 
 EMPTY = -1
 
+# Merged totals are sums of per-shard float64 totals. Float addition depends
+# on its order, and shards commit in any order; each shard's total is first
+# rounded to a multiple of TOTAL_GRID, and sums of such multiples are exact
+# (so independent of the order) while they stay below TOTAL_EXACT_BELOW in
+# magnitude. The rounding moves a shard's total by at most TOTAL_GRID / 2.
+TOTAL_GRID = 2.0**-20
+TOTAL_EXACT_BELOW = 2.0**33
+
+
+def on_grid(values: np.ndarray) -> np.ndarray:
+    """``values`` (float64) rounded to multiples of TOTAL_GRID, exactly (a power of two)."""
+    return np.round(np.asarray(values, dtype=np.float64) / TOTAL_GRID) * TOTAL_GRID
+
+
+# Activation histogram bins, fixed for every store so that shards' histograms add:
+# half-octave bins of |value| from 2**-8 to 2**8 (bin b holds [2**((b-16)/2),
+# 2**((b-15)/2))); smaller values fall in bin 0, larger ones in the last bin.
+HIST_BINS = 32
+_HIST_LOW_EXPONENT = -8.0
+_HIST_PER_OCTAVE = 2
+
+
+def histogram_bin(values: np.ndarray) -> np.ndarray:
+    """The histogram bin (0..HIST_BINS-1) of each activation value."""
+    magnitude = np.maximum(np.abs(values.astype(np.float64)), np.finfo(np.float64).tiny)
+    raw = np.floor((np.log2(magnitude) - _HIST_LOW_EXPONENT) * _HIST_PER_OCTAVE)
+    return np.clip(raw, 0, HIST_BINS - 1).astype(np.int64)
+
+
+def histogram_edges() -> np.ndarray:
+    """float64 [HIST_BINS + 1] bin edges (the outer bins also hold what lies beyond them)."""
+    return 2.0 ** (_HIST_LOW_EXPONENT + np.arange(HIST_BINS + 1) / _HIST_PER_OCTAVE)
+
 
 @dataclass
 class ShardSummary:
@@ -29,6 +62,9 @@ class ShardSummary:
     top_prompt: np.ndarray  # uint32 [candidates], global prompt index
     top_position: np.ndarray  # uint32 [candidates]
     top_value: np.ndarray  # float32 [candidates]
+    # uint32 [fired, HIST_BINS] activation counts per bin; None for shards written
+    # before stores kept histograms (they are left out of the merged histogram).
+    hist: np.ndarray | None = None
 
 
 def _top_per_group(
@@ -84,6 +120,8 @@ def summarize_shard(
     prompt = token_prompt[token_index]
     position = token_position[token_index]
     keep = _top_per_feature_in_token_order(feature_ids, values, k)
+    cells = inverse.astype(np.int64) * HIST_BINS + histogram_bin(values)
+    hist = np.bincount(cells, minlength=len(features) * HIST_BINS)
     return ShardSummary(
         features=features.astype(np.uint32),
         count=count.astype(np.uint32),
@@ -93,6 +131,7 @@ def summarize_shard(
         top_prompt=prompt[keep].astype(np.uint32),
         top_position=position[keep].astype(np.uint32),
         top_value=values[keep],
+        hist=hist.reshape(len(features), HIST_BINS).astype(np.uint32),
     )
 
 
@@ -106,6 +145,9 @@ class FeatureIndex:
     top_prompt: np.ndarray  # int64 [d_sae, k]
     top_position: np.ndarray  # int32 [d_sae, k]
     top_value: np.ndarray  # float32 [d_sae, k]
+    # int64 [d_sae, HIST_BINS]: activations per histogram bin (see histogram_bin); a
+    # row sums to less than ``count`` when some shards predate histograms.
+    hist: np.ndarray
 
     @classmethod
     def empty(cls, d_sae: int, k: int) -> FeatureIndex:
@@ -116,6 +158,7 @@ class FeatureIndex:
             top_prompt=np.full((d_sae, k), EMPTY, dtype=np.int64),
             top_position=np.zeros((d_sae, k), dtype=np.int32),
             top_value=np.zeros((d_sae, k), dtype=np.float32),
+            hist=np.zeros((d_sae, HIST_BINS), dtype=np.int64),
         )
 
     def to_disk(self, name: str) -> np.ndarray:
@@ -151,8 +194,10 @@ class FeatureIndex:
         fired = shard.features.astype(np.int64)
         had = self.count[fired] > 0
         self.count[fired] += shard.count
-        self.total[fired] += shard.total
+        self.total[fired] += on_grid(shard.total)  # exact: the same bytes in any commit order
         self.max[fired] = np.where(had, np.maximum(self.max[fired], shard.max), shard.max)
+        if shard.hist is not None:
+            self.hist[fired] += shard.hist.astype(np.int64)
         touched = np.unique(shard.top_feature.astype(np.int64))
         if len(touched) == 0:
             return
