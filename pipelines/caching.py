@@ -28,7 +28,7 @@ from sae_lens import SAE, HookedSAETransformer
 from circuitscan.pipelines.metrics import metric_per_prompt
 from circuitscan.pipelines.sae_decoding import decoder_rows, decodes_linearly
 from circuitscan.pipelines.sae_splice import require_detached, transparent_splice
-from circuitscan.pipelines.site_cache import SiteCache
+from circuitscan.pipelines.site_cache import CorruptEntries, SiteCache
 from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
@@ -249,5 +249,21 @@ def merge_site_caches(batches: Sequence[dict[str, SiteCache]]) -> dict[str, Site
             dropped_mass=torch.cat([p.dropped_mass for p in parts]),
             n_tokens=sum(p.n_tokens for p in parts),
             d_sae=parts[0].d_sae,
+            corrupt=_merge_corrupt(parts, starts),
         )
     return out
+
+
+def _merge_corrupt(parts: Sequence[SiteCache], starts: Sequence[int]) -> CorruptEntries | None:
+    """The paired caches' corrupted sides, concatenated like the clean entries (or None)."""
+    sides = [part.corrupt for part in parts]
+    if any(side is None for side in sides):
+        return None
+    present = [side for side in sides if side is not None]
+    return CorruptEntries(
+        token_index=torch.cat([c.token_index + s for c, s in zip(present, starts, strict=True)]),
+        feature_ids=torch.cat([c.feature_ids for c in present]),
+        activations=torch.cat([c.activations for c in present]),
+        gradients=torch.cat([c.gradients for c in present]),
+        error_atp=torch.cat([c.error_atp for c in present]),
+    )

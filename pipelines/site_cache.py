@@ -13,6 +13,32 @@ from jaxtyping import Float, Int
 
 
 @dataclass(frozen=True)
+class CorruptEntries:
+    """A paired cache's corrupted side at one site, indexed by the clean prompt's tokens.
+
+    Entry ``k`` is feature ``feature_ids[k]`` active on the corrupted prompt at
+    the position paired with clean token ``token_index[k]``; ``gradients`` is
+    ∂m/∂a of that feature at the **clean** prompt, so that
+    ``Σ a'·g (these) − Σ a·g (the clean entries)`` is AtP per (token, feature).
+    ``error_atp`` is the SAE error node's AtP term per clean token,
+    ``(e(x') − e(x)) · ∂m/∂x`` (metric units).
+    """
+
+    token_index: Int[torch.Tensor, " entries"]
+    feature_ids: Int[torch.Tensor, " entries"]
+    activations: Float[torch.Tensor, " entries"]
+    gradients: Float[torch.Tensor, " entries"]
+    error_atp: Float[torch.Tensor, " tokens"]
+
+    def token_offsets(self, n_tokens: int) -> Int[torch.Tensor, " tokens_plus_one"]:
+        """CSR offsets over the clean tokens into the corrupted entries."""
+        counts = torch.bincount(self.token_index, minlength=n_tokens)
+        offsets = torch.zeros(n_tokens + 1, dtype=torch.long, device=counts.device)
+        offsets[1:] = counts.cumsum(0)
+        return offsets
+
+
+@dataclass(frozen=True)
 class SiteCache:
     """Sparse cache of one SAE site over the real tokens of a batch.
 
@@ -28,6 +54,7 @@ class SiteCache:
     dropped_mass: Float[torch.Tensor, " tokens"]
     n_tokens: int
     d_sae: int
+    corrupt: CorruptEntries | None = None  # paired caches only
 
     def token_offsets(self) -> Int[torch.Tensor, " tokens_plus_one"]:
         """CSR offsets: token t's entries are ``[offsets[t], offsets[t+1])``."""

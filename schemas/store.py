@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from circuitscan.schemas.errors import NotFoundError
 
@@ -34,6 +34,18 @@ class SiteLayout(BaseModel):
     )
     d_sae: int = Field(ge=1, description="Number of SAE features (dictionary width).")
     sae_fingerprint: str = Field(default="", description="Content fingerprint of the SAE weights.")
+
+
+class PairingLayout(BaseModel):
+    """What a paired cache stores beside the clean prompts (docs/paired_caches.md)."""
+
+    model_config = _STRICT
+    align: Literal["same", "end"] = Field(
+        description="How clean and corrupted positions pair: 'same' index, or from the 'end'."
+    )
+    graddrop: bool = Field(
+        default=False, description="Whether AtP* GradDrop scores are stored (not yet: False)."
+    )
 
 
 class StoreLayout(BaseModel):
@@ -70,6 +82,18 @@ class StoreLayout(BaseModel):
     job_spec: dict[str, object] | None = Field(
         default=None, description="The job spec as JSON (informational; not part of the hash)."
     )
+    pairing: PairingLayout | None = Field(
+        default=None,
+        description="Paired caches: the corrupted side's arrays are stored (None: clean only).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_unpaired(self, handler: Any) -> Any:
+        # Stores without pairing keep the layout (and layout hash) they always had.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("pairing") is None:
+            data.pop("pairing", None)
+        return data
 
     @model_validator(mode="after")
     def _unique_labels(self) -> StoreLayout:
