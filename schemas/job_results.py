@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from circuitscan.schemas.analyses import SpliceEvalRow
 from circuitscan.schemas.certification import CertificationResult
+from circuitscan.schemas.targeted_scan import TargetedScan
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
@@ -90,6 +91,16 @@ class FeatureDelta(BaseModel):
     mean_abs_delta: float = Field(description="Mean |Δm| over the same prompts.")
     n_prompts: int = Field(ge=0, description="Prompts the mean is over.")
     n_active: int = Field(ge=0, description="Prompts where the feature was active and ablated.")
+    estimate_mean: float | None = Field(
+        default=None,
+        description="Targeted scans: the cache's linear estimate of mean_delta (mean over the "
+        "prompts of −Σ a·∂m/∂a at the positions); None in a full scan.",
+    )
+    estimate_mean_abs: float | None = Field(
+        default=None,
+        description="Targeted scans: the estimate of mean_abs_delta (mean of |−Σ a·∂m/∂a|), "
+        "the key candidates were ordered by; None in a full scan.",
+    )
 
 
 class AblationJobResult(BaseModel):
@@ -104,6 +115,11 @@ class AblationJobResult(BaseModel):
     n_ablations: int = Field(ge=0, description="(prompt, feature) ablations run.")
     baseline_mean: float = Field(description="Mean clean metric over the prompts.")
     features: list[FeatureDelta] = Field(description="Every feature scanned, by mean |Δm|.")
+    targeted: TargetedScan | None = Field(
+        default=None,
+        description="A targeted scan's candidates and stop (None: a full scan of every "
+        "active feature).",
+    )
 
 
 class SpliceEvalJobResult(BaseModel):

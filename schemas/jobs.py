@@ -217,6 +217,36 @@ class AttributeParams(BaseModel):
         return data
 
 
+class ScanCandidates(BaseModel):
+    """A targeted scan's candidates: features in the order of a cache store's linear estimate.
+
+    Each feature's zero-ablation estimate is ``−a·∂m/∂a`` summed over the cache's
+    entries at the scan's positions, prompt by prompt; candidates are ablated
+    exactly, largest estimated mean |Δm| first, until the exact top-K has not
+    changed for ``patience`` further candidates or ``budget`` candidates are spent.
+    """
+
+    model_config = _STRICT
+    store: str = Field(
+        description="A cache store with gradients of the job's metric over the job's prompts "
+        "(same model, SAE and prompts, in order)."
+    )
+    top_k: int = Field(default=10, ge=1, description="Size of the exact top-K (by mean |Δm|).")
+    patience: int = Field(
+        default=20,
+        ge=1,
+        description="Stop when the exact top-K has not changed for this many further candidates.",
+    )
+    budget: int | None = Field(
+        default=None, ge=1, description="Stop after this many candidates at most (None: no cap)."
+    )
+    round_size: int = Field(
+        default=8,
+        ge=1,
+        description="Candidates ablated per round (one pass of the actors over every prompt).",
+    )
+
+
 class AblationScanParams(BaseModel):
     """Exhaustive ablation of every SAE feature active at the chosen positions."""
 
@@ -239,6 +269,28 @@ class AblationScanParams(BaseModel):
             "set to (their activations at the chosen positions), the same for every shard."
         ),
     )
+    candidates: ScanCandidates | None = Field(
+        default=None,
+        description="Targeted scan: ablate features in the order a cache store estimates "
+        "their effect, stopping early (zero mode only); None: every active feature.",
+    )
+
+    @model_validator(mode="after")
+    def _candidates_zero_mode(self) -> AblationScanParams:
+        if self.candidates is not None and self.mode != "zero":
+            raise ValueError(
+                "candidates rank features by the cache's zero-ablation estimate −a·∂m/∂a, "
+                f"so a targeted scan needs mode: zero (got {self.mode!r})"
+            )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_candidates(self, handler: Any) -> Any:
+        # Full scans dump (and hash) exactly as before targeted scans existed.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("candidates") is None:
+            data.pop("candidates", None)
+        return data
 
 
 class SpliceEvalParams(BaseModel):

@@ -242,13 +242,27 @@ def ablation_scan(
     batch_size: int = 64,
     seed: int = 0,
     reference: Float[torch.Tensor, "n_slots d_sae"] | None = None,
+    only: Int[torch.Tensor, " n_only"] | None = None,
 ) -> ScanResult:
     """Exact Δm of ablating each active feature at the chosen positions, per prompt.
 
     ``answer``/``wrong``: token ids, or strings of exactly one token each.
     ``reference``: the slots mean and resample ablations draw from
     (:func:`reference_slots`); default: this prompt set's chosen positions.
+    ``only``: ablate just these feature ids (where active), as a targeted scan's
+    rounds do; each (prompt, feature) row is the same computation as in the
+    full scan, so its Δm is the full scan's. An empty ``only`` measures the
+    clean baseline alone.
     """
+    if (
+        only is not None
+        and only.numel()
+        and not (int(only.min()) >= 0 and int(only.max()) < int(sae.cfg.d_sae))
+    ):
+        raise AttributionInputError(
+            f"feature ids to ablate must lie in 0..{int(sae.cfg.d_sae) - 1}, "
+            f"got {int(only.min())}..{int(only.max())}"
+        )
     if reference is not None:
         if reference.ndim != 2 or reference.shape[0] == 0:
             raise AttributionInputError(
@@ -270,6 +284,10 @@ def ablation_scan(
         with_baseline=False,
     )  # fmt: skip
     active = ((prepared.acts > 0) & prepared.chosen[..., None]).any(1)  # [n_prompts, d_sae]
+    if only is not None:
+        wanted = torch.zeros(active.shape[1], dtype=torch.bool)
+        wanted[only.long()] = True
+        active &= wanted
     features = torch.nonzero(active.any(0)).flatten()
     column = torch.full((active.shape[1],), -1, dtype=torch.long)
     column[features] = torch.arange(features.numel())

@@ -137,6 +137,20 @@ class ShardWorker:
             raise ValueError(f"job kind {type(runner).__name__} has no node verification")
         return verify(records, nodes)
 
+    def ablate_features(
+        self,
+        records: list[PromptRecord],
+        features: list[int],
+        shard_id: int,
+        spec_json: str | None = None,
+    ) -> Any:
+        """A targeted scan's round on one shard: exact Δm of ablating ``features`` there."""
+        runner = self._runner(spec_json)
+        ablate = getattr(runner, "ablate_features", None)
+        if ablate is None:
+            raise ValueError(f"job kind {type(runner).__name__} has no feature ablation rounds")
+        return ablate(records, features, shard_id)
+
     def certify_nodes(
         self,
         records: list[PromptRecord],

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from circuitscan.schemas.job_results import AblationJobResult, FeatureDelta
 from circuitscan.schemas.jobs import AblationScanParams, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.schemas.targeted_scan import TargetedScan
 from circuitscan.services.jobs.job_kind import (
     ApiPage,
     ApiView,
@@ -91,6 +92,27 @@ class AblationRunner(ShardRunner):
     def compute(
         self, plan: ShardPlan, records: list[PromptRecord], context: list[PromptRecord] | None
     ) -> ComputedShard:
+        # A targeted scan's shards measure the clean baseline only: its ablations run
+        # in rounds chosen by the driver (ablate_features).
+        only: list[int] | None = [] if self.params.candidates is not None else None
+        token_lists, partial = self._scan(records, context, plan.shard_id, only)
+        return ComputedShard(token_lists, partial=partial)
+
+    def ablate_features(
+        self, records: list[PromptRecord], features: list[int], shard_id: int
+    ) -> AblationPartial:
+        """Exact Δm of ablating ``features`` (where active) on one shard's prompts."""
+        return self._scan(records, None, shard_id, features)[1]
+
+    def _scan(
+        self,
+        records: list[PromptRecord],
+        context: list[PromptRecord] | None,
+        seed: int,
+        only: list[int] | None,
+    ) -> tuple[list[list[int]], AblationPartial]:
+        import torch
+
         from circuitscan.pipelines.attribution import ablation_scan
         from circuitscan.pipelines.attribution.ablation_scan import reference_slots
 
@@ -124,8 +146,9 @@ class AblationRunner(ShardRunner):
             positions=positions if isinstance(positions, str) else list(positions),
             named_positions=named,
             batch_size=self.params.batch_size,
-            seed=plan.shard_id,
+            seed=seed,
             reference=reference,
+            only=None if only is None else torch.tensor(only, dtype=torch.long),
         )
         partial = AblationPartial(
             features=scan.features.cpu().numpy().astype(np.int64),
@@ -133,7 +156,7 @@ class AblationRunner(ShardRunner):
             baseline=scan.baseline.detach().cpu().double().numpy(),
             scan=ScanInfo(site=self.loaded.site.label, n_ablations=scan.n_ablations),
         )
-        return ComputedShard(batch.token_lists(), partial=partial)
+        return batch.token_lists(), partial
 
 
 def ablation_result(spec: JobSpec, partials: Iterable[AblationPartial]) -> AblationJobResult:
@@ -193,6 +216,9 @@ class AblationResults(ApiPage):
     limit: int = Field(description="Page size asked for.")
     total: int = Field(description="Features scanned.")
     features: list[FeatureDelta] = Field(description="Features by mean |Δm|, largest first.")
+    targeted: TargetedScan | None = Field(
+        default=None, description="A targeted scan's candidates and stop (None: a full scan)."
+    )
 
 
 class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
@@ -217,6 +243,8 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
             BrowserColumn(name="mean Δ", field="mean_delta", cell="num"),
             BrowserColumn(name="mean |Δ|", field="mean_abs_delta", cell="num"),
             BrowserColumn(name="active", field="n_active", cell="ratio", over="n_prompts"),
+            # Targeted scans: the cache's linear estimate beside the exact value.
+            BrowserColumn(name="estimate |Δ|", field="estimate_mean_abs", cell="num"),
         ],
     )
 
@@ -226,7 +254,18 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
         return AblationRunner(spec, model, saes)
 
     def check_sites(self, spec: JobSpec, info: WorkerInfo) -> str | None:
-        return scanned_site(spec, list(info.sae_hooks))
+        site = scanned_site(spec, list(info.sae_hooks))
+        if isinstance(spec.job, AblationScanParams) and spec.job.candidates is not None:
+            from circuitscan.services.jobs.kinds.targeted_scan import check_cache
+
+            check_cache(spec, site, info.sae_fingerprints.get(site, ""), info.model_fingerprint)
+        return site
+
+    def check_prompts(self, params: AblationScanParams, records: list[PromptRecord]) -> None:
+        if params.candidates is not None:
+            from circuitscan.services.jobs.kinds.targeted_scan import check_cache_prompts
+
+            check_cache_prompts(params.candidates, records)
 
     def position_names(self, params: AblationScanParams) -> list[str]:
         if isinstance(params.positions, list):
@@ -241,9 +280,17 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
     def merge(
         self, params: AblationScanParams, partials: Iterable[AblationPartial], ctx: MergeContext
     ) -> AblationJobResult:
+        if params.candidates is not None:
+            from circuitscan.services.jobs.kinds.targeted_scan import targeted_result
+
+            return targeted_result(params, ctx)
         return ablation_result(ctx.spec, partials)
 
     def cli_view(self, result: AblationJobResult, top: int) -> CliView:
+        if result.targeted is not None:
+            from circuitscan.services.jobs.kinds.targeted_scan import targeted_cli_view
+
+            return targeted_cli_view(result, top)
         return CliView(
             header=f"ablation_scan ({result.mode}) at {result.site}: {result.n_prompts} prompts, "
             f"{result.n_ablations} ablations, baseline metric {result.baseline_mean:.4g}",
@@ -268,6 +315,25 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
         rows: list[list[object]] = [
             [f.feature, f.mean_delta, f.mean_abs_delta, f.n_active, f.n_prompts] for f in top
         ]
+        if result.targeted is not None:
+            from circuitscan.services.jobs.kinds.targeted_scan import targeted_line
+
+            rows = [[*row, f.estimate_mean_abs] for row, f in zip(rows, top, strict=True)]
+            return Section(
+                title=f"Targeted feature ablation scan ({result.site}, {result.mode})",
+                paragraphs=[
+                    f"{result.n_ablations} exact ablations over {result.n_prompts} prompts; "
+                    f"clean mean logit difference {result.baseline_mean:.3f}.",
+                    targeted_line(result.targeted),
+                ],
+                tables=[
+                    Table(
+                        ["feature", "mean Δ", "mean |Δ|", "active on", "prompts", "estimate |Δ|"],
+                        rows,
+                    )
+                ],
+                figures=[Figure(bars, "Largest mean |Δ| first.")],
+            )
         return Section(
             title=f"Feature ablation scan ({result.site}, {result.mode})",
             paragraphs=[

@@ -1,0 +1,44 @@
+"""How a targeted ablation scan chose its candidates and why it stopped."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+StopRule = Literal["patience", "budget", "exhausted"]
+
+
+class TargetedScan(BaseModel):
+    """A scan that ablated features in a cache store's estimated order and stopped early."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    store: str = Field(description="The cache store whose estimates ordered the candidates.")
+    top_k: int = Field(ge=1, description="Size of the exact top-K the stopping rule watches.")
+    patience: int = Field(ge=1, description="Candidates without a top-K change that stop it.")
+    budget: int | None = Field(description="Most candidates it may ablate (None: no cap).")
+    n_candidates: int = Field(
+        ge=0,
+        description="Features active at the scan's positions in the cache (what a full scan "
+        "ablates).",
+    )
+    n_ablated: int = Field(
+        ge=0,
+        description="Candidates ablated exactly (whole rounds, so up to round_size − 1 past "
+        "the stop).",
+    )
+    stopped_after: int = Field(
+        ge=0, description="Candidates ablated when the stopping rule fired (≤ n_ablated)."
+    )
+    stop_rule: StopRule = Field(
+        description="patience: the top-K held for `patience` candidates; budget: `budget` "
+        "candidates spent; exhausted: every candidate ablated."
+    )
+    full_scan_ablations: int = Field(
+        ge=0,
+        description="(prompt, feature) ablations a full scan of the same prompts runs (the "
+        "cache's active pairs at the scan's positions).",
+    )
+    ablation_fraction: float = Field(
+        description="This scan's (prompt, feature) ablations / full_scan_ablations."
+    )

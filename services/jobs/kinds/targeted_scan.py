@@ -1,0 +1,305 @@
+"""Targeted ablation scans: candidates from a cache store, ablated exactly in estimated order.
+
+A cache store with gradients holds, for every stored (token, feature) entry,
+``a`` and ``g = ∂m/∂a``; ``−a·g`` is the linear estimate of zero-ablating
+that feature there. Summed over the entries at the scan's positions of one
+prompt it estimates the prompt's Δm, so the cache ranks every feature the
+full scan would ablate, with no model pass (:func:`cache_estimates`). The
+driver then ablates candidates exactly in that order, ``round_size`` at a
+time, each round fanned out to the actors over the job's prompt shards, and
+stops when the exact top-K by mean |Δm| has not changed for ``patience``
+further candidates or ``budget`` candidates are spent (:func:`run_rounds`).
+Each ablated feature's Δm rows are the full scan's own computation, so its
+exact values are the full scan's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from circuitscan.schemas.job_results import AblationJobResult
+from circuitscan.schemas.jobs import AblationScanParams, JobSpec, ScanCandidates
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.schemas.targeted_scan import StopRule, TargetedScan
+from circuitscan.services.jobs.job_kind import CliView, KindCheckError, MergeContext
+from circuitscan.services.jobs.planning import ShardPlan
+
+
+@dataclass
+class Estimates:
+    """Per feature of the scanned site, the cache's zero-ablation estimate over the prompts."""
+
+    total: np.ndarray  # float64 [d_sae]: Σ over prompts of −Σ_positions a·g
+    total_abs: np.ndarray  # float64 [d_sae]: Σ over prompts of |−Σ_positions a·g|
+    pairs: np.ndarray  # int64 [d_sae]: prompts where the feature is stored at the positions
+    n_prompts: int
+
+    def order(self) -> list[int]:
+        """Candidates: every feature with a stored entry, largest estimated mean |Δm| first."""
+        present = np.flatnonzero(self.pairs > 0)
+        return present[np.lexsort((present, -self.total_abs[present]))].tolist()
+
+
+def _open_cache(url: str) -> Any:
+    from circuitscan.services.store import FeatureStore, StoreError
+
+    try:
+        return FeatureStore.open(url)
+    except StoreError as exc:
+        raise KindCheckError(f"candidates store: {exc}") from exc
+
+
+def check_cache(spec: JobSpec, site: str, sae_fingerprint: str, model_fingerprint: str) -> None:
+    """Refuse a candidates store that cannot rank this scan's features (before any work)."""
+    assert isinstance(spec.job, AblationScanParams) and spec.job.candidates is not None
+    url = spec.job.candidates.store
+    store = _open_cache(url)
+    layout = store.layout
+    labels = [s.label for s in layout.sites]
+    if site not in labels:
+        raise KindCheckError(
+            f"candidates store {url} has no site {site!r} (it caches {labels or 'no sites'})"
+        )
+    if not layout.gradients:
+        raise KindCheckError(
+            f"candidates store {url} keeps no gradients, so it has no estimate −a·∂m/∂a to "
+            "rank features by: cache the prompts with gradients: true"
+        )
+    cached = layout.site(site).sae_fingerprint
+    if cached and sae_fingerprint and cached != sae_fingerprint:
+        raise KindCheckError(f"candidates store {url} was cached with another SAE at {site}")
+    if (
+        layout.model_fingerprint
+        and model_fingerprint
+        and layout.model_fingerprint != model_fingerprint
+    ):
+        raise KindCheckError(f"candidates store {url} was cached with another model")
+    metric = (layout.job_spec or {}).get("metric")
+    if metric is not None and metric != spec.metric.model_dump(mode="json"):
+        raise KindCheckError(
+            f"candidates store {url} holds gradients of metric {metric}, this scan measures "
+            f"{spec.metric.model_dump(mode='json')}"
+        )
+
+
+def check_cache_prompts(candidates: ScanCandidates, records: Sequence[PromptRecord]) -> None:
+    """The cache must hold exactly the scan's prompts, in order, in committed shards."""
+    store = _open_cache(candidates.store)
+    entries = store.committed_entries()
+    n_cached = sum(entry.n_prompts for entry in entries.values())
+    if n_cached != store.n_prompts():
+        raise KindCheckError(
+            f"candidates store {candidates.store} is not finished (shards missing below prompt "
+            f"{store.n_prompts()}): resume its cache job first"
+        )
+    if n_cached != len(records):
+        raise KindCheckError(
+            f"candidates store {candidates.store} holds {n_cached} prompts, this scan has "
+            f"{len(records)}: cache the scan's own prompts"
+        )
+    for shard_id in sorted(entries):
+        start = entries[shard_id].prompt_start
+        for offset, cached in enumerate(store.prompt_records(shard_id)):
+            if cached.text != records[start + offset].text:
+                raise KindCheckError(
+                    f"candidates store {candidates.store} holds other prompts than this scan "
+                    f"(prompt {start + offset} differs): cache the scan's own prompts"
+                )
+
+
+def _chosen(record: PromptRecord, length: int, positions: str | list[str]) -> np.ndarray:
+    """Positions of one prompt the scan ablates at (as the scan resolves them)."""
+    if positions == "all":
+        return np.arange(length)
+    names = ["last"] if positions == "last" else list(positions)
+    out = []
+    for name in names:
+        if name == "last":
+            out.append(length - 1)
+        elif name in record.positions:
+            out.append(record.positions[name])
+    return np.unique(np.array(out, dtype=np.int64))
+
+
+def cache_estimates(candidates: ScanCandidates, site: str, positions: str | list[str]) -> Estimates:
+    """Every feature's zero-ablation estimate at the positions, from the cache's shards.
+
+    Read shard by shard (memory bounded by a shard); per prompt, −a·g is summed
+    over the chosen positions before its magnitude is taken, as one ablation
+    covers all of a prompt's chosen positions.
+    """
+    store = _open_cache(candidates.store)
+    d_sae = store.layout.site(site).d_sae
+    total, total_abs = np.zeros(d_sae), np.zeros(d_sae)
+    pairs = np.zeros(d_sae, dtype=np.int64)
+    n_prompts = 0
+    for shard_id, entry in sorted(store.committed_entries().items()):
+        data = store.site_shard(shard_id, site)
+        offsets = store.prompt_shard(shard_id).prompt_offsets
+        records = store.prompt_records(shard_id)
+        lengths = np.diff(offsets).astype(np.int64)
+        n_tokens = int(lengths.sum())
+        chosen = np.zeros(n_tokens, dtype=bool)
+        for local, record in enumerate(records):
+            chosen[offsets[local] + _chosen(record, int(lengths[local]), positions)] = True
+        token_prompt = np.repeat(np.arange(len(lengths)), lengths)
+        entry_token = np.repeat(np.arange(n_tokens), np.diff(data.token_offsets))
+        keep = chosen[entry_token]
+        assert data.gradients is not None
+        value = -(data.activations[keep].astype(np.float64) * data.gradients[keep])
+        feature = data.feature_ids[keep].astype(np.int64)
+        key = token_prompt[entry_token[keep]] * d_sae + feature
+        unique, inverse = np.unique(key, return_inverse=True)
+        per_pair = np.bincount(inverse, weights=value, minlength=len(unique))
+        pair_feature = unique % d_sae
+        total += np.bincount(pair_feature, weights=per_pair, minlength=d_sae)
+        total_abs += np.bincount(pair_feature, weights=np.abs(per_pair), minlength=d_sae)
+        pairs += np.bincount(pair_feature, minlength=d_sae)
+        n_prompts += entry.n_prompts
+    return Estimates(total=total, total_abs=total_abs, pairs=pairs, n_prompts=n_prompts)
+
+
+def _top(mean_abs: dict[int, float], k: int) -> set[int]:
+    return set(sorted(mean_abs, key=lambda f: (-mean_abs[f], f))[:k])
+
+
+def run_rounds(
+    params: AblationScanParams,
+    estimates: Estimates,
+    plans: list[ShardPlan],
+    kept: list[PromptRecord],
+    fan_out: Callable[[str, list[tuple[Any, ...]]], list[Any]],
+    say: Callable[[str], None],
+) -> tuple[list[Any], TargetedScan]:
+    """Ablate candidates round by round until the stopping rule fires.
+
+    Returns one partial per shard holding every ablated feature's Δm column
+    (the rounds' columns side by side) and how the scan stopped.
+    """
+    from circuitscan.services.jobs.kinds.ablation_scan import AblationPartial, ScanInfo
+
+    candidates = params.candidates
+    assert candidates is not None
+    order = estimates.order()
+    limit = min(len(order), candidates.budget or len(order))
+    columns: list[list[Any]] = [[] for _ in plans]
+    mean_abs: dict[int, float] = {}
+    top: set[int] = set()
+    ablated, checked, last_change, stopped_after = 0, 0, 0, 0
+    rule: StopRule = "exhausted"
+    while ablated < limit and not stopped_after:
+        chunk = order[ablated : min(ablated + candidates.round_size, limit)]
+        calls = [(kept[p.start : p.stop], chunk, p.shard_id) for p in plans]
+        parts = fan_out("ablate_features", calls)
+        ablated += len(chunk)
+        sums = dict.fromkeys(chunk, 0.0)
+        for shard, part in enumerate(parts):
+            columns[shard].append(part)
+            for column, feature in enumerate(part.features.tolist()):
+                sums[feature] += float(np.abs(np.nan_to_num(part.delta[:, column])).sum())
+        for feature in chunk:  # the rule is checked candidate by candidate, in order
+            checked += 1
+            mean_abs[feature] = sums[feature] / max(estimates.n_prompts, 1)
+            now = _top(mean_abs, candidates.top_k)
+            if now != top:
+                top, last_change = now, checked
+            if checked >= candidates.top_k and checked - last_change >= candidates.patience:
+                stopped_after, rule = checked, "patience"
+            elif candidates.budget is not None and checked >= candidates.budget:
+                stopped_after, rule = checked, "budget"
+            if stopped_after:
+                break
+        say(f"targeted scan: {ablated} of {len(order)} candidates ablated")
+    merged = []
+    for plan, shard_parts in zip(plans, columns, strict=True):
+        features = [part.features for part in shard_parts]
+        deltas = [part.delta for part in shard_parts]
+        merged.append(
+            AblationPartial(
+                features=np.concatenate(features) if features else np.zeros(0, dtype=np.int64),
+                delta=np.concatenate(deltas, axis=1) if deltas else np.zeros((plan.size, 0)),
+                baseline=shard_parts[-1].baseline if shard_parts else np.full(plan.size, np.nan),
+                scan=ScanInfo(
+                    site=shard_parts[0].scan.site if shard_parts else "",
+                    n_ablations=sum(part.scan.n_ablations for part in shard_parts),
+                ),
+            )
+        )
+    full = int(estimates.pairs.sum())
+    run = sum(part.scan.n_ablations for part in merged)
+    info = TargetedScan(
+        store=candidates.store,
+        top_k=candidates.top_k,
+        patience=candidates.patience,
+        budget=candidates.budget,
+        n_candidates=len(order),
+        n_ablated=ablated,
+        stopped_after=stopped_after or checked,
+        stop_rule=rule,
+        full_scan_ablations=full,
+        ablation_fraction=run / full if full else 0.0,
+    )
+    return merged, info
+
+
+def targeted_result(params: AblationScanParams, ctx: MergeContext) -> AblationJobResult:
+    """The job result of a targeted scan: the rounds' exact Δm, the estimates, the stop."""
+    from circuitscan.services.jobs.kinds.ablation_scan import ablation_result, scanned_site
+    from circuitscan.services.jobs.planning import plan_shards
+
+    assert params.candidates is not None
+    site = ctx.site or scanned_site(ctx.spec, [params.site] if params.site else [])
+    kept = list(ctx.kept)
+    check_cache_prompts(params.candidates, kept)
+    estimates = cache_estimates(params.candidates, site, params.positions)
+    ctx.say(
+        f"targeted scan: {int((estimates.pairs > 0).sum())} candidates ranked by the cache "
+        f"{params.candidates.store}"
+    )
+    plans = plan_shards(len(kept), ctx.spec.shard_size)
+    partials, info = run_rounds(params, estimates, plans, kept, ctx.fan_out, ctx.say)
+    result = ablation_result(ctx.spec, partials)
+    n = max(estimates.n_prompts, 1)
+    features = [
+        f.model_copy(
+            update={
+                "estimate_mean": float(estimates.total[f.feature]) / n,
+                "estimate_mean_abs": float(estimates.total_abs[f.feature]) / n,
+            }
+        )
+        for f in result.features
+    ]
+    return result.model_copy(update={"features": features, "targeted": info})
+
+
+def targeted_line(info: TargetedScan) -> str:
+    """How a targeted scan went, in one sentence."""
+    why = {
+        "patience": f"the top {info.top_k} held for {info.patience} further candidates",
+        "budget": f"its budget of {info.budget} candidates was spent",
+        "exhausted": "every candidate was ablated",
+    }[info.stop_rule]
+    return (
+        f"targeted by {info.store}: {info.n_ablated} of {info.n_candidates} candidates "
+        f"ablated ({info.ablation_fraction:.1%} of the full scan's {info.full_scan_ablations} "
+        f"ablations); stopped after {info.stopped_after} because {why}"
+    )
+
+
+def targeted_cli_view(result: AblationJobResult, top: int) -> CliView:
+    assert result.targeted is not None
+    return CliView(
+        header=f"ablation_scan ({result.mode}, targeted) at {result.site}: {result.n_prompts} "
+        f"prompts, {result.n_ablations} ablations, baseline metric {result.baseline_mean:.4g}\n"
+        + targeted_line(result.targeted),
+        columns=["feature", "mean_delta", "mean_abs", "estimate", "estimate_abs", "active"],
+        rows=[
+            (f.feature, f.mean_delta, f.mean_abs_delta, f.estimate_mean, f.estimate_mean_abs,
+             f.n_active)
+            for f in result.features[:top]
+        ],
+    )  # fmt: skip

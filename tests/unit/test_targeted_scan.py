@@ -1,0 +1,178 @@
+"""Targeted ablation scans on a tiny float64 model: candidates from a real cache store, each
+round run by the kind's own shard runner in this process (the workers' code without Ray)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from circuitscan.pipelines.attribution import ablation_scan
+from circuitscan.pipelines.batching import tokenize_prompts
+from circuitscan.pipelines.tasks.ioi import generate_ioi
+from circuitscan.schemas.hooks import HookSite
+from circuitscan.schemas.jobs import AblationScanParams, IOISource, JobSpec, ScanCandidates
+from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.schemas.store import SiteLayout, StoreLayout
+from circuitscan.services.jobs.job_kind import KindCheckError, MergeContext
+from circuitscan.services.jobs.kinds import job_kind
+from circuitscan.services.jobs.kinds.ablation_scan import AblationRunner
+from circuitscan.services.jobs.kinds.targeted_scan import cache_estimates
+from circuitscan.services.jobs.worker import WorkerInfo
+from circuitscan.services.sae_loading import LoadedSAE
+from circuitscan.services.store import FeatureStore, features_at
+from circuitscan.testing import build_tiny_language_model, build_tiny_sae, write_tiny_store
+
+SITE = HookSite(layer=1, point="resid_pre")
+
+
+@pytest.fixture(scope="module")
+def setup() -> Any:
+    """A float64 tiny model, one SAE, 12 IOI prompts, their cache store and the full scan."""
+    model = build_tiny_language_model(seed=3)
+    sae = build_tiny_sae(model, SITE, d_sae=24, seed=1)
+    records = generate_ioi(model.tokenizer, 12, seed=2)
+    url = write_tiny_store("memory://targeted-cache", model, [sae], records, shard_size=5)
+    batch = tokenize_prompts(model, records)
+    full = ablation_scan(
+        model, sae, SITE, batch.tokens, batch.lengths, MetricSpec(), batch.answer, batch.wrong,
+        positions="last",
+    )  # fmt: skip
+    return model, sae, records, url, batch, full
+
+
+def _spec(url: str, **candidates: Any) -> JobSpec:
+    return JobSpec(
+        saes=[{"source": "default/L15.resid_post"}],
+        prompts=IOISource(kind="ioi", n=12, seed=2),
+        job=AblationScanParams(
+            kind="ablation_scan",
+            site=SITE.label,
+            positions="last",
+            batch_size=7,
+            candidates=ScanCandidates(store=url, **candidates),
+        ),
+        store="memory://unused",
+        shard_size=5,
+    )
+
+
+def _targeted(setup: Any, **candidates: Any) -> Any:
+    model, sae, records, url, _, _ = setup
+    spec = _spec(url, **candidates)
+    runner = AblationRunner(spec, model, [LoadedSAE(sae, SITE, "", SITE.label, None)])
+    calls: list[int] = []
+
+    def fan_out(method: str, args: list[tuple[Any, ...]]) -> list[Any]:
+        calls.append(len(args))
+        return [getattr(runner, method)(*call) for call in args]
+
+    ctx = MergeContext(
+        spec=spec, n_prompts=len(records), kept=records, site=SITE.label,
+        say=lambda _line: None, fan_out=fan_out,
+    )  # fmt: skip
+    return job_kind("ablation_scan").merge(spec.job, [], ctx), calls
+
+
+def _full_means(full: Any) -> dict[int, tuple[float, float]]:
+    delta = full.delta.double()
+    return {
+        f: (float(delta[:, c].mean()), float(delta[:, c].abs().mean()))
+        for c, f in enumerate(full.features.tolist())
+    }
+
+
+def test_estimates_are_the_cache_entries_minus_a_times_g_at_the_last_token(setup) -> None:
+    _, _, records, url, _, _ = setup
+    estimates = cache_estimates(ScanCandidates(store=url), SITE.label, "last")
+    store = FeatureStore.open(url)
+    total = np.zeros(24)
+    for prompt in range(len(records)):
+        tokens = store.prompt_tokens(prompt)
+        found = features_at(store, SITE.label, prompt, len(tokens) - 1)
+        assert found.attributions is not None
+        for feature, term in zip(found.feature_ids, found.attributions, strict=True):
+            total[feature] -= term
+    np.testing.assert_allclose(estimates.total, total, rtol=1e-12, atol=1e-15)
+    assert estimates.n_prompts == len(records)
+
+
+def test_targeted_scan_exact_values_are_the_full_scans_and_its_top_k_too(setup) -> None:
+    full = setup[5]
+    result, calls = _targeted(setup, top_k=3, patience=4, round_size=2)
+    info = result.targeted
+    assert info is not None and info.stop_rule == "patience"
+    exact = _full_means(full)
+    assert info.n_candidates == len(exact) and info.full_scan_ablations == full.n_ablations
+    assert info.n_ablated < info.n_candidates and info.stopped_after <= info.n_ablated
+    assert len(calls) == -(-info.n_ablated // 2) and set(calls) == {3}  # rounds × 3 shards
+    for f in result.features:  # every ablated feature: the full scan's values
+        assert (f.mean_delta, f.mean_abs_delta) == pytest.approx(exact[f.feature], abs=1e-12)
+        assert f.estimate_mean is not None and f.estimate_mean_abs is not None
+    top = sorted(exact, key=lambda f: (-exact[f][1], f))[:3]
+    assert [f.feature for f in result.features[:3]] == top
+    assert result.n_ablations < full.n_ablations
+    assert info.ablation_fraction == pytest.approx(result.n_ablations / full.n_ablations)
+    assert result.baseline_mean == pytest.approx(float(full.baseline.mean()), abs=1e-12)
+
+
+def test_targeted_scan_budget_and_exhaustion(setup) -> None:
+    result, _ = _targeted(setup, top_k=2, patience=50, budget=3, round_size=2)
+    assert result.targeted.stop_rule == "budget" and result.targeted.stopped_after == 3
+    assert result.targeted.n_ablated == 3
+    every, _ = _targeted(setup, top_k=2, patience=500, round_size=50)
+    assert every.targeted.stop_rule == "exhausted"
+    exact = _full_means(setup[5])
+    assert {f.feature for f in every.features} == set(exact)
+    assert every.n_ablations == setup[5].n_ablations
+
+
+def _info(fingerprint: str = "") -> WorkerInfo:
+    return WorkerInfo(
+        model_name="tiny", model_fingerprint=fingerprint, sae_fingerprints={SITE.label: ""},
+        sae_widths={SITE.label: 24}, sae_hooks={SITE.label: SITE.hook_name}, n_ctx=64,
+        node_id="", pid=0,
+    )  # fmt: skip
+
+
+def test_a_candidates_store_that_cannot_rank_is_refused_before_any_work(setup) -> None:
+    _, _, records, url, _, _ = setup
+    kind = job_kind("ablation_scan")
+    no_grads = "memory://targeted-no-gradients"
+    layout = StoreLayout(
+        sites=[SiteLayout(label=SITE.label, hook_name=SITE.hook_name, d_sae=24)], gradients=False
+    )
+    FeatureStore.create(no_grads, layout, overwrite=True)
+    with pytest.raises(KindCheckError, match="keeps no gradients"):
+        kind.check_sites(_spec(no_grads), _info())
+    with pytest.raises(KindCheckError, match="no feature store at memory://nowhere"):
+        kind.check_sites(_spec("memory://nowhere"), _info())
+    with pytest.raises(KindCheckError, match="another model"):
+        kind.check_sites(_spec(url), _info("other-model"))
+    with pytest.raises(KindCheckError, match="holds 12 prompts, this scan has 11"):
+        kind.check_prompts(_spec(url).job, records[:11])
+    swapped = [records[1], records[0], *records[2:]]
+    with pytest.raises(KindCheckError, match="prompt 0 differs"):
+        kind.check_prompts(_spec(url).job, swapped)
+    kind.check_prompts(_spec(url).job, records)  # the cache's own prompts pass
+    with pytest.raises(ValueError, match="needs mode: zero"):
+        AblationScanParams(kind="ablation_scan", mode="mean", candidates={"store": url})
+
+
+def test_only_restricts_a_scan_to_the_features_given(setup) -> None:
+    model, sae, _, _, batch, full = setup
+    chosen = full.features[[0, 2]]
+    part = ablation_scan(
+        model, sae, SITE, batch.tokens, batch.lengths, MetricSpec(), batch.answer, batch.wrong,
+        positions="last", only=chosen, batch_size=3,
+    )  # fmt: skip
+    assert part.features.tolist() == sorted(chosen.tolist())
+    columns = [full.features.tolist().index(f) for f in part.features.tolist()]
+    torch.testing.assert_close(part.delta, full.delta[:, columns], rtol=0, atol=1e-12)
+    empty = ablation_scan(
+        model, sae, SITE, batch.tokens, batch.lengths, MetricSpec(), batch.answer, batch.wrong,
+        positions="last", only=torch.zeros(0, dtype=torch.long),
+    )  # fmt: skip
+    assert empty.n_ablations == 0 and torch.allclose(empty.baseline, full.baseline)
