@@ -6,7 +6,7 @@ so both agree on what fits where.
 
 from __future__ import annotations
 
-from transformer_lens import HookedTransformer
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.hooks import HookSite
@@ -18,7 +18,11 @@ def site_width(model: HookedTransformer, site: HookSite) -> int:
     ``hook_z`` carries ``[.., n_heads, d_head]``; an SAE there reads it
     flattened, so its width is the product.
     """
-    cfg = model.cfg
+    return config_site_width(model.cfg, site)
+
+
+def config_site_width(cfg: HookedTransformerConfig, site: HookSite) -> int:
+    """:func:`site_width` from a model's config alone (a driver checks SAEs before loading weights)."""
     if site.point == "z":
         return cfg.n_heads * cfg.d_head
     if site.point in ("mlp_post", "mlp_pre"):

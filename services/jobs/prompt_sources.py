@@ -33,15 +33,22 @@ def _existing(path: str) -> Path:
     return resolved
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptSourceError(f"{path}: not UTF-8 text: {exc}") from exc
+
+
 def _from_text(source: TextFileSource) -> list[PromptRecord]:
-    lines = _existing(source.path).read_text(encoding="utf-8").splitlines()
+    lines = _read_text(_existing(source.path)).splitlines()
     return [PromptRecord(text=line) for line in lines if line.strip()]
 
 
 def _from_jsonl(source: JsonlSource) -> list[PromptRecord]:
     path = _existing(source.path)
     records: list[PromptRecord] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:

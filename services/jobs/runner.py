@@ -23,6 +23,7 @@ from circuitscan.services.jobs.input_digest import check_inputs, record_inputs
 from circuitscan.services.jobs.job_kind import MergeContext, committed_partials
 from circuitscan.services.jobs.kinds import job_kind
 from circuitscan.services.jobs.planning import plan_shards
+from circuitscan.services.jobs.preflight import check_model_and_saes
 from circuitscan.services.jobs.progress import Progress
 from circuitscan.services.jobs.prompt_sources import load_prompts
 from circuitscan.services.jobs.ray_pool import (
@@ -192,6 +193,8 @@ def run_job(
     """
     started = time.perf_counter()
     say = echo or (lambda _line: None)
+    # A model or SAE that files show cannot work is refused before anything starts.
+    check_model_and_saes(spec)
     tokenizer = functools.partial(_tokenizer, spec.model)
     records = load_prompts(spec.prompts, tokenizer)
     check_prompts(spec, records)

@@ -8,10 +8,13 @@ What a kind needs of its prompts, sites and positions it says itself
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+from typing import TYPE_CHECKING, Any
 
+from circuitscan.pipelines.tokens import NotSingleTokenError, encode_plain, single_token_id
 from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.jobs import JobSpec
+from circuitscan.schemas.models import ModelSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.kinds import job_kind
 
@@ -39,7 +42,9 @@ def _check_labels(spec: JobSpec, records: list[PromptRecord]) -> None:
             )
 
 
-def check_prompts(spec: JobSpec, records: list[PromptRecord]) -> None:
+def check_prompts(spec: JobSpec, records: list[PromptRecord], tokenizer: Any = None) -> None:
+    """Labels, the kind's needs and the tokens of every prompt (``tokenizer``: the model's,
+    loaded once per driver when not given and only when the job reads tokens here)."""
     if not records:
         raise JobError("the prompt set is empty: nothing to run")
     _check_labels(spec, records)
@@ -47,6 +52,75 @@ def check_prompts(spec: JobSpec, records: list[PromptRecord]) -> None:
         job_kind(spec.job.kind).check_prompts(spec.job, records)
     except ValueError as exc:
         raise JobError(str(exc)) from exc
+    check_tokens(spec, records, tokenizer)
+
+
+@functools.lru_cache(maxsize=4)
+def driver_tokenizer(model: ModelSpec) -> Any:
+    """The model's tokenizer on the driver (no weights), loaded once per process and model."""
+    from circuitscan.services.model_loading import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+def _read_labels(spec: JobSpec) -> list[str]:
+    """The labels the job's metric reads as single tokens (none when the metric is not read)."""
+    kind = spec.metric.kind
+    if kind == "next_token_loss" or not job_kind(spec.job.kind).reads_metric(spec.job):
+        return []
+    return ["answer", "wrong"] if kind == "logit_diff" else ["answer"]
+
+
+def _pairs_by_position(spec: JobSpec, records: list[PromptRecord]) -> bool:
+    # Kinds that pair clean and corrupted prompts (attribute jobs, paired
+    # caches) do it token by token unless told to align them from the end;
+    # a cache that is not paired never reads the corrupted text.
+    pairs = getattr(spec.job, "align", None) == "same" and getattr(spec.job, "paired", True)
+    return bool(pairs) and any(r.corrupted is not None for r in records)
+
+
+def check_tokens(spec: JobSpec, records: list[PromptRecord], tokenizer: Any = None) -> None:
+    """Answers of exactly one token, clean and corrupted prompts of equal token length.
+
+    A shard would find either only after the store exists, with one shard
+    failed and the others written; here nothing has been created yet.
+    """
+    labels = _read_labels(spec)
+    paired = _pairs_by_position(spec, records)
+    if not labels and not paired:
+        return
+    tokenizer = tokenizer or driver_tokenizer(spec.model)
+    counts: dict[str, int] = {}  # answers repeat across prompts: tokenize each once
+    for label in labels:
+        for index, record in enumerate(records):
+            text = getattr(record, label)
+            if text is None:
+                continue
+            if text not in counts:
+                counts[text] = len(encode_plain(tokenizer, text))
+            if counts[text] == 1:
+                continue
+            if not text:
+                raise JobError(f"prompt {index}: the {label} is empty; it must be one token")
+            try:
+                single_token_id(tokenizer, text)
+            except NotSingleTokenError as exc:
+                raise JobError(f"prompt {index}: {label} {exc}") from exc
+    if paired:
+        _check_equal_lengths(records, tokenizer)
+
+
+def _check_equal_lengths(records: list[PromptRecord], tokenizer: Any) -> None:
+    rows = [(i, r) for i, r in enumerate(records) if r.corrupted is not None]
+    clean = tokenizer([r.text for _, r in rows], add_special_tokens=False)["input_ids"]
+    corrupt = tokenizer([str(r.corrupted) for _, r in rows], add_special_tokens=False)["input_ids"]
+    for (index, _), a, b in zip(rows, clean, corrupt, strict=True):
+        if len(a) != len(b):
+            raise JobError(
+                f"prompt {index}: the clean and corrupted prompts have different token lengths "
+                f"({len(a) + 1} vs {len(b) + 1} with BOS); they are paired position by "
+                "position, so give them equal lengths or set align: end in the job"
+            )
 
 
 def check_sites(spec: JobSpec, info: WorkerInfo) -> str | None:

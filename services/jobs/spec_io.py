@@ -40,4 +40,14 @@ def load_spec(path: str | Path) -> JobSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    return parse_spec(path.read_text(encoding="utf-8"), origin=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"spec file {path} is not UTF-8 text: {_bad_bytes(exc)}") from exc
+    return parse_spec(text, origin=str(path))
+
+
+def _bad_bytes(exc: UnicodeDecodeError) -> str:
+    """Where the first byte that is not UTF-8 sits: line and byte offset, and the byte itself."""
+    line = exc.object[: exc.start].count(b"\n") + 1
+    return f"byte {exc.object[exc.start : exc.start + 1]!r} at offset {exc.start} (line {line})"

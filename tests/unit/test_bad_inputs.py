@@ -1,0 +1,194 @@
+"""Every user mistake in a job's input is one line, exit status 2, and leaves no store behind.
+
+The CLI runs in process (``circuitscan run`` / ``resume`` through typer's
+runner): each mistake here is found on the driver before Ray, the lease or
+the store, so nothing but the driver is involved, and the test checks that
+only ``typer.Exit`` ended the command (anything else would be a traceback)
+and that the store folder was never made. The files are real: a tiny local
+Hugging Face model, real sae_lens SAE folders, prompt files on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from circuitscan.services.cli import app
+
+NON_UTF8 = b"The cat sat\n\xff\xfe on the mat\n"
+
+
+def _jsonl(path: Path, rows: list[dict[str, Any]]) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return str(path)
+
+
+def _sae_copy(source: Path, target: Path, **changes: Any) -> str:
+    """A copy of an SAE folder with its cfg.json changed (``hook_name`` goes in metadata)."""
+    shutil.copytree(source, target)
+    cfg = json.loads((target / "cfg.json").read_text(encoding="utf-8"))
+    if "hook_name" in changes:
+        cfg["metadata"]["hook_name"] = changes.pop("hook_name")
+    cfg.update(changes)
+    (target / "cfg.json").write_text(json.dumps(cfg), encoding="utf-8")
+    return str(target)
+
+
+PAIR = {"text": "When Mary and John went out, John gave it to", "answer": " Mary", "wrong": " John"}
+
+
+def _non_utf8_prompts(tmp: Path, base: dict[str, Any], kind: str) -> dict[str, Any]:
+    path = tmp / f"prompts.{kind}"
+    path.write_bytes(NON_UTF8)
+    return {**base, "prompts": {"kind": kind, "path": str(path)}}
+
+
+def _answers(tmp: Path, base: dict[str, Any], **row: Any) -> dict[str, Any]:
+    rows = [PAIR, {**PAIR, **row}]
+    return {**base, "prompts": {"kind": "jsonl", "path": _jsonl(tmp / "p.jsonl", rows)}}
+
+
+def _attribute(tmp: Path, base: dict[str, Any], corrupted: str) -> dict[str, Any]:
+    row = {**PAIR, "corrupted": corrupted}
+    source = {"kind": "jsonl", "path": _jsonl(tmp / "pairs.jsonl", [row])}
+    return {**base, "prompts": source, "job": {"kind": "attribute", "nodes": ["z"]}}
+
+
+# (case id, how to make the spec from (tmp folder, base spec, SAE folders), message fragment)
+CASES: list[tuple[str, Callable[..., dict[str, Any]], str]] = [
+    (
+        "text-file-not-utf8",
+        lambda tmp, base, saes: _non_utf8_prompts(tmp, base, "text"),
+        "not UTF-8",
+    ),
+    (
+        "jsonl-not-utf8",
+        lambda tmp, base, saes: _non_utf8_prompts(tmp, base, "jsonl"),
+        "not UTF-8",
+    ),
+    (
+        "model-path-missing",
+        lambda tmp, base, saes: {**base, "model": {"source": str(tmp / "no-such-model")}},
+        "model path not found",
+    ),
+    (
+        "model-path-a-file",
+        lambda tmp, base, saes: {**base, "model": {"source": _jsonl(tmp / "weights.bin", [])}},
+        "is not a Hugging Face model directory",
+    ),
+    (
+        "sae-width-mismatch",
+        lambda tmp, base, saes: {
+            **base,
+            "saes": [{"source": _sae_copy(saes[0], tmp / "wide", d_in=33)}],
+        },
+        "has d_in=33, which does not match blocks.0.hook_resid_post width 32",
+    ),
+    (
+        "sae-layer-missing",
+        lambda tmp, base, saes: {
+            **base,
+            "saes": [
+                {"source": _sae_copy(saes[0], tmp / "deep", hook_name="blocks.7.hook_resid_post")}
+            ],
+        },
+        "reads blocks.7.hook_resid_post, but the model has 2 layers (blocks 0..1)",
+    ),
+    (
+        "sae-unknown-default",
+        lambda tmp, base, saes: {**base, "saes": [{"source": "default/L99.nope"}]},
+        "no default SAE named 'L99.nope'",
+    ),
+    (
+        "sae-folder-missing",
+        lambda tmp, base, saes: {**base, "saes": [{"source": str(tmp / "no-sae")}]},
+        "SAE directory not found",
+    ),
+    (
+        "answer-several-tokens",
+        lambda tmp, base, saes: _answers(tmp, base, answer=" Maryland Jones"),
+        "prompt 1: answer ' Maryland Jones' is 2 tokens",
+    ),
+    (
+        "answer-empty",
+        lambda tmp, base, saes: _answers(tmp, base, wrong=""),
+        "prompt 1: the wrong is empty",
+    ),
+    (
+        "corrupted-length-differs",
+        lambda tmp, base, saes: _attribute(
+            tmp, base, "When Alice and Bob went out on a long walk, Carl gave it to"
+        ),
+        "prompt 0: the clean and corrupted prompts have different token lengths",
+    ),
+    (
+        "store-a-file",
+        lambda tmp, base, saes: {**base, "store": _jsonl(tmp / "store-file", [])},
+        "exists and is not a directory",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def base_spec(tiny_hf_model_dir, tiny_hf_sae_dirs) -> Callable[[Path], dict[str, Any]]:
+    def make(tmp: Path) -> dict[str, Any]:
+        return {
+            "name": "bad-input",
+            "model": {"source": str(tiny_hf_model_dir)},
+            "saes": [{"source": str(path)} for path in tiny_hf_sae_dirs],
+            "prompts": {"kind": "jsonl", "path": _jsonl(tmp / "good.jsonl", [PAIR])},
+            "job": {"kind": "cache"},
+            "store": str(tmp / "store"),
+        }
+
+    return make
+
+
+def _run(*args: str) -> Any:
+    result = CliRunner().invoke(app, list(args))
+    # Only typer.Exit (SystemExit) may end the command: anything else is a traceback.
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return result
+
+
+@pytest.mark.parametrize(("make", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_a_bad_job_input_is_one_line_exit_2_and_no_store(
+    make, message, base_spec, tiny_hf_sae_dirs, tmp_path
+) -> None:
+    spec = make(tmp_path, base_spec(tmp_path), tiny_hf_sae_dirs)
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    result = _run("run", str(path))
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert message in lines[0], lines[0]
+    if spec["store"] == str(tmp_path / "store"):
+        assert not (tmp_path / "store").exists(), "a refused job left its store folder behind"
+
+
+def test_a_spec_that_is_not_utf8_is_one_line(tmp_path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_bytes(b"name: x\nstore: /tmp/x\n# caf\xe9\n")
+    result = _run("run", str(spec))
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: spec file {spec} is not UTF-8 text: byte b'\\xe9' at offset 27 (line 3)"
+    )
+
+
+def test_resuming_a_store_path_that_is_a_file_is_one_line(tmp_path) -> None:
+    path = tmp_path / "not-a-store"
+    path.write_text("hello", encoding="utf-8")
+    result = _run("resume", str(path))
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        f"error: store path {path} exists and is not a directory"
+    ]
+    assert path.read_text(encoding="utf-8") == "hello"
