@@ -127,25 +127,38 @@ class NodeSelection(BaseModel):
     )
 
 
-# Method names → (qk_fix, graddrop); the first spelling of each is the one ``name`` reports.
-_METHOD_NAMES: dict[str, tuple[bool, bool]] = {
-    "atp": (False, False),
-    "atpstar": (True, True),
-    "atp*": (True, True),
-    "atp_qk": (True, False),
-    "atp+qk": (True, False),
-    "atp_graddrop": (False, True),
-    "atp+graddrop": (False, True),
+# Method names → (qk_fix, graddrop, second_order); the first spelling of each is the one
+# ``name`` reports.
+_METHOD_NAMES: dict[str, tuple[bool, bool, bool]] = {
+    "atp": (False, False, False),
+    "atpstar": (True, True, False),
+    "atp*": (True, True, False),
+    "atp_qk": (True, False, False),
+    "atp+qk": (True, False, False),
+    "atp_graddrop": (False, True, False),
+    "atp+graddrop": (False, True, False),
+    "atp2": (False, False, True),
+    "atpstar2": (True, True, True),
+    "atp*2": (True, True, True),
+    "atp_qk2": (True, False, True),
+    "atp+qk+2": (True, False, True),
+    "atp_graddrop2": (False, True, True),
+    "atp+graddrop+2": (False, True, True),
 }
 
 
 class AttributionMethod(BaseModel):
-    """How scores are estimated: plain AtP, or AtP* with the QK fix and/or GradDrop."""
+    """How scores are estimated: AtP, AtP* (QK fix and/or GradDrop), and the second-order term."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     qk_fix: bool = Field(default=False, description="Exact softmax rows for q/k nodes.")
     graddrop: bool = Field(default=False, description="Per-layer gradient-drop scores.")
+    second_order: bool = Field(
+        default=False,
+        description="Add the Hessian-vector-product term ½ Δ_n·(H Δ)_n along the patch of the "
+        "selected nodes (one extra backward pass; see pipelines/attribution/second_order.py).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -158,21 +171,24 @@ class AttributionMethod(BaseModel):
             raise ValueError(
                 f"unknown attribution method {data!r}; expected one of {', '.join(_METHOD_NAMES)}"
             )
-        return {"qk_fix": flags[0], "graddrop": flags[1]}
+        return {"qk_fix": flags[0], "graddrop": flags[1], "second_order": flags[2]}
 
     @classmethod
     def parse(cls, method: AttributionMethod | str) -> AttributionMethod:
         """A method from its name (``"atp"``, ``"atpstar"``, ``"atp+qk"``, ``"atp+graddrop"``,
-        or the ``name`` it reports, e.g. ``"atp_qk"``); a method is returned as it is."""
+        ``"atp2"``, ``"atpstar2"``, or the ``name`` it reports, e.g. ``"atp_qk"``); a method is
+        returned as it is."""
         return method if isinstance(method, AttributionMethod) else cls.model_validate(method)
 
     @property
     def name(self) -> str:
         if self.qk_fix and self.graddrop:
-            return "atpstar"
-        if self.qk_fix:
-            return "atp_qk"
-        return "atp_graddrop" if self.graddrop else "atp"
+            base = "atpstar"
+        elif self.qk_fix:
+            base = "atp_qk"
+        else:
+            base = "atp_graddrop" if self.graddrop else "atp"
+        return base + "2" if self.second_order else base
 
 
 class NodeScore(BaseModel):

@@ -3,7 +3,8 @@
 AtP(n) = (n(x') − n(x)) · ∂m/∂n |_x for every node at once: one forward pass
 on the corrupted prompts, one on the clean prompts, one backward pass. AtP*
 adds the QK fix for query/key nodes (see qk_fix.py) and GradDrop (see
-graddrop.py): (1/(L−1)) Σ_l |AtP_l(n)|.
+graddrop.py): (1/(L−1)) Σ_l |AtP_l(n)|. The second-order methods (atp2,
+atpstar2) add ½ Δ_n·(H Δ)_n from one more backward pass (see second_order.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from jaxtyping import Int
 from sae_lens import SAE, HookedSAETransformer
 
 from circuitscan.pipelines.attribution import graddrop as gd
+from circuitscan.pipelines.attribution import second_order as so
 from circuitscan.pipelines.attribution.errors import AttributionInputError
 from circuitscan.pipelines.attribution.inputs import (
     Answers,
@@ -209,24 +211,35 @@ def run_atp(
         raw = torch.autograd.grad(
             value.sum(),
             [clean.store[key] for key in inputs],
-            retain_graph=method.graddrop,
+            retain_graph=method.graddrop or method.second_order,
+            create_graph=method.second_order,
             allow_unused=True,
         )
         grads = {
             key: torch.zeros_like(clean.store[key]) if g is None else g
             for key, g in zip(inputs, raw, strict=True)
         }
+        second: dict[int, torch.Tensor] = {}
+        if method.second_order:
+            # One more backward pass through the first one's graph: H v along the joint patch.
+            direction = so.patch_direction(groups, clean.store, corrupt, positions)
+            hv = so.hessian_vector_product(grads, clean.store, direction)
+            grads = {key: g.detach() for key, g in grads.items()}
+            fixed = {i for i, g in enumerate(groups) if g.layer in qk and ops(g.kind).spec.qk_fix}
+            second = so.second_order_terms(groups, direction, hv, positions, skip=fixed)
         qk_terms: QKTerms = {}
         by_index = _score_groups(
             model, groups, clean.store, corrupt, grads, positions, qk, qk_terms
         )
-        scores = [by_index[i] for i in range(len(groups))]
+        scores = [
+            by_index[i] + second[i] if i in second else by_index[i] for i in range(len(groups))
+        ]
         signed = None
         if method.graddrop:
             signed = scores
             scores = _graddrop(
                 model, groups, clean.store, corrupt, grads, grad_keys, positions, qk, qk_terms,
-                scores,
+                scores, second,
             )  # fmt: skip
     return AttributionResult(method=method.name, groups=list(groups), scores=scores, signed=signed)
 
@@ -242,11 +255,14 @@ def _graddrop(
     qk: Mapping[int, list[Key]],
     qk_terms: QKTerms,
     clean_scores: Sequence[torch.Tensor],
+    second: Mapping[int, torch.Tensor],
 ) -> list[torch.Tensor]:
     """(1/(L−1)) Σ_l |AtP_l| per node, rescoring only the groups dropping layer l changes.
 
     Groups above layer l (and at its resid_post) keep their clean gradient, so
-    their AtP_l is the clean score; groups inside layer l get exactly 0.
+    their AtP_l is the clean score; groups inside layer l get exactly 0. A
+    second-order term (``second``, by group) is added to AtP_l undropped:
+    dropping a layer inside it would take one more HVP per layer.
     """
     n_layers = model.cfg.n_layers
     total = [torch.zeros_like(score) for score in clean_scores]
@@ -267,6 +283,8 @@ def _graddrop(
             model, groups, store, corrupt, dropped, positions, qk, qk_terms, only=changed
         )
         for index, score in rescored.items():
+            if index in second:
+                score = score + second[index]
             total[index] = total[index] + score.abs()
     return [t / max(n_layers - 1, 1) for t in total]
 
