@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Float
 
 from circuitscan.schemas.job_results import JobResult, NodeEffect
+from circuitscan.schemas.rankings import AttributionRanking, RankBy, RankPer
 from circuitscan.schemas.store import ActiveFeatures, FeatureExample, FeatureSummary
 from circuitscan.services.store import FeatureStore, StoreError, queries, results
 from circuitscan.services.store.queries import Decode
@@ -93,6 +94,29 @@ class StoreView:
         """Count, sum, max and frequency of one feature over the whole store."""
         return queries.feature_summary(self.backend, self._site(site), feature)
 
+    def top_attributions(
+        self,
+        site: str | None = None,
+        *,
+        feature: int | None = None,
+        per: RankPer | None = None,
+        n: int = 20,
+        rank_by: RankBy = "sum",
+    ) -> AttributionRanking:
+        """Corpus-wide rankings by a·∂m/∂a, from the store's index (no shard is read).
+
+        Without ``feature``: the features that push the metric most over the whole
+        store (|Σ a·g|, or Σ |a·g| with ``rank_by="abs"``); with it, the prompts
+        (``per="prompt"``, the default) or (prompt, position) entries
+        (``per="position"``) where that feature pushes it most.
+        """
+        from circuitscan.services.store.rankings import top_attributions
+
+        chosen: RankPer = per or ("feature" if feature is None else "prompt")
+        return top_attributions(
+            self.backend, self._site(site), per=chosen, feature=feature, n=n, rank_by=rank_by
+        )
+
     def dense(
         self, prompt: int, site: str | None = None, *, gradients: bool = False
     ) -> Float[torch.Tensor, "positions features"]:
@@ -130,5 +154,9 @@ def open_store(url: str) -> StoreView:
     >>> best = store.top_examples(active.feature_ids[0], n=1)[0]
     >>> store.summary(active.feature_ids[0]).max == best.activation
     True
+    >>> ranking = store.top_attributions(n=3)  # features pushing the metric most
+    >>> pushes = store.top_attributions(feature=ranking.rows[0].feature, n=2)  # its prompts
+    >>> len(ranking.rows), pushes.per, pushes.rows[0].feature == ranking.rows[0].feature
+    (3, 'prompt', True)
     """
     return StoreView(FeatureStore.open(url))

@@ -22,6 +22,7 @@ class QueryKind(StrEnum):
     features_at = "features-at"
     top_examples = "top-examples"
     summary = "summary"
+    top_attributions = "top-attributions"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -90,9 +91,48 @@ def _overview(store: Any) -> str:
     return table(["field", "value"], rows)
 
 
+def _top_attributions(
+    store: Any, site: str, feature: int | None, per: str | None, n: int, rank_by: str
+) -> str:
+    """A top-attributions ranking as a header line and a table (from the index alone)."""
+    from circuitscan.services.store.rankings import RANK_BY, RANK_PER, top_attributions
+
+    chosen = per or ("feature" if feature is None else "prompt")
+    if chosen not in RANK_PER:
+        _fail(f"--per must be one of {', '.join(RANK_PER)}")
+    if rank_by not in RANK_BY:
+        _fail(f"--rank-by must be one of {', '.join(RANK_BY)}")
+    ranking = top_attributions(
+        store,
+        site,
+        per=chosen,  # type: ignore[arg-type]
+        feature=feature,
+        n=n,
+        rank_by=rank_by,  # type: ignore[arg-type]
+    )
+    rows: list[tuple[Any, ...]]
+    if chosen == "feature":
+        key = "|Σ a·g|" if rank_by == "sum" else "Σ |a·g|"
+        header = f"features of {site} by {key} over {ranking.n_tokens} tokens"
+        headers = ["feature", "sum_attribution", "sum_abs", "entries"]
+        rows = [(r.feature, r.value, r.value_abs, r.count) for r in ranking.rows]
+    elif chosen == "position":
+        header = f"feature {feature} of {site}: its (prompt, position) entries by |a·g|"
+        headers = ["prompt", "position", "attribution"]
+        rows = [(r.prompt, r.position, r.value) for r in ranking.rows]
+    else:
+        header = f"feature {feature} of {site}: its prompts by |Σ a·g| over their positions"
+        headers = ["prompt", "attribution"]
+        rows = [(r.prompt, r.value) for r in ranking.rows]
+    shown = f"{len(ranking.rows)} of {ranking.available}"
+    return f"{header} ({shown}; a·g = activation × ∂metric/∂activation)\n" + table(headers, rows)
+
+
 def query(
     store_url: str = typer.Argument(..., metavar="STORE", help="Store path or URL."),
-    what: QueryKind = typer.Argument(..., help="features-at, top-examples or summary."),
+    what: QueryKind = typer.Argument(
+        ..., help="features-at, top-examples, summary or top-attributions."
+    ),
     site: str | None = typer.Option(
         None, help="Site label, e.g. L6.z (default: the store's only site)."
     ),
@@ -104,8 +144,17 @@ def query(
     limit: int = typer.Option(20, help="Rows at most (features-at)."),
     sort_by: str = typer.Option("attribution", help="attribution or activation (features-at)."),
     decode: bool = typer.Option(True, help="Decode token ids with the store's tokenizer."),
+    per: str | None = typer.Option(
+        None,
+        help="top-attributions: feature (features over the store; the default without "
+        "--feature), prompt (a feature's prompts; the default with it) or position.",
+    ),
+    rank_by: str = typer.Option(
+        "sum", help="top-attributions per feature: sum (|Σ a·g|) or abs (Σ |a·g|)."
+    ),
 ) -> None:
-    """Query a feature store: active features at a token, top examples, summaries."""
+    """Query a feature store: active features at a token, top examples, summaries, and
+    corpus-wide rankings by attribution a·∂m/∂a (top-attributions)."""
     from circuitscan.services.store import (
         FeatureStore,
         feature_summary,
@@ -119,6 +168,9 @@ def query(
             typer.echo(_overview(store))
             return
         site = _resolve_site(store, site)
+        if what is QueryKind.top_attributions:
+            typer.echo(_top_attributions(store, site, feature, per, n, rank_by))
+            return
         if what is QueryKind.features_at:
             _need(prompt=prompt, position=position)
             if sort_by not in ("attribution", "activation"):

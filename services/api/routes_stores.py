@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Request
 
+from circuitscan.schemas.rankings import AttributionRanking
 from circuitscan.schemas.store import FeatureSummary
 from circuitscan.services.api.auth import require_reader
 from circuitscan.services.api.errors import ERROR_RESPONSES, ApiError
@@ -297,6 +298,44 @@ def stores_router(settings: ApiSettings) -> APIRouter:
             items = [feature_summary(data, site, int(f)) for f in chosen]
             return Page[FeatureSummary](
                 items=items, offset=offset, limit=limit, total=int(features.shape[0])
+            )
+
+    @router.get(
+        "/{store}/sites/{site}/top-attributions",
+        response_model=AttributionRanking,
+        summary="Corpus-wide rankings by attribution a·∂m/∂a (from the index)",
+    )
+    async def top_attributions_route(
+        request: Request,
+        store: StoreName,
+        site: SiteLabel,
+        per: Annotated[
+            Literal["feature", "prompt", "position"] | None,
+            Query(
+                description="feature: features over the store (default without a feature); "
+                "prompt: the feature's prompts (default with one); position: its entries."
+            ),
+        ] = None,
+        feature: Annotated[int | None, Query(description="Feature id.", ge=0)] = None,
+        limit: Annotated[int, Query(description="Rows at most.", ge=1, le=max_page)] = min(
+            20, max_page
+        ),
+        rank_by: Annotated[
+            Literal["sum", "abs"],
+            Query(description="Per feature: sum ranks by |Σ a·g|, abs by Σ |a·g|."),
+        ] = "sum",
+    ) -> AttributionRanking:
+        from circuitscan.services.store.rankings import top_attributions
+
+        chosen = per or ("feature" if feature is None else "prompt")
+        if chosen == "feature" and feature is not None:
+            raise ApiError(400, "per=feature ranks every feature: leave out feature")
+        if chosen != "feature" and feature is None:
+            raise ApiError(400, f"per={chosen} ranks one feature's {chosen}s: give feature")
+        with _registry(request).reading(store) as entry:
+            _check_site(entry.store, site)
+            return top_attributions(
+                entry.store, site, per=chosen, feature=feature, n=limit, rank_by=rank_by
             )
 
     return router

@@ -146,8 +146,8 @@ class IndexWriter:
         if self._attribution is None:
             raise NoAttributionIndexError(
                 f"the index of store {self.manifest.url} was written before it kept "
-                "attribution sums; rebuild the store's index (or rerun its cache job into "
-                "a new store) to rank features by attribution"
+                "attribution sums; `circuitscan repair "
+                f"{self.manifest.url}` rebuilds it with them from the shards"
             )
         return self._attribution[label]
 

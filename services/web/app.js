@@ -101,7 +101,33 @@ async function showFeature() {
   const items = examples.examples.map((ex) => el("li", { "data-prompt": ex.prompt },
     contextNode(ex), el("span", { class: "act", text: `prompt ${ex.prompt} pos ${ex.position} · act ${fmt(ex.activation)}` })));
   $("examples").replaceChildren(...(items.length ? items : [el("li", { text: "this feature never fired" })]));
+  await showFeaturePushes(feature);
   $("feature-view").hidden = false;
+}
+
+// Corpus-wide rankings by a·∂m/∂a come from the store's index (GET .../top-attributions); a
+// store without gradients answers 404 and the ranking is left out.
+async function showRankings() {
+  let ranking = null;
+  try { ranking = await api(sitePath() + "/top-attributions?limit=10"); } catch (error) { ranking = null; }
+  $("rankings-view").hidden = ranking === null;
+  if (ranking === null) return;
+  const rows = ranking.rows.map((r) => {
+    const row = el("tr", { "data-feature": r.feature }, el("td", { text: String(r.feature) }),
+                   el("td", { text: fmt(r.value) }), el("td", { text: fmt(r.value_abs) }),
+                   el("td", { text: String(r.count) }));
+    row.addEventListener("click", () => { state.feature = String(r.feature); $("feature").value = r.feature; render(); });
+    return row;
+  });
+  $("rankings").tBodies[0].replaceChildren(...rows);
+}
+
+async function showFeaturePushes(feature) {
+  let ranking = null;
+  try { ranking = await api(sitePath() + `/top-attributions?feature=${feature}&per=prompt&limit=10`); } catch (error) { ranking = null; }
+  const items = ranking === null ? [el("li", { text: "this store keeps no attribution sums" })]
+    : ranking.rows.map((r) => el("li", { "data-prompt": r.prompt, text: `prompt ${r.prompt} · Σ a·g ${fmt(r.value)}` }));
+  $("feature-pushes").replaceChildren(...(items.length ? items : [el("li", { text: "no stored entries" })]));
 }
 
 function featureChip(id, activation, attribution) {
@@ -182,6 +208,7 @@ async function render() {
   try {
     setStatus("loading…");
     const work = [showResults()];
+    if (state.hasSites) work.push(showRankings()); else $("rankings-view").hidden = true;
     $("feature-view").hidden = state.feature === null || state.feature === "";
     $("prompt-view").hidden = state.prompt === null || state.prompt === "";
     if (!$("feature-view").hidden) work.push(showFeature());

@@ -218,6 +218,29 @@ def test_openapi_documents_every_route(client):
     assert operations[("POST", "/api/jobs")]["security"]
 
 
+def test_top_attributions_route_answers_what_the_index_answers(client, store_root):
+    from circuitscan.services.store.rankings import top_attributions
+
+    store = FeatureStore.open(str(store_root / STORE))
+    base = f"/api/stores/{STORE}/sites/{SITE}/top-attributions"
+    ranking = client.get(base, params={"limit": 5})
+    assert ranking.status_code == 200, ranking.text
+    assert ranking.json() == top_attributions(store, SITE, n=5).model_dump(mode="json")
+    feature = ranking.json()["rows"][0]["feature"]
+    for per in ("prompt", "position"):
+        rows = client.get(base, params={"feature": feature, "per": per, "limit": 3})
+        expected = top_attributions(store, SITE, per=per, feature=feature, n=3)
+        assert rows.json() == expected.model_dump(mode="json")
+    by_abs = client.get(base, params={"rank_by": "abs", "limit": 3}).json()
+    expected_abs = top_attributions(store, SITE, n=3, rank_by="abs").model_dump(mode="json")
+    assert by_abs["rows"] == expected_abs["rows"]
+    assert "give feature" in _error(client.get(base, params={"per": "position"}), 400)
+    assert "out of range" in _error(client.get(base, params={"feature": 10_000}), 404)
+    assert "unknown site" in _error(
+        client.get(f"/api/stores/{STORE}/sites/L9.z/top-attributions"), 404
+    )
+
+
 def test_store_routes_match_direct_store_queries(client, store_root, tiny_hf_model_dir):
     store = FeatureStore.open(str(store_root / STORE))
     tokenizer = load_tokenizer(
