@@ -157,7 +157,8 @@ def server(store_root) -> str:
 
 @pytest.fixture(scope="module")
 def client(server) -> httpx.Client:
-    with httpx.Client(base_url=server, timeout=30) as http:
+    # Generous: a first request may load a tokenizer, and CI machines can be slow.
+    with httpx.Client(base_url=server, timeout=120) as http:
         yield http
 
 
