@@ -72,7 +72,20 @@ def _resolve_site(store: Any, site: str | None) -> str:
         return site
     if len(labels) == 1:
         return labels[0]
-    _fail(f"this store has sites {', '.join(labels) or '(none)'}: choose one with --site")
+    if not labels:
+        kind = (store.layout.job_spec or {}).get("job", {}).get("kind", "?")
+        _fail(
+            f"this store holds no cached SAE features, only a job result ({kind}): "
+            f"`circuitscan results {store.url}` prints it"
+        )
+    _fail(f"this store has sites {', '.join(labels)}: choose one with --site")
+
+
+def _at_least(least: int, **counts: int) -> None:
+    """Refuse a count option below ``least`` (a negative --limit would drop rows silently)."""
+    for name, value in counts.items():
+        if value < least:
+            _fail(f"--{name} must be at least {least}, got {value}")
 
 
 def _overview(store: Any) -> str:
@@ -162,6 +175,8 @@ def query(
         top_examples,
     )
 
+    _at_least(1, n=n, limit=limit)
+    _at_least(0, context=context)
     with reported_errors():
         store = FeatureStore.open(store_url)
         if what is QueryKind.summary and feature is None:
@@ -218,13 +233,41 @@ def results(
     kind: str | None = typer.Option(None, help="Result kind when the store holds several."),
     top: int = typer.Option(20, help="Rows at most."),
     as_json: bool = typer.Option(False, "--json", help="Print the result document as JSON."),
+    by: str | None = typer.Option(
+        None,
+        "--by",
+        metavar="FIELD",
+        help="Break the result down by a prompt field: template, answer, wrong, corrupted, "
+        "text or a meta key (a JSONL row's meta: {group: …}); per-group means of the "
+        "per-prompt values.",
+    ),
 ) -> None:
     """Print a job's aggregated result (attribute, ablation_scan, splice_eval or dfa)."""
     from circuitscan.services.jobs.kinds import job_kind
     from circuitscan.services.store.results import read_result
 
+    _at_least(1, top=top)
     with reported_errors():
         result = read_result(store_url, kind)
+        if by is not None:
+            from circuitscan.services.jobs.breakdown import breakdown_table
+            from circuitscan.services.store import FeatureStore
+
+            grouped = job_kind(result.kind).breakdown(FeatureStore.open(store_url), result, by, top)
+    if by is not None:
+        if as_json:
+            typer.echo(json.dumps(grouped.model_dump(mode="json"), indent=2))
+            return
+        sizes = ", ".join(f"{g.value}: {g.n_prompts}" for g in grouped.groups)
+        typer.echo(
+            f"{result.kind} by {by}: {len(grouped.groups)} groups over {grouped.n_prompts} "
+            f"prompts ({sizes}); per-group means, n = prompts where the item exists"
+        )
+        for name, meaning in grouped.quantities.items():
+            typer.echo(f"  {name}: {meaning}")
+        columns, rows = breakdown_table(grouped)
+        typer.echo(table(columns, rows))
+        return
     if as_json:
         typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
         return

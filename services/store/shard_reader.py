@@ -67,6 +67,11 @@ class ShardReader:
     def shard_of_prompt(self, prompt: int) -> ShardEntry:
         """The committed shard holding a global prompt index (QueryRangeError naming the bound)."""
         total = self.manifest.n_prompts()
+        if not total:
+            raise QueryRangeError(
+                f"prompt {prompt} is out of range: the store holds no prompts yet "
+                "(no shard is committed)"
+            )
         if not 0 <= prompt < total:
             raise QueryRangeError(
                 f"prompt {prompt} is out of range: the store holds prompts 0..{total - 1}"

@@ -25,7 +25,7 @@ from circuitscan.services.cli import app
 from circuitscan.services.store import FeatureStore
 from circuitscan.services.store.backends import read_bytes, write_bytes
 from circuitscan.services.store.shard_io import shard_prefix
-from circuitscan.testing.store_contract import SITES, contract_shards, fill_store
+from circuitscan.testing.store_contract import SITES, contract_shards, fill_store, make_layout
 
 pytestmark = pytest.mark.integration
 
@@ -90,6 +90,50 @@ def test_cli_user_mistakes_exit_2_with_one_clear_line(stores, tmp_path):
     assert site.exit_code == 2 and "unknown site 'L7.z'" in site.output
     no_result = _cli("results", str(stores / "good"))
     assert no_result.exit_code == 2 and "holds no job result" in no_result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--limit", "-1"), "--limit must be at least 1, got -1"),
+        (("--limit", "0"), "--limit must be at least 1, got 0"),
+        (("--context", "-2"), "--context must be at least 0, got -2"),
+    ],
+)
+def test_cli_refuses_counts_out_of_range(stores, args, message):
+    result = _cli(*_features_at(stores / "good", 0), *args)
+    assert result.exit_code == 2 and result.output.strip() == f"error: {message}", result.output
+
+
+def test_cli_top_and_n_below_one_are_refused(stores):
+    good = str(stores / "good")
+    examples = _cli("query", good, "top-examples", "--site", SITE, "--feature", "0", "--n", "-5")
+    assert examples.exit_code == 2
+    assert examples.output.strip() == "error: --n must be at least 1, got -5"
+    top = _cli("results", good, "--top", "-1")
+    assert top.exit_code == 2 and top.output.strip() == "error: --top must be at least 1, got -1"
+
+
+def test_cli_messages_fit_stores_without_prompts_or_sites(tmp_path):
+    empty = tmp_path / "empty"
+    FeatureStore.create(str(empty), make_layout())
+    result = _cli(*_features_at(empty, 0))
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        "error: prompt 0 is out of range: the store holds no prompts yet (no shard is committed)"
+    )
+    results_only = tmp_path / "attribute"
+    FeatureStore.create(
+        str(results_only),
+        make_layout(sites=[], job_spec={"name": "a", "job": {"kind": "attribute"}}),
+    )
+    for args in (("summary", "--feature", "0"), ("top-examples", "--feature", "0")):
+        answer = _cli("query", str(results_only), *args)
+        assert answer.exit_code == 2
+        assert answer.output.strip() == (
+            "error: this store holds no cached SAE features, only a job result (attribute): "
+            f"`circuitscan results {results_only}` prints it"
+        )
 
 
 def test_cli_damaged_store_exits_3_naming_the_damaged_object(stores):
