@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
 
 analyze_app = typer.Typer(
     help="Circuit analyses on IOI prompts: splice eval, head→feature→logit, DFA, QK pairs, "
-    "and the patch path of nodes attribution gets wrong.",
+    "the patch path of nodes attribution gets wrong, and a store's feature directions.",
     no_args_is_help=True,
 )
 
@@ -207,3 +207,16 @@ def ioi_report_command(
                                          echo=typer.echo)  # fmt: skip
     for output in outputs:
         typer.echo(importlib.import_module(_TEXT).summary_lines(output))
+
+
+@analyze_app.command("feature-directions")
+def feature_directions_command(
+    store: str = typer.Argument(..., help="A cache store (path, memory://NAME or s3://…)."),
+    k: int = typer.Option(10, "--top-k", min=1, help="Promoted / suppressed tokens per feature."),
+    heads: int = typer.Option(5, "--heads", min=1, help="Reading heads kept per feature."),
+) -> None:
+    """Logit effects (W_U·norm(d̂)) and reading heads of every feature, kept in the store."""
+    with reported_errors():
+        run = importlib.import_module("circuitscan.services.feature_directions_run")
+        sites = run.directions_from_spec(store, k=k, heads=heads)
+    typer.echo(f"wrote feature directions of {', '.join(sites) or 'no site'} into {store}")

@@ -241,6 +241,36 @@ def report(
     typer.echo(f"report: {path}")
 
 
+@app.command()
+def export(
+    store: str = typer.Argument(..., help="Store path or URL (a cache store)."),
+    out: Path = typer.Option(..., help="Folder to write the export into."),
+    format: str = typer.Option("neuronpedia", "--format", help="Export format: neuronpedia."),
+    model_id: str | None = typer.Option(
+        None, "--model-id", help="Neuronpedia model id (default: the model folder's name)."
+    ),
+    source_set: str = typer.Option("circuitscan", "--source-set", help="Source-set name."),
+    max_features: int | None = typer.Option(
+        None, "--max-features", min=1, help="Only the most often active features per site."
+    ),
+) -> None:
+    """Export a store's features (examples, histograms, logit effects) for Neuronpedia."""
+    from circuitscan.services.neuronpedia_export import ExportError, export_neuronpedia
+    from circuitscan.services.query_commands import _decoder
+    from circuitscan.services.store import FeatureStore
+
+    with reported_errors():
+        if format != "neuronpedia":
+            raise ExportError(f"unknown export format {format!r}; the one format is neuronpedia")
+        decode = _decoder(FeatureStore.open(store))
+        folders = export_neuronpedia(
+            store, out, model_id=model_id, source_set=source_set, decode=decode,
+            max_features=max_features,
+        )  # fmt: skip
+    for folder in folders:
+        typer.echo(f"neuronpedia export: {folder}")
+
+
 from circuitscan.services.query_commands import register as _register_query_commands  # noqa: E402
 
 _register_query_commands(app)

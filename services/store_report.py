@@ -86,6 +86,9 @@ def write_store_report(store_url: str, out_dir: Path, decode: Decode | None = No
     for info in list_results(store):
         result = read_result(store, info.kind)
         sections.append(job_kind(result.kind).report_section(result, plots))
+    from circuitscan.services.reports.store_visuals import visual_sections
+
+    sections += visual_sections(store, decode)  # figures, feature and head pages
     if not sections:
         raise ResultNotFoundError(
             f"{store_url} holds no committed data or job result to report on yet"

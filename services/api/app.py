@@ -18,6 +18,7 @@ from circuitscan.services.api.models import Health
 from circuitscan.services.api.routes_jobs import jobs_router
 from circuitscan.services.api.routes_results import result_views_router, results_router
 from circuitscan.services.api.routes_stores import stores_router
+from circuitscan.services.api.routes_views import views_router
 from circuitscan.services.api.settings import ApiSettings
 from circuitscan.services.api.store_access import StoreRegistry
 
@@ -67,6 +68,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.include_router(results_router(settings))
     app.include_router(result_views_router())
     app.include_router(stores_router(settings))
+    app.include_router(views_router())
     app.include_router(jobs_router(settings))
 
     # The feature browser: static files only; the page itself calls the API above.

@@ -11,6 +11,7 @@ only, and only for the unexpected.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -77,7 +78,32 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _circuitscan_error(request: Request, exc: CircuitscanError) -> JSONResponse:
         if isinstance(exc, StoreCorruptionError):
             log.error("damaged store on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(exc.http_status, str(exc))
+        return error_response(exc.http_status, public_message(str(exc), request))
+
+
+def _root_forms(root: str) -> list[str]:
+    """How a store root can appear in a message: as configured, and as an absolute path."""
+    forms = [root.rstrip("/")]
+    if "://" not in root or root.startswith("file://"):
+        local = Path(root.removeprefix("file://")).expanduser()
+        forms += [str(local.absolute()), str(local.resolve())]
+    return sorted({form for form in forms if form}, key=len, reverse=True)
+
+
+def public_message(message: str, request: Request) -> str:
+    """``message`` with the server's store root taken out: a store is named by its API name.
+
+    The layers below name stores by location (right for the CLI, where the
+    user typed it); a client of the API knows a store by name, and the
+    server's folder layout is none of its business.
+    """
+    settings = getattr(request.app.state, "settings", None)
+    root = getattr(settings, "store_root", None)
+    if not root:
+        return message
+    for form in _root_forms(str(root)):
+        message = message.replace(form + "/", "").replace(form, "the store root")
+    return message
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

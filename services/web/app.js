@@ -102,6 +102,7 @@ async function showFeature() {
     contextNode(ex), el("span", { class: "act", text: `prompt ${ex.prompt} pos ${ex.position} · act ${fmt(ex.activation)}` })));
   $("examples").replaceChildren(...(items.length ? items : [el("li", { text: "this feature never fired" })]));
   await showFeaturePushes(feature);
+  await showFeatureViews(feature); // views.js: histogram, logit effects, heads, sampled examples
   $("feature-view").hidden = false;
 }
 
@@ -200,6 +201,7 @@ async function showResults() {
   if (held.length && !resultViews) resultViews = await api("/api/result-views");
   $("results").replaceChildren(...await Promise.all(held.map((item) => resultTable(item.kind))));
   $("results-view").hidden = held.length === 0;
+  if (held.length) await showResultFigures(); // views.js: attribution maps, ablation, DFA
 }
 
 async function render() {
@@ -207,7 +209,7 @@ async function render() {
   syncUrl();
   try {
     setStatus("loading…");
-    const work = [showResults()];
+    const work = [showResults(), showHead()];
     if (state.hasSites) work.push(showRankings()); else $("rankings-view").hidden = true;
     $("feature-view").hidden = state.feature === null || state.feature === "";
     $("prompt-view").hidden = state.prompt === null || state.prompt === "";

@@ -3,7 +3,11 @@
 The page renders from its URL query (store, site, feature, prompt); Chromium
 dumps the rendered DOM and takes a screenshot, and both are checked for the
 content the store holds: the top examples with the hit token highlighted, the
-feature's summary, and the prompt's tokens with their features.
+feature's summary, and the prompt's tokens with their features; the feature
+page's figures (histogram, logit effects, reading heads) and examples shaded
+token by token; a results store's attribution maps, ablation and DFA figures
+with their nodes linked to feature and head pages. Every page must fit the
+1400-pixel window without horizontal scrolling.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from api_server import SITES, build_store, thread_server
+import torch
+from api_server import D_SAE, SITES, build_store, thread_server
 from PIL import Image
 
 from circuitscan.schemas.analyses import SpliceEvalRow
@@ -33,9 +38,13 @@ from circuitscan.schemas.job_results import (
 from circuitscan.schemas.models import ModelSpec
 from circuitscan.schemas.store import StoreLayout
 from circuitscan.services.api import ApiSettings
+from circuitscan.services.feature_directions_run import directions_arrays
 from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, feature_summary, features_at, top_examples
+from circuitscan.services.store.feature_directions import write_directions
+from circuitscan.services.store.feature_page import feature_page
 from circuitscan.services.store.results import write_job_result
+from circuitscan.testing.tiny_models import build_tiny_sae
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +86,31 @@ def browser_store(tmp_path_factory, tiny_hf_model_dir):
     root = tmp_path_factory.mktemp("browser") / "stores"
     root.mkdir()
     store = build_store(root / "ioi-demo", tiny_hf_model_dir)
+    # The SAEs build_store cached with (same seeds): their logit effects and reading heads.
+    from circuitscan.services.model_loading import load_model
+
+    model = load_model(ModelSpec(source=str(tiny_hf_model_dir))).model
+    for i, site in enumerate(SITES):
+        sae = build_tiny_sae(model, site, d_sae=D_SAE, seed=i, dtype=torch.float32)
+        write_directions(store, site.label, directions_arrays(model, sae, k=5, heads=3))
     return root, store
+
+
+def _figure(dom: str, name: str) -> str:
+    """The markup of every figure ``name`` (its <svg data-figure=...> elements), joined."""
+    found = re.findall(rf"<svg class=\"figure\" data-figure=\"{name}\".*?</svg>", dom, re.S)
+    assert found, f"no {name} figure"
+    return "".join(found)
+
+
+def _values(svg: str, element: str) -> list[float]:
+    """data-value of every data element (bar, cell, point) of a figure."""
+    return [float(v) for v in re.findall(rf'<{element} class="[^"]*" data-value="([^"]+)"', svg)]
+
+
+def _fits_window(dom: str) -> None:
+    width = re.search(r'<body[^>]*data-scroll-width="(\d+)"', dom)
+    assert width is not None and int(width.group(1)) <= WINDOW[0], "the page scrolls sideways"
 
 
 def test_feature_browser_renders_store_content(browser_store, tmp_path, tiny_hf_model_dir):
@@ -114,6 +147,23 @@ def test_feature_browser_renders_store_content(browser_store, tmp_path, tiny_hf_
     cells = [html.unescape(t) for t in re.findall(r'<td class="token">([^<]*)</td>', dom)]
     assert cells == prompt_tokens
     assert f'data-feature="{feature}"' in dom
+
+    # The feature page: histogram bars adding up to the feature's count, its promoted and
+    # suppressed tokens and reading heads, and its examples shaded token by token.
+    built = feature_page(store, SITE, feature)
+    assert sum(_values(_figure(dom, "histogram"), "rect")) == summary.count
+    effects = _values(_figure(dom, "logit-effects"), "rect")
+    expected = [e.logit for e in built.promoted + built.suppressed[::-1]]
+    assert effects == pytest.approx(expected, rel=1e-5)
+    # The z SAE sits in the last of the tiny model's two layers: no head reads after it.
+    assert built.reading_heads == [] and 'data-figure="reading-heads"' not in dom
+    peaks = re.findall(r'<span class="vtok peak"[^>]*data-value="([^"]+)"', dom)
+    assert [float(p) for p in peaks[: len(built.top)]] == pytest.approx(
+        [ex.activation for ex in built.top]
+    )
+    assert len(peaks) == len(built.top) + len(built.sampled)
+    assert bool(built.sampled) == (summary.count > len(built.top))
+    _fits_window(dom)
 
     # The screenshot: the window's size, real content, and the highlight colour on it.
     image = Image.open(shot).convert("RGB")
@@ -166,13 +216,16 @@ def _results_only_store(path: Path) -> None:
         write_job_result(store, result)
 
 
-def test_browser_shows_the_job_results_of_a_store_without_a_cache(tmp_path):
+def test_browser_shows_the_job_results_of_a_store_without_a_cache(browser_store, tmp_path):
     chromium = _chromium()
-    root = tmp_path / "stores"
+    root, _ = browser_store  # beside a cache store of the results' site: features link there
     _results_only_store(root / "attr")
     with thread_server(ApiSettings(store_root=root)) as url:
         dumped = _run_chromium(
             chromium, tmp_path / "profile", "--dump-dom", f"{url}/web/?store=attr"
+        )
+        head = _run_chromium(
+            chromium, tmp_path / "profile2", "--dump-dom", f"{url}/web/?store=attr&head=1.0"
         )
     dom = dumped.stdout
     assert 'data-state="ready"' in dom, (dumped.stderr[-2000:], dom[-3000:])
@@ -190,3 +243,23 @@ def test_browser_shows_the_job_results_of_a_store_without_a_cache(tmp_path):
     ):
         assert any(cells[i : i + len(expected)] == expected for i in range(len(cells))), expected
     assert "top 2 of 96 nodes, 1 verified" in dom
+
+    # Attribution maps: a layer × head heatmap per kind and position, the exact one beside the
+    # estimate where verified, the scatter; ablation and DFA figures; nodes link to pages.
+    assert sorted(_values(_figure(dom, "heads-estimate"), "rect")) == [-1.25, 0.5]
+    assert _values(_figure(dom, "heads-exact"), "rect") == [-1.5]
+    scatter = _figure(dom, "atp-vs-exact")
+    assert re.search(r'data-x="-1.5" data-y="-1.25"', scatter)
+    assert _values(_figure(dom, "ablation-means"), "rect") == [-0.3]
+    assert _values(_figure(dom, "dfa-head"), "rect") == [0.25, -1.5]
+    assert _values(_figure(dom, "dfa-source"), "rect") == [1.75]
+    links = {html.unescape(h) for h in re.findall(r'<a href="([^"]+)"', dom)}
+    assert "?store=attr&head=1.0" in links  # z:L1:0@END → head L1.0
+    assert f"?store=ioi-demo&site={SITE}&feature=5" in links  # DFA's f5 → the cache store
+    _fits_window(dom)
+    # The head page the link opens: its nodes with estimate and exact Δm.
+    head_dom = head.stdout
+    assert 'data-state="ready"' in head_dom, head.stderr[-2000:]
+    row = re.search(r'<tr data-node="z:L1:0@END"><td>z:L1:0@END</td><td>(.*?)</td><td>(.*?)</td>',
+                    head_dom)  # fmt: skip
+    assert row and row.groups() == ("-1.25", "-1.5")
