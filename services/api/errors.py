@@ -59,28 +59,6 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map exceptions to JSON error responses (a catch-all 500 included)."""
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _validation_message(exc))
-
-    @app.exception_handler(CircuitscanError)
-    async def _circuitscan_error(request: Request, exc: CircuitscanError) -> JSONResponse:
-        if isinstance(exc, StoreCorruptionError):
-            log.error("damaged store on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(exc.http_status, public_message(str(exc), request))
-
-
 def _root_forms(root: str) -> list[str]:
     """How a store root can appear in a message: as configured, and as an absolute path."""
     forms = [root.rstrip("/")]
@@ -104,6 +82,28 @@ def public_message(message: str, request: Request) -> str:
     for form in _root_forms(str(root)):
         message = message.replace(form + "/", "").replace(form, "the store root")
     return message
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map exceptions to JSON error responses (a catch-all 500 included)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, _validation_message(exc))
+
+    @app.exception_handler(CircuitscanError)
+    async def _circuitscan_error(request: Request, exc: CircuitscanError) -> JSONResponse:
+        if isinstance(exc, StoreCorruptionError):
+            log.error("damaged store on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(exc.http_status, public_message(str(exc), request))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -199,7 +199,9 @@ def test_api_damaged_store_is_a_500_naming_the_object_not_a_traceback(server, st
     assert shard.headers["content-type"].startswith("application/json")
     body = shard.json()
     assert list(body) == ["error"] and "Traceback" not in shard.text
-    assert f"shard 1 of {stores / 'damaged'} is corrupt" in body["error"]
+    # A client knows the store by its name: the server's folders are not in the message.
+    assert "shard 1 of damaged is corrupt" in body["error"], body
+    assert str(stores) not in body["error"] and str(stores.resolve()) not in body["error"]
     assert httpx.get(_features_url(server, "damaged", 0), timeout=60).status_code == 200
 
     manifest = httpx.get(f"{server}/api/stores/bad-manifest", timeout=60)
