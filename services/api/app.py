@@ -11,6 +11,7 @@ from fastapi.responses import RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 
+from circuitscan.services.api.auth import document_read_tokens
 from circuitscan.services.api.body_limit import BodyLimitMiddleware
 from circuitscan.services.api.errors import ERROR_RESPONSES, install_error_handlers
 from circuitscan.services.api.job_server import JobServer
@@ -51,6 +52,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     )
     app.state.job_server = JobServer(settings.ray_address)
     install_error_handlers(app)
+    document_read_tokens(app, settings)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
 
     @app.get(

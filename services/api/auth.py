@@ -9,9 +9,11 @@ submissions by default.
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from circuitscan.services.api.errors import ApiError
 from circuitscan.services.api.settings import ApiSettings
@@ -43,10 +45,41 @@ def require_writer(
     _check(_settings(request), credentials)
 
 
-def require_reader(
-    request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)
-) -> None:
-    """Dependency of every read route: open unless the server protects reads."""
+def _read_credentials(request: Request) -> HTTPAuthorizationCredentials | None:
+    """The request's bearer credentials, parsed as HTTPBearer parses them."""
+    scheme, token = get_authorization_scheme_param(request.headers.get("Authorization"))
+    if not scheme or not token:
+        return None
+    return HTTPAuthorizationCredentials(scheme=scheme, credentials=token)
+
+
+def require_reader(request: Request) -> None:
+    """Dependency of every read route: open unless the server protects reads.
+
+    It reads the header itself rather than through ``bearer``: a route that
+    depends on ``bearer`` is documented as needing a token, and open reads do
+    not (:func:`document_read_tokens` documents them when they do).
+    """
     settings = _settings(request)
     if settings.protect_reads:
-        _check(settings, credentials)
+        _check(settings, _read_credentials(request))
+
+
+def document_read_tokens(app: FastAPI, settings: ApiSettings) -> None:
+    """On a server that protects reads, mark its read routes as needing a token in OpenAPI."""
+    if not settings.protect_reads:
+        return
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = build()
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        schemes.setdefault("HTTPBearer", {"type": "http", "scheme": "bearer"})
+        for path, item in schema.get("paths", {}).items():
+            if path.startswith("/api/") and path != "/api/health" and "get" in item:
+                item["get"].setdefault("security", [{"HTTPBearer": []}])
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -482,3 +482,23 @@ def test_schemathesis_finds_no_server_errors(server, tmp_path):
     assert result.returncode == 0, output[-6000:]
     assert time.monotonic() - started < 60
     assert "passed" in output.lower()
+
+
+@pytest.mark.parametrize("protect_reads", [False, True])
+def test_openapi_marks_only_what_needs_a_token(tmp_path, protect_reads):
+    from circuitscan.services.api import ApiSettings, create_app
+
+    settings = ApiSettings(store_root=str(tmp_path), protect_reads=protect_reads)
+    schema = create_app(settings).openapi()
+    secured = {
+        (method.upper(), path)
+        for path, item in schema["paths"].items()
+        for method, op in item.items()
+        if op.get("security")
+    }
+    reads = {("GET", path) for path, item in schema["paths"].items() if "get" in item} - {
+        ("GET", "/api/health")
+    }
+    assert {("POST", "/api/jobs"), ("POST", "/api/jobs/{job_id}/cancel")} <= secured
+    assert ("GET", "/api/stores") in reads
+    assert (reads <= secured) if protect_reads else not (reads & secured), sorted(reads & secured)
