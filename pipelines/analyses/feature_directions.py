@@ -48,6 +48,7 @@ class FeatureDirections:
     head_gains: Float[torch.Tensor, "d_sae heads"]
 
 
+@torch.no_grad()
 def residual_directions(
     model: HookedSAETransformer, sae: SAE
 ) -> tuple[Float[torch.Tensor, "d_sae d_model"], int]:
