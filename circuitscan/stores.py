@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 
+from circuitscan.schemas.breakdown import Breakdown
 from circuitscan.schemas.job_results import JobResult, NodeEffect
 from circuitscan.schemas.rankings import AttributionRanking, RankBy, RankPer
 from circuitscan.schemas.store import ActiveFeatures, FeatureExample, FeatureSummary
@@ -126,6 +127,18 @@ class StoreView:
     def result(self, kind: str | None = None) -> JobResult:
         """The job result of ``kind`` (default: the only one the store holds)."""
         return results.read_result(self.backend, kind)
+
+    def breakdown(self, by: str, kind: str | None = None, *, top: int = 20) -> Breakdown:
+        """The job result's first ``top`` items averaged per value of the prompt field ``by``.
+
+        ``by`` is a record field (``template``, ``answer``, ``wrong``, ``corrupted``,
+        ``text``) or a ``meta`` key; computed from the per-prompt values in the shards
+        (the CLI's ``results --by``).
+        """
+        from circuitscan.services.jobs.kinds import job_kind
+
+        result = self.result(kind)
+        return job_kind(result.kind).breakdown(self.backend, result, by, top)
 
     def top_nodes(self, k: int = 20) -> list[NodeEffect]:
         """An attribute job's k highest-effect nodes, with their verification."""

@@ -13,12 +13,20 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from circuitscan.schemas.analyses import SpliceEvalRow
+from circuitscan.schemas.breakdown import PerPromptArray
 from circuitscan.schemas.certification import CertificationResult
 from circuitscan.schemas.targeted_scan import TargetedScan
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
-VerificationStatus = Literal["confirmed", "weaker", "sign_flipped", "no_effect"]
+# "weaker" is what stores written before magnitudes were compared say for an exact
+# effect under half its estimate (now "overestimated"); it stays readable.
+VerificationStatus = Literal[
+    "confirmed", "underestimated", "overestimated", "sign_flipped", "no_effect", "weaker"
+]
+
+# confirmed: exact / estimate within [1 / CONFIRM_BAND, CONFIRM_BAND].
+CONFIRM_BAND = 2.0
 
 
 class NodeVerification(BaseModel):
@@ -29,8 +37,16 @@ class NodeVerification(BaseModel):
     exact_mean_abs: float = Field(description="Mean |Δm| of patching the node (metric units).")
     n_prompts: int = Field(ge=0, description="Prompts where the node exists.")
     status: VerificationStatus = Field(
-        description="confirmed: same sign as the estimate and at least half its size; weaker: "
-        "same sign, smaller than half; sign_flipped: opposite sign; no_effect: exact Δm is 0."
+        description="With ratio = exact mean / estimated mean: confirmed: 1/2 ≤ ratio ≤ 2 "
+        "(same sign, within a factor of 2); underestimated: ratio > 2 (the exact effect is "
+        "more than twice the estimate, or the estimate is 0); overestimated: 0 < ratio < 1/2; "
+        "sign_flipped: ratio < 0; no_effect: exact Δm is 0. Stores written before magnitudes "
+        "were compared may say weaker (same sign, under half the estimate)."
+    )
+    ratio: float | None = Field(
+        default=None,
+        description="Exact mean / estimated mean (None: the estimate is 0, or a store written "
+        "before the ratio was kept).",
     )
 
 
@@ -67,6 +83,12 @@ class AttributionJobResult(BaseModel):
         default=None,
         description="Bound θ on the mean |effect| of every scored node not verified (the "
         "job's certify setting); None when not asked for.",
+    )
+    per_prompt_exact: PerPromptArray | None = Field(
+        default=None,
+        description="Per-prompt exact Δm of every verified node ([prompt, verified node] "
+        "float32, NaN where the node is absent), stored beside the result; None when nothing "
+        "was verified or the store predates it.",
     )
 
     @property

@@ -229,6 +229,12 @@ app.add_typer(analyze_app, name="analyze")
 def report(
     store: str = typer.Argument(..., help="Store path or URL."),
     out: Path = typer.Option(..., help="Folder for index.html and its plots."),
+    by: str | None = typer.Option(
+        None,
+        "--by",
+        metavar="FIELD",
+        help="Also break each job result down by this prompt field (as results --by).",
+    ),
 ) -> None:
     """Write an offline HTML report of a store: cached features and any job results."""
     from circuitscan.services.query_commands import _decoder
@@ -237,7 +243,7 @@ def report(
 
     with reported_errors():
         decode = _decoder(FeatureStore.open(store))
-        path = write_store_report(store, out, decode=decode)
+        path = write_store_report(store, out, decode=decode, by=by)
     typer.echo(f"report: {path}")
 
 

@@ -233,6 +233,14 @@ def results(
     kind: str | None = typer.Option(None, help="Result kind when the store holds several."),
     top: int = typer.Option(20, help="Rows at most."),
     as_json: bool = typer.Option(False, "--json", help="Print the result document as JSON."),
+    by: str | None = typer.Option(
+        None,
+        "--by",
+        metavar="FIELD",
+        help="Break the result down by a prompt field: template, answer, wrong, corrupted, "
+        "text or a meta key (a JSONL row's meta: {group: …}); per-group means of the "
+        "per-prompt values.",
+    ),
 ) -> None:
     """Print a job's aggregated result (attribute, ablation_scan, splice_eval or dfa)."""
     from circuitscan.services.jobs.kinds import job_kind
@@ -241,6 +249,25 @@ def results(
     _at_least(1, top=top)
     with reported_errors():
         result = read_result(store_url, kind)
+        if by is not None:
+            from circuitscan.services.jobs.breakdown import breakdown_table
+            from circuitscan.services.store import FeatureStore
+
+            grouped = job_kind(result.kind).breakdown(FeatureStore.open(store_url), result, by, top)
+    if by is not None:
+        if as_json:
+            typer.echo(json.dumps(grouped.model_dump(mode="json"), indent=2))
+            return
+        sizes = ", ".join(f"{g.value}: {g.n_prompts}" for g in grouped.groups)
+        typer.echo(
+            f"{result.kind} by {by}: {len(grouped.groups)} groups over {grouped.n_prompts} "
+            f"prompts ({sizes}); per-group means, n = prompts where the item exists"
+        )
+        for name, meaning in grouped.quantities.items():
+            typer.echo(f"  {name}: {meaning}")
+        columns, rows = breakdown_table(grouped)
+        typer.echo(table(columns, rows))
+        return
     if as_json:
         typer.echo(json.dumps(result.model_dump(mode="json"), indent=2))
         return

@@ -78,14 +78,24 @@ def cache_sections(
     return sections
 
 
-def write_store_report(store_url: str, out_dir: Path, decode: Decode | None = None) -> Path:
-    """Write ``out_dir/index.html`` for the store at ``store_url``; returns its path."""
+def write_store_report(
+    store_url: str, out_dir: Path, decode: Decode | None = None, by: str | None = None
+) -> Path:
+    """Write ``out_dir/index.html`` for the store at ``store_url``; returns its path.
+
+    ``by``: also a grouped table of each job result per value of that prompt field.
+    """
+    from circuitscan.services.jobs.breakdown import breakdown_section
+
     store = FeatureStore.open(store_url)
     plots = out_dir / "plots"
     sections = cache_sections(store, plots, decode) if store.layout.sites else []
     for info in list_results(store):
         result = read_result(store, info.kind)
-        sections.append(job_kind(result.kind).report_section(result, plots))
+        kind = job_kind(result.kind)
+        sections.append(kind.report_section(result, plots))
+        if by is not None:
+            sections.append(breakdown_section(kind.breakdown(store, result, by, 25)))
     from circuitscan.services.reports.store_visuals import visual_sections
 
     sections += visual_sections(store, decode)  # figures, feature and head pages

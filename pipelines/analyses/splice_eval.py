@@ -135,6 +135,38 @@ def splice_eval(
     ``lengths`` real tokens; the metric is ``metric_per_prompt`` (logits for a
     logit difference), KLs are in nats. The model must have no SAEs attached.
     """
+    rows, _metric, _kl = splice_eval_values(
+        model, saes, prompts_tokens, lengths, metric, answer, wrong,
+        layer_sets=layer_sets, reference_tokens=reference_tokens,
+        reference_lengths=reference_lengths, keep_bos=keep_bos,
+        all_positions_kl=all_positions_kl, batch_size=batch_size,
+    )  # fmt: skip
+    return rows
+
+
+def splice_eval_values(
+    model: HookedSAETransformer,
+    saes: Sequence[SAE],
+    prompts_tokens: Int[torch.Tensor, "batch seq"],
+    lengths: Int[torch.Tensor, " batch"],
+    metric: MetricSpec,
+    answer: Int[torch.Tensor, " batch"] | None,
+    wrong: Int[torch.Tensor, " batch"] | None,
+    *,
+    layer_sets: list[list[str]] | None = None,
+    reference_tokens: Int[torch.Tensor, "ref seq2"],
+    reference_lengths: Int[torch.Tensor, " ref"],
+    keep_bos: bool = True,
+    all_positions_kl: bool = True,
+    batch_size: int = 16,
+) -> tuple[
+    list[SpliceEvalRow], Float[torch.Tensor, "rows batch"], Float[torch.Tensor, "rows batch"]
+]:
+    """:func:`splice_eval`'s rows, and each row's per-prompt metric and KL at the metric position.
+
+    The two ``[row, prompt]`` float64 tensors are what each row's
+    ``metric_mean`` and ``kl_metric_pos`` are the means of (row order as returned).
+    """
     require_detached(model, "splice_eval", AnalysisInputError)
     by_name = saes_by_hook(saes)
     label_to_name = {HookSite.from_hook_name(n).label: n for n in by_name}
@@ -198,7 +230,10 @@ def splice_eval(
             if all_positions_kl:
                 per_tok = _kl(clean, logits) * real
                 kl_all[(site_names, variant)].append((per_tok.sum(1) / real.sum(1)).double().cpu())
-    return _rows(keys, metrics, kl_pos, kl_all if all_positions_kl else None)
+    table = _rows(keys, metrics, kl_pos, kl_all if all_positions_kl else None)
+    per_metric = torch.stack([torch.cat(metrics[key]) for key in keys]).detach()
+    per_kl = torch.stack([torch.cat(kl_pos[key]) for key in keys]).detach()
+    return table, per_metric, per_kl
 
 
 def _rows(keys, metrics, kl_pos, kl_all) -> list[SpliceEvalRow]:

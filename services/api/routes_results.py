@@ -13,12 +13,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel
 
+from circuitscan.schemas.breakdown import Breakdown
 from circuitscan.services.api.auth import require_reader
 from circuitscan.services.api.errors import ERROR_RESPONSES
 from circuitscan.services.api.settings import ApiSettings
 from circuitscan.services.api.store_access import STORE_NAME_PATTERN, StoreRegistry
 from circuitscan.services.jobs.job_kind import ApiPage, ApiView, BrowserView
-from circuitscan.services.jobs.kinds import JOB_KINDS
+from circuitscan.services.jobs.kinds import JOB_KINDS, job_kind
 from circuitscan.services.store.results import JobResultInfo, list_results, read_result
 
 StoreName = Annotated[
@@ -58,6 +59,32 @@ def results_router(settings: ApiSettings) -> APIRouter:
     async def results(request: Request, store: StoreName) -> list[JobResultInfo]:
         with _registry(request).reading(store) as entry:
             return list_results(entry.store)
+
+    By = Annotated[
+        str,
+        Query(
+            description="Prompt field to group by: template, answer, wrong, corrupted, text or "
+            "a meta key.",
+            min_length=1,
+            max_length=200,
+        ),
+    ]
+    Kind = Annotated[
+        str | None, Query(description="Result kind when the store holds several.", max_length=40)
+    ]
+    Top = Annotated[int, Query(description=f"Items at most (1..{max_page}).", ge=1, le=max_page)]
+
+    @router.get(
+        "/breakdown",
+        response_model=Breakdown,
+        summary="A job result broken down by a prompt field (per-group means of per-prompt values)",
+    )
+    async def breakdown(
+        request: Request, store: StoreName, by: By, kind: Kind = None, top: Top = 20
+    ) -> Breakdown:
+        with _registry(request).reading(store) as entry:
+            result = read_result(entry.store, kind)
+            return job_kind(result.kind).breakdown(entry.store, result, by, top)
 
     def whole(kind: str) -> Any:
         async def endpoint(request: Request, store: StoreName) -> Any:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from circuitscan.schemas.breakdown import Breakdown, PerPromptArray
 from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.prompts import PromptRecord
@@ -61,20 +62,32 @@ class ShardPartial(BaseModel):
 
     @classmethod
     def _array_fields(cls) -> list[str]:
-        return [name for name, info in cls.model_fields.items() if info.annotation is np.ndarray]
+        return [
+            name
+            for name, info in cls.model_fields.items()
+            if info.annotation is np.ndarray or info.annotation == (np.ndarray | None)
+        ]
 
     def to_outputs(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """(arrays, JSON documents) to write under the shard's prefix."""
+        """(arrays, JSON documents) to write under the shard's prefix (None arrays: not written)."""
         arrays = self._array_fields()
         dumped = self.model_dump(mode="json", exclude=set(arrays))
-        return {name: getattr(self, name) for name in arrays}, dumped
+        return {
+            name: getattr(self, name) for name in arrays if getattr(self, name) is not None
+        }, dumped
 
     @classmethod
     def from_outputs(cls, arrays: dict[str, np.ndarray], documents: dict[str, Any]) -> Any:
-        """The partial a committed shard holds (``arrays``/``documents`` as read back)."""
+        """The partial a committed shard holds (``arrays``/``documents`` as read back).
+
+        An optional field (``np.ndarray | None``, default None) that a shard
+        lacks reads as None: stores written before the field existed still open.
+        """
         names = set(cls._array_fields())
-        values = {name: arrays[name] for name in names} | {
-            name: documents[name] for name in cls.model_fields if name not in names
+        values = {name: arrays[name] for name in names if name in arrays} | {
+            name: documents[name]
+            for name in cls.model_fields
+            if name not in names and (name in documents or cls.model_fields[name].is_required())
         }
         return cls.model_validate(values)
 
@@ -99,6 +112,9 @@ class MergeContext:
     say: Callable[[str], None]
     # Runs ``worker.<method>(*args)`` on the actors for each args tuple (read-only passes).
     fan_out: Callable[[str, list[tuple[Any, ...]]], list[Any]]
+    # Stores a per-prompt array the driver computed (name, values, column names) beside the
+    # job result and returns its reference; None where nothing is stored (e.g. unit tests).
+    write_array: Callable[[str, np.ndarray, list[str]], PerPromptArray] | None = None
 
 
 @dataclass(frozen=True)
@@ -169,6 +185,11 @@ class BrowserView(BaseModel):
     )
     rows: str = Field(description="The payload's field holding the table's rows.")
     columns: list[BrowserColumn] = Field(description="The table's columns.")
+    breakdown: bool = Field(
+        default=False,
+        description="The kind can be broken down by a prompt field (/results/breakdown?by=); "
+        "the browser shows that table under this one when a field is chosen.",
+    )
 
 
 P = TypeVar("P", bound=BaseModel)
@@ -242,6 +263,14 @@ class JobKind(Generic[P, R]):
 
     def report_section(self, result: R, plots: Path) -> Section:
         raise NotImplementedError
+
+    def breakdown(self, store: FeatureStore, result: R, field: str, top: int) -> Breakdown:
+        """The result's first ``top`` items averaged per value of a prompt field.
+
+        Read from the per-prompt values the kind keeps in its shards
+        (``services/jobs/breakdown.py``); a kind without them refuses.
+        """
+        raise UserInputError(f"{self.name} results cannot be broken down by a prompt field")
 
 
 def committed_partials(store: FeatureStore, partial: type[ShardPartial]) -> Iterator[Any]:

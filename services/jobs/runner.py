@@ -48,7 +48,12 @@ from circuitscan.services.store import FeatureStore, StoreError
 from circuitscan.services.store.backends import open_location
 from circuitscan.services.store.errors import CorruptResultError, StoreNotFoundError
 from circuitscan.services.store.lease import StoreLease
-from circuitscan.services.store.results import delete_job_result, read_result, write_job_result
+from circuitscan.services.store.results import (
+    delete_job_result,
+    read_result,
+    write_job_array,
+    write_job_result,
+)
 from circuitscan.services.store.store_keys import refuse_non_store
 
 
@@ -168,6 +173,7 @@ def _finish_result(
         site=site,
         say=say,
         fan_out=lambda method, calls: fan_out(spec, actors, method, calls),
+        write_array=functools.partial(write_job_array, store, kind.name),
     )
     write_job_result(store, kind.merge(spec.job, committed_partials(store, kind.partial), ctx))
 

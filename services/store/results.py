@@ -32,6 +32,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from circuitscan.schemas.analyses import SpliceEvalRow
+from circuitscan.schemas.breakdown import PerPromptArray
 from circuitscan.schemas.job_results import (
     AblationJobResult,
     AttributionJobResult,
@@ -50,7 +51,7 @@ from circuitscan.services.store.errors import (
     StoreError,
 )
 from circuitscan.services.store.feature_store import FeatureStore
-from circuitscan.services.store.shard_io import shard_checksums, shard_prefix
+from circuitscan.services.store.shard_io import checksum, shard_checksums, shard_prefix
 
 RESULTS_PREFIX = "results/"
 _RESULT = TypeAdapter(JobResult)
@@ -148,6 +149,52 @@ def delete_job_result(store: FeatureStore, kind: str) -> None:
     from circuitscan.services.store.backends import delete_keys
 
     delete_keys(store.backend, [_result_key(kind)])
+
+
+def write_job_array(
+    store: FeatureStore, kind: str, name: str, values: np.ndarray, columns: list[str]
+) -> PerPromptArray:
+    """Store a per-prompt array of a job result (before the result that references it).
+
+    One object, ``results/<kind>/<name>.npy.zst`` (NumPy's .npy bytes, Zstd
+    level 3); the reference returned carries its checksum, so a reader of the
+    result trusts exactly the bytes this job wrote.
+    """
+    import io
+
+    from numcodecs import Zstd
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(values), allow_pickle=False)
+    data = bytes(Zstd(level=3).encode(buffer.getvalue()))
+    key = f"{RESULTS_PREFIX}{kind}/{name}.npy.zst"
+    write_bytes(store.backend, key, data)
+    return PerPromptArray(
+        key=key,
+        checksum=checksum(data),
+        shape=list(values.shape),
+        dtype=str(values.dtype),
+        columns=columns,
+    )
+
+
+def read_job_array(store: FeatureStore | str, ref: PerPromptArray) -> np.ndarray:
+    """The per-prompt array a job result references, checked against its checksum."""
+    import io
+
+    from numcodecs import Zstd
+
+    opened = _open(store)
+    raw = read_bytes(opened.backend, ref.key)
+    if raw is None or checksum(raw) != ref.checksum:
+        raise CorruptResultError(
+            f"{ref.key} of {opened.url} is "
+            + ("missing" if raw is None else "damaged (its checksum differs from the result's)")
+            + "; resume the job to write it again"
+        )
+    values = np.load(io.BytesIO(bytes(Zstd().decode(raw))), allow_pickle=False)
+    assert isinstance(values, np.ndarray)
+    return values
 
 
 def list_results(store: FeatureStore | str) -> list[JobResultInfo]:

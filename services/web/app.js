@@ -4,7 +4,7 @@
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const state = { store: params.get("store"), site: params.get("site"),
-                feature: params.get("feature"), prompt: params.get("prompt") };
+                feature: params.get("feature"), prompt: params.get("prompt"), by: params.get("by") };
 
 function setStatus(text, isError) {
   $("status").textContent = text || "";
@@ -47,7 +47,7 @@ function fillSelect(select, options, chosen) {
 
 function syncUrl() {
   const query = new URLSearchParams();
-  for (const key of ["store", "site", "feature", "prompt"]) {
+  for (const key of ["store", "site", "feature", "prompt", "by"]) {
     if (state[key] !== null && state[key] !== "") query.set(key, state[key]);
   }
   history.replaceState(null, "", "?" + query.toString());
@@ -196,10 +196,35 @@ async function resultTable(kind) {
             el("table", {}, el("thead", {}, head), el("tbody", {}, ...body)));
 }
 
+// A result broken down by a prompt field (GET /results/breakdown?by=): one row per item, for
+// each group its quantities' means and n (prompts of the group where the item exists).
+async function breakdownTable(kind) {
+  const query = new URLSearchParams({ by: state.by, kind, top: "20" });
+  const grouped = await api(storePath() + "/results/breakdown?" + query.toString());
+  const names = Object.keys(grouped.quantities);
+  const head = el("tr", {}, el("th", { text: "item" }), ...grouped.groups.flatMap((g) =>
+    names.map((q) => el("th", { text: `${q} [${g.value}]`, title: grouped.quantities[q] }))
+      .concat([el("th", { text: `n [${g.value}]` })])));
+  const body = grouped.rows.map((row) => el("tr", {}, el("td", { text: row.item }),
+    ...row.cells.flatMap((cell) => names.map((q) =>
+      el("td", { text: cell.values[q] == null ? "—" : fmt(cell.values[q]) }))
+      .concat([el("td", { text: String(cell.n_prompts) })]))));
+  const sizes = grouped.groups.map((g) => `${g.value}: ${g.n_prompts}`).join(", ");
+  return el("div", { class: "breakdown", "data-kind": kind },
+            el("h3", { text: `${kind} by ${grouped.field} (${sizes})` }),
+            el("table", {}, el("thead", {}, head), el("tbody", {}, ...body)));
+}
+
 async function showResults() {
   const held = await api(storePath() + "/results");
   if (held.length && !resultViews) resultViews = await api("/api/result-views");
-  $("results").replaceChildren(...await Promise.all(held.map((item) => resultTable(item.kind))));
+  const parts = held.map((item) => resultTable(item.kind));
+  if (state.by) {
+    for (const item of held) {
+      if (resultViews[item.kind] && resultViews[item.kind].breakdown) parts.push(breakdownTable(item.kind));
+    }
+  }
+  $("results").replaceChildren(...await Promise.all(parts));
   $("results-view").hidden = held.length === 0;
   if (held.length) await showResultFigures(); // views.js: attribution maps, ablation, DFA
 }
@@ -240,6 +265,7 @@ async function start() {
     return;
   }
   $("feature").value = state.feature ?? "";
+  $("by").value = state.by ?? "";
   $("store").onchange = async () => {
     state.store = $("store").value; state.prompt = null; state.feature = null;
     await loadStore().catch((e) => setStatus(e.message, true)); render();
@@ -250,6 +276,7 @@ async function start() {
     event.preventDefault();
     state.feature = $("feature").value === "" ? null : $("feature").value;
     state.prompt = $("prompt").value || null;
+    state.by = $("by").value.trim() || null;
     render();
   };
   await render();

@@ -17,9 +17,17 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 import torch
+from breakdown_checks import (
+    assert_cells,
+    check_attribute_per_prompt,
+    check_breakdown,
+    check_verified_per_prompt,
+    group_means,
+)
 
 from circuitscan.schemas.jobs import (
     CacheParams,
@@ -395,6 +403,22 @@ def test_attribute_job_matches_the_pipeline_and_verifies_top_nodes(
         assert effect.verification.exact_mean == pytest.approx(truth, rel=1e-4, abs=1e-6)
     assert [info.kind for info in list_results(spec.store)] == ["attribute"]
 
+    # Per-prompt values kept in the shards (and, for the verified nodes, beside the result)
+    # are the pipeline's, sum to the stored aggregates, and break down by template.
+    estimates = expected.per_prompt_signed().double().numpy()
+    check_attribute_per_prompt(spec.store, estimates, names)
+    check_verified_per_prompt(spec.store, exact.double().numpy())
+    column = {name: i for i, name in enumerate(names)}
+    check_breakdown(
+        spec.store,
+        "template",
+        [r.template for r in records],
+        {
+            "estimate": {t.node: estimates[:, column[t.node]] for t in result.top[:6]},
+            "exact": {t.node: exact[:, i].double().numpy() for i, t in enumerate(top)},
+        },
+    )
+
     again = run_job(spec, keep_actors=True)  # finished job: nothing recomputed, result kept
     assert again.shards_run == 0 and read_result(spec.store) == result
 
@@ -531,6 +555,15 @@ def test_ablation_scan_job_matches_the_pipeline(local_ray, make_spec, direct, tm
     result = read_result(spec.store, "ablation_scan")
     assert result.n_ablations == scan.n_ablations
     assert result.baseline_mean == pytest.approx(scan.baseline.mean().item(), rel=1e-4)
+    delta = scan.delta.double().numpy()
+    if mode == "zero":  # every prompt counts (an inactive feature's Δm is 0)
+        delta = np.nan_to_num(delta)
+    check_breakdown(
+        spec.store,
+        "template",
+        [r.template for r in records],
+        {"delta": {str(f): delta[:, c] for c, f in enumerate(scan.features.tolist())}},
+    )
     if mode == "mean":  # a per-shard reference would have given other values
         own = ablation_scan(
             model, sae, site, clean.tokens[:3], clean.lengths[:3], spec.metric,
@@ -546,22 +579,77 @@ def _columns(scan, part) -> list[int]:
     return [where[f] for f in part.features.tolist()]
 
 
+def test_targeted_ablation_scan_job_ablates_on_the_actors_what_the_full_scan_measures(
+    local_ray, make_spec, direct, tmp_path
+):
+    """Candidates from a cache job's store, ablated in rounds on the actors: each ablated
+    feature's exact Δm is the full scan's, and the stopped top-K is the full scan's."""
+    from circuitscan.pipelines.attribution import ablation_scan
+    from circuitscan.schemas.jobs import AblationScanParams, ScanCandidates
+    from circuitscan.services.store.results import read_result
+
+    cache = make_spec(tmp_path / "cache", prompts=KIND_PROMPTS)
+    run_job(cache, keep_actors=True)
+    candidates = ScanCandidates(store=cache.store, top_k=3, patience=4, round_size=3)
+    params = AblationScanParams(
+        kind="ablation_scan", site="L1.z", positions="last", candidates=candidates
+    )
+    spec = make_spec(tmp_path / "targeted", prompts=KIND_PROMPTS, job=params)
+    run_job(spec, keep_actors=True)
+
+    model, saes, _, clean, _ = direct
+    sae, site = saes["L1.z"].sae, saes["L1.z"].site
+    full = ablation_scan(
+        model, sae, site, clean.tokens, clean.lengths, spec.metric, clean.answer, clean.wrong,
+        positions="last",
+    )  # fmt: skip
+    exact = {
+        f: (float(full.delta[:, c].mean()), float(full.delta[:, c].abs().mean()))
+        for c, f in enumerate(full.features.tolist())
+    }
+    result = read_result(spec.store, "ablation_scan")
+    info = result.targeted
+    assert info is not None and info.n_candidates == len(exact)
+    assert info.full_scan_ablations == full.n_ablations
+    assert 0 < info.n_ablated < info.n_candidates and info.stop_rule == "patience"
+    for f in result.features:
+        assert f.mean_delta == pytest.approx(exact[f.feature][0], rel=1e-4, abs=1e-6)
+        assert f.estimate_mean_abs is not None
+    top = sorted(exact, key=lambda f: -exact[f][1])[:3]
+    assert [f.feature for f in result.features[:3]] == top
+    assert result.n_ablations < full.n_ablations
+    shown = _cli("results", spec.store, "--top", "3")
+    assert shown.returncode == 0, shown.stderr
+    assert f"targeted by {cache.store}: {info.n_ablated} of {info.n_candidates}" in shown.stdout
+
+
 def test_splice_eval_job_pools_shards_like_one_pass(local_ray, make_spec, direct, tmp_path):
-    from circuitscan.pipelines.analyses.splice_eval import splice_eval
+    from circuitscan.pipelines.analyses.splice_eval import splice_eval_values
     from circuitscan.schemas.jobs import SpliceEvalParams
+    from circuitscan.services.jobs.kinds.splice_eval import row_name
     from circuitscan.services.store.results import splice_eval_rows
 
     params = SpliceEvalParams(kind="splice_eval", layer_sets=[["L0.resid_post", "L1.z"]])
     spec = make_spec(tmp_path / "splice", prompts=KIND_PROMPTS, job=params)
     run_job(spec, keep_actors=True)
 
-    model, saes, _, clean, _ = direct
-    expected = splice_eval(
+    model, saes, records, clean, _ = direct
+    expected, metric, kl = splice_eval_values(
         model, [loaded.sae for loaded in saes.values()], clean.tokens, clean.lengths,
         spec.metric, clean.answer, clean.wrong,
         layer_sets=[["L0.resid_post"], ["L1.z"], ["L0.resid_post", "L1.z"]],
         reference_tokens=clean.tokens, reference_lengths=clean.lengths,
     )  # fmt: skip
+    names = [row_name(r) for r in expected]
+    check_breakdown(
+        spec.store,
+        "template",
+        [r.template for r in records],
+        {
+            "metric": dict(zip(names, metric.numpy(), strict=True)),
+            "kl": dict(zip(names, kl.numpy(), strict=True)),
+        },
+    )
     rows = splice_eval_rows(spec.store)
     assert [(r.sites, r.variant) for r in rows] == [(e.sites, e.variant) for e in expected]
     for row, want in zip(rows, expected, strict=True):
@@ -604,12 +692,15 @@ def test_dfa_job_matches_the_pipeline_per_prompt(local_ray, make_spec, direct, t
 
     model, saes, records, clean, _ = direct
     expected = []
+    activations: dict[str, np.ndarray] = {}  # feature → per-prompt activation (NaN: not chosen)
     for index, record in enumerate(records):
         tokens = clean.tokens[index, : int(clean.lengths[index])]
         dest = record.positions["END"]
         assert dest == len(tokens) - 1  # IOI's END is the last token
         for result in dfa_features(model, [s.sae for s in saes.values()], tokens, 1, dest, top=3):
             expected.append((source_roles(dest, record.positions), result))
+            per_prompt = activations.setdefault(str(result.feature), np.full(len(records), np.nan))
+            per_prompt[index] = result.activation
     want = _dfa_means(expected)
 
     result = read_dfa(spec.store)
@@ -622,7 +713,7 @@ def test_dfa_job_matches_the_pipeline_per_prompt(local_ray, make_spec, direct, t
         assert feature.n_prompts == entry["n"]
         assert feature.mean_pre_activation == pytest.approx(entry["pre"] / entry["n"], abs=1e-5)
         assert feature.head_means == pytest.approx((entry["heads"] / entry["n"]).tolist(), abs=1e-5)
-        assert set(feature.source_means) <= {"IO", "S1", "S2", "END", "first", "other"}
+        assert set(feature.source_means) <= {"IO", "S1", "S2", "END", "BOS", "other"}
         for role, value in entry["roles"].items():
             assert feature.source_means[role] == pytest.approx(value / entry["n"], abs=1e-5)
         # The decomposition is exact: heads (or roles) plus the constant give the pre-activation.
@@ -632,6 +723,9 @@ def test_dfa_job_matches_the_pipeline_per_prompt(local_ray, make_spec, direct, t
         assert sum(feature.source_means.values()) + feature.bias == pytest.approx(
             feature.mean_pre_activation, abs=1e-4
         )
+    check_breakdown(
+        spec.store, "template", [r.template for r in records], {"activation": activations}
+    )
     top = result.features[0].feature
     tables = dfa_tables(spec.store, top)
     assert [row["prompt"] for row in tables] == sorted(row["prompt"] for row in tables)
@@ -639,6 +733,86 @@ def test_dfa_job_matches_the_pipeline_per_prompt(local_ray, make_spec, direct, t
     for row in tables:
         assert len(row["contributions"]) == model.cfg.n_heads
         assert all(len(per_head) == row["dest_pos"] + 1 for per_head in row["contributions"])
+
+
+def test_custom_task_example_breaks_down_by_its_group_field(local_ray, make_spec, direct, tmp_path):
+    """examples/custom_task_*.yaml on the tiny models: cache, then attribute with verification,
+    then ``circuitscan results STORE --by group`` equals the pipeline's per-prompt values
+    averaged by hand over each group of the JSONL's rows."""
+    from circuitscan.pipelines.attribution import exact_patch, run_atp
+    from circuitscan.pipelines.batching import tokenize_prompts
+    from circuitscan.schemas.attribution import Node
+    from circuitscan.services.jobs.kinds.attribute import attribution_method, node_selection
+    from circuitscan.services.jobs.prompt_sources import load_prompts
+    from circuitscan.services.jobs.spec_io import load_spec
+    from circuitscan.services.store.results import read_result
+
+    root = Path(__file__).resolve().parents[2]
+    source = JsonlSource(kind="jsonl", path=str(root / "examples" / "custom_task.jsonl"))
+    specs = {}
+    for name in ("cache", "attribute"):
+        example = load_spec(root / "examples" / f"custom_task_{name}.yaml")
+        specs[name] = make_spec(tmp_path / name, prompts=source, job=example.job, shard_size=8)
+        run_job(specs[name], keep_actors=True)
+    assert FeatureStore.open(specs["cache"].store).layout.gradients
+    spec = specs["attribute"]
+    printed = _cli("results", spec.store, "--by", "group", "--json", "--top", "6")
+    assert printed.returncode == 0, printed.stderr
+    grouped = json.loads(printed.stdout)
+
+    model, saes, _, _, _ = direct
+    records = load_prompts(source, lambda: None)
+    clean = tokenize_prompts(model, records)
+    corrupt = tokenize_prompts(model, [r.model_copy(update={"text": r.corrupted}) for r in records])
+    sae_map = {label: loaded.sae for label, loaded in saes.items()}
+    named = [r.positions for r in records]
+    atp = run_atp(
+        model, sae_map, clean.tokens, corrupt.tokens, clean.lengths, spec.metric,
+        clean.answer, clean.wrong, node_selection(spec.job), method=attribution_method(spec.job),
+        named_positions=named, corrupt_lengths=corrupt.lengths,
+    )  # fmt: skip
+    column = {str(node): i for i, node in enumerate(atp.nodes())}
+    result = read_result(spec.store)
+    verified = [e.node for e in result.top if e.verification is not None]
+    assert len(verified) == 8 and [row["item"] for row in grouped["rows"]] == [
+        e.node for e in result.top[:6]
+    ]
+    exact = exact_patch(
+        model, sae_map, clean.tokens, clean.lengths, spec.metric, clean.answer, clean.wrong,
+        [Node.parse(n) for n in verified], mode="corrupt", corrupt_tokens=corrupt.tokens,
+        corrupt_lengths=corrupt.lengths, named_positions=named,
+    ).double().numpy()  # fmt: skip
+    estimates = atp.per_prompt_signed().double().numpy()
+    groups = [r.meta["group"] for r in records]
+    assert {g["value"]: g["n_prompts"] for g in grouped["groups"]} == {"individual": 12, "team": 12}
+    from circuitscan.schemas.breakdown import Breakdown
+
+    breakdown = Breakdown.model_validate(grouped)
+    for row in breakdown.rows:
+        want = group_means(estimates[:, column[row.item]], groups)
+        assert_cells(breakdown, row.item, "estimate", want)
+        if row.item in verified:
+            hand = group_means(exact[:, verified.index(row.item)], groups)
+            assert_cells(breakdown, row.item, "exact", hand)
+    shown = _cli("results", spec.store, "--by", "group", "--top", "3")
+    assert shown.returncode == 0 and "attribute by group: 2 groups over 24 prompts" in shown.stdout
+    assert "estimate[team]" in shown.stdout and "exact[individual]" in shown.stdout
+    missing = _cli("results", spec.store, "--by", "colour")
+    assert (
+        missing.returncode == 2 and "no prompt of this store has a field 'colour'" in missing.stderr
+    )
+    assert "meta keys group" in missing.stderr
+
+
+def test_a_worker_start_up_failure_is_reported_with_its_cause(local_ray, make_spec, tmp_path):
+    from circuitscan.services.sae_loading import SAELoadError
+
+    # Only a worker loads pretrained SAEs: its constructor's error reaches the driver as
+    # itself (a user mistake, exit 2), not as Ray's ActorDiedError around it.
+    spec = make_spec(tmp_path / "store", saes=[SAESpec(source="pretrained:no-such-release/x")])
+    with pytest.raises(SAELoadError, match=r"^unknown sae_lens release 'no-such-release'$"):
+        run_job(spec, keep_actors=True)
+    assert not (tmp_path / "store").exists()
 
 
 def test_dfa_job_bad_input_fails_before_storing(local_ray, make_spec, tmp_path, tiny_hf_sae_dirs):
@@ -739,7 +913,13 @@ def test_cli_query_and_results_print_tables(local_ray, make_spec, tmp_path):
     assert [r.split()[1] for r in rows] == [n.node for n in top_nodes(attribute.store, 3)]
     scores = [float(r.split()[2]) for r in rows]  # the column the ranking sorts by
     assert scores == sorted(scores, reverse=True) and scores[0] > 0
-    assert rows[0].split()[-1] in ("confirmed", "weaker", "sign_flipped", "no_effect")
+    assert rows[0].split()[-1] in (
+        "confirmed",
+        "underestimated",
+        "overestimated",
+        "sign_flipped",
+        "no_effect",
+    )
     no_result = _cli("results", cache.store)
     assert no_result.returncode == 2 and "holds no job result" in no_result.stderr
 

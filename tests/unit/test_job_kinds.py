@@ -255,7 +255,8 @@ def test_attribute_merge_pools_shards_and_verifies_the_top_nodes_on_the_workers(
     assert (result.top[0].mean, result.top[0].n_prompts) == (-1.5, 4)
     assert [(m, [n for _, n in a]) for m, a in calls] == [("verify_nodes", [["b"], ["b"]])]
     check = result.top[0].verification
-    assert check is not None and (check.exact_mean, check.status) == (-0.5, "weaker")
+    assert check is not None and (check.exact_mean, check.status) == (-0.5, "overestimated")
+    assert check.ratio == pytest.approx(1 / 3)  # exact under half its estimate
     assert result.top[1].verification is None and result.n_nodes == 3 and result.n_verified == 1
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from circuitscan.schemas.breakdown import Breakdown
 from circuitscan.schemas.job_results import AblationJobResult, FeatureDelta
 from circuitscan.schemas.jobs import AblationScanParams, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
     from circuitscan.services.jobs.worker import WorkerInfo
     from circuitscan.services.reports import Section
     from circuitscan.services.sae_loading import LoadedSAE
+    from circuitscan.services.store import FeatureStore
 
 
 def scanned_site(spec: JobSpec, labels: list[str]) -> str:
@@ -204,6 +206,42 @@ def ablation_result(spec: JobSpec, partials: Iterable[AblationPartial]) -> Ablat
     )
 
 
+def ablation_breakdown(
+    store: FeatureStore, result: AblationJobResult, field: str, top: int
+) -> Breakdown:
+    """The first ``top`` features' Δm averaged per value of a prompt field.
+
+    From the shards' per-prompt Δm (the same values ``ablation_result``
+    sums): in zero mode over every prompt of the group (an inactive feature's
+    Δm is 0), otherwise over the group's prompts where the feature was ablated.
+    """
+    from circuitscan.services.jobs.breakdown import GroupMeans, grouped_partials
+
+    zero = result.mode == "zero"
+    features = [f.feature for f in result.features[:top]]
+    means = GroupMeans(
+        {
+            "delta": "mean Δm of ablating the feature (metric units)",
+            "abs_delta": "mean |Δm| (metric units)",
+            "baseline": "mean clean metric of the group's prompts",
+        }
+    )
+    for _start, groups, part in grouped_partials(store, AblationPartial, field, means):
+        delta = np.nan_to_num(part.delta) if zero else part.delta
+        columns = {int(feature): c for c, feature in enumerate(part.features.tolist())}
+        for feature in features:
+            if feature in columns:
+                values = delta[:, columns[feature]]
+            elif zero:  # inactive on every prompt of the shard: ablating it changes nothing
+                values = np.zeros(len(groups))
+            else:
+                continue
+            means.add(str(feature), "delta", groups, values)
+            means.add(str(feature), "abs_delta", groups, np.abs(values))
+            means.add(str(feature), "baseline", groups, part.baseline)
+    return means.breakdown("ablation_scan", field, [str(f) for f in features])
+
+
 class AblationResults(ApiPage):
     """A page of an ablation scan's per-feature effects, with the scan's summary."""
 
@@ -246,6 +284,7 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
             # Targeted scans: the cache's linear estimate beside the exact value.
             BrowserColumn(name="estimate |Δ|", field="estimate_mean_abs", cell="num"),
         ],
+        breakdown=True,
     )
 
     def runner(
@@ -285,6 +324,11 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
 
             return targeted_result(params, ctx)
         return ablation_result(ctx.spec, partials)
+
+    def breakdown(
+        self, store: FeatureStore, result: AblationJobResult, field: str, top: int
+    ) -> Breakdown:
+        return ablation_breakdown(store, result, field, top)
 
     def cli_view(self, result: AblationJobResult, top: int) -> CliView:
         if result.targeted is not None:

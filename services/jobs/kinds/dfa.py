@@ -2,7 +2,7 @@
 
 A shard stores one row per (prompt, feature): the feature's pre-activation,
 activation, constant part and its full [head][source] table, with each
-source position's role (named position, 'dest', 'first' or 'other'), so the
+source position's role (named position, 'dest', 'BOS' or 'other'), so the
 driver's averages by head and by role (over the prompts where the feature
 was decomposed) are exact whatever the sharding, and a reader can still
 open any single prompt's table.
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from circuitscan.schemas.breakdown import Breakdown
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.job_results import DFAFeatureSummary, DFAJobResult
 from circuitscan.schemas.jobs import DFAParams, JobSpec
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from circuitscan.services.jobs.worker import WorkerInfo
     from circuitscan.services.reports import Section
     from circuitscan.services.sae_loading import LoadedSAE
+    from circuitscan.services.store import FeatureStore
 
 
 class DFAJobError(KindCheckError):
@@ -92,10 +94,18 @@ def destination(
     return named[position]
 
 
+# Shards written before the BOS role had its name called it "first".
+_ROLE_NAMES = {"first": "BOS"}
+
+
+def _role(name: str) -> str:
+    return _ROLE_NAMES.get(name, name)
+
+
 def source_roles(dest: int, named: Mapping[str, int] | None) -> list[str]:
     """The role of every source position 0..dest, for averaging across prompts of other lengths."""
     roles = ["other"] * (dest + 1)
-    roles[0] = "first"
+    roles[0] = "BOS"
     roles[dest] = "dest"
     for name, at in (named or {}).items():
         if at <= dest:
@@ -195,7 +205,7 @@ class _DFASums:
         per_head = table.sum(axis=1)
         self.heads = per_head if self.heads is None else self.heads + per_head
         for role, value in zip(row.roles, table.sum(axis=0).tolist(), strict=True):
-            self.roles[role] += value
+            self.roles[_role(role)] += value
 
     def summary(self, feature: int) -> DFAFeatureSummary:
         assert self.heads is not None
@@ -208,6 +218,39 @@ class _DFASums:
             head_means=(self.heads / self.n).tolist(),
             source_means={role: value / self.n for role, value in self.roles.items()},
         )
+
+
+def dfa_breakdown(store: FeatureStore, result: DFAJobResult, field: str, top: int) -> Breakdown:
+    """The first ``top`` features' activation and parts by source role, per group of prompts.
+
+    Means over the group's prompts where the feature was decomposed (a role a
+    prompt lacks counts 0 there, as in the job's own means).
+    """
+    from circuitscan.services.jobs.breakdown import GroupMeans, grouped_partials
+
+    features = [f.feature for f in result.features[:top]]
+    wanted = set(features)
+    roles = sorted({role for f in result.features[:top] for role in f.source_means})
+    quantities = {
+        "activation": "mean feature activation at the destination",
+        "pre_activation": "mean encoder pre-activation (SAE units)",
+    } | {f"from:{role}": f"mean contribution of the {role} source (all heads)" for role in roles}
+    means = GroupMeans(quantities)
+    for start, groups, part in grouped_partials(store, DFAPartial, field, means):
+        for row in part.rows:
+            if row.feature not in wanted:
+                continue
+            label = [groups[row.prompt - start]]
+            item = str(row.feature)
+            means.add(item, "activation", label, np.array([row.activation]))
+            means.add(item, "pre_activation", label, np.array([row.pre_activation]))
+            by_role: dict[str, float] = dict.fromkeys(roles, 0.0)
+            table = np.asarray(row.contributions, dtype=np.float64)
+            for role, value in zip(row.roles, table.sum(axis=0).tolist(), strict=True):
+                by_role[_role(role)] = by_role.get(_role(role), 0.0) + value
+            for role in roles:
+                means.add(item, f"from:{role}", label, np.array([by_role[role]]))
+    return means.breakdown("dfa", field, [str(f) for f in features])
 
 
 class DFAResults(ApiPage):
@@ -255,6 +298,7 @@ class DFAKind(JobKind[DFAParams, DFAJobResult]):
             BrowserColumn(name="top head", field="head_means", cell="largest_index", prefix="h"),
             BrowserColumn(name="top source", field="source_means", cell="largest_entry"),
         ],
+        breakdown=True,
     )
 
     def runner(
@@ -294,6 +338,11 @@ class DFAKind(JobKind[DFAParams, DFAJobResult]):
             n_prompts=ctx.n_prompts,
             features=[sums[feature].summary(feature) for feature in order],
         )
+
+    def breakdown(
+        self, store: FeatureStore, result: DFAJobResult, field: str, top: int
+    ) -> Breakdown:
+        return dfa_breakdown(store, result, field, top)
 
     def cli_view(self, result: DFAJobResult, top: int) -> CliView:
         return CliView(

@@ -14,9 +14,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from pydantic import Field
 
 from circuitscan.schemas.analyses import SpliceEvalRow
+from circuitscan.schemas.breakdown import Breakdown
 from circuitscan.schemas.job_results import SpliceEvalJobResult
 from circuitscan.schemas.jobs import JobSpec, SpliceEvalParams
 from circuitscan.schemas.prompts import PromptRecord
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 
     from circuitscan.services.reports import Section
     from circuitscan.services.sae_loading import LoadedSAE
+    from circuitscan.services.store import FeatureStore
 
 
 def site_sets(spec: JobSpec, labels: list[str]) -> list[list[str]]:
@@ -57,6 +60,20 @@ class SplicePartial(ShardPartial):
     """One shard's splice-evaluation rows (each a mean over the shard's prompts)."""
 
     rows: list[SpliceEvalRow] = Field(description="clean, then each site set's variants.")
+    metric: np.ndarray | None = Field(
+        default=None,
+        description="[row, prompt] each prompt's metric under each row's variant (float64; a "
+        "row's metric_mean is their mean). None in stores written before it was kept.",
+    )
+    kl: np.ndarray | None = Field(
+        default=None,
+        description="[row, prompt] KL(original ‖ variant) at the metric position, nats (float64).",
+    )
+
+
+def row_name(row: SpliceEvalRow) -> str:
+    """A row as a breakdown names it: ``L1.z spliced`` (``clean`` for the clean model)."""
+    return f"{'+'.join(row.sites)} {row.variant}" if row.sites else row.variant
 
 
 class SpliceEvalRunner(ShardRunner):
@@ -71,13 +88,13 @@ class SpliceEvalRunner(ShardRunner):
     def compute(
         self, plan: ShardPlan, records: list[PromptRecord], context: list[PromptRecord] | None
     ) -> ComputedShard:
-        from circuitscan.pipelines.analyses.splice_eval import splice_eval
+        from circuitscan.pipelines.analyses.splice_eval import splice_eval_values
 
         if not context:
             raise ValueError("splice_eval shards need the job's reference prompts as context")
         batch = tokenize_capped(self.model, records, self.cap)
         reference = tokenize_capped(self.model, context, self.cap)
-        rows = splice_eval(
+        rows, metric, kl = splice_eval_values(
             self.model,
             self.saes,
             batch.tokens,
@@ -90,7 +107,8 @@ class SpliceEvalRunner(ShardRunner):
             reference_lengths=reference.lengths,
             batch_size=self.spec.execution.batch_size,
         )
-        return ComputedShard(batch.token_lists(), partial=SplicePartial(rows=list(rows)))
+        partial = SplicePartial(rows=list(rows), metric=metric.numpy(), kl=kl.numpy())
+        return ComputedShard(batch.token_lists(), partial=partial)
 
 
 def _pool(rows: list[SpliceEvalRow]) -> SpliceEvalRow:
@@ -141,6 +159,27 @@ def splice_result(
     )
 
 
+def splice_breakdown(
+    store: FeatureStore, result: SpliceEvalJobResult, field: str, top: int
+) -> Breakdown:
+    """Each row's metric and KL averaged per value of a prompt field (per-prompt values)."""
+    from circuitscan.services.jobs.breakdown import GroupMeans, grouped_partials, no_per_prompt
+
+    means = GroupMeans(
+        {
+            "metric": "mean task metric under the variant",
+            "kl": "mean KL(original ‖ variant) at the metric position (nats)",
+        }
+    )
+    for _start, groups, part in grouped_partials(store, SplicePartial, field, means):
+        if part.metric is None or part.kl is None:
+            raise no_per_prompt("splice_eval")
+        for i, row in enumerate(part.rows):
+            means.add(row_name(row), "metric", groups, part.metric[i])
+            means.add(row_name(row), "kl", groups, part.kl[i])
+    return means.breakdown("splice_eval", field, [row_name(r) for r in result.rows[:top]])
+
+
 class SpliceEvalKind(JobKind[SpliceEvalParams, SpliceEvalJobResult]):
     name = "splice_eval"
     params = SpliceEvalParams
@@ -161,6 +200,7 @@ class SpliceEvalKind(JobKind[SpliceEvalParams, SpliceEvalJobResult]):
             BrowserColumn(name="metric", field="metric_mean", cell="num"),
             BrowserColumn(name="KL at answer", field="kl_metric_pos", cell="num"),
         ],
+        breakdown=True,
     )
 
     def runner(
@@ -178,6 +218,11 @@ class SpliceEvalKind(JobKind[SpliceEvalParams, SpliceEvalJobResult]):
     ) -> SpliceEvalJobResult:
         reference = len(self.context(params, ctx.kept) or [])
         return splice_result(ctx.spec, ctx.n_prompts, reference, partials)
+
+    def breakdown(
+        self, store: FeatureStore, result: SpliceEvalJobResult, field: str, top: int
+    ) -> Breakdown:
+        return splice_breakdown(store, result, field, top)
 
     def cli_view(self, result: SpliceEvalJobResult, top: int) -> CliView:
         return CliView(

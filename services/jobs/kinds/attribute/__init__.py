@@ -13,10 +13,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from pydantic import Field
 
+from circuitscan.schemas.breakdown import Breakdown, PerPromptArray
 from circuitscan.schemas.certification import CertificationResult
 from circuitscan.schemas.job_results import (
+    CONFIRM_BAND,
     AttributionJobResult,
     NodeEffect,
     NodeVerification,
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
 
     from circuitscan.services.reports import Section
     from circuitscan.services.sae_loading import LoadedSAE
+    from circuitscan.services.store import FeatureStore
 
 __all__ = ["AttributeKind", "attribution_method", "node_selection", "ranked_nodes"]
 
@@ -59,11 +63,23 @@ __all__ = ["AttributeKind", "attribution_method", "node_selection", "ranked_node
 
 
 def verification_status(estimate: float, exact: float) -> VerificationStatus:
+    """Sign and magnitude of the exact effect against the estimate (band: CONFIRM_BAND)."""
     if exact == 0.0:
         return "no_effect"
-    if estimate * exact < 0:
+    if estimate == 0.0:
+        return "underestimated"
+    ratio = exact / estimate
+    if ratio < 0:
         return "sign_flipped"
-    return "confirmed" if abs(exact) >= 0.5 * abs(estimate) else "weaker"
+    if ratio > CONFIRM_BAND:
+        return "underestimated"
+    return "overestimated" if ratio < 1.0 / CONFIRM_BAND else "confirmed"
+
+
+def status_ratio(estimate: float, exact: float) -> float | None:
+    """exact / estimate, None when the estimate is 0 (or either is undefined)."""
+    ratio = exact / estimate if estimate != 0.0 else None
+    return None if ratio is None or ratio != ratio else ratio
 
 
 def certified_line(certification: CertificationResult) -> str:
@@ -93,6 +109,7 @@ def attribution_result(
     estimates: Means,
     exact: Means | None = None,
     certification: CertificationResult | None = None,
+    per_prompt_exact: PerPromptArray | None = None,
 ) -> AttributionJobResult:
     assert isinstance(spec.job, AttributeParams)
     top = []
@@ -106,6 +123,7 @@ def attribution_result(
                 exact_mean_abs=e_abs,
                 n_prompts=e_n,
                 status=verification_status(mean, e_mean),
+                ratio=status_ratio(mean, e_mean),
             )
         top.append(
             NodeEffect(node=name, mean=mean, mean_abs=mean_abs, n_prompts=n, verification=check)
@@ -118,6 +136,7 @@ def attribution_result(
         n_verified=len(exact or {}),
         top=top,
         certification=certification,
+        per_prompt_exact=per_prompt_exact,
     )
 
 
@@ -169,6 +188,49 @@ def certify_rest(
     )
 
 
+def verified_per_prompt(parts: list[NodeSumsPartial], nodes: list[str]) -> np.ndarray:
+    """[prompt, node] exact Δm of the verification passes, in prompt order (NaN: absent)."""
+    blocks = []
+    for part in parts:
+        assert part.per_prompt is not None
+        column = {name: i for i, name in enumerate(part.nodes)}
+        blocks.append(part.per_prompt[:, [column[name] for name in nodes]])
+    if not blocks:
+        return np.zeros((0, len(nodes)), dtype=np.float32)
+    return np.concatenate(blocks, axis=0).astype(np.float32)
+
+
+def attribution_breakdown(
+    store: FeatureStore, result: AttributionJobResult, field: str, top: int
+) -> Breakdown:
+    """The top nodes' estimate (and verified exact Δm) averaged per value of a prompt field."""
+    from circuitscan.services.jobs.breakdown import GroupMeans, grouped_partials, no_per_prompt
+    from circuitscan.services.store.results import read_job_array
+
+    nodes = [effect.node for effect in result.top[:top]]
+    verified = result.per_prompt_exact
+    quantities = {"estimate": f"mean {result.method} estimate (metric units)"}
+    if verified is not None:
+        quantities["exact"] = "mean exact Δm of patching the node (verified nodes; metric units)"
+    means = GroupMeans(quantities)
+    labels: list[str] = []
+    for _start, groups, part in grouped_partials(store, NodeSumsPartial, field, means):
+        if part.per_prompt is None:
+            raise no_per_prompt("attribute")
+        labels += groups
+        column = {name: i for i, name in enumerate(part.nodes)}
+        for name in nodes:
+            if name in column:
+                means.add(name, "estimate", groups, part.per_prompt[:, column[name]])
+    if verified is not None:
+        groups = labels
+        exact = read_job_array(store, verified)
+        for i, name in enumerate(verified.columns):
+            if name in nodes:
+                means.add(name, "exact", groups, exact[:, i])
+    return means.breakdown("attribute", field, nodes)
+
+
 class AttributionResults(ApiPage):
     """A page of an attribute job's top nodes, with the job's summary."""
 
@@ -214,8 +276,10 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
             BrowserColumn(name="mean effect", field="mean", cell="num"),
             BrowserColumn(name="mean |estimate|", field="mean_abs", cell="num"),
             BrowserColumn(name="exact mean", field="verification.exact_mean", cell="num"),
+            BrowserColumn(name="exact / est.", field="verification.ratio", cell="num3"),
             BrowserColumn(name="status", field="verification.status"),
         ],
+        breakdown=True,
     )
 
     def runner(
@@ -271,9 +335,15 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
             parts = ctx.fan_out("verify_nodes", [(kept[p.start : p.stop], nodes) for p in plans])
             # Each pass returns every node asked for (count 0 where none existed).
             exact = merge_node_sums(parts)
+            stored = None
+            if ctx.write_array is not None:
+                stored = ctx.write_array("verify_delta", verified_per_prompt(parts, nodes), nodes)
+            certification = None
             if params.certify is not None:
                 certification = certify_rest(params, estimates, set(nodes), ctx)
-                return attribution_result(ctx.spec, ctx.n_prompts, estimates, exact, certification)
+            return attribution_result(
+                ctx.spec, ctx.n_prompts, estimates, exact, certification, per_prompt_exact=stored
+            )
         return attribution_result(ctx.spec, ctx.n_prompts, estimates, exact)
 
     def cli_view(self, result: AttributionJobResult, top: int) -> CliView:
@@ -282,7 +352,7 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
             v = e.verification
             rows.append(
                 (rank, e.node, result.rank_score(e), e.mean, e.mean_abs, e.n_prompts)
-                + ((v.exact_mean, v.status) if v else (None, None))
+                + ((v.exact_mean, v.ratio, v.status) if v else (None, None, None))
             )
         header = (
             f"attribute ({result.method}): {result.n_prompts} prompts, "
@@ -300,10 +370,16 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
                 "mean_abs",
                 "prompts",
                 "exact_mean",
+                "ratio",
                 "status",
             ],
             rows=rows,
         )
+
+    def breakdown(
+        self, store: FeatureStore, result: AttributionJobResult, field: str, top: int
+    ) -> Breakdown:
+        return attribution_breakdown(store, result, field, top)
 
     def report_section(self, result: AttributionJobResult, plots: Path) -> Section:
         from circuitscan.services.reports import (
@@ -342,15 +418,22 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
                     node.mean,
                     node.mean_abs,
                     check.exact_mean if check else None,
+                    check.ratio if check else None,
                     check.status if check else "",
                 ]
             )
         return Section(
             title=f"Attribution ({result.method}) over {result.n_prompts} clean/corrupted pairs",
             paragraphs=[
-                f"{result.n_nodes} nodes scored; the top {result.n_verified} were patched exactly.",
+                f"{result.n_nodes} nodes scored; the top {result.n_verified} were patched "
+                f"exactly (confirmed: exact / estimate within 1/{CONFIRM_BAND:g}…{CONFIRM_BAND:g}; "
+                "under- / overestimated outside it; sign_flipped: opposite sign).",
                 *([certified_line(result.certification) + "."] if result.certification else []),
             ],
-            tables=[Table(["node", "mean", "mean |·|", "exact mean", "verification"], rows)],
+            tables=[
+                Table(
+                    ["node", "mean", "mean |·|", "exact mean", "exact / est.", "verification"], rows
+                )
+            ],
             figures=figures,
         )

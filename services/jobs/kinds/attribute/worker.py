@@ -4,7 +4,11 @@ A shard stores, per node it scored, the sum of the per-prompt scores, the sum
 of their absolute values and the number of prompts where the node exists
 (float64), so the driver's means over the whole prompt set are exact whatever
 the sharding. Node names are their string form (``feature:L0.resid_post:7@3``),
-the same in every shard.
+the same in every shard. It also keeps every node's per-prompt signed
+estimate (``per_prompt``, [prompt, node] float32, NaN where the node does not
+exist; zstd-compressed, so the zeros of inactive features cost little), and
+the signed sums are summed from exactly those float32 values: a breakdown of
+the per-prompt values by any prompt field adds up to the stored aggregates.
 """
 
 from __future__ import annotations
@@ -59,6 +63,11 @@ class NodeSumsPartial(ShardPartial):
     node_sum: np.ndarray = Field(description="[node] sum of per-prompt signed values (float64).")
     node_sum_abs: np.ndarray = Field(description="[node] sum of per-prompt ranking scores.")
     node_count: np.ndarray = Field(description="[node] prompts where the node exists (int64).")
+    per_prompt: np.ndarray | None = Field(
+        default=None,
+        description="[prompt, node] signed per-prompt values (float32, NaN: node absent); "
+        "node_sum is their float64 sum. None in stores written before it was kept.",
+    )
 
 
 class CertifySumsPartial(ShardPartial):
@@ -74,46 +83,52 @@ class CertifySumsPartial(ShardPartial):
 
 
 class NodeSums:
-    """Per-node running sums of per-prompt scores (NaN = node absent on that prompt)."""
+    """Per-node per-prompt values of a shard's ``n_prompts`` prompts (NaN = node absent there)."""
 
-    def __init__(self) -> None:
+    def __init__(self, n_prompts: int) -> None:
+        self.n_prompts = n_prompts
         self.index: dict[str, int] = {}
-        self.total: list[float] = []
         self.total_abs: list[float] = []
-        self.count: list[int] = []
+        self.blocks: list[tuple[int, list[int], np.ndarray]] = []  # (first row, slots, values)
 
     def add(
-        self, names: Sequence[str], per_prompt: torch.Tensor, ranking: torch.Tensor | None = None
+        self,
+        names: Sequence[str],
+        per_prompt: torch.Tensor,
+        ranking: torch.Tensor | None = None,
+        *,
+        start: int = 0,
     ) -> None:
-        """Add per-prompt signed values; ``ranking`` (default: the values) feeds the |·| sums.
+        """Add per-prompt signed values of prompts ``start…``; ``ranking`` (default: the
+        values) feeds the |·| sums.
 
         AtP*'s GradDrop ranking scores are unsigned, so its signed estimates
         and its ranking scores are summed separately.
         """
-        import torch
-
         values = per_prompt.detach().double().cpu()
         rank = values if ranking is None else ranking.detach().double().cpu()
-        defined = ~torch.isnan(values)
-        sums = values.nan_to_num(0.0).sum(0).tolist()
         sums_abs = rank.abs().nan_to_num(0.0).sum(0).tolist()
-        counts = defined.sum(0).tolist()
+        slots = []
         for column, name in enumerate(names):
             slot = self.index.setdefault(name, len(self.index))
-            if slot == len(self.total):
-                self.total.append(0.0)
+            if slot == len(self.total_abs):
                 self.total_abs.append(0.0)
-                self.count.append(0)
-            self.total[slot] += sums[column]
             self.total_abs[slot] += sums_abs[column]
-            self.count[slot] += int(counts[column])
+            slots.append(slot)
+        if values.shape[0]:
+            self.blocks.append((start, slots, values.numpy().astype(np.float32)))
 
     def partial(self) -> NodeSumsPartial:
+        per_prompt = np.full((self.n_prompts, len(self.index)), np.nan, dtype=np.float32)
+        for start, slots, values in self.blocks:
+            per_prompt[start : start + values.shape[0], slots] = values
+        wide = per_prompt.astype(np.float64)
         return NodeSumsPartial(
             nodes=list(self.index),
-            node_sum=np.asarray(self.total, dtype=np.float64),
+            node_sum=np.nansum(wide, axis=0),
             node_sum_abs=np.asarray(self.total_abs, dtype=np.float64),
-            node_count=np.asarray(self.count, dtype=np.int64),
+            node_count=(~np.isnan(per_prompt)).sum(axis=0).astype(np.int64),
+            per_prompt=per_prompt,
         )
 
 
@@ -171,7 +186,7 @@ class AttributeRunner(ShardRunner):
     ) -> ComputedShard:
         from circuitscan.pipelines.attribution import run_atp
 
-        sums = NodeSums()
+        sums = NodeSums(len(records))
         token_lists: list[list[int]] = []
         batch_size = self.spec.execution.batch_size
         for start in range(0, len(records), batch_size):
@@ -194,6 +209,7 @@ class AttributeRunner(ShardRunner):
                 [str(node) for node in result.nodes()],
                 result.per_prompt_signed(),
                 ranking=result.per_prompt(),
+                start=start,
             )
             token_lists += clean.token_lists()
         return ComputedShard(token_lists, partial=sums.partial())
@@ -206,7 +222,7 @@ class AttributeRunner(ShardRunner):
         from circuitscan.schemas.attribution import Node
 
         parsed = [Node.parse(name) for name in nodes]
-        sums = NodeSums()
+        sums = NodeSums(len(records))
         for name in nodes:
             sums.add([name], torch.empty(0, 1))
         batch_size = self.spec.execution.batch_size
@@ -235,7 +251,7 @@ class AttributeRunner(ShardRunner):
                 named_positions=named,
                 **pairing,
             )
-            sums.add([nodes[i] for i in keep], delta)
+            sums.add([nodes[i] for i in keep], delta, start=start)
         return sums.partial()
 
     def certify_nodes(
