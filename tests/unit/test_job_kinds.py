@@ -369,12 +369,13 @@ def test_dfa_merge_averages_by_head_and_role():
             pre_activation=sum(map(sum, table)) + 0.5, bias=0.5, contributions=table, roles=roles,
         )  # fmt: skip
 
+    # A shard written before the BOS role had its name ("first") merges with a new one.
     parts = [
         DFAPartial(rows=[dfa_row(0, [[1.0, 2.0], [0.0, 1.0]], ["first", "dest"])]),
-        DFAPartial(rows=[dfa_row(1, [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]], ["first", "S1", "dest"])]),
+        DFAPartial(rows=[dfa_row(1, [[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]], ["BOS", "S1", "dest"])]),
     ]
     spec = _spec(DFAParams(kind="dfa"))
     (summary,) = job_kind("dfa").merge(spec.job, parts, _ctx(spec, 2, site="L0.z")).features
     assert summary.head_means == [2.5, 1.0]
-    assert summary.source_means == {"first": 1.0, "dest": 2.0, "S1": 0.5}
+    assert summary.source_means == {"BOS": 1.0, "dest": 2.0, "S1": 0.5}
     assert sum(summary.head_means) + summary.bias == pytest.approx(summary.mean_pre_activation)
