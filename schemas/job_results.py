@@ -177,7 +177,7 @@ class DFAFeatureSummary(BaseModel):
     source_means: dict[str, float] = Field(
         description="Source role → mean over prompts of the contribution of that source "
         "position (all heads). Roles: the prompts' named positions (e.g. IO, S1, S2, END), "
-        "'dest' (the destination itself), 'first' (position 0, BOS) and 'other'; a role a "
+        "'dest' (the destination itself), 'BOS' (position 0) and 'other'; a role a "
         "prompt lacks counts as 0 there."
     )
 
