@@ -1,0 +1,181 @@
+"""Corpus rankings and targeted ablation scans from a cache store.
+
+    .venv/bin/python bench/cached_rankings.py [--quick]
+
+Also merged into ``bench/cached_attribution.py``'s JSON line (``measure``).
+
+- ``targeted_scan_ablation_fraction``: on the default model (SmolLM2-135M-Instruct,
+  its two SAEs, the scan at L15.resid_post) over 64 IOI prompts at the last
+  position, a ``cache`` job (activations + gradients), the full zero-ablation
+  ``ablation_scan`` and a targeted one (``candidates: {store: the cache, top_k:
+  10, patience: 20, round_size: 8}``) on the same 2 warm actors: the targeted
+  scan's (prompt, feature) ablations over the full scan's, counted only when
+  its top 10 by mean |Δm| is the full scan's (``targeted_scan_top10_recovered``
+  says whether it is; the figure is 1.0 otherwise). Target ≤ 0.2.
+- ``top_attributions_p50_ms``: median wall time of ``top_attributions`` queries
+  (all features ranked by |Σ a·g|, and one feature's top prompts, alternately,
+  random features) on an opened synthetic store of ≥ 1M tokens (bench/store.py's
+  ``synthetic_store``: numpy activations and gradients, no model; 2304
+  features, 32 per token). Target ≤ 20.
+
+``--quick``: 16 prompts and a 2^18-token store (below the 1M the target names).
+Ends with one JSON object on its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+SCAN_SITE = "L15.resid_post"
+
+
+def _spec(store: Path, job: Any, n_prompts: int, shard_size: int) -> Any:
+    from circuitscan.schemas.jobs import ExecutionSpec, IOISource, JobSpec
+    from circuitscan.schemas.models import ModelSpec, SAESpec
+    from circuitscan.services.sae_loading import default_sae_names
+
+    return JobSpec(
+        name=store.name,
+        model=ModelSpec(),
+        saes=[SAESpec(source=f"default/{name}") for name in default_sae_names()],
+        prompts=IOISource(kind="ioi", n=n_prompts, seed=0),
+        job=job,
+        store=str(store),
+        shard_size=shard_size,
+        execution=ExecutionSpec(num_actors=2, torch_threads=1, batch_size=8),
+    )
+
+
+def _run(spec: Any) -> tuple[Any, float]:
+    from circuitscan.services.jobs.runner import run_job
+
+    started = time.perf_counter()
+    summary = run_job(spec, keep_actors=True)
+    seconds = time.perf_counter() - started
+    print(f"{spec.name}: {summary.prompts} prompts in {seconds:.1f}s", flush=True)
+    return summary, seconds
+
+
+def measure_targeted_scan(n_prompts: int, work: Path, shard_size: int = 16) -> dict[str, Any]:
+    """targeted_scan_ablation_fraction and the figures beside it (see the module docstring)."""
+    from circuitscan.schemas.jobs import AblationScanParams, CacheParams, ScanCandidates
+    from circuitscan.services.store.results import read_result
+
+    cache = _spec(work / "scan-cache", CacheParams(kind="cache"), n_prompts, shard_size)
+    _run(cache)
+    scan = AblationScanParams(kind="ablation_scan", site=SCAN_SITE, positions="last")
+    full_spec = _spec(work / "scan-full", scan, n_prompts, shard_size)
+    _, full_seconds = _run(full_spec)
+    candidates = ScanCandidates(store=str(work / "scan-cache"), top_k=10, patience=20)
+    targeted_spec = _spec(
+        work / "scan-targeted",
+        scan.model_copy(update={"candidates": candidates}),
+        n_prompts,
+        shard_size,
+    )
+    _, targeted_seconds = _run(targeted_spec)
+    full = read_result(full_spec.store, "ablation_scan")
+    targeted = read_result(targeted_spec.store, "ablation_scan")
+    assert targeted.targeted is not None
+    top_full = {f.feature for f in full.features[:10]}
+    top_targeted = {f.feature for f in targeted.features[:10]}
+    recovered = top_full == top_targeted
+    exact = {f.feature: f.mean_delta for f in full.features}
+    worst = max(abs(f.mean_delta - exact[f.feature]) for f in targeted.features)
+    fraction = targeted.n_ablations / full.n_ablations if recovered else 1.0
+    print(
+        f"targeted scan: {targeted.targeted.n_ablated} of {targeted.targeted.n_candidates} "
+        f"candidates, {targeted.n_ablations} of {full.n_ablations} ablations "
+        f"({fraction:.3f}), stopped by {targeted.targeted.stop_rule} after "
+        f"{targeted.targeted.stopped_after}; top 10 recovered: {recovered}; largest "
+        f"|Δ exact − full scan's| {worst:.2e}; {targeted_seconds:.1f}s vs {full_seconds:.1f}s",
+        flush=True,
+    )
+    return {
+        "targeted_scan_ablation_fraction": round(fraction, 4),
+        "targeted_scan_top10_recovered": int(recovered),
+        "targeted_scan_candidates_ablated": targeted.targeted.n_ablated,
+        "targeted_scan_candidates": targeted.targeted.n_candidates,
+        "targeted_scan_max_abs_diff_vs_full": worst,
+        "targeted_scan_seconds": round(targeted_seconds, 2),
+        "full_scan_seconds": round(full_seconds, 2),
+        "targeted_scan_prompts": n_prompts,
+    }
+
+
+def measure_top_attributions(n_tokens: int, work: Path, n_queries: int = 200) -> dict[str, Any]:
+    """top_attributions_p50_ms on a synthetic store of ``n_tokens`` tokens."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from store import synthetic_store
+
+    from circuitscan.services.store import FeatureStore
+    from circuitscan.services.store.rankings import top_attributions
+
+    url = str(work / "rankings-synthetic")
+    started = time.perf_counter()
+    synthetic_store(url, n_tokens)
+    print(f"synthetic store written in {time.perf_counter() - started:.1f}s", flush=True)
+    store = FeatureStore.open(url)
+    site = store.layout.sites[0].label
+    opened = time.perf_counter()
+    top_attributions(store, site, n=20)  # opening: the manifest and the merged index, once
+    open_ms = (time.perf_counter() - opened) * 1e3
+    live = np.flatnonzero(store.feature_index(site).count > 0)
+    rng = np.random.default_rng(0)
+    times = []
+    for i in range(n_queries):
+        feature = int(rng.choice(live))
+        start = time.perf_counter()
+        if i % 2:
+            top_attributions(store, site, per="prompt", feature=feature, n=20)
+        else:
+            top_attributions(store, site, n=20)
+        times.append((time.perf_counter() - start) * 1e3)
+    p50 = float(np.median(times))
+    print(
+        f"top_attributions on {store.n_tokens()} tokens: p50 {p50:.3f} ms (p90 "
+        f"{np.percentile(times, 90):.3f}); first query (loads the index) {open_ms:.0f} ms",
+        flush=True,
+    )
+    return {
+        "top_attributions_p50_ms": round(p50, 3),
+        "top_attributions_first_ms": round(open_ms, 1),
+        "rankings_query_tokens": store.n_tokens(),
+    }
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Both figures, for bench/cached_attribution.py (its ``--quick`` shrinks both)."""
+    import ray
+
+    quick = bool(getattr(args, "quick", False))
+    figures = measure_targeted_scan(16 if quick else 64, work)
+    ray.shutdown()
+    figures |= measure_top_attributions(1 << 18 if quick else 1 << 20, work)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="16 prompts, a 2^18-token store.")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cached-rankings-") as tmp:
+        figures = measure(args, Path(tmp))
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
