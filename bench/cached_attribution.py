@@ -63,6 +63,9 @@ def main() -> None:
         # --- corpus rankings and targeted scans (bench/cached_rankings.py) -----------
         # One import line and one merge: targeted_scan_ablation_fraction,
         # top_attributions_p50_ms.
+        from cached_rankings import measure as measure_rankings  # bench/ is on sys.path
+
+        figures |= measure_rankings(args, work)
         # --- end of corpus rankings -------------------------------------------------
     print(json.dumps(figures))
 
