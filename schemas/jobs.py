@@ -39,7 +39,10 @@ class TextFileSource(BaseModel):
 
 
 class JsonlSource(BaseModel):
-    """One JSON object per line with PromptRecord fields (text, answer, wrong, corrupted...)."""
+    """One JSON object per line, a prompt record: ``text`` (required), ``answer`` and ``wrong``
+    (one token each, leading space included), ``corrupted`` (scored with the clean prompt's
+    answer and wrong tokens), ``template``, ``positions`` (named token indices, BOS at 0)
+    and ``meta`` (string labels); see the README's prompt records."""
 
     model_config = _STRICT
     kind: Literal["jsonl"] = Field(description="Source kind.")
