@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 from collections import deque
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from circuitscan.schemas.errors import InfrastructureError
+from circuitscan.schemas.errors import CircuitscanError, InfrastructureError
 from circuitscan.schemas.jobs import ExecutionSpec, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.planning import ShardPlan
@@ -180,10 +181,28 @@ def start_actors(spec: JobSpec, n_actors: int, use_gpu: bool) -> list[Any]:
 
 
 def describe(actor: Any) -> WorkerInfo:
+    """What the worker loaded; a mistake it found loading (a model or SAE that does not fit)
+    is raised here as itself, anything else that kept it from starting names its cause."""
     try:
         return ray.get(actor.describe.remote())
     except RayTaskError as exc:
-        raise ShardFailed(f"worker failed to start: {exc.cause or exc}") from exc
+        if isinstance(exc.cause, CircuitscanError):
+            raise exc.cause from None
+        raise ShardFailed(f"worker failed to start: {_first_line(exc.cause or exc)}") from exc
+    except RayActorError as exc:
+        raise ShardFailed(f"worker failed to start: {_died_because(exc)}") from exc
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _died_because(exc: RayActorError) -> str:
+    """The last ``Name: message`` line of Ray's report on a dead actor (its cause), else the first."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    causes = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", line)]
+    return causes[-1] if causes else (lines[0] if lines else type(exc).__name__)
 
 
 @dataclass
@@ -216,11 +235,20 @@ def drive(
     attempts: dict[int, int] = {}
     in_flight: dict[Any, tuple[ShardPlan, int]] = {}
     load = [0] * len(actors)
+    # Ray restarts a killed actor and reruns its calls by itself, so the driver
+    # never sees those shards fail: a shard whose outcome comes from another
+    # process than the one its actor ran when it was handed over was rerun.
+    # Each slot's process is its describe call's answer (queued before any
+    # shard, so answered by the process the first shards were handed to), then
+    # the pid of its latest outcome.
+    pids: list[Any] = [actor.describe.remote() for actor in actors]
+    handed: dict[Any, Any] = {}
 
     def submit(slot: int, plan: ShardPlan) -> None:
         shard_records = records[plan.start : plan.stop]
         ref = actors[slot].run_shard.remote(store_url, plan, shard_records, context_ref, spec_json)
         in_flight[ref] = (plan, slot)
+        handed[ref] = pids[slot]
         load[slot] += 1
 
     while queue or in_flight:
@@ -234,6 +262,7 @@ def drive(
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         ref = ready[0]
         plan, slot = in_flight.pop(ref)
+        before = handed.pop(ref)
         load[slot] -= 1
         try:
             outcome: ShardOutcome = ray.get(ref)
@@ -250,10 +279,25 @@ def drive(
             queue.appendleft(plan)
             if not _alive(actors[slot]):
                 actors[slot] = start_actors(spec, 1, use_gpu=_uses_gpu(spec))[0]
+                pids[slot] = actors[slot].describe.remote()
             continue
+        handed_to = _pid_of(before)
+        if handed_to is not None and outcome.pid != handed_to:
+            stats.retries += 1
+        pids[slot] = outcome.pid
         stats.outcomes.append(outcome)
         on_done(outcome)
     return stats
+
+
+def _pid_of(process: Any) -> int | None:
+    """A worker's pid, from an int or from its describe call (None when it never answered)."""
+    if isinstance(process, int):
+        return process
+    try:
+        return int(ray.get(process, timeout=60).pid)
+    except Exception:
+        return None
 
 
 def _uses_gpu(spec: JobSpec) -> bool:

@@ -16,6 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from transformers.utils import logging as hf_logging
 
+from circuitscan.schemas.errors import CircuitscanError
 from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.kinds import job_kind
@@ -74,9 +75,17 @@ class ShardWorker:
         # The driver reports the job's progress; N actors' weight-loading bars
         # would only interleave in its log.
         hf_logging.disable_progress_bar()
-        loaded = load_model(self.spec.model)
-        self.model = loaded.model
-        self.saes = [load_sae(sae_spec, self.model) for sae_spec in self.spec.saes]
+        self._startup_error: CircuitscanError | None = None
+        try:
+            loaded = load_model(self.spec.model)
+            self.model = loaded.model
+            self.saes = [load_sae(sae_spec, self.model) for sae_spec in self.spec.saes]
+        except CircuitscanError as exc:
+            # An actor whose constructor raises dies, and the driver sees only
+            # Ray's ActorDiedError around this message. Kept, the error comes
+            # back from the first call as itself (the driver reports it as is).
+            self._startup_error = exc
+            return
         # The model, tokenizer and libraries are ~500k long-lived objects; left
         # to the collector, each full collection walks them all (~0.25 s pauses
         # in the middle of shards). Frozen, collections see only new objects.
@@ -95,10 +104,14 @@ class ShardWorker:
         self._runners: dict[str, ShardRunner] = {}
 
     def describe(self) -> WorkerInfo:
+        if self._startup_error is not None:
+            raise self._startup_error
         return self.info
 
     def _runner(self, spec_json: str | None) -> ShardRunner:
         """The runner of a job; a pooled actor serves several jobs on the same model and SAEs."""
+        if self._startup_error is not None:
+            raise self._startup_error
         key = spec_json or ""
         if key not in self._runners:
             spec = self.spec if spec_json is None else JobSpec.model_validate_json(spec_json)
