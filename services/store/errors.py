@@ -4,7 +4,7 @@
 was): a store, prompt, feature or result that is not there, or a store that
 holds something else. Damage is not a StoreError: it is a
 ``StoreCorruptionError`` (``CorruptShardError``, ``CorruptManifestError``,
-``CorruptResultError``), so code that falls back on "no such store" never
+``CorruptResultError``, ``CorruptIndexError``, ``CorruptLayoutError``), so code that falls back on "no such store" never
 mistakes a damaged one for a missing one.
 
 A module of its own with no heavy imports: every store module, the CLI and the
@@ -54,7 +54,15 @@ class CorruptManifestError(StoreCorruptionError):
 
 
 class CorruptResultError(StoreCorruptionError):
-    """A stored job result document that cannot be read back."""
+    """A stored job result document that cannot be read back, or fails its checksum."""
+
+
+class CorruptIndexError(StoreCorruptionError):
+    """The merged feature index (its pointer or a generation's arrays) fails its checksums."""
+
+
+class CorruptLayoutError(StoreCorruptionError):
+    """The layout document (``zarr.json``) is unreadable or does not match the shards."""
 
 
 class NotAStoreError(StoreLayoutMismatchError):
