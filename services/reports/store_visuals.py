@@ -63,18 +63,17 @@ def _referenced(store: FeatureStore) -> tuple[list[tuple[str, int]], list[tuple[
                     features.append((node.site.label, node.index))
                 elif node.kind in HEAD_KINDS and node.index is not None:
                     heads.append((node.layer, node.index))
-        elif isinstance(result, AblationJobResult):
-            features += [(result.site, f.feature) for f in result.features[:PAGES_PER_SITE]]
-        elif isinstance(result, DFAJobResult):
+        elif isinstance(result, (AblationJobResult, DFAJobResult)):
             features += [(result.site, f.feature) for f in result.features[:PAGES_PER_SITE]]
     return list(dict.fromkeys(features)), list(dict.fromkeys(heads))
 
 
 def visual_sections(store: FeatureStore, decode: Decode | None = None) -> list[Section]:
     """Result figures, feature pages and head pages for the report (those the store has)."""
-    cached = {site.label for site in store.layout.sites}
+    widths = {site.label: site.d_sae for site in store.layout.sites}
     named_features, named_heads = _referenced(store)
-    pages = [(site, f) for site, f in named_features if site in cached]
+    # Pages only for features this store caches (a result may name another store's SAE).
+    pages = [(site, f) for site, f in named_features if 0 <= f < widths.get(site, 0)]
     for site in store.layout.sites:  # and the most active features of every cached site
         index = store.feature_index(site.label)
         busiest = np.argsort(-index.count, kind="stable")[:PAGES_PER_SITE]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,6 +88,28 @@ def test_report_renders_cached_features_and_job_results(tmp_path: Path) -> None:
     assert "dfa_top_feature.png" in pngs
     assert "attribution_vs_exact.png" in pngs and "firing_L0.resid_post.png" in pngs
     assert all((out / name).read_bytes().startswith(PNG) for name in pngs)
+    # The browser's figures inline: a heatmap per head kind and position (the exact one beside
+    # the estimate where verified), the scatter, the DFA splits; each with its data.
+    for figure, values in (
+        ("heads-estimate", ["-0.75", "0.25"]),
+        ("heads-exact", ["-0.7"]),
+        ("dfa-head", ["1", "0.25"]),
+        ("dfa-source", ["0.25", "1"]),  # roles in name order: S1, other
+    ):
+        svgs = re.findall(rf"<svg class='figure' data-figure='{figure}'.*?</svg>", html, re.S)
+        assert sorted(
+            v for svg in svgs for v in re.findall(r"data-value='([^']+)'", svg)
+        ) == sorted(values), figure
+    assert "data-x='-0.7' data-y='-0.75'" in html  # the verified node in the scatter
+    # Nodes link to pages in the report: the head's table.
+    assert "href='#page-head-L1-0'" in html and "id='page-head-L1-0'" in html
+    # The DFA's feature 77 is beyond this store's d_sae of 32: it gets no page, and no link.
+    assert "page-feature-L1-z-77" not in html
+    # The busiest feature's page: its histogram counts every activation it has.
+    page = re.search(rf"id='page-feature-L0-resid-post-{busiest}'.*?</svg>", html, re.S)
+    assert page is not None
+    counts = [int(v) for v in re.findall(r"data-value='([^']+)' data-bin", page.group(0))]
+    assert sum(counts) == int(index.count[busiest])
 
 
 def test_report_on_a_missing_store_is_a_clear_error(tmp_path: Path) -> None:
