@@ -117,8 +117,23 @@ class TemplateSource(BaseModel):
         return self
 
 
+class StoreSource(BaseModel):
+    """The prompts of a finished cache store, and the values it cached for them.
+
+    An ``attribute`` job over a paired cache (``cache`` with ``paired: true``)
+    computes AtP of every SAE feature and error node from the stored values
+    alone; the model is loaded only to verify the top nodes.
+    """
+
+    model_config = _STRICT
+    kind: Literal["store"] = Field(description="Source kind.")
+    url: str = Field(
+        description="The cache store: a local path, memory://NAME or s3://BUCKET/PREFIX."
+    )
+
+
 PromptSource = Annotated[
-    TextFileSource | JsonlSource | DatasetSource | IOISource | TemplateSource,
+    TextFileSource | JsonlSource | DatasetSource | IOISource | TemplateSource | StoreSource,
     Field(discriminator="kind"),
 ]
 
@@ -144,6 +159,35 @@ class CacheParams(BaseModel):
     examples_per_feature: int = Field(
         default=32, ge=1, le=1024, description="Size of each feature's top-examples index."
     )
+    paired: bool = Field(
+        default=False,
+        description="Also run each prompt's corrupted text (forward only) and store its sparse "
+        "activations at the paired positions, their clean-point gradients and the SAE error "
+        "node's AtP term per token, so attribute jobs can read AtP from the store "
+        "(docs/paired_caches.md). Needs gradients and a corrupted text for every prompt.",
+    )
+    align: Literal["same", "end"] = Field(
+        default="same",
+        description="paired: how clean and corrupted positions pair, as in attribute jobs "
+        "('same': equal token lengths; 'end': counted from the last token, BOS with BOS).",
+    )
+
+    @model_validator(mode="after")
+    def _paired_needs_gradients(self) -> CacheParams:
+        if self.paired and not self.gradients:
+            raise ValueError("paired caches store AtP terms, which need gradients: true")
+        if self.align != "same" and not self.paired:
+            raise ValueError("align pairs clean and corrupted positions, so it needs paired: true")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unpaired(self, handler: Any) -> Any:
+        # Plain cache specs dump (and hash) exactly as before pairing existed.
+        data = handler(self)
+        if isinstance(data, dict) and not data.get("paired"):
+            data.pop("paired", None)
+            data.pop("align", None)
+        return data
 
 
 class CertifyParams(BaseModel):

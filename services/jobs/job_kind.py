@@ -99,6 +99,7 @@ class ComputedShard:
     token_lists: list[list[int]]
     partial: ShardPartial | None = None
     site_caches: dict[str, Any] = field(default_factory=dict)
+    pairs: Any = None  # a paired cache's named and paired positions (paired_io.ShardPairs)
 
 
 @dataclass(frozen=True)

@@ -197,6 +197,13 @@ def run_job(
     ``keep_actors`` leaves the workers alive for the next job of this process
     on the same model and SAEs (they go when Ray shuts down).
     """
+    if spec.prompts.kind == "store":  # AtP from a paired cache's values (store_fed.py)
+        from circuitscan.services.jobs.store_fed import run_from_store
+
+        return run_from_store(  # type: ignore[no-any-return]
+            spec, address=address, overwrite=overwrite, echo=echo, keep_actors=keep_actors,
+            verify=verify,
+        )  # fmt: skip
     started = time.perf_counter()
     say = echo or (lambda _line: None)
     # A model or SAE that files show cannot work is refused before anything starts.

@@ -34,6 +34,12 @@ from circuitscan.services.store.errors import (
 )
 from circuitscan.services.store.index_writer import IndexWriter
 from circuitscan.services.store.manifest import ShardManifest
+from circuitscan.services.store.paired_io import (
+    PairedSite,
+    ShardPairs,
+    read_paired_site,
+    read_shard_pairs,
+)
 from circuitscan.services.store.shard_io import (
     PromptShard,
     SiteShard,
@@ -175,6 +181,7 @@ class FeatureStore:
         prompts: Sequence[PromptRecord],
         token_ids: Sequence[Sequence[int]],
         site_caches: Mapping[str, SiteCache],
+        pairs: ShardPairs | None = None,
     ) -> ShardEntry:
         """Write shard ``shard_id``'s data under its own prefix; return its manifest entry.
 
@@ -188,7 +195,7 @@ class FeatureStore:
             return committed
         self._drop_shard_data(shard_id)
         return write_shard_arrays(
-            self.location, self.layout, shard_id, prompts, token_ids, site_caches
+            self.location, self.layout, shard_id, prompts, token_ids, site_caches, pairs
         )
 
     def commit_shard(self, entry: ShardEntry, *, verify: bool = True) -> bool:
@@ -303,6 +310,27 @@ class FeatureStore:
     def prompt_records(self, shard_id: int) -> list[PromptRecord]:
         """The PromptRecords of one committed shard."""
         return self.reader.prompt_records(shard_id)
+
+    def paired_site_shard(self, shard_id: int, label: str) -> PairedSite:
+        """The corrupted side of one site of one committed shard of a paired cache (verified)."""
+        self._require_pairing()
+        self.layout.site(label)
+        source = self.manifest.read_verified(
+            shard_id, [f"sites/{label}/corrupt_", f"sites/{label}/error_atp/"]
+        )
+        return read_paired_site(source, self.layout, f"{shard_prefix(shard_id)}sites/{label}/")
+
+    def shard_pairs(self, shard_id: int) -> ShardPairs:
+        """Named positions and paired positions of one committed shard of a paired cache."""
+        self._require_pairing()
+        parts = [f"prompts/{name}/" for name in ("named_positions", "corrupt_position")]
+        return read_shard_pairs(
+            self.manifest.read_verified(shard_id, parts), shard_prefix(shard_id)
+        )
+
+    def _require_pairing(self) -> None:
+        if self.layout.pairing is None:
+            raise StoreError(f"store {self.url} is not a paired cache (no corrupted activations)")
 
     def prompt_tokens(self, prompt: int) -> np.ndarray:
         """Token ids of one prompt (BOS first)."""

@@ -59,6 +59,11 @@ SCRIPTS = {
         import json
         print(json.dumps({"shard_check_growth_ratio": 2.0, "shard_check_ms_1k": 0.1}))
     """,
+    "cached_attribution.py": """
+        import json
+        print(json.dumps({"cached_atp_vs_model_atp_speedup": 60.0,
+                          "paired_cache_vs_cache_ratio": 0.5, "cached_atp_max_abs_diff": 1e-4}))
+    """,
     "_helper.py": """
         import pathlib, sys
         pathlib.Path(sys.argv[0]).with_suffix(".ran").write_text("ran")
@@ -114,6 +119,7 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
         "crash",
         "cli_startup",
         "shard_overhead",
+        "cached_attribution",
     }
     assert not (bench_dir / "_helper.ran").exists()
     status = {name: run["status"] for name, run in benches.items()}
@@ -125,6 +131,7 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
         "crash": "failed",
         "cli_startup": "ok",
         "shard_overhead": "ok",
+        "cached_attribution": "ok",
     }
     assert benches["crash"]["returncode"] == 3
     assert benches["store"]["result"]["bytes_per_pair"] == 5.1
@@ -147,6 +154,8 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
     assert ("scaling.py", "two_vs_one_actor_speedup") in rows
     assert rows["cli_startup.py", "cli_query_seconds"]["status"] == "pass"
     assert rows["shard_overhead.py", "shard_check_growth_ratio"]["status"] == "short"
+    assert rows["cached_attribution.py", "cached_atp_vs_model_atp_speedup"]["status"] == "pass"
+    assert rows["cached_attribution.py", "paired_cache_vs_cache_ratio"]["status"] == "short"
 
     table = (bench_dir / "RESULTS.md").read_text(encoding="utf-8")
     assert "| figure | value | target | status | script | device |" in table

@@ -21,10 +21,18 @@ from pathlib import Path
 
 import pytest
 
-from circuitscan.schemas.jobs import CacheParams, ExecutionSpec, IOISource, JobSpec
+from circuitscan.schemas.jobs import (
+    AttributeParams,
+    CacheParams,
+    ExecutionSpec,
+    IOISource,
+    JobSpec,
+    StoreSource,
+)
 from circuitscan.schemas.models import ModelSpec, SAESpec
 from circuitscan.services.jobs.runner import JobSummary
 from circuitscan.services.store import FeatureStore
+from circuitscan.services.store.results import read_result
 
 pytestmark = pytest.mark.integration
 
@@ -133,7 +141,7 @@ def _spec(model_dir: Path, sae_dirs: list[Path], store: Path, n: int) -> JobSpec
         model=ModelSpec(source=str(model_dir)),
         saes=[SAESpec(source=str(path)) for path in sae_dirs],
         prompts=IOISource(kind="ioi", n=n, seed=7),
-        job=CacheParams(kind="cache"),
+        job=CacheParams(kind="cache", paired=True),
         store=str(store),
         shard_size=1,
         execution=ExecutionSpec(num_actors=2, torch_threads=1, batch_size=4),
@@ -169,6 +177,38 @@ def test_job_shards_land_on_both_nodes(
     assert sum(summary.nodes.values()) == summary.shards_run == 8
     store = FeatureStore.open(spec.store)
     assert store.committed_shard_ids() == set(range(8)) and store.n_prompts() == 8
+
+    # AtP from the paired cache: Ray tasks on both nodes, no model loaded anywhere.
+    from_store = spec.model_copy(
+        update={
+            "prompts": StoreSource(kind="store", url=spec.store),
+            "job": AttributeParams(
+                kind="attribute", method="atp", nodes=["sae_feature", "sae_error"]
+            ),
+            "store": str(tmp_path / "from-store"),
+        }
+    )
+    spec_path.write_text(from_store.model_dump_json(), encoding="utf-8")
+    done = subprocess.run(
+        [
+            CIRCUITSCAN,
+            "run",
+            str(spec_path),
+            "--address",
+            address,
+            "--summary-json",
+            str(summary_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = JobSummary.model_validate_json(summary_path.read_text())
+    assert set(summary.nodes) == nodes and summary.shards_run == 8 and summary.actors == 0
+    result = read_result(from_store.store)
+    assert result.n_prompts == 8 and result.top and result.n_verified == 0
 
 
 def test_submit_status_logs_stop_through_ray_job_submission(

@@ -12,10 +12,15 @@ from pydantic import BaseModel
 
 from circuitscan.schemas.jobs import CacheParams, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
-from circuitscan.schemas.store import SiteLayout, StoreLayout
-from circuitscan.services.jobs.job_kind import ComputedShard, JobKind
+from circuitscan.schemas.store import PairingLayout, SiteLayout, StoreLayout
+from circuitscan.services.jobs.job_kind import ComputedShard, JobKind, KindCheckError
 from circuitscan.services.jobs.planning import ShardPlan
-from circuitscan.services.jobs.shard_runner import ShardRunner, tokenize_capped
+from circuitscan.services.jobs.shard_runner import (
+    ShardRunner,
+    named_positions,
+    tokenize_capped,
+    tokenize_capped_counting,
+)
 
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
@@ -38,6 +43,8 @@ class CacheRunner(ShardRunner):
     ) -> ComputedShard:
         from circuitscan.pipelines.caching import cache_batch, merge_site_caches
 
+        if self.params.paired:
+            return self._paired(records)
         batch_size = self.spec.execution.batch_size
         caches = []
         token_lists: list[list[int]] = []
@@ -59,6 +66,49 @@ class CacheRunner(ShardRunner):
             token_lists += batch.token_lists()
         return ComputedShard(token_lists, site_caches=merge_site_caches(caches))
 
+    def _paired(self, records: list[PromptRecord]) -> ComputedShard:
+        """Clean forward + backward and corrupted forward per batch (pipelines.paired_caching)."""
+        import torch
+
+        from circuitscan.pipelines.attribution.positions import end_aligned_map
+        from circuitscan.pipelines.caching import merge_site_caches
+        from circuitscan.pipelines.paired_caching import cache_pairs
+        from circuitscan.services.store.paired_io import shard_pairs
+
+        batch_size = self.spec.execution.batch_size
+        caches, paired_positions = [], []
+        token_lists: list[list[int]] = []
+        named: list[dict[str, int]] = []
+        for start in range(0, len(records), batch_size):
+            part = records[start : start + batch_size]
+            clean, removed = tokenize_capped_counting(self.model, part, self.cap)
+            corrupted = [r.model_copy(update={"text": r.corrupted}) for r in part]
+            corrupt = tokenize_capped(self.model, corrupted, self.cap)
+            position_map = None
+            if self.params.align == "end":
+                position_map = end_aligned_map(
+                    clean.lengths, corrupt.lengths, clean.tokens.shape[1]
+                )
+            sites, paired = cache_pairs(
+                self.model,
+                self.saes,
+                clean.tokens,
+                clean.lengths,
+                corrupt.tokens,
+                corrupt.lengths,
+                self.spec.metric,
+                answer=clean.answer,
+                wrong=clean.wrong,
+                top_k=self.params.top_k,
+                position_map=position_map,
+            )
+            caches.append(sites)
+            paired_positions.append(paired)
+            token_lists += clean.token_lists()
+            named += named_positions(part, removed) or [{} for _ in part]
+        pairs = shard_pairs(named, torch.cat(paired_positions), len(records))
+        return ComputedShard(token_lists, site_caches=merge_site_caches(caches), pairs=pairs)
+
 
 class CacheKind(JobKind[CacheParams, BaseModel]):
     name = "cache"
@@ -71,6 +121,16 @@ class CacheKind(JobKind[CacheParams, BaseModel]):
 
     def reads_metric(self, params: CacheParams) -> bool:
         return params.gradients
+
+    def check_prompts(self, params: CacheParams, records: list[PromptRecord]) -> None:
+        if not params.paired:
+            return
+        missing = [i for i, r in enumerate(records) if r.corrupted is None]
+        if missing:
+            raise KindCheckError(
+                f"paired caches need a corrupted prompt for every prompt; {len(missing)} of "
+                f"{len(records)} have none (first: prompt {missing[0]})"
+            )
 
     def store_layout(self, spec: JobSpec, info: WorkerInfo) -> StoreLayout:
         """Per-site sparse activations (and gradients) as the params ask."""
@@ -90,6 +150,7 @@ class CacheKind(JobKind[CacheParams, BaseModel]):
             gradients=params.gradients,
             top_k_per_token=params.top_k,
             examples_per_feature=params.examples_per_feature,
+            pairing=PairingLayout(align=params.align) if params.paired else None,
             shard_size=spec.shard_size,
             model_fingerprint=info.model_fingerprint,
             job_hash=spec.content_hash(),

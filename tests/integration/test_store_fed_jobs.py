@@ -1,0 +1,217 @@
+"""Store-fed attribution on real local Ray: a paired cache, then AtP from it with no model pass.
+
+The tiny HF Llama and its two SAEs; one paired cache job and one model-run
+attribute job (``method: atp``, nodes ``sae_feature`` + ``sae_error``) on the
+same IOI prompts are shared by the module. The store-fed job must give the
+model-run job's nodes and scores within the float16 storage bound of
+docs/paired_caches.md, and refuse bad caches before doing anything.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from circuitscan.schemas.jobs import (
+    AttributeParams,
+    CacheParams,
+    ExecutionSpec,
+    IOISource,
+    JobSpec,
+    StoreSource,
+)
+from circuitscan.schemas.metrics import MetricSpec
+from circuitscan.schemas.models import ModelSpec, SAESpec
+from circuitscan.services.jobs.runner import JobError, run_job
+from circuitscan.services.store import FeatureStore
+from circuitscan.services.store.results import read_result
+
+pytestmark = pytest.mark.integration
+
+U16 = 2.0**-11  # float16 unit roundoff
+PROMPTS = IOISource(kind="ioi", n=12, seed=3)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def jobs(local_ray, tiny_hf_model_dir, tiny_hf_sae_dirs, tmp_path_factory):
+    """(make_spec, paired cache URL, model-run result) shared by the module's tests."""
+    root = tmp_path_factory.mktemp("store_fed")
+
+    def make(store: Path | str, job, **fields) -> JobSpec:
+        base = {
+            "name": "tiny",
+            "model": ModelSpec(source=str(tiny_hf_model_dir)),
+            "saes": [SAESpec(source=str(path)) for path in tiny_hf_sae_dirs],
+            "prompts": PROMPTS,
+            "job": job,
+            "store": str(store),
+            "shard_size": 5,
+            "execution": ExecutionSpec(num_actors=2, torch_threads=1, batch_size=4),
+        }
+        return JobSpec(**{**base, **fields})
+
+    cache = make(root / "cache", CacheParams(kind="cache", paired=True))
+    run_job(cache, keep_actors=True)
+    model_run = make(root / "model-atp", atp_params())
+    run_job(model_run, keep_actors=True)
+    return make, cache.store, read_result(model_run.store)
+
+
+def atp_params(**fields) -> AttributeParams:
+    base = {
+        "kind": "attribute",
+        "method": "atp",
+        "nodes": ["sae_feature", "sae_error"],
+        "positions": "all",
+        "top_nodes": 100_000,
+    }
+    return AttributeParams(**{**base, **fields})
+
+
+def _magnitudes(url: str, names: list[str] | None = None) -> dict[str, float]:
+    """Per feature node, the mean over prompts of |a'·g'| + |a·g|: the storage bound's scale.
+
+    ``names``: named positions (default: every position, labelled by index).
+    """
+    store = FeatureStore.open(url)
+    total: dict[str, float] = {}
+    having: dict[str, int] = {}
+    for shard in sorted(store.committed_shard_ids()):
+        offsets = store.prompt_shard(shard).prompt_offsets
+        named = store.shard_pairs(shard).named_positions
+        labels: dict[int, list[str]] = {}
+        for prompt, start in enumerate(offsets[:-1].tolist()):
+            n = int(offsets[prompt + 1]) - start
+            for q in range(n):
+                labels[start + q] = [str(q)] if names is None else []
+            for name in names or []:
+                labels[start + named[prompt][name]].append(name)
+            for label in {label for q in range(n) for label in labels[start + q]}:
+                having[label] = having.get(label, 0) + 1
+        for site in store.layout.sites:
+            clean = store.site_shard(shard, site.label)
+            side = store.paired_site_shard(shard, site.label)
+            for part in (clean, side):
+                assert part.gradients is not None
+                tokens = np.repeat(
+                    np.arange(len(part.token_offsets) - 1), np.diff(part.token_offsets)
+                )
+                products = np.abs(part.activations.astype(np.float64) * part.gradients)
+                for t, f, v in zip(
+                    tokens.tolist(), part.feature_ids.tolist(), products.tolist(), strict=True
+                ):
+                    for label in labels[t]:
+                        key = f"feature:{site.label}:{f}@{label}"
+                        total[key] = total.get(key, 0.0) + v
+    return {key: v / having[key.rsplit("@", 1)[1]] for key, v in total.items()}
+
+
+def _close(ours, theirs, scale: float) -> bool:
+    """Within the bound of docs/paired_caches.md: (2u + u²)·scale for a feature node (scale:
+    its mean |a'g'| + |ag|), float32 rounding for an error node (stored in float32)."""
+    slack = 1e-5 * abs(theirs) + 1e-6  # the float32 model's own rounding, either job
+    return abs(ours - theirs) <= (2 * U16 + U16**2) * scale + slack
+
+
+def test_store_fed_atp_equals_the_model_run_job(jobs, tmp_path):
+    make, cache_url, expected = jobs
+    source = StoreSource(kind="store", url=cache_url)
+    spec = make(tmp_path / "from-store", atp_params(verify_top_k=3), prompts=source)
+    summary = run_job(spec, keep_actors=True)
+    assert summary.shards_run == 3 and summary.actors == 2  # actors only for verification
+
+    result = read_result(spec.store)
+    assert (result.kind, result.method, result.n_prompts) == ("attribute", "atp", 12)
+    assert result.n_nodes == expected.n_nodes
+    ours = {effect.node: effect for effect in result.top}
+    theirs = {effect.node: effect for effect in expected.top}
+    nonzero = {name for name, e in theirs.items() if e.mean_abs > 1e-9}
+    assert nonzero and nonzero <= set(ours)
+    assert any(name.startswith("sae_error:") for name in nonzero)
+    scale = _magnitudes(cache_url)
+    for name in nonzero:
+        a, b = ours[name], theirs[name]
+        assert a.n_prompts == b.n_prompts, name
+        assert _close(a.mean, b.mean, scale.get(name, 0.0)), (name, a.mean, b.mean)
+        assert _close(a.mean_abs, b.mean_abs, scale.get(name, 0.0)), name
+    top3 = [e.node for e in result.top[:3]]
+    assert top3 == [e.node for e in expected.top[:3]]
+    assert all(e.verification is not None for e in result.top[:3])
+    assert result.n_verified == 3
+
+    again = run_job(spec, keep_actors=True)  # finished: nothing recomputed, result kept
+    assert again.shards_run == 0 and read_result(spec.store) == result
+
+
+def test_store_fed_named_positions_without_a_model(jobs, tmp_path):
+    make, cache_url, _ = jobs
+    positions = ["IO", "S2", "END"]
+    model_run = make(tmp_path / "model", atp_params(positions=positions))
+    run_job(model_run, keep_actors=True)
+    expected = {e.node: e for e in read_result(model_run.store).top}
+    source = StoreSource(kind="store", url=cache_url)
+    spec = make(tmp_path / "store", atp_params(positions=positions), prompts=source)
+    summary = run_job(spec)
+    assert summary.actors == 0  # no verification: no model anywhere
+    result = read_result(spec.store)
+    assert result.n_nodes == read_result(model_run.store).n_nodes
+    scale = _magnitudes(cache_url, positions)
+    nonzero = [e for e in expected.values() if e.mean_abs > 1e-9]
+    ours = {e.node: e for e in result.top}
+    assert nonzero and all(e.node in ours for e in nonzero)
+    for other in nonzero:
+        effect = ours[other.node]
+        assert _close(effect.mean, other.mean, scale.get(other.node, 0.0)), other.node
+
+
+def test_store_fed_refuses_bad_caches_before_any_work(jobs, tmp_path, tiny_hf_sae_dirs):
+    make, cache_url, _ = jobs
+    plain = make(tmp_path / "plain", CacheParams(kind="cache", gradients=False))
+    plain_store = FeatureStore.create(
+        plain.store,
+        _layout(plain, gradients=False),
+    )
+    unpaired = make(tmp_path / "unpaired", CacheParams(kind="cache"))
+    FeatureStore.create(unpaired.store, _layout(unpaired, gradients=True))
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(cache_url, unfinished)
+    FeatureStore.open(str(unfinished)).uncommit(1)
+
+    def refused(source: str, match: str, **fields) -> None:
+        out = tmp_path / f"out-{len(list(tmp_path.iterdir()))}"
+        params = fields.pop("job", atp_params())
+        spec = make(out, params, prompts=StoreSource(kind="store", url=source), **fields)
+        with pytest.raises(JobError, match=match):
+            run_job(spec)
+        assert not out.exists()  # nothing was created
+
+    refused(str(tmp_path / "nowhere"), "no cache store")
+    refused(plain_store.url, "no gradients")
+    refused(unpaired.store, "no corrupted activations")
+    refused(cache_url, "metric", metric=MetricSpec(kind="target_logprob"))
+    refused(str(unfinished), "not finished: shards \\[1\\]")
+    refused(cache_url, "is not one of store", saes=[SAESpec(source=str(tmp_path / "other"))])
+    refused(cache_url, "method: atp", job=atp_params(method="atpstar"))
+    refused(cache_url, "cannot be scored", job=atp_params(nodes=["sae_feature", "head_z"]))
+
+
+def _layout(spec: JobSpec, *, gradients: bool):
+    from circuitscan.schemas.store import SiteLayout, StoreLayout
+
+    return StoreLayout(
+        sites=[SiteLayout(label="L0.resid_post", hook_name="blocks.0.hook_resid_post", d_sae=8)],
+        gradients=gradients,
+        job_hash=spec.content_hash(),
+        job_spec=spec.model_dump(mode="json"),
+    )
