@@ -68,7 +68,7 @@ class ShardRunner:
             return ShardResult(committed.model_dump(mode="json"), committed.n_tokens)
         computed = self.compute(plan, records, context)
         entry = store.write_shard(
-            plan.shard_id, records, computed.token_lists, computed.site_caches, computed.pairs
+            plan.shard_id, records, computed.token_lists, computed.site_caches
         )
         if computed.partial is not None:
             arrays, documents = computed.partial.to_outputs()
@@ -127,7 +127,9 @@ def tokenize_capped_counting(
     sequences: list[list[int]] = []
     removed: list[int] = []
     for record in records:
-        ids = model.to_tokens(record.text, prepend_bos=True)[0].tolist()
+        # truncate=False: TransformerLens would otherwise keep the first n_ctx
+        # tokens, and the cut below must keep the prompt's end instead.
+        ids = model.to_tokens(record.text, prepend_bos=True, truncate=False)[0].tolist()
         removed.append(max(0, len(ids) - cap))
         if len(ids) > cap:
             ids = ids[:1] + ids[len(ids) - (cap - 1) :]
