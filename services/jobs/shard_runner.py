@@ -68,7 +68,7 @@ class ShardRunner:
             return ShardResult(committed.model_dump(mode="json"), committed.n_tokens)
         computed = self.compute(plan, records, context)
         entry = store.write_shard(
-            plan.shard_id, records, computed.token_lists, computed.site_caches
+            plan.shard_id, records, computed.token_lists, computed.site_caches, computed.pairs
         )
         if computed.partial is not None:
             arrays, documents = computed.partial.to_outputs()
