@@ -86,6 +86,7 @@ TARGETS: tuple[Target, ...] = (
     Target("scaling", "ray_overhead_fraction", "<=", 0.05),
     Target("api", "api_errors", "==", 0),
     Target("api", "api_p99_ms", "<=", 100),
+    Target("api", "feature_page_p99_ms", "<=", 100),
     Target("shard_overhead", "shard_check_growth_ratio", "<=", 1.5),
     Target("cli_startup", "cli_query_seconds", "<=", 2),
     Target("cached_attribution", "cached_atp_vs_model_atp_speedup", ">=", 50),

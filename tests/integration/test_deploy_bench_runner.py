@@ -210,11 +210,12 @@ def test_targets_without_a_script_are_listed() -> None:
     assert [(r["figure"], r["status"], r["device"]) for r in rows] == [
         ("api_errors", "pass", "CPU"),
         ("api_p99_ms", "short", "CPU"),
+        ("feature_page_p99_ms", "missing", "CPU"),
     ]
     table = runner.render_markdown(rows, benches, machine)
     assert "- bench/store.py: `cache_vs_bare_ratio`" in table
     assert "- bench/api.py" not in table
-    assert "1 pass, 1 short, 0 missing." in table
+    assert "1 pass, 1 short, 1 missing." in table
 
 
 def test_last_line_must_be_a_json_object() -> None:
