@@ -45,8 +45,8 @@ from circuitscan.services.store.encoding import (
     open_array,
     write_array,
 )
-from circuitscan.services.store.errors import CorruptIndexError
-from circuitscan.services.store.manifest import ShardManifest
+from circuitscan.services.store.errors import CorruptIndexError, CorruptManifestError
+from circuitscan.services.store.manifest import ShardManifest, manifest_key
 from circuitscan.services.store.shard_io import (
     checksum,
     memory_store,
@@ -160,7 +160,7 @@ class IndexWriter:
         if self._index is None:
             try:
                 self._index, self._indexed = self._load()
-            except CorruptIndexError as exc:
+            except (CorruptIndexError, CorruptManifestError) as exc:
                 if not repair:
                     raise
                 log.warning("%s; rebuilding it from the shards' summaries", exc)
@@ -215,18 +215,22 @@ class IndexWriter:
             }
         return {s.label: FeatureIndex.empty(s.d_sae, k) for s in self.layout.sites}
 
-    def problems(self) -> list[str]:
-        """What is wrong with the persisted index, one line each (``circuitscan verify``)."""
+    def problems(self) -> list[tuple[str, str]]:
+        """What is wrong with the persisted index: (kind, one line) pairs, kind "index" or
+        "manifest" (an entry lost from under the index) (``circuitscan verify``)."""
         if not self.layout.sites or not self.manifest.committed():
             return []
+        fix = f"`circuitscan repair {self.url}` rebuilds it"
         if self.location.read_bytes(INDEX_POINTER) is None:
-            return [f"{INDEX_POINTER} is missing: every reader rebuilds the index from the shards"]
+            return [("index", f"index pointer {INDEX_POINTER} of {self.url} is missing; {fix}")]
         try:
             _index, covered = self._load()
         except CorruptIndexError as exc:
-            return [str(exc)]
+            return [("index", str(exc))]
+        except CorruptManifestError as exc:
+            return [("manifest", str(exc))]
         if covered != set(self.manifest.committed()):
-            return [f"{INDEX_POINTER} does not cover every committed shard"]
+            return [("index", f"index of {self.url} misses committed shards; {fix}")]
         return []
 
     def _load(self) -> tuple[dict[str, FeatureIndex], set[int]]:
@@ -236,7 +240,15 @@ class IndexWriter:
             return index, set()
         pointer = parse_pointer(raw, self.url)
         shards = set(pointer["shards"])
-        if not shards <= set(self.manifest.committed()):
+        gone = sorted(shards - set(self.manifest.committed()))
+        if gone and "checksums" in pointer:
+            # Uncommitting a shard drops the pointer first, so a pointer covering
+            # a shard with no entry means the entry was lost, not uncommitted.
+            raise CorruptManifestError(
+                f"manifest entry {manifest_key(gone[0])} of {self.url} is missing, but the "
+                f"index covers shard {gone[0]}; `circuitscan repair {self.url}` recomputes it"
+            )
+        if gone:
             return index, set()
         fix = f"`circuitscan repair {self.url}` rebuilds the index from the shards"
         base = f"{INDEX_PREFIX}{pointer['generation']}/"
@@ -245,8 +257,9 @@ class IndexWriter:
         if checksums is not None:  # format 2: every object and the shards it covers
             if pointer.get("shards_digest") != shards_digest(self.manifest, sorted(shards)):
                 raise CorruptIndexError(
-                    f"index pointer {INDEX_POINTER} of {self.url} was built from other shards "
-                    f"than the committed ones; {fix}"
+                    f"index pointer {INDEX_POINTER} of {self.url} was built from other manifest "
+                    "entries than the committed ones (one was altered or replaced: "
+                    f"`circuitscan verify` names it); {fix}"
                 )
             bad = sorted(
                 key

@@ -5,11 +5,20 @@ checksum of every object the shard holds) is written, after its data.
 Readers trust the manifest and nothing else: every object read out of a
 committed shard goes through :meth:`ShardManifest.fetch_verified`, so a
 missing, truncated or altered object is a CorruptShardError naming it.
+
+An entry that cannot be read back (truncated, altered, naming another shard)
+makes that one shard damaged, not the store unreadable: the listing keeps it
+aside (:meth:`ShardManifest.damaged`), reads of its prompts and of the merged
+index (which would undercount without it) raise CorruptManifestError naming
+the entry, every other shard reads as before, and a resume recomputes it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
 from collections.abc import Sequence
 
 from pydantic import ValidationError
@@ -28,6 +37,9 @@ from circuitscan.services.store.shard_io import checksum, memory_store, shard_pr
 log = logging.getLogger(__name__)
 
 MANIFEST_PREFIX = "manifest/"
+ENTRY_DIGEST = "entry_digest"
+_INDEX_POINTER = "index/current.json"  # index_writer.INDEX_POINTER (which imports this module)
+_ENTRY_KEY = re.compile(r"^manifest/(\d{6,})\.json$")
 
 
 def manifest_key(shard_id: int) -> str:
@@ -35,15 +47,40 @@ def manifest_key(shard_id: int) -> str:
     return f"{MANIFEST_PREFIX}{shard_id:06d}.json"
 
 
+def _entry_digest(document: dict[str, object]) -> str:
+    text = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.blake2b(text, digest_size=16).hexdigest()
+
+
+def entry_bytes(entry: ShardEntry) -> bytes:
+    """The stored form of a manifest entry: its JSON and a digest of it (``entry_digest``)."""
+    document = json.loads(entry.model_dump_json())
+    document[ENTRY_DIGEST] = _entry_digest(document)
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
 def _parse_entry(raw: bytes, key: str, url: str) -> ShardEntry:
-    """A manifest entry read back; a truncated or altered one is named, not a traceback."""
+    """A manifest entry read back; a truncated or altered one is named, not a traceback.
+
+    The entry's own digest is checked first: an entry altered in place (a
+    checksum's key renamed by a flipped bit, say) would otherwise still parse.
+    Entries written before entries carried digests are read unverified.
+    """
+    fix = "delete it and resume the job to recompute that shard"
     try:
-        return ShardEntry.model_validate_json(raw)
-    except ValidationError as exc:
-        reason = exc.errors()[0]["msg"] if exc.errors() else "invalid"
+        document = json.loads(raw)
+        if isinstance(document, dict) and ENTRY_DIGEST in document:
+            claimed = document.pop(ENTRY_DIGEST)
+            if claimed != _entry_digest(document):
+                raise CorruptManifestError(
+                    f"manifest entry {key} of {url} fails its checksum; {fix}"
+                )
+        return ShardEntry.model_validate(document)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ValidationError
+        errors = exc.errors() if isinstance(exc, ValidationError) else []
+        reason = errors[0]["msg"] if errors else type(exc).__name__
         raise CorruptManifestError(
-            f"manifest entry {key} of {url} is unreadable ({reason}); delete it and resume "
-            "the job to recompute that shard"
+            f"manifest entry {key} of {url} is unreadable ({reason}); {fix}"
         ) from exc
 
 
@@ -55,6 +92,8 @@ class ShardManifest:
         self.layout = layout
         self.url = url
         self._entries: dict[int, ShardEntry] | None = None
+        # Entries that cannot be read back, by the shard id their key names.
+        self._damaged: dict[int, str] = {}
         # Objects of the shard just checked by a commit, reused by the index
         # merge that follows so that a commit reads each object once.
         self._recent: tuple[int, dict[str, bytes]] | None = None
@@ -71,30 +110,84 @@ class ShardManifest:
         raw = self.location.read_bytes(key)
         if raw is None:
             return None
-        entry = _parse_entry(raw, key, self.url)
-        if entry.shard_id != shard_id:  # a listing keys entries by their own shard id
-            raise CorruptManifestError(
-                f"manifest entry {key} of {self.url} names shard {entry.shard_id}; delete it "
-                "and resume the job to recompute that shard"
-            )
-        return entry
+        return self._checked(_parse_entry(raw, key, self.url), shard_id)
 
     def committed(self) -> dict[int, ShardEntry]:
         """Every committed entry by shard id (the live cached dict: callers must not change it)."""
         if self._entries is None:
-            entries = {}
-            keys = self.location.list_keys(MANIFEST_PREFIX)
+            entries: dict[int, ShardEntry] = {}
+            damaged: dict[int, str] = {}
+            keys = [
+                key for key in self.location.list_keys(MANIFEST_PREFIX) if _ENTRY_KEY.match(key)
+            ]
             for key, raw in self.location.read_many(keys).items():
-                if raw is not None:
-                    entry = _parse_entry(raw, key, self.url)
-                    entries[entry.shard_id] = entry
-            self._entries = entries
+                if raw is None:
+                    continue
+                shard_id = int(key.removeprefix(MANIFEST_PREFIX).removesuffix(".json"))
+                try:
+                    entry = self._checked(_parse_entry(raw, key, self.url), shard_id)
+                except CorruptManifestError as exc:
+                    damaged[shard_id] = str(exc)
+                    continue
+                entries[entry.shard_id] = entry
+            self._entries, self._damaged = entries, damaged
         return self._entries
+
+    def _checked(self, entry: ShardEntry, shard_id: int) -> ShardEntry:
+        """``entry`` when it can be the entry of ``shard_id`` here; CorruptManifestError else."""
+        key = manifest_key(shard_id)
+        fix = "delete it and resume the job to recompute that shard"
+        if entry.shard_id != shard_id:  # a listing keys entries by their own shard id
+            raise CorruptManifestError(
+                f"manifest entry {key} of {self.url} names shard {entry.shard_id}; {fix}"
+            )
+        if entry.prompt_start != shard_id * self.layout.shard_size:
+            raise CorruptManifestError(
+                f"manifest entry {key} of {self.url} starts at prompt {entry.prompt_start}, "
+                f"not where shard {shard_id} does; {fix}"
+            )
+        return entry
+
+    def damaged(self) -> dict[int, str]:
+        """Shards whose manifest entry cannot be read back, each with the reason (one line)."""
+        self.committed()
+        return dict(self._damaged)
+
+    def raise_if_unreadable(self, shard_id: int) -> None:
+        """CorruptManifestError when shard ``shard_id`` has no readable entry but should have:
+        its entry is damaged, or missing while the merged index covers the shard."""
+        self.raise_if_damaged(shard_id)
+        if shard_id in self.committed():
+            return
+        raw = self.location.read_bytes(_INDEX_POINTER)
+        try:
+            pointer = json.loads(raw) if raw is not None else {}
+            lost = "checksums" in pointer and shard_id in pointer["shards"]
+        except (ValueError, KeyError, TypeError):
+            return  # a damaged pointer is reported by the index, not here
+        if lost:  # uncommitting drops the pointer before the entry
+            raise CorruptManifestError(
+                f"manifest entry {manifest_key(shard_id)} of {self.url} is missing, but the "
+                f"index covers shard {shard_id}; resume the job (or `circuitscan repair`) to "
+                "recompute that shard"
+            )
+
+    def raise_if_damaged(self, shard_id: int | None = None) -> None:
+        """CorruptManifestError when shard ``shard_id``'s entry (None: any entry) is damaged."""
+        damaged = self.damaged()
+        if shard_id is not None:
+            if shard_id in damaged:
+                raise CorruptManifestError(damaged[shard_id])
+        elif damaged:
+            first = min(damaged)
+            more = f" ({len(damaged) - 1} more entries are damaged)" if len(damaged) > 1 else ""
+            raise CorruptManifestError(damaged[first] + more)
 
     def entry(self, shard_id: int) -> ShardEntry:
         """The committed entry of ``shard_id`` (StoreError when it is not committed)."""
         entry = self.committed().get(shard_id)
         if entry is None:
+            self.raise_if_unreadable(shard_id)
             raise StoreError(f"shard {shard_id} is not committed")
         return entry
 
@@ -128,7 +221,7 @@ class ShardManifest:
                 raise CorruptShardError(
                     f"shard {entry.shard_id}: stored data does not match the entry ({bad[:5]})"
                 )
-        self.location.write_bytes(manifest_key(entry.shard_id), entry.model_dump_json().encode())
+        self.location.write_bytes(manifest_key(entry.shard_id), entry_bytes(entry))
         # Only a manifest already in memory is extended: a worker-side handle
         # never lists the manifest just to record its own commit.
         if self._entries is not None:
@@ -140,6 +233,7 @@ class ShardManifest:
         self.location.delete_keys([manifest_key(shard_id)])
         if self._entries is not None:
             self._entries.pop(shard_id, None)
+        self._damaged.pop(shard_id, None)
 
     def forget_recent(self) -> None:
         """Drop the objects kept from the last commit's check."""
@@ -148,6 +242,7 @@ class ShardManifest:
     def refresh(self) -> None:
         """Forget the cached entries (see other writers' commits)."""
         self._entries = None
+        self._damaged = {}
         self._recent = None
 
     # --- verification -----------------------------------------------------------------

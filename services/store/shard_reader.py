@@ -66,6 +66,10 @@ class ShardReader:
 
     def shard_of_prompt(self, prompt: int) -> ShardEntry:
         """The committed shard holding a global prompt index (QueryRangeError naming the bound)."""
+        shard_id = prompt // self.layout.shard_size
+        if prompt >= 0 and shard_id not in self.manifest.committed():
+            # A shard whose manifest entry is damaged or lost is named, not out of range.
+            self.manifest.raise_if_unreadable(shard_id)
         total = self.manifest.n_prompts()
         if not total:
             raise QueryRangeError(
