@@ -24,6 +24,7 @@ from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, StoreLayout
 from circuitscan.services.store.backends import Backend, open_location
 from circuitscan.services.store.errors import (
+    CorruptLayoutError,
     CorruptManifestError,
     CorruptShardError,
     QueryRangeError,
@@ -74,14 +75,37 @@ def _layout_diff(old: StoreLayout, new: StoreLayout) -> list[str]:
     return [name for name in a if a[name] != b[name]]
 
 
-def _read_layout(location: Backend) -> StoreLayout | None:
+def _read_layout(location: Backend, url: str | None = None) -> StoreLayout | None:
+    """The store's layout; None where there is no store (CorruptLayoutError for a damaged one).
+
+    A layout document that does not parse, or a location holding a store's
+    manifest without one, is a damaged store (named with ``url``), never taken
+    for an empty location.
+    """
+    where = url or location.describe()
+    fix = "restore it from a copy of the store, or rerun the job into a new store"
     raw = location.read_bytes("zarr.json")
     if raw is None:
+        if location.list_keys("manifest/"):
+            raise CorruptLayoutError(
+                f"layout document zarr.json of {where} is missing (the store's manifest is "
+                f"there); {fix}"
+            )
         return None
-    attrs = json.loads(raw).get("attributes", {})
-    if LAYOUT_ATTR not in attrs:
-        return None
-    return StoreLayout.model_validate(attrs[LAYOUT_ATTR])
+    try:
+        document = json.loads(raw)
+        attrs = document.get("attributes", {}) if isinstance(document, dict) else None
+        if not isinstance(attrs, dict):
+            raise ValueError("no attributes")
+        if LAYOUT_ATTR not in attrs:
+            if location.list_keys("manifest/"):
+                raise ValueError("no circuitscan layout")
+            return None
+        return StoreLayout.model_validate(attrs[LAYOUT_ATTR])
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, ValidationError
+        raise CorruptLayoutError(
+            f"layout document zarr.json of {where} is unreadable ({type(exc).__name__}); {fix}"
+        ) from exc
 
 
 class FeatureStore:
@@ -168,7 +192,7 @@ class FeatureStore:
         as an empty folder.
         """
         location = open_location(url)
-        layout = _read_layout(location)
+        layout = _read_layout(location, url)
         if layout is None:
             raise StoreNotFoundError(f"no feature store at {url}")
         return cls(url, location, layout)
@@ -264,8 +288,13 @@ class FeatureStore:
         committed = self.manifest.committed()
         todo = set()
         self.corrupt_shards = []
+        damaged = self.manifest.damaged()
         for shard_id in all_ids:
-            if shard_id not in committed:
+            if shard_id in damaged:  # an unreadable entry: the shard is recomputed
+                self.corrupt_shards.append(shard_id)
+                self.uncommit(shard_id)
+                todo.add(shard_id)
+            elif shard_id not in committed:
                 todo.add(shard_id)
             elif verify and not self.verify_shard(shard_id):
                 self.corrupt_shards.append(shard_id)
@@ -274,10 +303,15 @@ class FeatureStore:
         return sorted(todo)
 
     def uncommit(self, shard_id: int) -> None:
-        """Hide a shard and delete its data (its manifest entry goes first)."""
+        """Hide a shard and delete its data.
+
+        The index pointer goes first (the index may count this shard; a pointer
+        covering a shard without an entry means a lost entry), then the
+        manifest entry, then the data.
+        """
+        self.index.discard()
         self.manifest.remove(shard_id)
         self._drop_shard_data(shard_id)
-        self.index.discard()  # the merged index may count this shard
 
     def _drop_shard_data(self, shard_id: int) -> None:
         self.location.delete_prefix(shard_prefix(shard_id))
