@@ -7,7 +7,12 @@ that cover them, so they become visible exactly when the driver commits the
 entry, and a retry (``write_shard`` deletes leftovers first) rewrites them.
 
 The job-level result (``results/<kind>.json``) is written by the driver in
-one put after every shard is committed; readers trust only it.
+one put after every shard is committed; readers trust only it, and only once
+it passes its checksum: the document carries ``circuitscan_checksum``, a
+digest of the rest of it and of the store's job hash, so an edited value, a
+truncated file or another store's result copied in is a CorruptResultError
+naming the file (a resume writes it again). Documents written before results
+carried checksums are read unverified.
 
 Readers for the CLI and HTTP API::
 
@@ -24,6 +29,7 @@ Readers for the CLI and HTTP API::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +60,7 @@ from circuitscan.services.store.feature_store import FeatureStore
 from circuitscan.services.store.shard_io import checksum, shard_checksums, shard_prefix
 
 RESULTS_PREFIX = "results/"
+CHECKSUM_FIELD = "circuitscan_checksum"
 _RESULT = TypeAdapter(JobResult)
 
 
@@ -139,9 +146,46 @@ def _result_key(kind: str) -> str:
     return f"{RESULTS_PREFIX}{kind}.json"
 
 
+def _result_digest(document: dict[str, Any], job_hash: str) -> str:
+    """The checksum of a result document (without its checksum field) in a store of ``job_hash``."""
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    payload = json.dumps([job_hash, text]).encode()
+    return hashlib.blake2b(payload, digest_size=16).hexdigest()
+
+
+def result_bytes(store: FeatureStore, result: JobResult) -> bytes:
+    """The stored form of ``result`` in ``store``: its JSON with its checksum."""
+    document = json.loads(result.model_dump_json())
+    document[CHECKSUM_FIELD] = _result_digest(document, store.layout.job_hash)
+    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def write_job_result(store: FeatureStore, result: JobResult) -> None:
     """Store the aggregated result of a job (one put: readers see all of it or none)."""
-    write_bytes(store.backend, _result_key(result.kind), result.model_dump_json().encode())
+    write_bytes(store.backend, _result_key(result.kind), result_bytes(store, result))
+
+
+def parse_result(store: FeatureStore, kind: str, raw: bytes) -> JobResult:
+    """A stored result document checked and parsed; CorruptResultError naming it otherwise."""
+    key = _result_key(kind)
+    where = f"job result {key} of {store.url}"
+    fix = "resume the job (or `circuitscan repair`) to write it again"
+    try:
+        document = json.loads(raw)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptResultError(f"{where} is unreadable (not JSON); {fix}") from exc
+    if isinstance(document, dict) and CHECKSUM_FIELD in document:
+        claimed = document.pop(CHECKSUM_FIELD)
+        if claimed != _result_digest(document, store.layout.job_hash):
+            raise CorruptResultError(f"{where} fails its checksum; {fix}")
+    try:
+        result = _RESULT.validate_json(json.dumps(document))
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"] if exc.errors() else "invalid"
+        raise CorruptResultError(f"{where} is unreadable ({reason}); {fix}") from exc
+    if result.kind != kind:
+        raise CorruptResultError(f"{where} holds a {result.kind} result; {fix}")
+    return result
 
 
 def delete_job_result(store: FeatureStore, kind: str) -> None:
@@ -231,14 +275,7 @@ def read_result(store: FeatureStore | str, kind: str | None = None) -> JobResult
     raw = read_bytes(opened.backend, _result_key(kind))
     if raw is None:
         raise ResultNotFoundError(f"{opened.url} holds no {kind} result")
-    try:
-        return _RESULT.validate_json(raw)
-    except ValidationError as exc:
-        reason = exc.errors()[0]["msg"] if exc.errors() else "invalid"
-        raise CorruptResultError(
-            f"job result {_result_key(kind)} of {opened.url} is unreadable ({reason}); "
-            "resume the job to write it again"
-        ) from exc
+    return parse_result(opened, kind, raw)
 
 
 def _typed(store: FeatureStore | str, kind: str, cls: type) -> Any:
