@@ -194,6 +194,12 @@ class DFAJobResult(BaseModel):
     features: list[DFAFeatureSummary] = Field(
         description="Every feature decomposed, by total activation over the prompts (largest first)."
     )
+    features_by: str | None = Field(
+        default=None,
+        description="How the features were chosen: by_attribution (|activation × gradient| "
+        "of the metric), by_activation, given, or both rules joined by '+' when prompts "
+        "differed (by_attribution where they carry the metric's labels); None in older stores.",
+    )
 
 
 JobResult = Annotated[

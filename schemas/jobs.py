@@ -377,13 +377,17 @@ class DFAParams(BaseModel):
         description="Destination position: 'last' real token, a 0-based index (BOS is 0), "
         "or a named position of the prompts (IOI: IO, S1, S2, END).",
     )
-    features: list[int] | None = Field(
+    features: list[int] | Literal["by_attribution", "by_activation"] | None = Field(
         default=None,
-        description="Features decomposed on every prompt; default: each prompt's "
-        "top_features most active features at the position.",
+        description="Features decomposed on every prompt: a list of ids; by_attribution: each "
+        "prompt's top_features features of largest |activation × ∂metric/∂activation| at the "
+        "position (attribution to the job's metric, SAEs spliced with their error terms); "
+        "by_activation: its top_features most active ones. Default: by_attribution on prompts "
+        "that carry the metric's labels (answer, and wrong for logit_diff), by_activation on "
+        "the others.",
     )
     top_features: int = Field(
-        default=4, ge=1, le=256, description="Features per prompt when 'features' is not given."
+        default=4, ge=1, le=256, description="Features per prompt when 'features' is not a list."
     )
 
     @model_validator(mode="after")
@@ -392,7 +396,7 @@ class DFAParams(BaseModel):
             raise ValueError(f"dfa site {self.site!r} is not an attention-output (z) site")
         if isinstance(self.position, int) and self.position < 0:
             raise ValueError(f"dfa position must be 0 or more, got {self.position}")
-        if self.features is not None:
+        if isinstance(self.features, list):
             if not self.features:
                 raise ValueError("dfa 'features' is empty: give feature ids or leave it out")
             bad = [f for f in self.features if f < 0]

@@ -686,7 +686,9 @@ def test_dfa_job_matches_the_pipeline_per_prompt(local_ray, make_spec, direct, t
     from circuitscan.services.store.results import dfa_features as read_dfa
     from circuitscan.services.store.results import dfa_tables
 
-    params = DFAParams(kind="dfa", position="END", top_features=3)
+    # The pipeline's default pick (the most active features); tests/unit/test_dfa_selection.py
+    # checks the job's own default on labelled prompts, by attribution.
+    params = DFAParams(kind="dfa", position="END", top_features=3, features="by_activation")
     spec = make_spec(tmp_path / "dfa", prompts=KIND_PROMPTS, job=params)
     summary = run_job(spec, keep_actors=True)
     assert summary.shards_total == 4 and summary.prompts == 10
@@ -706,6 +708,7 @@ def test_dfa_job_matches_the_pipeline_per_prompt(local_ray, make_spec, direct, t
 
     result = read_dfa(spec.store)
     assert result.site == "L1.z" and result.position == "END" and result.n_prompts == 10
+    assert result.features_by == "by_activation"
     assert {f.feature for f in result.features} == set(want)
     totals = [f.mean_activation * f.n_prompts for f in result.features]
     assert totals == sorted(totals, reverse=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,6 +45,7 @@ from circuitscan.services.jobs.shard_runner import (
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
 
+    from circuitscan.pipelines.batching import TokenBatch
     from circuitscan.services.jobs.worker import WorkerInfo
     from circuitscan.services.reports import Section
     from circuitscan.services.sae_loading import LoadedSAE
@@ -128,6 +129,11 @@ class DFARow(BaseModel):
         "(sources after the destination are masked, always 0, and not stored)."
     )
     roles: list[str] = Field(description="[source] the role of each source position.")
+    chosen_by: str | None = Field(
+        default=None,
+        description="How the feature was chosen on this prompt: by_attribution, by_activation "
+        "or given (None in stores written before the choice was recorded).",
+    )
 
 
 class DFAPartial(ShardPartial):
@@ -153,19 +159,29 @@ class DFARunner(ShardRunner):
 
         batch, removed = tokenize_capped_counting(self.model, records, self.cap)
         named = named_positions(records, removed)
+        dests = []
+        for index in range(len(records)):
+            where = None if named is None else named[index]
+            length = int(batch.lengths[index])
+            dests.append(destination(self.params.position, length, where, plan.start + index))
+        by_attribution = self._attributed(records, batch, dests)
         rows: list[DFARow] = []
         for index in range(len(records)):
             length = int(batch.lengths[index])
             where = None if named is None else named[index]
             prompt = plan.start + index
-            dest = destination(self.params.position, length, where, prompt)
+            dest = dests[index]
+            chosen_by, features = "given", self.params.features
+            if not isinstance(features, list):
+                chosen_by = "by_attribution" if index in by_attribution else "by_activation"
+                features = by_attribution.get(index)
             results = dfa_features(
                 self.model,
                 self.saes,
                 batch.tokens[index, :length],
                 self.site.layer,
                 dest,
-                features=self.params.features,
+                features=features,
                 top=self.params.top_features,
             )
             roles = source_roles(dest, where)
@@ -180,9 +196,86 @@ class DFARunner(ShardRunner):
                         bias=result.bias,
                         contributions=[row[: dest + 1] for row in result.contributions],
                         roles=roles,
+                        chosen_by=chosen_by,
                     )
                 )
         return ComputedShard(batch.token_lists(), partial=DFAPartial(rows=rows))
+
+    def _attributed(
+        self, records: list[PromptRecord], batch: TokenBatch, dests: list[int]
+    ) -> dict[int, list[int]]:
+        """Prompt index → its top_features features by |activation × gradient| at the
+        destination, for the prompts whose features are chosen by attribution."""
+        wanted = self.params.features
+        if isinstance(wanted, list) or wanted == "by_activation":
+            return {}
+        labelled = [i for i, record in enumerate(records) if has_metric_labels(self.spec, record)]
+        if wanted == "by_attribution" and len(labelled) < len(records):
+            missing = next(i for i in range(len(records)) if i not in labelled)
+            raise DFAJobError(
+                f"dfa features: by_attribution needs the metric's labels on every prompt; "
+                f"prompt {missing} lacks them"
+            )
+        if not labelled:
+            return {}
+        return top_attributed(
+            self.model,
+            self.saes,
+            self.site.label,
+            batch.tokens[labelled],
+            batch.lengths[labelled],
+            self.spec.metric,
+            None if batch.answer is None else batch.answer[labelled],
+            None if batch.wrong is None else batch.wrong[labelled],
+            [dests[i] for i in labelled],
+            self.params.top_features,
+            keys=labelled,
+        )
+
+
+def has_metric_labels(spec: JobSpec, record: PromptRecord) -> bool:
+    """Whether the job's metric can be evaluated on the prompt (its answer / wrong tokens)."""
+    kind = spec.metric.kind
+    if kind == "next_token_loss":
+        return True
+    if kind == "logit_diff":
+        return record.answer is not None and record.wrong is not None
+    return record.answer is not None
+
+
+def top_attributed(
+    model: HookedSAETransformer,
+    saes: list[Any],
+    label: str,
+    tokens: Any,
+    lengths: Any,
+    metric: Any,
+    answer: Any,
+    wrong: Any,
+    dests: list[int],
+    top: int,
+    *,
+    keys: list[int],
+) -> dict[int, list[int]]:
+    """keys[i] → the ``top`` features of site ``label`` with the largest |a · ∂m/∂a| at
+    ``dests[i]`` of prompt i (nonzero attributions only), from one cache pass with gradients."""
+    import torch
+
+    from circuitscan.pipelines.caching import cache_batch
+
+    site = cache_batch(
+        model, saes, tokens, lengths, metric, answer=answer, wrong=wrong, gradients=True
+    )[label]
+    assert site.gradients is not None
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cpu().long().cumsum(0)[:-1]])
+    out = {}
+    for i, key in enumerate(keys):
+        at = site.token_index == int(starts[i]) + dests[i]
+        scores = (site.activations[at] * site.gradients[at]).abs()
+        ids = site.feature_ids[at]
+        order = torch.argsort(scores, descending=True, stable=True)[:top]
+        out[key] = [int(ids[j]) for j in order.tolist() if float(scores[j]) > 0]
+    return out
 
 
 class _DFASums:
@@ -313,7 +406,8 @@ class DFAKind(JobKind[DFAParams, DFAJobResult]):
         assert isinstance(spec.job, DFAParams)
         site = dfa_site(spec.job, [HookSite.parse(label) for label in info.sae_hooks]).label
         width = info.sae_widths[site]
-        too_big = [f for f in spec.job.features or [] if f >= width]
+        given = spec.job.features if isinstance(spec.job.features, list) else []
+        too_big = [f for f in given if f >= width]
         if too_big:
             raise DFAJobError(f"dfa features {too_big} out of range: the {site} SAE has {width}")
         return site
@@ -327,9 +421,12 @@ class DFAKind(JobKind[DFAParams, DFAJobResult]):
     ) -> DFAJobResult:
         assert ctx.site is not None
         sums: dict[int, _DFASums] = defaultdict(_DFASums)
+        chosen_by: set[str] = set()
         for part in partials:
             for row in part.rows:
                 sums[row.feature].add(row)
+                if row.chosen_by is not None:
+                    chosen_by.add(row.chosen_by)
         order = sorted(sums, key=lambda f: (-sums[f].activation, f))
         return DFAJobResult(
             job_hash=ctx.spec.content_hash(),
@@ -337,6 +434,7 @@ class DFAKind(JobKind[DFAParams, DFAJobResult]):
             position=str(params.position),
             n_prompts=ctx.n_prompts,
             features=[sums[feature].summary(feature) for feature in order],
+            features_by="+".join(sorted(chosen_by)) or None,
         )
 
     def breakdown(
@@ -347,8 +445,9 @@ class DFAKind(JobKind[DFAParams, DFAJobResult]):
     def cli_view(self, result: DFAJobResult, top: int) -> CliView:
         return CliView(
             header=f"dfa at {result.site}, position {result.position}: {result.n_prompts} "
-            f"prompts, {len(result.features)} features (mean contributions, SAE "
-            "pre-activation units)",
+            f"prompts, {len(result.features)} features"
+            + (f" chosen {result.features_by}" if result.features_by else "")
+            + " (mean contributions, SAE pre-activation units)",
             columns=["feature", "prompts", "activation", "pre_act", "top heads", "top sources"],
             rows=[
                 (
