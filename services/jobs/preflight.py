@@ -14,8 +14,10 @@ message (:mod:`circuitscan.services.jobs.worker`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,7 @@ def model_directory(spec: ModelSpec) -> Path | None:
     return None  # an official name: the worker resolves it (local cache only)
 
 
+@functools.lru_cache(maxsize=4)
 def model_config(directory: Path) -> Any:
     """TransformerLens's config of the model in ``directory`` (read from its config.json),
     None when it cannot be built here (the worker then reports why)."""
@@ -155,3 +158,60 @@ def check_model_and_saes(spec: JobSpec) -> None:
         return
     for name, cfg in configs:
         check_sae_fits(name, cfg, model_cfg)
+
+
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def check_batch_memory(
+    spec: JobSpec, n_prompts: int, longest: Callable[[], list[tuple[int, int]]]
+) -> None:
+    """Refuse a job whose longest prompt, cut to the token cap, cannot fit one batch in memory.
+
+    ``longest`` measures the prompts (of ``n_prompts``) most likely to be
+    the longest: (prompt index, tokens with BOS). A batch is padded to its longest prompt, and a
+    forward pass keeps each layer's attention pattern (batch × heads × L²
+    values) for the backward pass: that alone is a lower bound of what the
+    batch holding that prompt needs. Checked on CPU machines against this
+    machine's memory (a GPU's memory is only known on its node); a model
+    whose config only a worker can read is not checked.
+    """
+    import psutil
+
+    from circuitscan.services.devices import resolve_device
+
+    if resolve_device(spec.model.device).type != "cpu":
+        return
+    directory = model_directory(spec.model)
+    model_cfg = model_config(directory) if directory is not None else None
+    if model_cfg is None:
+        return
+    n_ctx = int(model_cfg.n_ctx)
+    cap = min(n_ctx, spec.max_prompt_tokens) if spec.max_prompt_tokens else n_ctx
+    measured = longest()
+    if spec.overlong == "reject":  # prompts over the cap are dropped, not run
+        measured = [(i, n) for i, n in measured if n <= cap]
+    if not measured:
+        return
+    prompt, tokens = max(measured, key=lambda item: item[1])
+    tokens = min(tokens, cap)
+    per_token2 = (
+        min(spec.execution.batch_size, n_prompts)
+        * int(model_cfg.n_heads)
+        * int(model_cfg.n_layers)
+        * _DTYPE_BYTES.get(spec.model.dtype, 4)
+    )
+    available = psutil.virtual_memory().total
+    if per_token2 * tokens**2 <= available:
+        return
+    from circuitscan.services.jobs.spec_checks import JobError
+
+    fits = max(2, int((available / per_token2) ** 0.5))
+    context = "" if spec.max_prompt_tokens else ": the model's context"
+    raise JobError(
+        f"prompt {prompt} runs to {tokens} tokens (token cap {cap}{context}); a batch of "
+        f"{min(spec.execution.batch_size, n_prompts)} padded to it needs at least "
+        f"{per_token2 * tokens**2 / 2**30:.0f} GiB for its attention patterns, more than this "
+        f"machine's {available / 2**30:.0f} GiB: set max_prompt_tokens (about {fits} fits) "
+        "or a smaller execution.batch_size"
+    )

@@ -53,6 +53,20 @@ def check_prompts(spec: JobSpec, records: list[PromptRecord], tokenizer: Any = N
     except ValueError as exc:
         raise JobError(str(exc)) from exc
     check_tokens(spec, records, tokenizer)
+    from circuitscan.services.jobs.preflight import check_batch_memory
+
+    check_batch_memory(spec, len(records), lambda: _longest_prompts(spec, records, tokenizer))
+
+
+def _longest_prompts(
+    spec: JobSpec, records: list[PromptRecord], tokenizer: Any, sample: int = 8
+) -> list[tuple[int, int]]:
+    """(index, tokens with BOS) of the prompts with the longest texts: only those are tokenized."""
+    order = sorted(range(len(records)), key=lambda i: len(records[i].text), reverse=True)
+    chosen = order[:sample]
+    tokenizer = tokenizer or driver_tokenizer(spec.model)
+    ids = tokenizer([records[i].text for i in chosen], add_special_tokens=False)["input_ids"]
+    return [(i, len(row) + 1) for i, row in zip(chosen, ids, strict=True)]
 
 
 @functools.lru_cache(maxsize=4)

@@ -128,11 +128,50 @@ CASES: list[tuple[str, Callable[..., dict[str, Any]], str]] = [
         "prompt 0: the clean and corrupted prompts have different token lengths",
     ),
     (
+        "batch-too-big-for-memory",
+        lambda tmp, base, saes: _long_prompt(tmp, base, saes),
+        "prompt 0 runs to 12601 tokens (token cap 65536: the model's context); a batch of 1",
+    ),
+    (
         "store-a-file",
         lambda tmp, base, saes: {**base, "store": _jsonl(tmp / "store-file", [])},
         "exists and is not a directory",
     ),
 ]
+
+
+def _wide_model(tmp: Path, model_dir: Path, sae_dir: Path) -> tuple[str, str]:
+    """A model folder whose config is far larger than the tiny Llama's (its weights are never
+    read: the memory check uses the config alone), and an SAE that fits its residual stream."""
+    target = tmp / "wide-model"
+    shutil.copytree(model_dir, target)
+    config = json.loads((target / "config.json").read_text(encoding="utf-8"))
+    config |= {
+        "hidden_size": 256,
+        "num_attention_heads": 64,
+        "num_key_value_heads": 64,
+        "num_hidden_layers": 64,
+        "max_position_embeddings": 65536,
+    }
+    (target / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return str(target), _sae_copy(sae_dir, tmp / "wide-sae", d_in=256)
+
+
+def _long_prompt(
+    tmp: Path, base: dict[str, Any], saes: list[Path], **fields: Any
+) -> dict[str, Any]:
+    model, sae = _wide_model(tmp, Path(base["model"]["source"]), saes[0])
+    text = " ".join(["the quick brown fox jumps over a lazy dog"] * 1400)  # 12,600 words
+    source = {"kind": "jsonl", "path": _jsonl(tmp / "long.jsonl", [{"text": text}])}
+    return {
+        **base,
+        "model": {"source": model},
+        "saes": [{"source": sae}],
+        "prompts": source,
+        "metric": {"kind": "next_token_loss"},
+        "overlong": "truncate",
+        **fields,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +231,15 @@ def test_resuming_a_store_path_that_is_a_file_is_one_line(tmp_path) -> None:
         f"error: store path {path} exists and is not a directory"
     ]
     assert path.read_text(encoding="utf-8") == "hello"
+
+
+def test_the_token_cap_bounds_the_memory_check(base_spec, tiny_hf_sae_dirs, tmp_path) -> None:
+    from circuitscan.schemas.jobs import JobSpec
+    from circuitscan.services.jobs.prompt_sources import load_prompts
+    from circuitscan.services.jobs.spec_checks import check_prompts
+
+    # The prompt that could not fit a batch at the model's context fits at a cap of 256.
+    spec = JobSpec.model_validate(
+        _long_prompt(tmp_path, base_spec(tmp_path), tiny_hf_sae_dirs, max_prompt_tokens=256)
+    )
+    check_prompts(spec, load_prompts(spec.prompts, lambda: None))
