@@ -243,3 +243,17 @@ def test_the_token_cap_bounds_the_memory_check(base_spec, tiny_hf_sae_dirs, tmp_
         _long_prompt(tmp_path, base_spec(tmp_path), tiny_hf_sae_dirs, max_prompt_tokens=256)
     )
     check_prompts(spec, load_prompts(spec.prompts, lambda: None))
+
+
+def test_a_worker_keeps_its_start_up_error_and_raises_it_as_itself(base_spec, tmp_path) -> None:
+    from circuitscan.schemas.jobs import JobSpec
+    from circuitscan.services.jobs.worker import ShardWorker
+    from circuitscan.services.sae_loading import SAELoadError
+
+    # Only a worker loads pretrained SAEs. An actor whose constructor raised would die, and the
+    # driver would see Ray's ActorDiedError; this one answers every call with the error itself.
+    spec = base_spec(tmp_path) | {"saes": [{"source": "pretrained:no-such-release/x"}]}
+    worker = ShardWorker(JobSpec.model_validate(spec).model_dump_json())
+    for call in (worker.describe, lambda: worker.verify_nodes([], [])):
+        with pytest.raises(SAELoadError, match=r"^unknown sae_lens release 'no-such-release'$"):
+            call()
