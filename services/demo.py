@@ -119,6 +119,11 @@ def run_demo(
     saes = load_default_saes(loaded.model)
     echo("SAEs: " + ", ".join(f"{s.name} @ {s.site.hook_name}" for s in saes))
     specs = demo_specs(out, saes, n_prompts, seed)
+    # Feature pages' logit effects and reading heads come from the weights: computed
+    # while the model is loaded here, kept in the cache store once its job has made it.
+    from circuitscan.services.feature_directions_run import directions_arrays
+
+    directions = {s.site.label: directions_arrays(loaded.model, s.sae) for s in saes}
     del loaded, saes  # the jobs run in Ray workers; the driver needs no model
     try:
         for step, spec in specs.items():
@@ -128,6 +133,12 @@ def run_demo(
     finally:
         if ray.is_initialized():
             ray.shutdown()
+    from circuitscan.services.store import FeatureStore
+    from circuitscan.services.store.feature_directions import write_directions
+
+    cache_store = FeatureStore.open(specs["cache"].store)
+    for label, arrays in directions.items():
+        write_directions(cache_store, label, arrays)
     attribution = read_result(specs["attribute"].store, "attribute")
     ablation = read_result(specs["ablation_scan"].store, "ablation_scan")
     splice = read_result(specs["splice_eval"].store, "splice_eval")
