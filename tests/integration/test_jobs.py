@@ -807,6 +807,19 @@ def test_custom_task_example_breaks_down_by_its_group_field(local_ray, make_spec
     )
     assert "meta keys group" in missing.stderr
 
+    # The same breakdown over real HTTP (the results route's query parameter).
+    import httpx
+    from api_server import thread_server
+
+    from circuitscan.services.api import ApiSettings
+
+    with thread_server(ApiSettings(store_root=str(tmp_path))) as base:
+        route = f"{base}/api/stores/attribute/results/breakdown"
+        served = httpx.get(route, params={"by": "group", "top": 6}, timeout=60)
+        assert served.status_code == 200 and served.json() == grouped
+        refused = httpx.get(route, params={"by": "colour"}, timeout=60)
+        assert refused.status_code == 400 and "'colour'" in refused.json()["error"]
+
 
 def test_a_worker_start_up_failure_is_reported_with_its_cause(local_ray, make_spec, tmp_path):
     from circuitscan.services.sae_loading import SAELoadError
