@@ -205,6 +205,7 @@ def test_killed_worker_actor_shards_are_retried(local_ray, make_spec, tmp_path):
     assert summary.shards_run == summary.shards_total == 16
     assert set(summary.pids) - pids, "no shard ran on the restarted worker"
     assert summary.retries >= 1, "a shard rerun on the restarted worker is not counted"
+    assert summary.retries >= 1, "a shard rerun on the restarted worker is not counted"
     assert _digests(spec.store) == _digests(reference.store)
     assert _stored_texts(spec.store) == _stored_texts(reference.store)
 
@@ -819,6 +820,17 @@ def test_custom_task_example_breaks_down_by_its_group_field(local_ray, make_spec
         assert served.status_code == 200 and served.json() == grouped
         refused = httpx.get(route, params={"by": "colour"}, timeout=60)
         assert refused.status_code == 400 and "'colour'" in refused.json()["error"]
+
+
+def test_a_worker_start_up_failure_is_reported_with_its_cause(local_ray, make_spec, tmp_path):
+    from circuitscan.services.sae_loading import SAELoadError
+
+    # Only a worker loads pretrained SAEs: its constructor's error reaches the driver as
+    # itself (a user mistake, exit 2), not as Ray's ActorDiedError around it.
+    spec = make_spec(tmp_path / "store", saes=[SAESpec(source="pretrained:no-such-release/x")])
+    with pytest.raises(SAELoadError, match=r"^unknown sae_lens release 'no-such-release'$"):
+        run_job(spec, keep_actors=True)
+    assert not (tmp_path / "store").exists()
 
 
 def test_a_worker_start_up_failure_is_reported_with_its_cause(local_ray, make_spec, tmp_path):
