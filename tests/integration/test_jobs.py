@@ -833,17 +833,6 @@ def test_a_worker_start_up_failure_is_reported_with_its_cause(local_ray, make_sp
     assert not (tmp_path / "store").exists()
 
 
-def test_a_worker_start_up_failure_is_reported_with_its_cause(local_ray, make_spec, tmp_path):
-    from circuitscan.services.sae_loading import SAELoadError
-
-    # Only a worker loads pretrained SAEs: its constructor's error reaches the driver as
-    # itself (a user mistake, exit 2), not as Ray's ActorDiedError around it.
-    spec = make_spec(tmp_path / "store", saes=[SAESpec(source="pretrained:no-such-release/x")])
-    with pytest.raises(SAELoadError, match=r"^unknown sae_lens release 'no-such-release'$"):
-        run_job(spec, keep_actors=True)
-    assert not (tmp_path / "store").exists()
-
-
 def test_dfa_job_bad_input_fails_before_storing(local_ray, make_spec, tmp_path, tiny_hf_sae_dirs):
     from circuitscan.schemas.jobs import AblationScanParams, DFAParams
 
