@@ -186,7 +186,7 @@ def _results_only_store(path: Path) -> None:
     )  # fmt: skip
     store = FeatureStore.create(str(path), layout)
     verified = NodeVerification(
-        exact_mean=-1.5, exact_mean_abs=1.5, n_prompts=4, status="confirmed"
+        exact_mean=-1.5, exact_mean_abs=1.5, n_prompts=4, status="confirmed", ratio=1.2
     )
     nodes = [
         NodeEffect(
@@ -235,8 +235,8 @@ def test_browser_shows_the_job_results_of_a_store_without_a_cache(browser_store,
     assert sorted(kinds) == ["ablation_scan", "attribute", "dfa", "splice_eval"]
     cells = [html.unescape(c) for c in re.findall(r"<td>([^<]*)</td>", dom)]
     for expected in (
-        ["z:L1:0@END", "-1.25", "1.25", "-1.5", "confirmed"],
-        ["k:L0:1@IO", "0.5", "0.75", "—", "—"],
+        ["z:L1:0@END", "-1.25", "1.25", "-1.5", "1.2", "confirmed"],  # exact / estimate
+        ["k:L0:1@IO", "0.5", "0.75", "—", "—", "—"],
         ["17", "-0.3", "0.4", "3/4"],
         [SITE, "spliced", "1.5", "0.125"],
         ["5", "2", "h1 -1.5", "S1 1.75"],
