@@ -120,24 +120,108 @@ def generate_ioi(
     """
     if n < 0:
         raise IOIGenerationError(f"n must be non-negative, got {n}")
-    pool = single_token_words(tokenizer, names)
-    place_pool = single_token_words(tokenizer, places)
-    object_pool = single_token_words(tokenizer, objects)
-    if len(pool) < 5:
-        raise IOIGenerationError(
-            f"only {len(pool)} of the candidate names are single tokens; IOI needs at least 5"
-        )
-    if not place_pool or not object_pool:
-        raise IOIGenerationError("no single-token places or objects for this tokenizer")
-    rng = random.Random(seed)
-    keys = sorted(_TEMPLATES)
-    records: list[PromptRecord] = []
-    for index in range(n):
-        order = templates if templates != "mixed" else ("ABBA", "BABA")[index % 2]
-        key = keys[rng.randrange(len(keys))]
-        io, s, c_io, c_s1, c_s2 = rng.sample(pool, 5)
-        place = place_pool[rng.randrange(len(place_pool))]
-        obj = object_pool[rng.randrange(len(object_pool))]
+    generator = IOIGenerator(
+        tokenizer, seed=seed, templates=templates, names=names, places=places, objects=objects
+    )
+    return generator.records(0, n)
+
+
+class IOIGenerator:
+    """Prompts ``[start, stop)`` of the IOI sequence of a seed, without the ones before them.
+
+    Prompt ``i`` is the same whatever ``n`` is (``generate_ioi(n)[a:b] ==
+    records(a, b)``). Reaching prompt ``start`` replays only the random draws
+    of the prompts before it (microseconds each; the tokenizer checks that
+    make a prompt expensive run only for the prompts returned), and the
+    generator keeps its place, so consecutive ranges cost nothing extra.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        seed: int = 0,
+        templates: TemplateFamily = "mixed",
+        names: Sequence[str] = NAMES,
+        places: Sequence[str] = PLACES,
+        objects: Sequence[str] = OBJECTS,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.templates = templates
+        self.pool = single_token_words(tokenizer, names)
+        self.place_pool = single_token_words(tokenizer, places)
+        self.object_pool = single_token_words(tokenizer, objects)
+        if len(self.pool) < 5:
+            raise IOIGenerationError(
+                f"only {len(self.pool)} of the candidate names are single tokens; IOI needs at least 5"
+            )
+        if not self.place_pool or not self.object_pool:
+            raise IOIGenerationError("no single-token places or objects for this tokenizer")
+        self._keys = sorted(_TEMPLATES)
+        self._rng = random.Random(seed)
+        self._next = 0  # the index whose draws the generator's state is at
+
+    def _draw(self, index: int) -> tuple[str, str, list[str], str, str]:
+        rng = self._rng
+        order = self.templates if self.templates != "mixed" else ("ABBA", "BABA")[index % 2]
+        key = self._keys[rng.randrange(len(self._keys))]
+        people = rng.sample(self.pool, 5)
+        place = self.place_pool[rng.randrange(len(self.place_pool))]
+        obj = self.object_pool[rng.randrange(len(self.object_pool))]
+        return order, key, people, place, obj
+
+    def records(self, start: int, stop: int) -> list[PromptRecord]:
+        """Prompts ``start`` to ``stop - 1`` (0-based) of the sequence."""
+        if start < self._next:  # behind the generator: start the sequence again
+            self._rng = random.Random(self.seed)
+            self._next = 0
+        while self._next < start:
+            self._draw(self._next)
+            self._next += 1
+        records = []
+        for index in range(start, max(start, stop)):
+            records.append(self._record(index, *self._draw(index)))
+            self._next = index + 1
+        return records
+
+    def longest_ascii(self) -> int | None:
+        """An upper bound on a prompt's characters, when every prompt is ASCII (else None)."""
+        words = [*self.pool, *self.place_pool, *self.object_pool]
+        if not all(word.isascii() for word in words):
+            return None
+        name = max(len(w) for w in self.pool)
+        longest = {"A": name, "B": name, "C": name, "PLACE": max(map(len, self.place_pool))}
+        longest["OBJECT"] = max(len(w) for w in self.object_pool)
+        bound = 0
+        for template in _TEMPLATES.values():
+            parts = list(string.Formatter().parse(template))
+            size = sum(len(lit) + (longest[field] if field else 0) for lit, field, _, _ in parts)
+            bound = max(bound, size)
+        return bound if all(t.isascii() for t in _TEMPLATES.values()) else None
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        """The clean texts of prompts ``[start, stop)`` (no tokenizer checks: cheap)."""
+        if start < self._next:
+            self._rng = random.Random(self.seed)
+            self._next = 0
+        while self._next < start:
+            self._draw(self._next)
+            self._next += 1
+        texts = []
+        for index in range(start, max(start, stop)):
+            order, key, people, place, obj = self._draw(index)
+            self._next = index + 1
+            io, s = people[0], people[1]
+            first, second = (io, s) if order == "ABBA" else (s, io)
+            texts.append(_fill(_TEMPLATES[key], {"A": first, "B": second, "C": s}, place, obj)[0])
+        return texts
+
+    def _record(
+        self, index: int, order: str, key: str, people: list[str], place: str, obj: str
+    ) -> PromptRecord:
+        tokenizer = self.tokenizer
+        io, s, c_io, c_s1, c_s2 = people
         template = _TEMPLATES[key]
         first, second = (io, s) if order == "ABBA" else (s, io)
         text, starts = _fill(template, {"A": first, "B": second, "C": s}, place, obj)
@@ -154,16 +238,14 @@ def generate_ioi(
             raise IOIGenerationError(
                 f"corrupted prompt {corrupted!r} is not token-aligned with {text!r}"
             )
-        records.append(
-            PromptRecord(
-                text=text,
-                answer=" " + io,
-                wrong=" " + s,
-                corrupted=corrupted,
-                template=f"{order}/{key}",
-                positions=positions,
-                meta={"task": "ioi", "order": order, "io": io, "s": s, "place": place,
-                      "object": obj, "seed": str(seed), "index": str(index)},
-            )
+        seed = self.seed
+        return PromptRecord(
+            text=text,
+            answer=" " + io,
+            wrong=" " + s,
+            corrupted=corrupted,
+            template=f"{order}/{key}",
+            positions=positions,
+            meta={"task": "ioi", "order": order, "io": io, "s": s, "place": place,
+                  "object": obj, "seed": str(seed), "index": str(index)},
         )  # fmt: skip
-    return records

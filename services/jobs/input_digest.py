@@ -11,12 +11,21 @@ would see is caught and nothing it would not see (a blank line) is.
 
 Kept out of the job hash and the layout so that stores written before it
 still resume: a store without the record gets one on its next run.
+
+A generated source (IOI, templates) is a function of its spec, which the job
+hash already covers; building a million prompts on the driver only to digest
+them would cost more than the job's start-up may, so its record
+(``scope: generator``) digests the source's spec and its first prompts, which
+catch a changed generator or tokenizer. A store whose record digests every
+prompt of a generated source (written before) is checked the same way again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Iterable
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -43,15 +52,49 @@ class InputsRecord(BaseModel):
     source: str = Field(description="Where the prompts came from (a file path, or the kind).")
     prompts: int = Field(ge=0, description="Prompts loaded from it.")
     digest: str = Field(description="sha256 of the prompt records, in order.")
+    scope: Literal["records", "generator"] = Field(
+        default="records",
+        description="records: the digest covers every prompt; generator: the source's spec "
+        "and its first prompts (generated sources).",
+    )
 
 
-def prompts_digest(records: list[PromptRecord]) -> str:
+class _Digest:
+    """sha256 of records fed in any number of pieces (a prompt set is read in chunks)."""
+
+    def __init__(self) -> None:
+        self.hash = hashlib.sha256()
+        self.count = 0
+
+    def update(self, records: Iterable[PromptRecord]) -> None:
+        for record in records:
+            self.hash.update(json.dumps(record.model_dump(mode="json"), sort_keys=True).encode())
+            self.hash.update(b"\n")
+            self.count += 1
+
+
+def prompts_digest(records: Iterable[PromptRecord]) -> str:
     """sha256 over the records' fields, in order (independent of how the file is laid out)."""
-    digest = hashlib.sha256()
-    for record in records:
-        digest.update(json.dumps(record.model_dump(mode="json"), sort_keys=True).encode())
-        digest.update(b"\n")
-    return digest.hexdigest()
+    digest = _Digest()
+    digest.update(records)
+    return digest.hash.hexdigest()
+
+
+def streamed_record(spec: JobSpec, chunks: Iterable[list[PromptRecord]]) -> InputsRecord:
+    """The record of every prompt, read chunk by chunk (nothing kept)."""
+    digest = _Digest()
+    for chunk in chunks:
+        digest.update(chunk)
+    return InputsRecord(source=_source(spec), prompts=digest.count, digest=digest.hash.hexdigest())
+
+
+def generator_record(spec: JobSpec, n_prompts: int, first: list[PromptRecord]) -> InputsRecord:
+    """The record of a generated source: its spec and its first prompts."""
+    head = json.dumps(spec.prompts.model_dump(mode="json"), sort_keys=True)
+    digest = hashlib.sha256(head.encode() + b"\n" + prompts_digest(first).encode())
+    return InputsRecord(
+        source=_source(spec), prompts=n_prompts, digest=digest.hexdigest(), scope="generator"
+    )
 
 
 def _source(spec: JobSpec) -> str:
@@ -77,13 +120,27 @@ def _stored(location: Backend, url: str) -> InputsRecord | None:
         ) from exc
 
 
-def check_inputs(spec: JobSpec, records: list[PromptRecord]) -> None:
-    """PromptsChangedError when the store at ``spec.store`` was written with other prompts."""
+def _current(spec: JobSpec, current: list[PromptRecord] | InputsRecord) -> InputsRecord:
+    return current if isinstance(current, InputsRecord) else inputs_record(spec, current)
+
+
+def check_inputs(
+    spec: JobSpec,
+    current: list[PromptRecord] | InputsRecord,
+    every_prompt: Callable[[], InputsRecord] | None = None,
+) -> None:
+    """PromptsChangedError when the store at ``spec.store`` was written with other prompts.
+
+    ``current``: the prompts, or their record; ``every_prompt`` digests every
+    prompt, for a store whose record covers every prompt when ``current`` does not.
+    """
     location = open_location(spec.store)
     stored = _stored(location, spec.store)
     if stored is None:
         return
-    current = inputs_record(spec, records)
+    current = _current(spec, current)
+    if stored.scope != current.scope and every_prompt is not None:
+        current = every_prompt()
     if stored.digest != current.digest:
         raise PromptsChangedError(
             f"the prompts of {current.source} changed since store {spec.store} was written "
@@ -93,8 +150,8 @@ def check_inputs(spec: JobSpec, records: list[PromptRecord]) -> None:
         )
 
 
-def record_inputs(spec: JobSpec, records: list[PromptRecord]) -> None:
-    """Keep the digest of ``records`` in the store (when it holds none yet)."""
+def record_inputs(spec: JobSpec, current: list[PromptRecord] | InputsRecord) -> None:
+    """Keep the record of the prompts (or ``current`` itself) in the store, when it holds none yet."""
     location = open_location(spec.store)
     if _stored(location, spec.store) is None:
-        location.write_bytes(INPUTS_KEY, inputs_record(spec, records).model_dump_json().encode())
+        location.write_bytes(INPUTS_KEY, _current(spec, current).model_dump_json().encode())

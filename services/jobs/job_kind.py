@@ -21,7 +21,7 @@ only read results stay light.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
@@ -108,7 +108,9 @@ class MergeContext:
 
     spec: JobSpec
     n_prompts: int  # prompts in the store
-    kept: list[PromptRecord]  # the job's prompts after the token cap
+    # The job's prompts after the token cap: a lazy sequence on the driver
+    # (prompt_plan.KeptPrompts); read-only passes send shard_prompts(...) instead.
+    kept: Sequence[PromptRecord]
     site: str | None  # the SAE site the kind's checks resolved (None: the kind has none)
     say: Callable[[str], None]
     # Runs ``worker.<method>(*args)`` on the actors for each args tuple (read-only passes).
@@ -116,6 +118,12 @@ class MergeContext:
     # Stores a per-prompt array the driver computed (name, values, column names) beside the
     # job result and returns its reference; None where nothing is stored (e.g. unit tests).
     write_array: Callable[[str, np.ndarray, list[str]], PerPromptArray] | None = None
+
+    def shard_prompts(self, start: int, stop: int) -> Any:
+        """Kept prompts ``[start, stop)`` as a worker call takes them: their source ranges
+        (the worker builds the records) where the driver holds them lazily, else the records."""
+        ranges = getattr(self.kept, "ranges", None)
+        return ranges(start, stop) if ranges is not None else list(self.kept[start:stop])
 
 
 @dataclass(frozen=True)
@@ -249,7 +257,7 @@ class JobKind(Generic[P, R]):
         """Warnings about valid but probably unintended choices."""
         return []
 
-    def context(self, params: P, kept: list[PromptRecord]) -> list[PromptRecord] | None:
+    def context(self, params: P, kept: Sequence[PromptRecord]) -> list[PromptRecord] | None:
         """Reference prompts every shard needs (one job-wide reference), or None."""
         return None
 

@@ -19,6 +19,23 @@ class ShardPlan(BaseModel):
         return self.stop - self.start
 
 
+class PromptSlice(BaseModel):
+    """Which prompts of the job's source a shard holds: source index ranges ``[start, stop)``.
+
+    What the driver sends a worker instead of the records (the worker builds
+    them from the spec): one range, or several where the token cap rejected
+    prompts in between.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ranges: list[tuple[int, int]] = Field(description="Source index ranges, in order.")
+
+    @property
+    def size(self) -> int:
+        return sum(stop - start for start, stop in self.ranges)
+
+
 def plan_shards(n_prompts: int, shard_size: int) -> list[ShardPlan]:
     """Equal contiguous ranges of ``shard_size`` prompts (the last may be shorter)."""
     if n_prompts <= 0:

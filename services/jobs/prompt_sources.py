@@ -1,15 +1,24 @@
-"""Materialise a job's prompt source into PromptRecords (on the driver)."""
+"""A job's prompt source as a lazy, random-access prompt set: the records of any index range.
+
+Nothing here holds a prompt set in memory. Files are indexed once (one
+offset per prompt) and read by range; datasets are memory-mapped Arrow
+tables sliced by range; generators (IOI, templates) replay their seeded
+draws up to the range and build only its prompts. The driver plans shards
+from counts and a worker builds its own shard's records from the spec and
+the range, so the records it builds for ``[start, stop)`` are exactly
+``load_prompts(source)[start:stop]``, the eager list.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import ValidationError
 
-from circuitscan.pipelines.tasks.template_filler import fill_templates
 from circuitscan.schemas.errors import UserInputError
 from circuitscan.schemas.jobs import (
     DatasetSource,
@@ -20,6 +29,7 @@ from circuitscan.schemas.jobs import (
     TextFileSource,
 )
 from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.jobs.planning import PromptSlice
 
 
 class PromptSourceError(UserInputError):
@@ -33,89 +43,228 @@ def _existing(path: str) -> Path:
     return resolved
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise PromptSourceError(f"{path}: not UTF-8 text: {exc}") from exc
+class PromptSet:
+    """The prompts of a source by index: ``len()`` and ``records(start, stop)``.
+
+    ``generated`` sets are a function of their spec (and the tokenizer): every
+    prompt carries the same labels and named positions, so the driver checks a
+    sample of them instead of building all of them.
+    """
+
+    generated = False
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def records(self, start: int, stop: int) -> list[PromptRecord]:
+        """Prompts ``start`` to ``stop - 1`` (clipped to the set)."""
+        raise NotImplementedError
+
+    def longest_ascii(self) -> int | None:
+        """An upper bound on a prompt's characters when every prompt is ASCII (None: unknown)."""
+        return None
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        """The clean texts of prompts ``start`` to ``stop - 1`` (what the token cap counts)."""
+        return [record.text for record in self.records(start, stop)]
+
+    def chunks(self, size: int = 8192) -> Iterator[tuple[int, list[PromptRecord]]]:
+        """(first index, records) of consecutive ranges of ``size`` prompts."""
+        for start in range(0, len(self), size):
+            yield start, self.records(start, start + size)
 
 
-def _from_text(source: TextFileSource) -> list[PromptRecord]:
-    lines = _read_text(_existing(source.path)).splitlines()
-    return [PromptRecord(text=line) for line in lines if line.strip()]
+class _LineFile(PromptSet):
+    """A UTF-8 file whose prompts are lines, indexed by byte offset.
+
+    The eager reader split ``read_text()`` with ``str.splitlines``; a physical
+    line (ending in ``\\n``) can hold several of those lines (``\\r``, ``\\x1c``,
+    ``\\u2028``...), so each prompt is (offset of its physical line, which of
+    its pieces), and the 1-based logical line number is kept for messages.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        offsets: list[int] = []
+        pieces: list[int] = []
+        numbers: list[int] = []
+        number = 0
+        offset = 0
+        with path.open("rb") as handle:
+            for raw in handle:
+                try:
+                    lines = raw.decode("utf-8").splitlines()
+                except UnicodeDecodeError as exc:
+                    raise PromptSourceError(
+                        f"{path}: not UTF-8 text: byte {offset + exc.start} ({exc.reason})"
+                    ) from exc
+                for piece, line in enumerate(lines):
+                    number += 1
+                    if line.strip():
+                        offsets.append(offset)
+                        pieces.append(piece)
+                        numbers.append(number)
+                offset += len(raw)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._pieces = np.asarray(pieces, dtype=np.int32)
+        self._numbers = np.asarray(numbers, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def _lines(self, start: int, stop: int) -> Iterator[tuple[int, str]]:
+        stop = min(stop, len(self))
+        with self.path.open("rb") as handle:
+            for index in range(start, stop):
+                handle.seek(int(self._offsets[index]))
+                lines = handle.readline().decode("utf-8").splitlines()
+                yield int(self._numbers[index]), lines[int(self._pieces[index])]
 
 
-def _from_jsonl(source: JsonlSource) -> list[PromptRecord]:
-    path = _existing(source.path)
+class TextPrompts(_LineFile):
+    """A text file, one prompt a non-blank line."""
+
+    def records(self, start: int, stop: int) -> list[PromptRecord]:
+        return [PromptRecord(text=line) for _, line in self._lines(start, stop)]
+
+
+class JsonlPrompts(_LineFile):
+    """A JSONL file, one PromptRecord a non-blank line."""
+
+    def records(self, start: int, stop: int) -> list[PromptRecord]:
+        records = []
+        for number, line in self._lines(start, stop):
+            try:
+                records.append(PromptRecord.model_validate(json.loads(line)))
+            except (json.JSONDecodeError, ValidationError) as exc:
+                raise PromptSourceError(
+                    f"{self.path}:{number}: not a valid prompt record: {exc}"
+                ) from exc
+        return records
+
+
+class DatasetPrompts(PromptSet):
+    """A ``save_to_disk`` dataset (memory-mapped: only the rows asked for are read)."""
+
+    def __init__(self, source: DatasetSource) -> None:
+        import datasets
+
+        path = _existing(source.path)
+        loaded: Any = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if source.split is None:
+                raise PromptSourceError(
+                    f"{path} holds splits {sorted(loaded)}; set prompts.split to one of them"
+                )
+            loaded = loaded[source.split]
+        columns = set(loaded.column_names)
+        wanted = [
+            source.text_column,
+            source.answer_column,
+            source.wrong_column,
+            source.corrupted_column,
+        ]
+        missing = [c for c in wanted if c is not None and c not in columns]
+        if missing:
+            raise PromptSourceError(
+                f"{path} has no column(s) {missing}; columns are {sorted(columns)}"
+            )
+        self.source = source
+        self.table = loaded
+        self._len = len(loaded) if source.limit is None else min(source.limit, len(loaded))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def records(self, start: int, stop: int) -> list[PromptRecord]:
+        stop = min(stop, len(self))
+        if start >= stop:
+            return []
+        source = self.source
+        names = {
+            "text": source.text_column,
+            "answer": source.answer_column,
+            "wrong": source.wrong_column,
+            "corrupted": source.corrupted_column,
+        }
+        rows = self.table[start:stop]  # column name → values of those rows
+        columns = {
+            field: [None] * (stop - start) if name is None else [str(v) for v in rows[name]]
+            for field, name in names.items()
+        }
+        return [
+            PromptRecord(**{field: values[i] for field, values in columns.items()})
+            for i in range(stop - start)
+        ]
+
+
+class GeneratedPrompts(PromptSet):
+    """IOI or template prompts: ``n`` of a seeded sequence, built range by range."""
+
+    generated = True
+
+    def __init__(self, n: int, generator: Any) -> None:
+        self._len = n
+        self.generator = generator  # an IOIGenerator or TemplateFiller
+
+    def __len__(self) -> int:
+        return self._len
+
+    def records(self, start: int, stop: int) -> list[PromptRecord]:
+        result: list[PromptRecord] = self.generator.records(start, min(stop, len(self)))
+        return result
+
+    def longest_ascii(self) -> int | None:
+        """An upper bound on a prompt's characters when every prompt is ASCII, else None."""
+        bound: int | None = self.generator.longest_ascii()
+        return bound
+
+    def texts(self, start: int, stop: int) -> list[str]:
+        if hasattr(self.generator, "texts"):  # IOI: its texts without its tokenizer checks
+            result: list[str] = self.generator.texts(start, min(stop, len(self)))
+            return result
+        return super().texts(start, stop)
+
+
+def slice_records(prompts: PromptSet, part: PromptSlice) -> list[PromptRecord]:
+    """The records of ``part`` (a worker's shard, or a verification pass's prompts)."""
     records: list[PromptRecord] = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(PromptRecord.model_validate(json.loads(line)))
-        except (json.JSONDecodeError, ValidationError) as exc:
-            raise PromptSourceError(f"{path}:{number}: not a valid prompt record: {exc}") from exc
+    for start, stop in part.ranges:
+        records += prompts.records(start, stop)
     return records
 
 
-def _from_dataset(source: DatasetSource) -> list[PromptRecord]:
-    import datasets
-
-    path = _existing(source.path)
-    loaded: Any = datasets.load_from_disk(str(path))
-    if isinstance(loaded, datasets.DatasetDict):
-        if source.split is None:
-            raise PromptSourceError(
-                f"{path} holds splits {sorted(loaded)}; set prompts.split to one of them"
-            )
-        loaded = loaded[source.split]
-    columns = set(loaded.column_names)
-    wanted = [
-        source.text_column,
-        source.answer_column,
-        source.wrong_column,
-        source.corrupted_column,
-    ]
-    missing = [c for c in wanted if c is not None and c not in columns]
-    if missing:
-        raise PromptSourceError(f"{path} has no column(s) {missing}; columns are {sorted(columns)}")
-    rows = loaded if source.limit is None else loaded.select(range(min(source.limit, len(loaded))))
-
-    def column(row: dict[str, Any], name: str | None) -> str | None:
-        return None if name is None else str(row[name])
-
-    return [
-        PromptRecord(
-            text=str(row[source.text_column]),
-            answer=column(row, source.answer_column),
-            wrong=column(row, source.wrong_column),
-            corrupted=column(row, source.corrupted_column),
-        )
-        for row in rows
-    ]
-
-
-def load_prompts(source: PromptSource, tokenizer: Callable[[], Any]) -> list[PromptRecord]:
-    """All prompts of a source, in a stable order. ``tokenizer`` is called only if needed."""
+def open_prompts(source: PromptSource, tokenizer: Callable[[], Any]) -> PromptSet:
+    """The prompt set of a source (files indexed, nothing built). ``tokenizer`` only if needed."""
     if isinstance(source, TextFileSource):
-        return _from_text(source)
+        return TextPrompts(_existing(source.path))
     if isinstance(source, JsonlSource):
-        return _from_jsonl(source)
+        return JsonlPrompts(_existing(source.path))
     if isinstance(source, DatasetSource):
-        return _from_dataset(source)
+        return DatasetPrompts(source)
     if isinstance(source, IOISource):
-        from circuitscan.pipelines.tasks.ioi import generate_ioi
+        from circuitscan.pipelines.tasks.ioi import IOIGenerator
 
-        return generate_ioi(tokenizer(), source.n, seed=source.seed, templates=source.templates)
+        return GeneratedPrompts(
+            source.n, IOIGenerator(tokenizer(), seed=source.seed, templates=source.templates)
+        )
     if isinstance(source, TemplateSource):
-        return fill_templates(
+        from circuitscan.pipelines.tasks.template_filler import TemplateFiller
+
+        filler = TemplateFiller(
             source.templates,
             source.fillers,
-            n=source.n,
             seed=source.seed,
             answer=source.answer,
             wrong=source.wrong,
             corrupted=source.corrupted,
             distinct=source.distinct,
         )
+        return GeneratedPrompts(source.n, filler)
     raise PromptSourceError(f"unknown prompt source {source!r}")
+
+
+def load_prompts(source: PromptSource, tokenizer: Callable[[], Any]) -> list[PromptRecord]:
+    """All prompts of a source, in a stable order (the eager list; jobs read ranges instead)."""
+    prompts = open_prompts(source, tokenizer)
+    return prompts.records(0, len(prompts))

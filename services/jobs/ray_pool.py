@@ -14,7 +14,7 @@ import os
 import re
 import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from circuitscan.schemas.errors import CircuitscanError, InfrastructureError
 from circuitscan.schemas.jobs import ExecutionSpec, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.jobs.prompt_plan import KeptPrompts
 from circuitscan.services.jobs.ray_reaper import child_pids, start_reaper
 from circuitscan.services.jobs.worker import ShardOutcome, ShardWorker, WorkerInfo
 
@@ -215,7 +216,7 @@ def drive(
     spec: JobSpec,
     actors: list[Any],
     plans: list[ShardPlan],
-    records: list[PromptRecord],
+    prompts: KeptPrompts,
     store_url: str,
     on_done: Callable[[ShardOutcome], None],
     context: list[PromptRecord] | None = None,
@@ -223,7 +224,8 @@ def drive(
     """Run ``plans`` on ``actors`` with at most ``max_in_flight_per_actor`` queued each.
 
     ``on_done`` (the commit) runs on the driver as each shard finishes, in
-    completion order. A shard whose actor died beyond Ray's own retries is
+    completion order. A shard travels as its prompts' source ranges; the
+    worker builds the records. A shard whose actor died beyond Ray's own retries is
     re-queued on a fresh actor up to ``max_retries`` times.
     """
     execution = spec.execution
@@ -245,8 +247,8 @@ def drive(
     handed: dict[Any, Any] = {}
 
     def submit(slot: int, plan: ShardPlan) -> None:
-        shard_records = records[plan.start : plan.stop]
-        ref = actors[slot].run_shard.remote(store_url, plan, shard_records, context_ref, spec_json)
+        part = prompts.ranges(plan.start, plan.stop)
+        ref = actors[slot].run_shard.remote(store_url, plan, part, context_ref, spec_json)
         in_flight[ref] = (plan, slot)
         handed[ref] = pids[slot]
         load[slot] += 1
@@ -313,19 +315,39 @@ def _alive(actor: Any) -> bool:
 
 
 def fan_out(
-    spec: JobSpec, actors: list[Any], method: str, calls: list[tuple[Any, ...]]
+    spec: JobSpec, actors: list[Any], method: str, calls: Iterable[tuple[Any, ...]]
 ) -> list[Any]:
     """Run ``actor.method(*args, spec_json)`` for each args tuple, spread over the actors.
 
     For read-only passes (e.g. verification): Ray retries calls whose actor
-    died (``max_task_retries``); results come back in call order.
+    died (``max_task_retries``); results come back in call order. At most
+    ``max_in_flight_per_actor`` calls wait on each actor, as in :func:`drive`:
+    a call's arguments go to the object store only when it is submitted, so
+    a pass over a million prompts never holds them all there (or here) at once.
     """
     spec_json = spec.model_dump_json()
-    refs = [
-        getattr(actors[i % len(actors)], method).remote(*args, spec_json)
-        for i, args in enumerate(calls)
-    ]
+    limit = max(1, spec.execution.max_in_flight_per_actor)
+    results: dict[int, Any] = {}
+    in_flight: dict[Any, tuple[int, int]] = {}  # ref → (call index, actor slot)
+    load = [0] * len(actors)
+
+    def collect(ref: Any) -> None:
+        index, slot = in_flight.pop(ref)
+        load[slot] -= 1
+        results[index] = ray.get(ref)
+
     try:
-        return ray.get(refs)
+        for index, args in enumerate(calls):
+            while min(load) >= limit:
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                collect(done[0])
+            slot = load.index(min(load))
+            ref = getattr(actors[slot], method).remote(*args, spec_json)
+            in_flight[ref] = (index, slot)
+            load[slot] += 1
+        while in_flight:
+            done, _ = ray.wait(list(in_flight), num_returns=1)
+            collect(done[0])
     except RayTaskError as exc:
         raise ShardFailed(f"{method} failed: {exc.cause or exc}") from exc
+    return [results[index] for index in range(len(results))]

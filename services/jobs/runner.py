@@ -25,7 +25,14 @@ from circuitscan.services.jobs.kinds import job_kind
 from circuitscan.services.jobs.planning import plan_shards
 from circuitscan.services.jobs.preflight import check_model_and_saes
 from circuitscan.services.jobs.progress import Progress
-from circuitscan.services.jobs.prompt_sources import load_prompts
+from circuitscan.services.jobs.prompt_plan import (
+    KeptPrompts,
+    check_kept,
+    check_source,
+    every_prompt_record,
+    select,
+)
+from circuitscan.services.jobs.prompt_sources import open_prompts
 from circuitscan.services.jobs.ray_pool import (
     acquire_actors,
     actor_count,
@@ -35,13 +42,7 @@ from circuitscan.services.jobs.ray_pool import (
     fan_out,
     release_actors,
 )
-from circuitscan.services.jobs.spec_checks import (
-    JobError,
-    check_named_positions,
-    check_prompts,
-    check_sites,
-    position_notes,
-)
+from circuitscan.services.jobs.spec_checks import JobError, check_sites
 from circuitscan.services.jobs.worker import ShardOutcome
 from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, StoreError
@@ -68,7 +69,9 @@ class JobSummary(BaseModel):
     job_hash: str = Field(description="JobSpec.content_hash().")
     prompts: int = Field(description="Prompts in the store.")
     rejected: int = Field(description="Prompts skipped for exceeding the token cap.")
-    truncated: int = Field(description="Prompts cut to the token cap.")
+    truncated: int = Field(
+        description="Prompts cut to the token cap in the shards this run computed."
+    )
     shards_total: int = Field(description="Shards in the job.")
     shards_run: int = Field(description="Shards computed by this run.")
     shards_reused: int = Field(description="Shards already committed before this run.")
@@ -107,26 +110,6 @@ def _tokenizer(model: ModelSpec) -> Any:
     return load_tokenizer(model)
 
 
-def _count_tokens(spec: JobSpec, records: list[PromptRecord], tokenizer: Any = None) -> list[int]:
-    tokenizer = tokenizer or load_tokenizer(spec.model)
-    texts = [r.text for r in records]
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [len(ids) + 1 for ids in encoded]  # + BOS, as model.to_tokens prepends it
-
-
-def select_prompts(
-    spec: JobSpec, records: list[PromptRecord], n_ctx: int, tokenizer: Any = None
-) -> tuple[list[PromptRecord], int, int]:
-    """Apply the token cap: (kept prompts, rejected count, truncated count)."""
-    cap = min(n_ctx, spec.max_prompt_tokens) if spec.max_prompt_tokens else n_ctx
-    lengths = _count_tokens(spec, records, tokenizer)
-    over = [n > cap for n in lengths]
-    if spec.overlong == "reject":
-        kept = [r for r, too_long in zip(records, over, strict=True) if not too_long]
-        return kept, sum(over), 0
-    return records, 0, sum(over)
-
-
 def _refuse_other_job(spec: JobSpec, overwrite: bool) -> None:
     """Fail fast (before any actor starts) when the store already holds a different job,
     or the location holds something that is not a store (never replaced, --overwrite or not)."""
@@ -148,7 +131,7 @@ def _refuse_other_job(spec: JobSpec, overwrite: bool) -> None:
         )
 
 
-def _context(spec: JobSpec, kept: list[PromptRecord]) -> list[PromptRecord] | None:
+def _context(spec: JobSpec, kept: KeptPrompts) -> list[PromptRecord] | None:
     """Reference prompts every shard needs (one job-wide reference, not one per shard)."""
     return job_kind(spec.job.kind).context(spec.job, kept)
 
@@ -157,7 +140,7 @@ def _finish_result(
     spec: JobSpec,
     store: FeatureStore,
     actors: list[Any],
-    kept: list[PromptRecord],
+    kept: KeptPrompts,
     say: Callable[[str], None],
     site: str | None,
 ) -> None:
@@ -209,30 +192,30 @@ def run_job(
     # A model or SAE that files show cannot work is refused before anything starts.
     check_model_and_saes(spec)
     tokenizer = functools.partial(_tokenizer, spec.model)
-    records = load_prompts(spec.prompts, tokenizer)
-    check_prompts(spec, records)
+    # The prompts stay in their source: the driver holds counts, the rejected
+    # indices and ranges; each worker builds its own shard's records.
+    prompts = open_prompts(spec.prompts, tokenizer)
+    inputs = check_source(spec, prompts)
     _refuse_other_job(spec, overwrite)
     # One writer per store: taken before anything touches the store or starts
     # (a second run is refused here), released however the job ends.
     lease = StoreLease(spec.store, job=spec.name, say=say).take()
     try:
         if not overwrite:  # an edited prompt file is another job, refused before Ray starts
-            check_inputs(spec, records)
+            check_inputs(spec, inputs, lambda: every_prompt_record(spec, prompts))
         connect(address)
-        n_actors, use_gpu = actor_count(spec.execution, -(-len(records) // spec.shard_size))
+        n_actors, use_gpu = actor_count(spec.execution, -(-len(prompts) // spec.shard_size))
         actors = acquire_actors(spec, n_actors, use_gpu, reuse=keep_actors)
     except BaseException:
         lease.release()
         raise
     try:
         info = describe(actors[0])
-        kept, rejected, truncated = select_prompts(spec, records, info.n_ctx, tokenizer())
-        if not kept:
-            raise JobError(f"all {len(records)} prompts exceed the token cap; nothing to run")
+        kept, rejected = select(spec, prompts, info.n_ctx, tokenizer)
+        if not len(kept):
+            raise JobError(f"all {len(prompts)} prompts exceed the token cap; nothing to run")
         site = check_sites(spec, info)
-        check_named_positions(spec, kept)
-        for note in position_notes(spec, kept):
-            say(note)
+        check_kept(spec, kept, say)
         plans = plan_shards(len(kept), spec.shard_size)
         try:
             store = FeatureStore.create(
@@ -240,7 +223,7 @@ def run_job(
             )
         except StoreError as exc:
             raise JobError(str(exc)) from exc
-        record_inputs(spec, records)
+        record_inputs(spec, inputs)
         already = store.committed_shard_ids()
         todo_ids = set(store.uncommitted(range(len(plans)), verify=verify))
         corrupt = len(todo_ids & already)
@@ -255,7 +238,11 @@ def run_job(
 
         def commit(outcome: ShardOutcome) -> None:
             lease.check()  # a driver whose lease was taken over commits nothing more
-            store.commit_shard(ShardEntry.model_validate(outcome.entry))
+            # The worker checksummed the bytes as it wrote them, and every reader
+            # checks what it reads against the entry: reading the shard back here
+            # would only cap the job at the driver's read bandwidth (resume --verify
+            # is the full check).
+            store.commit_shard(ShardEntry.model_validate(outcome.entry), verify=False)
             progress.shard_done(outcome.tokens)
 
         driving = time.perf_counter()
@@ -277,7 +264,7 @@ def run_job(
         job_hash=spec.content_hash(),
         prompts=len(kept),
         rejected=rejected,
-        truncated=truncated,
+        truncated=sum(o.truncated for o in outcomes),
         shards_total=len(plans),
         shards_run=len(outcomes),
         shards_reused=len(plans) - len(todo),

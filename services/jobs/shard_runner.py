@@ -19,28 +19,32 @@ from typing import TYPE_CHECKING, Any
 from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.job_kind import ComputedShard
-from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.jobs.planning import PromptSlice, ShardPlan
 
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
 
     from circuitscan.pipelines.batching import TokenBatch
     from circuitscan.schemas.store import ShardEntry
+    from circuitscan.services.jobs.prompt_sources import PromptSet
     from circuitscan.services.store import FeatureStore
 
 
 @dataclass
 class ShardResult:
-    """A written shard: its manifest entry (JSON form) and the real tokens it holds."""
+    """A written shard: its manifest entry (JSON form), the real tokens it holds, and how many
+    of its prompts were cut to the token cap."""
 
     entry: dict[str, Any]
     tokens: int
+    truncated: int = 0
 
 
 class ShardRunner:
     """One job's shard computation in a worker: the model, the store handle, the token cap."""
 
     _store: FeatureStore | None = None
+    _prompts: PromptSet | None = None
 
     def __init__(self, spec: JobSpec, model: HookedSAETransformer) -> None:
         self.spec = spec
@@ -53,11 +57,23 @@ class ShardRunner:
         """The kind's work on one shard (``context``: the job's reference prompts, if any)."""
         raise NotImplementedError
 
+    def records_of(self, prompts: list[PromptRecord] | PromptSlice) -> list[PromptRecord]:
+        """The records of a shard sent as its source ranges, built here from the job's spec."""
+        from circuitscan.services.jobs.prompt_sources import open_prompts, slice_records
+        from circuitscan.services.model_loading import load_tokenizer
+
+        if not isinstance(prompts, PromptSlice):
+            return list(prompts)
+        if self._prompts is None:  # kept: a generator keeps its place between shards
+            spec = self.spec
+            self._prompts = open_prompts(spec.prompts, lambda: load_tokenizer(spec.model))
+        return slice_records(self._prompts, prompts)
+
     def run_shard(
         self,
         store_url: str,
         plan: ShardPlan,
-        records: list[PromptRecord],
+        prompts: list[PromptRecord] | PromptSlice,
         context: list[PromptRecord] | None = None,
     ) -> ShardResult:
         from circuitscan.services.store.results import write_shard_outputs
@@ -66,6 +82,7 @@ class ShardRunner:
         committed = already_committed(store, plan.shard_id)
         if committed is not None:  # a retry of a shard that made it: nothing to redo
             return ShardResult(committed.model_dump(mode="json"), committed.n_tokens)
+        records = self.records_of(prompts)
         computed = self.compute(plan, records, context)
         entry = store.write_shard(
             plan.shard_id, records, computed.token_lists, computed.site_caches, computed.pairs
@@ -76,6 +93,18 @@ class ShardRunner:
         return ShardResult(
             entry=entry.model_dump(mode="json"),
             tokens=sum(len(tokens) for tokens in computed.token_lists),
+            truncated=self._truncated(records, computed.token_lists),
+        )
+
+    def _truncated(self, records: list[PromptRecord], token_lists: list[list[int]]) -> int:
+        """Prompts cut to the cap: only one that fills the cap exactly can have been cut."""
+        if self.spec.overlong == "reject":  # the driver dropped every over-long prompt
+            return 0
+        full = [r for r, ids in zip(records, token_lists, strict=True) if len(ids) == self.cap]
+        return sum(
+            1
+            for r in full
+            if self.model.to_tokens(r.text, prepend_bos=True, truncate=False).shape[1] > self.cap
         )
 
     def _open(self, url: str) -> FeatureStore:

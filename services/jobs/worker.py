@@ -20,7 +20,7 @@ from circuitscan.schemas.errors import CircuitscanError
 from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.kinds import job_kind
-from circuitscan.services.jobs.planning import ShardPlan
+from circuitscan.services.jobs.planning import PromptSlice, ShardPlan
 from circuitscan.services.jobs.shard_runner import ShardRunner
 from circuitscan.services.model_loading import load_model
 from circuitscan.services.sae_loading import load_sae
@@ -49,6 +49,7 @@ class ShardOutcome(BaseModel):
     shard_id: int = Field(description="Shard index.")
     entry: dict[str, Any] = Field(description="The store's manifest entry (JSON form).")
     tokens: int = Field(description="Real tokens processed (padding excluded).")
+    truncated: int = Field(default=0, description="Prompts cut to the token cap.")
     compute_seconds: float = Field(description="Wall time of compute + write in the worker.")
     node_id: str = Field(description="Ray node that ran the shard.")
     pid: int = Field(description="Worker process id.")
@@ -124,31 +125,36 @@ class ShardWorker:
         self,
         store_url: str,
         plan: ShardPlan,
-        records: list[PromptRecord],
+        prompts: list[PromptRecord] | PromptSlice,
         context: list[PromptRecord] | None = None,
         spec_json: str | None = None,
     ) -> ShardOutcome:
-        """Compute and write one shard; ``context`` is job-wide data some kinds need."""
+        """Compute and write one shard (its records, or their source ranges to build them from);
+        ``context`` is job-wide data some kinds need."""
         start = time.perf_counter()
-        result = self._runner(spec_json).run_shard(store_url, plan, records, context)
+        result = self._runner(spec_json).run_shard(store_url, plan, prompts, context)
         return ShardOutcome(
             shard_id=plan.shard_id,
             entry=result.entry,
             tokens=result.tokens,
+            truncated=result.truncated,
             compute_seconds=time.perf_counter() - start,
             node_id=self.info.node_id,
             pid=self.info.pid,
         )
 
     def verify_nodes(
-        self, records: list[PromptRecord], nodes: list[str], spec_json: str | None = None
+        self,
+        records: list[PromptRecord] | PromptSlice,
+        nodes: list[str],
+        spec_json: str | None = None,
     ) -> Any:
         """Exact patching of ``nodes`` on ``records``: per-node sum, sum of |Δm| and count."""
         runner = self._runner(spec_json)
         verify = getattr(runner, "verify_nodes", None)
         if verify is None:
             raise ValueError(f"job kind {type(runner).__name__} has no node verification")
-        return verify(records, nodes)
+        return verify(runner.records_of(records), nodes)
 
     def ablate_features(
         self,
@@ -166,7 +172,7 @@ class ShardWorker:
 
     def certify_nodes(
         self,
-        records: list[PromptRecord],
+        records: list[PromptRecord] | PromptSlice,
         nodes: list[str],
         union_size: int,
         spec_json: str | None = None,
@@ -176,4 +182,4 @@ class ShardWorker:
         certify = getattr(runner, "certify_nodes", None)
         if certify is None:
             raise ValueError(f"job kind {type(runner).__name__} has no certification")
-        return certify(records, nodes, union_size)
+        return certify(runner.records_of(records), nodes, union_size)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -312,9 +312,9 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
         return []
 
     def context(
-        self, params: AblationScanParams, kept: list[PromptRecord]
+        self, params: AblationScanParams, kept: Sequence[PromptRecord]
     ) -> list[PromptRecord] | None:
-        return None if params.mode == "zero" else kept[: params.reference_prompts]
+        return None if params.mode == "zero" else list(kept[: params.reference_prompts])
 
     def merge(
         self, params: AblationScanParams, partials: Iterable[AblationPartial], ctx: MergeContext

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -209,9 +209,9 @@ class SpliceEvalKind(JobKind[SpliceEvalParams, SpliceEvalJobResult]):
         return SpliceEvalRunner(spec, model, saes)
 
     def context(
-        self, params: SpliceEvalParams, kept: list[PromptRecord]
+        self, params: SpliceEvalParams, kept: Sequence[PromptRecord]
     ) -> list[PromptRecord] | None:
-        return kept[: params.reference_prompts]
+        return list(kept[: params.reference_prompts])
 
     def merge(
         self, params: SpliceEvalParams, partials: Iterable[SplicePartial], ctx: MergeContext

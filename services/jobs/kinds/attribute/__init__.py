@@ -161,7 +161,7 @@ def certify_rest(
     union = len(rest) * len(kept)
     plans = plan_shards(len(kept), ctx.spec.shard_size)
     parts: list[CertifySumsPartial] = ctx.fan_out(
-        "certify_nodes", [(kept[p.start : p.stop], rest, union) for p in plans]
+        "certify_nodes", [(ctx.shard_prompts(p.start, p.stop), rest, union) for p in plans]
     )
     import torch
 
@@ -332,7 +332,9 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
             ctx.say(f"verifying the top {len(nodes)} nodes by exact patching")
             kept = ctx.kept
             plans = plan_shards(len(kept), ctx.spec.shard_size)
-            parts = ctx.fan_out("verify_nodes", [(kept[p.start : p.stop], nodes) for p in plans])
+            parts = ctx.fan_out(
+                "verify_nodes", [(ctx.shard_prompts(p.start, p.stop), nodes) for p in plans]
+            )
             # Each pass returns every node asked for (count 0 where none existed).
             exact = merge_node_sums(parts)
             stored = None
