@@ -16,10 +16,20 @@ feature (20 examples, 8 tokens of context, decoded) and features-at queries
 of a random (prompt, position) (top 32 by attribution). ``--think-ms`` adds a
 pause between a client's requests (0: back to back, the hardest case).
 
+Then feature pages: a second store of ``--page-tokens`` tokens (≥ 1M by
+default; same synthetic data, with stored feature directions of random
+unit-free values so the logit effects and reading heads are read as for a
+real store) on the same server; after a warm-up of ``--page-warmup`` pages,
+``--pages`` feature pages of random live features are fetched one at a time
+(``GET …/features/{f}/page``: statistics, histogram, 10 top examples and 6
+sampled weaker ones with per-token values and decoded tokens, logit effects,
+reading heads, metric pushes), each timed end to end.
+
 Prints per-query-kind latency percentiles; the last line is one JSON object:
 api_p50_ms, api_p99_ms (over all queries in the timed window), api_rps
 (completed queries per second), api_errors (non-200 answers and transport
-errors, warm-up included).
+errors, warm-up included), feature_page_p50_ms, feature_page_p99_ms and
+feature_page_tokens (the page store's size).
 """
 
 from __future__ import annotations
@@ -52,8 +62,13 @@ PROMPT_LEN = 32
 SHARD_SIZE = 128
 
 
-def build_store(path: Path, n_tokens: int) -> tuple[int, list[int]]:
-    """Write the synthetic store; returns (prompts, live feature ids)."""
+def build_store(path: Path, n_tokens: int, *, one_draw: bool = False) -> tuple[int, list[int]]:
+    """Write the synthetic store; returns (prompts, live feature ids).
+
+    ``one_draw``: draw the per-token features once and give each shard its
+    tokens in a fresh random order (as bench/store.py does), so that a store
+    of a million tokens builds in about a minute.
+    """
     layout = StoreLayout(
         sites=[SiteLayout(label=SITE, hook_name="blocks.15.hook_resid_post", d_sae=D_SAE)],
         shard_size=SHARD_SIZE,
@@ -66,10 +81,14 @@ def build_store(path: Path, n_tokens: int) -> tuple[int, list[int]]:
     log_popularity = np.log(1.0 / np.arange(1, len(live) + 1) ** 0.8)
     tokens_per_shard = SHARD_SIZE * PROMPT_LEN
     n_shards = -(-n_tokens // tokens_per_shard)
+    pattern = None
     for shard_id in range(n_shards):
-        # Gumbel top-k: PER_TOKEN distinct features per token, drawn by popularity.
-        scores = log_popularity - np.log(-np.log(rng.random((tokens_per_shard, len(live)))))
-        chosen = np.sort(live[np.argpartition(-scores, PER_TOKEN, axis=1)[:, :PER_TOKEN]], axis=1)
+        if pattern is None or not one_draw:
+            # Gumbel top-k: PER_TOKEN distinct features per token, drawn by popularity.
+            scores = log_popularity - np.log(-np.log(rng.random((tokens_per_shard, len(live)))))
+            top = np.argpartition(-scores, PER_TOKEN, axis=1)[:, :PER_TOKEN]
+            pattern = np.sort(live[top], axis=1)
+        chosen = pattern[rng.permutation(tokens_per_shard)] if one_draw else pattern
         n = chosen.size
         cache = SiteCache(
             token_index=torch.arange(tokens_per_shard).repeat_interleave(PER_TOKEN),
@@ -88,6 +107,42 @@ def build_store(path: Path, n_tokens: int) -> tuple[int, list[int]]:
     return store.n_prompts(), [int(f) for f in live]
 
 
+def add_directions(path: Path, k: int = 10, heads: int = 5) -> None:
+    """Stored feature directions for the synthetic site (random values; read like real ones)."""
+    from circuitscan.services.store.feature_directions import write_directions
+
+    rng = np.random.default_rng(1)
+    values = -np.sort(-rng.normal(0, 1, (D_SAE, k)).astype(np.float32), axis=1)
+    arrays = {
+        "top_ids": rng.integers(1, 49000, (D_SAE, k)).astype(np.int32),
+        "top_values": np.abs(values),
+        "bottom_ids": rng.integers(1, 49000, (D_SAE, k)).astype(np.int32),
+        "bottom_values": -np.abs(values),
+        "head_layers": rng.integers(16, 30, (D_SAE, heads)).astype(np.int32),
+        "head_indices": rng.integers(0, 9, (D_SAE, heads)).astype(np.int32),
+        "head_gains": np.abs(values[:, :heads]),
+    }
+    write_directions(FeatureStore.open(str(path)), SITE, arrays)
+
+
+def time_pages(url: str, live: list[int], n_pages: int, warmup: int) -> tuple[list[float], int]:
+    """Latencies (ms) of ``n_pages`` feature pages fetched one at a time, and errors."""
+    rng = random.Random(7)
+    errors = 0
+    latencies = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for i in range(warmup + n_pages):
+            target = f"/api/stores/pages/sites/{SITE}/features/{rng.choice(live)}/page"
+            sent = time.perf_counter()
+            response = client.get(target)
+            elapsed = (time.perf_counter() - sent) * 1e3
+            ok = response.status_code == 200 and bool(response.json()["top"])
+            errors += 0 if ok else 1
+            if i >= warmup and ok:
+                latencies.append(elapsed)
+    return latencies, errors
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -103,7 +158,7 @@ def start_server(root: Path, log, workers: int) -> tuple[subprocess.Popen, str]:
     # timeout takes the server (and its worker processes) with it.
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a loaded machine imports slowly
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError("the API server exited during startup")
@@ -227,6 +282,11 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="uvicorn worker processes."
     )
+    parser.add_argument(
+        "--page-tokens", type=int, default=1 << 20, help="Tokens in the feature-page store."
+    )
+    parser.add_argument("--pages", type=int, default=300, help="Timed feature pages.")
+    parser.add_argument("--page-warmup", type=int, default=40, help="Untimed feature pages.")
     args = parser.parse_args()
     # The server process inherits these: it must never try to reach a model hub.
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -242,6 +302,16 @@ def main() -> None:
             f"store: {store.n_tokens()} tokens, {n_prompts} prompts, "
             f"{len(store.committed_shard_ids())} shards, d_sae {D_SAE}, {PER_TOKEN} features/token "
             f"(built in {time.perf_counter() - started:.1f}s)",
+            flush=True,
+        )
+        started = time.perf_counter()
+        build_store(root / "pages", args.page_tokens, one_draw=True)
+        add_directions(root / "pages")
+        pages_store = FeatureStore.open(str(root / "pages"))
+        page_tokens = pages_store.n_tokens()
+        print(
+            f"page store: {page_tokens} tokens in {len(pages_store.committed_shard_ids())} "
+            f"shards (built in {time.perf_counter() - started:.1f}s)",
             flush=True,
         )
         process, url = start_server(root, log, args.workers)
@@ -260,6 +330,7 @@ def main() -> None:
                     url, args.clients, args.seconds, args.warmup, args.think_ms, n_prompts, live
                 )
             )
+            pages, page_errors = time_pages(url, live, args.pages, args.page_warmup)
         finally:
             stop_server(process)
 
@@ -276,11 +347,20 @@ def main() -> None:
             f"max {max(values, default=float('nan')):7.2f} ms"
         )
     print(f"  errors: {errors}")
+    print(
+        f"  feature_page  n={len(pages):6d}  p50 {_pct(pages, 50):7.2f} ms  "
+        f"p90 {_pct(pages, 90):7.2f} ms  p99 {_pct(pages, 99):7.2f} ms  "
+        f"max {max(pages, default=float('nan')):7.2f} ms  ({page_tokens} tokens, one at a time, "
+        f"{page_errors} errors)"
+    )
     result = {
         "api_p50_ms": round(_pct(every, 50), 2),
         "api_p99_ms": round(_pct(every, 99), 2),
         "api_rps": round(len(every) / window, 1),
-        "api_errors": errors,
+        "api_errors": errors + page_errors,
+        "feature_page_p50_ms": round(_pct(pages, 50), 2),
+        "feature_page_p99_ms": round(_pct(pages, 99), 2),
+        "feature_page_tokens": page_tokens,
     }
     print(json.dumps(result))
 
