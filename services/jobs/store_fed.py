@@ -14,7 +14,6 @@ patching on actors that load the model (only when ``verify_top_k`` asks).
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from typing import Any
 import ray
 
 from circuitscan.schemas.job_results import AttributionJobResult
-from circuitscan.schemas.jobs import AttributeParams, JobSpec, StoreSource
+from circuitscan.schemas.jobs import AttributeParams, JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import ShardEntry, StoreLayout
 from circuitscan.services.jobs.job_kind import MergeContext, committed_partials
@@ -31,9 +30,9 @@ from circuitscan.services.jobs.kinds.attribute import attribution_result, certif
 from circuitscan.services.jobs.kinds.attribute.from_store import (
     StorePlan,
     StoreSumsPartial,
-    check_store_source,
+    estimate_shard,
     merge_store_sums,
-    shard_sums,
+    open_source,
 )
 from circuitscan.services.jobs.kinds.attribute.worker import merge_node_sums
 from circuitscan.services.jobs.planning import plan_shards
@@ -48,57 +47,8 @@ from circuitscan.services.jobs.ray_pool import (
 )
 from circuitscan.services.jobs.spec_checks import JobError, check_named_positions
 from circuitscan.services.store import FeatureStore, StoreError
-from circuitscan.services.store.errors import StoreNotFoundError
 from circuitscan.services.store.lease import StoreLease
-from circuitscan.services.store.results import (
-    delete_job_result,
-    write_job_result,
-    write_shard_outputs,
-)
-
-
-def open_source(spec: JobSpec) -> tuple[FeatureStore, StorePlan]:
-    """The cache a store-fed job reads and what it reads of it (JobError before any work)."""
-    if not isinstance(spec.prompts, StoreSource):
-        raise TypeError("not a store-fed job")
-    if not isinstance(spec.job, AttributeParams):
-        raise JobError(
-            f"store prompts feed attribute jobs (AtP from cached values); a {spec.job.kind} "
-            f"job needs a prompt source (text, jsonl, dataset, ioi, template)"
-        )
-    try:
-        source = FeatureStore.open(spec.prompts.url)
-    except StoreNotFoundError as exc:
-        raise JobError(f"prompts: no cache store at {spec.prompts.url}") from exc
-    except StoreError as exc:
-        raise JobError(str(exc)) from exc
-    return source, check_store_source(spec, source)
-
-
-def estimate_shard(spec_json: str, shard_id: int) -> dict[str, Any]:
-    """One cache shard → its node sums, written as that shard of the job's store (a Ray task)."""
-    spec = JobSpec.model_validate_json(spec_json)
-    started = time.perf_counter()
-    out = FeatureStore.open(spec.store)
-    committed = out.committed_entry(shard_id)
-    if committed is not None:  # a retry of a task whose shard made it
-        return {"entry": committed.model_dump(mode="json"), "tokens": committed.n_tokens}
-    source, plan = open_source(spec)
-    assert isinstance(spec.job, AttributeParams)
-    partial = shard_sums(source, shard_id, spec.job, plan)
-    records = source.prompt_records(shard_id)
-    prompts = source.prompt_shard(shard_id)
-    offsets = prompts.prompt_offsets
-    tokens = [prompts.token_ids[a:b].tolist() for a, b in itertools.pairwise(offsets)]
-    entry = out.write_shard(shard_id, records, tokens, {})
-    arrays, documents = partial.to_outputs()
-    entry = write_shard_outputs(out, entry, arrays=arrays, documents=documents)
-    return {
-        "entry": entry.model_dump(mode="json"),
-        "tokens": entry.n_tokens,
-        "node_id": ray.get_runtime_context().get_node_id(),
-        "seconds": time.perf_counter() - started,
-    }
+from circuitscan.services.store.results import delete_job_result, write_job_result
 
 
 def _estimates(
@@ -109,6 +59,8 @@ def _estimates(
     The tasks reserve no CPU: pooled actors (``keep_actors``) may hold every
     CPU of the cluster while idle, and the limit here bounds the tasks instead.
     """
+    # The task's function lives in from_store.py, whose imports stay light (no torch,
+    # no model code): a fresh task worker imports only what it reads with.
     task = ray.remote(estimate_shard).options(  # type: ignore[attr-defined]
         num_cpus=0, max_retries=spec.execution.max_retries, scheduling_strategy="SPREAD"
     )

@@ -17,7 +17,9 @@ them (``n_nodes`` equals the model-run job's).
 
 from __future__ import annotations
 
+import itertools
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -300,3 +302,58 @@ def _all_nodes(plan: StorePlan, labels: list[str]) -> Iterable[str]:
                 yield from (f"feature:{site}:{i}@{label}" for i in range(d_sae))
             if "sae_error" in plan.kinds:
                 yield f"sae_error:{site}@{label}"
+
+
+# --- the estimate task and the source it reads ---------------------------------------
+
+
+def open_source(spec: JobSpec) -> tuple[FeatureStore, StorePlan]:
+    """The cache a store-fed job reads and what it reads of it (JobError before any work)."""
+    if not isinstance(spec.prompts, StoreSource):
+        raise TypeError("not a store-fed job")
+    if not isinstance(spec.job, AttributeParams):
+        raise JobError(
+            f"store prompts feed attribute jobs (AtP from cached values); a {spec.job.kind} "
+            f"job needs a prompt source (text, jsonl, dataset, ioi, template)"
+        )
+    from circuitscan.services.store import FeatureStore, StoreError
+    from circuitscan.services.store.errors import StoreNotFoundError
+
+    try:
+        source = FeatureStore.open(spec.prompts.url)
+    except StoreNotFoundError as exc:
+        raise JobError(f"prompts: no cache store at {spec.prompts.url}") from exc
+    except StoreError as exc:
+        raise JobError(str(exc)) from exc
+    return source, check_store_source(spec, source)
+
+
+def estimate_shard(spec_json: str, shard_id: int) -> dict[str, Any]:
+    """One cache shard → its node sums, written as that shard of the job's store (a Ray task)."""
+    import ray
+
+    from circuitscan.services.store import FeatureStore
+    from circuitscan.services.store.results import write_shard_outputs
+
+    spec = JobSpec.model_validate_json(spec_json)
+    started = time.perf_counter()
+    out = FeatureStore.open(spec.store)
+    committed = out.committed_entry(shard_id)
+    if committed is not None:  # a retry of a task whose shard made it
+        return {"entry": committed.model_dump(mode="json"), "tokens": committed.n_tokens}
+    source, plan = open_source(spec)
+    assert isinstance(spec.job, AttributeParams)
+    partial = shard_sums(source, shard_id, spec.job, plan)
+    records = source.prompt_records(shard_id)
+    prompts = source.prompt_shard(shard_id)
+    offsets = prompts.prompt_offsets
+    tokens = [prompts.token_ids[a:b].tolist() for a, b in itertools.pairwise(offsets)]
+    entry = out.write_shard(shard_id, records, tokens, {})
+    arrays, documents = partial.to_outputs()
+    entry = write_shard_outputs(out, entry, arrays=arrays, documents=documents)
+    return {
+        "entry": entry.model_dump(mode="json"),
+        "tokens": entry.n_tokens,
+        "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
+        "seconds": time.perf_counter() - started,
+    }
