@@ -1,0 +1,358 @@
+"""Scale benchmark: what a shard costs as a store and a prompt set grow (no model).
+
+    .venv/bin/python bench/scale.py [--quick]
+
+Figures (real stores on local disk; an S3 server for the request counts):
+
+- per_shard_overhead_ms_1k_shards / _100k_shards: a shard's bookkeeping
+  around the model in a store with that many committed manifest entries:
+  the worker's committed check (its own entry), ``write_shard`` of a
+  one-prompt shard and the driver's ``commit_shard`` (manifest in memory),
+  median over appended shards. Target: the second ≤ 1.2 × the first.
+- driver_rss_mb_1m_prompts / driver_startup_s_1m_prompts: a fresh process
+  plans a job over a generated source of 1,000,000 prompts (open the source,
+  check and digest it, apply the token cap, cut 15,625 shards and name each
+  shard's source ranges, everything the driver does before the first shard
+  but start Ray): its peak RSS and the time that took. Targets ≤ 1,000 MB, ≤ 30 s.
+- s3_requests_per_shard_16 / _64: HTTP requests per shard (worker check,
+  write, driver commit, index flushes) of 16- and 64-shard stores of 64-prompt
+  shards of the default layout on a moto S3 server, counted by a proxy in
+  front of it. Target: equal within 5 %.
+- index_flush_ms_131k_features: one flush of the merged index of a
+  131,072-feature site after 16 commits (whatever the index writer does today).
+- driver_commits_per_s: the driver's commits of 64-prompt shards of the
+  default layout (two sites of 2,304 features, gradients), written by a
+  worker beforehand, on local disk. Target ≥ 200.
+- objects_per_shard: objects one such shard leaves in the store (its data
+  plus its manifest entry). Target ≤ 8.
+
+``--quick`` uses 10,000 committed entries instead of 100,000 (the figure
+keeps its name and says so in ``large_store_shards``); ``--s3-shards A B``
+measures the two S3 figures at other store sizes (said in ``s3_shards_16`` /
+``s3_shards_64``), ``--no-s3`` skips them. Ends with one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS_PER_SHARD = 64
+TOKENS_PER_PROMPT = 17  # IOI-like
+K = 32  # active features a token (the default SAEs' TopK)
+
+
+def _median_ms(samples: list[float]) -> float:
+    return round(statistics.median(samples) * 1000, 3)
+
+
+# --- per-shard bookkeeping -------------------------------------------------------------
+
+
+def _entries_store(url: str, n: int) -> None:
+    """A prompts-only store of ``n`` committed one-prompt shards (entries written directly:
+    the bookkeeping reads entries, never the copies' data)."""
+    from circuitscan.services.store.manifest import entry_bytes, manifest_key
+    from circuitscan.testing.many_shards import PROMPT, TOKEN_IDS, commit_many_shards
+
+    store = commit_many_shards(url, 1)
+    first = store.committed_entries()[0]
+    for shard_id in range(1, n):
+        entry = first.model_copy(update={"shard_id": shard_id, "prompt_start": shard_id})
+        store.location.write_bytes(manifest_key(shard_id), entry_bytes(entry))
+    del PROMPT, TOKEN_IDS
+
+
+def per_shard_overhead_ms(url: str, n: int, shards: int) -> float:
+    from circuitscan.services.jobs.shard_runner import already_committed
+    from circuitscan.services.store import FeatureStore
+    from circuitscan.testing.many_shards import PROMPT, TOKEN_IDS
+
+    worker = FeatureStore.open(url)
+    driver = FeatureStore.open(url)
+    assert len(driver.committed_shard_ids()) == n  # read once, at the driver's start
+    samples = []
+    for shard_id in range(n, n + shards):
+        start = time.perf_counter()
+        assert already_committed(worker, shard_id) is None
+        entry = worker.write_shard(shard_id, [PROMPT], [TOKEN_IDS], {})
+        assert driver.commit_shard(entry, verify=False)
+        samples.append(time.perf_counter() - start)
+    return _median_ms(samples)
+
+
+# --- driver planning of a million prompts ---------------------------------------------------
+
+
+def plan_million(n: int) -> None:
+    """(In a fresh process.) Plan a job over ``n`` generated prompts as the driver does."""
+    from circuitscan.schemas.jobs import JobSpec
+    from circuitscan.services.jobs.planning import plan_shards
+    from circuitscan.services.jobs.prompt_plan import check_kept, check_source, select
+    from circuitscan.services.jobs.prompt_sources import open_prompts
+
+    spec = JobSpec.model_validate(
+        {
+            "saes": [{"source": "default/L15.resid_post"}],
+            "prompts": {
+                "kind": "template",
+                "templates": ["When {A} and {B} went to the {P}, {B} gave a {O} to"],
+                "fillers": {
+                    "A": [" Mary", " John", " Anna", " Kate"],
+                    "B": [" Tom", " Paul", " Sam"],
+                    "P": [" store", " park", " school"],
+                    "O": [" ring", " book", " drink"],
+                },
+                "answer": "{A}",
+                "wrong": "{B}",
+                "distinct": [["A", "B"]],
+                "n": n,
+            },
+            "job": {"kind": "cache"},
+            "store": "memory://plan",
+        }
+    )
+    import psutil
+
+    before = psutil.Process().memory_info().rss / 2**20
+    start = time.perf_counter()
+    prompts = open_prompts(spec.prompts, lambda: None)
+    check_source(spec, prompts)
+    kept, _ = select(spec, prompts, 2048, lambda: None)
+    check_kept(spec, kept, lambda _line: None)
+    plans = plan_shards(len(kept), spec.shard_size)
+    sizes = sum(kept.ranges(p.start, p.stop).size for p in plans)  # what drive() ships
+    assert sizes == n
+    seconds = time.perf_counter() - start
+    # ru_maxrss: this process's peak (it started fresh; the tokenizer the checks load is in it)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {"seconds": seconds, "rss_mb": peak, "rss_before_mb": before, "shards": len(plans)}
+        )
+    )
+
+
+def _planned(n: int) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--plan", str(n)], capture_output=True, text=True, check=True
+    ).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+# --- 64-prompt shards of the default layout --------------------------------------------------
+
+
+def default_layout(d_sae: int = 2304, sites: int = 2) -> Any:
+    from circuitscan.schemas.store import SiteLayout, StoreLayout
+
+    labels = ["L15.resid_post", "L15.z"][:sites]
+    hooks = ["blocks.15.hook_resid_post", "blocks.15.attn.hook_z"]
+    return StoreLayout(
+        sites=[
+            SiteLayout(label=label, hook_name=hook, d_sae=d_sae)
+            for label, hook in zip(labels, hooks, strict=False)
+        ],
+        gradients=True,
+        top_k_per_token=K,
+        shard_size=PROMPTS_PER_SHARD,
+        job_hash="scale-bench",
+    )
+
+
+def synthetic_shard(
+    seed: int, d_sae: int, labels: list[str]
+) -> tuple[list[Any], list[list[int]], dict[str, Any]]:
+    """64 prompts of 17 tokens, K features a token at every site (random ids, float values)."""
+    import torch
+
+    from circuitscan.pipelines.site_cache import SiteCache
+    from circuitscan.schemas.prompts import PromptRecord
+
+    rng = np.random.default_rng(seed)
+    prompts = [PromptRecord(text=f"prompt {seed}/{i}") for i in range(PROMPTS_PER_SHARD)]
+    tokens = [rng.integers(0, 49152, TOKENS_PER_PROMPT).tolist() for _ in prompts]
+    n_tokens = PROMPTS_PER_SHARD * TOKENS_PER_PROMPT
+    caches = {}
+    for label in labels:
+        features = np.sort(
+            np.stack([rng.choice(d_sae, K, replace=False) for _ in range(n_tokens)]), axis=1
+        )
+        caches[label] = SiteCache(
+            token_index=torch.arange(n_tokens).repeat_interleave(K),
+            feature_ids=torch.from_numpy(features.reshape(-1)),
+            activations=torch.from_numpy(rng.exponential(1.0, n_tokens * K).astype(np.float32)),
+            gradients=torch.from_numpy(rng.normal(0, 0.1, n_tokens * K).astype(np.float32)),
+            error_norm=torch.rand(n_tokens),
+            dropped_mass=torch.zeros(n_tokens),
+            n_tokens=n_tokens,
+            d_sae=d_sae,
+        )
+    return prompts, tokens, caches
+
+
+def written_store(url: str, n_shards: int, d_sae: int = 2304) -> tuple[Any, list[Any]]:
+    """A store with ``n_shards`` written (not committed) default-layout shards: shard 0 written
+    by ``write_shard``, the others byte copies of it under their own prefixes."""
+    from circuitscan.services.store import FeatureStore
+    from circuitscan.services.store.shard_io import shard_prefix
+
+    layout = default_layout(d_sae)
+    store = FeatureStore.create(url, layout, overwrite=True)
+    prompts, tokens, caches = synthetic_shard(0, d_sae, [s.label for s in layout.sites])
+    first = store.write_shard(0, prompts, tokens, caches)
+    template = store.location.read_prefix(shard_prefix(0))
+    relative = {key.removeprefix(shard_prefix(0)): data for key, data in template.items()}
+    entries = [first]
+    for shard_id in range(1, n_shards):
+        prefix = shard_prefix(shard_id)
+        store.location.write_many({prefix + key: data for key, data in relative.items()})
+        start = shard_id * PROMPTS_PER_SHARD
+        entries.append(first.model_copy(update={"shard_id": shard_id, "prompt_start": start}))
+    return store, entries
+
+
+def driver_commits_per_s(root: Path, n_shards: int) -> float:
+    from circuitscan.services.store import FeatureStore
+
+    store, entries = written_store(str(root / "commits"), n_shards)
+    driver = FeatureStore.open(store.url)
+    driver.committed_shard_ids()
+    start = time.perf_counter()
+    for entry in entries:
+        assert driver.commit_shard(entry, verify=False)  # as run_job commits
+    driver.flush_index()
+    return n_shards / (time.perf_counter() - start)
+
+
+def objects_per_shard(root: Path) -> int:
+    from circuitscan.services.store.shard_io import shard_prefix
+
+    store, entries = written_store(str(root / "objects"), 1)
+    store.commit_shard(entries[0])
+    return len(store.location.read_prefix(shard_prefix(0))) + 1  # + its manifest entry
+
+
+def index_flush_ms(root: Path, d_sae: int = 131_072, commits: int = 16) -> float:
+    from circuitscan.services.store import FeatureStore
+
+    store, entries = written_store(str(root / "wide"), commits, d_sae=d_sae)
+    driver = FeatureStore.open(store.url)
+    driver.index_flush_every = 10**9  # flush once, by hand
+    for entry in entries:
+        driver.commit_shard(entry, verify=False)
+    start = time.perf_counter()
+    driver.flush_index()
+    return round((time.perf_counter() - start) * 1000, 1)
+
+
+# --- S3 requests ----------------------------------------------------------------------------
+
+
+def s3_requests_per_shard(n_shards: int) -> float | None:
+    """Requests per shard of a job's shard tail on moto S3 (None when moto is not installed)."""
+    sys.path.insert(0, str(REPO / "tests" / "integration"))
+    try:
+        from s3_counting import counted_s3
+    except ImportError:
+        return None
+    from circuitscan.services.jobs.shard_runner import already_committed
+    from circuitscan.services.store import FeatureStore
+
+    layout = default_layout()
+    with counted_s3() as (bucket, counter):
+        url = f"s3://{bucket}/scale-{n_shards}"
+        FeatureStore.create(url, layout)
+        driver = FeatureStore.open(url)
+        driver.committed_shard_ids()
+        worker = FeatureStore.open(url)
+        shard = synthetic_shard(1, 2304, [s.label for s in layout.sites])
+        counter.reset()
+        for shard_id in range(n_shards):
+            assert already_committed(worker, shard_id) is None
+            entry = worker.write_shard(shard_id, *shard)
+            driver.commit_shard(entry, verify=False)
+        driver.flush_index()
+        return round(counter.total() / n_shards, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="10k committed entries, not 100k.")
+    parser.add_argument("--plan", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--commits", type=int, default=400, help="Shards the driver commits.")
+    parser.add_argument(
+        "--s3-shards",
+        type=int,
+        nargs=2,
+        default=[16, 64],
+        help="Store sizes of the S3 request counts (slow on a loaded machine: ~1 s a shard or more).",
+    )
+    parser.add_argument("--no-s3", action="store_true", help="Skip the S3 request counts.")
+    args = parser.parse_args()
+    if args.plan:
+        plan_million(args.plan)
+        return
+    large = 10_000 if args.quick else 100_000
+    figures: dict[str, Any] = {"large_store_shards": large}
+    with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
+        root = Path(tmp)
+        for n, key in ((1000, "1k"), (large, "100k")):
+            start = time.perf_counter()
+            _entries_store(str(root / f"n{n}"), n)
+            built = time.perf_counter() - start
+            ms = per_shard_overhead_ms(str(root / f"n{n}"), n, 64)
+            figures[f"per_shard_overhead_ms_{key}_shards"] = ms
+            print(f"{n:>7,} committed entries (built in {built:.0f} s): {ms:.2f} ms a shard")
+        ratio = (
+            figures["per_shard_overhead_ms_100k_shards"]
+            / figures["per_shard_overhead_ms_1k_shards"]
+        )
+        figures["per_shard_overhead_ratio"] = round(ratio, 3)
+
+        small_plan = _planned(1_000)
+        figures["driver_rss_mb_1k_prompts"] = round(small_plan["rss_mb"], 1)
+        figures["driver_startup_s_1k_prompts"] = round(small_plan["seconds"], 2)
+        planned = _planned(1_000_000)
+        figures["driver_rss_mb_1m_prompts"] = round(planned["rss_mb"], 1)
+        figures["driver_startup_s_1m_prompts"] = round(planned["seconds"], 2)
+        figures["driver_rss_mb_before_planning"] = round(planned["rss_before_mb"], 1)
+        print(
+            f"1,000 prompts planned in {small_plan['seconds']:.1f} s, peak RSS "
+            f"{small_plan['rss_mb']:.0f} MB"
+        )
+        print(
+            f"1,000,000 prompts planned into {planned['shards']:,} shards in "
+            f"{planned['seconds']:.1f} s, peak RSS {planned['rss_mb']:.0f} MB "
+            f"({planned['rss_before_mb']:.0f} MB before planning)"
+        )
+
+        rate = driver_commits_per_s(root, args.commits)
+        figures["driver_commits_per_s"] = round(rate, 1)
+        print(f"driver commits: {rate:.0f} shards/s (64-prompt shards, default layout)")
+        figures["objects_per_shard"] = objects_per_shard(root)
+        print(f"objects per shard: {figures['objects_per_shard']}")
+        figures["index_flush_ms_131k_features"] = index_flush_ms(root)
+        print(f"index flush, 131,072 features: {figures['index_flush_ms_131k_features']} ms")
+    for key, n in zip((16, 64), args.s3_shards, strict=True):
+        per = None if args.no_s3 else s3_requests_per_shard(n)
+        figures[f"s3_requests_per_shard_{key}"] = per
+        figures[f"s3_shards_{key}"] = n
+        print(f"S3 requests per shard, {n} shards: {per}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
