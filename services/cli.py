@@ -106,6 +106,40 @@ def resume(
     typer.echo(summary.render())
 
 
+@app.command()
+def verify(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    skip_shard_data: bool = typer.Option(
+        False, help="Do not read the shards' bytes back (on object storage: a download)."
+    ),
+) -> None:
+    """Check every object of a store against its checksums (read-only); exit 3 on damage."""
+    from circuitscan.services.store.integrity import verify_store
+
+    with reported_errors():
+        report = verify_store(store, shard_data=not skip_shard_data)
+    for line in report.render():
+        typer.echo(line, err=not report.ok)
+    if not report.ok:
+        raise typer.Exit(3)
+
+
+@app.command()
+def repair(
+    store: str = typer.Argument(..., help="Store path or URL of a job (finished or not)."),
+    address: str | None = typer.Option(None, help="Ray cluster address (to recompute shards)."),
+) -> None:
+    """Repair what `verify` finds: rebuild the index, recompute damaged shards and results."""
+    from circuitscan.services.jobs.repair import repair_store
+
+    with reported_errors():
+        report = repair_store(store, address=address, echo=typer.echo)
+    for line in report.render():
+        typer.echo(line, err=not report.ok)
+    if not report.ok:
+        raise typer.Exit(3)
+
+
 def _job_client(address: str):
     from ray.job_submission import JobSubmissionClient
 

@@ -89,6 +89,7 @@ def _at_least(least: int, **counts: int) -> None:
 
 
 def _overview(store: Any) -> str:
+    store.manifest.raise_if_damaged()  # the counts below would be silently short
     layout = store.layout
     spec = layout.job_spec or {}
     rows = [

@@ -48,6 +48,26 @@ class StoreSummary(BaseModel):
     shards_committed: int = Field(description="Committed (visible) shards.")
     n_prompts: int = Field(description="One past the highest committed prompt index.")
     n_tokens: int = Field(description="Tokens stored over all committed shards.")
+    damaged_shards: list[int] = Field(
+        default_factory=list,
+        description="Shards whose manifest entry is damaged (`circuitscan repair` recomputes them).",
+    )
+
+
+class DamagedStore(BaseModel):
+    """A store under the root that cannot be opened: its layout document is damaged."""
+
+    model_config = _STRICT
+    name: str = Field(description="Store name (its folder under the store root).")
+    reason: str = Field(description="What is damaged, naming the object.")
+
+
+class StorePage(Page[StoreSummary]):
+    """One page of the store listing; stores of the page that cannot be opened are apart."""
+
+    damaged: list[DamagedStore] = Field(
+        default_factory=list, description="Stores of this page that cannot be opened, and why."
+    )
 
 
 class StoreInfo(BaseModel):

@@ -14,11 +14,13 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Path, Query, Request
 
+from circuitscan.schemas.errors import StoreCorruptionError
 from circuitscan.schemas.rankings import AttributionRanking
 from circuitscan.schemas.store import FeatureSummary
 from circuitscan.services.api.auth import require_reader
 from circuitscan.services.api.errors import ERROR_RESPONSES, ApiError
 from circuitscan.services.api.models import (
+    DamagedStore,
     FeatureExamples,
     FeaturesAt,
     Page,
@@ -26,6 +28,7 @@ from circuitscan.services.api.models import (
     PromptFeatures,
     PromptSummary,
     StoreInfo,
+    StorePage,
     StoreSummary,
     SummaryOrder,
 )
@@ -80,6 +83,7 @@ def _summary(name: str, store: FeatureStore) -> StoreSummary:
         shards_committed=len(store.committed_shard_ids()),
         n_prompts=store.n_prompts(),
         n_tokens=store.n_tokens(),
+        damaged_shards=sorted(store.manifest.damaged()),
     )
 
 
@@ -95,20 +99,23 @@ def stores_router(settings: ApiSettings) -> APIRouter:
     Limit = Annotated[int, Query(description=f"Page size (1..{max_page}).", ge=1, le=max_page)]
     default_limit = min(50, max_page)
 
-    @router.get("", response_model=Page[StoreSummary], summary="List stores")
+    @router.get("", response_model=StorePage, summary="List stores")
     async def list_stores(
         request: Request, offset: Offset = 0, limit: Limit = default_limit
-    ) -> Page[StoreSummary]:
+    ) -> StorePage:
         registry = _registry(request)
         names = registry.names()
         items = []
+        damaged = []
         for name in names[offset : offset + limit]:
             try:
                 with registry.reading(name) as entry:
                     items.append(_summary(name, entry.store))
             except ApiError:
                 continue  # removed or replaced between listing and opening
-        return Page[StoreSummary](items=items, offset=offset, limit=limit, total=len(names))
+            except StoreCorruptionError as exc:  # one damaged store never hides the others
+                damaged.append(DamagedStore(name=name, reason=str(exc)))
+        return StorePage(items=items, damaged=damaged, offset=offset, limit=limit, total=len(names))
 
     @router.get("/{store}", response_model=StoreInfo, summary="Store metadata")
     async def store_info(request: Request, store: StoreName) -> StoreInfo:
@@ -116,6 +123,7 @@ def stores_router(settings: ApiSettings) -> APIRouter:
         decode = await registry.decoder(store)
         with registry.reading(store) as entry:
             data = entry.store
+            data.manifest.raise_if_damaged()  # its shard list would be silently short
             return StoreInfo(
                 name=store,
                 layout=data.layout,
