@@ -59,10 +59,22 @@ SCRIPTS = {
         import json
         print(json.dumps({"shard_check_growth_ratio": 2.0, "shard_check_ms_1k": 0.1}))
     """,
+    "scale.py": """
+        import json
+        print(json.dumps({"per_shard_overhead_ratio": 1.1, "driver_rss_mb_1m_prompts": 560,
+                          "driver_startup_s_1m_prompts": 12, "driver_commits_per_s": 90,
+                          "objects_per_shard": 70, "index_flush_ms_131k_features": 150}))
+    """,
     "cached_attribution.py": """
         import json
         print(json.dumps({"cached_atp_vs_model_atp_speedup": 60.0,
                           "paired_cache_vs_cache_ratio": 0.5, "cached_atp_max_abs_diff": 1e-4}))
+    """,
+    # Meets one target, misses the other.
+    "reliability.py": """
+        import json
+        print(json.dumps({"corruptions_tried": 28, "corruptions_detected": 28,
+                          "silent_wrong_answers": 0, "bad_inputs_with_traceback": 1}))
     """,
     "_helper.py": """
         import pathlib, sys
@@ -119,7 +131,9 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
         "crash",
         "cli_startup",
         "shard_overhead",
+        "scale",
         "cached_attribution",
+        "reliability",
     }
     assert not (bench_dir / "_helper.ran").exists()
     status = {name: run["status"] for name, run in benches.items()}
@@ -131,7 +145,9 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
         "crash": "failed",
         "cli_startup": "ok",
         "shard_overhead": "ok",
+        "scale": "ok",
         "cached_attribution": "ok",
+        "reliability": "ok",
     }
     assert benches["crash"]["returncode"] == 3
     assert benches["store"]["result"]["bytes_per_pair"] == 5.1
@@ -154,8 +170,13 @@ def test_run_all_collects_json_renders_table_and_survives_failures(tmp_path: Pat
     assert ("scaling.py", "two_vs_one_actor_speedup") in rows
     assert rows["cli_startup.py", "cli_query_seconds"]["status"] == "pass"
     assert rows["shard_overhead.py", "shard_check_growth_ratio"]["status"] == "short"
+    assert rows["scale.py", "driver_rss_mb_1m_prompts"]["status"] == "pass"
+    assert rows["scale.py", "driver_commits_per_s"]["status"] == "short"
     assert rows["cached_attribution.py", "cached_atp_vs_model_atp_speedup"]["status"] == "pass"
     assert rows["cached_attribution.py", "paired_cache_vs_cache_ratio"]["status"] == "short"
+
+    assert rows["reliability.py", "silent_wrong_answers"]["status"] == "pass"
+    assert rows["reliability.py", "bad_inputs_with_traceback"]["status"] == "short"
 
     table = (bench_dir / "RESULTS.md").read_text(encoding="utf-8")
     assert "| figure | value | target | status | script | device |" in table
