@@ -89,6 +89,8 @@ TARGETS: tuple[Target, ...] = (
     Target("api", "feature_page_p99_ms", "<=", 100),
     Target("shard_overhead", "shard_check_growth_ratio", "<=", 1.5),
     Target("cli_startup", "cli_query_seconds", "<=", 2),
+    Target("reliability", "silent_wrong_answers", "==", 0),
+    Target("reliability", "bad_inputs_with_traceback", "==", 0),
     Target("cached_attribution", "cached_atp_vs_model_atp_speedup", ">=", 50),
     Target("cached_attribution", "paired_cache_vs_cache_ratio", ">=", 0.6),
 )
