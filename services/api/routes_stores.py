@@ -18,7 +18,7 @@ from circuitscan.schemas.errors import StoreCorruptionError
 from circuitscan.schemas.rankings import AttributionRanking
 from circuitscan.schemas.store import FeatureSummary
 from circuitscan.services.api.auth import require_reader
-from circuitscan.services.api.errors import ERROR_RESPONSES, ApiError
+from circuitscan.services.api.errors import ERROR_RESPONSES, ApiError, public_message
 from circuitscan.services.api.models import (
     DamagedStore,
     FeatureExamples,
@@ -114,7 +114,8 @@ def stores_router(settings: ApiSettings) -> APIRouter:
             except ApiError:
                 continue  # removed or replaced between listing and opening
             except StoreCorruptionError as exc:  # one damaged store never hides the others
-                damaged.append(DamagedStore(name=name, reason=str(exc)))
+                reason = public_message(str(exc), request)
+                damaged.append(DamagedStore(name=name, reason=reason))
         return StorePage(items=items, damaged=damaged, offset=offset, limit=limit, total=len(names))
 
     @router.get("/{store}", response_model=StoreInfo, summary="Store metadata")
