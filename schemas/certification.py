@@ -12,6 +12,7 @@ the result itself (``assumptions``).
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -93,3 +94,69 @@ class CertificationResult(BaseModel):
         if not self.bounded:
             return f"no bound at {level}: some unverified node was sampled too rarely"
         return f"no unverified node exceeds {self.theta:.4g} ({level})"
+
+    def summary_line(self) -> str:
+        """The claim with what it cost and which node came closest."""
+        return (
+            f"{self.statement()} — {self.n_nodes} unverified nodes, {self.forward_passes} "
+            f"subset passes (p = {self.p:g}); closest: {self.closest_node}"
+        )
+
+
+StopRule = Literal["bound", "budget", "exhausted"]
+
+
+class AutoVerification(BaseModel):
+    """``verify_top_k: auto``: how many nodes were verified, and what ended it.
+
+    Nodes are verified in estimate order, ``top_k`` at a time; after each round
+    the rest are certified. It stops when θ falls below the smallest exact
+    mean |Δm| in the verified top-K (``bound``: then no unverified node can
+    belong to the true top-K, at the stated confidence), when ``budget`` nodes
+    are verified (``budget``), or when every node is (``exhausted``). Each
+    round's bound is taken at δ / rounds (a union bound over the rounds), so
+    the claim holds at ``confidence`` whichever round ends it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
+
+    top_k: int = Field(ge=1, description="K: the top nodes made complete.")
+    budget: int = Field(ge=1, description="Most nodes verified.")
+    verified: int = Field(ge=0, description="Nodes verified by exact patching, in all rounds.")
+    rounds: int = Field(ge=1, description="Rounds of verification + certification run.")
+    max_rounds: int = Field(ge=1, description="Rounds the budget allows (the union bound's R).")
+    stopped_by: StopRule = Field(
+        description="bound: θ fell below the smallest verified top-K effect; budget: the "
+        "budget was spent first; exhausted: every node was verified."
+    )
+    smallest_top_effect: float = Field(
+        ge=0, description="The K-th largest exact mean |Δm| among the verified nodes."
+    )
+    theta: float | None = Field(
+        default=None, ge=0, description="The last round's bound (None: nothing left to bound)."
+    )
+    confidence: float = Field(gt=0, lt=1, description="Confidence of the claim over all rounds.")
+    forward_passes: int = Field(
+        ge=0, description="Patched passes over the prompt set: one per verified node and subset."
+    )
+
+    @property
+    def complete(self) -> bool:
+        return self.stopped_by != "budget"
+
+    def statement(self) -> str:
+        """``top-20 complete at 95 %: …`` or why it is not."""
+        level = f"{100 * self.confidence:g} %"
+        head = f"top-{self.top_k}"
+        if self.stopped_by == "exhausted":
+            return f"{head} exact: every node verified ({self.verified})"
+        bound = "∞" if self.theta is None else f"{self.theta:.4g}"
+        if self.stopped_by == "bound":
+            return (
+                f"{head} complete at {level}: no unverified node exceeds {bound} < "
+                f"{self.smallest_top_effect:.4g} after verifying {self.verified}"
+            )
+        return (
+            f"{head} not shown complete: budget of {self.budget} verified spent with θ = "
+            f"{bound} ≥ {self.smallest_top_effect:.4g}"
+        )

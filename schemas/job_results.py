@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from circuitscan.schemas.analyses import SpliceEvalRow
 from circuitscan.schemas.breakdown import PerPromptArray
-from circuitscan.schemas.certification import CertificationResult
+from circuitscan.schemas.certification import AutoVerification, CertificationResult
 from circuitscan.schemas.targeted_scan import TargetedScan
 
 _STRICT = ConfigDict(frozen=True, extra="forbid")
@@ -84,6 +84,11 @@ class AttributionJobResult(BaseModel):
         description="Bound θ on the mean |effect| of every scored node not verified (the "
         "job's certify setting); None when not asked for.",
     )
+    auto_verification: AutoVerification | None = Field(
+        default=None,
+        description="verify_top_k: auto: how many nodes were verified and what ended it "
+        "(the bound, the budget, or every node verified); None otherwise.",
+    )
     per_prompt_exact: PerPromptArray | None = Field(
         default=None,
         description="Per-prompt exact Δm of every verified node ([prompt, verified node] "
@@ -95,6 +100,17 @@ class AttributionJobResult(BaseModel):
     def certified(self) -> str | None:
         """The certification in words (``no unverified node exceeds θ (95 %)``), if any."""
         return None if self.certification is None else self.certification.statement()
+
+    @property
+    def certificate(self) -> str | None:
+        """The certification with its cost and the node that came closest, if any."""
+        return None if self.certification is None else self.certification.summary_line()
+
+    @property
+    def verified_complete(self) -> str | None:
+        """verify_top_k: auto in words (``top-20 complete at 95 %: …``), if it ran."""
+        auto = self.auto_verification
+        return None if auto is None else auto.statement()
 
     def rank_score(self, effect: NodeEffect) -> float:
         """The key ``top`` is sorted by, as a mean over all prompts (0 where the node is absent)."""

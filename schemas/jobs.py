@@ -202,6 +202,27 @@ class CertifyParams(BaseModel):
         default=0.25, gt=0, lt=1, description="Probability that a subset includes each node."
     )
     seed: int = Field(default=0, description="Seed of the subset draws.")
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        description="verify_top_k: auto: the top-K to make complete (default 20): verify in "
+        "estimate order until θ is below the smallest exact |effect| in the verified top-K.",
+    )
+    budget: int | None = Field(
+        default=None,
+        ge=1,
+        description="verify_top_k: auto: the most nodes verified (default 5 × top_k).",
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_auto(self, handler: Any) -> Any:
+        # Certify settings without the auto fields dump (and hash) as before they existed.
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in ("top_k", "budget"):
+                if data.get(name) is None:
+                    data.pop(name, None)
+        return data
 
 
 class AttributeParams(BaseModel):
@@ -210,7 +231,11 @@ class AttributeParams(BaseModel):
     model_config = _STRICT
     needs_saes: ClassVar[bool] = False  # only its SAE node kinds need SAEs (checked below)
     kind: Literal["attribute"] = Field(description="Job kind.")
-    method: Literal["atp", "atpstar"] = Field(default="atpstar", description="Estimator.")
+    method: Literal["atp", "atpstar", "atp2", "atpstar2"] = Field(
+        default="atpstar",
+        description="Estimator: atp, atpstar (QK fix + GradDrop), or either with the "
+        "second-order (Hessian-vector product) term: atp2, atpstar2.",
+    )
     # Kept as written (the spec hash covers it, so older specs keep resuming their stores);
     # code reads the kind names through ``node_kinds``.
     nodes: list[NodeKindSpelling] = Field(
@@ -222,8 +247,10 @@ class AttributeParams(BaseModel):
         default="all",
         description="Positions to score: all, last, or named positions (IOI: IO, S1, S2, END).",
     )
-    verify_top_k: int = Field(
-        default=0, ge=0, description="Verify this many top nodes by exact patching (0: off)."
+    verify_top_k: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        default=0,
+        description="Verify this many top nodes by exact patching (0: off), or auto: verify "
+        "in estimate order until certify's bound shows the top-K complete (needs certify).",
     )
     top_nodes: int = Field(
         default=50, ge=1, description="How many top nodes (by mean |effect|) the job result keeps."
@@ -249,10 +276,22 @@ class AttributeParams(BaseModel):
 
     @model_validator(mode="after")
     def _certify_after_verification(self) -> AttributeParams:
+        if self.verify_top_k == "auto":
+            if self.certify is None:
+                raise ValueError(
+                    "verify_top_k: auto stops when certify's bound shows the top-K complete, "
+                    "so it needs certify: {samples: S}"
+                )
+            top_k, budget = self.certify.top_k or 20, self.certify.budget
+            if budget is not None and budget < top_k:
+                raise ValueError(f"certify.budget ({budget}) is below certify.top_k ({top_k})")
+            return self
         if self.certify is not None and self.verify_top_k < 1:
             raise ValueError(
                 "certify bounds the nodes left unverified, so it needs verify_top_k ≥ 1"
             )
+        if self.certify is not None and (self.certify.top_k or self.certify.budget):
+            raise ValueError("certify.top_k and certify.budget apply to verify_top_k: auto only")
         return self
 
     @model_serializer(mode="wrap")

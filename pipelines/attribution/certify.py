@@ -56,6 +56,7 @@ from circuitscan.pipelines.attribution.patching import (
     _record_key,
     _sources,
     _unchanged,
+    exact_patch,
     patch_edits,
 )
 from circuitscan.pipelines.attribution.positions import (
@@ -65,9 +66,12 @@ from circuitscan.pipelines.attribution.positions import (
 )
 from circuitscan.pipelines.attribution.recording import Recorder, build_hooks
 from circuitscan.pipelines.attribution.subset_stats import (
+    auto_schedule,
+    auto_stop,
     certification_result,
     certification_sums,
     draw_subsets,
+    smallest_top_effect,
 )
 from circuitscan.pipelines.attribution.suffix import (
     cache_residuals,
@@ -76,7 +80,7 @@ from circuitscan.pipelines.attribution.suffix import (
 )
 from circuitscan.pipelines.metrics import read_positions
 from circuitscan.schemas.attribution import Node, PatchMode
-from circuitscan.schemas.certification import CertificationResult
+from circuitscan.schemas.certification import AutoVerification, CertificationResult
 from circuitscan.schemas.metrics import MetricSpec
 
 
@@ -260,3 +264,78 @@ def certify(
         nodes, sums, samples=samples, p=p, confidence=confidence, seed=seed, mode=mode,
         n_prompts=int(clean_tokens.shape[0]),
     )  # fmt: skip
+
+
+def verify_until_certified(
+    model: HookedSAETransformer,
+    saes: SaeMap | None,
+    clean_tokens: Int[torch.Tensor, "batch seq"],
+    lengths: Int[torch.Tensor, " batch"],
+    metric: MetricSpec,
+    answer: Answers,
+    wrong: Answers,
+    ranked: Sequence[Node],
+    *,
+    top_k: int,
+    samples: int,
+    budget: int | None = None,
+    p: float = 0.25,
+    confidence: float = 0.95,
+    seed: int = 0,
+    corrupt_tokens: Int[torch.Tensor, "batch corrupt_seq"] | None = None,
+    corrupt_lengths: Int[torch.Tensor, " batch"] | None = None,
+    named_positions: Sequence[Mapping[str, int]] | None = None,
+    position_map: Int[torch.Tensor, "batch seq"] | None = None,
+    batch_size: int = 64,
+) -> tuple[Float[torch.Tensor, "batch n_verified"], CertificationResult | None, AutoVerification]:
+    """``verify_top_k: auto``: verify ``ranked`` (estimate order) ``top_k`` at a time until
+    the bound on the rest is below the smallest exact mean |Δm| in the verified top-K.
+
+    Returns (exact Δm of the verified nodes [prompts, verified], the last round's
+    certification, what ended it). Each round certifies the unverified nodes
+    (ordered by name, as a job does) at δ / R for the R rounds the budget allows,
+    with the union over every (node, prompt) pair, as a job cut into shards does.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise AttributionInputError(f"confidence must be in (0, 1), got {confidence}")
+    schedule = auto_schedule(len(ranked), top_k, budget)
+    round_confidence = 1.0 - (1.0 - confidence) / len(schedule)
+    n_prompts = int(clean_tokens.shape[0])
+    parts: list[torch.Tensor] = []
+    certification: CertificationResult | None = None
+    stop, passes, done, rounds = None, 0, 0, 0
+    for size in schedule:
+        rounds += 1
+        batch = list(ranked[done:size])
+        parts.append(exact_patch(
+            model, saes, clean_tokens, lengths, metric, answer, wrong, batch, mode="corrupt",
+            corrupt_tokens=corrupt_tokens, corrupt_lengths=corrupt_lengths,
+            named_positions=named_positions, position_map=position_map, batch_size=batch_size,
+        ))  # fmt: skip
+        passes += len(batch)
+        done = size
+        exact = torch.cat(parts, dim=1)
+        smallest = smallest_top_effect(exact.abs().nanmean(0).nan_to_num(0.0).tolist(), top_k)
+        rest = sorted(ranked[size:], key=str)
+        certification = None
+        if rest:
+            certification = certify(
+                model, saes, clean_tokens, lengths, metric, answer, wrong, rest,
+                samples=samples, p=p, confidence=round_confidence, seed=seed,
+                union_size=len(rest) * n_prompts, corrupt_tokens=corrupt_tokens,
+                corrupt_lengths=corrupt_lengths, named_positions=named_positions,
+                position_map=position_map, batch_size=batch_size,
+            )  # fmt: skip
+            passes += certification.forward_passes
+        theta = None if certification is None else certification.theta
+        stop = auto_stop(theta, smallest, size, len(ranked), schedule[-1])
+        if stop is not None:
+            break
+    assert stop is not None  # the last round always ends it
+    summary = AutoVerification(
+        top_k=top_k, budget=schedule[-1], verified=done, rounds=rounds,
+        max_rounds=len(schedule), stopped_by=stop,  # type: ignore[arg-type]
+        smallest_top_effect=smallest, theta=theta, confidence=confidence,
+        forward_passes=passes,
+    )  # fmt: skip
+    return torch.cat(parts, dim=1), certification, summary

@@ -231,3 +231,35 @@ def certification_result(
         binding_node=names[order[0]],
         nodes=[scored[j] for j in order],
     )
+
+
+# --- verify_top_k: auto ------------------------------------------------------------------
+
+
+def auto_schedule(n_nodes: int, top_k: int, budget: int | None) -> list[int]:
+    """Nodes verified after each round: top_k, 2·top_k, … up to the budget (default 5·top_k)
+    and the node count. Its length R is the union bound's number of rounds."""
+    if top_k < 1:
+        raise AttributionInputError(f"top_k must be at least 1, got {top_k}")
+    cap = min(n_nodes, 5 * top_k if budget is None else budget)
+    if cap < min(top_k, n_nodes):
+        raise AttributionInputError(f"the budget ({budget}) is below top_k ({top_k})")
+    sizes = [*range(top_k, cap, top_k), cap]
+    return sorted(set(sizes))
+
+
+def smallest_top_effect(exact_abs: Sequence[float], top_k: int) -> float:
+    """The K-th largest exact mean |Δm| among the verified nodes (0 with fewer than K)."""
+    ranked = sorted(exact_abs, reverse=True)
+    return ranked[top_k - 1] if len(ranked) >= top_k else 0.0
+
+
+def auto_stop(
+    theta: float | None, smallest: float, verified: int, n_nodes: int, cap: int
+) -> str | None:
+    """What ends the search after a round (None: verify the next round)."""
+    if verified >= n_nodes:
+        return "exhausted"
+    if theta is not None and theta < smallest:
+        return "bound"
+    return "budget" if verified >= cap else None

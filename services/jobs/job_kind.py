@@ -199,6 +199,11 @@ class BrowserView(BaseModel):
         description="The kind can be broken down by a prompt field (/results/breakdown?by=); "
         "the browser shows that table under this one when a field is chosen.",
     )
+    notes: list[str] = Field(
+        default_factory=list,
+        description="Payload fields holding one line of text each (e.g. a certificate), shown "
+        "under the title when present.",
+    )
 
 
 P = TypeVar("P", bound=BaseModel)

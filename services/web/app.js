@@ -192,8 +192,11 @@ async function resultTable(kind) {
   const head = el("tr", {}, ...view.columns.map((column) => el("th", { text: column.name })));
   const body = pick(result, view.rows).map((row) =>
     el("tr", {}, ...view.columns.map((column) => el("td", { text: cellText(row, column) }))));
+  // One line per note field the payload carries (a certificate such as "no unverified node exceeds θ").
+  const notes = (view.notes || []).map((path) => pick(result, path)).filter((text) => text != null)
+    .map((text) => el("p", { class: "note", text }));
   return el("div", { class: "result", "data-kind": kind }, el("h3", { text: titleText(view.title, result) }),
-            el("table", {}, el("thead", {}, head), el("tbody", {}, ...body)));
+            ...notes, el("table", {}, el("thead", {}, head), el("tbody", {}, ...body)));
 }
 
 // A result broken down by a prompt field (GET /results/breakdown?by=): one row per item, for

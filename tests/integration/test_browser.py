@@ -25,6 +25,11 @@ from api_server import D_SAE, SITES, build_store, thread_server
 from PIL import Image
 
 from circuitscan.schemas.analyses import SpliceEvalRow
+from circuitscan.schemas.certification import (
+    AutoVerification,
+    CertificationResult,
+    CertifiedNode,
+)
 from circuitscan.schemas.job_results import (
     AblationJobResult,
     AttributionJobResult,
@@ -178,6 +183,19 @@ def test_feature_browser_renders_store_content(browser_store, tmp_path, tiny_hf_
         shutil.copy(shot, Path(keep) / "browser.png")
 
 
+CERTIFICATE = CertificationResult(
+    theta=0.125, samples=40, p=0.25, confidence=0.95, delta=0.05, seed=0, mode="corrupt",
+    n_nodes=95, n_prompts=4, forward_passes=40, patched_rows=150, closest_node="k:L0:1@IO",
+    binding_node="k:L0:1@IO",
+    nodes=[CertifiedNode(node="k:L0:1@IO", estimate=0.05, estimate_abs=0.05, upper=0.125,
+                         included=11)],
+)  # fmt: skip
+AUTO = AutoVerification(
+    top_k=1, budget=5, verified=1, rounds=1, max_rounds=5, stopped_by="bound",
+    smallest_top_effect=1.5, theta=0.125, confidence=0.95, forward_passes=41,
+)  # fmt: skip
+
+
 def _results_only_store(path: Path) -> None:
     """A store as an attribute job leaves it (prompts, no SAE cache), holding every result kind."""
     layout = StoreLayout(
@@ -196,7 +214,8 @@ def _results_only_store(path: Path) -> None:
     ]
     results = [
         AttributionJobResult(
-            job_hash="r", method="atpstar", n_prompts=4, n_nodes=96, n_verified=1, top=nodes
+            job_hash="r", method="atpstar", n_prompts=4, n_nodes=96, n_verified=1, top=nodes,
+            certification=CERTIFICATE, auto_verification=AUTO,
         ),
         AblationJobResult(
             job_hash="r", site=SITE, mode="zero", n_prompts=4, n_ablations=8, baseline_mean=2.0,
@@ -243,6 +262,10 @@ def test_browser_shows_the_job_results_of_a_store_without_a_cache(browser_store,
     ):
         assert any(cells[i : i + len(expected)] == expected for i in range(len(cells))), expected
     assert "top 2 of 96 nodes, 1 verified" in dom
+    # The certificate and what ended auto verification, one line each under the title.
+    notes = [html.unescape(n) for n in re.findall(r'<p class="note">([^<]*)</p>', dom)]
+    assert notes == [CERTIFICATE.summary_line(), AUTO.statement()]
+    assert "no unverified node exceeds 0.125 (95 %)" in notes[0] and "k:L0:1@IO" in notes[0]
 
     # Attribution maps: a layer × head heatmap per kind and position, the exact one beside the
     # estimate where verified, the scatter; ablation and DFA figures; nodes link to pages.

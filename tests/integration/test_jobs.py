@@ -465,6 +465,55 @@ def test_attribute_job_certifies_the_unverified_nodes_as_the_pipeline_does(
     assert result.certified == bound.statement()
 
 
+def test_attribute_job_verifies_until_certified_as_the_pipeline_does(
+    local_ray, make_spec, direct, tmp_path
+):
+    """verify_top_k: auto through a Ray job: the same rounds, stop and bound as the pipeline."""
+    from circuitscan.pipelines.attribution.certify import verify_until_certified
+    from circuitscan.schemas.attribution import Node
+    from circuitscan.schemas.jobs import AttributeParams, CertifyParams
+    from circuitscan.services.store.results import read_result
+
+    certify = CertifyParams(samples=12, p=0.3, seed=4, top_k=2, budget=6)
+    params = AttributeParams(
+        kind="attribute", method="atpstar", nodes=["head_z"], positions=["IO", "S2", "END"],
+        verify_top_k="auto", top_nodes=100_000, certify=certify,
+    )  # fmt: skip
+    spec = make_spec(tmp_path / "auto", prompts=KIND_PROMPTS, job=params)
+    run_job(spec, keep_actors=True)
+    result = read_result(spec.store)
+    auto = result.auto_verification
+    assert auto is not None and result.n_verified == auto.verified
+    ranked = [Node.parse(e.node) for e in result.top]
+    assert all(e.verification is not None for e in result.top[: auto.verified])
+    assert all(e.verification is None for e in result.top[auto.verified :])
+
+    model, saes, records, clean, corrupt = direct
+    exact, bound, expected = verify_until_certified(
+        model, {label: loaded.sae for label, loaded in saes.items()}, clean.tokens,
+        clean.lengths, spec.metric, clean.answer, clean.wrong, ranked, top_k=2, samples=12,
+        p=0.3, seed=4, budget=6, corrupt_tokens=corrupt.tokens,
+        corrupt_lengths=corrupt.lengths, named_positions=[r.positions for r in records],
+    )  # fmt: skip
+    assert (auto.stopped_by, auto.verified, auto.rounds, auto.max_rounds) == (
+        expected.stopped_by, expected.verified, expected.rounds, expected.max_rounds,
+    )  # fmt: skip
+    assert auto.smallest_top_effect == pytest.approx(expected.smallest_top_effect, rel=1e-4)
+    assert auto.forward_passes == expected.forward_passes
+    for column, effect in enumerate(result.top[: auto.verified]):
+        assert effect.verification is not None
+        truth = exact[:, column].nanmean().item()
+        assert effect.verification.exact_mean == pytest.approx(truth, rel=1e-4, abs=1e-6)
+    if bound is None:
+        assert result.certification is None and auto.theta is None
+    else:
+        assert result.certification is not None and auto.theta is not None
+        assert auto.theta == pytest.approx(bound.theta, rel=1e-4)
+        assert result.certification.confidence == pytest.approx(bound.confidence)
+        assert result.certification.closest_node == bound.closest_node
+    assert result.verified_complete == auto.statement()
+
+
 def test_attribute_job_pairs_longer_corruptions_from_the_end(
     local_ray, make_spec, direct, tmp_path
 ):

@@ -14,8 +14,12 @@ import statistics
 import pytest
 import torch
 
-from circuitscan.pipelines.attribution import exact_patch
-from circuitscan.pipelines.attribution.certify import certify, subset_patch
+from circuitscan.pipelines.attribution import exact_patch, run_atp
+from circuitscan.pipelines.attribution.certify import (
+    certify,
+    subset_patch,
+    verify_until_certified,
+)
 from circuitscan.pipelines.attribution.errors import AttributionInputError
 from circuitscan.pipelines.attribution.subset_stats import (
     CertificationSums,
@@ -25,7 +29,7 @@ from circuitscan.pipelines.attribution.subset_stats import (
     subset_bounds,
     t_quantile_two_sided,
 )
-from circuitscan.schemas.attribution import Node
+from circuitscan.schemas.attribution import Node, NodeSelection
 from circuitscan.schemas.certification import CertificationResult
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
@@ -282,3 +286,129 @@ def test_shards_summed_equal_one_call_with_the_same_union_size():
     with pytest.raises(AttributionInputError, match="out of range for every prompt"):
         subset_patch(model, [], clean[2:], lengths[2:], METRIC, answer[2:], wrong[2:], nodes,
                      subsets, corrupt_tokens=corrupt[2:], corrupt_lengths=lengths[2:])  # fmt: skip
+
+
+def _atp_order(model, saes, selection, data):
+    """The selection's nodes by AtP's mean |estimate| over the prompts, largest first."""
+    clean, corrupt, lengths, answer, wrong = data
+    result = run_atp(model, saes, clean, corrupt, lengths, METRIC, answer, wrong, selection)
+    estimate = result.per_prompt().abs().nanmean(0).nan_to_num(0.0)
+    nodes = result.nodes()
+    order = sorted(range(len(nodes)), key=lambda i: (-float(estimate[i]), i))
+    return [nodes[i] for i in order], estimate[order]
+
+
+def test_bound_is_calibrated_over_20_seeds_with_planted_effects():
+    """Verify AtP's top 4, bound the rest: θ covers the true largest unverified effect ≥ 19/20."""
+    selection = NodeSelection(kinds=["z"], positions=[3, 5])
+    covered, ratios = 0, []  # θ / true, printed when it fails
+    model = build_tiny_model(seed=100)
+    original = [block.attn.W_O.detach().clone() for block in model.blocks]
+    for seed in range(20):
+        generator = torch.Generator().manual_seed(seed)
+        layer, head = (int(x) for x in torch.randint(0, 4, (2,), generator=generator))
+        with torch.no_grad():  # a planted head, several times stronger than the rest
+            for block, w_o in zip(model.blocks, original, strict=True):
+                block.attn.W_O.copy_(w_o)
+            model.blocks[layer % 2].attn.W_O[head] *= 3.0
+        data = _pairs(seed=200 + seed)
+        ranked, _ = _atp_order(model, [], selection, data)
+        rest = ranked[4:]
+        true_max = float(_exact(model, [], rest, data).abs().nanmean(0).max())
+        result = _run(model, [], rest, data, samples=40, p=0.25, seed=seed)
+        # An infinite θ (a node sampled too rarely) covers trivially: it does not count.
+        covered += math.isfinite(result.theta) and result.theta >= true_max
+        ratios.append(result.theta / true_max)
+    assert covered >= 19, ratios
+
+
+def _planted_last():
+    """One prompt; a head whose AtP is exactly 0 and whose exact effect is the largest.
+
+    No norms; the head's output is made orthogonal to the answer's readout (no
+    direct effect) and read only by a last MLP that squares its input, whose
+    pre-activations are 0 on the clean prompt (zero gradient there).
+    """
+    head = 2
+    model = build_tiny_model(normalization=None, seed=2)
+    data = _pairs(batch=1, seed=11)
+    clean, _, _, answer, wrong = data
+    readout = model.W_U[:, answer[0]] - model.W_U[:, wrong[0]]
+    with torch.no_grad():
+        model.blocks[1].attn.W_O.zero_()
+        model.blocks[0].mlp.W_out.zero_()
+        w_o = model.blocks[0].attn.W_O[head]
+        w_o -= torch.outer(w_o @ readout, readout) / readout.dot(readout)
+        w_o *= 4.0
+    model.blocks[1].mlp.act_fn = lambda x: 0.3 * x * x
+    _, cache = model.run_with_cache(clean, names_filter="blocks.1.hook_resid_mid")
+    with torch.no_grad():
+        model.blocks[1].mlp.b_in.copy_(
+            -(cache["blocks.1.hook_resid_mid"][0, -1] @ model.blocks[1].mlp.W_in)
+        )
+    return model, data, Node(kind="z", layer=0, index=head, position="last")
+
+
+def test_a_planted_node_ranked_last_by_atp_is_caught():
+    model, data, planted = _planted_last()
+    selection = NodeSelection(kinds=["z", "v"], layers=[0], positions=[1, 2, 3, 4, "last"])
+    ranked, estimate = _atp_order(model, [], selection, data)
+    at = ranked.index(planted)
+    assert float(estimate[at]) < 1e-9  # AtP sees nothing: tied for last
+    truth = _exact(model, [], ranked, data).abs().nanmean(0)
+    assert int(truth.argmax()) == at and float(truth[at]) > 3 * float(truth.topk(2).values[1])
+    result = _run(model, [], ranked[5:], data, samples=40, p=0.25, seed=1)
+    assert result.theta >= float(truth[at])
+    assert result.closest_node == str(planted) == result.binding_node
+
+
+def _auto(model, ranked, data, **kwargs):
+    clean, corrupt, lengths, answer, wrong = data
+    return verify_until_certified(
+        model, [], clean, lengths, METRIC, answer, wrong, ranked, corrupt_tokens=corrupt, **kwargs
+    )
+
+
+def test_auto_verification_stops_when_the_bound_shows_the_top_k_complete():
+    planted = 29
+    model, nodes = _additive_model(planted=planted)
+    with torch.no_grad():  # a second strong node, so the true top-2 stands clear of the rest
+        model.blocks[1].mlp.W_out[3] *= 10.0
+    data = _pairs()
+    truth = _exact(model, [], nodes, data).abs().mean(0)
+    order = truth.argsort(descending=True).tolist()
+    by_truth = [nodes[i] for i in order]
+    assert set(order[:2]) == {planted, 3}
+    # Estimate order with the strongest node 7th: the first three rounds cannot end it.
+    ranked = [*by_truth[1:7], by_truth[0], *by_truth[7:]]
+    exact, bound, auto = _auto(model, ranked, data, top_k=2, samples=100, p=0.3, budget=12)
+    assert auto.stopped_by == "bound", auto
+    assert auto.verified == 8 and auto.rounds == 4
+    assert auto.max_rounds == 6 and bound is not None
+    assert bound.confidence == pytest.approx(1 - 0.05 / 6)
+    assert auto.theta == bound.theta < auto.smallest_top_effect
+    assert exact.shape == (3, 8)
+    torch.testing.assert_close(exact, _exact(model, [], ranked[:8], data))
+    assert auto.smallest_top_effect == pytest.approx(float(truth[order[1]]))  # the true #2
+    assert auto.forward_passes == 8 + 4 * 100
+    assert auto.statement().startswith("top-2 complete at 95 %: no unverified node exceeds")
+
+    _, _, spent = _auto(model, ranked, data, top_k=2, samples=100, p=0.3, budget=4)
+    assert (spent.stopped_by, spent.verified, spent.complete) == ("budget", 4, False)
+    assert "not shown complete" in spent.statement()
+    _, none_left, every = _auto(model, ranked[:3], data, top_k=2, samples=10, p=0.3)
+    assert (every.stopped_by, every.verified, none_left) == ("exhausted", 3, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"top_k": 0}, "top_k must be at least 1"),
+        ({"top_k": 4, "budget": 2}, "below top_k"),
+        ({"top_k": 2, "confidence": 1.5}, "confidence must be in"),
+    ],
+)
+def test_auto_verification_refuses_bad_parameters(kwargs, message):
+    model, nodes = _additive_model()
+    with pytest.raises(AttributionInputError, match=message):
+        _auto(model, nodes, _pairs(), samples=10, **kwargs)

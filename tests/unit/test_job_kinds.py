@@ -305,6 +305,64 @@ def test_attribute_views_state_the_certified_bound():
     assert plain.certified is None
 
 
+def test_auto_verification_needs_certify_and_keeps_older_specs_hashing_alike():
+    from pydantic import ValidationError
+
+    from circuitscan.schemas.jobs import CertifyParams
+
+    with pytest.raises(ValidationError, match=r"verify_top_k: auto .* needs certify"):
+        AttributeParams(kind="attribute", verify_top_k="auto")
+    with pytest.raises(ValidationError, match=r"below certify\.top_k"):
+        AttributeParams(
+            kind="attribute", verify_top_k="auto",
+            certify=CertifyParams(samples=8, top_k=10, budget=5),
+        )  # fmt: skip
+    with pytest.raises(ValidationError, match="apply to verify_top_k: auto only"):
+        AttributeParams(kind="attribute", verify_top_k=3, certify=CertifyParams(samples=8, top_k=2))
+    with pytest.raises(ValidationError):
+        AttributeParams(kind="attribute", verify_top_k="most")  # type: ignore[arg-type]
+    auto = AttributeParams(
+        kind="attribute", method="atpstar2", verify_top_k="auto",
+        certify=CertifyParams(samples=8, top_k=5),
+    )  # fmt: skip
+    assert AttributeParams.model_validate(auto.model_dump()) == auto
+    assert auto.model_dump()["certify"] == {"samples": 8, "confidence": 0.95, "p": 0.25,
+                                            "seed": 0, "top_k": 5}  # fmt: skip
+    # Certify settings written before the auto fields dump (and hash) as they did.
+    assert set(CertifyParams(samples=8).model_dump()) == {"samples", "confidence", "p", "seed"}
+    from circuitscan.services.jobs.kinds.attribute import attribution_method
+
+    assert attribution_method(auto).name == "atpstar2"
+
+
+def test_attribute_views_state_what_ended_auto_verification():
+    from circuitscan.schemas.certification import AutoVerification
+
+    auto = AutoVerification(
+        top_k=20, budget=100, verified=40, rounds=2, max_rounds=5, stopped_by="bound",
+        smallest_top_effect=0.5, theta=0.25, confidence=0.95, forward_passes=440,
+    )  # fmt: skip
+    result = AttributionJobResult(
+        job_hash="h", method="atpstar", n_prompts=4, n_nodes=300, n_verified=40, top=[],
+        auto_verification=auto,
+    )  # fmt: skip
+    line = "top-20 complete at 95 %: no unverified node exceeds 0.25 < 0.5 after verifying 40"
+    assert result.verified_complete == line
+    assert line in job_kind("attribute").cli_view(result, 5).header
+    from circuitscan.services.api.routes_results import _page
+
+    api = job_kind("attribute").api
+    assert api is not None
+    page = _page(api.page, result, api.rows_from, api.rows_to, 0, 5).model_dump()
+    assert page["verified_complete"] == line and page["auto_verification"]["verified"] == 40
+    spent = auto.model_copy(update={"stopped_by": "budget", "theta": 0.75})
+    assert spent.statement() == (
+        "top-20 not shown complete: budget of 100 verified spent with θ = 0.75 ≥ 0.5"
+    )
+    browser = job_kind("attribute").browser
+    assert browser is not None and browser.notes == ["certificate", "verified_complete"]
+
+
 def test_ablation_merge_means_over_prompts_where_defined_outside_zero_mode():
     def part(delta: list[list[float]]) -> AblationPartial:
         return AblationPartial(

@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field
 
 from circuitscan.schemas.breakdown import Breakdown, PerPromptArray
-from circuitscan.schemas.certification import CertificationResult
+from circuitscan.schemas.certification import AutoVerification, CertificationResult
 from circuitscan.schemas.job_results import (
     CONFIRM_BAND,
     AttributionJobResult,
@@ -84,11 +84,7 @@ def status_ratio(estimate: float, exact: float) -> float | None:
 
 def certified_line(certification: CertificationResult) -> str:
     """``no unverified node exceeds θ (95 %)``, with what it cost and who came closest."""
-    return (
-        f"{certification.statement()} — {certification.n_nodes} unverified nodes, "
-        f"{certification.forward_passes} subset passes (p = {certification.p:g}); closest: "
-        f"{certification.closest_node}"
-    )
+    return certification.summary_line()
 
 
 def ranked_nodes(estimates: Means, k: int) -> list[str]:
@@ -141,9 +137,14 @@ def attribution_result(
 
 
 def certify_rest(
-    params: AttributeParams, estimates: Means, verified: set[str], ctx: MergeContext
+    params: AttributeParams,
+    estimates: Means,
+    verified: set[str],
+    ctx: MergeContext,
+    confidence: float | None = None,
 ) -> CertificationResult | None:
-    """θ over every scored node not in ``verified``, from shards run on the workers."""
+    """θ over every scored node not in ``verified``, from shards run on the workers
+    (at ``confidence``, default the spec's: auto verification splits δ over its rounds)."""
     from circuitscan.pipelines.attribution.subset_stats import (
         CertificationSums,
         certification_result,
@@ -155,13 +156,15 @@ def certify_rest(
     if not rest:
         ctx.say("certify: every scored node was verified; nothing left to bound")
         return None
+    level = certify.confidence if confidence is None else confidence
     ctx.say(f"certifying {len(rest)} unverified nodes with {certify.samples} random subsets")
     kept = ctx.kept
     # One union bound over every (node, prompt) pair of the job, so shards' bounds add up.
     union = len(rest) * len(kept)
     plans = plan_shards(len(kept), ctx.spec.shard_size)
     parts: list[CertifySumsPartial] = ctx.fan_out(
-        "certify_nodes", [(ctx.shard_prompts(p.start, p.stop), rest, union) for p in plans]
+        "certify_nodes",
+        [(ctx.shard_prompts(p.start, p.stop), rest, union, 1.0 - level) for p in plans],
     )
     import torch
 
@@ -181,7 +184,7 @@ def certify_rest(
         sums,
         samples=certify.samples,
         p=certify.p,
-        confidence=certify.confidence,
+        confidence=level,
         seed=certify.seed,
         mode="corrupt",
         n_prompts=len(kept),
@@ -245,6 +248,15 @@ class AttributionResults(ApiPage):
     certified: str | None = Field(
         default=None, description="The bound in words: no unverified node exceeds θ (95 %)."
     )
+    certificate: str | None = Field(
+        default=None, description="The bound in words with its cost and the closest node."
+    )
+    auto_verification: AutoVerification | None = Field(
+        default=None, description="verify_top_k: auto: nodes verified and what ended it."
+    )
+    verified_complete: str | None = Field(
+        default=None, description="verify_top_k: auto in words: top-K complete at 95 % or not."
+    )
     offset: int = Field(description="Rank of the first node of this page (0 = best).")
     limit: int = Field(description="Page size asked for.")
     total: int = Field(description="Top nodes the job kept.")
@@ -280,6 +292,7 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
             BrowserColumn(name="status", field="verification.status"),
         ],
         breakdown=True,
+        notes=["certificate", "verified_complete"],
     )
 
     def runner(
@@ -327,6 +340,10 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
     ) -> AttributionJobResult:
         estimates = merge_node_sums(partials)
         exact = None
+        if params.verify_top_k == "auto":
+            from circuitscan.services.jobs.kinds.attribute.auto_verify import verify_auto
+
+            return verify_auto(params, estimates, ctx)
         if params.verify_top_k:
             nodes = ranked_nodes(estimates, params.verify_top_k)
             ctx.say(f"verifying the top {len(nodes)} nodes by exact patching")
@@ -362,6 +379,8 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
         )
         if result.certification is not None:
             header += "; " + certified_line(result.certification)
+        if result.auto_verification is not None:
+            header += "; " + result.auto_verification.statement()
         return CliView(
             header=header,
             columns=[
@@ -431,6 +450,7 @@ class AttributeKind(JobKind[AttributeParams, AttributionJobResult]):
                 f"exactly (confirmed: exact / estimate within 1/{CONFIRM_BAND:g}…{CONFIRM_BAND:g}; "
                 "under- / overestimated outside it; sign_flipped: opposite sign).",
                 *([certified_line(result.certification) + "."] if result.certification else []),
+                *([result.verified_complete + "."] if result.verified_complete else []),
             ],
             tables=[
                 Table(

@@ -50,7 +50,7 @@ def node_selection(params: AttributeParams) -> NodeSelection:
 
 
 def attribution_method(params: AttributeParams) -> AttributionMethod:
-    return AttributionMethod(qk_fix=params.method == "atpstar", graddrop=params.method == "atpstar")
+    return AttributionMethod.parse(params.method)
 
 
 # --- worker → driver -------------------------------------------------------------------
@@ -255,9 +255,14 @@ class AttributeRunner(ShardRunner):
         return sums.partial()
 
     def certify_nodes(
-        self, records: list[PromptRecord], nodes: list[str], union_size: int
+        self,
+        records: list[PromptRecord],
+        nodes: list[str],
+        union_size: int,
+        delta: float | None = None,
     ) -> CertifySumsPartial:
-        """Random-subset patching of ``nodes`` on ``records``: the per-node certification sums."""
+        """Random-subset patching of ``nodes`` on ``records``: the per-node certification sums
+        (bounds at ``delta``, default 1 − the spec's confidence)."""
         import torch
 
         from circuitscan.pipelines.attribution.certify import subset_patch
@@ -299,7 +304,7 @@ class AttributeRunner(ShardRunner):
                     subsets,
                     zero,
                     undefined,
-                    1.0 - certify.confidence,
+                    1.0 - certify.confidence if delta is None else delta,
                     rows=rows,
                     union_size=union_size,
                 )
