@@ -17,11 +17,21 @@ On the default model (SmolLM2-135M-Instruct, 30 layers) with its default SAEs
   positions) over the ideal: the same suffix forward passes alone, inputs
   prepared beforehand. Target ≥ 0.9. Also prints the speed-up over a naive
   loop of one full forward pass per ablation (timed on a sample).
+- atp2_forward_equivalents / atpstar2_forward_equivalents: the same for the
+  second-order estimators (one extra backward pass through the first one's
+  graph). Target ≤ 5 for atp2.
 - verified_recall_cost_at_20_*: nodes patched exactly, in estimated order,
   until all of the true top-20 are found (the AtP* paper's cost of verified
-  recall; 20 at best).
+  recall; 20 at best); ``_best`` is the cheapest of atp, atpstar, atp2,
+  atpstar2 (target ≤ 30).
+- missed_effect_bound_heads: after verifying AtP*'s top-20 head nodes,
+  pipelines.attribution.certify patches --certify-samples random subsets
+  (inclusion probability --certify-p) of the other head nodes and bounds the
+  largest mean |Δm| any of them can have at 95 %; true_max_unverified_heads
+  is that largest mean |Δm| from the exhaustive patching (targets: bound ≥
+  true, bound ≤ 2 × true); certify_forward_passes the subsets patched.
 - recall_at_20_{heads,features}_{atp,atpstar}: recall@20 of AtP and AtP*
-  rankings against exhaustive exact patching on IOI (heads: z/q at END,
+  (and atp2, atpstar2) rankings against exhaustive exact patching on IOI (heads: z/q at END,
   k/v at IO and S1; features: every feature of both L15 SAEs at IO, S1, S2,
   END), nodes ranked by mean |effect| over 8 prompt pairs (mixed templates),
   with recall@10 and the cost of verified recall printed alongside, and the
@@ -48,7 +58,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from circuitscan.pipelines.attribution import ablation_scan, run_atp
+from circuitscan.pipelines.attribution import ablation_scan, certify, run_atp
 from circuitscan.pipelines.attribution.ablation_scan import (
     _ablation_values,
     ablation_inputs,
@@ -57,11 +67,10 @@ from circuitscan.pipelines.attribution.ablation_scan import (
 from circuitscan.pipelines.attribution.suffix import suffix_metric
 from circuitscan.pipelines.metrics import metric_per_prompt
 from circuitscan.pipelines.sae_splice import sae_decode, sae_encode
-from circuitscan.schemas.attribution import NodeSelection
+from circuitscan.schemas.attribution import AttributionMethod, NodeSelection
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.testing.evaluation import (
-    METHODS,
     RankingComparison,
     compare_rankings,
     ioi_feature_selections,
@@ -71,6 +80,7 @@ from circuitscan.testing.evaluation import (
 )
 
 METRIC = MetricSpec()
+METHODS = {name: AttributionMethod.parse(name) for name in ("atp", "atpstar", "atp2", "atpstar2")}
 ALL_NODES = NodeSelection(
     kinds=["z", "q", "k", "v", "neuron", "mlp", "feature", "sae_error"], positions="all"
 )
@@ -275,6 +285,28 @@ def pattern_mediated(
     return len(missed), len(moved)
 
 
+def missed_effect_bound(
+    model, saes, pairs, comparison: RankingComparison, *, k: int, samples: int, p: float
+) -> tuple[float, float, int, str, str]:
+    """(θ, true largest mean |Δm| of the nodes outside AtP*'s top-k, forward passes, θ's
+    statement, the node that came closest) after verifying AtP*'s top-k exactly."""
+    order = comparison.estimates["atpstar"].argsort(descending=True).tolist()
+    rest = sorted(order[k:])
+    start = time.perf_counter()
+    result = certify(
+        model, saes, pairs.clean, pairs.lengths, METRIC, pairs.answer, pairs.wrong,
+        [comparison.nodes[i] for i in rest], samples=samples, p=p, confidence=0.95,
+        corrupt_tokens=pairs.corrupt, named_positions=pairs.named_positions,
+    )  # fmt: skip
+    true_max = max(float(comparison.truth[i]) for i in rest)
+    worst = comparison.nodes[max(rest, key=lambda i: float(comparison.truth[i]))]
+    print(f"  certify after verifying AtP*'s top {k}: {result.statement()} over {len(rest)} "
+          f"nodes, {samples} subsets (p = {p}), {time.perf_counter() - start:.1f}s; true "
+          f"largest unverified {true_max:.3f} ({worst}); closest by estimate "
+          f"{result.closest_node}, binding {result.binding_node}")  # fmt: skip
+    return result.theta, true_max, result.forward_passes, result.statement(), result.closest_node
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -294,6 +326,8 @@ def main() -> None:
         action="store_true",
         help="recall only: skip the forward-equivalent and scan timings (their JSON keys are null)",
     )
+    parser.add_argument("--certify-samples", type=int, default=800)
+    parser.add_argument("--certify-p", type=float, default=0.1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -312,14 +346,15 @@ def main() -> None:
     print(f"model and SAEs loaded in {time.perf_counter() - start:.1f}s; {n_layers} layers; "
           f"SAEs at {[item.site.label for item in loaded]}")  # fmt: skip
 
-    equivalents: dict[str, float | None] = {"atp": None, "atpstar": None}
+    equivalents: dict[str, float | None] = dict.fromkeys(METHODS)
     ratio = None
     if not args.skip_timing:
         print("AtP / AtP* cost in forward passes (one prompt pair, every node):")
         timed = forward_equivalents(model, saes, args.rounds)
         equivalents.update(timed)
         print(f"  AtP {timed['atp']:.2f} (target <= 3.5), AtP* {timed['atpstar']:.2f} "
-              f"(target <= {3 + n_layers})")  # fmt: skip
+              f"(target <= {3 + n_layers}), AtP2 {timed['atp2']:.2f} (target <= 5), "
+              f"AtP*2 {timed['atpstar2']:.2f}")  # fmt: skip
 
         print("feature-ablation scan:")
         resid_site = HookSite(layer=15, point="resid_post")
@@ -328,15 +363,23 @@ def main() -> None:
 
     print(f"IOI rankings vs exhaustive exact patching ({args.recall_prompts} prompt pairs):")
     pairs = ioi_pairs(model, args.recall_prompts)
-    heads = compare_rankings(model, saes, pairs, ioi_head_selections())
+    heads = compare_rankings(model, saes, pairs, ioi_head_selections(), methods=METHODS)
     heads_frozen = explain_misses(model, saes, pairs, heads)
     report("heads", heads, heads_frozen, args.recall_subsets)
     sites = [item.site.label for item in loaded]
-    features = compare_rankings(model, saes, pairs, ioi_feature_selections(sites))
+    features = compare_rankings(model, saes, pairs, ioi_feature_selections(sites), methods=METHODS)
     report("features", features, explain_misses(model, saes, pairs, features), args.recall_subsets)
     n_missed, n_mediated = pattern_mediated(heads, heads_frozen, "atpstar")
     print(f"  AtP* misses {n_missed} of the true top-20 heads; {n_mediated} of them change their "
           "mean |Δm| by more than half when later attention patterns are frozen")  # fmt: skip
+    costs = {name: heads.cost(name, 20) for name in METHODS}
+    known = {name: cost for name, cost in costs.items() if cost is not None}
+    best = min(known, key=lambda name: known[name]) if known else None
+    print(f"  cost of verified recall of the true top-20 heads: {costs}; best {best}")
+    theta, true_max, passes, _, _ = missed_effect_bound(
+        model, saes, pairs, heads, k=20, samples=args.certify_samples, p=args.certify_p
+    )
+    print(f"  bound / true = {theta / true_max:.2f} (targets: >= 1, <= 2)")
     print(f"total {time.perf_counter() - start:.1f}s")
     print(json.dumps({
         "atp_forward_equivalents": _rounded(equivalents["atp"]),
@@ -350,6 +393,19 @@ def main() -> None:
         "verified_recall_cost_at_20_heads_atpstar": heads.cost("atpstar", 20),
         "verified_recall_cost_at_20_heads_atp": heads.cost("atp", 20),
         "verified_recall_cost_at_20_features_atpstar": features.cost("atpstar", 20),
+        "recall_at_20_heads_atp2": heads.recall("atp2", 20),
+        "recall_at_20_features_atp2": features.recall("atp2", 20),
+        "recall_at_20_heads_atpstar2": heads.recall("atpstar2", 20),
+        "atp2_forward_equivalents": _rounded(equivalents["atp2"]),
+        "atpstar2_forward_equivalents": _rounded(equivalents["atpstar2"]),
+        "verified_recall_cost_at_20_heads_best": None if best is None else known[best],
+        "verified_recall_cost_at_20_heads_atp2": costs["atp2"],
+        "verified_recall_cost_at_20_heads_atpstar2": costs["atpstar2"],
+        "missed_effect_bound_heads": _rounded(theta),
+        "true_max_unverified_heads": _rounded(true_max),
+        "certify_forward_passes": passes,
+        "missed_effect_bound_over_true": _rounded(theta / true_max),
+        "missed_effect_bound_covers": int(theta >= true_max),
         "heads_atpstar_misses": n_missed,
         "heads_atpstar_misses_pattern_mediated": n_mediated,
     }))  # fmt: skip
