@@ -396,8 +396,8 @@ def test_auto_verification_stops_when_the_bound_shows_the_top_k_complete():
     _, _, spent = _auto(model, ranked, data, top_k=2, samples=100, p=0.3, budget=4)
     assert (spent.stopped_by, spent.verified, spent.complete) == ("budget", 4, False)
     assert "not shown complete" in spent.statement()
-    _, none_left, every = _auto(model, ranked[:3], data, top_k=2, samples=10, p=0.3)
-    assert (every.stopped_by, every.verified, none_left) == ("exhausted", 3, None)
+    _, none_left, every = _auto(model, ranked[:2], data, top_k=2, samples=10, p=0.3)
+    assert (every.stopped_by, every.verified, none_left) == ("exhausted", 2, None)
 
 
 @pytest.mark.parametrize(
