@@ -175,11 +175,13 @@ class ShardWorker:
         records: list[PromptRecord] | PromptSlice,
         nodes: list[str],
         union_size: int,
+        delta: float | None = None,
         spec_json: str | None = None,
     ) -> Any:
-        """Random-subset patching of unverified ``nodes`` on ``records``: certification sums."""
+        """Random-subset patching of unverified ``nodes`` on ``records``: certification sums
+        (bounds at ``delta``; auto verification splits the spec's δ over its rounds)."""
         runner = self._runner(spec_json)
         certify = getattr(runner, "certify_nodes", None)
         if certify is None:
             raise ValueError(f"job kind {type(runner).__name__} has no certification")
-        return certify(runner.records_of(records), nodes, union_size)
+        return certify(runner.records_of(records), nodes, union_size, delta)
