@@ -103,6 +103,8 @@ TARGETS: tuple[Target, ...] = (
     Target("reliability", "bad_inputs_with_traceback", "==", 0),
     Target("cached_attribution", "cached_atp_vs_model_atp_speedup", ">=", 50),
     Target("cached_attribution", "paired_cache_vs_cache_ratio", ">=", 0.6),
+    Target("cached_attribution", "targeted_scan_ablation_fraction", "<=", 0.2),
+    Target("cached_attribution", "top_attributions_p50_ms", "<=", 20),
 )
 
 
