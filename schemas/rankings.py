@@ -3,7 +3,9 @@
 The term ranked is ``a·∂m/∂a`` of each stored (token, feature) entry (metric
 units): activation times the gradient of the job's metric. Its negative is
 the linear estimate of zero-ablating that feature at that token, so a large
-positive sum means the feature pushes the metric up over the store.
+positive sum means the feature pushes the metric up over the store. A paired
+cache also ranks features by the AtP term ``(a' − a)·∂m/∂a`` (patching in the
+corrupted prompt's activation; ``rank_by`` atp / atp_abs).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 _STRICT = ConfigDict(frozen=True, extra="forbid")
 
 RankPer = Literal["feature", "prompt", "position"]
-RankBy = Literal["sum", "abs"]
+RankBy = Literal["sum", "abs", "atp", "atp_abs"]
 
 
 class RankedAttribution(BaseModel):
@@ -39,6 +41,16 @@ class RankedAttribution(BaseModel):
     count: int | None = Field(
         description="Entries (tokens where the feature is stored) summed (per feature only)."
     )
+    atp: float | None = Field(
+        default=None,
+        description="Σ over the store's tokens of the AtP term (a' − a)·∂m/∂a (metric units; "
+        "per feature of a paired cache only).",
+    )
+    atp_abs: float | None = Field(
+        default=None,
+        description="Σ |(a' − a)·∂m/∂a| over the store's tokens (per feature of a paired "
+        "cache only).",
+    )
 
 
 class AttributionRanking(BaseModel):
@@ -51,8 +63,9 @@ class AttributionRanking(BaseModel):
         "feature's prompts (Σ over positions) or (prompt, position) entries."
     )
     rank_by: RankBy = Field(
-        description="sum: |Σ a·g| (net push); abs: Σ |a·g| (total push either way). Per "
-        "prompt and position rows are always by |value|."
+        description="sum: |Σ a·g| (net push); abs: Σ |a·g| (total push either way); atp: "
+        "|Σ (a' − a)·g|; atp_abs: Σ |(a' − a)·g| (paired caches). Per prompt and position "
+        "rows are always by |a·g|."
     )
     feature: int | None = Field(description="The feature asked about (per prompt/position).")
     n_prompts: int = Field(ge=0, description="Prompts in the store's committed shards.")
@@ -63,3 +76,11 @@ class AttributionRanking(BaseModel):
         "feature's kept prompts/positions: at most examples_per_feature).",
     )
     rows: list[RankedAttribution] = Field(description="Largest first.")
+    error_atp: float | None = Field(
+        default=None,
+        description="The site's SAE error node: Σ of its AtP term (e(x') − e(x))·∂m/∂x over "
+        "the store's tokens (paired caches only).",
+    )
+    error_atp_abs: float | None = Field(
+        default=None, description="Σ |·| of the error node's AtP term (paired caches only)."
+    )

@@ -126,10 +126,14 @@ def _top_attributions(
     )
     rows: list[tuple[Any, ...]]
     if chosen == "feature":
-        key = "|Σ a·g|" if rank_by == "sum" else "Σ |a·g|"
-        header = f"features of {site} by {key} over {ranking.n_tokens} tokens"
+        key = {"sum": "|Σ a·g|", "abs": "Σ |a·g|", "atp": "|Σ AtP|", "atp_abs": "Σ |AtP|"}
+        header = f"features of {site} by {key[rank_by]} over {ranking.n_tokens} tokens"
         headers = ["feature", "sum_attribution", "sum_abs", "entries"]
         rows = [(r.feature, r.value, r.value_abs, r.count) for r in ranking.rows]
+        if ranking.error_atp is not None:  # a paired cache: the AtP term (a' − a)·g too
+            headers += ["sum_atp", "sum_abs_atp"]
+            rows = [(*row, r.atp, r.atp_abs) for row, r in zip(rows, ranking.rows, strict=True)]
+            header += f"; error node Σ AtP {ranking.error_atp:.4g}"
     elif chosen == "position":
         header = f"feature {feature} of {site}: its (prompt, position) entries by |a·g|"
         headers = ["prompt", "position", "attribution"]
@@ -164,7 +168,9 @@ def query(
         "--feature), prompt (a feature's prompts; the default with it) or position.",
     ),
     rank_by: str = typer.Option(
-        "sum", help="top-attributions per feature: sum (|Σ a·g|) or abs (Σ |a·g|)."
+        "sum",
+        help="top-attributions per feature: sum (|Σ a·g|), abs (Σ |a·g|), or in a paired "
+        "cache atp (|Σ (a' − a)·g|) or atp_abs (Σ |(a' − a)·g|).",
     ),
 ) -> None:
     """Query a feature store: active features at a token, top examples, summaries, and

@@ -330,8 +330,11 @@ def stores_router(settings: ApiSettings) -> APIRouter:
             20, max_page
         ),
         rank_by: Annotated[
-            Literal["sum", "abs"],
-            Query(description="Per feature: sum ranks by |Σ a·g|, abs by Σ |a·g|."),
+            Literal["sum", "abs", "atp", "atp_abs"],
+            Query(
+                description="Per feature: sum ranks by |Σ a·g|, abs by Σ |a·g|; in a paired "
+                "cache atp by |Σ (a' − a)·g|, atp_abs by Σ |(a' − a)·g|."
+            ),
         ] = "sum",
     ) -> AttributionRanking:
         from circuitscan.services.store.rankings import top_attributions

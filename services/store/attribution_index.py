@@ -15,6 +15,15 @@ store without rankings until its index is rebuilt.
 Sums are float64 over the values as stored (16-bit activations and gradients
 widened to float32, multiplied in float64), so they equal a sum over the
 shards' decoded arrays, whatever order shards were committed in.
+
+A paired cache (docs/paired_caches.md) also keeps per feature Σ and Σ |·| of
+the AtP term ``(a' − a)·∂m/∂a`` of every clean token (the corrupted and clean
+entries joined per (token, feature); a feature on one side only counts there
+with 0 on the other), and Σ, Σ |·| of the error node's stored term
+``error_atp`` (``atp_*``, ``error_atp``). Each shard's contribution is rounded
+to the 2⁻²⁰ grid of ``summaries.on_grid`` before it is added, so these sums are
+exact and the same bytes in any commit order. A paired store whose index
+generation lacks them counts as an index without rankings (rebuilt by repair).
 """
 
 from __future__ import annotations
@@ -27,10 +36,22 @@ from zarr.abc.store import Store
 from circuitscan.schemas.errors import NotFoundError
 from circuitscan.services.store.encoding import INDEX_ROW_CHUNK, ArrayWrite, read_arrays
 from circuitscan.services.store.errors import StoreError
+from circuitscan.services.store.paired_io import PairedSite
 from circuitscan.services.store.shard_io import PromptShard, SiteShard
+from circuitscan.services.store.summaries import on_grid
 
 EMPTY = -1
 ATTRIBUTION_DIR = "attribution"
+ARRAYS = (
+    "total",
+    "total_abs",
+    "top_prompt",
+    "top_position",
+    "top_value",
+    "prompt_prompt",
+    "prompt_value",
+)
+PAIRED_ARRAYS = ("atp_total", "atp_total_abs", "error_atp")
 
 
 class NoAttributionIndexError(StoreError, NotFoundError):
@@ -45,10 +66,55 @@ class ShardAttribution:
     prompt: np.ndarray  # int64 [entries], global prompt index
     position: np.ndarray  # int64 [entries]
     value: np.ndarray  # float64 [entries], a·g
+    atp: ShardAtP | None = None  # paired caches only
 
 
-def shard_attribution(site: SiteShard, prompts: PromptShard, prompt_start: int) -> ShardAttribution:
-    """The a·g term of every stored entry of one site of one shard."""
+@dataclass
+class ShardAtP:
+    """One shard's AtP sums of one site of a paired cache (on the 2⁻²⁰ grid)."""
+
+    total: np.ndarray  # float64 [d_sae]: Σ over tokens of (a' − a)·g
+    total_abs: np.ndarray  # float64 [d_sae]: Σ over tokens of |(a' − a)·g|
+    error_atp: np.ndarray  # float64 [2]: Σ, Σ |·| of the error node's term over tokens
+
+
+def shard_atp(site: SiteShard, paired: PairedSite, d_sae: int) -> ShardAtP:
+    """Per feature, the AtP term of every clean token summed over the shard (and |·|).
+
+    The term of (token t, feature i) is ``a'_i·g'_i − a_i·g_i`` over t's
+    corrupted and clean entries (``g'``: the gradient at the clean prompt of
+    the corrupted entries' features), as store-fed attribution sums it.
+    """
+    assert site.gradients is not None
+    n_tokens = len(site.token_offsets) - 1
+    keys, values = [], []
+    for offsets, ids, a, g, sign in (
+        (site.token_offsets, site.feature_ids, site.activations, site.gradients, -1.0),
+        (paired.token_offsets, paired.feature_ids, paired.activations, paired.gradients, 1.0),
+    ):
+        token = np.repeat(np.arange(n_tokens, dtype=np.int64), np.diff(offsets).astype(np.int64))
+        keys.append(token * d_sae + ids.astype(np.int64))
+        values.append(sign * a.astype(np.float64) * g.astype(np.float64))
+    key, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+    per_pair = np.bincount(inverse, weights=np.concatenate(values), minlength=key.size)
+    feature = key % d_sae
+    error = paired.error_atp.astype(np.float64)
+    return ShardAtP(
+        total=on_grid(np.bincount(feature, weights=per_pair, minlength=d_sae)),
+        total_abs=on_grid(np.bincount(feature, weights=np.abs(per_pair), minlength=d_sae)),
+        error_atp=on_grid(np.array([error.sum(), np.abs(error).sum()])),
+    )
+
+
+def shard_attribution(
+    site: SiteShard,
+    prompts: PromptShard,
+    prompt_start: int,
+    paired: PairedSite | None = None,
+    d_sae: int = 0,
+) -> ShardAttribution:
+    """The a·g term of every stored entry of one site of one shard (and, with the site's
+    corrupted side, its AtP sums)."""
     if site.gradients is None:
         raise NoAttributionIndexError("this store keeps no gradients: there is no a·g to rank")
     lengths = np.diff(prompts.prompt_offsets).astype(np.int64)
@@ -62,6 +128,7 @@ def shard_attribution(site: SiteShard, prompts: PromptShard, prompt_start: int) 
         prompt=token_prompt[entry_token],
         position=token_position[entry_token],
         value=site.activations.astype(np.float64) * site.gradients.astype(np.float64),
+        atp=None if paired is None else shard_atp(site, paired, d_sae),
     )
 
 
@@ -88,9 +155,14 @@ class AttributionIndex:
     top_value: np.ndarray  # float64 [d_sae, k]
     prompt_prompt: np.ndarray  # int64 [d_sae, k]: prompts of largest |Σ_positions a·g|
     prompt_value: np.ndarray  # float64 [d_sae, k]
+    # Paired caches only (None otherwise): per feature Σ, Σ |·| of the AtP term, and the
+    # error node's Σ, Σ |·| ([2]).
+    atp_total: np.ndarray | None = None
+    atp_total_abs: np.ndarray | None = None
+    error_atp: np.ndarray | None = None
 
     @classmethod
-    def empty(cls, d_sae: int, k: int) -> AttributionIndex:
+    def empty(cls, d_sae: int, k: int, *, paired: bool = False) -> AttributionIndex:
         return cls(
             total=np.zeros(d_sae),
             total_abs=np.zeros(d_sae),
@@ -99,6 +171,9 @@ class AttributionIndex:
             top_value=np.zeros((d_sae, k)),
             prompt_prompt=np.full((d_sae, k), EMPTY, dtype=np.int64),
             prompt_value=np.zeros((d_sae, k)),
+            atp_total=np.zeros(d_sae) if paired else None,
+            atp_total_abs=np.zeros(d_sae) if paired else None,
+            error_atp=np.zeros(2) if paired else None,
         )
 
     def merge(self, shard: ShardAttribution) -> None:
@@ -106,6 +181,13 @@ class AttributionIndex:
         d_sae = self.total.shape[0]
         self.total += np.bincount(shard.feature, weights=shard.value, minlength=d_sae)
         self.total_abs += np.bincount(shard.feature, weights=np.abs(shard.value), minlength=d_sae)
+        if self.atp_total is not None:
+            if shard.atp is None:
+                raise ValueError("a paired store's attribution index needs each shard's AtP sums")
+            assert self.atp_total_abs is not None and self.error_atp is not None
+            self.atp_total += shard.atp.total
+            self.atp_total_abs += shard.atp.total_abs
+            self.error_atp += shard.atp.error_atp
         self._fold(
             "top", shard.feature, shard.prompt, shard.position, shard.value, with_position=True
         )
@@ -162,16 +244,21 @@ class AttributionIndex:
 def attribution_writes(base: str, index: AttributionIndex) -> list[ArrayWrite]:
     """The arrays of one site's attribution index under ``base`` (``index/<gen>/<site>/``)."""
     out = []
-    for name in AttributionIndex.__dataclass_fields__:
+    for name in ARRAYS + PAIRED_ARRAYS:
         data = getattr(index, name)
+        if data is None:  # not a paired store
+            continue
         chunk = (INDEX_ROW_CHUNK, *data.shape[1:])
         out.append(ArrayWrite(f"{base}{ATTRIBUTION_DIR}/{name}", data, chunk=chunk))
     return out
 
 
-def load_attribution(source: Store, keys: set[str], base: str) -> AttributionIndex | None:
-    """One site's attribution index from an index generation; None when it has none (older)."""
-    names = list(AttributionIndex.__dataclass_fields__)
+def load_attribution(
+    source: Store, keys: set[str], base: str, *, paired: bool = False
+) -> AttributionIndex | None:
+    """One site's attribution index from an index generation; None when it has none (older,
+    or a paired store's generation without the AtP sums)."""
+    names = list(ARRAYS + (PAIRED_ARRAYS if paired else ()))
     paths = [f"{base}{ATTRIBUTION_DIR}/{name}" for name in names]
     if not all(f"{path}/zarr.json" in keys for path in paths):
         return None

@@ -47,12 +47,14 @@ from circuitscan.services.store.encoding import (
 )
 from circuitscan.services.store.errors import CorruptIndexError, CorruptManifestError
 from circuitscan.services.store.manifest import ShardManifest, manifest_key
+from circuitscan.services.store.paired_io import read_paired_site
 from circuitscan.services.store.shard_io import (
     checksum,
     memory_store,
     read_prompts,
     read_site,
     read_summary,
+    shard_prefix,
 )
 from circuitscan.services.store.summaries import FeatureIndex
 
@@ -210,8 +212,10 @@ class IndexWriter:
         k = self.layout.examples_per_feature
         self._attribution = None
         if self.layout.gradients:  # rebuilt from the shards along with the index
+            paired = self.layout.pairing is not None  # also the AtP sums
             self._attribution = {
-                s.label: AttributionIndex.empty(s.d_sae, k) for s in self.layout.sites
+                s.label: AttributionIndex.empty(s.d_sae, k, paired=paired)
+                for s in self.layout.sites
             }
         return {s.label: FeatureIndex.empty(s.d_sae, k) for s in self.layout.sites}
 
@@ -284,7 +288,12 @@ class IndexWriter:
                     setattr(item, name, item.from_disk(name, stored))
             if self._attribution is not None:
                 loaded = {
-                    label: load_attribution(source, set(objects), f"{base}{label}/")
+                    label: load_attribution(
+                        source,
+                        set(objects),
+                        f"{base}{label}/",
+                        paired=self.layout.pairing is not None,
+                    )
                     for label in index
                 }
                 found = {label: item for label, item in loaded.items() if item is not None}
@@ -308,7 +317,12 @@ class IndexWriter:
             prompts = read_prompts(source, shard_id)
             for label, attribution in self._attribution.items():
                 site = read_site(source, self.layout, shard_id, label)
-                attribution.merge(shard_attribution(site, prompts, start))
+                paired = None
+                if self.layout.pairing is not None:  # the AtP sums need the corrupted side
+                    base = f"{shard_prefix(shard_id)}sites/{label}/"
+                    paired = read_paired_site(source, self.layout, base)
+                d_sae = self.layout.site(label).d_sae
+                attribution.merge(shard_attribution(site, prompts, start, paired, d_sae))
         self._indexed.add(shard_id)
 
     def flush(self) -> None:

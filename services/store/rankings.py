@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 from circuitscan.schemas.rankings import AttributionRanking, RankBy, RankedAttribution, RankPer
-from circuitscan.services.store.attribution_index import EMPTY
+from circuitscan.services.store.attribution_index import EMPTY, NoAttributionIndexError
 from circuitscan.services.store.errors import QueryRangeError
 from circuitscan.services.store.feature_store import FeatureStore
 
 RANK_PER = ("feature", "prompt", "position")
-RANK_BY = ("sum", "abs")
+RANK_BY = ("sum", "abs", "atp", "atp_abs")
 
 
 def top_attributions(
@@ -30,7 +30,8 @@ def top_attributions(
     """The ``n`` largest rows of a ranking (see :class:`AttributionRanking`).
 
     ``per="feature"``: features by |Σ a·g| (``rank_by="sum"``) or Σ |a·g|
-    (``"abs"``), ties by feature id; ``per="prompt"`` / ``"position"``: the
+    (``"abs"``), or in a paired cache by |Σ AtP| (``"atp"``) or Σ |AtP|
+    (``"atp_abs"``), ties by feature id; ``per="prompt"`` / ``"position"``: the
     prompts / entries of ``feature`` by |value|.
     """
     if per not in RANK_PER:
@@ -41,13 +42,23 @@ def top_attributions(
         raise QueryRangeError(f"n must be at least 1, got {n}")
     d_sae = store.layout.site(site).d_sae
     index = store.index.attribution(site)
+    atp, atp_abs = index.atp_total, index.atp_total_abs
+    if rank_by in ("atp", "atp_abs") and (atp is None or atp_abs is None):
+        raise NoAttributionIndexError(
+            f"store {store.url} is not a paired cache, so it has no AtP term (a' − a)·g to "
+            "rank by: cache its prompts with paired: true (or rank by sum or abs)"
+        )
     rows: list[RankedAttribution] = []
     if per == "feature":
         if feature is not None:
             raise QueryRangeError("per feature ranks every feature: leave out the feature")
         count = store.feature_index(site).count
-        key = np.abs(index.total) if rank_by == "sum" else index.total_abs
-        present = np.flatnonzero(count > 0)
+        keys = {"sum": np.abs(index.total), "abs": index.total_abs}
+        if atp is not None and atp_abs is not None:
+            keys |= {"atp": np.abs(atp), "atp_abs": atp_abs}
+        key = keys[rank_by]
+        # A feature active only on corrupted prompts has an AtP term but no clean entry.
+        present = np.flatnonzero((count > 0) | (rank_by in ("atp", "atp_abs")) & (key > 0))
         order = present[np.lexsort((present, -key[present]))]
         available = len(order)
         for f in order[:n].tolist():
@@ -59,6 +70,8 @@ def top_attributions(
                     value=float(index.total[f]),
                     value_abs=float(index.total_abs[f]),
                     count=int(count[f]),
+                    atp=None if atp is None else float(atp[f]),
+                    atp_abs=None if atp_abs is None else float(atp_abs[f]),
                 )
             )
     else:
@@ -92,4 +105,6 @@ def top_attributions(
         n_tokens=store.n_tokens(),
         available=available,
         rows=rows,
+        error_atp=None if index.error_atp is None else float(index.error_atp[0]),
+        error_atp_abs=None if index.error_atp is None else float(index.error_atp[1]),
     )

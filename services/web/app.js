@@ -113,10 +113,14 @@ async function showRankings() {
   try { ranking = await api(sitePath() + "/top-attributions?limit=10"); } catch (error) { ranking = null; }
   $("rankings-view").hidden = ranking === null;
   if (ranking === null) return;
+  // A paired cache also sums the AtP term (a' − a)·g per feature: shown beside a·g.
+  const paired = ranking.error_atp !== null && ranking.error_atp !== undefined;
+  $("rankings").querySelector("th.atp").hidden = !paired;
   const rows = ranking.rows.map((r) => {
     const row = el("tr", { "data-feature": r.feature }, el("td", { text: String(r.feature) }),
                    el("td", { text: fmt(r.value) }), el("td", { text: fmt(r.value_abs) }),
                    el("td", { text: String(r.count) }));
+    if (paired) row.append(el("td", { text: fmt(r.atp) }));
     row.addEventListener("click", () => { state.feature = String(r.feature); $("feature").value = r.feature; render(); });
     return row;
   });

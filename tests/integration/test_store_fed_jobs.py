@@ -215,3 +215,42 @@ def _layout(spec: JobSpec, *, gradients: bool):
         job_hash=spec.content_hash(),
         job_spec=spec.model_dump(mode="json"),
     )
+
+
+def test_a_paired_caches_index_ranks_by_the_atp_term(jobs):
+    """The merged index's per-feature Σ (a' − a)·g and the error node's Σ equal the
+    model-run AtP job's node sums over every position, within the storage bound."""
+    from circuitscan.services.store.rankings import top_attributions
+
+    _, cache_url, expected = jobs
+    store = FeatureStore.open(cache_url)
+    scale = _magnitudes(cache_url)
+    for site in store.layout.sites:
+        index = store.index.attribution(site.label)
+        assert index.atp_total is not None and index.error_atp is not None
+        want: dict[int, float] = {}
+        bound: dict[int, float] = {}
+        error = 0.0
+        for effect in expected.top:
+            kind, _, rest = effect.node.partition(":")
+            if kind == "feature" and rest.startswith(f"{site.label}:"):
+                feature = int(rest.split(":")[1].split("@")[0])
+                want[feature] = want.get(feature, 0.0) + effect.mean * effect.n_prompts
+                bound[feature] = bound.get(feature, 0.0) + (
+                    scale.get(effect.node, 0.0) * effect.n_prompts
+                )
+            elif effect.node.startswith(f"sae_error:{site.label}@"):
+                error += effect.mean * effect.n_prompts
+        live = [f for f, v in want.items() if abs(v) > 1e-9]
+        assert live
+        for feature in range(site.d_sae):
+            got, ref = float(index.atp_total[feature]), want.get(feature, 0.0)
+            assert _close(got, ref, bound.get(feature, 0.0) + 2.0**-20), (feature, got, ref)
+        assert _close(float(index.error_atp[0]), error, 0.0), (index.error_atp, error)
+        ranking = top_attributions(store, site.label, rank_by="atp", n=len(live))
+        got_order = [row.feature for row in ranking.rows]
+        assert {row.feature for row in ranking.rows} <= set(want)
+        assert all(row.atp is not None for row in ranking.rows)
+        keys = [abs(float(index.atp_total[f])) for f in got_order]
+        assert keys == sorted(keys, reverse=True)
+        assert ranking.error_atp == pytest.approx(float(index.error_atp[0]))

@@ -108,6 +108,10 @@ def test_the_python_api_and_its_bad_input(store_dir) -> None:
         view.top_attributions(label, feature=20)
     with pytest.raises(QueryRangeError, match="leave out the feature"):
         view.top_attributions(label, per="feature", feature=1)
+    # The AtP term needs the corrupted side: a plain cache says so (and keeps no AtP sums).
+    assert ranking.error_atp is None and all(row.atp is None for row in ranking.rows)
+    with pytest.raises(NoAttributionIndexError, match="not a paired cache"):
+        view.top_attributions(label, rank_by="atp")
 
 
 def test_stores_without_gradients_or_with_an_older_index_answer_clearly(tiny, tmp_path) -> None:
