@@ -6,7 +6,7 @@
     ├── UserInputError        the request is wrong and the message says how (also a ValueError)
     │   ├── NotFoundError     it names something that is not there (a store, a result, a prompt)
     │   └── ConflictError     it clashes with what is already there (a store of another job)
-    ├── StoreCorruptionError  stored bytes are damaged; the message names the object
+    ├── StoreCorruptionError  stored bytes are damaged; the message names the object (409)
     └── InfrastructureError   the machinery failed: a cluster out of reach, a shard that failed
 
 Every class carries the HTTP status and the CLI exit status of its branch, so
@@ -55,9 +55,15 @@ class StoreCorruptionError(CircuitscanError):
 
     Not a ValueError: the input was fine, the store is damaged. Resuming the job
     recomputes damaged shards; the message names the object.
+
+    HTTP 409 Conflict, not a 5xx: the server works and the request is valid,
+    but the stored resource is in a state it cannot be answered from (RFC 9110:
+    a conflict with the current state of the target resource, which the user
+    can resolve, here with ``circuitscan repair``, and retry). A 500 stays what
+    it says, a bug in the server.
     """
 
-    http_status = 500
+    http_status = 409
     exit_code = 3
 
 

@@ -25,9 +25,12 @@ KINDS = (
     "index pointer",
     "result document",
     "layout document",
+    "job record",
 )
-# The kinds ``circuitscan repair`` restores without the job's model.
-REPAIRED_WITHOUT_MODEL = ("index chunk", "index pointer")
+# The kinds ``circuitscan repair`` restores without the job's model (the index from
+# the shards' summaries, the layout from the job record's copy and the record from
+# the layout and the results).
+REPAIRED_WITHOUT_MODEL = ("index chunk", "index pointer", "layout document", "job record")
 
 # Objects a store holds only while a writer runs (its lease) are not content.
 _TRANSIENT = ("lease.json",)
@@ -82,7 +85,9 @@ def object_cases(root: Path, site: str, result_kind: str, scratch: Path) -> dict
     """
     from circuitscan.services.store import FeatureStore
     from circuitscan.services.store.index_writer import INDEX_POINTER
+    from circuitscan.services.store.job_record import JobRecord
     from circuitscan.services.store.results import read_result, result_bytes
+    from circuitscan.services.store.store_keys import LAYOUT_KEY, RECORD_KEY
 
     files = store_files(root)
     index = [key for key in files if key.startswith("index/") and key != INDEX_POINTER]
@@ -120,4 +125,8 @@ def object_cases(root: Path, site: str, result_kind: str, scratch: Path) -> dict
             (f"results/{result_kind}.json",),
         ),
         "layout document": ObjectCase("zarr.json", files["shards/zarr.json"], ("zarr.json",)),
+        # Another valid record: this store's, listing none of the results it holds.
+        "job record": ObjectCase(
+            RECORD_KEY, JobRecord(files[LAYOUT_KEY]).to_bytes(), (RECORD_KEY,)
+        ),
     }

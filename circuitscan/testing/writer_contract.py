@@ -25,6 +25,7 @@ from circuitscan.services.store.errors import (
     StoreLeaseHeldError,
     StoreLeaseLostError,
 )
+from circuitscan.services.store.job_record import read_record
 from circuitscan.services.store.lease import LeaseRecord, StoreLease, read_lease
 from circuitscan.services.store.results import write_job_result
 from circuitscan.services.store.store_keys import LEASE_KEY, is_store_key
@@ -178,5 +179,13 @@ class WriterContract:
         assert new.committed_shard_ids() == set()
         assert FeatureStore.open(store_url).layout.job_hash == "new"
         assert self.raw_read(store_url, "notes.txt") == b"kept"
-        # Nothing of the old store survives but the two objects any new store has.
-        assert sorted(set(after) - {LEASE_KEY}) == ["notes.txt", "shards/zarr.json", "zarr.json"]
+        # Nothing of the old store survives but the objects any new store has (its
+        # layout, its shard group and its job record, which lists no result yet).
+        assert sorted(set(after) - {LEASE_KEY}) == [
+            "job.json",
+            "notes.txt",
+            "shards/zarr.json",
+            "zarr.json",
+        ]
+        record = read_record(open_location(store_url), store_url)
+        assert record is not None and record.results == {}

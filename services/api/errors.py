@@ -2,9 +2,10 @@
 
 Errors of circuitscan's own (:mod:`circuitscan.schemas.errors`) answer with
 their branch's status: user errors a 4xx naming what is wrong (404 for
-something missing, 409 for a clash), a damaged store a 500 naming the damaged
-object, unreachable machinery a 503. Anything unexpected gets a 500 whose body
-says nothing about the server's internals. Tracebacks go to the server log
+something missing, 409 for a clash), a damaged store a 409 naming the damaged
+object (the stored state conflicts with the request; `circuitscan repair`
+resolves it), unreachable machinery a 503. Anything unexpected, and only that,
+gets a 500 whose body says nothing about the server's internals. Tracebacks go to the server log
 only, and only for the unexpected.
 """
 
@@ -119,10 +120,14 @@ ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
         (401, "Missing bearer token"),
         (403, "Token not accepted"),
         (404, "Not found"),
-        (409, "Conflicts with what the store holds"),
+        (
+            409,
+            "Conflicts with what the store holds, or the store is damaged (the error names "
+            "the damaged object; `circuitscan repair STORE` puts it right)",
+        ),
         (413, "Request body too large"),
         (422, "Invalid parameters"),
-        (500, "Internal error or a damaged store"),
+        (500, "Internal error (a bug)"),
         (503, "A backing service is unreachable"),
     )
 }

@@ -295,6 +295,7 @@ def resume_job(
     address: str | None = None,
     echo: Callable[[str], None] | None = None,
     verify: bool = False,
+    keep_actors: bool = False,
 ) -> JobSummary:
     """Finish the job recorded in a store, recomputing only uncommitted shards (and, with
     ``verify``, committed ones whose bytes fail their checksums; see :func:`run_job`)."""
@@ -306,4 +307,4 @@ def resume_job(
         raise JobError(f"{store_url} records no job spec; it cannot be resumed")
     # The store may have moved since the job started: resume where it is now.
     spec = JobSpec.model_validate(store.layout.job_spec).model_copy(update={"store": store_url})
-    return run_job(spec, address=address, echo=echo, verify=verify)
+    return run_job(spec, address=address, echo=echo, verify=verify, keep_actors=keep_actors)

@@ -4,7 +4,7 @@
 was): a store, prompt, feature or result that is not there, or a store that
 holds something else. Damage is not a StoreError: it is a
 ``StoreCorruptionError`` (``CorruptShardError``, ``CorruptManifestError``,
-``CorruptResultError``, ``CorruptIndexError``, ``CorruptLayoutError``), so code that falls back on "no such store" never
+``CorruptResultError``, ``CorruptIndexError``, ``CorruptLayoutError``, ``CorruptRecordError``), so code that falls back on "no such store" never
 mistakes a damaged one for a missing one.
 
 A module of its own with no heavy imports: every store module, the CLI and the
@@ -63,6 +63,10 @@ class CorruptIndexError(StoreCorruptionError):
 
 class CorruptLayoutError(StoreCorruptionError):
     """The layout document (``zarr.json``) is unreadable or does not match the shards."""
+
+
+class CorruptRecordError(StoreCorruptionError):
+    """The job record (``job.json``: the layout's copy, the results written) is unreadable."""
 
 
 class NotAStoreError(StoreLayoutMismatchError):

@@ -34,6 +34,7 @@ from circuitscan.services.store.errors import (
     StoreNotFoundError,
 )
 from circuitscan.services.store.index_writer import IndexWriter
+from circuitscan.services.store.job_record import record_layout
 from circuitscan.services.store.manifest import ShardManifest
 from circuitscan.services.store.paired_io import (
     PairedSite,
@@ -182,6 +183,7 @@ class FeatureStore:
             },
         )
         zarr.create_group(location.store, path="shards")
+        record_layout(location, url)  # the layout's copy: a lost zarr.json can be written back
         return cls(url, location, layout)
 
     @classmethod

@@ -53,10 +53,16 @@ def _entry_digest(document: dict[str, object]) -> str:
 
 
 def entry_bytes(entry: ShardEntry) -> bytes:
-    """The stored form of a manifest entry: its JSON and a digest of it (``entry_digest``)."""
+    """The stored form of a manifest entry: its JSON and a digest of it (``entry_digest``).
+
+    Keys are sorted: a worker lists its checksums in the order zarr finished
+    writing the chunks (concurrently, so in any order), and a recomputed shard
+    must give the same entry bytes as the first run (the digest never depended
+    on the order, so entries written unsorted still read).
+    """
     document = json.loads(entry.model_dump_json())
     document[ENTRY_DIGEST] = _entry_digest(document)
-    return json.dumps(document, separators=(",", ":")).encode()
+    return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
 
 
 def _parse_entry(raw: bytes, key: str, url: str) -> ShardEntry:

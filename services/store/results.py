@@ -11,7 +11,10 @@ one put after every shard is committed; readers trust only it, and only once
 it passes its checksum: the document carries ``circuitscan_checksum``, a
 digest of the rest of it and of the store's job hash, so an edited value, a
 truncated file or another store's result copied in is a CorruptResultError
-naming the file (a resume writes it again). Documents written before results
+naming the file (a resume writes it again). The job record (``job.json``,
+:mod:`job_record`) keeps the checksum of every result the job wrote: a result
+that is missing though the job wrote it, or an older one of the same job put
+back, is damage too, not "no result". Documents written before results
 carried checksums are read unverified.
 
 Readers for the CLI and HTTP API::
@@ -52,12 +55,20 @@ from circuitscan.schemas.store import ShardEntry
 from circuitscan.services.store.backends import list_keys, read_bytes, write_bytes
 from circuitscan.services.store.encoding import open_array, write_array
 from circuitscan.services.store.errors import (
+    CorruptRecordError,
     CorruptResultError,
     ResultNotFoundError,
     StoreError,
 )
 from circuitscan.services.store.feature_store import FeatureStore
+from circuitscan.services.store.job_record import (
+    JobRecord,
+    forget_result,
+    read_record,
+    record_result,
+)
 from circuitscan.services.store.shard_io import checksum, shard_checksums, shard_prefix
+from circuitscan.services.store.store_keys import RECORD_KEY
 
 RESULTS_PREFIX = "results/"
 CHECKSUM_FIELD = "circuitscan_checksum"
@@ -161,8 +172,18 @@ def result_bytes(store: FeatureStore, result: JobResult) -> bytes:
 
 
 def write_job_result(store: FeatureStore, result: JobResult) -> None:
-    """Store the aggregated result of a job (one put: readers see all of it or none)."""
+    """Store the aggregated result of a job (one put: readers see all of it or none),
+    and record in the job record that the job wrote it (with its arrays' checksums)."""
     write_bytes(store.backend, _result_key(result.kind), result_bytes(store, result))
+    record_result(store.location, store.url, result.kind)
+
+
+def _recorded(store: FeatureStore) -> JobRecord | None:
+    """The job record, None when there is none or it is damaged (``verify`` reports that)."""
+    try:
+        return read_record(store.location, store.url)
+    except CorruptRecordError:
+        return None
 
 
 def parse_result(store: FeatureStore, kind: str, raw: bytes) -> JobResult:
@@ -178,6 +199,9 @@ def parse_result(store: FeatureStore, kind: str, raw: bytes) -> JobResult:
         claimed = document.pop(CHECKSUM_FIELD)
         if claimed != _result_digest(document, store.layout.job_hash):
             raise CorruptResultError(f"{where} fails its checksum; {fix}")
+    wrote = record.results.get(key) if (record := _recorded(store)) is not None else None
+    if wrote is not None and wrote != checksum(raw):  # an older result of this job put back
+        raise CorruptResultError(f"{where} is not the one the job wrote ({RECORD_KEY}); {fix}")
     try:
         result = _RESULT.validate_json(json.dumps(document))
     except ValidationError as exc:
@@ -192,6 +216,7 @@ def delete_job_result(store: FeatureStore, kind: str) -> None:
     """Drop a job result (before recomputing shards it aggregated)."""
     from circuitscan.services.store.backends import delete_keys
 
+    forget_result(store.location, store.url, kind)  # first: a record never claims a lost result
     delete_keys(store.backend, [_result_key(kind)])
 
 
@@ -265,6 +290,8 @@ def read_result(store: FeatureStore | str, kind: str | None = None) -> JobResult
             for key in list_keys(opened.backend, RESULTS_PREFIX)
             if key.endswith(".json")
         ]
+        if not kinds and (record := _recorded(opened)) is not None and record.kinds():
+            kinds = record.kinds()  # the job wrote results that are gone: say so below
         if len(kinds) != 1:
             raise ResultNotFoundError(
                 f"{opened.url} holds job results {kinds}; name one"
@@ -274,6 +301,13 @@ def read_result(store: FeatureStore | str, kind: str | None = None) -> JobResult
         kind = kinds[0]
     raw = read_bytes(opened.backend, _result_key(kind))
     if raw is None:
+        record = _recorded(opened)
+        if record is not None and _result_key(kind) in record.results:
+            raise CorruptResultError(
+                f"job result {_result_key(kind)} of {opened.url} is missing, though the job "
+                f"wrote it ({RECORD_KEY} records it); resume the job (or `circuitscan repair`) "
+                "to write it again"
+            )
         raise ResultNotFoundError(f"{opened.url} holds no {kind} result")
     return parse_result(opened, kind, raw)
 

@@ -21,11 +21,12 @@ from circuitscan.services.store.errors import NotAStoreError
 LAYOUT_KEY = "zarr.json"
 LEASE_KEY = "lease.json"
 INPUTS_KEY = "inputs.json"  # the digest of the job's prompts (services/jobs/input_digest.py)
+RECORD_KEY = "job.json"  # the layout's copy and the results written (services/store/job_record.py)
 
 # Folders: shard data, manifest entries, merged-index generations, job
 # results, analyses.
 STORE_PREFIXES = ("shards/", "manifest/", "index/", "results/", "analyses/")
-STORE_OBJECTS = (LAYOUT_KEY, LEASE_KEY, INPUTS_KEY)
+STORE_OBJECTS = (LAYOUT_KEY, LEASE_KEY, INPUTS_KEY, RECORD_KEY)
 
 
 def is_store_key(key: str) -> bool:

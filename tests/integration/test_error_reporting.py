@@ -3,8 +3,9 @@
 Real stores on disk (the contract suite's tiny shards), damaged the way disks
 and interrupted copies damage them: a chunk's bytes altered in place, a
 manifest entry and a job result overwritten with garbage. A user mistake is
-exit 2 / a 4xx naming the problem; a damaged store is exit 3 / a 500 naming
-the damaged object; neither ever shows a traceback.
+exit 2 / a 4xx naming the problem; a damaged store is exit 3 / a 409 naming
+the damaged object (a conflict with the stored state, not a server bug: 500 is
+kept for bugs); neither ever shows a traceback.
 """
 
 from __future__ import annotations
@@ -193,9 +194,9 @@ def test_api_user_mistakes_are_4xx_with_the_error_body(server):
     assert "holds no attribute result" in no_result.json()["error"]
 
 
-def test_api_damaged_store_is_a_500_naming_the_object_not_a_traceback(server, stores):
+def test_api_damaged_store_is_a_409_naming_the_object_not_a_traceback(server, stores):
     shard = httpx.get(_features_url(server, "damaged", DAMAGED_PROMPT), timeout=60)
-    assert shard.status_code == 500
+    assert shard.status_code == 409
     assert shard.headers["content-type"].startswith("application/json")
     body = shard.json()
     assert list(body) == ["error"] and "Traceback" not in shard.text
@@ -205,9 +206,9 @@ def test_api_damaged_store_is_a_500_naming_the_object_not_a_traceback(server, st
     assert httpx.get(_features_url(server, "damaged", 0), timeout=60).status_code == 200
 
     manifest = httpx.get(f"{server}/api/stores/bad-manifest", timeout=60)
-    assert manifest.status_code == 500
+    assert manifest.status_code == 409
     assert "manifest entry manifest/000002.json" in manifest.json()["error"]
 
     result = httpx.get(f"{server}/api/stores/bad-result/results/attribution", timeout=60)
-    assert result.status_code == 500
+    assert result.status_code == 409
     assert "job result results/attribute.json" in result.json()["error"]

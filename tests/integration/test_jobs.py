@@ -287,6 +287,80 @@ def test_resume_trusts_committed_entries_and_verify_recomputes_a_damaged_shard(
     assert _digests(spec.store) == digests
 
 
+def test_repair_restores_damaged_shards_entries_and_results_byte_for_byte(
+    make_spec, tmp_path, local_ray
+):
+    """``circuitscan repair`` on real jobs' stores, each damaged in several places at once:
+    every file of the repaired store is the undamaged store's, byte for byte.
+
+    Only the writer lease (``lease.json``) is left out of the comparison: it exists
+    only while a writer runs (and names that writer's pid, host and time), and both
+    stores have none once their writer is done. Nothing else is run-specific: shard
+    bytes, manifest entries, the content-named index, the job record, the prompts'
+    digests and the result documents hold no timestamps, pids or hosts.
+    """
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from circuitscan.schemas.jobs import AttributeParams
+    from circuitscan.services.cli import app
+    from circuitscan.services.jobs.repair import repair_store
+    from circuitscan.services.store.shard_io import shard_prefix
+    from circuitscan.testing.corruption import damage, store_files
+
+    execution = ExecutionSpec(num_actors=1, torch_threads=1, batch_size=4)
+    cache = make_spec(
+        tmp_path / "cache",
+        prompts=IOISource(kind="ioi", n=6, seed=6),
+        shard_size=2,
+        execution=execution,
+    )
+    attribute = make_spec(
+        tmp_path / "attribute",
+        prompts=IOISource(kind="ioi", n=4, seed=6),
+        shard_size=2,
+        execution=execution,
+        job=AttributeParams(kind="attribute", method="atp", nodes=["z"], verify_top_k=2),
+    )
+    site = "L0.resid_post"
+    damages = {
+        cache.store: [
+            (f"{shard_prefix(0)}sites/{site}/activations/c/0", "truncate"),  # shard chunk
+            (f"{shard_prefix(2)}sites/{site}/feature_ids/zarr.json", "flip"),  # shard metadata
+            ("manifest/000001.json", "truncate"),  # manifest entry
+        ],
+        attribute.store: [
+            ("results/attribute.json", "delete"),  # a result document the job wrote
+            ("results/attribute/verify_delta.npy.zst", "flip"),  # its per-prompt array
+            ("manifest/000000.json", "flip"),
+        ],
+    }
+    runner = CliRunner()
+    for spec in (cache, attribute):
+        run_job(spec, keep_actors=True)
+        pristine = Path(f"{spec.store}-pristine")
+        shutil.copytree(spec.store, pristine)
+        store = Path(spec.store)
+        for key, how in damages[spec.store]:
+            assert (store / key).is_file(), key
+            damage(store, key, how)
+        found = runner.invoke(app, ["verify", spec.store])
+        assert found.exit_code == 3, found.output
+        for key, _how in damages[spec.store]:
+            assert key.split("/")[-1] in found.output or key.split("/")[1] in found.output, key
+        # What `circuitscan repair` runs, on this module's warm workers.
+        said: list[str] = []
+        assert repair_store(spec.store, echo=said.append, keep_actors=True).ok, said
+        assert "resuming the job to recompute what is damaged" in said, said
+        before, after = store_files(pristine), store_files(store)
+        assert sorted(after) == sorted(before)
+        assert [key for key in sorted(before) if before[key] != after[key]] == []
+        assert runner.invoke(app, ["verify", spec.store]).exit_code == 0
+    # The index was rebuilt over the recomputed shards (the cache store has one).
+    assert any(key.startswith("index/") for key in store_files(Path(cache.store)))
+
+
 # --- bad input through the CLI ---------------------------------------------------------
 
 
