@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 import numcodecs
 import numpy as np
@@ -73,8 +74,28 @@ def _decode_chunk(meta: ArrayMeta, raw: bytes) -> np.ndarray:
     return np.asarray(data)
 
 
-def read_rows(fetch: Fetch, path: str, start: int, stop: int, meta: ArrayMeta) -> np.ndarray:
-    """Elements ``[start, stop)`` of the 1-D array at ``path`` (keys relative to ``fetch``'s root)."""
+class ChunkCache(Protocol):
+    """Decoded chunks of one immutable array set, by chunk key (``path/c/i``)."""
+
+    def get(self, key: str) -> np.ndarray | None: ...
+
+    def put(self, key: str, chunk: np.ndarray) -> None: ...
+
+
+def read_rows(
+    fetch: Fetch,
+    path: str,
+    start: int,
+    stop: int,
+    meta: ArrayMeta,
+    cache: ChunkCache | None = None,
+) -> np.ndarray:
+    """Elements ``[start, stop)`` of the 1-D array at ``path`` (keys relative to ``fetch``'s root).
+
+    With ``cache``, chunks decoded before are taken from it and newly decoded
+    ones are put in it (read-only: a caller can never alter what the next
+    caller is given).
+    """
     if not 0 <= start <= stop <= meta.shape:
         raise IndexError(f"rows {start}:{stop} outside {path} of length {meta.shape}")
     if start == stop:
@@ -84,14 +105,26 @@ def read_rows(fetch: Fetch, path: str, start: int, stop: int, meta: ArrayMeta) -
     if not meta.fast():
         objects = dict(fetch([f"{path}/zarr.json", *keys]))
         return open_array(memory_store(objects), path)[start:stop]
-    fetched = fetch(keys)
-    parts = []
-    for key in keys:
+    chunks: dict[str, np.ndarray] = {}
+    if cache is not None:
+        chunks = {key: hit for key in keys if (hit := cache.get(key)) is not None}
+    missing = [index for index in range(first, last + 1) if keys[index - first] not in chunks]
+    fetched = fetch([keys[index - first] for index in missing]) if missing else {}
+    for index in missing:
+        key = keys[index - first]
+        # The last chunk is stored full size; only its rows inside the array are kept.
+        rows = min(meta.chunk, meta.shape - index * meta.chunk)
         raw = fetched.get(key)
         if raw is None:  # zarr does not write chunks that are all fill value
-            parts.append(np.full(meta.chunk, meta.fill_value, dtype=meta.dtype))
+            chunk = np.full(rows, meta.fill_value, dtype=meta.dtype)
         else:
-            parts.append(_decode_chunk(meta, raw)[: meta.chunk])
+            chunk = _decode_chunk(meta, raw)
+            chunk = chunk[:rows].copy() if len(chunk) > rows else chunk
+        if cache is not None:
+            chunk.flags.writeable = False
+            cache.put(key, chunk)
+        chunks[key] = chunk
+    parts = [chunks[key] for key in keys]
     joined = np.concatenate(parts) if len(parts) > 1 else parts[0]
     offset = first * meta.chunk
     return joined[start - offset : stop - offset]

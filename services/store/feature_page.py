@@ -5,10 +5,12 @@ What each part reads (none scans the store):
 - statistics, density and the activation histogram: one row of the merged
   per-feature index;
 - top examples: the index's top slots, and for each the chunks of the site
-  arrays that hold its context window (the feature's value on every token);
+  arrays that hold its context window (the feature's value on every token),
+  read shard by shard with each chunk decoded once and kept by the store;
 - weaker examples: the feature's entries in a fixed sample of shards (the
-  first, middle and last committed shard, decoded once per open store), at
-  activations spread evenly over their range below the top examples;
+  first, middle and last committed shard, decoded and sorted by feature once
+  per open store), at activations spread evenly over their range below the
+  top examples;
 - promoted / suppressed tokens and reading heads: one row of the site's
   stored directions (``feature_directions.py``);
 - where it pushes the metric most: the store's top-attributions index
@@ -17,6 +19,7 @@ What each part reads (none scans the store):
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -29,6 +32,7 @@ from circuitscan.schemas.feature_page import (
     PageExample,
     ReadingHead,
 )
+from circuitscan.schemas.store import ShardEntry
 from circuitscan.services.store.errors import StoreError
 from circuitscan.services.store.feature_directions import feature_direction_row
 from circuitscan.services.store.feature_store import FeatureStore
@@ -40,62 +44,109 @@ Decode = Callable[[Sequence[int]], list[str]]
 SAMPLE_SHARDS = 3
 
 
-def _prompt_span(store: FeatureStore, prompt: int) -> tuple[int, int, int]:
-    """(shard id, first shard-local token, token count) of a prompt."""
+def _prompt_span(store: FeatureStore, prompt: int) -> tuple[int, int]:
+    """(shard id, first shard-local token) of a prompt."""
     entry = store.shard_of_prompt(prompt)
     offsets = store.prompt_shard(entry.shard_id).prompt_offsets
-    local = prompt - entry.prompt_start
-    return entry.shard_id, int(offsets[local]), int(offsets[local + 1] - offsets[local])
+    return entry.shard_id, int(offsets[prompt - entry.prompt_start])
+
+
+def _values_in(
+    ids: np.ndarray, values: np.ndarray, offsets: np.ndarray, feature: int, n: int
+) -> list[float]:
+    """The feature's value on each of ``n`` tokens whose entries ``offsets`` delimit."""
+    offsets = offsets.astype(np.int64) - int(offsets[0])
+    token_of_entry = np.searchsorted(offsets, np.arange(len(ids)), side="right") - 1
+    out = np.zeros(n, dtype=np.float64)
+    hit = ids.astype(np.int64) == feature
+    out[token_of_entry[hit]] = values[hit]
+    return out.tolist()
+
+
+def shard_windows(
+    store: FeatureStore, site: str, feature: int, shard_id: int, windows: Sequence[tuple[int, int]]
+) -> list[list[float]]:
+    """The feature's activation on shard-local tokens ``lo..hi-1`` of each window (0: not stored).
+
+    All the windows of one shard are read together: its token offsets once,
+    then the entry rows of each window, whose chunks the store decodes once
+    and keeps (``FeatureStore.chunk_cache_bytes``), so a chunk holding the
+    context of several examples is verified and decompressed once.
+    """
+    data = store.cached_site_shard(shard_id, site)
+    if data is not None:
+        return [
+            _values_in(
+                data.feature_ids[data.token_offsets[lo] : data.token_offsets[hi]],
+                data.activations[data.token_offsets[lo] : data.token_offsets[hi]],
+                data.token_offsets[lo : hi + 1],
+                feature,
+                hi - lo,
+            )
+            for lo, hi in windows
+        ]
+    base = f"sites/{site}/"
+    first = min(lo for lo, _ in windows)
+    last = max(hi for _, hi in windows)
+    offsets = store.read_rows(shard_id, base + "token_offsets", first, last + 1).astype(np.int64)
+    out = []
+    for lo, hi in windows:
+        bounds = offsets[lo - first : hi - first + 1]
+        start, stop = int(bounds[0]), int(bounds[-1])
+        ids = store.read_rows(shard_id, base + "feature_ids", start, stop)
+        raw = store.read_rows(shard_id, base + "activations", start, stop)
+        out.append(
+            _values_in(ids, decode_values(raw, store.layout.value_dtype), bounds, feature, hi - lo)
+        )
+    return out
 
 
 def window_values(
     store: FeatureStore, site: str, feature: int, prompt: int, start: int, stop: int
 ) -> list[float]:
     """The feature's activation on positions ``start..stop-1`` of ``prompt`` (0: not stored)."""
-    shard_id, first, _ = _prompt_span(store, prompt)
-    lo_token, hi_token = first + start, first + stop
-    data = store.cached_site_shard(shard_id, site)
-    if data is not None:
-        offsets = data.token_offsets[lo_token : hi_token + 1].astype(np.int64)
-        ids = data.feature_ids[offsets[0] : offsets[-1]]
-        values = data.activations[offsets[0] : offsets[-1]]
-    else:  # only the chunks holding the window, as a point query reads
-        base = f"sites/{site}/"
-        offsets = store.read_rows(shard_id, base + "token_offsets", lo_token, hi_token + 1)
-        offsets = offsets.astype(np.int64)
-        lo, hi = int(offsets[0]), int(offsets[-1])
-        ids = store.read_rows(shard_id, base + "feature_ids", lo, hi)
-        raw = store.read_rows(shard_id, base + "activations", lo, hi)
-        values = decode_values(raw, store.layout.value_dtype)
-    token_of_entry = np.searchsorted(offsets - offsets[0], np.arange(len(ids)), side="right") - 1
-    out = np.zeros(stop - start, dtype=np.float64)
-    hit = ids.astype(np.int64) == feature
-    out[token_of_entry[hit]] = values[hit]
-    return out.tolist()
+    shard_id, first = _prompt_span(store, prompt)
+    return shard_windows(store, site, feature, shard_id, [(first + start, first + stop)])[0]
 
 
-def _example(
+def _examples(
     store: FeatureStore,
     site: str,
     feature: int,
-    prompt: int,
-    position: int,
-    activation: float,
+    hits: Sequence[tuple[int, int, float]],
     context: int,
     decode: Decode | None,
-) -> PageExample:
-    tokens = store.prompt_tokens(prompt)
-    start, stop = max(0, position - context), min(len(tokens), position + context + 1)
-    window = [int(t) for t in tokens[start:stop]]
-    return PageExample(
-        prompt=prompt,
-        position=position,
-        activation=activation,
-        token_ids=window,
-        tokens=decode(window) if decode is not None else None,
-        values=window_values(store, site, feature, prompt, start, stop),
-        hit_index=position - start,
-    )
+) -> list[PageExample]:
+    """Pages' examples of (prompt, position, activation) hits, read shard by shard."""
+    windows: list[tuple[int, int, int, list[int]]] = []  # shard, local start, window start, ids
+    by_shard: dict[int, list[int]] = {}
+    for i, (prompt, position, _) in enumerate(hits):
+        tokens = store.prompt_tokens(prompt)
+        start, stop = max(0, position - context), min(len(tokens), position + context + 1)
+        shard_id, first = _prompt_span(store, prompt)
+        windows.append((shard_id, first + start, start, [int(t) for t in tokens[start:stop]]))
+        by_shard.setdefault(shard_id, []).append(i)
+    values: dict[int, list[float]] = {}
+    for shard_id, members in by_shard.items():
+        spans = [(windows[i][1], windows[i][1] + len(windows[i][3])) for i in members]
+        for i, got in zip(
+            members, shard_windows(store, site, feature, shard_id, spans), strict=True
+        ):
+            values[i] = got
+    return [
+        PageExample(
+            prompt=prompt,
+            position=position,
+            activation=activation,
+            token_ids=ids,
+            tokens=decode(ids) if decode is not None else None,
+            values=values[i],
+            hit_index=position - start,
+        )
+        for i, ((prompt, position, activation), (_, _, start, ids)) in enumerate(
+            zip(hits, windows, strict=True)
+        )
+    ]
 
 
 def sample_shards(store: FeatureStore) -> list[int]:
@@ -107,32 +158,85 @@ def sample_shards(store: FeatureStore) -> list[int]:
     return [ids[i] for i in sorted(set(picks.tolist()))]
 
 
+def _entries(store: FeatureStore, shard_ids: list[int]) -> tuple[ShardEntry | None, ...]:
+    """The open store's cached manifest entries (no read: a refresh replaces the objects)."""
+    committed = store.manifest.committed()
+    return tuple(committed.get(s) for s in shard_ids)
+
+
+class _SampleHits:
+    """Every entry of the sample shards of one site, sorted by feature (built once per store).
+
+    A page then finds its feature's weaker examples by a binary search
+    instead of a pass over the sample shards' entries.
+    """
+
+    def __init__(self, store: FeatureStore, site: str, shard_ids: list[int]) -> None:
+        self.entries = _entries(store, shard_ids)
+        parts: list[tuple[np.ndarray, ...]] = []
+        for shard_id, start in zip(shard_ids, self.entries, strict=True):
+            data = store.site_shard(shard_id, site)
+            assert start is not None
+            offsets = store.prompt_shard(shard_id).prompt_offsets
+            tokens = np.searchsorted(data.token_offsets, np.arange(len(data.feature_ids)), "right")
+            tokens = tokens - 1
+            local = np.searchsorted(offsets, tokens, side="right") - 1
+            parts.append(
+                (
+                    data.feature_ids.astype(np.int64),
+                    data.activations.astype(np.float32),
+                    local.astype(np.int64) + start.prompt_start,
+                    (tokens - offsets[local]).astype(np.int64),
+                )
+            )
+        if parts:
+            ids, values, prompts, positions = (np.concatenate(p) for p in zip(*parts, strict=True))
+        else:
+            ids = prompts = positions = np.zeros(0, dtype=np.int64)
+            values = np.zeros(0, dtype=np.float32)
+        order = np.argsort(ids, kind="stable")
+        self.ids, self.values = ids[order], values[order]
+        self.prompts, self.positions = prompts[order], positions[order]
+
+    def current(self, store: FeatureStore, shard_ids: list[int]) -> bool:
+        entries = _entries(store, shard_ids)
+        return len(entries) == len(self.entries) and all(
+            a is b for a, b in zip(entries, self.entries, strict=True)
+        )
+
+
+_SAMPLES: weakref.WeakKeyDictionary[FeatureStore, dict[str, _SampleHits]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _sample_hits(store: FeatureStore, site: str) -> _SampleHits:
+    shard_ids = sample_shards(store)
+    per_site = _SAMPLES.setdefault(store, {})
+    known = per_site.get(site)
+    if known is None or not known.current(store, shard_ids):
+        known = per_site[site] = _SampleHits(store, site, shard_ids)
+    return known
+
+
 def weaker_hits(
     store: FeatureStore, site: str, feature: int, below: float, n: int
 ) -> list[tuple[int, int, float]]:
     """Up to ``n`` (prompt, position, activation) hits under ``below``, spread over their range."""
-    hits: list[tuple[float, int, int]] = []
-    for shard_id in sample_shards(store):
-        data = store.site_shard(shard_id, site)
-        entries = np.flatnonzero(data.feature_ids.astype(np.int64) == feature)
-        if not len(entries):
-            continue
-        values = data.activations[entries]
-        keep = values < below
-        entries, values = entries[keep], values[keep]
-        tokens = np.searchsorted(data.token_offsets, entries, side="right") - 1
-        start = store.committed_entry(shard_id)
-        assert start is not None
-        offsets = store.prompt_shard(shard_id).prompt_offsets
-        local = np.searchsorted(offsets, tokens, side="right") - 1
-        for token, prompt, value in zip(tokens, local, values, strict=True):
-            position = int(token - offsets[prompt])
-            hits.append((float(value), int(prompt) + start.prompt_start, position))
-    if not hits:
+    sample = _sample_hits(store, site)
+    lo, hi = np.searchsorted(sample.ids, [feature, feature + 1])
+    values = sample.values[lo:hi]
+    keep = values < below
+    values = values[keep]
+    if not len(values):
         return []
-    hits.sort(key=lambda h: (-h[0], h[1], h[2]))
-    picks = np.linspace(0, len(hits) - 1, min(n, len(hits))).round().astype(int)
-    return [(hits[i][1], hits[i][2], hits[i][0]) for i in sorted(set(picks.tolist()))]
+    prompts, positions = sample.prompts[lo:hi][keep], sample.positions[lo:hi][keep]
+    order = np.lexsort((positions, prompts, -values))  # largest first, then by place
+    picks = np.linspace(0, len(order) - 1, min(n, len(order))).round().astype(int)
+    return [
+        (int(prompts[order[i]]), int(positions[order[i]]), float(values[order[i]]))
+        for i in sorted(set(picks.tolist()))
+    ]
 
 
 def _effects(ids: list[int], values: list[float], decode: Decode | None) -> list[TokenEffect]:
@@ -173,18 +277,18 @@ def feature_page(
     summary = feature_summary(store, site, feature)  # QueryRangeError for a bad feature
     index = store.feature_index(site)
     counts = [int(c) for c in index.hist[feature]]
-    top = [
-        _example(store, site, feature, ex.prompt, ex.position, ex.activation, context, decode)
+    top_hits = [
+        (ex.prompt, ex.position, ex.activation)
         for ex in top_examples(store, site, feature, n=n_top, context=0)
     ]
     notes: list[str] = []
-    sampled: list[PageExample] = []
-    if summary.count > len(top):
-        below = min(ex.activation for ex in top) if top else float("inf")
-        sampled = [
-            _example(store, site, feature, prompt, position, value, context, decode)
-            for prompt, position, value in weaker_hits(store, site, feature, below, n_sampled)
-        ]
+    weaker: list[tuple[int, int, float]] = []
+    if summary.count > len(top_hits):
+        below = min(h[2] for h in top_hits) if top_hits else float("inf")
+        weaker = weaker_hits(store, site, feature, below, n_sampled) if n_sampled else []
+    # Top and weaker examples together: one read per shard, each chunk decoded once.
+    examples = _examples(store, site, feature, top_hits + weaker, context, decode)
+    top, sampled = examples[: len(top_hits)], examples[len(top_hits) :]
     if sum(counts) < summary.count:
         notes.append(
             f"the histogram counts {sum(counts)} of {summary.count} activations: some shards "

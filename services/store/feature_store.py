@@ -136,6 +136,15 @@ class FeatureStore:
         self.reader.site_cache_shards = value
 
     @property
+    def chunk_cache_bytes(self) -> int:
+        """Bytes of decoded chunks kept for chunk-level reads (0: none kept)."""
+        return self.reader.chunk_cache_bytes
+
+    @chunk_cache_bytes.setter
+    def chunk_cache_bytes(self, value: int) -> None:
+        self.reader.chunk_cache_bytes = value
+
+    @property
     def index_flush_every(self) -> int:
         """Commits between writes of the merged index."""
         return self.index.flush_every

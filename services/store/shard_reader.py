@@ -1,11 +1,18 @@
 """Reading committed shards: decoded site and prompt shards, chunk-level rows, their caches.
 
 Everything read here is verified against the manifest first
-(:class:`~circuitscan.services.store.manifest.ShardManifest`). Three LRU
+(:class:`~circuitscan.services.store.manifest.ShardManifest`). Four LRU
 caches keep what repeated queries need: decoded site shards (a long-lived
 reader such as the HTTP API raises ``site_cache_shards`` so that hot stores
-are decoded once, not per point query), decoded prompt shards, and parsed
-array metadata for chunk-level reads.
+are decoded once, not per point query), decoded prompt shards, parsed array
+metadata, and decoded chunks for chunk-level reads (a feature page reads the
+context of a dozen examples, each out of a 64k-entry chunk: verifying and
+decompressing that chunk once, not per page, is most of the page's cost).
+
+A committed shard's bytes never change, so a decoded chunk stays right for
+as long as its entry does; chunks are keyed by the entry's digest as well,
+so a shard recomputed by a repair (a new entry) is read afresh, never served
+from the old bytes.
 """
 
 from __future__ import annotations
@@ -32,11 +39,62 @@ SITE_CACHE_SHARDS = 16
 # answer touches up to N of them, so many more are kept.
 _CACHE_PROMPT_SHARDS = 512
 _CACHE_ARRAY_METAS = 4096
+# Decoded chunks are bounded by bytes: a 64k-entry chunk is 128-256 KiB.
+CHUNK_CACHE_BYTES = 128 << 20
 
 
 def _trim(cache: OrderedDict, size: int) -> None:
     while len(cache) > size:
         cache.popitem(last=False)
+
+
+class _DecodedChunks:
+    """A bytes-bounded LRU of decoded, read-only chunks keyed by (shard, entry digest, chunk)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._chunks: OrderedDict[tuple[int, str, str], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[int, str, str]) -> np.ndarray | None:
+        chunk = self._chunks.get(key)
+        if chunk is not None:
+            self._chunks.move_to_end(key)
+        return chunk
+
+    def put(self, key: tuple[int, str, str], chunk: np.ndarray) -> None:
+        if chunk.nbytes > self.max_bytes:
+            return
+        old = self._chunks.pop(key, None)
+        self.nbytes += chunk.nbytes - (old.nbytes if old is not None else 0)
+        self._chunks[key] = chunk
+        self.trim()
+
+    def trim(self) -> None:
+        while self.nbytes > self.max_bytes:
+            _, dropped = self._chunks.popitem(last=False)
+            self.nbytes -= dropped.nbytes
+
+    def drop_shard(self, shard_id: int) -> None:
+        for key in [key for key in self._chunks if key[0] == shard_id]:
+            self.nbytes -= self._chunks.pop(key).nbytes
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self.nbytes = 0
+
+
+class _ShardChunks:
+    """The chunk cache seen from one committed shard entry (what chunk_reads.read_rows takes)."""
+
+    def __init__(self, chunks: _DecodedChunks, shard_id: int, digest: str) -> None:
+        self.chunks, self.shard_id, self.digest = chunks, shard_id, digest
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self.chunks.get((self.shard_id, self.digest, key))
+
+    def put(self, key: str, chunk: np.ndarray) -> None:
+        self.chunks.put((self.shard_id, self.digest, key), chunk)
 
 
 class ShardReader:
@@ -48,13 +106,29 @@ class ShardReader:
         self.site_cache_shards = SITE_CACHE_SHARDS
         self._sites: OrderedDict[tuple[int, str], SiteShard] = OrderedDict()
         self._prompts: OrderedDict[int, PromptShard] = OrderedDict()
-        self._metas: OrderedDict[tuple[int, str], ArrayMeta] = OrderedDict()
+        self._metas: OrderedDict[tuple[int, str, str], ArrayMeta] = OrderedDict()
+        self._chunks = _DecodedChunks(CHUNK_CACHE_BYTES)
+        # The digest of each entry chunks were cached under (the entry object
+        # itself is kept so a refreshed manifest's new entry is hashed again).
+        self._digests: dict[int, tuple[ShardEntry, str]] = {}
+
+    @property
+    def chunk_cache_bytes(self) -> int:
+        """Upper bound on the bytes of decoded chunks kept (0: none kept)."""
+        return self._chunks.max_bytes
+
+    @chunk_cache_bytes.setter
+    def chunk_cache_bytes(self, value: int) -> None:
+        self._chunks.max_bytes = max(0, int(value))
+        self._chunks.trim()
 
     def forget(self, shard_id: int) -> None:
         """Drop what is cached of one shard (its data is being replaced or deleted)."""
         # Metadata is keyed by (shard, array) and cheap to reparse: drop it all.
         self._metas.clear()
         self._prompts.pop(shard_id, None)
+        self._chunks.drop_shard(shard_id)
+        self._digests.pop(shard_id, None)
         for label in [s.label for s in self.layout.sites]:
             self._sites.pop((shard_id, label), None)
 
@@ -63,10 +137,16 @@ class ShardReader:
         self._metas.clear()
         self._sites.clear()
         self._prompts.clear()
+        self._chunks.clear()
+        self._digests.clear()
 
     def shard_of_prompt(self, prompt: int) -> ShardEntry:
         """The committed shard holding a global prompt index (QueryRangeError naming the bound)."""
         shard_id = prompt // self.layout.shard_size
+        if prompt >= 0:  # the common case, without summing the manifest for the bound
+            found = self.manifest.committed().get(shard_id)
+            if found is not None and prompt < found.prompt_start + found.n_prompts:
+                return found
         if prompt >= 0 and shard_id not in self.manifest.committed():
             # A shard whose manifest entry is damaged or lost is named, not out of range.
             self.manifest.raise_if_unreadable(shard_id)
@@ -92,7 +172,8 @@ class ShardReader:
         """Elements ``[start, stop)`` of one 1-D array of a committed shard (path relative
         to the shard, e.g. ``sites/L6.z/feature_ids``), fetching, verifying and
         decoding only the chunks that hold them."""
-        key = (shard_id, array)
+        digest = self._digest(shard_id)
+        key = (shard_id, digest, array)  # a recomputed shard may have other shapes
         meta = self._metas.get(key)
         if meta is None:
             document = f"{array}/zarr.json"
@@ -105,7 +186,16 @@ class ShardReader:
         def fetch(keys: list[str]) -> dict[str, bytes]:
             return self.manifest.fetch_verified(shard_id, keys)
 
-        return read_rows(fetch, array, start, stop, meta)
+        cache = _ShardChunks(self._chunks, shard_id, digest) if self._chunks.max_bytes else None
+        return read_rows(fetch, array, start, stop, meta, cache)
+
+    def _digest(self, shard_id: int) -> str:
+        """The digest of the shard's committed entry (hashed once per entry object)."""
+        entry = self.manifest.entry(shard_id)
+        known = self._digests.get(shard_id)
+        if known is None or known[0] is not entry:
+            known = self._digests[shard_id] = (entry, entry.digest())
+        return known[1]
 
     def cached_site_shard(self, shard_id: int, label: str) -> SiteShard | None:
         """The decoded site shard when it is already in memory, else None (no I/O)."""

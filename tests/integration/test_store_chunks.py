@@ -44,3 +44,42 @@ def test_read_rows_equals_zarr(dtype, delta):
             assert len(fetched) == (stop - 1) // 16 - start // 16 + 1
     with pytest.raises(IndexError, match="outside a"):
         read_rows(fetch, "a", 100, 107, meta)
+
+
+class _DictCache:
+    def __init__(self) -> None:
+        self.chunks: dict[str, np.ndarray] = {}
+
+    def get(self, key: str) -> np.ndarray | None:
+        return self.chunks.get(key)
+
+    def put(self, key: str, chunk: np.ndarray) -> None:
+        self.chunks[key] = chunk
+
+
+def test_cached_chunks_are_decoded_once_and_read_only():
+    data = np.concatenate(
+        [np.sort(np.random.default_rng(1).integers(0, 900, 9)) for _ in range(11)]
+    )
+    data = data.astype("uint16")  # 99 rows: 6 full chunks of 16 and a short last one
+    staged = memory_store({})
+    write_array(staged, "a", data, delta=True, chunk=16)
+    objects = {key: value.to_bytes() for key, value in staged._store_dict.items()}
+    meta = ArrayMeta.parse(objects["a/zarr.json"])
+    fetched: list[str] = []
+
+    def fetch(keys):
+        fetched.extend(keys)
+        return {key: objects[key] for key in keys if key in objects}
+
+    cache = _DictCache()
+    for start, stop in [(3, 40), (10, 20), (0, 99), (90, 99), (35, 36)]:
+        got = read_rows(fetch, "a", start, stop, meta, cache)
+        np.testing.assert_array_equal(got, data[start:stop])
+    # Each chunk was fetched and decoded once, however many reads touched it.
+    assert sorted(fetched) == sorted(f"a/c/{i}" for i in range(7))
+    assert len(cache.chunks["a/c/6"]) == 99 - 6 * 16  # the last chunk keeps only real rows
+    hit = read_rows(fetch, "a", 17, 18, meta, cache)
+    with pytest.raises(ValueError, match="read-only"):
+        hit[0] = 1
+    np.testing.assert_array_equal(read_rows(fetch, "a", 0, 99, meta, cache), data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 
 import jsonschema
 import numpy as np
@@ -23,8 +24,11 @@ from circuitscan.pipelines.analyses.feature_directions import (
     feature_directions,
     residual_directions,
 )
+from circuitscan.pipelines.batching import tokenize_prompts
+from circuitscan.pipelines.caching import cache_batch
 from circuitscan.pipelines.tasks.ioi import generate_ioi
 from circuitscan.schemas.hooks import FINAL_LN_SCALE_HOOK, HookSite, block_hook
+from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.neuronpedia import ACTIVATION_SCHEMA, FEATURE_SCHEMA, SOURCE_SCHEMA
 from circuitscan.services.feature_directions_run import store_directions
 from circuitscan.services.neuronpedia_export import export_neuronpedia
@@ -156,6 +160,50 @@ def test_feature_page_holds_the_store_values(page_store) -> None:
     )
     assert page.reading_heads == []  # nothing reads after the last layer
     assert page.pushes is not None and page.notes == []
+
+
+def test_decoded_chunks_change_no_answer_and_follow_a_recomputed_shard(page_store, tmp_path):
+    url, model, saes = page_store
+    copy = tmp_path / "store"
+    shutil.copytree(url, copy)
+    site = "L1.resid_post"
+    fresh = FeatureStore.open(url)
+    uncached = FeatureStore.open(url)
+    uncached.chunk_cache_bytes = 0
+    features = np.flatnonzero(fresh.feature_index(site).count)[:6].tolist()
+    reader = FeatureStore.open(str(copy))
+    for feature in features * 2:  # the second round reads decoded chunks
+        page = feature_page(reader, site, int(feature), n_top=4, n_sampled=3, context=2)
+        assert page == feature_page(uncached, site, int(feature), n_top=4, n_sampled=3, context=2)
+        assert page == feature_page(fresh, site, int(feature), n_top=4, n_sampled=3, context=2)
+    # Another writer recomputes shard 1 with other prompts (as a repair might): once
+    # the reader sees the new entry, it reads the new bytes, never its decoded old chunks.
+    array = f"sites/{site}/activations"
+    n_old = reader.committed_entries()[1].n_entries[site]
+    before = reader.read_rows(1, array, 0, n_old).copy()
+    writer = FeatureStore.open(str(copy))
+    writer.uncommit(1)
+    records = generate_ioi(model.tokenizer, 3, seed=99)
+    batch = tokenize_prompts(model, records)
+    caches = cache_batch(
+        model,
+        saes,
+        batch.tokens,
+        batch.lengths,
+        MetricSpec(),
+        answer=batch.answer,
+        wrong=batch.wrong,
+    )
+    writer.commit_shard(writer.write_shard(1, records, batch.token_lists(), caches))
+    reader.manifest.refresh()  # the manifest only: the reader's chunk cache is kept
+    n_new = reader.committed_entries()[1].n_entries[site]
+    after = reader.read_rows(1, array, 0, n_new)
+    np.testing.assert_array_equal(after, FeatureStore.open(str(copy)).read_rows(1, array, 0, n_new))
+    assert n_new != n_old or not np.array_equal(before, after)
+    # The cache is bounded by bytes.
+    reader.chunk_cache_bytes = 1024
+    reader.read_rows(0, array, 0, reader.committed_entries()[0].n_entries[site])
+    assert reader.reader._chunks.nbytes <= 1024
 
 
 def test_neuronpedia_export_matches_its_schema_and_the_store(page_store, tmp_path) -> None:
