@@ -33,6 +33,7 @@ from circuitscan.services.api import ApiSettings
 from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, feature_summary, features_at, top_examples
 from circuitscan.services.store.results import write_job_result
+from circuitscan.testing.corruption import damage
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,8 @@ MAX_BODY = 65536  # and CIRCUITSCAN_API_MAX_BODY_BYTES=65536
 def store_root(tmp_path_factory, tiny_hf_model_dir) -> Path:
     """A store root with one real store, one symlink escaping the root, one leaky store.
 
-    Plus ``scan``: the same cache holding an ablation scan's result and nothing else.
+    Plus ``scan``: the same cache holding an ablation scan's result and nothing else,
+    and the damaged copies of :data:`DAMAGED`.
     """
     root = tmp_path_factory.mktemp("api_root") / "stores"
     root.mkdir()
@@ -61,7 +63,23 @@ def store_root(tmp_path_factory, tiny_hf_model_dir) -> Path:
     _write_results(FeatureStore.open(str(root / STORE)))
     shutil.copytree(root / STORE, root / "leaky")
     (root / "leaky" / "shards" / "evil").symlink_to(outside / "passwd")
+    for name, (key, how) in DAMAGED.items():  # every route over these: a 409, never a 500
+        shutil.copytree(root / STORE, root / name)
+        if key == "index":
+            key = next(
+                str(p.relative_to(root / name)) for p in (root / name).glob("index/*/*/count/c/*")
+            )
+        damage(root / name, key, how)
     return root
+
+
+# Damaged copies of the store: each route answers a 409 naming the object (not a 500).
+DAMAGED = {
+    "damaged-manifest": ("manifest/000001.json", "truncate"),
+    "damaged-index": ("index", "flip"),  # a count chunk of the merged index
+    "damaged-result": ("results/attribute.json", "flip"),
+    "damaged-layout": ("zarr.json", "truncate"),
+}
 
 
 NODES = [
@@ -445,6 +463,19 @@ def test_reads_can_require_a_token(store_root):
         ok = httpx.get(f"{url}/api/stores", headers={"Authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 200 and ok.json()["total"] >= 1
         assert httpx.get(f"{url}/web/").status_code == 200  # static page, no data
+
+
+def test_damaged_stores_answer_409_naming_the_object(client):
+    listing = client.get("/api/stores", params={"limit": 100}).json()
+    assert [d["name"] for d in listing["damaged"]] == ["damaged-layout"]
+    assert "zarr.json" in listing["damaged"][0]["reason"]
+    manifest = client.get(f"/api/stores/damaged-manifest/sites/{SITE}/summaries")
+    assert "manifest/000001.json" in _error(manifest, 409)
+    index = client.get(f"/api/stores/damaged-index/sites/{SITE}/summaries")
+    assert "index" in _error(index, 409)
+    result = client.get("/api/stores/damaged-result/results/attribution")
+    assert "results/attribute.json" in _error(result, 409)
+    assert "zarr.json" in _error(client.get("/api/stores/damaged-layout"), 409)
 
 
 def test_schemathesis_finds_no_server_errors(server, tmp_path):
