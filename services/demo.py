@@ -7,7 +7,10 @@ Default model and SAEs, local embedded Ray, local Zarr stores under ``out``:
    top nodes verified by exact patching (a job);
 3. an exact ablation scan of every feature active at the last token (a job);
 4. a splice evaluation of each SAE (a job);
-5. an offline HTML report of all of it.
+5. DFA of the attention-output SAE's most attributed features (a job);
+6. an offline HTML report of all of it: each job's tables and the figures
+   (attribution maps, AtP-vs-exact scatter, feature bars, ablation Δm, DFA),
+   linked to the cache store's feature pages.
 
 Every step is a job spec a user can run alone with ``circuitscan run``; the
 demo only chains them with small defaults and shares one pool of Ray actors
@@ -145,7 +148,11 @@ def run_demo(
     dfa = read_result(specs["dfa"].store, "dfa") if "dfa" in specs else None
     assert isinstance(attribution, AttributionJobResult)
     assert isinstance(ablation, AblationJobResult)
-    report = write_demo_report(out / "report", specs, attribution, ablation, splice, dfa)
+    from circuitscan.services.query_commands import _decoder
+
+    report = write_demo_report(
+        out / "report", specs, attribution, ablation, splice, dfa, decode=_decoder(cache_store)
+    )
     echo("")
     for line in _findings(attribution, ablation):
         echo(line)

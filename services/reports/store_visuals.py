@@ -3,7 +3,9 @@
 The same SVG figures the browser shows (``result_figures``,
 ``feature_page_html``), inline in ``index.html``; a node in a figure links to
 its feature page or head section further down the report when the report
-has one (feature pages need the feature's site cached in this store).
+has one (feature pages need the feature's site cached in this store). The
+results may come from other stores than the pages (the demo's report: one
+store per job, pages from its cache store).
 """
 
 from __future__ import annotations
@@ -47,12 +49,14 @@ def _anchor(key: str) -> str:
     return "page-" + "".join(c if c.isalnum() else "-" for c in key)
 
 
-def _referenced(store: FeatureStore) -> tuple[list[tuple[str, int]], list[tuple[int, int]]]:
-    """Features (site, id) and heads (layer, head) the store's results name, best first."""
+def _referenced(
+    stores: Sequence[FeatureStore],
+) -> tuple[list[tuple[str, int]], list[tuple[int, int]]]:
+    """Features (site, id) and heads (layer, head) the stores' results name, best first."""
     features: list[tuple[str, int]] = []
     heads: list[tuple[int, int]] = []
-    for info in list_results(store):
-        result = read_result(store, info.kind)
+    results = [read_result(store, info.kind) for store in stores for info in list_results(store)]
+    for result in results:
         if isinstance(result, AttributionJobResult):
             for effect in result.top:
                 try:
@@ -68,10 +72,20 @@ def _referenced(store: FeatureStore) -> tuple[list[tuple[str, int]], list[tuple[
     return list(dict.fromkeys(features)), list(dict.fromkeys(heads))
 
 
-def visual_sections(store: FeatureStore, decode: Decode | None = None) -> list[Section]:
-    """Result figures, feature pages and head pages for the report (those the store has)."""
+def visual_sections(
+    store: FeatureStore,
+    decode: Decode | None = None,
+    *,
+    result_stores: Sequence[FeatureStore] | None = None,
+) -> list[Section]:
+    """Result figures, feature pages and head pages for the report (those the store has).
+
+    ``result_stores``: where the job results come from (default: ``store``
+    itself); feature pages always come from ``store``'s cached sites.
+    """
+    sources = [store] if result_stores is None else list(result_stores)
     widths = {site.label: site.d_sae for site in store.layout.sites}
-    named_features, named_heads = _referenced(store)
+    named_features, named_heads = _referenced(sources)
     # Pages only for features this store caches (a result may name another store's SAE).
     pages = [(site, f) for site, f in named_features if 0 <= f < widths.get(site, 0)]
     for site in store.layout.sites:  # and the most active features of every cached site
@@ -86,7 +100,7 @@ def visual_sections(store: FeatureStore, decode: Decode | None = None) -> list[S
         return f"#{_anchor(key)}" if key in targets else None
 
     sections = []
-    figures = result_figures(store, link)
+    figures = [figure for source in sources for figure in result_figures(source, link)]
     if figures:
         sections.append(
             Section(
@@ -123,7 +137,8 @@ def visual_sections(store: FeatureStore, decode: Decode | None = None) -> list[S
     if heads:
         blocks = []
         for layer, head in heads:
-            rows = sorted(head_rows(store, layer, head), key=lambda r: -abs(r[1]))
+            found = [row for source in sources for row in head_rows(source, layer, head)]
+            rows = sorted(found, key=lambda r: -abs(r[1]))
             cells = "".join(
                 f"<tr><td class='text'>{html.escape(node)}</td><td>{estimate:.4g}</td>"
                 f"<td>{'—' if exact is None else f'{exact:.4g}'}</td></tr>"
