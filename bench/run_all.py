@@ -101,6 +101,8 @@ TARGETS: tuple[Target, ...] = (
     Target("cli_startup", "cli_query_seconds", "<=", 2),
     Target("reliability", "silent_wrong_answers", "==", 0),
     Target("reliability", "bad_inputs_with_traceback", "==", 0),
+    Target("reliability", "corruptions_undetected", "==", 0),
+    Target("reliability", "repairs_not_identical", "==", 0),
     Target("cached_attribution", "cached_atp_vs_model_atp_speedup", ">=", 50),
     Target("cached_attribution", "paired_cache_vs_cache_ratio", ">=", 0.6),
     Target("cached_attribution", "targeted_scan_ablation_fraction", "<=", 0.2),
