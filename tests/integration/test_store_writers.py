@@ -74,6 +74,18 @@ def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _cli_in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI run in this process (what a user sees: exit status, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from circuitscan.services.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    # Only typer.Exit (SystemExit) may end the command: any other exception is a traceback.
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, result.stderr)
+
+
 def _spec_file(spec: JobSpec, path: Path) -> Path:
     path.write_text(spec.model_dump_json(), encoding="utf-8")
     return path
@@ -98,8 +110,13 @@ def test_a_live_lease_refuses_run_and_resume_before_anything_starts(local_ray, m
     spec_path = _spec_file(spec, tmp_path / "spec.json")
 
     with StoreLease(spec.store, job="holder"):
-        for args in (("run", str(spec_path)), ("resume", spec.store)):
-            refused = _cli(*args)
+        # `run` as a real process (its exit status and stderr as a shell sees them),
+        # `resume` through the same CLI in this process (the refusal comes before Ray).
+        for refuse, args in (
+            (_cli, ("run", str(spec_path))),
+            (_cli_in_process, ("resume", spec.store)),
+        ):
+            refused = refuse(*args)
             assert refused.returncode == 2, refused.stdout + refused.stderr
             assert "is being written by another job" in refused.stderr
             assert f"job 'holder', pid {os.getpid()} on {socket.gethostname()}" in refused.stderr
@@ -215,7 +232,7 @@ def test_an_edited_prompt_file_is_refused_by_run_and_resume(local_ray, make_spec
 
     with pytest.raises(PromptsChangedError, match=rf"the prompts of {prompts} changed"):
         run_job(spec, keep_actors=True)
-    resumed = _cli("resume", spec.store)
+    resumed = _cli_in_process("resume", spec.store)
     assert resumed.returncode == 2, resumed.stdout + resumed.stderr
     assert f"the prompts of {prompts} changed" in resumed.stderr
     assert "sha256" in resumed.stderr and "Traceback" not in resumed.stderr
