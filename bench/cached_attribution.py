@@ -13,7 +13,9 @@ with warm actors (loaded once before timing, ``keep_actors``):
   ``attribute`` job (``method: atp``, nodes ``sae_feature`` + ``sae_error``,
   ``positions: all``) over the wall time of the store-fed job's estimate
   phase (``prompts: {kind: store}``, no verification: no model is loaded),
-  both on the same 2 CPUs (target ≥ 50).
+  both on the same 2 CPUs (target ≥ 50). Both sides are timed warm: the
+  actors hold their models, and the estimate tasks' worker processes have run
+  a store-fed job on the small warm-up cache (started, imports done).
 - ``cached_atp_max_abs_diff`` / ``cached_atp_max_rel_diff``: largest
   difference between the two jobs' node means, absolute and relative to the
   node's mean |AtP|, over the model-run job's top ``--compare-nodes`` nodes
@@ -101,6 +103,13 @@ def measure_cached_atp(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     )
     model_run = _spec(args, work / "model-atp", params)
     model = _run(model_run)
+    # As the model-run side times warm actors (models loaded), the store-fed side is
+    # timed with warm task workers: a store-fed job on the small warm-up cache first
+    # (one task per shard, at most one per CPU in flight) starts them and imports
+    # what a task reads with.
+    warm = argparse.Namespace(prompts=4, shard_size=2)
+    warm_source = StoreSource(kind="store", url=str(work / "warm-up"))
+    _run(_spec(warm, work / "warm-up-atp", params, prompts=warm_source))
     source = StoreSource(kind="store", url=str(work / "paired-cache"))
     from_store = _spec(args, work / "store-atp", params, prompts=source)
     cached = _run(from_store)

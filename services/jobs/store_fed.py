@@ -9,7 +9,9 @@ each writing its node sums as a shard of the job's own store, which the
 driver commits: a resume or a retried task (a lost worker) recomputes only
 uncommitted shards, and rewrites identical bytes. Then the sums are merged and
 ranked like a model-run job's, and the top nodes are verified by exact
-patching on actors that load the model (only when ``verify_top_k`` asks).
+patching on actors that load the model (only when ``verify_top_k`` asks; ``auto``
+runs the model-run job's rounds of verification and certification on the
+actors, from the store's ranking).
 """
 
 from __future__ import annotations
@@ -207,15 +209,22 @@ def merge_and_verify(
     )
     estimates, n_nodes = merge_store_sums(committed_partials(store, StoreSumsPartial), plan, want)
     exact = certification = None
+    ctx = MergeContext(
+        spec=spec,
+        n_prompts=store.n_prompts(),
+        kept=records,
+        site=None,
+        say=say,
+        fan_out=lambda method, calls: fan_out(spec, actors, method, calls),
+    )
+    if params.verify_top_k == "auto":
+        # Rounds of exact patching and certification on the actors, exactly as a model-run
+        # job runs them on its estimates (auto_verify.py); these estimates come from the store.
+        from circuitscan.services.jobs.kinds.attribute.auto_verify import verify_auto
+
+        auto = verify_auto(params, estimates, ctx)
+        return auto.model_copy(update={"n_nodes": n_nodes})
     if params.verify_top_k:
-        ctx = MergeContext(
-            spec=spec,
-            n_prompts=store.n_prompts(),
-            kept=records,
-            site=None,
-            say=say,
-            fan_out=lambda method, calls: fan_out(spec, actors, method, calls),
-        )
         top = ranked_nodes(estimates, params.verify_top_k)
         say(f"verifying the top {len(top)} nodes by exact patching")
         plans = plan_shards(len(records), spec.shard_size)

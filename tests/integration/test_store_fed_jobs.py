@@ -4,15 +4,22 @@ The tiny HF Llama and its two SAEs; one paired cache job and one model-run
 attribute job (``method: atp``, nodes ``sae_feature`` + ``sae_error``) on the
 same IOI prompts are shared by the module. The store-fed job must give the
 model-run job's nodes and scores within the float16 storage bound of
-docs/paired_caches.md, and refuse bad caches before doing anything.
+docs/paired_caches.md, refuse bad caches before doing anything, and give the
+identical result when a worker running an estimate task is killed (the task is
+retried).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import ray
 
@@ -254,3 +261,76 @@ def test_a_paired_caches_index_ranks_by_the_atp_term(jobs):
         keys = [abs(float(index.atp_total[f])) for f in got_order]
         assert keys == sorted(keys, reverse=True)
         assert ranking.error_atp == pytest.approx(float(index.error_atp[0]))
+
+
+def _kill_estimate_tasks(done: threading.Event, killed: list[int]) -> None:
+    """SIGKILL the first Ray worker process found running an estimate task (by its title)."""
+    while not done.is_set() and not killed:
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if any("ray::estimate_shard" in part for part in process.info["cmdline"] or []):
+                try:
+                    os.kill(process.info["pid"], signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(process.info["pid"])
+                return
+        time.sleep(0.005)
+
+
+def test_killing_an_estimate_worker_mid_job_gives_the_identical_result(jobs, tmp_path):
+    make, cache_url, _ = jobs
+    source = StoreSource(kind="store", url=cache_url)
+    reference = make(tmp_path / "reference", atp_params(), prompts=source)
+    run_job(reference)
+    expected = read_result(reference.store).model_dump(exclude={"job_hash"})
+    # A task is short, so the killer may miss every one of a run: each attempt is a new
+    # job (its own store) until a kill lands mid-task; the test fails if none ever does.
+    for attempt in range(8):
+        spec = make(tmp_path / f"killed-{attempt}", atp_params(), prompts=source)
+        done, killed = threading.Event(), []
+        killer = threading.Thread(target=_kill_estimate_tasks, args=(done, killed))
+        killer.start()
+        try:
+            summary = run_job(spec)
+        finally:
+            done.set()
+            killer.join()
+        assert summary.shards_run == summary.shards_total == 3
+        assert read_result(spec.store).model_dump(exclude={"job_hash"}) == expected
+        if killed:
+            break
+    assert killed, "no estimate task was caught running in 8 jobs"
+
+
+def test_store_fed_auto_verification_runs_its_rounds_on_the_actors(jobs, tmp_path):
+    """verify_top_k: auto from a store: the store's ranking verified in rounds on the model,
+    each verified node's exact value the model-run job's, the rest certified."""
+    from circuitscan.schemas.jobs import CertifyParams
+
+    make, cache_url, _ = jobs
+    certify = CertifyParams(samples=4, top_k=3, budget=6)
+    params = atp_params(verify_top_k="auto", certify=certify, top_nodes=50)
+    source = StoreSource(kind="store", url=cache_url)
+    spec = make(tmp_path / "auto-store", params, prompts=source)
+    summary = run_job(spec, keep_actors=True)
+    assert summary.actors == 2
+    result = read_result(spec.store)
+    auto = result.auto_verification
+    assert auto is not None and 3 <= auto.verified <= 6 and result.n_verified == auto.verified
+    verified = [e for e in result.top if e.verification is not None]
+    assert [e.node for e in verified] == [e.node for e in result.top[: auto.verified]]
+    assert auto.stopped_by == "exhausted" or result.certification is not None
+
+    model_run = make(tmp_path / "auto-model", atp_params(verify_top_k=auto.verified))
+    run_job(model_run, keep_actors=True)
+    exact = {e.node: e.verification for e in read_result(model_run.store).top if e.verification}
+    common = [e for e in verified if e.node in exact]
+    assert common  # the two rankings share their top nodes
+    for effect in common:
+        assert effect.verification is not None
+        other = exact[effect.node]
+        ours = effect.verification
+        assert ours.n_prompts == other.n_prompts, effect.node
+        assert (ours.exact_mean, ours.exact_mean_abs) == pytest.approx(
+            (other.exact_mean, other.exact_mean_abs), rel=1e-5, abs=1e-6
+        ), effect.node  # the float32 model's rounding (patching batched differently)

@@ -76,8 +76,6 @@ def check_store_source(spec: JobSpec, store: FeatureStore) -> StorePlan:
             f"store-fed attribution computes plain AtP (the QK fix and GradDrop of AtP* need "
             f"the model); set method: atp (got {params.method!r})"
         )
-    if isinstance(params.verify_top_k, str):  # "auto" needs certify's rounds on the model
-        raise JobError("store-fed attribution verifies a fixed number of top nodes (an integer)")
     other = sorted(set(params.node_kinds) - set(STORE_KINDS))
     if other:
         raise JobError(
