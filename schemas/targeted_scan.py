@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-StopRule = Literal["patience", "budget", "exhausted"]
+StopRule = Literal["patience", "gap", "budget", "exhausted"]
 
 
 class TargetedScan(BaseModel):
@@ -31,8 +31,18 @@ class TargetedScan(BaseModel):
         ge=0, description="Candidates ablated when the stopping rule fired (≤ n_ablated)."
     )
     stop_rule: StopRule = Field(
-        description="patience: the top-K held for `patience` candidates; budget: `budget` "
-        "candidates spent; exhausted: every candidate ablated."
+        description="patience: the top-K held for `patience` candidates; gap: the exact K-th "
+        "mean |Δm| reached `gap` × the next candidate's estimated mean |Δm|; budget: "
+        "`budget` candidates spent; exhausted: every candidate ablated."
+    )
+    gap: float | Literal["auto"] | None = Field(
+        default=None, description="The gap rule's setting (None: not used)."
+    )
+    gap_ratio: float | None = Field(
+        default=None,
+        description="The ratio the gap rule compared with when the scan stopped (for auto: "
+        "the largest exact / estimated mean |Δm| among the ablated candidates); None: the gap "
+        "rule was not used or never had a ratio.",
     )
     full_scan_ablations: int = Field(
         ge=0,

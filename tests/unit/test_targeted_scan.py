@@ -129,6 +129,32 @@ def test_targeted_scan_budget_and_exhaustion(setup) -> None:
     assert every.n_ablations == setup[5].n_ablations
 
 
+def test_the_gap_rule_stops_once_no_estimate_left_can_reach_the_top_k(setup) -> None:
+    exact = _full_means(setup[5])
+    top = sorted(exact, key=lambda f: (-exact[f][1], f))[:3]
+    estimates = cache_estimates(ScanCandidates(store=setup[3]), SITE.label, "last")
+    order, n = estimates.order(), estimates.n_prompts
+    # A gap the estimates cannot meet never fires; a tiny one fires at the K-th candidate.
+    never, _ = _targeted(setup, top_k=3, patience=500, round_size=1, gap=1e12)
+    assert never.targeted.stop_rule == "exhausted" and never.targeted.gap_ratio == 1e12
+    early, _ = _targeted(setup, top_k=3, patience=500, round_size=1, gap=1e-12)
+    assert (early.targeted.stop_rule, early.targeted.stopped_after) == ("gap", 3)
+    result, _ = _targeted(setup, top_k=3, patience=500, round_size=1, gap="auto")
+    info = result.targeted
+    assert info.stop_rule == "gap" and info.gap == "auto" and info.n_ablated < len(order)
+    ablated = [f.feature for f in result.features]
+    assert sorted(ablated) == sorted(order[: info.n_ablated])  # whole features, in order
+    # The rule as stated: the worst exact/estimate ratio seen, times the next estimate,
+    # is reached by the exact third largest, and was not one candidate earlier.
+    ratio = max(exact[f][1] / (estimates.total_abs[f] / n) for f in ablated)
+    assert info.gap_ratio == pytest.approx(ratio)
+    kth = sorted((exact[f][1] for f in ablated), reverse=True)[2]
+    assert kth >= ratio * estimates.total_abs[order[info.stopped_after]] / n
+    for f in result.features:  # exact values: the full scan's, on every prompt
+        assert (f.mean_delta, f.mean_abs_delta) == pytest.approx(exact[f.feature], abs=1e-12)
+    assert [f.feature for f in result.features[:3]] == top
+
+
 def _info(fingerprint: str = "") -> WorkerInfo:
     return WorkerInfo(
         model_name="tiny", model_fingerprint=fingerprint, sae_fingerprints={SITE.label: ""},
