@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from circuitscan.schemas.metrics import MetricSpec
+
 SpliceVariant = Literal["clean", "spliced", "error_mean", "mean_ablation"]
 
 
@@ -64,6 +66,18 @@ class HeadLogitEffect(_Frozen):
     )
     top_tokens: list[TokenEffect] = Field(description="Tokens the head pushes up most.")
     bottom_tokens: list[TokenEffect] = Field(description="Tokens the head pushes down most.")
+    attention: float | None = Field(
+        default=None,
+        description="The head's attention weight from the destination to the source position "
+        "on the analysed prompt (None: not computed).",
+    )
+    contribution: float | None = Field(
+        default=None,
+        description="The prompt's actual direct effect through this head: feature activation × "
+        "attention × logit_diff, i.e. the change in logit[answer] − logit[wrong] when the "
+        "feature is removed from what this head reads at the source, patterns and norm scales "
+        "frozen (logits; None: not computed).",
+    )
 
 
 class HeadFeatureLogitResult(_Frozen):
@@ -74,6 +88,11 @@ class HeadFeatureLogitResult(_Frozen):
     answer_id: int = Field(description="Answer token id.")
     wrong_id: int = Field(description="Wrong-answer token id.")
     heads: list[HeadLogitEffect] = Field(description="Heads sorted by |logit_diff|, largest first.")
+
+    def by_contribution(self) -> list[HeadLogitEffect]:
+        """The heads ranked by |contribution| (the prompt's own ranking), largest first."""
+        known = [h for h in self.heads if h.contribution is not None]
+        return sorted(known, key=lambda h: -abs(h.contribution or 0.0))
 
 
 class DFAResult(_Frozen):
@@ -195,9 +214,16 @@ class AnalysisContext(_Frozen):
 
     model: str = Field(description="Model name or source.")
     saes: list[str] = Field(description="SAE names/sources, with their site labels.")
-    task: str = Field(description="Prompt task (e.g. 'ioi').")
-    n_prompts: int = Field(ge=0, description="Prompts generated for the analysis.")
-    seed: int = Field(description="Prompt generator seed.")
+    task: str = Field(description="Prompt task: 'ioi', or the prompt source's kind (jsonl, ...).")
+    n_prompts: int = Field(ge=0, description="Prompts the analysis ran on.")
+    seed: int = Field(description="Prompt generator seed (0 for files and datasets).")
+    source: str | None = Field(
+        default=None,
+        description="The prompt source as a job spec's prompts (JSON); None: generated IOI.",
+    )
+    metric: MetricSpec | None = Field(
+        default=None, description="The metric, when not the default logit difference at last."
+    )
 
 
 class SpliceEvalOutput(_Frozen):

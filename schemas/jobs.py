@@ -11,14 +11,7 @@ import hashlib
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
@@ -35,6 +28,13 @@ _STRICT = ConfigDict(frozen=True, extra="forbid")
 
 
 # --- prompt sources ---------------------------------------------------------
+
+
+def _without_empty_meta_columns(data: Any) -> Any:
+    # Sources without meta_columns dump (and hash) exactly as before the field existed.
+    if isinstance(data, dict) and not data.get("meta_columns"):
+        data.pop("meta_columns", None)
+    return data
 
 
 class TextFileSource(BaseModel):
@@ -54,6 +54,17 @@ class JsonlSource(BaseModel):
     model_config = _STRICT
     kind: Literal["jsonl"] = Field(description="Source kind.")
     path: str = Field(description="Path to the JSONL file.")
+    meta_columns: list[str] | Literal["all"] = Field(
+        default_factory=list,
+        description="Top-level keys of a row beyond the record fields to keep as labels "
+        "(stored as strings in the record's meta, so results break down by them: results "
+        "--by KEY); 'all': every such key. Keys not listed are refused, so a misspelt field "
+        "is not silently kept.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_no_meta_columns(self, handler: Any) -> Any:
+        return _without_empty_meta_columns(handler(self))
 
 
 class DatasetSource(BaseModel):
@@ -70,6 +81,16 @@ class DatasetSource(BaseModel):
         default=None, description="Column with the corrupted text."
     )
     limit: int | None = Field(default=None, ge=1, description="Use only the first N rows.")
+    meta_columns: list[str] | Literal["all"] = Field(
+        default_factory=list,
+        description="Further columns to keep as labels (stored as strings in each record's "
+        "meta, so results break down by them: results --by COLUMN); 'all': every column "
+        "that is not the text, answer, wrong or corrupted column.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _drop_no_meta_columns(self, handler: Any) -> Any:
+        return _without_empty_meta_columns(handler(self))
 
 
 class IOISource(BaseModel):
@@ -338,28 +359,6 @@ class ScanCandidates(BaseModel):
         ge=1,
         description="Candidates ablated per round (one pass of the actors over every prompt).",
     )
-    gap: float | Literal["auto"] | None = Field(
-        default=None,
-        description="Also stop once the exact K-th largest mean |Δm| is at least gap × the "
-        "next candidate's estimated mean |Δm| (candidates are in estimate order, so no later "
-        "one is expected to enter the top-K); 'auto': gap = the largest exact / estimated "
-        "ratio among the candidates ablated so far. None: patience and budget only.",
-    )
-
-    @field_validator("gap")
-    @classmethod
-    def _positive_gap(cls, value: float | str | None) -> float | str | None:
-        if isinstance(value, float | int) and not value > 0:
-            raise ValueError(f"gap must be positive (or 'auto'), got {value}")
-        return value
-
-    @model_serializer(mode="wrap")
-    def _drop_unset_gap(self, handler: Any) -> Any:
-        # Candidates without the gap rule dump (and hash) exactly as before it existed.
-        data = handler(self)
-        if isinstance(data, dict) and data.get("gap") is None:
-            data.pop("gap", None)
-        return data
 
 
 class AblationScanParams(BaseModel):

@@ -14,22 +14,27 @@ Saving (JSON files, the HTML report, a feature store) is
 :mod:`circuitscan.services.analysis_saving`; terminal text is
 :mod:`circuitscan.services.analysis_text`.
 
+Any prompt source a job spec takes works the same way:
+``prompt_setup(analysis_inputs(spec=Path("job.yaml")))`` or
+``analysis_inputs(prompts_file=Path("rows.jsonl"))``
+(:mod:`circuitscan.services.analysis_prompts`); positions are names the
+prompts carry, 0-based indices (BOS at 0) or ``last``.
+
 Each run_* picks a sensible default (the feature with the largest attribution,
-the head attending most from END to IO) and takes explicit choices as keyword
-arguments. The reference distribution for mean ablation is the IOI prompts'
-ABC-corrupted counterparts.
+the head attending most from dest to src) and takes explicit choices as keyword
+arguments. The reference distribution for mean ablation (and what patch-path
+patches towards) is the prompts' corrupted counterparts (IOI: ABC prompts).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from sae_lens import SAE, HookedSAETransformer
+from sae_lens import SAE
 
 from circuitscan.pipelines.analyses import (
     AnalysisInputError,
@@ -41,15 +46,13 @@ from circuitscan.pipelines.analyses import (
     qk_feature_pairs_batch,
     qk_pair_variance,
     recursive_dfa,
+    source_attention,
     splice_eval,
 )
 from circuitscan.pipelines.analyses.feature_choice import feature_attributions
 from circuitscan.pipelines.attribution import patch_path
 from circuitscan.pipelines.attribution.patch_path import DEFAULT_FRACTIONS
-from circuitscan.pipelines.batching import TokenBatch, tokenize_prompts
-from circuitscan.pipelines.tasks.ioi import generate_ioi
 from circuitscan.schemas.analyses import (
-    AnalysisContext,
     DFAOutput,
     HeadFeatureLogitOutput,
     PatchPathNode,
@@ -59,74 +62,22 @@ from circuitscan.schemas.analyses import (
 )
 from circuitscan.schemas.attribution import Node
 from circuitscan.schemas.hooks import HookSite, block_hook
-from circuitscan.schemas.metrics import MetricSpec
-from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.services.analysis_prompts import (
+    Setup,
+    analysis_inputs,
+    ioi_setup,
+    metric_position,
+    named_everywhere,
+    positions_of,
+    prompt_setup,
+)
 from circuitscan.services.analysis_saving import save_outputs
 from circuitscan.services.reports import report_sections
 
 Echo = Callable[[str], None]
-METRIC = MetricSpec()  # logit difference answer − wrong at the last token
+Position = str | int  # a name the prompts carry, a 0-based index (BOS at 0) or "last"
 
-
-@dataclass
-class Setup:
-    """A model, its SAEs by site label, a task prompt set and its reference (ABC) prompts."""
-
-    model: HookedSAETransformer
-    saes: dict[str, SAE]
-    records: list[PromptRecord]
-    batch: TokenBatch
-    reference: TokenBatch
-    context: AnalysisContext
-
-
-def ioi_setup(
-    n_prompts: int = 16,
-    seed: int = 0,
-    *,
-    model: HookedSAETransformer | Any | None = None,
-    model_name: str | None = None,
-    saes: dict[str, SAE] | list[Any] | None = None,
-    model_source: str | None = None,
-    sae_sources: list[str] | None = None,
-) -> Setup:
-    """Load (or take) the model and SAEs, and generate ``n_prompts`` seeded IOI prompts.
-
-    Defaults: the default model and its default SAEs. ``model`` may be a
-    HookedSAETransformer or a ``LoadedModel``; ``saes`` a dict site label
-    (``L15.z``) → SAE or a list of ``LoadedSAE`` (as ``load_default_saes`` returns).
-    """
-    if n_prompts < 2:
-        raise AnalysisInputError(f"need at least 2 prompts, got {n_prompts}")
-    if model is None:
-        from circuitscan.schemas.models import ModelSpec
-        from circuitscan.services.model_loading import load_model
-
-        model = load_model(ModelSpec(source=model_source) if model_source else None)
-    if not isinstance(model, HookedSAETransformer):  # a LoadedModel
-        model_name = model_name or model.name
-        model = model.model
-    if saes is None:
-        from circuitscan.services.sae_loading import load_default_saes, load_sae
-
-        saes = (
-            [load_sae(s, model) for s in sae_sources] if sae_sources else load_default_saes(model)
-        )
-    if isinstance(saes, list):
-        saes = {loaded.site.label: loaded.sae for loaded in saes}
-    if model.tokenizer is None:
-        raise AnalysisInputError("IOI prompts need a model with a tokenizer")
-    records = generate_ioi(model.tokenizer, n_prompts, seed=seed)
-    batch = tokenize_prompts(model, records)
-    reference = tokenize_prompts(model, [PromptRecord(text=r.corrupted or r.text) for r in records])
-    context = AnalysisContext(
-        model=model_name or model.cfg.model_name,
-        saes=sorted(saes),
-        task="ioi",
-        n_prompts=n_prompts,
-        seed=seed,
-    )
-    return Setup(model, saes, records, batch, reference, context)
+__all__ = ["Setup", "analysis_inputs", "ioi_setup", "prompt_setup"]
 
 
 def _sae(setup: Setup, label: str) -> SAE:
@@ -142,8 +93,15 @@ def _first_site(setup: Setup, point: tuple[str, ...]) -> str:
     raise AnalysisInputError(f"this analysis needs an SAE at one of {point}; have {setup.saes}")
 
 
-def _positions(setup: Setup, name: str) -> torch.Tensor:
-    return torch.tensor([r.positions[name] for r in setup.records])
+def _positions(setup: Setup, name: Position) -> torch.Tensor:
+    return positions_of(setup, name)
+
+
+def _default(setup: Setup, position: Position | None, name: str) -> Position:
+    """``position``, else IOI's ``name`` where every prompt names it, else the metric's."""
+    if position is not None:
+        return position
+    return name if named_everywhere(setup, name) else metric_position(setup)
 
 
 def run_splice_eval(
@@ -154,13 +112,13 @@ def run_splice_eval(
     sets = layer_sets or [[s] for s in labels] + ([labels] if len(labels) > 1 else [])
     b, ref = setup.batch, setup.reference
     rows = splice_eval(
-        setup.model, [setup.saes[s] for s in labels], b.tokens, b.lengths, METRIC,
+        setup.model, [setup.saes[s] for s in labels], b.tokens, b.lengths, setup.metric,
         b.answer, b.wrong, layer_sets=sets, reference_tokens=ref.tokens,
         reference_lengths=ref.lengths, batch_size=batch_size,
     )  # fmt: skip
     return SpliceEvalOutput(
         context=setup.context,
-        reference="IOI ABC prompts (IO, S1, S2 replaced by three other names)",
+        reference=setup.reference_label,
         reference_prompts=int(ref.tokens.shape[0]),
         rows=rows,
     )
@@ -173,7 +131,7 @@ def _attributions(setup: Setup, label: str, positions: torch.Tensor, prompt_inde
     wro = None if b.wrong is None else b.wrong[sl]
     acts, attr = feature_attributions(
         setup.model, _sae(setup, label), b.tokens[sl], b.lengths[sl],
-        positions[sl], METRIC, ans, wro,
+        positions[sl], setup.metric, ans, wro,
     )  # fmt: skip
     return acts[0], attr[0]
 
@@ -192,27 +150,38 @@ def run_head_feature_logit(
     feature: int | None = None,
     prompt_index: int = 0,
     top_k: int = 8,
+    src: Position | None = None,
+    dest: Position | None = None,
 ) -> HeadFeatureLogitOutput:
-    """The residual feature at the IO token that most helps IO over S, through every later head.
+    """The residual feature at ``src`` that most helps answer over wrong, through every later head.
 
-    Norm scales are frozen from ``prompt_index``'s forward pass (source IO,
-    destination END); answer/wrong are that prompt's IO/S tokens.
+    Norm scales and attention weights are frozen from ``prompt_index``'s
+    forward pass; answer/wrong are that prompt's tokens. Defaults: source IO
+    and destination END where the prompts name them (IOI), else the metric's
+    position (the last token). Each head gets its effect per unit of the
+    feature at full attention and the prompt's actual contribution (× the
+    feature's activation × the head's attention dest → src).
     """
     _check_prompt(setup, prompt_index)
     label = site or _first_site(setup, ("resid_post", "resid_pre", "resid_mid"))
-    src, dest = _positions(setup, "IO"), _positions(setup, "END")
-    acts, attr = _attributions(setup, label, src, prompt_index)
+    src_at = _positions(setup, _default(setup, src, "IO"))
+    dest_at = _positions(setup, _default(setup, dest, "END"))
+    acts, attr = _attributions(setup, label, src_at, prompt_index)
     if feature is None:
         feature = int(attr.argmax())
     b = setup.batch
     if b.answer is None or b.wrong is None:
         raise AnalysisInputError("head→feature→logit needs answer and wrong tokens")
     tokens = b.tokens[prompt_index, : int(b.lengths[prompt_index])]
-    src_pos, dest_pos = int(src[prompt_index]), int(dest[prompt_index])
+    src_pos, dest_pos = int(src_at[prompt_index]), int(dest_at[prompt_index])
+    if not 0 <= feature < acts.shape[0]:
+        raise AnalysisInputError(f"feature {feature} out of range for d_sae {acts.shape[0]}")
     final_scale, input_scales = frozen_norm_scales(setup.model, tokens, src_pos, dest_pos)
+    attention = source_attention(setup.model, tokens, src_pos, dest_pos)
     result = head_feature_logit(
         setup.model, _sae(setup, label), feature, int(b.answer[prompt_index]),
         int(b.wrong[prompt_index]), final_scale, input_scales=input_scales, top_k=top_k,
+        activation=float(acts[feature]), attention=attention,
     )  # fmt: skip
     return HeadFeatureLogitOutput(
         context=setup.context,
@@ -234,24 +203,27 @@ def run_dfa(
     feature: int | None = None,
     prompt_index: int = 0,
     pruning: Pruning | None = None,
+    dest: Position | None = None,
 ) -> DFAOutput:
-    """DFA and recursive DFA of the attention-output feature at END with the largest attribution."""
+    """DFA and recursive DFA of the attention-output feature at ``dest`` with the largest
+    |attribution| (default dest: END where the prompts name it, else the metric's position)."""
     _check_prompt(setup, prompt_index)
     label = site or _first_site(setup, ("z",))
     layer = HookSite.from_hook_name(_sae(setup, label).cfg.metadata.hook_name).layer
-    dest = _positions(setup, "END")
-    acts, attr = _attributions(setup, label, dest, prompt_index)
+    where = _default(setup, dest, "END")
+    dest_at = _positions(setup, where)
+    acts, attr = _attributions(setup, label, dest_at, prompt_index)
     if feature is None:
         active = acts > 0
         if not bool(active.any()):
             raise AnalysisInputError(
-                f"no {label} feature is active at END of prompt {prompt_index}"
+                f"no {label} feature is active at {where} of prompt {prompt_index}"
             )
         feature = int(torch.where(active, attr.abs(), -1.0).argmax())
     pruning = pruning or Pruning(max_depth=3, top_k=6, min_frac=0.05)
     tokens = setup.batch.tokens[prompt_index, : int(setup.batch.lengths[prompt_index])]
     saes = list(setup.saes.values())
-    dest_pos = int(dest[prompt_index])
+    dest_pos = int(dest_at[prompt_index])
     result = dfa(setup.model, saes, tokens, feature, layer, dest_pos)
     tree = recursive_dfa(setup.model, saes, tokens, feature, layer, dest_pos, pruning)
     return DFAOutput(
@@ -267,7 +239,7 @@ def run_dfa(
 
 
 @torch.no_grad()
-def _mean_attention(setup: Setup, layer: int, dest: str, src: str) -> torch.Tensor:
+def _mean_attention(setup: Setup, layer: int, dest: Position, src: Position) -> torch.Tensor:
     name = block_hook(layer, "pattern")
     _, cache = setup.model.run_with_cache(
         setup.batch.tokens, names_filter=lambda n: n == name, stop_at_layer=layer + 1
@@ -282,26 +254,29 @@ def run_qk_pairs(
     *,
     site: str | None = None,
     head: int | None = None,
-    dest: str = "S2",
-    src: str = "S1",
+    dest: Position | None = None,
+    src: Position | None = None,
     top_n: int = 20,
 ) -> QKPairsOutput:
     """QK pair tables (dest→src) of the head reading the residual SAE's site, over all prompts.
 
     Default: from the second mention of the subject (S2) to its first (S1), the
     duplicate-name lookup of IOI, on the head of that layer with the largest
-    mean attention dest→src.
+    mean attention dest→src. Prompts that do not name S1 and S2 need both given.
     """
     label = site or _first_site(setup, ("resid_post", "resid_pre"))
     hook_site = HookSite.from_hook_name(_sae(setup, label).cfg.metadata.hook_name)
     layer = hook_site.layer + (1 if hook_site.point == "resid_post" else 0)
     if layer >= setup.model.cfg.n_layers:
         raise AnalysisInputError(f"no attention layer reads {label}")
-    for name in (dest, src):
-        if name not in setup.records[0].positions:
+    if dest is None or src is None:
+        if not (named_everywhere(setup, "S2") and named_everywhere(setup, "S1")):
+            names = sorted({n for r in setup.records for n in r.positions})
             raise AnalysisInputError(
-                f"unknown position {name!r}; IOI has {sorted(setup.records[0].positions)}"
+                "qk-pairs needs --dest and --src on prompts that do not name S2 and S1 (IOI); "
+                f"these name {', '.join(names) or 'no positions'} (or give an index, or last)"
             )
+        dest, src = dest or "S2", src or "S1"
     attention = _mean_attention(setup, layer, dest, src)
     head = int(attention.argmax()) if head is None else head
     if not 0 <= head < setup.model.cfg.n_heads:
@@ -313,8 +288,8 @@ def run_qk_pairs(
     )  # fmt: skip
     return QKPairsOutput(
         context=setup.context,
-        dest=dest,
-        src=src,
+        dest=str(dest),
+        src=str(src),
         mean_attention=float(attention[head]),
         tables=tables,
         variance=qk_pair_variance(tables, top_n=top_n),
@@ -325,10 +300,16 @@ def run_patch_path(
     setup: Setup, nodes: list[str], *, fractions: list[float] | None = None
 ) -> PatchPathOutput:
     """Exact, frozen-pattern and partial patches of ``nodes`` (e.g. ``v:L16:0@S1``) on the
-    clean/ABC-corrupted prompt pairs, beside their AtP and AtP* estimates."""
+    clean/corrupted prompt pairs (IOI: ABC), beside their AtP and AtP* estimates."""
     if not nodes:
         raise AnalysisInputError("name at least one node, e.g. v:L16:0@S1")
     parsed = [Node.parse(text) for text in nodes]
+    if not setup.paired:
+        bad = next(i for i, r in enumerate(setup.records) if r.corrupted is None)
+        raise AnalysisInputError(
+            f"patch-path patches each prompt towards its corrupted counterpart; prompt {bad} "
+            "has no 'corrupted' text"
+        )
     b, ref = setup.batch, setup.reference
     if not torch.equal(b.lengths, ref.lengths):
         bad = int(torch.nonzero(b.lengths != ref.lengths)[0, 0])
@@ -337,7 +318,8 @@ def run_patch_path(
             f"{int(b.lengths[bad])}: patching pairs positions one to one"
         )
     path = patch_path(
-        setup.model, list(setup.saes.values()), b.tokens, ref.tokens, b.lengths, METRIC, b.answer, b.wrong,
+        setup.model, list(setup.saes.values()), b.tokens, ref.tokens, b.lengths, setup.metric,
+        b.answer, b.wrong,
         parsed, named_positions=[dict(r.positions) for r in setup.records],
         fractions=fractions or DEFAULT_FRACTIONS,
     )  # fmt: skip
@@ -358,7 +340,7 @@ def run_patch_path(
     ]
     return PatchPathOutput(
         context=setup.context,
-        corruption="IOI ABC prompts (IO, S1, S2 replaced by three other names)",
+        corruption=setup.reference_label,
         fractions=path.fractions,
         nodes=entries,
     )

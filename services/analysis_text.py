@@ -50,24 +50,56 @@ def format_table(columns: list[str], rows: list[list[Any]], markdown: bool = Fal
     return "\n".join([fmt.format(*columns), *(fmt.format(*r) for r in text)])
 
 
+def head_feature_logit_tables(
+    output: HeadFeatureLogitOutput, n: int = 10
+) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """(title, columns, rows) of the per-unit ranking and of the prompt's own ranking."""
+    r = output.result
+
+    def tokens(h: Any) -> str:
+        return " ".join(
+            repr(t.token if t.token is not None else t.token_id) for t in h.top_tokens[:4]
+        )
+
+    per_unit = (
+        "heads by |logit diff per unit| (weights only: per unit of the feature, full attention)",
+        ["head", "logit diff / unit", "attention", "contribution", "top tokens"],
+        [[f"L{h.layer}H{h.head}", h.logit_diff, h.attention, h.contribution, tokens(h)]
+         for h in r.heads[:n]],
+    )  # fmt: skip
+    ranked = r.by_contribution()
+    if not ranked:
+        return [per_unit]
+    own = (
+        f"heads by |contribution| on prompt {output.prompt_index} (activation "
+        f"{output.feature_activation:.3f} × attention {output.dest_pos}→{output.src_pos} × "
+        "per unit: the prompt's own ranking)",
+        ["head", "contribution", "attention", "logit diff / unit", "top tokens"],
+        [[f"L{h.layer}H{h.head}", h.contribution, h.attention, h.logit_diff, tokens(h)]
+         for h in ranked[:n]],
+    )  # fmt: skip
+    return [per_unit, own]
+
+
+def head_feature_logit_text(output: HeadFeatureLogitOutput) -> str:
+    """The feature's line, then both rankings (per unit, and this prompt's contributions)."""
+    r = output.result
+    lines = [
+        f"{r.sae_site}#{r.feature} (activation {output.feature_activation:.3f}, "
+        f"attribution {output.feature_attribution:+.3f}) at pos {output.src_pos} → "
+        f"pos {output.dest_pos}, logit({output.answer!r}) − logit({output.wrong!r})"
+    ]
+    for title, columns, rows in head_feature_logit_tables(output):
+        lines += ["", title, format_table(columns, rows)]
+    return "\n".join(lines)
+
+
 def summary_lines(output: Any) -> str:
     """A short plain-text summary of one output for the terminal."""
     if isinstance(output, SpliceEvalOutput):
         return format_table(*splice_table(output))
     if isinstance(output, HeadFeatureLogitOutput):
-        r = output.result
-        cols = ["head", "logit diff / unit", "× activation", "top tokens"]
-        act = output.feature_activation
-        rows = [
-            [f"L{h.layer}H{h.head}", h.logit_diff, h.logit_diff * act,
-             " ".join(repr(t.token) for t in h.top_tokens[:4])]
-            for h in r.heads[:10]
-        ]  # fmt: skip
-        head = (
-            f"{r.sae_site}#{r.feature} (activation {output.feature_activation:.3f}, "
-            f"attribution {output.feature_attribution:+.3f}) at pos {output.src_pos}"
-        )
-        return head + "\n" + format_table(cols, rows)
+        return head_feature_logit_text(output)
     if isinstance(output, DFAOutput):
         from circuitscan.services.reports import render_dfa_text
 

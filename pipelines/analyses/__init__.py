@@ -8,9 +8,11 @@ Public API (results are pydantic models from ``circuitscan.schemas.analyses``):
   reconstructions spliced in (per site or per set, sequentially recomputed), the error term
   mean-ablated, and a mean-ablation baseline.
 - ``head_feature_logit(model, sae, feature, answer_id, wrong_id, norm_scale, *,
-  input_scales=None, top_k=8) -> HeadFeatureLogitResult`` — method 8, every downstream head
-  ranked by its direct logit-difference effect through the feature (``frozen_norm_scales``
-  gives the scales from a forward pass; ``head_logit_vectors`` the full vocab rows).
+  input_scales=None, top_k=8, activation=None, attention=None) -> HeadFeatureLogitResult``
+  — method 8, every downstream head ranked by its direct logit-difference effect per unit of
+  the feature, and with the prompt's activation and attention (``source_attention``) its
+  actual contribution (``frozen_norm_scales`` gives the scales from a forward pass;
+  ``head_logit_vectors`` the full vocab rows).
 - ``dfa(model, saes, tokens, feature, layer, dest_pos) -> DFAResult`` and
   ``recursive_dfa(model, saes, tokens, feature, layer, dest_pos, pruning=Pruning()) -> DFANode``
   — method 9 for hook_z SAE features; ``check_tree_sums(tree)`` verifies exactness.
@@ -32,6 +34,7 @@ from circuitscan.pipelines.analyses.head_feature_logit import (
     frozen_norm_scales,
     head_feature_logit,
     head_logit_vectors,
+    source_attention,
 )
 from circuitscan.pipelines.analyses.linear_parts import AnalysisInputError
 from circuitscan.pipelines.analyses.qk_pairs import (
@@ -56,5 +59,6 @@ __all__ = [
     "qk_pair_variance",
     "recursive_dfa",
     "reference_means",
+    "source_attention",
     "splice_eval",
 ]

@@ -8,9 +8,18 @@ feature at a source it attends to fully is
 
 with both norms' scales frozen (``norm_f`` the final norm at the destination,
 ``norm_1`` the head's input norm at the source) and their biases dropped: the
-bias terms do not depend on the feature. Multiply by the head's attention
-weight to the source for the actual contribution at a position. Grouped-query
-models use the per-query-head (repeated) value weights.
+bias terms do not depend on the feature. That is per unit of activation at
+full attention, a property of the weights. On a prompt the head's actual
+direct contribution through the feature is
+
+    a_i(src) · A^h[dest, src] · (the per-unit logit difference)
+
+(``activation`` and ``attention`` given): the change in logit[answer] −
+logit[wrong] at dest when the feature's part ``a_i · d_i`` is removed from
+what head h reads at src, with attention patterns and norm scales frozen.
+Patterns do not read values, so at frozen norm scales that removal is exactly
+linear; with the final norm's scale free it holds to first order. Grouped-
+query models use the per-query-head (repeated) value weights.
 """
 
 from __future__ import annotations
@@ -73,6 +82,28 @@ def frozen_norm_scales(
 
 
 @torch.no_grad()
+def source_attention(
+    model: HookedSAETransformer, tokens: Int[torch.Tensor, " seq"], src_pos: int, dest_pos: int
+) -> Float[torch.Tensor, "n_layers n_heads"]:
+    """Every head's attention weight from ``dest_pos`` to ``src_pos`` in the model's forward pass."""
+    require_detached(model, "source_attention", AnalysisInputError)
+    if not 0 <= src_pos <= dest_pos < tokens.shape[0]:
+        raise AnalysisInputError(
+            f"source {src_pos} must lie at or before destination {dest_pos}, inside the "
+            f"{tokens.shape[0]} tokens (a head attends only backwards)"
+        )
+    _, cache = model.run_with_cache(
+        tokens.unsqueeze(0), names_filter=lambda n: n.endswith("attn.hook_pattern")
+    )
+    return torch.stack(
+        [
+            cache[block_hook(layer, "pattern")][0, :, dest_pos, src_pos]
+            for layer in range(model.cfg.n_layers)
+        ]
+    )
+
+
+@torch.no_grad()
 def head_logit_vectors(
     model: HookedSAETransformer,
     direction: Float[torch.Tensor, " d_model"],
@@ -100,13 +131,18 @@ def head_feature_logit(
     *,
     input_scales: Float[torch.Tensor, " n_layers"] | None = None,
     top_k: int = 8,
+    activation: float | None = None,
+    attention: Float[torch.Tensor, "n_layers n_heads"] | None = None,
 ) -> HeadFeatureLogitResult:
     """Every downstream head's direct logit-difference effect through ``feature``, ranked.
 
     ``norm_scale`` is the final norm's frozen scale at the destination and
     ``input_scales[L]`` each layer's attention-input norm scale at the source
     (see ``frozen_norm_scales``; default 1, i.e. the direction as if already
-    normalised). Values are logits per unit feature activation.
+    normalised). Values are logits per unit feature activation; with the
+    feature's ``activation`` at the source and ``attention`` (see
+    ``source_attention``) each head also gets the prompt's actual
+    ``contribution`` = activation × attention × logit_diff.
     """
     vocab = model.cfg.d_vocab_out
     for tok in (answer_id, wrong_id):
@@ -131,13 +167,19 @@ def head_feature_logit(
                     for i in ids
                 ]
 
+            per_unit = float(row[answer_id] - row[wrong_id])
+            weight = None if attention is None else float(attention[layer, h])
             heads.append(
                 HeadLogitEffect(
                     layer=layer,
                     head=h,
-                    logit_diff=float(row[answer_id] - row[wrong_id]),
+                    logit_diff=per_unit,
                     top_tokens=effects(row.topk(min(top_k, vocab)).indices),
                     bottom_tokens=effects((-row).topk(min(top_k, vocab)).indices),
+                    attention=weight,
+                    contribution=None
+                    if weight is None or activation is None
+                    else activation * weight * per_unit,
                 )
             )
     heads.sort(key=lambda e: -abs(e.logit_diff))

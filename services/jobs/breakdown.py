@@ -60,6 +60,8 @@ def field_values(records: Sequence[PromptRecord], field: str) -> list[str]:
             f"no prompt of this store has a field {field!r}; the prompts carry "
             f"{', '.join(sorted(have)) or 'no record fields'}"
             + (f" and meta keys {', '.join(meta)}" if meta else " and no meta keys")
+            + " (a JSONL key or dataset column beyond the record fields is kept, and can be "
+            "grouped by, when the job's prompts list it in meta_columns)"
         )
     return [MISSING_GROUP if value is None else str(value) for value in found]
 

@@ -128,17 +128,75 @@ class TextPrompts(_LineFile):
         return [PromptRecord(text=line) for _, line in self._lines(start, stop)]
 
 
+_RECORD_FIELDS = frozenset(PromptRecord.model_fields)
+
+
+def _label(value: Any, where: str, column: str) -> str | None:
+    """A column's value as a meta label: scalars as strings, None as no label."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise PromptSourceError(
+        f"{where}: column {column!r} holds a {type(value).__name__}; only strings, numbers "
+        "and booleans can be kept as labels"
+    )
+
+
+def _one_line(exc: ValidationError) -> str:
+    """A record's first validation problem in one line (pydantic's text spans several)."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "record"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
 class JsonlPrompts(_LineFile):
-    """A JSONL file, one PromptRecord a non-blank line."""
+    """A JSONL file, one PromptRecord a non-blank line (``meta_columns`` keys kept as meta)."""
+
+    def __init__(self, path: Path, meta_columns: list[str] | str | None = None) -> None:
+        super().__init__(path)
+        self.meta_columns = meta_columns or []
+
+    def _row(self, row: Any, where: str) -> dict[str, Any]:
+        if not isinstance(row, dict) or not self.meta_columns:
+            return row  # type: ignore[no-any-return]
+        keep = [
+            key
+            for key in row
+            if key not in _RECORD_FIELDS
+            and (self.meta_columns == "all" or key in self.meta_columns)
+        ]
+        if not keep:
+            return row
+        meta = dict(row.get("meta") or {})
+        for key in keep:
+            value = _label(row[key], where, key)
+            if key in meta and value is not None and meta[key] != value:
+                raise PromptSourceError(
+                    f"{where}: {key!r} is both a column ({value!r}) and a meta key ({meta[key]!r})"
+                )
+            if value is not None:
+                meta[key] = value
+        kept = {key: value for key, value in row.items() if key not in keep}
+        return {**kept, "meta": meta}
 
     def records(self, start: int, stop: int) -> list[PromptRecord]:
         records = []
         for number, line in self._lines(start, stop):
+            where = f"{self.path}:{number}"
             try:
-                records.append(PromptRecord.model_validate(json.loads(line)))
-            except (json.JSONDecodeError, ValidationError) as exc:
+                records.append(PromptRecord.model_validate(self._row(json.loads(line), where)))
+            except json.JSONDecodeError as exc:
+                raise PromptSourceError(f"{where}: not valid JSON: {exc}") from exc
+            except ValidationError as exc:
+                hint = ""
+                if any(e["type"] == "extra_forbidden" for e in exc.errors()):
+                    hint = "; keep further keys as labels with prompts.meta_columns"
                 raise PromptSourceError(
-                    f"{self.path}:{number}: not a valid prompt record: {exc}"
+                    f"{where}: not a valid prompt record: {_one_line(exc)}{hint}"
                 ) from exc
         return records
 
@@ -164,11 +222,16 @@ class DatasetPrompts(PromptSet):
             source.wrong_column,
             source.corrupted_column,
         ]
-        missing = [c for c in wanted if c is not None and c not in columns]
+        if source.meta_columns == "all":
+            extra = [c for c in loaded.column_names if c not in wanted]
+        else:
+            extra = list(source.meta_columns)
+        missing = [c for c in [*wanted, *extra] if c is not None and c not in columns]
         if missing:
             raise PromptSourceError(
                 f"{path} has no column(s) {missing}; columns are {sorted(columns)}"
             )
+        self.meta_columns = extra
         self.source = source
         self.table = loaded
         self._len = len(loaded) if source.limit is None else min(source.limit, len(loaded))
@@ -192,10 +255,17 @@ class DatasetPrompts(PromptSet):
             field: [None] * (stop - start) if name is None else [str(v) for v in rows[name]]
             for field, name in names.items()
         }
-        return [
-            PromptRecord(**{field: values[i] for field, values in columns.items()})
-            for i in range(stop - start)
-        ]
+        labels = {name: rows[name] for name in self.meta_columns}
+        records = []
+        for i in range(stop - start):
+            meta = {}
+            for name, values in labels.items():
+                value = _label(values[i], f"{self.source.path} row {start + i}", name)
+                if value is not None:
+                    meta[name] = value
+            fields = {field: values[i] for field, values in columns.items()}
+            records.append(PromptRecord(**fields, meta=meta))
+        return records
 
 
 class GeneratedPrompts(PromptSet):
@@ -239,7 +309,7 @@ def open_prompts(source: PromptSource, tokenizer: Callable[[], Any]) -> PromptSe
     if isinstance(source, TextFileSource):
         return TextPrompts(_existing(source.path))
     if isinstance(source, JsonlSource):
-        return JsonlPrompts(_existing(source.path))
+        return JsonlPrompts(_existing(source.path), source.meta_columns)
     if isinstance(source, DatasetSource):
         return DatasetPrompts(source)
     if isinstance(source, IOISource):

@@ -8,6 +8,7 @@ from typing import Any
 from circuitscan.schemas.analyses import (
     DFAOutput,
     HeadFeatureLogitOutput,
+    HeadLogitEffect,
     PatchPathOutput,
     QKPairsOutput,
     SpliceEvalOutput,
@@ -44,7 +45,7 @@ def splice_section(out: SpliceEvalOutput, out_dir: Path) -> Section:
         title="SAE splice evaluation",
         paragraphs=[
             f"{out.context.n_prompts} {out.context.task.upper()} prompts (seed "
-            f"{out.context.seed}); metric: logit difference answer − wrong at the last token. "
+            f"{out.context.seed}); metric: {_metric_text(out.context)}. "
             f"Means for mean ablation and the error term over {out.reference_prompts} "
             f"{out.reference}. KL(original ‖ variant) in nats at the answer position and "
             "averaged over all real tokens. 'recovered' = (metric − mean-ablation metric) / "
@@ -69,6 +70,18 @@ def splice_section(out: SpliceEvalOutput, out_dir: Path) -> Section:
     )
 
 
+def _metric_text(context: Any) -> str:
+    metric = context.metric
+    if metric is None or metric.kind == "logit_diff":
+        where = (
+            "the last token"
+            if metric is None or metric.position == "last"
+            else (f"position {metric.position}")
+        )
+        return f"logit difference answer − wrong at {where}"
+    return f"{metric.kind} at {metric.position}"
+
+
 def head_feature_logit_section(out: HeadFeatureLogitOutput, out_dir: Path) -> Section:
     """Heads ranked by their direct logit-difference effect through one feature."""
     r = out.result
@@ -78,37 +91,80 @@ def head_feature_logit_section(out: HeadFeatureLogitOutput, out_dir: Path) -> Se
         out_dir / "head_feature_logit.png", xlabel="logit(answer) − logit(wrong) per unit feature",
         title=f"{r.sae_site}#{r.feature} → head → logits",
     )  # fmt: skip
+
+    def tokens(h: HeadLogitEffect, n: int) -> str:
+        return " ".join(
+            repr(t.token if t.token is not None else t.token_id) for t in h.top_tokens[:n]
+        )
+
+    def bottom(h: HeadLogitEffect) -> str:
+        return " ".join(
+            repr(t.token if t.token is not None else t.token_id) for t in h.bottom_tokens[:4]
+        )
+
     rows = [
-        [f"L{h.layer}H{h.head}", h.logit_diff, h.logit_diff * out.feature_activation,
-         " ".join(repr(t.token if t.token is not None else t.token_id) for t in h.top_tokens[:6]),
-         " ".join(repr(t.token if t.token is not None else t.token_id) for t in h.bottom_tokens[:4])]
+        [f"L{h.layer}H{h.head}", h.logit_diff, h.attention, h.contribution, tokens(h, 6),
+         bottom(h)]
         for h in r.heads[:12]
     ]  # fmt: skip
-    return Section(
-        title="Head → feature → logit",
-        paragraphs=[
-            f"Feature {r.sae_site}#{r.feature}: activation {out.feature_activation:.3f} at "
-            f"position {out.src_pos} of prompt {out.prompt_index}, attribution "
-            f"{out.feature_attribution:+.3f} (metric units). "
-            f"For every later head: the logit difference ({out.answer or r.answer_id!r} − "
-            f"{out.wrong or r.wrong_id!r}) it writes per unit of the feature at a source it "
-            "attends to fully, "
-            f"through W_V·W_O and the unembedding, norm scales frozen at source "
-            f"{out.src_pos} / destination {out.dest_pos}.",
-        ],
-        tables=[
+    tables = [
+        Table(
+            columns=[
+                "head",
+                "logit diff / unit",
+                "attention",
+                "contribution",
+                "top tokens pushed up",
+                "pushed down",
+            ],
+            rows=rows,
+        )
+    ]
+    ranked = r.by_contribution()
+    paragraphs = [
+        f"Feature {r.sae_site}#{r.feature}: activation {out.feature_activation:.3f} at "
+        f"position {out.src_pos} of prompt {out.prompt_index}, attribution "
+        f"{out.feature_attribution:+.3f} (metric units). "
+        f"First table, ranked by the weights alone: for every later head, the logit difference "
+        f"({out.answer or r.answer_id!r} − {out.wrong or r.wrong_id!r}) it writes per unit of "
+        "the feature at a source it attends to fully, "
+        f"through W_V·W_O and the unembedding, norm scales frozen at source "
+        f"{out.src_pos} / destination {out.dest_pos}.",
+    ]
+    if ranked:
+        paragraphs.append(
+            "Second table, ranked by this prompt's own contributions: contribution = activation "
+            f"× the head's attention from position {out.dest_pos} to {out.src_pos} × the "
+            "per-unit value, the change in the logit difference when the feature is removed "
+            "from what that head reads (patterns and norm scales frozen); the two rankings can "
+            "differ, since a head with a large per-unit effect may hardly attend to the source."
+        )
+        tables.append(
             Table(
                 columns=[
                     "head",
+                    "contribution",
+                    "attention",
                     "logit diff / unit",
-                    "× activation",
                     "top tokens pushed up",
-                    "pushed down",
                 ],
-                rows=rows,
+                rows=[
+                    [
+                        f"L{h.layer}H{h.head}",
+                        h.contribution,
+                        h.attention,
+                        h.logit_diff,
+                        tokens(h, 6),
+                    ]
+                    for h in ranked[:12]
+                ],
             )
-        ],
-        figures=[Figure(bars, "Heads with the largest |direct effect| through the feature.")],
+        )
+    return Section(
+        title="Head → feature → logit",
+        paragraphs=paragraphs,
+        tables=tables,
+        figures=[Figure(bars, "Heads with the largest |direct effect| per unit of the feature.")],
     )
 
 

@@ -167,7 +167,7 @@ def ablation_figures(
         columns = {int(f): j for j, f in enumerate(partial.features.tolist())}
         for feature in chosen:
             if feature in columns:
-                column = partial.delta[:, columns[feature]]
+                column = partial.dense_delta()[:, columns[feature]]
                 samples[feature] += [float(v) for v in column if v == v]  # NaN: not ablated
     keys = [feature_node(result.site, f) for f in chosen]
     if not any(samples.values()):  # no shard partials (a result written on its own): the means

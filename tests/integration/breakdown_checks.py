@@ -62,8 +62,9 @@ def check_attribute_per_prompt(url: str, estimates: np.ndarray, names: list[str]
     np.testing.assert_allclose(stored, estimates, rtol=1e-4, atol=1e-6)
 
 
-def check_verified_per_prompt(url: str, exact: np.ndarray) -> None:
-    """The stored per-prompt exact Δm of the verified nodes: the pipeline's, and the means'."""
+def check_verified_per_prompt(url: str, exact: np.ndarray, shard_size: int) -> None:
+    """The stored per-prompt exact Δm of the verified nodes: the pipeline's, and the means'
+    (exactly: each verification pass's rows summed in float64, the passes added in order)."""
     from circuitscan.services.store.results import read_job_array, read_result
 
     result = read_result(url, "attribute")
@@ -79,6 +80,12 @@ def check_verified_per_prompt(url: str, exact: np.ndarray) -> None:
         assert np.nanmean(stored[:, i].astype(np.float64)) == pytest.approx(
             check.exact_mean, rel=1e-12, abs=1e-12
         )
+        total, count = 0.0, 0
+        for start in range(0, stored.shape[0], shard_size):
+            block = stored[start : start + shard_size, i].astype(np.float64)
+            total += float(np.nansum(block))
+            count += int((~np.isnan(block)).sum())
+        assert count == check.n_prompts and total / count == check.exact_mean
         assert check.ratio == pytest.approx(check.exact_mean / by_node[name].mean)
 
 
@@ -97,3 +104,85 @@ def check_breakdown(
         for item, values in items.items():
             assert_cells(breakdown, item, quantity, group_means(values, labels))
     return breakdown
+
+
+def check_ablation_per_prompt(url: str) -> None:
+    """Each shard keeps its Δm sparse, in the model's dtype, and the job's means are sums of
+    exactly those values (in shard order, as the merge adds them)."""
+    from circuitscan.services.jobs.kinds.ablation_scan import AblationPartial
+    from circuitscan.services.store.results import read_result
+
+    result = read_result(url, "ablation_scan")
+    zero = result.mode == "zero"
+    totals: dict[int, list[float]] = {}
+    for part in committed_partials(FeatureStore.open(url), AblationPartial):
+        assert part.delta is None and part.delta_values is not None
+        assert part.delta_values.dtype == np.float32  # the tiny Llama computes in float32
+        n_stored = part.delta_values.shape[0]
+        assert n_stored <= part.scan.n_ablations  # zero mode drops exact zeros
+        dense = part.dense_delta()
+        assert dense.dtype == np.float64
+        assert np.array_equal(
+            dense[part.delta_prompts, part.delta_columns], part.delta_values.astype(np.float64)
+        )
+        values = np.nan_to_num(dense)
+        defined = ~np.isnan(dense)
+        for column, feature in enumerate(part.features.tolist()):
+            slot = totals.setdefault(int(feature), [0.0, 0.0, 0.0])
+            slot[0] += float(values[:, column].sum())
+            slot[1] += float(np.abs(values[:, column]).sum())
+            slot[2] += float(defined[:, column].sum())
+    assert {f.feature for f in result.features} == set(totals)
+    for f in result.features:
+        total, total_abs, n_defined = totals[f.feature]
+        n = result.n_prompts if zero else int(n_defined)
+        assert f.n_prompts == n
+        assert f.mean_delta == total / n and f.mean_abs_delta == total_abs / n
+
+
+def check_dfa_per_prompt(url: str) -> None:
+    """The job's per-feature means are the sums of the shards' per-prompt rows, exactly."""
+    from circuitscan.services.jobs.kinds.dfa import DFAPartial
+    from circuitscan.services.store.results import dfa_features
+
+    rows: dict[int, list] = {}
+    for part in committed_partials(FeatureStore.open(url), DFAPartial):
+        for row in part.rows:
+            rows.setdefault(row.feature, []).append(row)
+    result = dfa_features(url)
+    assert {f.feature for f in result.features} == set(rows)
+    for feature in result.features:
+        mine = rows[feature.feature]
+        n = len(mine)
+        assert feature.n_prompts == n
+        activation = pre = 0.0
+        heads = None
+        for row in mine:
+            activation += row.activation
+            pre += row.pre_activation
+            per_head = np.asarray(row.contributions, dtype=np.float64).sum(axis=1)
+            heads = per_head if heads is None else heads + per_head
+        assert heads is not None
+        assert feature.mean_activation == activation / n
+        assert feature.mean_pre_activation == pre / n
+        assert feature.head_means == (heads / n).tolist()
+
+
+def check_splice_per_prompt(url: str) -> None:
+    """Each row's metric and KL means are the sums of the shards' per-prompt values, exactly."""
+    from circuitscan.services.jobs.kinds.splice_eval import SplicePartial, row_name
+    from circuitscan.services.store.results import splice_eval_rows
+
+    sums: dict[str, list[float]] = {}
+    for part in committed_partials(FeatureStore.open(url), SplicePartial):
+        assert part.metric is not None and part.kl is not None
+        assert part.metric.dtype == np.float64 and part.kl.dtype == np.float64
+        for i, row in enumerate(part.rows):
+            slot = sums.setdefault(row_name(row), [0.0, 0.0, 0.0])
+            slot[0] += float(part.metric[i].sum())
+            slot[1] += float(part.kl[i].sum())
+            slot[2] += part.metric.shape[1]
+    for row in splice_eval_rows(url):
+        total, total_kl, n = sums[row_name(row)]
+        assert row.n_prompts == n
+        assert row.metric_mean == total / n and row.kl_metric_pos == total_kl / n

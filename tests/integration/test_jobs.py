@@ -23,14 +23,18 @@ import ray
 import torch
 from breakdown_checks import (
     assert_cells,
+    check_ablation_per_prompt,
     check_attribute_per_prompt,
     check_breakdown,
+    check_dfa_per_prompt,
+    check_splice_per_prompt,
     check_verified_per_prompt,
     group_means,
 )
 
 from circuitscan.schemas.jobs import (
     CacheParams,
+    DatasetSource,
     ExecutionSpec,
     IOISource,
     JobSpec,
@@ -39,7 +43,7 @@ from circuitscan.schemas.jobs import (
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.schemas.models import ModelSpec, SAESpec
 from circuitscan.services.jobs.ray_pool import acquire_actors, describe
-from circuitscan.services.jobs.runner import JobError, run_job
+from circuitscan.services.jobs.runner import JobError, resume_job, run_job
 from circuitscan.services.store import FeatureStore, feature_summary, features_at, top_examples
 
 pytestmark = pytest.mark.integration
@@ -239,9 +243,12 @@ def test_killed_driver_then_resume_recomputes_only_uncommitted(make_spec, tmp_pa
     committed = set(_digests(spec.store))
     assert 1 <= len(committed) < 24, "the kill did not land mid-job"
 
-    resumed = _cli("resume", spec.store)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert f"ran {24 - len(committed)}, reused {len(committed)}" in resumed.stdout
+    # Another driver (this process, on the module's warm workers: the killed driver's
+    # own process is what had to be real) takes over the dead driver's lease and resumes.
+    notes: list[str] = []
+    resumed = resume_job(spec.store, echo=notes.append, keep_actors=True)
+    assert (resumed.shards_run, resumed.shards_reused) == (24 - len(committed), len(committed))
+    assert any("took over the stale writer lease" in note for note in notes), notes
     assert _digests(spec.store) == _digests(reference.store)
     assert _stored_texts(spec.store) == _stored_texts(reference.store)
 
@@ -364,10 +371,24 @@ def test_repair_restores_damaged_shards_entries_and_results_byte_for_byte(
 # --- bad input through the CLI ---------------------------------------------------------
 
 
+def _cli_in_process(*args: str):
+    """The CLI run in this process (what a user sees: exit status, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from circuitscan.services.cli import app
+
+    result = CliRunner().invoke(app, list(args))
+    # Only typer.Exit (SystemExit) may end the command: any other exception is a traceback.
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+
+
 def test_cli_reports_bad_input_without_traceback(make_spec, tmp_path):
+    """Mistakes found before Ray starts, through the CLI in process; the unreachable
+    cluster through a real CLI process (its exit status and stderr as a shell sees them)."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nprompts: {kind: ioi, n: 0}\njob: {kind: cash}\nshard_size: -1\n")
-    invalid = _cli("run", str(bad))
+    invalid = _cli_in_process("run", str(bad))
     assert invalid.returncode != 0
     for path in ("prompts.ioi.n", "job", "store", "shard_size"):
         assert path in invalid.stderr, invalid.stderr
@@ -376,7 +397,7 @@ def test_cli_reports_bad_input_without_traceback(make_spec, tmp_path):
     source = JsonlSource(kind="jsonl", path=str(_write_jsonl(tmp_path / "p.jsonl", ["Hi there."])))
     unlabelled = tmp_path / "unlabelled.json"
     unlabelled.write_text(make_spec(tmp_path / "store", prompts=source).model_dump_json())
-    no_answers = _cli("run", str(unlabelled))  # the default metric is logit_diff
+    no_answers = _cli_in_process("run", str(unlabelled))  # the default metric is logit_diff
     assert no_answers.returncode != 0
     assert "metric logit_diff needs the 'answer' label on every prompt" in no_answers.stderr
     assert "Traceback" not in no_answers.stderr and not (tmp_path / "store").exists()
@@ -392,7 +413,7 @@ def test_cli_reports_bad_input_without_traceback(make_spec, tmp_path):
     empty = tmp_path / "empty.json"
     empty_source = JsonlSource(kind="jsonl", path=str(_write_jsonl(tmp_path / "e.jsonl", [])))
     empty.write_text(make_spec(tmp_path / "store", prompts=empty_source).model_dump_json())
-    result = _cli("run", str(empty))
+    result = _cli_in_process("run", str(empty))
     assert result.returncode != 0 and "prompt set is empty" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -482,7 +503,7 @@ def test_attribute_job_matches_the_pipeline_and_verifies_top_nodes(
     # are the pipeline's, sum to the stored aggregates, and break down by template.
     estimates = expected.per_prompt_signed().double().numpy()
     check_attribute_per_prompt(spec.store, estimates, names)
-    check_verified_per_prompt(spec.store, exact.double().numpy())
+    check_verified_per_prompt(spec.store, exact.double().numpy(), spec.shard_size)
     column = {name: i for i, name in enumerate(names)}
     check_breakdown(
         spec.store,
@@ -643,7 +664,8 @@ def test_attribute_job_pairs_longer_corruptions_from_the_end(
 @pytest.mark.parametrize("mode", ["zero", "mean"])
 def test_ablation_scan_job_matches_the_pipeline(local_ray, make_spec, direct, tmp_path, mode):
     """Sharded over actors, the scan equals one pass over every prompt; mean ablation
-    takes its values from the job's reference prompts in every shard."""
+    takes its values from the job's reference prompts in every shard. The prompts come
+    from a dataset on disk whose extra columns (kept with meta_columns) break it down."""
     from circuitscan.pipelines.attribution import ablation_scan
     from circuitscan.pipelines.attribution.ablation_scan import reference_slots
     from circuitscan.schemas.jobs import AblationScanParams
@@ -652,10 +674,12 @@ def test_ablation_scan_job_matches_the_pipeline(local_ray, make_spec, direct, tm
     params = AblationScanParams(
         kind="ablation_scan", site="L1.z", mode=mode, positions="last", reference_prompts=6
     )
-    spec = make_spec(tmp_path / f"scan-{mode}", prompts=KIND_PROMPTS, job=params)
+    model, saes, records, clean, _ = direct
+    spec = make_spec(
+        tmp_path / f"scan-{mode}", prompts=_labelled_dataset(tmp_path, records), job=params
+    )
     run_job(spec, keep_actors=True)
 
-    model, saes, records, clean, _ = direct
     sae, site = saes["L1.z"].sae, saes["L1.z"].site
     reference = None
     if mode == "mean":
@@ -684,12 +708,12 @@ def test_ablation_scan_job_matches_the_pipeline(local_ray, make_spec, direct, tm
     delta = scan.delta.double().numpy()
     if mode == "zero":  # every prompt counts (an inactive feature's Δm is 0)
         delta = np.nan_to_num(delta)
-    check_breakdown(
-        spec.store,
-        "template",
-        [r.template for r in records],
-        {"delta": {str(f): delta[:, c] for c, f in enumerate(scan.features.tolist())}},
-    )
+    check_ablation_per_prompt(spec.store)
+    per_feature = {"delta": {str(f): delta[:, c] for c, f in enumerate(scan.features.tolist())}}
+    check_breakdown(spec.store, "family", [r.template for r in records], per_feature)
+    words = [str(len(r.text.split()) % 3) for r in records]  # an integer column, as labels
+    assert len(set(words)) > 1
+    check_breakdown(spec.store, "words", words, per_feature)
     if mode == "mean":  # a per-shard reference would have given other values
         own = ablation_scan(
             model, sae, site, clean.tokens[:3], clean.lengths[:3], spec.metric,
@@ -698,6 +722,27 @@ def test_ablation_scan_job_matches_the_pipeline(local_ray, make_spec, direct, tm
         assert not torch.allclose(
             own.delta.nan_to_num(0), scan.delta[:3][:, _columns(scan, own)].nan_to_num(0)
         )
+
+
+def _labelled_dataset(tmp_path: Path, records) -> DatasetSource:
+    """The records as a dataset on disk, with two extra columns kept as labels."""
+    import datasets
+
+    path = tmp_path / "labelled-dataset"
+    if not path.exists():
+        datasets.Dataset.from_dict(
+            {
+                "prompt": [r.text for r in records],
+                "answer": [r.answer for r in records],
+                "wrong": [r.wrong for r in records],
+                "family": [r.template for r in records],
+                "words": [len(r.text.split()) % 3 for r in records],
+            }
+        ).save_to_disk(str(path))
+    return DatasetSource(
+        kind="dataset", path=str(path), text_column="prompt", answer_column="answer",
+        wrong_column="wrong", meta_columns=["family", "words"],
+    )  # fmt: skip
 
 
 def _columns(scan, part) -> list[int]:
@@ -767,6 +812,7 @@ def test_splice_eval_job_pools_shards_like_one_pass(local_ray, make_spec, direct
         reference_tokens=clean.tokens, reference_lengths=clean.lengths,
     )  # fmt: skip
     names = [row_name(r) for r in expected]
+    check_splice_per_prompt(spec.store)
     check_breakdown(
         spec.store,
         "template",
@@ -852,6 +898,7 @@ def test_dfa_job_matches_the_pipeline_per_prompt(local_ray, make_spec, direct, t
         assert sum(feature.source_means.values()) + feature.bias == pytest.approx(
             feature.mean_pre_activation, abs=1e-4
         )
+    check_dfa_per_prompt(spec.store)
     check_breakdown(
         spec.store, "template", [r.template for r in records], {"activation": activations}
     )

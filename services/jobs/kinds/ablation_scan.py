@@ -4,9 +4,17 @@ Mean and resample ablation values come from the job's reference prompts (its
 first ``reference_prompts`` prompts, sent by the driver as context), so every
 shard ablates to the same values and the result does not depend on how the
 job was cut into shards. A shard stores the features it scanned, the
-per-prompt Δm matrix and the clean baseline. Means are over all prompts in
-zero mode (an inactive feature's ablation changes nothing) and over the
-prompts where the feature was ablated otherwise.
+per-prompt Δm of every (prompt, feature) it ablated and the clean baseline.
+Means are over all prompts in zero mode (an inactive feature's ablation
+changes nothing) and over the prompts where the feature was ablated otherwise.
+
+The per-prompt Δm is kept sparse: one (prompt, column, value) triple per
+entry the dense [prompt, feature] matrix would hold other than its fill (0 in
+zero mode, where a feature that did not fire is not ablated and changes
+nothing; NaN otherwise). Values keep the dtype the model computed them in
+(float32 for float32, float16 and bfloat16 models, float64 for float64), so
+nothing is rounded: the dense matrix read back is the computed one bit for
+bit, and the job's means are sums of exactly these stored values.
 """
 
 from __future__ import annotations
@@ -68,17 +76,72 @@ class ScanInfo(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     site: str = Field(description="SAE site label scanned.")
     n_ablations: int = Field(ge=0, description="(prompt, feature) ablations run in the shard.")
+    mode: str | None = Field(
+        default=None,
+        description="Ablation mode, which fixes the sparse Δm's fill (zero: 0, else NaN); None "
+        "in shards written with the dense matrix.",
+    )
 
 
 class AblationPartial(ShardPartial):
-    """One shard's scan: the features it ablated and every prompt's Δm for each."""
+    """One shard's scan: the features it ablated and every prompt's Δm for each.
+
+    Shards written before the sparse form hold the dense ``delta``; newer ones
+    the ``delta_prompts``/``delta_columns``/``delta_values`` triples (see the
+    module docstring). Read either with :meth:`dense_delta`.
+    """
 
     features: np.ndarray = Field(description="[feature] feature ids scanned (int64).")
-    delta: np.ndarray = Field(
-        description="[prompt, feature] Δm of the ablation (float64; NaN: not ablated there)."
+    delta: np.ndarray | None = Field(
+        default=None,
+        description="Older shards: [prompt, feature] Δm of the ablation (float64; NaN: not "
+        "ablated there).",
+    )
+    delta_prompts: np.ndarray | None = Field(
+        default=None, description="[entry] the shard-local prompt of each stored Δm (int32)."
+    )
+    delta_columns: np.ndarray | None = Field(
+        default=None, description="[entry] its column into ``features`` (int32)."
+    )
+    delta_values: np.ndarray | None = Field(
+        default=None,
+        description="[entry] Δm in metric units, in the model's compute dtype (float32 or "
+        "float64): exactly the computed value.",
     )
     baseline: np.ndarray = Field(description="[prompt] clean metric (float64).")
     scan: ScanInfo = Field(description="Site and ablation count.")
+
+    @classmethod
+    def from_dense(
+        cls, features: np.ndarray, delta: np.ndarray, baseline: np.ndarray, scan: ScanInfo
+    ) -> AblationPartial:
+        """The sparse partial of a dense [prompt, feature] Δm matrix (``scan.mode`` set)."""
+        if scan.mode is None:
+            raise ValueError("a sparse ablation partial needs its scan's mode")
+        if delta.dtype not in (np.float32, np.float64):  # float16/bfloat16 widen exactly
+            delta = delta.astype(np.float32)
+        # Zero mode: everything but exact zeros (NaN != 0 keeps a NaN); else what is defined.
+        keep = delta != 0 if scan.mode == "zero" else ~np.isnan(delta)
+        prompts, columns = np.nonzero(keep)
+        return cls(
+            features=features,
+            delta_prompts=prompts.astype(np.int32),
+            delta_columns=columns.astype(np.int32),
+            delta_values=delta[prompts, columns],
+            baseline=baseline,
+            scan=scan,
+        )
+
+    def dense_delta(self) -> np.ndarray:
+        """[prompt, feature] Δm as float64 (NaN: not ablated; 0 in zero mode where inactive)."""
+        if self.delta is not None:
+            return self.delta
+        assert self.delta_prompts is not None and self.delta_columns is not None
+        assert self.delta_values is not None
+        fill = 0.0 if self.scan.mode == "zero" else np.nan
+        dense = np.full((self.baseline.shape[0], self.features.shape[0]), fill, dtype=np.float64)
+        dense[self.delta_prompts, self.delta_columns] = self.delta_values
+        return dense
 
 
 class AblationRunner(ShardRunner):
@@ -152,11 +215,16 @@ class AblationRunner(ShardRunner):
             reference=reference,
             only=None if only is None else torch.tensor(only, dtype=torch.long),
         )
-        partial = AblationPartial(
-            features=scan.features.cpu().numpy().astype(np.int64),
-            delta=scan.delta.detach().cpu().double().numpy(),
-            baseline=scan.baseline.detach().cpu().double().numpy(),
-            scan=ScanInfo(site=self.loaded.site.label, n_ablations=scan.n_ablations),
+        delta = scan.delta.detach().cpu()
+        if delta.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16
+            delta = delta.float()
+        partial = AblationPartial.from_dense(
+            scan.features.cpu().numpy().astype(np.int64),
+            delta.numpy(),
+            scan.baseline.detach().cpu().double().numpy(),
+            ScanInfo(
+                site=self.loaded.site.label, n_ablations=scan.n_ablations, mode=self.params.mode
+            ),
         )
         return batch.token_lists(), partial
 
@@ -167,7 +235,7 @@ def ablation_result(spec: JobSpec, partials: Iterable[AblationPartial]) -> Ablat
     sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     n_prompts, n_ablations, baseline, site = 0, 0, 0.0, spec.job.site or ""
     for part in partials:
-        delta = part.delta
+        delta = part.dense_delta()
         n_prompts += delta.shape[0]
         baseline += float(part.baseline.sum())
         n_ablations += part.scan.n_ablations
@@ -227,7 +295,7 @@ def ablation_breakdown(
         }
     )
     for _start, groups, part in grouped_partials(store, AblationPartial, field, means):
-        delta = np.nan_to_num(part.delta) if zero else part.delta
+        delta = np.nan_to_num(part.dense_delta()) if zero else part.dense_delta()
         columns = {int(feature): c for c, feature in enumerate(part.features.tolist())}
         for feature in features:
             if feature in columns:

@@ -138,10 +138,30 @@ def splice_result(
     spec: JobSpec, n_prompts: int, reference_prompts: int, partials: Iterable[SplicePartial]
 ) -> SpliceEvalJobResult:
     by_key: dict[tuple[tuple[str, ...], str], list[SpliceEvalRow]] = defaultdict(list)
+    # Where every shard kept its per-prompt values, the job's means are their sums over the
+    # job's prompts (so a breakdown's groups add up to them exactly), not pooled shard means.
+    sums: dict[tuple[tuple[str, ...], str], list[float]] = defaultdict(lambda: [0.0, 0.0])
+    per_prompt = True
     for part in partials:
-        for row in part.rows:
-            by_key[(tuple(row.sites), row.variant)].append(row)
+        per_prompt = per_prompt and part.metric is not None and part.kl is not None
+        for i, row in enumerate(part.rows):
+            key = (tuple(row.sites), row.variant)
+            by_key[key].append(row)
+            if per_prompt:
+                assert part.metric is not None and part.kl is not None
+                sums[key][0] += float(part.metric[i].sum())
+                sums[key][1] += float(part.kl[i].sum())
     pooled = {key: _pool(rows) for key, rows in by_key.items()}
+    if per_prompt:
+        pooled = {
+            key: row.model_copy(
+                update={
+                    "metric_mean": sums[key][0] / row.n_prompts,
+                    "kl_metric_pos": sums[key][1] / row.n_prompts,
+                }
+            )
+            for key, row in pooled.items()
+        }
     clean = pooled[((), "clean")].metric_mean
     out = []
     for (sites, _variant), row in pooled.items():

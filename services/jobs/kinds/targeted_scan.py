@@ -8,12 +8,7 @@ full scan would ablate, with no model pass (:func:`cache_estimates`). The
 driver then ablates candidates exactly in that order, ``round_size`` at a
 time, each round fanned out to the actors over the job's prompt shards, and
 stops when the exact top-K by mean |Δm| has not changed for ``patience``
-further candidates, or (``gap``) once the exact K-th largest mean |Δm| is at
-least ``gap`` × the next candidate's estimated mean |Δm| ("auto": the largest
-exact / estimated ratio seen among the ablated candidates), or ``budget``
-candidates are spent (:func:`run_rounds`). Both stops are heuristics stated in
-the result; neither changes a value: a feature is ablated on every prompt
-where it is active or not at all.
+further candidates or ``budget`` candidates are spent (:func:`run_rounds`).
 Each ablated feature's Δm rows are the full scan's own computation, so its
 exact values are the full scan's.
 """
@@ -172,30 +167,6 @@ def _top(mean_abs: dict[int, float], k: int) -> set[int]:
     return set(sorted(mean_abs, key=lambda f: (-mean_abs[f], f))[:k])
 
 
-def _kth(mean_abs: dict[int, float], k: int) -> float:
-    """The k-th largest exact mean |Δm| so far (0 with fewer than k candidates)."""
-    values = sorted(mean_abs.values(), reverse=True)
-    return values[k - 1] if len(values) >= k else 0.0
-
-
-def _gap_ratio(gap: float | str, mean_abs: dict[int, float], estimates: Estimates) -> float:
-    """The gap rule's factor: ``gap`` itself, or for "auto" the largest exact / estimated
-    mean |Δm| over the candidates ablated so far (the worst underestimate seen; infinite
-    when an ablated candidate with a non-zero effect was estimated at 0, so it never stops).
-    """
-    if not isinstance(gap, str):
-        return float(gap)
-    n = max(estimates.n_prompts, 1)
-    worst = 0.0
-    for feature, exact in mean_abs.items():
-        estimate = float(estimates.total_abs[feature]) / n
-        if estimate > 0:
-            worst = max(worst, exact / estimate)
-        elif exact > 0:
-            return float("inf")
-    return worst
-
-
 def run_rounds(
     params: AblationScanParams,
     estimates: Estimates,
@@ -220,8 +191,6 @@ def run_rounds(
     top: set[int] = set()
     ablated, checked, last_change, stopped_after = 0, 0, 0, 0
     rule: StopRule = "exhausted"
-    n = max(estimates.n_prompts, 1)
-    ratio: float | None = None
     while ablated < limit and not stopped_after:
         chunk = order[ablated : min(ablated + candidates.round_size, limit)]
         calls = [(kept[p.start : p.stop], chunk, p.shard_id) for p in plans]
@@ -230,27 +199,17 @@ def run_rounds(
         sums = dict.fromkeys(chunk, 0.0)
         for shard, part in enumerate(parts):
             columns[shard].append(part)
+            dense = np.abs(np.nan_to_num(part.dense_delta()))
             for column, feature in enumerate(part.features.tolist()):
-                sums[feature] += float(np.abs(np.nan_to_num(part.delta[:, column])).sum())
+                sums[feature] += float(dense[:, column].sum())
         for feature in chunk:  # the rule is checked candidate by candidate, in order
             checked += 1
             mean_abs[feature] = sums[feature] / max(estimates.n_prompts, 1)
             now = _top(mean_abs, candidates.top_k)
             if now != top:
                 top, last_change = now, checked
-            if candidates.gap is not None and checked >= candidates.top_k:
-                ratio = _gap_ratio(candidates.gap, mean_abs, estimates)
             if checked >= candidates.top_k and checked - last_change >= candidates.patience:
                 stopped_after, rule = checked, "patience"
-            elif (
-                ratio is not None
-                and checked < len(order)
-                and _kth(mean_abs, candidates.top_k)
-                >= ratio * float(estimates.total_abs[order[checked]]) / n
-            ):
-                # The candidates are in estimate order: the next one has the largest
-                # estimate left, so none left is expected to reach the exact top-K.
-                stopped_after, rule = checked, "gap"
             elif candidates.budget is not None and checked >= candidates.budget:
                 stopped_after, rule = checked, "budget"
             if stopped_after:
@@ -259,15 +218,16 @@ def run_rounds(
     merged = []
     for plan, shard_parts in zip(plans, columns, strict=True):
         features = [part.features for part in shard_parts]
-        deltas = [part.delta for part in shard_parts]
+        deltas = [part.dense_delta() for part in shard_parts]
         merged.append(
-            AblationPartial(
-                features=np.concatenate(features) if features else np.zeros(0, dtype=np.int64),
-                delta=np.concatenate(deltas, axis=1) if deltas else np.zeros((plan.size, 0)),
-                baseline=shard_parts[-1].baseline if shard_parts else np.full(plan.size, np.nan),
-                scan=ScanInfo(
+            AblationPartial.from_dense(
+                np.concatenate(features) if features else np.zeros(0, dtype=np.int64),
+                np.concatenate(deltas, axis=1) if deltas else np.zeros((plan.size, 0)),
+                shard_parts[-1].baseline if shard_parts else np.full(plan.size, np.nan),
+                ScanInfo(
                     site=shard_parts[0].scan.site if shard_parts else "",
                     n_ablations=sum(part.scan.n_ablations for part in shard_parts),
+                    mode=params.mode,
                 ),
             )
         )
@@ -282,8 +242,6 @@ def run_rounds(
         n_ablated=ablated,
         stopped_after=stopped_after or checked,
         stop_rule=rule,
-        gap=candidates.gap,
-        gap_ratio=ratio,
         full_scan_ablations=full,
         ablation_fraction=run / full if full else 0.0,
     )
@@ -324,8 +282,6 @@ def targeted_line(info: TargetedScan) -> str:
     """How a targeted scan went, in one sentence."""
     why = {
         "patience": f"the top {info.top_k} held for {info.patience} further candidates",
-        "gap": f"the exact top {info.top_k}'s smallest mean |Δ| reached "
-        f"{info.gap_ratio or 0:.3g} × the next candidate's estimate (gap: {info.gap})",
         "budget": f"its budget of {info.budget} candidates was spent",
         "exhausted": "every candidate was ablated",
     }[info.stop_rule]
