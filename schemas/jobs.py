@@ -11,7 +11,14 @@ import hashlib
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
@@ -359,6 +366,28 @@ class ScanCandidates(BaseModel):
         ge=1,
         description="Candidates ablated per round (one pass of the actors over every prompt).",
     )
+    gap: float | Literal["auto"] | None = Field(
+        default=None,
+        description="Also stop once the exact K-th largest mean |Δm| is at least gap × the "
+        "next candidate's estimated mean |Δm| (candidates are in estimate order, so no later "
+        "one is expected to enter the top-K); 'auto': gap = the largest exact / estimated "
+        "ratio among the candidates ablated so far. None: patience and budget only.",
+    )
+
+    @field_validator("gap")
+    @classmethod
+    def _positive_gap(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, float | int) and not value > 0:
+            raise ValueError(f"gap must be positive (or 'auto'), got {value}")
+        return value
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_gap(self, handler: Any) -> Any:
+        # Candidates without the gap rule dump (and hash) exactly as before it existed.
+        data = handler(self)
+        if isinstance(data, dict) and data.get("gap") is None:
+            data.pop("gap", None)
+        return data
 
 
 class AblationScanParams(BaseModel):

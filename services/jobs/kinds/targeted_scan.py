@@ -8,7 +8,12 @@ full scan would ablate, with no model pass (:func:`cache_estimates`). The
 driver then ablates candidates exactly in that order, ``round_size`` at a
 time, each round fanned out to the actors over the job's prompt shards, and
 stops when the exact top-K by mean |Δm| has not changed for ``patience``
-further candidates or ``budget`` candidates are spent (:func:`run_rounds`).
+further candidates, or (``gap``) once the exact K-th largest mean |Δm| is at
+least ``gap`` × the next candidate's estimated mean |Δm| ("auto": the largest
+exact / estimated ratio seen among the ablated candidates), or ``budget``
+candidates are spent (:func:`run_rounds`). Both stops are heuristics stated in
+the result; neither changes a value: a feature is ablated on every prompt
+where it is active or not at all.
 Each ablated feature's Δm rows are the full scan's own computation, so its
 exact values are the full scan's.
 """
@@ -167,6 +172,30 @@ def _top(mean_abs: dict[int, float], k: int) -> set[int]:
     return set(sorted(mean_abs, key=lambda f: (-mean_abs[f], f))[:k])
 
 
+def _kth(mean_abs: dict[int, float], k: int) -> float:
+    """The k-th largest exact mean |Δm| so far (0 with fewer than k candidates)."""
+    values = sorted(mean_abs.values(), reverse=True)
+    return values[k - 1] if len(values) >= k else 0.0
+
+
+def _gap_ratio(gap: float | str, mean_abs: dict[int, float], estimates: Estimates) -> float:
+    """The gap rule's factor: ``gap`` itself, or for "auto" the largest exact / estimated
+    mean |Δm| over the candidates ablated so far (the worst underestimate seen; infinite
+    when an ablated candidate with a non-zero effect was estimated at 0, so it never stops).
+    """
+    if not isinstance(gap, str):
+        return float(gap)
+    n = max(estimates.n_prompts, 1)
+    worst = 0.0
+    for feature, exact in mean_abs.items():
+        estimate = float(estimates.total_abs[feature]) / n
+        if estimate > 0:
+            worst = max(worst, exact / estimate)
+        elif exact > 0:
+            return float("inf")
+    return worst
+
+
 def run_rounds(
     params: AblationScanParams,
     estimates: Estimates,
@@ -191,6 +220,8 @@ def run_rounds(
     top: set[int] = set()
     ablated, checked, last_change, stopped_after = 0, 0, 0, 0
     rule: StopRule = "exhausted"
+    n = max(estimates.n_prompts, 1)
+    ratio: float | None = None
     while ablated < limit and not stopped_after:
         chunk = order[ablated : min(ablated + candidates.round_size, limit)]
         calls = [(kept[p.start : p.stop], chunk, p.shard_id) for p in plans]
@@ -208,8 +239,19 @@ def run_rounds(
             now = _top(mean_abs, candidates.top_k)
             if now != top:
                 top, last_change = now, checked
+            if candidates.gap is not None and checked >= candidates.top_k:
+                ratio = _gap_ratio(candidates.gap, mean_abs, estimates)
             if checked >= candidates.top_k and checked - last_change >= candidates.patience:
                 stopped_after, rule = checked, "patience"
+            elif (
+                ratio is not None
+                and checked < len(order)
+                and _kth(mean_abs, candidates.top_k)
+                >= ratio * float(estimates.total_abs[order[checked]]) / n
+            ):
+                # The candidates are in estimate order: the next one has the largest
+                # estimate left, so none left is expected to reach the exact top-K.
+                stopped_after, rule = checked, "gap"
             elif candidates.budget is not None and checked >= candidates.budget:
                 stopped_after, rule = checked, "budget"
             if stopped_after:
@@ -242,6 +284,8 @@ def run_rounds(
         n_ablated=ablated,
         stopped_after=stopped_after or checked,
         stop_rule=rule,
+        gap=candidates.gap,
+        gap_ratio=ratio,
         full_scan_ablations=full,
         ablation_fraction=run / full if full else 0.0,
     )
@@ -282,6 +326,8 @@ def targeted_line(info: TargetedScan) -> str:
     """How a targeted scan went, in one sentence."""
     why = {
         "patience": f"the top {info.top_k} held for {info.patience} further candidates",
+        "gap": f"the exact top {info.top_k}'s smallest mean |Δ| reached "
+        f"{info.gap_ratio or 0:.3g} × the next candidate's estimate (gap: {info.gap})",
         "budget": f"its budget of {info.budget} candidates was spent",
         "exhausted": "every candidate was ablated",
     }[info.stop_rule]
