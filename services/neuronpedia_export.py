@@ -151,8 +151,11 @@ def export_neuronpedia(
         order = np.flatnonzero(index.count > 0)
         order = order[np.argsort(-index.count[order], kind="stable")][:max_features]
         dfa = _dfa_activations(store, model, layer, site.label)
+        # A DFA record names its feature, so that feature is exported even when it is
+        # not among the busiest (or never fired in this store's prompts).
+        wanted = {int(f) for f in order} | {f for f in dfa if 0 <= f < site.d_sae}
         features, activations = [], []
-        for feature in sorted(int(f) for f in order):
+        for feature in sorted(wanted):
             page = feature_page(
                 store,
                 site.label,

@@ -247,3 +247,53 @@ def test_export_refuses_an_unknown_format(page_store, tmp_path) -> None:
     url, _, _ = page_store
     done = CliRunner().invoke(app, ["export", url, "--format", "csv", "--out", str(tmp_path)])
     assert done.exit_code == 2 and "unknown export format 'csv'" in done.output
+
+
+def test_neuronpedia_export_carries_a_stored_dfa(tmp_path) -> None:
+    """A cache store with a DFA analysis in it: the DFA prompt is one more activation record."""
+    from circuitscan.services.analysis_commands import ioi_setup, run_dfa
+    from circuitscan.services.store.analyses import write_analysis
+
+    model = build_tiny_language_model(seed=1)
+    sites = [HookSite(layer=0, point="resid_post"), HookSite(layer=1, point="z")]
+    saes = {s.label: build_tiny_sae(model, s, d_sae=16, seed=i) for i, s in enumerate(sites)}
+    url = str(tmp_path / "store")
+    write_tiny_store(url, model, list(saes.values()), generate_ioi(model.tokenizer, 6, seed=4))
+    out = run_dfa(ioi_setup(3, seed=1, model=model, model_name="tiny", saes=saes))
+    result = out.result
+    write_analysis(FeatureStore.open(url), out)
+    export = tmp_path / "export"
+    folders = export_neuronpedia(url, export, model_id="tiny", examples=2, sampled=1)
+    folder = next(f for f in folders if f.name == "1-circuitscan-z")
+    text = gzip.decompress((folder / "activations" / "batch-0.jsonl.gz").read_bytes()).decode()
+    records = [json.loads(line) for line in text.splitlines()]
+    (dfa,) = [r for r in records if r["dataSource"] == "circuitscan-dfa"]
+    jsonschema.validate(dfa, ACTIVATION_SCHEMA)
+    assert dfa["index"] == str(result.feature) and dfa["layer"] == "1-circuitscan-z"
+    assert dfa["dataIndex"] == f"analysis:{out.prompt_index}"
+    assert dfa["tokens"] == result.tokens
+    assert len(dfa["values"]) == len(dfa["dfaValues"]) == len(result.tokens)
+    # The DFA values: per source token, the contributions of every head; with the constant
+    # part they add up to the feature's pre-activation at the target token.
+    contributions = np.asarray(result.contributions)
+    assert dfa["dfaValues"] == pytest.approx(contributions.sum(axis=0).tolist(), abs=1e-12)
+    assert sum(dfa["dfaValues"]) + result.bias == pytest.approx(result.pre_activation, abs=1e-5)
+    assert dfa["dfaTargetIndex"] == result.dest_pos
+    assert dfa["dfaMaxValue"] == max(dfa["dfaValues"], key=abs)
+    assert dfa["values"][result.dest_pos] == pytest.approx(result.activation)
+    assert dfa["maxValue"] == max(dfa["values"])
+    # The feature it belongs to is exported too (an activation names a feature record).
+    features = gzip.decompress((folder / "features" / "batch-0.jsonl.gz").read_bytes()).decode()
+    assert str(result.feature) in [json.loads(line)["index"] for line in features.splitlines()]
+    # Even when the export is cut to the busiest feature.
+    (cut,) = [
+        f
+        for f in export_neuronpedia(url, tmp_path / "cut", max_features=1)
+        if f.name == folder.name
+    ]
+    features = gzip.decompress((cut / "features" / "batch-0.jsonl.gz").read_bytes()).decode()
+    assert str(result.feature) in [json.loads(line)["index"] for line in features.splitlines()]
+    # The other site's records carry no DFA (the analysis is of the z SAE).
+    other = next(f for f in folders if f.name == "0-circuitscan-resid-post")
+    text = gzip.decompress((other / "activations" / "batch-0.jsonl.gz").read_bytes()).decode()
+    assert all(json.loads(line)["dfaValues"] == [] for line in text.splitlines())
