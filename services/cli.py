@@ -69,10 +69,15 @@ def run(
     summary_json: Path | None = typer.Option(
         None, help="Also write the job summary as JSON to this file (for scripts)."
     ),
+    no_pool: bool = typer.Option(
+        False,
+        "--no-pool",
+        help="Do not join the warm pool of `circuitscan up` (also: $CIRCUITSCAN_NO_POOL=1).",
+    ),
 ) -> None:
     """Run a job spec on Ray and print a summary."""
-    from circuitscan.services.jobs.runner import run_job
     from circuitscan.services.jobs.spec_io import load_spec, parse_spec
+    from circuitscan.services.pool_client import run_on_pool
 
     with reported_errors():
         if spec_env:
@@ -81,10 +86,23 @@ def run(
             job = load_spec(spec)
         else:
             _fail("give a spec file or --spec-env")
-        summary = run_job(job, address=address, overwrite=overwrite, echo=typer.echo)
+        use_pool = False if no_pool else None
+        # On a warm pool holding the job's model and SAEs, the pool's driver runs it
+        # (this process then loads no model libraries); otherwise it runs here.
+        pooled = run_on_pool(
+            job, address=address, use_pool=use_pool, overwrite=overwrite, echo=typer.echo
+        )
+        if pooled is None:
+            from circuitscan.services.jobs.runner import run_job
+
+            summary = run_job(
+                job, address=address, overwrite=overwrite, echo=typer.echo, use_pool=use_pool
+            )
+            pooled = summary.render(), summary.model_dump_json(indent=2)
+    text, document = pooled
     if summary_json is not None:
-        summary_json.write_text(summary.model_dump_json(indent=2), encoding="utf-8")
-    typer.echo(summary.render())
+        summary_json.write_text(document, encoding="utf-8")
+    typer.echo(text)
 
 
 @app.command()
@@ -97,12 +115,18 @@ def resume(
         "damaged ones (downloads the whole store from object storage). Without it committed "
         "shards are trusted by their manifest entries and checked when read.",
     ),
+    no_pool: bool = typer.Option(
+        False, "--no-pool", help="Do not join the warm pool of `circuitscan up`."
+    ),
 ) -> None:
     """Finish an interrupted job: recompute only its uncommitted (with --verify: or damaged) shards."""
     from circuitscan.services.jobs.runner import resume_job
 
     with reported_errors():
-        summary = resume_job(store, address=address, echo=typer.echo, verify=verify)
+        summary = resume_job(
+            store, address=address, echo=typer.echo, verify=verify,
+            use_pool=False if no_pool else None,
+        )  # fmt: skip
     typer.echo(summary.render())
 
 
@@ -314,6 +338,10 @@ def export(
 from circuitscan.services.query_commands import register as _register_query_commands  # noqa: E402
 
 _register_query_commands(app)
+
+from circuitscan.services.pool_commands import register as _register_pool_commands  # noqa: E402
+
+_register_pool_commands(app)
 
 if __name__ == "__main__":
     app()

@@ -7,6 +7,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# A warm pool someone left running (`circuitscan up`) must not run the tests' jobs;
+# the warm-pool tests turn it back on for the processes they start.
+os.environ["CIRCUITSCAN_NO_POOL"] = "1"
 
 import pytest
 import torch

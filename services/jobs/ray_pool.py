@@ -27,7 +27,7 @@ from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.planning import ShardPlan
 from circuitscan.services.jobs.prompt_plan import KeptPrompts
 from circuitscan.services.jobs.ray_reaper import child_pids, start_reaper
-from circuitscan.services.jobs.worker import ShardOutcome, ShardWorker, WorkerInfo
+from circuitscan.services.jobs.worker_types import ShardOutcome, WorkerInfo
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,10 @@ def release_actors(spec: JobSpec, actors: list[Any], use_gpu: bool, *, reuse: bo
 
 
 def start_actors(spec: JobSpec, n_actors: int, use_gpu: bool) -> list[Any]:
+    # Imported here: the worker module loads torch and the model libraries, which
+    # a driver that only talks to running actors (a warm pool) never needs.
+    from circuitscan.services.jobs.worker import ShardWorker
+
     execution = spec.execution
     remote_worker = ray.remote(ShardWorker).options(  # type: ignore[attr-defined]
         num_cpus=0 if use_gpu else execution.torch_threads,

@@ -33,17 +33,10 @@ from circuitscan.services.jobs.prompt_plan import (
     select,
 )
 from circuitscan.services.jobs.prompt_sources import open_prompts
-from circuitscan.services.jobs.ray_pool import (
-    acquire_actors,
-    actor_count,
-    connect,
-    describe,
-    drive,
-    fan_out,
-    release_actors,
-)
+from circuitscan.services.jobs.ray_pool import describe, drive, fan_out
 from circuitscan.services.jobs.spec_checks import JobError, check_sites
-from circuitscan.services.jobs.worker import ShardOutcome
+from circuitscan.services.jobs.warm_pool import job_actors, pool_holds
+from circuitscan.services.jobs.worker_types import ShardOutcome
 from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, StoreError
 from circuitscan.services.store.backends import open_location
@@ -169,6 +162,7 @@ def run_job(
     echo: Callable[[str], None] | None = None,
     keep_actors: bool = False,
     verify: bool = False,
+    use_pool: bool | None = None,
 ) -> JobSummary:
     """Run (or finish) ``spec``: only shards not yet committed are computed.
 
@@ -178,7 +172,11 @@ def run_job(
     committed shard back against its checksums first and recomputes the ones
     that fail (on object storage: a download of the whole store).
     ``keep_actors`` leaves the workers alive for the next job of this process
-    on the same model and SAEs (they go when Ray shuts down).
+    on the same model and SAEs (they go when Ray shuts down). With no
+    ``address``, a running warm pool (``circuitscan up``) is joined and its
+    actors used when they hold this job's model and SAEs
+    (:mod:`~circuitscan.services.jobs.warm_pool`); ``use_pool=False`` (or
+    ``$CIRCUITSCAN_NO_POOL``) never joins one.
     """
     if spec.prompts.kind == "store":  # AtP from a paired cache's values (store_fed.py)
         from circuitscan.services.jobs.store_fed import run_from_store
@@ -189,8 +187,10 @@ def run_job(
         )  # fmt: skip
     started = time.perf_counter()
     say = echo or (lambda _line: None)
-    # A model or SAE that files show cannot work is refused before anything starts.
-    check_model_and_saes(spec)
+    # A model or SAE that files show cannot work is refused before anything starts
+    # (warm pool actors that loaded these very files have shown they work).
+    if not pool_holds(spec, address, use_pool):
+        check_model_and_saes(spec)
     tokenizer = functools.partial(_tokenizer, spec.model)
     # The prompts stay in their source: the driver holds counts, the rejected
     # indices and ranges; each worker builds its own shard's records.
@@ -203,9 +203,9 @@ def run_job(
     try:
         if not overwrite:  # an edited prompt file is another job, refused before Ray starts
             check_inputs(spec, inputs, lambda: every_prompt_record(spec, prompts))
-        connect(address)
-        n_actors, use_gpu = actor_count(spec.execution, -(-len(prompts) // spec.shard_size))
-        actors = acquire_actors(spec, n_actors, use_gpu, reuse=keep_actors)
+        n_shards = -(-len(prompts) // spec.shard_size)
+        crew = job_actors(spec, address, n_shards, say, keep_actors=keep_actors, use_pool=use_pool)
+        actors, n_actors = crew.actors, len(crew.actors)
     except BaseException:
         lease.release()
         raise
@@ -253,7 +253,7 @@ def run_job(
             _finish_result(spec, store, actors, kept, say, site)
     finally:
         try:
-            release_actors(spec, actors, use_gpu, reuse=keep_actors)
+            crew.release(spec, keep_actors)
         finally:
             lease.release()
     outcomes = stats.outcomes
@@ -295,6 +295,7 @@ def resume_job(
     address: str | None = None,
     echo: Callable[[str], None] | None = None,
     verify: bool = False,
+    use_pool: bool | None = None,
     keep_actors: bool = False,
 ) -> JobSummary:
     """Finish the job recorded in a store, recomputing only uncommitted shards (and, with
@@ -307,4 +308,7 @@ def resume_job(
         raise JobError(f"{store_url} records no job spec; it cannot be resumed")
     # The store may have moved since the job started: resume where it is now.
     spec = JobSpec.model_validate(store.layout.job_spec).model_copy(update={"store": store_url})
-    return run_job(spec, address=address, echo=echo, verify=verify, keep_actors=keep_actors)
+    return run_job(
+        spec, address=address, echo=echo, verify=verify, use_pool=use_pool,
+        keep_actors=keep_actors,
+    )  # fmt: skip

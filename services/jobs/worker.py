@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from transformers.utils import logging as hf_logging
 
 from circuitscan.schemas.errors import CircuitscanError
@@ -22,37 +21,11 @@ from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.services.jobs.kinds import job_kind
 from circuitscan.services.jobs.planning import PromptSlice, ShardPlan
 from circuitscan.services.jobs.shard_runner import ShardRunner
+from circuitscan.services.jobs.worker_types import ShardOutcome, WorkerInfo
 from circuitscan.services.model_loading import load_model
 from circuitscan.services.sae_loading import load_sae
 
-
-class WorkerInfo(BaseModel):
-    """What a worker loaded: the store checks these against its metadata."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    model_name: str = Field(description="Model name.")
-    model_fingerprint: str = Field(description="Hash of the model weights.")
-    sae_fingerprints: dict[str, str] = Field(description="Site label → hash of SAE weights.")
-    sae_widths: dict[str, int] = Field(description="Site label → d_sae.")
-    sae_hooks: dict[str, str] = Field(description="Site label → TransformerLens hook name.")
-    n_ctx: int = Field(description="Model context length in tokens.")
-    node_id: str = Field(description="Ray node id ('' outside Ray).")
-    pid: int = Field(description="Worker process id.")
-
-
-class ShardOutcome(BaseModel):
-    """A computed and written shard, ready for the driver to commit."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    shard_id: int = Field(description="Shard index.")
-    entry: dict[str, Any] = Field(description="The store's manifest entry (JSON form).")
-    tokens: int = Field(description="Real tokens processed (padding excluded).")
-    truncated: int = Field(default=0, description="Prompts cut to the token cap.")
-    compute_seconds: float = Field(description="Wall time of compute + write in the worker.")
-    node_id: str = Field(description="Ray node that ran the shard.")
-    pid: int = Field(description="Worker process id.")
+__all__ = ["ShardOutcome", "ShardWorker", "WorkerInfo"]
 
 
 def _node_id() -> str:
