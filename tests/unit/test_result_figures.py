@@ -31,11 +31,15 @@ from circuitscan.schemas.jobs import JobSpec
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import StoreLayout
 from circuitscan.services.demo_report import write_demo_report
+from circuitscan.services.feature_directions_run import directions_arrays
 from circuitscan.services.jobs.kinds.ablation_scan import AblationPartial, ScanInfo
 from circuitscan.services.reports.result_figures import result_figures
 from circuitscan.services.store import FeatureStore
+from circuitscan.services.store.feature_directions import write_directions
+from circuitscan.services.store.feature_page import feature_page
 from circuitscan.services.store.results import write_job_result, write_shard_outputs
-from circuitscan.testing.store_contract import contract_shards, fill_store
+from circuitscan.testing.store_contract import D_SAE, SITES, contract_shards, fill_store
+from circuitscan.testing.tiny_models import build_tiny_model, build_tiny_sae
 
 RESID, Z = "L0.resid_post", "L1.z"
 # Per shard: [prompt, feature] Δm of features 3, 5, 7 (NaN: not ablated on that prompt).
@@ -128,7 +132,11 @@ def _spec(step: str, store: Path) -> JobSpec:
 @pytest.fixture(scope="module")
 def demo_stores(tmp_path_factory) -> dict[str, JobSpec]:
     root = tmp_path_factory.mktemp("demo")
-    fill_store(str(root / "cache"), contract_shards())
+    cache = fill_store(str(root / "cache"), contract_shards())
+    model = build_tiny_model(seed=0)  # the contract's model and SAEs: their directions
+    for i, site in enumerate(SITES):
+        sae = build_tiny_sae(model, site, d_sae=D_SAE, seed=i)
+        write_directions(cache, site.label, directions_arrays(model, sae, k=4, heads=3))
     _results_store(root / "attribute", "attribute")
     write_job_result(FeatureStore.open(str(root / "attribute")), ATTRIBUTION)
     _results_store(root / "ablation_scan", "ablation_scan", shards=DELTAS)
@@ -192,9 +200,20 @@ def test_demo_report_shows_every_figure_with_its_data(demo_stores, tmp_path) -> 
     for target in ("page-feature-L0-resid-post-3", "page-feature-L0-resid-post-5",
                    "page-feature-L1-z-9", "page-head-L1-0", "page-head-L1-1"):  # fmt: skip
         assert f"href='#{target}'" in html and f"id='{target}'" in html, target
-    # Each feature page has its histogram, counting every activation of the feature.
+    # Each feature page has its histogram, counting every activation of the feature, its
+    # logit effects and the heads reading it (stored directions), linked to their pages.
     cache = FeatureStore.open(stores["cache"])
-    page = re.search(r"id='page-feature-L0-resid-post-3'.*?</svg>", html, re.S)
-    assert page is not None
-    counts = [int(v) for v in re.findall(r"data-value='([^']+)' data-bin", page.group(0))]
+    block = re.search(r"<div class='feature-page' id='page-feature-L0-resid-post-3'.*?</div>",
+                      html, re.S)  # fmt: skip
+    assert block is not None
+    page = feature_page(cache, RESID, 3)
+    counts = [int(v) for v in re.findall(r"data-value='([^']+)' data-bin", block.group(0))]
     assert sum(counts) == int(cache.feature_index(RESID).count[3]) > 0
+    effects = [e.logit for e in [*page.promoted, *reversed(page.suppressed)]]
+    (svg,) = _figures(block.group(0), "logit-effects")
+    assert _values(svg, "rect") == pytest.approx(effects, rel=1e-5)
+    (svg,) = _figures(block.group(0), "reading-heads")
+    assert _values(svg, "rect") == pytest.approx([h.gain for h in page.reading_heads], rel=1e-5)
+    assert all(h.layer == 1 for h in page.reading_heads) and len(page.reading_heads) == 3
+    shaded = re.findall(r"<span class='tok[^']*' data-value='([^']+)'", block.group(0))
+    assert len(shaded) == sum(len(e.values) for e in [*page.top, *page.sampled])
