@@ -160,3 +160,35 @@ def test_job_arrays_round_trip_and_damage_is_named():
     write_bytes(store.backend, ref.key, b"not the array")
     with pytest.raises(CorruptResultError, match=r"verify_delta\.npy\.zst of .* damaged"):
         read_job_array(store, ref)
+
+
+@pytest.mark.parametrize("mode", ["zero", "mean"])
+def test_ablation_delta_is_kept_sparse_and_reads_back_bit_for_bit(mode):
+    from circuitscan.services.jobs.kinds.ablation_scan import AblationPartial, ScanInfo
+
+    fill = 0.0 if mode == "zero" else np.nan
+    dense = np.full((4, 3), fill, dtype=np.float32)
+    dense[0, 1], dense[2, 0], dense[3, 2] = 0.25, -1.5e-7, 3.0
+    dense[1, 1] = 0.0  # an ablation measured exactly 0 (kept outside zero mode)
+    features = np.array([7, 11, 40], dtype=np.int64)
+    scan = ScanInfo(site="L0.z", n_ablations=4, mode=mode)
+    part = AblationPartial.from_dense(features, dense, np.arange(4.0), scan)
+    assert part.delta is None and part.delta_values is not None
+    assert part.delta_values.dtype == np.float32  # the model's dtype: nothing rounded
+    assert part.delta_values.shape == ((3,) if mode == "zero" else (4,))
+    arrays, documents = part.to_outputs()
+    back = AblationPartial.from_outputs(arrays, documents)
+    wide = back.dense_delta()
+    assert wide.dtype == np.float64
+    assert np.array_equal(wide, dense.astype(np.float64), equal_nan=True)
+    # float16 / bfloat16 models' values widen exactly; float64 ones stay as they are.
+    half = AblationPartial.from_dense(features, dense.astype(np.float16), np.arange(4.0), scan)
+    assert half.delta_values is not None and half.delta_values.dtype == np.float32
+    double = AblationPartial.from_dense(features, dense.astype(np.float64), np.arange(4.0), scan)
+    assert double.delta_values is not None and double.delta_values.dtype == np.float64
+    # Shards written with the dense matrix (and no mode) still read as they were.
+    old = AblationPartial.from_outputs(
+        {"features": features, "delta": dense.astype(np.float64), "baseline": np.arange(4.0)},
+        {"scan": {"site": "L0.z", "n_ablations": 4}},
+    )
+    assert np.array_equal(old.dense_delta(), dense.astype(np.float64), equal_nan=True)
