@@ -48,6 +48,7 @@ from circuitscan.services.model_loading import load_tokenizer
 from circuitscan.services.store import FeatureStore, feature_summary, features_at, top_examples
 from circuitscan.services.store.feature_directions import write_directions
 from circuitscan.services.store.feature_page import feature_page
+from circuitscan.services.store.rankings import top_attributions
 from circuitscan.services.store.results import write_job_result
 from circuitscan.testing.tiny_models import build_tiny_sae
 
@@ -168,6 +169,13 @@ def test_feature_browser_renders_store_content(browser_store, tmp_path, tiny_hf_
     )
     assert len(peaks) == len(built.top) + len(built.sampled)
     assert bool(built.sampled) == (summary.count > len(built.top))
+    # Where it pushes the metric most: the store's ranking of prompts by Σ a·g, in order.
+    pushes = re.search(r'<ol id="feature-pushes">(.*?)</ol>', dom, re.S)
+    assert pushes is not None
+    ranking = top_attributions(store, SITE, per="prompt", feature=feature, n=10)
+    assert ranking.rows and [
+        int(p) for p in re.findall(r'data-prompt="(\d+)"', pushes.group(1))
+    ] == [r.prompt for r in ranking.rows]
     _fits_window(dom)
 
     # The screenshot: the window's size, real content, and the highlight colour on it.
@@ -211,6 +219,7 @@ def _results_only_store(path: Path) -> None:
             node="z:L1:0@END", mean=-1.25, mean_abs=1.25, n_prompts=4, verification=verified
         ),
         NodeEffect(node="k:L0:1@IO", mean=0.5, mean_abs=0.75, n_prompts=4),
+        NodeEffect(node=f"feature:{SITE}:7@END", mean=0.375, mean_abs=0.5, n_prompts=4),
     ]
     results = [
         AttributionJobResult(
@@ -261,7 +270,7 @@ def test_browser_shows_the_job_results_of_a_store_without_a_cache(browser_store,
         ["5", "2", "h1 -1.5", "S1 1.75"],
     ):
         assert any(cells[i : i + len(expected)] == expected for i in range(len(cells))), expected
-    assert "top 2 of 96 nodes, 1 verified" in dom
+    assert "top 3 of 96 nodes, 1 verified" in dom
     # The certificate and what ended auto verification, one line each under the title.
     notes = [html.unescape(n) for n in re.findall(r'<p class="note">([^<]*)</p>', dom)]
     assert notes == [CERTIFICATE.summary_line(), AUTO.statement()]
@@ -273,12 +282,14 @@ def test_browser_shows_the_job_results_of_a_store_without_a_cache(browser_store,
     assert _values(_figure(dom, "heads-exact"), "rect") == [-1.5]
     scatter = _figure(dom, "atp-vs-exact")
     assert re.search(r'data-x="-1.5" data-y="-1.25"', scatter)
+    assert _values(_figure(dom, "feature-bars"), "rect") == [0.375]  # feature nodes per site
     assert _values(_figure(dom, "ablation-means"), "rect") == [-0.3]
     assert _values(_figure(dom, "dfa-head"), "rect") == [0.25, -1.5]
     assert _values(_figure(dom, "dfa-source"), "rect") == [1.75]
     links = {html.unescape(h) for h in re.findall(r'<a href="([^"]+)"', dom)}
     assert "?store=attr&head=1.0" in links  # z:L1:0@END → head L1.0
     assert f"?store=ioi-demo&site={SITE}&feature=5" in links  # DFA's f5 → the cache store
+    assert f"?store=ioi-demo&site={SITE}&feature=7" in links  # the feature bar's node
     _fits_window(dom)
     # The head page the link opens: its nodes with estimate and exact Δm.
     head_dom = head.stdout
