@@ -88,6 +88,7 @@ TARGETS: tuple[Target, ...] = (
     Target("attribution", "missed_effect_bound_over_true", "<=", 2),
     Target("scaling", "two_vs_one_actor_speedup", ">=", 1.7),
     Target("scaling", "ray_overhead_fraction", "<=", 0.05),
+    Target("scaling", "warm_job_startup_s", "<=", 5),
     Target("api", "api_errors", "==", 0),
     Target("api", "api_p99_ms", "<=", 100),
     Target("api", "feature_page_p99_ms", "<=", 100),

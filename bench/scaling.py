@@ -20,6 +20,15 @@ the figures measure execution, not model loading.
   overhead (target ≤ 0.05). The 2-actor figure (compute / (2 × wall)) is
   printed too.
 
+- ``warm_job_startup_s``: on a warm pool (``circuitscan up``, one actor
+  holding the model and SAEs), a second small ``circuitscan run`` job's time
+  from launching the command to its first committed shard (target ≤ 5). The
+  first job's figure, ``up``'s own time and the same job's time to first
+  shard without the pool (``run --no-pool``: Ray start and model load) are
+  printed beside it. All through the real commands, in their own processes.
+
+``--quick``: the mid-size model, 16 prompts, one round (a few minutes).
+
 Models: ``default`` is SmolLM2-135M-Instruct with its default SAEs
 (L15.resid_post, L15.z; top-k, d_sae 2304); ``mid`` is a 4-layer,
 d_model 256 Llama built from config with seeded random weights and SAEs
@@ -33,6 +42,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -108,6 +119,68 @@ def job(model: ModelSpec, saes: list[SAESpec], args: argparse.Namespace, store: 
     )
 
 
+CLI = [sys.executable, "-m", "circuitscan.services.cli"]
+
+
+def _timed_run(spec_file: Path, env: dict[str, str], *extra: str) -> tuple[float, float]:
+    """(seconds from launching ``circuitscan run`` to its first committed shard, total)."""
+    started = time.perf_counter()
+    first = None
+    process = subprocess.Popen(
+        [*CLI, "run", str(spec_file), *extra], env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if first is None and line.startswith("shards 1/"):
+            first = time.perf_counter() - started
+    if process.wait() != 0 or first is None:
+        raise RuntimeError(f"circuitscan run failed:\n{''.join(lines)[-3000:]}")
+    return first, time.perf_counter() - started
+
+
+def warm_pool_startup(model: ModelSpec, saes: list[SAESpec], root: Path) -> dict[str, float]:
+    """``up`` → a first job → the measured second job → ``down``; and the job without it."""
+    env = dict(os.environ, CIRCUITSCAN_STATE_DIR=str(root / "pool_state"))
+    env.pop("CIRCUITSCAN_NO_POOL", None)
+    env.pop("RAY_ADDRESS", None)
+    specs = {}
+    for name in ("first", "second", "cold"):
+        spec = JobSpec(
+            name=f"warm-{name}", model=model, saes=saes,
+            prompts=IOISource(kind="ioi", n=8, seed=3), job=CacheParams(kind="cache"),
+            store=str(root / f"warm_{name}"), shard_size=4,
+            execution=ExecutionSpec(num_actors=1, torch_threads=1, batch_size=4),
+        )  # fmt: skip
+        specs[name] = root / f"warm_{name}.json"
+        specs[name].write_text(spec.model_dump_json(), encoding="utf-8")
+    started = time.perf_counter()
+    up = subprocess.run([*CLI, "up", str(specs["first"]), "--actors", "1"], env=env,
+                        capture_output=True, text=True)  # fmt: skip
+    if up.returncode != 0:
+        raise RuntimeError(f"circuitscan up failed:\n{up.stdout}{up.stderr}")
+    up_s = time.perf_counter() - started
+    try:
+        first, _ = _timed_run(specs["first"], env)
+        second, second_total = _timed_run(specs["second"], env)
+    finally:
+        subprocess.run([*CLI, "down"], env=env, capture_output=True, text=True)
+    cold, _ = _timed_run(specs["cold"], env, "--no-pool")
+    print(
+        f"warm pool: up {up_s:.1f}s; time to first shard from launching `circuitscan run`: "
+        f"first job {first:.2f}s, second job {second:.2f}s (whole job {second_total:.2f}s); "
+        f"the same job without the pool {cold:.2f}s"
+    )
+    return {
+        "warm_job_startup_s": round(second, 3),
+        "warm_first_job_startup_s": round(first, 3),
+        "warm_pool_up_s": round(up_s, 3),
+        "cold_job_startup_s": round(cold, 3),
+    }
+
+
 def describe(label: str, summary: JobSummary) -> None:
     rate = summary.tokens / summary.seconds
     print(
@@ -127,7 +200,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=128, help="IOI prompts per job.")
     parser.add_argument("--shard-size", type=int, default=4, help="Prompts per shard.")
     parser.add_argument("--rounds", type=int, default=3, help="Side-by-side (1, 2 actor) rounds.")
+    parser.add_argument(
+        "--quick", action="store_true", help="Mid-size model, 16 prompts, one round."
+    )
     args = parser.parse_args()
+    if args.quick:
+        args.model, args.prompts, args.rounds = "mid", 16, 1
     torch.set_num_threads(1)
 
     with tempfile.TemporaryDirectory(prefix="bench_scaling_") as tmp:
@@ -171,6 +249,7 @@ def main() -> None:
                       f"{runs[2].seconds:.2f}s -> speed-up {ratio:.3f}")  # fmt: skip
         finally:
             ray.shutdown()
+        warm = warm_pool_startup(model, saes, root)
 
     # The round with the median speed-up is reported in full.
     rounds.sort(key=lambda pair: pair[0].seconds / pair[1].seconds)
@@ -203,6 +282,7 @@ def main() -> None:
                 "prompts": args.prompts,
                 "model": args.model,
                 "device": "cpu",
+                **warm,
             }
         )
     )
