@@ -519,6 +519,14 @@ class ExecutionSpec(BaseModel):
     )
     torch_threads: int = Field(default=1, ge=1, description="torch threads per CPU actor.")
     batch_size: int = Field(default=8, ge=1, description="Prompts per forward pass.")
+    batch_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Padded tokens per forward pass at most (prompts x longest prompt after "
+        "the token cap), so a batch's memory is bounded by tokens, not by the prompt count: "
+        "batches of short prompts fill up to batch_size, long ones hold fewer (a prompt "
+        "longer than the budget runs alone). None: batch_size prompts per pass. Cache jobs.",
+    )
     max_in_flight_per_actor: int = Field(
         default=2, ge=1, le=16, description="Shards queued per actor (backpressure bound)."
     )

@@ -195,8 +195,11 @@ def check_batch_memory(
         return
     prompt, tokens = max(measured, key=lambda item: item[1])
     tokens = min(tokens, cap)
+    rows = min(spec.execution.batch_size, n_prompts)
+    if spec.execution.batch_tokens is not None:  # the widest batch holds this many prompts
+        rows = min(rows, max(1, spec.execution.batch_tokens // tokens))
     per_token2 = (
-        min(spec.execution.batch_size, n_prompts)
+        rows
         * int(model_cfg.n_heads)
         * int(model_cfg.n_layers)
         * _DTYPE_BYTES.get(spec.model.dtype, 4)
@@ -210,8 +213,8 @@ def check_batch_memory(
     context = "" if spec.max_prompt_tokens else ": the model's context"
     raise JobError(
         f"prompt {prompt} runs to {tokens} tokens (token cap {cap}{context}); a batch of "
-        f"{min(spec.execution.batch_size, n_prompts)} padded to it needs at least "
+        f"{rows} padded to it needs at least "
         f"{per_token2 * tokens**2 / 2**30:.0f} GiB for its attention patterns, more than this "
         f"machine's {available / 2**30:.0f} GiB: set max_prompt_tokens (about {fits} fits) "
-        "or a smaller execution.batch_size"
+        "or a smaller execution.batch_size or execution.batch_tokens"
     )

@@ -133,6 +133,60 @@ def token_cap(spec: JobSpec, model: HookedSAETransformer) -> int:
     return min(cap, spec.max_prompt_tokens) if spec.max_prompt_tokens else cap
 
 
+def capped_length(model: HookedSAETransformer, text: str, cap: int) -> int:
+    """Tokens (BOS included) ``text`` takes in a batch once cut to ``cap``."""
+    return min(int(model.to_tokens(text, prepend_bos=True, truncate=False).shape[1]), cap)
+
+
+def budget_batches(
+    lengths: Sequence[int], batch_size: int, batch_tokens: int | None
+) -> list[range]:
+    """Consecutive batches of at most ``batch_size`` prompts whose padded size (prompts x
+    longest) stays within ``batch_tokens`` (None: no token budget).
+
+    ``lengths`` are the prompts' lengths after the cap, so a batch's memory is bounded
+    by the budget (and by the cap), never by the raw text. A prompt longer than the
+    budget runs alone: a batch of one is as small as it can be.
+    """
+    batches: list[range] = []
+    start, longest = 0, 0
+    for i, length in enumerate(lengths):
+        wider = max(longest, length)
+        full = i - start >= batch_size or (
+            batch_tokens is not None and (i - start + 1) * wider > batch_tokens
+        )
+        if full and i > start:
+            batches.append(range(start, i))
+            start, wider = i, length
+        longest = wider
+    if start < len(lengths):
+        batches.append(range(start, len(lengths)))
+    return batches
+
+
+def record_batches(
+    model: HookedSAETransformer, records: Sequence[PromptRecord], cap: int, spec: JobSpec
+) -> list[list[PromptRecord]]:
+    """A shard's records in forward-pass batches: ``execution.batch_size`` prompts at most,
+    and within ``execution.batch_tokens`` padded tokens when set (paired corrupted texts
+    count with their clean prompts)."""
+    execution = spec.execution
+    if execution.batch_tokens is None:
+        lengths = [0] * len(records)  # by count only: no need to tokenize twice
+    else:
+        lengths = [
+            max(
+                capped_length(model, r.text, cap),
+                capped_length(model, r.corrupted, cap) if r.corrupted is not None else 0,
+            )
+            for r in records
+        ]
+    return [
+        [records[i] for i in part]
+        for part in budget_batches(lengths, execution.batch_size, execution.batch_tokens)
+    ]
+
+
 def tokenize_capped(
     model: HookedSAETransformer, records: Sequence[PromptRecord], cap: int
 ) -> TokenBatch:

@@ -18,6 +18,7 @@ from circuitscan.services.jobs.planning import ShardPlan
 from circuitscan.services.jobs.shard_runner import (
     ShardRunner,
     named_positions,
+    record_batches,
     tokenize_capped,
     tokenize_capped_counting,
 )
@@ -45,11 +46,10 @@ class CacheRunner(ShardRunner):
 
         if self.params.paired:
             return self._paired(records)
-        batch_size = self.spec.execution.batch_size
         caches = []
         token_lists: list[list[int]] = []
-        for start in range(0, len(records), batch_size):
-            batch = tokenize_capped(self.model, records[start : start + batch_size], self.cap)
+        for part in record_batches(self.model, records, self.cap, self.spec):
+            batch = tokenize_capped(self.model, part, self.cap)
             caches.append(
                 cache_batch(
                     self.model,
@@ -75,12 +75,10 @@ class CacheRunner(ShardRunner):
         from circuitscan.pipelines.paired_caching import cache_pairs
         from circuitscan.services.store.paired_io import shard_pairs
 
-        batch_size = self.spec.execution.batch_size
         caches, paired_positions = [], []
         token_lists: list[list[int]] = []
         named: list[dict[str, int]] = []
-        for start in range(0, len(records), batch_size):
-            part = records[start : start + batch_size]
+        for part in record_batches(self.model, records, self.cap, self.spec):
             clean, removed = tokenize_capped_counting(self.model, part, self.cap)
             corrupted = [r.model_copy(update={"text": r.corrupted}) for r in part]
             corrupt = tokenize_capped(self.model, corrupted, self.cap)
