@@ -224,9 +224,10 @@ def _layout(spec: JobSpec, *, gradients: bool):
     )
 
 
-def test_a_paired_caches_index_ranks_by_the_atp_term(jobs):
+def test_a_paired_caches_index_ranks_by_the_atp_term(jobs, tmp_path):
     """The merged index's per-feature Σ (a' − a)·g and the error node's Σ equal the
     model-run AtP job's node sums over every position, within the storage bound."""
+    from circuitscan.services.store.attribution_index import NoAttributionIndexError
     from circuitscan.services.store.rankings import top_attributions
 
     _, cache_url, expected = jobs
@@ -261,6 +262,25 @@ def test_a_paired_caches_index_ranks_by_the_atp_term(jobs):
         keys = [abs(float(index.atp_total[f])) for f in got_order]
         assert keys == sorted(keys, reverse=True)
         assert ranking.error_atp == pytest.approx(float(index.error_atp[0]))
+
+    # An index generation of a paired store without the AtP sums (as written before they
+    # existed) has no rankings until it is rebuilt, rather than sums missing shards.
+    older = tmp_path / "older"
+    shutil.copytree(cache_url, older)
+    writer = FeatureStore.open(str(older))
+    label = writer.layout.sites[0].label
+    writer.feature_index(label)
+    assert writer.index._attribution is not None
+    for item in writer.index._attribution.values():
+        item.atp_total = item.atp_total_abs = item.error_atp = None
+    writer.flush_index()
+    with pytest.raises(NoAttributionIndexError, match="circuitscan repair"):
+        top_attributions(FeatureStore.open(str(older)), label, rank_by="atp")
+    FeatureStore.open(str(older)).index.rebuild()  # what `circuitscan repair` does
+    rebuilt = FeatureStore.open(str(older)).index.attribution(label)
+    assert rebuilt.atp_total is not None
+    original = store.index.attribution(label)
+    assert np.array_equal(rebuilt.atp_total, original.atp_total)
 
 
 def _kill_estimate_tasks(done: threading.Event, killed: list[int]) -> None:
