@@ -15,14 +15,36 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from circuitscan.schemas.errors import InfrastructureError
+from circuitscan.schemas.errors import (
+    CircuitscanError,
+    InfrastructureError,
+    StoreCorruptionError,
+    UserInputError,
+)
 from circuitscan.schemas.jobs import JobSpec
 
 POLL_S = 0.1
 
 
 class PoolJobFailed(InfrastructureError):
-    """The pool's driver hit a bug running the job (its traceback is printed)."""
+    """The job failed on the pool (a cluster or shard failure there, or a bug: its traceback
+    is printed)."""
+
+
+class PoolJobRefused(UserInputError):
+    """The pool's driver refused the job: a mistake in its input (the message says which)."""
+
+
+class PoolJobDamagedStore(StoreCorruptionError):
+    """The job on the pool found its store damaged (the message names the object)."""
+
+
+_ERRORS: dict[str, type[CircuitscanError]] = {
+    "UserInputError": PoolJobRefused,
+    "StoreCorruptionError": PoolJobDamagedStore,
+    "InfrastructureError": PoolJobFailed,
+    "CircuitscanError": PoolJobFailed,
+}
 
 
 def run_on_pool(
@@ -76,8 +98,9 @@ def run_on_pool(
             time.sleep(POLL_S)
     finally:
         warm_pool.leave_pool()
-    if reply.get("error") is not None:
-        raise reply["error"]
+    if reply.get("error") is not None:  # the error's own message and exit status
+        branch, message = reply["error"]
+        raise _ERRORS.get(branch, PoolJobFailed)(message)
     if reply.get("bug"):
         raise PoolJobFailed(f"the pool's job driver failed:\n{reply['bug']}")
     return reply["summary_text"], reply["summary_json"]

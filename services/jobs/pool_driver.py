@@ -23,7 +23,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from circuitscan.schemas.errors import CircuitscanError, UserInputError
+from circuitscan.schemas.errors import BRANCHES, CircuitscanError, UserInputError
 
 
 class JobCancelled(UserInputError):
@@ -37,7 +37,7 @@ class _Job:
     cancelled: bool = False
     summary_json: str | None = None
     summary_text: str | None = None
-    error: BaseException | None = None
+    error: tuple[str, str] | None = None  # (error branch, message)
     bug: str | None = None
 
 
@@ -86,7 +86,10 @@ class PoolDriver:
             job.summary_json = summary.model_dump_json(indent=2)
             job.summary_text = summary.render()
         except CircuitscanError as exc:
-            job.error = exc
+            # Sent back as its branch and message: any error class crosses the wire,
+            # whatever its constructor takes.
+            branch = next((b for b in BRANCHES if isinstance(exc, b)), CircuitscanError)
+            job.error = (branch.__name__, str(exc))
         except BaseException:  # a bug: its traceback goes back to the caller
             job.bug = traceback.format_exc()
         finally:

@@ -143,6 +143,15 @@ def test_two_jobs_share_the_warm_actors_and_down_stops_what_up_started(
             assert "1 actor(s) already holding the model and SAEs" in run.stdout, run.stdout
             summaries[name] = json.loads(out_file.read_text(encoding="utf-8"))
 
+        # A mistake found by the pool's driver comes back as itself: one line, exit 2.
+        clash = json.loads(specs["first"].read_text(encoding="utf-8"))
+        clash["job"]["verify_top_k"] = 2  # another job into the first job's store
+        (tmp_path / "clash.json").write_text(json.dumps(clash), encoding="utf-8")
+        refused = _cli(env, "run", str(tmp_path / "clash.json"))
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "already holds a different job" in refused.stderr
+        assert "Traceback" not in refused.stderr
+
         status = _cli(env, "up", "--status", "--json")
         assert status.returncode == 0, status.stderr
         report = json.loads(status.stdout)
