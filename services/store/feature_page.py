@@ -36,19 +36,25 @@ from circuitscan.schemas.store import ShardEntry
 from circuitscan.services.store.errors import StoreError
 from circuitscan.services.store.feature_directions import feature_direction_row
 from circuitscan.services.store.feature_store import FeatureStore
-from circuitscan.services.store.queries import feature_summary, top_examples
+from circuitscan.services.store.queries import feature_summary
 from circuitscan.services.store.shard_io import decode_values
-from circuitscan.services.store.summaries import histogram_edges
+from circuitscan.services.store.summaries import EMPTY, histogram_edges
 
 Decode = Callable[[Sequence[int]], list[str]]
 SAMPLE_SHARDS = 3
 
 
-def _prompt_span(store: FeatureStore, prompt: int) -> tuple[int, int]:
-    """(shard id, first shard-local token) of a prompt."""
+def _prompt_span(store: FeatureStore, prompt: int) -> tuple[int, int, int]:
+    """(shard id, first shard-local token, token count) of a prompt.
+
+    Read as rows of the shard's prompt offsets (one small chunk, decoded once
+    and kept), not by decoding the whole prompt shard through zarr, which
+    costs a page several milliseconds for each shard it has not seen yet.
+    """
     entry = store.shard_of_prompt(prompt)
-    offsets = store.prompt_shard(entry.shard_id).prompt_offsets
-    return entry.shard_id, int(offsets[prompt - entry.prompt_start])
+    local = prompt - entry.prompt_start
+    bounds = store.read_rows(entry.shard_id, "prompts/prompt_offsets", local, local + 2)
+    return entry.shard_id, int(bounds[0]), int(bounds[1] - bounds[0])
 
 
 def _values_in(
@@ -105,7 +111,7 @@ def window_values(
     store: FeatureStore, site: str, feature: int, prompt: int, start: int, stop: int
 ) -> list[float]:
     """The feature's activation on positions ``start..stop-1`` of ``prompt`` (0: not stored)."""
-    shard_id, first = _prompt_span(store, prompt)
+    shard_id, first, _ = _prompt_span(store, prompt)
     return shard_windows(store, site, feature, shard_id, [(first + start, first + stop)])[0]
 
 
@@ -121,10 +127,10 @@ def _examples(
     windows: list[tuple[int, int, int, list[int]]] = []  # shard, local start, window start, ids
     by_shard: dict[int, list[int]] = {}
     for i, (prompt, position, _) in enumerate(hits):
-        tokens = store.prompt_tokens(prompt)
-        start, stop = max(0, position - context), min(len(tokens), position + context + 1)
-        shard_id, first = _prompt_span(store, prompt)
-        windows.append((shard_id, first + start, start, [int(t) for t in tokens[start:stop]]))
+        shard_id, first, length = _prompt_span(store, prompt)
+        start, stop = max(0, position - context), min(length, position + context + 1)
+        tokens = store.read_rows(shard_id, "prompts/token_ids", first + start, first + stop)
+        windows.append((shard_id, first + start, start, [int(t) for t in tokens]))
         by_shard.setdefault(shard_id, []).append(i)
     values: dict[int, list[float]] = {}
     for shard_id, members in by_shard.items():
@@ -277,10 +283,13 @@ def feature_page(
     summary = feature_summary(store, site, feature)  # QueryRangeError for a bad feature
     index = store.feature_index(site)
     counts = [int(c) for c in index.hist[feature]]
-    top_hits = [
-        (ex.prompt, ex.position, ex.activation)
-        for ex in top_examples(store, site, feature, n=n_top, context=0)
-    ]
+    top_hits = []  # the index's top slots, as top_examples reads them
+    for slot in range(min(n_top, index.top_prompt.shape[1])):
+        prompt = int(index.top_prompt[feature, slot])
+        if prompt == EMPTY:
+            break
+        position, value = int(index.top_position[feature, slot]), index.top_value[feature, slot]
+        top_hits.append((prompt, position, float(value)))
     notes: list[str] = []
     weaker: list[tuple[int, int, float]] = []
     if summary.count > len(top_hits):
