@@ -241,7 +241,7 @@ class FeatureStore:
         """
         if not self.manifest.commit(entry, verify=verify):
             return False
-        self.index.after_commit(entry.shard_id)  # reuses the objects the verification read
+        self.index.after_commit(entry.shard_id)  # reads nothing: folded in at the next flush
         self.manifest.forget_recent()
         return True
 

@@ -34,6 +34,7 @@ from circuitscan.schemas.store import StoreLayout
 from circuitscan.services.store.attribution_index import (
     AttributionIndex,
     NoAttributionIndexError,
+    ShardAttribution,
     attribution_writes,
     load_attribution,
     shard_attribution,
@@ -46,6 +47,7 @@ from circuitscan.services.store.encoding import (
     write_array,
 )
 from circuitscan.services.store.errors import CorruptIndexError, CorruptManifestError
+from circuitscan.services.store.index_fold import fold_attributions, fold_summaries
 from circuitscan.services.store.manifest import ShardManifest, manifest_key
 from circuitscan.services.store.paired_io import read_paired_site
 from circuitscan.services.store.shard_io import (
@@ -56,7 +58,7 @@ from circuitscan.services.store.shard_io import (
     read_summary,
     shard_prefix,
 )
-from circuitscan.services.store.summaries import FeatureIndex
+from circuitscan.services.store.summaries import FeatureIndex, ShardSummary
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ INDEX_POINTER = "index/current.json"
 INDEX_PREFIX = "index/"
 POINTER_FORMAT = 2
 FLUSH_EVERY = 16
+# Shards folded into the index together (bounds the decoded summaries held at once).
+FOLD_BATCH = 64
 
 
 def _digest(payload: Any) -> str:
@@ -167,21 +171,24 @@ class IndexWriter:
                     raise
                 log.warning("%s; rebuilding it from the shards' summaries", exc)
                 self._index, self._indexed = self._empty(), set()
-        for shard_id in sorted(set(self.manifest.committed()) - self._indexed):
-            self._merge(self._index, shard_id)
+        pending = sorted(set(self.manifest.committed()) - self._indexed)
+        for start in range(0, len(pending), FOLD_BATCH):
+            self._merge(self._index, pending[start : start + FOLD_BATCH])
         return self._index
 
     def after_commit(self, shard_id: int) -> None:
-        """Fold just-committed shard ``shard_id`` in, flushing every ``flush_every`` commits."""
-        # Merging loads the index once, then folds in just the new shard's
-        # summaries: a loaded index already holds every other committed shard
-        # (commits come through here; uncommits and refreshes drop the index),
+        """Count just-committed shard ``shard_id``, flushing every ``flush_every`` commits."""
+        # A commit reads nothing of its shard: the shards committed since the
+        # last fold are folded in together (index_fold.py) when the index is
+        # next needed, a flush or a query. The persisted index is loaded once,
+        # at the first commit (a damaged one is rebuilt, as a job's writer may),
         # so a commit costs the same however many shards are committed.
-        if self.layout.sites:  # result-only stores (no SAE sites) have no feature index
-            if self._index is None:
-                self._current(repair=True)
-            elif shard_id not in self._indexed:
-                self._merge(self._index, shard_id)
+        if self.layout.sites and self._index is None:  # result-only stores have no index
+            try:
+                self._index, self._indexed = self._load()
+            except (CorruptIndexError, CorruptManifestError) as exc:
+                log.warning("%s; rebuilding it from the shards' summaries", exc)
+                self._index, self._indexed = self._empty(), set()
         self._unflushed += 1
         if self._unflushed >= self.flush_every:
             self.flush()
@@ -305,25 +312,34 @@ class IndexWriter:
             ) from exc
         return index, shards
 
-    def _merge(self, index: dict[str, FeatureIndex], shard_id: int) -> None:
+    def _merge(self, index: dict[str, FeatureIndex], shard_ids: list[int]) -> None:
+        """Fold committed shards ``shard_ids`` in, each read and checked against its entry."""
         parts = [f"sites/{label}/{kind}/" for label in index for kind in ("summary", "top")]
-        if self._attribution is not None:  # a·g needs the entries (in memory after a commit)
+        if self._attribution is not None:  # a·g needs the entries
             parts = [f"sites/{label}/" for label in index] + ["prompts/"]
-        source = self.manifest.read_verified(shard_id, parts)
-        start = self.manifest.entry(shard_id).prompt_start
+        summaries: dict[str, list[ShardSummary]] = {label: [] for label in index}
+        terms: dict[str, list[ShardAttribution]] = {label: [] for label in index}
+        for shard_id in shard_ids:
+            source = self.manifest.read_verified(shard_id, parts)
+            start = self.manifest.entry(shard_id).prompt_start
+            for label in index:
+                summaries[label].append(read_summary(source, shard_id, label, start))
+            if self._attribution is not None:
+                prompts = read_prompts(source, shard_id)
+                for label in self._attribution:
+                    site = read_site(source, self.layout, shard_id, label)
+                    paired = None
+                    if self.layout.pairing is not None:  # the AtP sums need the corrupted side
+                        base = f"{shard_prefix(shard_id)}sites/{label}/"
+                        paired = read_paired_site(source, self.layout, base)
+                    d_sae = self.layout.site(label).d_sae
+                    terms[label].append(shard_attribution(site, prompts, start, paired, d_sae))
         for label, item in index.items():
-            item.merge(read_summary(source, shard_id, label, start))
+            fold_summaries(item, summaries[label])
         if self._attribution is not None:
-            prompts = read_prompts(source, shard_id)
             for label, attribution in self._attribution.items():
-                site = read_site(source, self.layout, shard_id, label)
-                paired = None
-                if self.layout.pairing is not None:  # the AtP sums need the corrupted side
-                    base = f"{shard_prefix(shard_id)}sites/{label}/"
-                    paired = read_paired_site(source, self.layout, base)
-                d_sae = self.layout.site(label).d_sae
-                attribution.merge(shard_attribution(site, prompts, start, paired, d_sae))
-        self._indexed.add(shard_id)
+                fold_attributions(attribution, terms[label])
+        self._indexed.update(shard_ids)
 
     def flush(self) -> None:
         """Persist the merged index (a new generation, then the pointer, then drop the old)."""

@@ -1,0 +1,187 @@
+"""Folding many shards into the merged index at once, vectorised over every feature.
+
+A commit only records its entry; the shards committed since the last flush
+are folded in together when the index is next needed (a flush, a query). One
+fold of B shards costs one pass over their summaries plus one sort of the
+candidates that can still enter a top-K row, instead of B passes that each
+re-sort every touched row of the index.
+
+The result is the index the shard-by-shard merges (``FeatureIndex.merge``,
+``AttributionIndex.merge``) give, whatever the batches: counts and histograms
+are integer sums, totals are sums of per-shard totals on the 2⁻²⁰ grid
+(exact), maxima are maxima, and a top-K row is the K best of the union of
+its candidates under a strict order (value or |value| descending, then
+prompt, then position), which does not depend on how the union was cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from circuitscan.services.store.attribution_index import (
+    AttributionIndex,
+    ShardAttribution,
+    _top_by_magnitude,
+)
+from circuitscan.services.store.summaries import (
+    EMPTY,
+    FeatureIndex,
+    ShardSummary,
+    _descending_key,
+    _top_per_group,
+    on_grid,
+)
+
+TopFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+
+
+def _fold_rows(
+    prompts: np.ndarray,
+    positions: np.ndarray | None,
+    values: np.ndarray,
+    candidate: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    top: TopFn,
+    rank: Callable[[np.ndarray], np.ndarray],
+) -> None:
+    """Fold candidates (feature, prompt, position, value) into top-K rows (in place).
+
+    A candidate ranked below the K-th entry of a full row cannot enter it
+    (equal rank may, on its prompt and position), so it is dropped before the
+    one sort; rows no surviving candidate touches are not read or written.
+    """
+    feature, prompt, position, value = candidate
+    if len(feature) == 0:
+        return
+    k = prompts.shape[1]
+    full = prompts[:, k - 1] != EMPTY
+    kth = rank(values[:, k - 1])
+    keep = ~full[feature] | (rank(value) >= kth[feature])
+    feature, prompt, position, value = feature[keep], prompt[keep], position[keep], value[keep]
+    touched = np.unique(feature)
+    if len(touched) == 0:
+        return
+    old_prompt = prompts[touched]
+    valid = old_prompt != EMPTY
+    old_position = positions[touched] if positions is not None else np.zeros_like(old_prompt)
+    rows = np.repeat(touched, k).reshape(len(touched), k)
+    feature = np.concatenate([rows[valid], feature])
+    prompt = np.concatenate([old_prompt[valid], prompt.astype(prompts.dtype)])
+    position = np.concatenate([old_position[valid], position.astype(old_position.dtype)])
+    value = np.concatenate([values[touched][valid], value.astype(values.dtype)])
+    score = rank(value)
+    # Only entries ranked at or above their row's K-th of the union can be kept: one sort
+    # of a packed (feature, rank) key finds that K-th, the exact sort then sees ~K a row.
+    near = (score >= _kth_floor(feature, score, k, prompts.shape[0])[feature]) | np.isnan(score)
+    feature, prompt, position, value = feature[near], prompt[near], position[near], value[near]
+    best = top(feature, value, prompt, position, k)
+    feature, prompt, position, value = feature[best], prompt[best], position[best], value[best]
+    starts = np.searchsorted(feature, touched)
+    slot = np.arange(len(feature)) - np.repeat(starts, np.diff(np.r_[starts, len(feature)]))
+    prompts[touched], values[touched] = EMPTY, 0
+    prompts[feature, slot], values[feature, slot] = prompt, value
+    if positions is not None:
+        positions[touched] = 0
+        positions[feature, slot] = position
+
+
+def _kth_floor(feature: np.ndarray, score: np.ndarray, k: int, n_features: int) -> np.ndarray:
+    """Per feature, a lower bound of the K-th largest ``score`` (−inf with fewer than K)."""
+    floor = np.full(n_features, -np.inf)
+    counts = np.bincount(feature, minlength=n_features)
+    if counts.max(initial=0) < k:
+        return floor
+    # float32 rounding is monotone, so the K-th of the rounded scores, one float32 step
+    # down, is at most the K-th of the scores themselves.
+    rounded = np.nan_to_num(score.astype(np.float32), nan=-np.inf)
+    key = (feature.astype(np.uint64) << np.uint64(32)) | _descending_key(rounded).astype(np.uint64)
+    key.sort()
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    full = np.flatnonzero(counts >= k)
+    descending = (key[starts[full] + k - 1] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    ascending = ~descending
+    bits = np.where(ascending >> np.uint32(31), ascending & np.uint32(0x7FFFFFFF), ~ascending)
+    kth = bits.astype(np.uint32).view(np.float32)
+    floor[full] = np.nextafter(kth, np.float32(-np.inf)).astype(np.float64)
+    return floor
+
+
+def fold_summaries(index: FeatureIndex, shards: Sequence[ShardSummary]) -> None:
+    """Fold shards' summaries and top candidates into ``index`` (in place)."""
+    if not shards:
+        return
+    fired = np.concatenate([s.features.astype(np.int64) for s in shards])
+    touched = np.unique(fired)
+    had = index.count[touched] > 0
+    np.add.at(index.count, fired, np.concatenate([s.count for s in shards]).astype(np.int64))
+    # Grid multiples add exactly: the same bytes as one shard at a time, in any order.
+    np.add.at(index.total, fired, np.concatenate([on_grid(s.total) for s in shards]))
+    peak = np.full(index.max.shape, -np.inf, dtype=np.float32)
+    np.maximum.at(peak, fired, np.concatenate([s.max for s in shards]).astype(np.float32))
+    index.max[touched] = np.where(had, np.maximum(index.max[touched], peak[touched]), peak[touched])
+    with_hist = [s for s in shards if s.hist is not None]
+    if with_hist:
+        np.add.at(
+            index.hist,
+            np.concatenate([s.features.astype(np.int64) for s in with_hist]),
+            np.concatenate([s.hist for s in with_hist]).astype(np.int64),  # type: ignore[misc]
+        )
+    candidate = (
+        np.concatenate([s.top_feature for s in shards]).astype(np.int64),
+        np.concatenate([s.top_prompt for s in shards]).astype(np.int64),
+        np.concatenate([s.top_position for s in shards]).astype(np.int32),
+        np.concatenate([s.top_value for s in shards]).astype(np.float32),
+    )
+    _fold_rows(
+        index.top_prompt, index.top_position, index.top_value, candidate, _top_per_group, _same
+    )
+
+
+def _same(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+def fold_attributions(index: AttributionIndex, shards: Sequence[ShardAttribution]) -> None:
+    """Fold shards' a·g terms into one site's attribution index (in place)."""
+    if not shards:
+        return
+    d_sae = index.total.shape[0]
+    feature = np.concatenate([s.feature for s in shards])
+    prompt = np.concatenate([s.prompt for s in shards])
+    position = np.concatenate([s.position for s in shards])
+    value = np.concatenate([s.value for s in shards])
+    index.total += np.bincount(feature, weights=value, minlength=d_sae)
+    index.total_abs += np.bincount(feature, weights=np.abs(value), minlength=d_sae)
+    if index.atp_total is not None:
+        assert index.atp_total_abs is not None and index.error_atp is not None
+        for shard in shards:
+            if shard.atp is None:
+                raise ValueError("a paired store's attribution index needs each shard's AtP sums")
+            index.atp_total += shard.atp.total
+            index.atp_total_abs += shard.atp.total_abs
+            index.error_atp += shard.atp.error_atp
+    _fold_rows(
+        index.top_prompt,
+        index.top_position,
+        index.top_value,
+        (feature, prompt, position, value),
+        _top_by_magnitude,
+        np.abs,
+    )
+    # A prompt lies in one shard, so its per-prompt sums are complete here (and, summed in
+    # entry order within that shard, the same as one shard at a time).
+    key = feature * (int(prompt.max(initial=0)) + 1) + prompt
+    unique, inverse = np.unique(key, return_inverse=True)
+    sums = np.bincount(inverse, weights=value, minlength=len(unique))
+    first = np.zeros(len(unique), dtype=np.int64)
+    first[inverse[::-1]] = np.arange(len(inverse))[::-1]
+    zeros = np.zeros(len(unique), dtype=np.int64)
+    _fold_rows(
+        index.prompt_prompt,
+        None,
+        index.prompt_value,
+        (feature[first], prompt[first], zeros, sums),
+        _top_by_magnitude,
+        np.abs,
+    )
