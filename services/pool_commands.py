@@ -18,6 +18,15 @@ import typer
 from circuitscan.services.cli_errors import fail, reported_errors
 
 
+def _shipped_sae_names() -> list[str]:
+    """The default model's shipped SAEs, read from their folder (as ``sae_loading`` lists
+    them, without importing sae_lens into this process)."""
+    root = Path(__file__).resolve().parent / "default_saes"
+    if not root.is_dir():
+        return []
+    return sorted(path.name for path in root.iterdir() if (path / "cfg.json").is_file())
+
+
 def _pool_spec(spec: Path | None, model: str | None, saes: list[str] | None, threads: int | None):
     from circuitscan.schemas.jobs import CacheParams, ExecutionSpec, IOISource, JobSpec
     from circuitscan.schemas.models import DEFAULT_MODEL, ModelSpec, SAESpec
@@ -34,9 +43,7 @@ def _pool_spec(spec: Path | None, model: str | None, saes: list[str] | None, thr
     model_spec = ModelSpec(source=model) if model else ModelSpec()
     if saes is None or not saes:
         if model_spec.source == DEFAULT_MODEL:
-            from circuitscan.services.sae_loading import default_sae_names
-
-            saes = [f"default/{name}" for name in default_sae_names()]
+            saes = [f"default/{name}" for name in _shipped_sae_names()]
         else:
             saes = []
     # The actors only load the model and SAEs of this spec: its prompts and job are

@@ -37,7 +37,6 @@ from circuitscan.services.jobs.warm_pool import (
     PoolRunning,
     PoolUnavailable,
     ProcessId,
-    actor_stats,
     head_alive,
     is_running,
     join_pool,
@@ -170,8 +169,8 @@ def _start_actors(spec: JobSpec, count: int, use_gpu: bool) -> tuple[list[str], 
     return names, handles
 
 
-def _start_driver(record: PoolRecord) -> None:
-    """The pool's job driver (:mod:`~circuitscan.services.jobs.pool_driver`), ready to run."""
+def _start_driver(record: PoolRecord) -> Any:
+    """The pool's job driver (:mod:`~circuitscan.services.jobs.pool_driver`), starting."""
     import ray
 
     from circuitscan.services.jobs.pool_driver import PoolDriver
@@ -187,7 +186,7 @@ def _start_driver(record: PoolRecord) -> None:
         )
         .remote(record.model_dump_json(), record.load.model.model_dump_json())
     )
-    ray.get(driver.ready.remote())
+    return driver
 
 
 def start_pool(
@@ -217,7 +216,6 @@ def start_pool(
             f"cleared the record of a pool that was no longer running ({stopped} leftover processes)"
         )
         _remove(existing)
-    check_model_and_saes(spec)  # a path or SAE the files show cannot work: refused here
     if ray.is_initialized():
         raise PoolUnavailable("this process is already connected to a Ray cluster")
     started = time.perf_counter()
@@ -238,6 +236,8 @@ def start_pool(
     root = process_id(process.pid) or ProcessId(pid=process.pid, started=time.time())
     address = f"127.0.0.1:{port}"
     try:
+        # A path or SAE the files show cannot work is refused here, while the head starts.
+        check_model_and_saes(spec)
         _wait_for_port(process, port, log, timeout_s)
         echo(
             f"Ray head listening at {address} ({time.perf_counter() - started:.1f}s); loading actors"
@@ -251,8 +251,6 @@ def start_pool(
         use_gpu = int(ray.cluster_resources().get("GPU", 0)) > 0
         count = _actor_count(spec, n_actors, use_gpu)
         names, handles = _start_actors(spec, count, use_gpu)
-        for handle in handles:  # a model or SAE that does not load is raised here, as itself
-            describe(handle)
         record = PoolRecord(
             address=address,
             temp_dir=temp_dir,
@@ -265,7 +263,10 @@ def start_pool(
             started_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             log=str(log),
         )
-        _start_driver(record)
+        driver = _start_driver(record)  # loads its libraries while the actors load theirs
+        for handle in handles:  # a model or SAE that does not load is raised here, as itself
+            describe(handle)
+        ray.get(driver.ready.remote())
         processes = [
             ProcessId(pid=pid, started=when) for pid, when in sorted(_family([root]).items())
         ]
@@ -282,6 +283,13 @@ def start_pool(
     leave_pool()  # the driver leaves; the detached actors and the head stay
     echo(f"actors loaded in {time.perf_counter() - started:.1f}s from `up`")
     return record
+
+
+def actor_stats(handles: list[Any], timeout_s: float = 60.0) -> list[dict[str, Any]]:
+    """Each pool actor's own account (pid, model loads in its process, shards, jobs)."""
+    import ray
+
+    return [ray.get(h.pool_stats.remote(), timeout=timeout_s) for h in handles]
 
 
 def _remove(record: PoolRecord) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -446,20 +445,9 @@ def acquire_pool_actors(
     return JobActors(acquire_actors(spec, n_actors, use_gpu, reuse=keep_actors), use_gpu, record)
 
 
-def actor_stats(handles: list[Any], timeout_s: float = 60.0) -> list[dict[str, Any]]:
-    """Each pool actor's own account (pid, model loads in its process, shards, jobs)."""
-    import ray
-
-    return [ray.get(h.pool_stats.remote(), timeout=timeout_s) for h in handles]
-
-
 def describe_record(record: PoolRecord) -> str:
     saes = ", ".join(s.source for s in record.load.saes) or "no SAEs"
     return (
         f"{len(record.actors)} actor(s) holding {record.load.model.source} + {saes} "
         f"({record.load.torch_threads} torch thread(s) each{', GPU' if record.load.gpu else ''})"
     )
-
-
-def record_json(record: PoolRecord) -> str:
-    return json.dumps(record.model_dump(mode="json"), indent=2)

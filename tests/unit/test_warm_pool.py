@@ -104,3 +104,13 @@ def test_a_damaged_pool_file_is_named_and_down_without_a_pool_stops_nothing(stat
     (state / warm_pool.POOL_FILE).write_text("{not json", encoding="utf-8")
     with pytest.raises(warm_pool.PoolUnavailable, match=r"pool\.json"):
         warm_pool.read_record()
+
+
+def test_up_without_a_spec_loads_the_default_model_and_every_shipped_sae():
+    from circuitscan.services.pool_commands import _pool_spec
+    from circuitscan.services.sae_loading import default_sae_names
+
+    spec = _pool_spec(None, None, None, None)
+    assert spec.model == ModelSpec()
+    assert [sae.source for sae in spec.saes] == [f"default/{n}" for n in default_sae_names()]
+    assert spec.execution.torch_threads == 1
