@@ -19,10 +19,14 @@ Figures (real stores on local disk; an S3 server for the request counts):
   shards of the default layout on a moto S3 server, counted by a proxy in
   front of it. Target: equal within 5 %.
 - index_flush_ms_131k_features: one flush of the merged index of a
-  131,072-feature site after 16 commits (whatever the index writer does today).
+  131,072-feature site after 16 commits, split into folding the 16 shards in
+  (``index_fold_ms_...``) and writing the generation (``index_write_ms_...``);
+  ``index_flush_interval_...``: the commits a job makes between such flushes.
 - driver_commits_per_s: the driver's commits of 64-prompt shards of the
   default layout (two sites of 2,304 features, gradients), written by a
-  worker beforehand, on local disk. Target ≥ 200.
+  worker beforehand, on local disk, with the index flushes a job makes and its
+  last one. Target ≥ 200. Split into ``driver_commit_bookkeeping_ms`` (a
+  commit's own work) and ``index_fold_and_flush_ms_per_shard``.
 - objects_per_shard: objects one such shard leaves in the store (its data
   plus its manifest entry). Target ≤ 8.
 
@@ -224,17 +228,36 @@ def written_store(url: str, n_shards: int, d_sae: int = 2304) -> tuple[Any, list
     return store, entries
 
 
-def driver_commits_per_s(root: Path, n_shards: int) -> float:
+def driver_commits_per_s(root: Path, n_shards: int) -> dict[str, float]:
+    """The driver's commits as run_job makes them (index flushes included, and the last flush
+    of the job), and where that time goes: the commits' own bookkeeping (entry check and
+    manifest write) against folding the shards into the index and persisting it."""
     from circuitscan.services.store import FeatureStore
 
     store, entries = written_store(str(root / "commits"), n_shards)
     driver = FeatureStore.open(store.url)
     driver.committed_shard_ids()
+    flushes: list[float] = []
+    flush = driver.index.flush
+
+    def timed_flush() -> None:
+        begin = time.perf_counter()
+        flush()
+        flushes.append(time.perf_counter() - begin)
+
+    driver.index.flush = timed_flush  # type: ignore[method-assign]
     start = time.perf_counter()
     for entry in entries:
         assert driver.commit_shard(entry, verify=False)  # as run_job commits
     driver.flush_index()
-    return n_shards / (time.perf_counter() - start)
+    total = time.perf_counter() - start
+    index_s = sum(flushes)
+    return {
+        "driver_commits_per_s": round(n_shards / total, 1),
+        "driver_commit_bookkeeping_ms": round((total - index_s) / n_shards * 1000, 3),
+        "index_fold_and_flush_ms_per_shard": round(index_s / n_shards * 1000, 3),
+        "index_flushes": len(flushes),
+    }
 
 
 def objects_per_shard(root: Path) -> int:
@@ -245,7 +268,8 @@ def objects_per_shard(root: Path) -> int:
     return len(store.location.read_prefix(shard_prefix(0))) + 1  # + its manifest entry
 
 
-def index_flush_ms(root: Path, d_sae: int = 131_072, commits: int = 16) -> float:
+def index_flush_ms(root: Path, d_sae: int = 131_072, commits: int = 16) -> dict[str, float]:
+    """One flush after ``commits`` commits: folding the shards in, then writing the generation."""
     from circuitscan.services.store import FeatureStore
 
     store, entries = written_store(str(root / "wide"), commits, d_sae=d_sae)
@@ -253,9 +277,19 @@ def index_flush_ms(root: Path, d_sae: int = 131_072, commits: int = 16) -> float
     driver.index_flush_every = 10**9  # flush once, by hand
     for entry in entries:
         driver.commit_shard(entry, verify=False)
+    driver.index_flush_every = 16
+    interval = driver.index.flush_interval()  # what a job would use
     start = time.perf_counter()
+    driver.feature_index(store.layout.sites[0].label)  # folds the pending shards in
+    folded = time.perf_counter()
     driver.flush_index()
-    return round((time.perf_counter() - start) * 1000, 1)
+    end = time.perf_counter()
+    return {
+        "index_flush_ms_131k_features": round((end - start) * 1000, 1),
+        "index_fold_ms_131k_features": round((folded - start) * 1000, 1),
+        "index_write_ms_131k_features": round((end - folded) * 1000, 1),
+        "index_flush_interval_131k_features": interval,
+    }
 
 
 # --- S3 requests ----------------------------------------------------------------------------
@@ -339,17 +373,29 @@ def main() -> None:
             f"({planned['rss_before_mb']:.0f} MB before planning)"
         )
 
-        rate = driver_commits_per_s(root, args.commits)
-        figures["driver_commits_per_s"] = round(rate, 1)
-        print(f"driver commits: {rate:.0f} shards/s (64-prompt shards, default layout)")
+        commits = driver_commits_per_s(root, args.commits)
+        figures.update(commits)
+        print(
+            f"driver commits: {commits['driver_commits_per_s']:.1f} shards/s (64-prompt shards, "
+            f"default layout): {commits['driver_commit_bookkeeping_ms']:.2f} ms a commit, "
+            f"{commits['index_fold_and_flush_ms_per_shard']:.1f} ms a shard folding and "
+            f"persisting the index ({commits['index_flushes']} flushes)"
+        )
         figures["objects_per_shard"] = objects_per_shard(root)
         print(f"objects per shard: {figures['objects_per_shard']}")
-        figures["index_flush_ms_131k_features"] = index_flush_ms(root)
-        print(f"index flush, 131,072 features: {figures['index_flush_ms_131k_features']} ms")
-    for key, n in zip((16, 64), args.s3_shards, strict=True):
+        flushed = index_flush_ms(root)
+        figures.update(flushed)
+        print(
+            f"index flush, 131,072 features after 16 commits: "
+            f"{flushed['index_flush_ms_131k_features']} ms (fold "
+            f"{flushed['index_fold_ms_131k_features']} ms, write "
+            f"{flushed['index_write_ms_131k_features']} ms; a job flushes it every "
+            f"{flushed['index_flush_interval_131k_features']} commits)"
+        )
+    for size, n in zip((16, 64), args.s3_shards, strict=True):
         per = None if args.no_s3 else s3_requests_per_shard(n)
-        figures[f"s3_requests_per_shard_{key}"] = per
-        figures[f"s3_shards_{key}"] = n
+        figures[f"s3_requests_per_shard_{size}"] = per
+        figures[f"s3_shards_{size}"] = n
         print(f"S3 requests per shard, {n} shards: {per}")
     print(json.dumps(figures))
 

@@ -70,6 +70,12 @@ POINTER_FORMAT = 2
 FLUSH_EVERY = 16
 # Shards folded into the index together (bounds the decoded summaries held at once).
 FOLD_BATCH = 64
+# A flush rewrites every row of the index (d_sae × k entries a site), so the commits
+# between flushes grow with the index: amortised, a commit pays for at most about this
+# many rewritten entries, whatever the SAE's width (16 commits for small SAEs, 1,024 for
+# one 131,072-feature site at k = 32). A crash loses at most that many merges, which the
+# next load redoes from the shards' own summaries.
+FLUSH_ENTRIES_PER_COMMIT = 4096
 
 
 def _digest(payload: Any) -> str:
@@ -190,8 +196,13 @@ class IndexWriter:
                 log.warning("%s; rebuilding it from the shards' summaries", exc)
                 self._index, self._indexed = self._empty(), set()
         self._unflushed += 1
-        if self._unflushed >= self.flush_every:
+        if self._unflushed >= self.flush_interval():
             self.flush()
+
+    def flush_interval(self) -> int:
+        """Commits between flushes: ``flush_every``, more for a wide index (see above)."""
+        entries = sum(s.d_sae for s in self.layout.sites) * self.layout.examples_per_feature
+        return max(self.flush_every, -(-entries // FLUSH_ENTRIES_PER_COMMIT))
 
     def forget(self) -> None:
         """Drop the in-memory index (it is reloaded when next needed)."""
