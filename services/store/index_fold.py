@@ -114,19 +114,23 @@ def fold_summaries(index: FeatureIndex, shards: Sequence[ShardSummary]) -> None:
     fired = np.concatenate([s.features.astype(np.int64) for s in shards])
     touched = np.unique(fired)
     had = index.count[touched] > 0
-    np.add.at(index.count, fired, np.concatenate([s.count for s in shards]).astype(np.int64))
+    d_sae = index.count.shape[0]
+    counts = np.concatenate([s.count for s in shards]).astype(np.float64)  # exact below 2**53
+    index.count += np.bincount(fired, weights=counts, minlength=d_sae).astype(np.int64)
     # Grid multiples add exactly: the same bytes as one shard at a time, in any order.
-    np.add.at(index.total, fired, np.concatenate([on_grid(s.total) for s in shards]))
+    totals = np.concatenate([on_grid(s.total) for s in shards])
+    index.total += np.bincount(fired, weights=totals, minlength=d_sae)
     peak = np.full(index.max.shape, -np.inf, dtype=np.float32)
     np.maximum.at(peak, fired, np.concatenate([s.max for s in shards]).astype(np.float32))
     index.max[touched] = np.where(had, np.maximum(index.max[touched], peak[touched]), peak[touched])
     with_hist = [s for s in shards if s.hist is not None]
     if with_hist:
-        np.add.at(
-            index.hist,
-            np.concatenate([s.features.astype(np.int64) for s in with_hist]),
-            np.concatenate([s.hist for s in with_hist]).astype(np.int64),  # type: ignore[misc]
-        )
+        bins = index.hist.shape[1]
+        rows = np.concatenate([s.features.astype(np.int64) for s in with_hist])
+        cells = (rows[:, None] * bins + np.arange(bins)).ravel()
+        hist = np.concatenate([s.hist for s in with_hist])  # type: ignore[misc]
+        added = np.bincount(cells, weights=hist.ravel(), minlength=index.hist.size)
+        index.hist += added.reshape(index.hist.shape).astype(np.int64)
     candidate = (
         np.concatenate([s.top_feature for s in shards]).astype(np.int64),
         np.concatenate([s.top_prompt for s in shards]).astype(np.int64),
