@@ -19,7 +19,7 @@ from circuitscan.schemas.hooks import HookPoint, HookSite
 from circuitscan.schemas.node_kinds import NODE_KINDS, NodeKind, node_kind
 
 PatchMode = Literal["corrupt", "zero", "mean"]
-AblationMode = Literal["zero", "mean", "resample"]
+AblationMode = Literal["zero", "mean", "resample", "corrupted"]
 PositionSpec = int | str
 
 _NODE_RE = re.compile(

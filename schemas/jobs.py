@@ -399,7 +399,16 @@ class AblationScanParams(BaseModel):
     site: str | None = Field(
         default=None, description="SAE site label (e.g. L15.resid_post); default: the first SAE."
     )
-    mode: Literal["zero", "mean", "resample"] = Field(default="zero", description="Ablation value.")
+    mode: Literal["zero", "mean", "resample", "corrupted"] = Field(
+        default="zero",
+        description="Ablation value; corrupted: each feature patched to its activation on the "
+        "prompt's corrupted text at the paired position (every prompt needs a corrupted text).",
+    )
+    align: Literal["same", "end"] = Field(
+        default="same",
+        description="corrupted mode: how clean and corrupted positions pair, as in attribute "
+        "jobs ('same': equal token lengths; 'end': counted from the last token, BOS with BOS).",
+    )
     positions: Literal["all", "last"] | list[str] = Field(
         default="last", description="Positions whose active features are ablated."
     )
@@ -415,24 +424,34 @@ class AblationScanParams(BaseModel):
     candidates: ScanCandidates | None = Field(
         default=None,
         description="Targeted scan: ablate features in the order a cache store estimates "
-        "their effect, stopping early (zero mode only); None: every active feature.",
+        "their effect, stopping early (zero mode: −a·∂m/∂a from any cache with gradients; "
+        "corrupted mode: the AtP term (a′ − a)·∂m/∂a from a paired cache); None: every "
+        "active feature.",
     )
 
     @model_validator(mode="after")
     def _candidates_zero_mode(self) -> AblationScanParams:
-        if self.candidates is not None and self.mode != "zero":
+        if self.candidates is not None and self.mode not in ("zero", "corrupted"):
             raise ValueError(
-                "candidates rank features by the cache's zero-ablation estimate −a·∂m/∂a, "
-                f"so a targeted scan needs mode: zero (got {self.mode!r})"
+                "candidates rank features by the cache's linear estimate (zero: −a·∂m/∂a, "
+                "corrupted: (a′ − a)·∂m/∂a), so a targeted scan needs mode: zero or "
+                f"corrupted (got {self.mode!r})"
+            )
+        if self.align != "same" and self.mode != "corrupted":
+            raise ValueError(
+                "align pairs clean and corrupted positions, so it needs mode: corrupted"
             )
         return self
 
     @model_serializer(mode="wrap")
     def _drop_unset_candidates(self, handler: Any) -> Any:
-        # Full scans dump (and hash) exactly as before targeted scans existed.
+        # Full scans dump (and hash) exactly as before targeted scans existed, and
+        # scans other than corrupted ones as before align existed.
         data = handler(self)
         if isinstance(data, dict) and data.get("candidates") is None:
             data.pop("candidates", None)
+        if isinstance(data, dict) and data.get("mode") != "corrupted":
+            data.pop("align", None)
         return data
 
 

@@ -29,7 +29,13 @@ from circuitscan.pipelines.attribution.inputs import (
     check_answers,
     check_tokens,
 )
-from circuitscan.pipelines.attribution.positions import UNDEFINED, resolve_positions
+from circuitscan.pipelines.attribution.positions import (
+    UNDEFINED,
+    check_aligned,
+    check_position_map,
+    remap_positions,
+    resolve_positions,
+)
 from circuitscan.pipelines.attribution.recording import Recorder, check_saes, run_recorded
 from circuitscan.pipelines.attribution.suffix import start_layer, suffix_metric
 from circuitscan.pipelines.sae_decoding import decoder_rows, decodes_linearly
@@ -170,6 +176,40 @@ def reference_slots(
     return prepared.acts[prepared.chosen]
 
 
+def corrupted_targets(
+    model: HookedSAETransformer,
+    sae: SAE[Any],
+    site: HookSite,
+    prepared: PreparedScan,
+    lengths: Int[torch.Tensor, " n_prompts"],
+    corrupt_tokens: Int[torch.Tensor, "n_prompts corrupt_seq"],
+    corrupt_lengths: Int[torch.Tensor, " n_prompts"],
+    position_map: Int[torch.Tensor, "n_prompts seq"] | None = None,
+) -> Float[torch.Tensor, "n_prompts seq d_sae"]:
+    """The corrupted prompts' SAE activations moved to the clean positions they pair with.
+
+    Position by position (equal token lengths), or through ``position_map``
+    (e.g. ``positions.end_aligned_map``); a clean position with no counterpart
+    keeps its clean activations, so patching it changes nothing.
+    """
+    check_tokens(corrupt_tokens, corrupt_lengths, "corrupt_tokens")
+    seq = prepared.acts.shape[1]
+    if position_map is None:
+        check_aligned(lengths.cpu(), corrupt_lengths.cpu())
+        steps = torch.arange(seq)[None, :]
+        position_map = torch.where(steps < lengths.cpu()[:, None], steps, UNDEFINED)
+    else:
+        position_map = check_position_map(
+            position_map, (lengths.shape[0], seq), lengths.cpu(), corrupt_lengths.cpu()
+        )
+    site_key = ("act", site.hook_name)
+    with torch.no_grad():
+        rec = Recorder(wanted={site_key})
+        run_recorded(model, {}, corrupt_tokens, rec, stop_at_layer=site.layer + 1)
+        acts = sae_encode(sae, rec.store[site_key])
+    return remap_positions(acts, position_map, prepared.acts)
+
+
 def _ablation_values(
     prepared: PreparedScan,
     mode: AblationMode,
@@ -177,11 +217,15 @@ def _ablation_values(
     feature: torch.Tensor,
     generator: torch.Generator,
     reference: Float[torch.Tensor, "n_slots d_sae"] | None = None,
+    target: Float[torch.Tensor, "n_prompts seq d_sae"] | None = None,
 ) -> Float[torch.Tensor, "rows seq"]:
     """The value each row's feature takes at every position (used where chosen)."""
     rows, seq = prompt.shape[0], prepared.acts.shape[1]
     if mode == "zero":
         return torch.zeros(rows, seq, dtype=prepared.acts.dtype)
+    if mode == "corrupted":
+        assert target is not None
+        return target[prompt[:, None], torch.arange(seq)[None, :], feature[:, None]]
     slots = prepared.acts[prepared.chosen] if reference is None else reference
     if mode == "mean":
         return slots.mean(0)[feature][:, None].expand(rows, seq)
@@ -243,6 +287,9 @@ def ablation_scan(
     seed: int = 0,
     reference: Float[torch.Tensor, "n_slots d_sae"] | None = None,
     only: Int[torch.Tensor, " n_only"] | None = None,
+    corrupt_tokens: Int[torch.Tensor, "n_prompts corrupt_seq"] | None = None,
+    corrupt_lengths: Int[torch.Tensor, " n_prompts"] | None = None,
+    position_map: Int[torch.Tensor, "n_prompts seq"] | None = None,
 ) -> ScanResult:
     """Exact Δm of ablating each active feature at the chosen positions, per prompt.
 
@@ -253,6 +300,12 @@ def ablation_scan(
     rounds do; each (prompt, feature) row is the same computation as in the
     full scan, so its Δm is the full scan's. An empty ``only`` measures the
     clean baseline alone.
+    ``mode="corrupted"`` patches each feature at the chosen positions to its
+    activation on the prompt's corrupted version (``corrupt_tokens``, paired
+    position by position or through ``position_map``, see
+    :func:`corrupted_targets`); it runs the (prompt, feature) pairs whose
+    corrupted value differs from the clean one at a chosen position, and every
+    other pair's Δm is exactly 0, as in zero mode.
     """
     if (
         only is not None
@@ -275,15 +328,31 @@ def ablation_scan(
             )
     if batch_size < 1:
         raise AttributionInputError(f"batch_size must be positive, got {batch_size}")
-    if mode not in ("zero", "mean", "resample"):
-        raise AttributionInputError(f"unknown ablation mode {mode!r} (zero, mean or resample)")
+    if mode not in ("zero", "mean", "resample", "corrupted"):
+        raise AttributionInputError(
+            f"unknown ablation mode {mode!r} (zero, mean, resample or corrupted)"
+        )
+    if (mode == "corrupted") != (corrupt_tokens is not None and corrupt_lengths is not None):
+        raise AttributionInputError(
+            "corrupted mode patches in the corrupted prompts' activations, so it needs "
+            "corrupt_tokens and corrupt_lengths (and only it takes them)"
+        )
     answer = answer_ids(model, answer, "answer")
     wrong = answer_ids(model, wrong, "wrong")
     prepared = prepare_scan(
         model, sae, site, tokens, lengths, metric, answer, wrong, positions, named_positions,
         with_baseline=False,
     )  # fmt: skip
-    active = ((prepared.acts > 0) & prepared.chosen[..., None]).any(1)  # [n_prompts, d_sae]
+    target = None
+    if mode == "corrupted":
+        assert corrupt_tokens is not None and corrupt_lengths is not None
+        target = corrupted_targets(
+            model, sae, site, prepared, lengths, corrupt_tokens, corrupt_lengths, position_map
+        )
+        # A patch to the clean value changes nothing: only pairs that differ are run.
+        active = ((target != prepared.acts) & prepared.chosen[..., None]).any(1)
+    else:
+        active = ((prepared.acts > 0) & prepared.chosen[..., None]).any(1)  # [n_prompts, d_sae]
     if only is not None:
         wanted = torch.zeros(active.shape[1], dtype=torch.bool)
         wanted[only.long()] = True
@@ -292,7 +361,7 @@ def ablation_scan(
     column = torch.full((active.shape[1],), -1, dtype=torch.long)
     column[features] = torch.arange(features.numel())
     pairs = torch.nonzero(active)  # (prompt, feature)
-    fill = 0.0 if mode == "zero" else float("nan")
+    fill = 0.0 if mode in ("zero", "corrupted") else float("nan")
     delta = torch.full((tokens.shape[0], features.numel()), fill, dtype=prepared.baseline.dtype)
     generator = torch.Generator().manual_seed(seed)
     # The clean baseline rides along as unablated rows (feature -1) at the head
@@ -304,7 +373,7 @@ def ablation_scan(
     for start in range(0, rows_all.shape[0], batch_size):
         prompt, feature = rows_all[start : start + batch_size].T
         values = _ablation_values(
-            prepared, mode, prompt, feature.clamp(min=0), generator, reference
+            prepared, mode, prompt, feature.clamp(min=0), generator, reference, target
         )
         resid, hooks = ablation_inputs(sae, site, prepared, prompt, feature, values)
         metric_rows = suffix_metric(

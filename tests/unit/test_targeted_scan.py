@@ -11,6 +11,7 @@ import torch
 
 from circuitscan.pipelines.attribution import ablation_scan
 from circuitscan.pipelines.batching import tokenize_prompts
+from circuitscan.pipelines.paired_caching import cache_pairs
 from circuitscan.pipelines.tasks.ioi import generate_ioi
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.jobs import AblationScanParams, IOISource, JobSpec, ScanCandidates
@@ -202,3 +203,172 @@ def test_only_restricts_a_scan_to_the_features_given(setup) -> None:
         positions="last", only=torch.zeros(0, dtype=torch.long),
     )  # fmt: skip
     assert empty.n_ablations == 0 and torch.allclose(empty.baseline, full.baseline)
+
+
+# --- corrupted-value patching: candidates by the AtP term of a paired cache -------------------
+
+
+def _write_paired_store(url: str, model: Any, sae: Any, records: list, shard_size: int) -> str:
+    """A paired cache of ``records`` (clean + corrupted pass per shard), as the cache job writes."""
+    from circuitscan.pipelines.caching import site_label
+    from circuitscan.pipelines.sae_splice import sae_hook_name
+    from circuitscan.schemas.store import PairingLayout
+    from circuitscan.services.store.paired_io import shard_pairs
+
+    layout = StoreLayout(
+        sites=[SiteLayout(label=site_label(sae), hook_name=sae_hook_name(sae), d_sae=24)],
+        shard_size=shard_size,
+        job_spec={"metric": MetricSpec().model_dump(mode="json")},
+        pairing=PairingLayout(align="same"),
+    )
+    store = FeatureStore.create(url, layout, overwrite=True)
+    for shard_id in range(-(-len(records) // shard_size)):
+        shard = records[shard_id * shard_size : (shard_id + 1) * shard_size]
+        clean = tokenize_prompts(model, shard)
+        corrupt = tokenize_prompts(
+            model, [r.model_copy(update={"text": r.corrupted}) for r in shard]
+        )
+        sites, paired = cache_pairs(
+            model, [sae], clean.tokens, clean.lengths, corrupt.tokens, corrupt.lengths,
+            MetricSpec(), answer=clean.answer, wrong=clean.wrong,
+        )  # fmt: skip
+        pairs = shard_pairs(None, paired, len(shard))
+        store.commit_shard(store.write_shard(shard_id, shard, clean.token_lists(), sites, pairs))
+    store.flush_index()
+    return url
+
+
+@pytest.fixture(scope="module")
+def paired(setup) -> Any:
+    """The same model, SAE and prompts, their paired cache and the full corrupted-patch scan."""
+    model, sae, records, _, batch, _ = setup
+    url = _write_paired_store("memory://targeted-paired", model, sae, records, 5)
+    corrupt = tokenize_prompts(model, [r.model_copy(update={"text": r.corrupted}) for r in records])
+    full = ablation_scan(
+        model, sae, SITE, batch.tokens, batch.lengths, MetricSpec(), batch.answer, batch.wrong,
+        mode="corrupted", positions="last", corrupt_tokens=corrupt.tokens,
+        corrupt_lengths=corrupt.lengths, batch_size=16,
+    )  # fmt: skip
+    return url, corrupt, full
+
+
+def _corrupted_spec(url: str, align: str = "same", **candidates: Any) -> JobSpec:
+    spec = _spec(url, **candidates)
+    job = spec.job.model_copy(update={"mode": "corrupted", "align": align})
+    return spec.model_copy(update={"job": AblationScanParams.model_validate(job.model_dump())})
+
+
+def _targeted_corrupted(setup: Any, url: str, **candidates: Any) -> Any:
+    model, sae, records, _, _, _ = setup
+    spec = _corrupted_spec(url, **candidates)
+    runner = AblationRunner(spec, model, [LoadedSAE(sae, SITE, "", SITE.label, None)])
+
+    def fan_out(method: str, args: list[tuple[Any, ...]]) -> list[Any]:
+        return [getattr(runner, method)(*call) for call in args]
+
+    ctx = MergeContext(
+        spec=spec, n_prompts=len(records), kept=records, site=SITE.label,
+        say=lambda _line: None, fan_out=fan_out,
+    )  # fmt: skip
+    return job_kind("ablation_scan").merge(spec.job, [], ctx)
+
+
+def test_a_corrupted_patch_is_the_exact_patch_of_the_feature_node_to_its_corrupted_value(
+    setup, paired
+) -> None:
+    from circuitscan.pipelines.attribution import exact_patch
+    from circuitscan.schemas.attribution import Node
+
+    model, sae, _, _, batch, _ = setup
+    _, corrupt, full = paired
+    assert full.n_ablations > 0 and full.features.numel() > 3
+    nodes = [
+        Node(kind="feature", layer=SITE.layer, point=SITE.point, index=f, position="last")
+        for f in full.features.tolist()
+    ]
+    exact = exact_patch(
+        model, {SITE: sae}, batch.tokens, batch.lengths, MetricSpec(), batch.answer, batch.wrong,
+        nodes, mode="corrupt", corrupt_tokens=corrupt.tokens, corrupt_lengths=corrupt.lengths,
+    )  # fmt: skip
+    # Pairs the scan did not run (a′ = a at the last token) are exactly 0 in both.
+    torch.testing.assert_close(full.delta, exact, rtol=0, atol=1e-10)
+    assert bool((full.delta != 0).any())
+
+
+def test_corrupted_estimates_are_the_paired_cache_atp_term_at_the_last_token(paired) -> None:
+    url = paired[0]
+    estimates = cache_estimates(ScanCandidates(store=url), SITE.label, "last", "corrupted")
+    store = FeatureStore.open(url)
+    total, total_abs, pairs = np.zeros(24), np.zeros(24), np.zeros(24, dtype=np.int64)
+    for shard_id in sorted(store.committed_entries()):
+        clean, other = (
+            store.site_shard(shard_id, SITE.label),
+            store.paired_site_shard(shard_id, SITE.label),
+        )
+        offsets = store.prompt_shard(shard_id).prompt_offsets
+        for local in range(len(offsets) - 1):
+            last = int(offsets[local + 1]) - 1
+            atp: dict[int, float] = {}
+            value: dict[int, float] = {}
+            for side, sign in ((clean, -1.0), (other, 1.0)):
+                lo, hi = int(side.token_offsets[last]), int(side.token_offsets[last + 1])
+                for i in range(lo, hi):
+                    f = int(side.feature_ids[i])
+                    a, g = float(side.activations[i]), float(side.gradients[i])
+                    atp[f] = atp.get(f, 0.0) + sign * a * g
+                    value[f] = value.get(f, 0.0) + sign * a
+            for f, term in atp.items():
+                if value[f] != 0:
+                    total[f] += term
+                    total_abs[f] += abs(term)
+                    pairs[f] += 1
+    np.testing.assert_allclose(estimates.total, total, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(estimates.total_abs, total_abs, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(estimates.pairs, pairs)
+    # The cache's pairs are the full corrupted scan's (float16 keeps a′ ≠ a apart here).
+    assert int(pairs.sum()) == paired[2].n_ablations
+
+
+def test_targeted_corrupted_scan_exact_values_and_top_k_are_the_full_scans(setup, paired) -> None:
+    url, _, full = paired
+    exact = _full_means(full)
+    result = _targeted_corrupted(setup, url, top_k=3, patience=3, round_size=2)
+    info = result.targeted
+    assert result.mode == "corrupted" and info is not None and info.stop_rule == "patience"
+    assert info.n_candidates == len(exact) and info.full_scan_ablations == full.n_ablations
+    assert info.n_ablated < info.n_candidates
+    for f in result.features:  # every patched feature: the full corrupted scan's values
+        assert (f.mean_delta, f.mean_abs_delta) == pytest.approx(exact[f.feature], abs=1e-12)
+        assert f.n_prompts == len(setup[2]) and f.estimate_mean is not None
+    top = sorted(exact, key=lambda f: (-exact[f][1], f))[:3]
+    assert [f.feature for f in result.features[:3]] == top
+    assert result.n_ablations < full.n_ablations
+    assert info.ablation_fraction == pytest.approx(result.n_ablations / full.n_ablations)
+    every = _targeted_corrupted(setup, url, top_k=3, patience=500, round_size=50, gap="auto")
+    assert every.targeted.stop_rule in ("gap", "exhausted")
+    assert [f.feature for f in every.features[:3]] == top
+
+
+def test_a_corrupted_targeted_scan_refuses_what_cannot_rank_it(setup, paired) -> None:
+    _, _, records, plain, _, _ = setup
+    url = paired[0]
+    kind = job_kind("ablation_scan")
+    with pytest.raises(KindCheckError, match=r"plain cache .* paired: true"):
+        kind.check_sites(_corrupted_spec(plain), _info())
+    with pytest.raises(KindCheckError, match="align: same, this scan with align: end"):
+        kind.check_sites(_corrupted_spec(url, align="end"), _info())
+    other = _corrupted_spec(url).model_copy(update={"metric": MetricSpec(kind="next_token_loss")})
+    with pytest.raises(KindCheckError, match="holds gradients of metric"):
+        kind.check_sites(other, _info())
+    kind.check_sites(_corrupted_spec(url), _info())
+    unpaired = [records[0].model_copy(update={"corrupted": None}), *records[1:]]
+    with pytest.raises(KindCheckError, match="1 of 12 prompts have none"):
+        kind.check_prompts(_corrupted_spec(url).job, unpaired)
+    swapped = [records[0].model_copy(update={"corrupted": records[1].corrupted}), *records[1:]]
+    with pytest.raises(KindCheckError, match="another corrupted version of prompt 0"):
+        kind.check_prompts(_corrupted_spec(url).job, swapped)
+    kind.check_prompts(_corrupted_spec(url).job, records)
+    with pytest.raises(ValueError, match="needs mode: corrupted"):
+        AblationScanParams(kind="ablation_scan", align="end")
+    # Other scans dump (and hash) as before corrupted mode existed.
+    assert "align" not in AblationScanParams(kind="ablation_scan").model_dump()

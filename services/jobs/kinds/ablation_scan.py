@@ -23,7 +23,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,16 +49,24 @@ from circuitscan.services.jobs.planning import ShardPlan
 from circuitscan.services.jobs.shard_runner import (
     ShardRunner,
     named_positions,
+    tokenize_capped,
     tokenize_capped_counting,
 )
 
 if TYPE_CHECKING:
     from sae_lens import HookedSAETransformer
 
+    from circuitscan.pipelines.batching import TokenBatch
     from circuitscan.services.jobs.worker import WorkerInfo
     from circuitscan.services.reports import Section
     from circuitscan.services.sae_loading import LoadedSAE
     from circuitscan.services.store import FeatureStore
+
+
+def zero_filled(mode: str | None) -> bool:
+    """Whether a pair the scan did not run has Δm exactly 0 (zero: the feature did not fire;
+    corrupted: its corrupted value is its clean one), rather than undefined (NaN)."""
+    return mode in ("zero", "corrupted")
 
 
 def scanned_site(spec: JobSpec, labels: list[str]) -> str:
@@ -121,7 +129,7 @@ class AblationPartial(ShardPartial):
         if delta.dtype not in (np.float32, np.float64):  # float16/bfloat16 widen exactly
             delta = delta.astype(np.float32)
         # Zero mode: everything but exact zeros (NaN != 0 keeps a NaN); else what is defined.
-        keep = delta != 0 if scan.mode == "zero" else ~np.isnan(delta)
+        keep = delta != 0 if zero_filled(scan.mode) else ~np.isnan(delta)
         prompts, columns = np.nonzero(keep)
         return cls(
             features=features,
@@ -138,7 +146,7 @@ class AblationPartial(ShardPartial):
             return self.delta
         assert self.delta_prompts is not None and self.delta_columns is not None
         assert self.delta_values is not None
-        fill = 0.0 if self.scan.mode == "zero" else np.nan
+        fill = 0.0 if zero_filled(self.scan.mode) else np.nan
         dense = np.full((self.baseline.shape[0], self.features.shape[0]), fill, dtype=np.float64)
         dense[self.delta_prompts, self.delta_columns] = self.delta_values
         return dense
@@ -169,6 +177,21 @@ class AblationRunner(ShardRunner):
         """Exact Δm of ablating ``features`` (where active) on one shard's prompts."""
         return self._scan(records, None, shard_id, features)[1]
 
+    def _corrupted(self, records: list[PromptRecord], clean: TokenBatch) -> dict[str, Any]:
+        """The corrupted prompts' tokens (and the end-aligned position map) for mode corrupted."""
+        from circuitscan.pipelines.attribution.positions import end_aligned_map
+
+        corrupted = [r.model_copy(update={"text": r.corrupted}) for r in records]
+        batch = tokenize_capped(self.model, corrupted, self.cap)
+        position_map = None
+        if self.params.align == "end":
+            position_map = end_aligned_map(clean.lengths, batch.lengths, clean.tokens.shape[1])
+        return {
+            "corrupt_tokens": batch.tokens,
+            "corrupt_lengths": batch.lengths,
+            "position_map": position_map,
+        }
+
     def _scan(
         self,
         records: list[PromptRecord],
@@ -185,7 +208,10 @@ class AblationRunner(ShardRunner):
         positions = self.params.positions
         named = named_positions(records, removed)
         reference = None
-        if self.params.mode != "zero":
+        corrupt: dict[str, Any] = {}
+        if self.params.mode == "corrupted":
+            corrupt = self._corrupted(records, batch)
+        elif self.params.mode != "zero":
             if not context:
                 raise ValueError(f"{self.params.mode} ablation shards need the reference prompts")
             ref_batch, ref_removed = tokenize_capped_counting(self.model, context, self.cap)
@@ -214,6 +240,7 @@ class AblationRunner(ShardRunner):
             seed=seed,
             reference=reference,
             only=None if only is None else torch.tensor(only, dtype=torch.long),
+            **corrupt,
         )
         delta = scan.delta.detach().cpu()
         if delta.dtype not in (torch.float32, torch.float64):  # numpy has no bfloat16
@@ -231,7 +258,7 @@ class AblationRunner(ShardRunner):
 
 def ablation_result(spec: JobSpec, partials: Iterable[AblationPartial]) -> AblationJobResult:
     assert isinstance(spec.job, AblationScanParams)
-    zero = spec.job.mode == "zero"
+    zero = zero_filled(spec.job.mode)
     sums: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     n_prompts, n_ablations, baseline, site = 0, 0, 0.0, spec.job.site or ""
     for part in partials:
@@ -285,7 +312,7 @@ def ablation_breakdown(
     """
     from circuitscan.services.jobs.breakdown import GroupMeans, grouped_partials
 
-    zero = result.mode == "zero"
+    zero = zero_filled(result.mode)
     features = [f.feature for f in result.features[:top]]
     means = GroupMeans(
         {
@@ -369,10 +396,17 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
         return site
 
     def check_prompts(self, params: AblationScanParams, records: list[PromptRecord]) -> None:
+        if params.mode == "corrupted":
+            missing = [i for i, r in enumerate(records) if r.corrupted is None]
+            if missing:
+                raise KindCheckError(
+                    f"mode: corrupted patches in each prompt's corrupted version; {len(missing)} "
+                    f"of {len(records)} prompts have none (first: prompt {missing[0]})"
+                )
         if params.candidates is not None:
             from circuitscan.services.jobs.kinds.targeted_scan import check_cache_prompts
 
-            check_cache_prompts(params.candidates, records)
+            check_cache_prompts(params.candidates, records, params.mode == "corrupted")
 
     def position_names(self, params: AblationScanParams) -> list[str]:
         if isinstance(params.positions, list):
@@ -382,7 +416,9 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
     def context(
         self, params: AblationScanParams, kept: Sequence[PromptRecord]
     ) -> list[PromptRecord] | None:
-        return None if params.mode == "zero" else list(kept[: params.reference_prompts])
+        if zero_filled(params.mode):  # no reference values: zero, or each prompt's own corruption
+            return None
+        return list(kept[: params.reference_prompts])
 
     def merge(
         self, params: AblationScanParams, partials: Iterable[AblationPartial], ctx: MergeContext

@@ -16,6 +16,13 @@ the result; neither changes a value: a feature is ablated on every prompt
 where it is active or not at all.
 Each ablated feature's Δm rows are the full scan's own computation, so its
 exact values are the full scan's.
+
+``mode: corrupted`` (a paired cache, docs/paired_caches.md) patches each
+candidate to its activation on the prompt's corrupted version at the paired
+position instead. Its estimate is the AtP term ``(a′ − a)·g``: the cache's
+corrupted entries ``a′·g`` minus its clean entries ``a·g`` at the scan's
+positions, prompt by prompt, over the (prompt, feature) pairs whose stored
+``a′`` differs from ``a`` (the pairs a full corrupted scan patches).
 """
 
 from __future__ import annotations
@@ -74,6 +81,18 @@ def check_cache(spec: JobSpec, site: str, sae_fingerprint: str, model_fingerprin
             f"candidates store {url} keeps no gradients, so it has no estimate −a·∂m/∂a to "
             "rank features by: cache the prompts with gradients: true"
         )
+    if spec.job.mode == "corrupted":
+        if layout.pairing is None:
+            raise KindCheckError(
+                f"candidates store {url} is a plain cache (no corrupted activations), so it has "
+                "no AtP term (a′ − a)·∂m/∂a to rank a corrupted scan by: cache the prompts with "
+                "paired: true"
+            )
+        if layout.pairing.align != spec.job.align:
+            raise KindCheckError(
+                f"candidates store {url} pairs clean and corrupted positions with align: "
+                f"{layout.pairing.align}, this scan with align: {spec.job.align}"
+            )
     cached = layout.site(site).sae_fingerprint
     if cached and sae_fingerprint and cached != sae_fingerprint:
         raise KindCheckError(f"candidates store {url} was cached with another SAE at {site}")
@@ -91,8 +110,11 @@ def check_cache(spec: JobSpec, site: str, sae_fingerprint: str, model_fingerprin
         )
 
 
-def check_cache_prompts(candidates: ScanCandidates, records: Sequence[PromptRecord]) -> None:
-    """The cache must hold exactly the scan's prompts, in order, in committed shards."""
+def check_cache_prompts(
+    candidates: ScanCandidates, records: Sequence[PromptRecord], corrupted: bool = False
+) -> None:
+    """The cache must hold exactly the scan's prompts (``corrupted``: and their corrupted
+    texts), in order, in committed shards."""
     store = _open_cache(candidates.store)
     entries = store.committed_entries()
     n_cached = sum(entry.n_prompts for entry in entries.values())
@@ -109,10 +131,16 @@ def check_cache_prompts(candidates: ScanCandidates, records: Sequence[PromptReco
     for shard_id in sorted(entries):
         start = entries[shard_id].prompt_start
         for offset, cached in enumerate(store.prompt_records(shard_id)):
-            if cached.text != records[start + offset].text:
+            record = records[start + offset]
+            if cached.text != record.text:
                 raise KindCheckError(
                     f"candidates store {candidates.store} holds other prompts than this scan "
                     f"(prompt {start + offset} differs): cache the scan's own prompts"
+                )
+            if corrupted and cached.corrupted != record.corrupted:
+                raise KindCheckError(
+                    f"candidates store {candidates.store} holds another corrupted version of "
+                    f"prompt {start + offset} than this scan: cache the scan's own pairs"
                 )
 
 
@@ -130,12 +158,18 @@ def _chosen(record: PromptRecord, length: int, positions: str | list[str]) -> np
     return np.unique(np.array(out, dtype=np.int64))
 
 
-def cache_estimates(candidates: ScanCandidates, site: str, positions: str | list[str]) -> Estimates:
-    """Every feature's zero-ablation estimate at the positions, from the cache's shards.
+def cache_estimates(
+    candidates: ScanCandidates, site: str, positions: str | list[str], mode: str = "zero"
+) -> Estimates:
+    """Every feature's linear estimate of its ablation at the positions, from the cache's shards.
 
-    Read shard by shard (memory bounded by a shard); per prompt, −a·g is summed
-    over the chosen positions before its magnitude is taken, as one ablation
-    covers all of a prompt's chosen positions.
+    zero: −a·g over the clean entries; corrupted: the AtP term, a′·g over the
+    corrupted entries minus a·g over the clean ones. Read shard by shard
+    (memory bounded by a shard); per prompt the terms are summed over the
+    chosen positions before the magnitude is taken, as one ablation covers all
+    of a prompt's chosen positions. A (prompt, feature) pair counts when the
+    ablation changes the feature at one of them (zero: it is stored, so active;
+    corrupted: its stored a′ differs from a).
     """
     store = _open_cache(candidates.store)
     d_sae = store.layout.site(site).d_sae
@@ -152,15 +186,29 @@ def cache_estimates(candidates: ScanCandidates, site: str, positions: str | list
         for local, record in enumerate(records):
             chosen[offsets[local] + _chosen(record, int(lengths[local]), positions)] = True
         token_prompt = np.repeat(np.arange(len(lengths)), lengths)
-        entry_token = np.repeat(np.arange(n_tokens), np.diff(data.token_offsets))
-        keep = chosen[entry_token]
         assert data.gradients is not None
-        value = -(data.activations[keep].astype(np.float64) * data.gradients[keep])
-        feature = data.feature_ids[keep].astype(np.int64)
-        key = token_prompt[entry_token[keep]] * d_sae + feature
-        unique, inverse = np.unique(key, return_inverse=True)
-        per_pair = np.bincount(inverse, weights=value, minlength=len(unique))
-        pair_feature = unique % d_sae
+        # (token, feature, a·g term, change of the feature's value) of every entry.
+        sides = [(data.token_offsets, data.feature_ids, data.activations, data.gradients, -1.0)]
+        if mode == "corrupted":
+            c = store.paired_site_shard(shard_id, site)
+            sides.append((c.token_offsets, c.feature_ids, c.activations, c.gradients, 1.0))
+        keys, terms, changes = [], [], []
+        for token_offsets, ids, acts, grads, sign in sides:
+            token = np.repeat(np.arange(n_tokens), np.diff(token_offsets))
+            keep = chosen[token]
+            value = acts[keep].astype(np.float64)
+            keys.append(token[keep] * d_sae + ids[keep].astype(np.int64))
+            terms.append(sign * value * grads[keep])
+            changes.append(sign * value)
+        unique, inverse = np.unique(np.concatenate(keys), return_inverse=True)
+        term = np.bincount(inverse, weights=np.concatenate(terms), minlength=len(unique))
+        # float16 values widened to float64 subtract exactly: a′ = a gives exactly 0.
+        change = np.bincount(inverse, weights=np.concatenate(changes), minlength=len(unique))
+        moved = change != 0
+        pair_key = token_prompt[unique[moved] // d_sae] * d_sae + unique[moved] % d_sae
+        pair_unique, pair_inverse = np.unique(pair_key, return_inverse=True)
+        per_pair = np.bincount(pair_inverse, weights=term[moved], minlength=len(pair_unique))
+        pair_feature = pair_unique % d_sae
         total += np.bincount(pair_feature, weights=per_pair, minlength=d_sae)
         total_abs += np.bincount(pair_feature, weights=np.abs(per_pair), minlength=d_sae)
         pairs += np.bincount(pair_feature, minlength=d_sae)
@@ -300,11 +348,12 @@ def targeted_result(params: AblationScanParams, ctx: MergeContext) -> AblationJo
     assert params.candidates is not None
     site = ctx.site or scanned_site(ctx.spec, [params.site] if params.site else [])
     kept = list(ctx.kept)
-    check_cache_prompts(params.candidates, kept)
-    estimates = cache_estimates(params.candidates, site, params.positions)
+    corrupted = params.mode == "corrupted"
+    check_cache_prompts(params.candidates, kept, corrupted)
+    estimates = cache_estimates(params.candidates, site, params.positions, params.mode)
     ctx.say(
         f"targeted scan: {int((estimates.pairs > 0).sum())} candidates ranked by the cache "
-        f"{params.candidates.store}"
+        f"{params.candidates.store} ({'AtP term' if corrupted else '−a·∂m/∂a'})"
     )
     plans = plan_shards(len(kept), ctx.spec.shard_size)
     partials, info = run_rounds(params, estimates, plans, kept, ctx.fan_out, ctx.say)
