@@ -342,7 +342,8 @@ class ScanCandidates(BaseModel):
     """A targeted scan's candidates: features in the order of a cache store's linear estimate.
 
     Each feature's zero-ablation estimate is ``−a·∂m/∂a`` summed over the cache's
-    entries at the scan's positions, prompt by prompt; candidates are ablated
+    entries at the scan's positions, prompt by prompt (corrupted mode: the AtP
+    term ``(a′ − a)·∂m/∂a`` of a paired cache); candidates are ablated
     exactly, largest estimated mean |Δm| first, until the exact top-K has not
     changed for ``patience`` further candidates or ``budget`` candidates are spent.
     """
