@@ -372,3 +372,35 @@ def test_a_corrupted_targeted_scan_refuses_what_cannot_rank_it(setup, paired) ->
         AblationScanParams(kind="ablation_scan", align="end")
     # Other scans dump (and hash) as before corrupted mode existed.
     assert "align" not in AblationScanParams(kind="ablation_scan").model_dump()
+
+
+def test_an_end_aligned_corrupted_patch_is_the_exact_patch_through_the_same_map(setup) -> None:
+    from circuitscan.pipelines.attribution import exact_patch
+    from circuitscan.pipelines.attribution.positions import PositionError, end_aligned_map
+    from circuitscan.schemas.attribution import Node
+
+    model, sae, records, _, _, _ = setup
+    # Corrupted texts longer early on: only counting from the end pairs them.
+    longer = [r.model_copy(update={"text": "Then, later " + r.corrupted}) for r in records[:6]]
+    corrupt = tokenize_prompts(model, longer)
+    clean = tokenize_prompts(model, records[:6])
+    assert bool((corrupt.lengths > clean.lengths).all())
+    position_map = end_aligned_map(clean.lengths, corrupt.lengths, clean.tokens.shape[1])
+    args = (model, sae, SITE, clean.tokens, clean.lengths, MetricSpec(), clean.answer, clean.wrong)
+    kwargs = {"corrupt_tokens": corrupt.tokens, "corrupt_lengths": corrupt.lengths}
+    scan = ablation_scan(
+        *args, mode="corrupted", positions="last", position_map=position_map, **kwargs
+    )
+    assert scan.features.numel() > 3
+    nodes = [
+        Node(kind="feature", layer=SITE.layer, point=SITE.point, index=f, position="last")
+        for f in scan.features.tolist()
+    ]
+    exact = exact_patch(
+        model, {SITE: sae}, clean.tokens, clean.lengths, MetricSpec(), clean.answer,
+        clean.wrong, nodes, mode="corrupt", position_map=position_map, **kwargs,
+    )  # fmt: skip
+    torch.testing.assert_close(scan.delta, exact, rtol=0, atol=1e-10)
+    assert bool((scan.delta != 0).any())
+    with pytest.raises(PositionError, match="different token lengths"):
+        ablation_scan(*args, mode="corrupted", positions="last", **kwargs)
