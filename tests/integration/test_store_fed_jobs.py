@@ -354,3 +354,30 @@ def test_store_fed_auto_verification_runs_its_rounds_on_the_actors(jobs, tmp_pat
         assert (ours.exact_mean, ours.exact_mean_abs) == pytest.approx(
             (other.exact_mean, other.exact_mean_abs), rel=1e-5, abs=1e-6
         ), effect.node  # the float32 model's rounding (patching batched differently)
+
+
+def test_a_corrupted_targeted_scan_from_the_paired_cache_matches_the_full_scan(jobs, tmp_path):
+    """ablation_scan mode: corrupted on the actors, full and targeted by the paired cache's AtP
+    term: every patched feature's exact values are the full scan's, and so is its top-3."""
+    from circuitscan.schemas.jobs import AblationScanParams, ScanCandidates
+
+    make, cache_url, _ = jobs
+    full = make(tmp_path / "full", AblationScanParams(kind="ablation_scan", mode="corrupted"))
+    run_job(full, keep_actors=True)
+    candidates = ScanCandidates(store=cache_url, top_k=3, patience=3, round_size=2)
+    params = AblationScanParams(kind="ablation_scan", mode="corrupted", candidates=candidates)
+    targeted = make(tmp_path / "targeted", params)
+    run_job(targeted, keep_actors=True)
+    everything, result = read_result(full.store), read_result(targeted.store)
+    assert everything.mode == result.mode == "corrupted" and everything.n_ablations > 0
+    exact = {f.feature: (f.mean_delta, f.mean_abs_delta) for f in everything.features}
+    info = result.targeted
+    assert info is not None and info.n_ablated <= info.n_candidates <= len(exact)
+    assert result.n_ablations <= everything.n_ablations
+    for f in result.features:
+        assert (f.mean_delta, f.mean_abs_delta) == pytest.approx(
+            exact[f.feature], rel=1e-5, abs=1e-6
+        ), f.feature  # the float32 model's rounding (rows batched differently)
+        assert f.estimate_mean_abs is not None
+    top = sorted(exact, key=lambda f: (-exact[f][1], f))[:3]
+    assert {f.feature for f in result.features[:3]} == set(top)
