@@ -23,7 +23,8 @@ with warm actors (loaded once before timing, ``keep_actors``):
   storage bound of docs/paired_caches.md (2u + u² ≈ 9.8e-4 of |a'g'| + |ag|
   per prompt, which exceeds |AtP| where the two terms nearly cancel).
 
-``--quick`` runs 32 prompts. Ends with one JSON object on its last line.
+``--quick`` runs 32 prompts; ``--no-rankings`` leaves out bench/cached_rankings.py's
+figures (run that script on its own for them). Ends with one JSON object on its last line.
 """
 
 from __future__ import annotations
@@ -145,6 +146,11 @@ def main() -> None:
     parser.add_argument(
         "--compare-nodes", type=int, default=2000, help="Top nodes each job keeps and compares."
     )
+    parser.add_argument(
+        "--no-rankings",
+        action="store_true",
+        help="Skip bench/cached_rankings.py's figures (the targeted scan and top_attributions).",
+    )
     args = parser.parse_args()
     if args.quick:
         args.prompts = min(args.prompts, 32)
@@ -158,9 +164,10 @@ def main() -> None:
         # --- corpus rankings and targeted scans (bench/cached_rankings.py) -----------
         # One import line and one merge: targeted_scan_ablation_fraction,
         # top_attributions_p50_ms.
-        from cached_rankings import measure as measure_rankings  # bench/ is on sys.path
+        if not args.no_rankings:
+            from cached_rankings import measure as measure_rankings  # bench/ is on sys.path
 
-        figures |= measure_rankings(args, work)
+            figures |= measure_rankings(args, work)
         # --- end of corpus rankings -------------------------------------------------
     print(json.dumps(figures))
 
