@@ -322,6 +322,9 @@ def s3_requests_per_shard(n_shards: int) -> float | None:
         return round(counter.total() / n_shards, 2)
 
 
+PARTS = ("overhead", "plan", "commits", "objects", "flush", "s3")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10k committed entries, not 100k.")
@@ -335,7 +338,14 @@ def main() -> None:
         help="Store sizes of the S3 request counts (slow on a loaded machine: ~1 s a shard or more).",
     )
     parser.add_argument("--no-s3", action="store_true", help="Skip the S3 request counts.")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=PARTS,
+        help="Run only these parts (default: all); the JSON holds only their figures.",
+    )
     args = parser.parse_args()
+    parts = set(args.only or PARTS)
     if args.plan:
         plan_million(args.plan)
         return
@@ -343,61 +353,76 @@ def main() -> None:
     figures: dict[str, Any] = {"large_store_shards": large}
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
         root = Path(tmp)
-        for n, key in ((1000, "1k"), (large, "100k")):
+        for n, key in ((1000, "1k"), (large, "100k")) if "overhead" in parts else ():
             start = time.perf_counter()
             _entries_store(str(root / f"n{n}"), n)
             built = time.perf_counter() - start
             ms = per_shard_overhead_ms(str(root / f"n{n}"), n, 64)
             figures[f"per_shard_overhead_ms_{key}_shards"] = ms
             print(f"{n:>7,} committed entries (built in {built:.0f} s): {ms:.2f} ms a shard")
-        ratio = (
-            figures["per_shard_overhead_ms_100k_shards"]
-            / figures["per_shard_overhead_ms_1k_shards"]
-        )
-        figures["per_shard_overhead_ratio"] = round(ratio, 3)
-
-        small_plan = _planned(1_000)
-        figures["driver_rss_mb_1k_prompts"] = round(small_plan["rss_mb"], 1)
-        figures["driver_startup_s_1k_prompts"] = round(small_plan["seconds"], 2)
-        planned = _planned(1_000_000)
-        figures["driver_rss_mb_1m_prompts"] = round(planned["rss_mb"], 1)
-        figures["driver_startup_s_1m_prompts"] = round(planned["seconds"], 2)
-        figures["driver_rss_mb_before_planning"] = round(planned["rss_before_mb"], 1)
-        print(
-            f"1,000 prompts planned in {small_plan['seconds']:.1f} s, peak RSS "
-            f"{small_plan['rss_mb']:.0f} MB"
-        )
-        print(
-            f"1,000,000 prompts planned into {planned['shards']:,} shards in "
-            f"{planned['seconds']:.1f} s, peak RSS {planned['rss_mb']:.0f} MB "
-            f"({planned['rss_before_mb']:.0f} MB before planning)"
-        )
-
-        commits = driver_commits_per_s(root, args.commits)
-        figures.update(commits)
-        print(
-            f"driver commits: {commits['driver_commits_per_s']:.1f} shards/s (64-prompt shards, "
-            f"default layout): {commits['driver_commit_bookkeeping_ms']:.2f} ms a commit, "
-            f"{commits['index_fold_and_flush_ms_per_shard']:.1f} ms a shard folding and "
-            f"persisting the index ({commits['index_flushes']} flushes)"
-        )
-        figures["objects_per_shard"] = objects_per_shard(root)
-        print(f"objects per shard: {figures['objects_per_shard']}")
-        flushed = index_flush_ms(root)
-        figures.update(flushed)
-        print(
-            f"index flush, 131,072 features after 16 commits: "
-            f"{flushed['index_flush_ms_131k_features']} ms (fold "
-            f"{flushed['index_fold_ms_131k_features']} ms, write "
-            f"{flushed['index_write_ms_131k_features']} ms; a job flushes it every "
-            f"{flushed['index_flush_interval_131k_features']} commits)"
-        )
-    for size, n in zip((16, 64), args.s3_shards, strict=True):
+        if "overhead" in parts:
+            ratio = (
+                figures["per_shard_overhead_ms_100k_shards"]
+                / figures["per_shard_overhead_ms_1k_shards"]
+            )
+            figures["per_shard_overhead_ratio"] = round(ratio, 3)
+        if "plan" in parts:
+            _plan_figures(figures)
+        if "commits" in parts:
+            _commit_figures(figures, root, args.commits)
+        if "objects" in parts:
+            figures["objects_per_shard"] = objects_per_shard(root)
+            print(f"objects per shard: {figures['objects_per_shard']}")
+        if "flush" in parts:
+            _flush_figures(figures, root)
+    for size, n in zip((16, 64), args.s3_shards, strict=True) if "s3" in parts else ():
         per = None if args.no_s3 else s3_requests_per_shard(n)
         figures[f"s3_requests_per_shard_{size}"] = per
         figures[f"s3_shards_{size}"] = n
         print(f"S3 requests per shard, {n} shards: {per}")
     print(json.dumps(figures))
+
+
+def _plan_figures(figures: dict[str, Any]) -> None:
+    small_plan = _planned(1_000)
+    figures["driver_rss_mb_1k_prompts"] = round(small_plan["rss_mb"], 1)
+    figures["driver_startup_s_1k_prompts"] = round(small_plan["seconds"], 2)
+    planned = _planned(1_000_000)
+    figures["driver_rss_mb_1m_prompts"] = round(planned["rss_mb"], 1)
+    figures["driver_startup_s_1m_prompts"] = round(planned["seconds"], 2)
+    figures["driver_rss_mb_before_planning"] = round(planned["rss_before_mb"], 1)
+    print(
+        f"1,000 prompts planned in {small_plan['seconds']:.1f} s, peak RSS "
+        f"{small_plan['rss_mb']:.0f} MB"
+    )
+    print(
+        f"1,000,000 prompts planned into {planned['shards']:,} shards in "
+        f"{planned['seconds']:.1f} s, peak RSS {planned['rss_mb']:.0f} MB "
+        f"({planned['rss_before_mb']:.0f} MB before planning)"
+    )
+
+
+def _commit_figures(figures: dict[str, Any], root: Path, n_commits: int) -> None:
+    commits = driver_commits_per_s(root, n_commits)
+    figures.update(commits)
+    print(
+        f"driver commits: {commits['driver_commits_per_s']:.1f} shards/s (64-prompt shards, "
+        f"default layout): {commits['driver_commit_bookkeeping_ms']:.2f} ms a commit, "
+        f"{commits['index_fold_and_flush_ms_per_shard']:.1f} ms a shard folding and "
+        f"persisting the index ({commits['index_flushes']} flushes)"
+    )
+
+
+def _flush_figures(figures: dict[str, Any], root: Path) -> None:
+    flushed = index_flush_ms(root)
+    figures.update(flushed)
+    print(
+        f"index flush, 131,072 features after 16 commits: "
+        f"{flushed['index_flush_ms_131k_features']} ms (fold "
+        f"{flushed['index_fold_ms_131k_features']} ms, write "
+        f"{flushed['index_write_ms_131k_features']} ms; a job flushes it every "
+        f"{flushed['index_flush_interval_131k_features']} commits)"
+    )
 
 
 if __name__ == "__main__":
