@@ -47,7 +47,10 @@ class ApiSettings(BaseModel):
     store_refresh_seconds: float = Field(
         default=1.0,
         ge=0.0,
-        description="How often an open store re-reads its manifest to see newly committed shards.",
+        description=(
+            "How often an open store in use checks whether a job committed shards (its index "
+            "pointer and writer lease versions; the manifest is listed only when they changed)"
+        ),
     )
 
     @field_validator("store_root", mode="before")

@@ -6,9 +6,17 @@ direct child of the root, so neither names nor links reach anything outside
 the root (store_roots.py).
 
 An open ``FeatureStore`` caches decoded shards and is not thread-safe, so
-each store carries a lock held for the length of one query. Open stores
-re-read their manifest every ``store_refresh_seconds`` to pick up shards a
-running job has committed since, and reopen when the store was replaced.
+each store carries a lock held for the length of one query. Every
+``store_refresh_seconds`` an open store in use looks at three version tokens
+(a HEAD or a stat each, never a listing): its layout's (replaced: reopen),
+its index pointer's (a job's driver rewrites it every few commits and at the
+job's end) and its writer lease's (renewed every 30 s while a job runs,
+deleted when it ends). Only when the pointer or the lease changed, or
+``RELIST_SECONDS`` after the last listing, is the manifest listed, and then
+only the new entries are read (``FeatureStore.catch_up``): a store a job is
+filling costs a listing per index flush or heartbeat, not every second, and
+never a re-read of every entry. A running job's newest commits show at its
+next flush or heartbeat, all of them once it ends.
 """
 
 from __future__ import annotations
@@ -29,13 +37,17 @@ from starlette.concurrency import run_in_threadpool
 from circuitscan.services.api.errors import ApiError
 from circuitscan.services.api.store_roots import StoreRoot, store_root
 from circuitscan.services.store import FeatureStore, StoreNotFoundError
-from circuitscan.services.store.manifest import MANIFEST_PREFIX
+from circuitscan.services.store.index_writer import INDEX_POINTER
+from circuitscan.services.store.store_keys import LEASE_KEY
 
 log = logging.getLogger(__name__)
 
 STORE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 STORE_NAME_PATTERN = STORE_NAME.pattern
 _OPEN_STORES = 32
+# The longest a store's manifest goes unlisted while in use, whatever its tokens say (a
+# writer that takes no lease and flushes no index is still seen).
+RELIST_SECONDS = 60.0
 
 Decode = Callable[[Sequence[int]], list[str]]
 
@@ -60,6 +72,14 @@ class OpenStore:
     layout_version: str  # the root's version token of the store's layout
     checked_at: float
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # The index pointer's and the lease's version tokens when the manifest was last listed.
+    changes: tuple[str | None, str | None] = (None, None)
+    listed_at: float = 0.0
+
+    def change_token(self) -> tuple[str | None, str | None]:
+        """What moves when a job commits: its index flushes and its lease's heartbeats."""
+        location = self.store.location
+        return location.version(INDEX_POINTER), location.version(LEASE_KEY)
 
 
 class StoreRegistry:
@@ -115,9 +135,10 @@ class StoreRegistry:
         except StoreNotFoundError as exc:
             raise ApiError(404, f"no store named {name!r}") from exc
         store.site_cache_shards = self.decoded_shards
-        return OpenStore(
-            name=name, store=store, layout_version=version, checked_at=time.monotonic()
-        )
+        now = time.monotonic()
+        entry = OpenStore(name=name, store=store, layout_version=version, checked_at=now)
+        entry.changes, entry.listed_at = entry.change_token(), now  # listed when first read
+        return entry
 
     def _get(self, name: str) -> OpenStore:
         check_store_name(name)
@@ -143,9 +164,10 @@ class StoreRegistry:
             with self._lock:
                 self._open[entry.name] = fresh
             return fresh
-        committed = len(entry.store.location.list_keys(MANIFEST_PREFIX))
-        if committed != len(entry.store.committed_shard_ids()):
-            entry.store.refresh()
+        changes = entry.change_token()  # read before the listing: a later change is seen next
+        if changes != entry.changes or now - entry.listed_at >= RELIST_SECONDS:
+            entry.store.catch_up()
+            entry.changes, entry.listed_at = changes, now
         entry.checked_at = now
         return entry
 

@@ -35,7 +35,7 @@ from circuitscan.services.store.errors import (
 )
 from circuitscan.services.store.index_writer import IndexWriter
 from circuitscan.services.store.job_record import record_layout
-from circuitscan.services.store.manifest import ShardManifest
+from circuitscan.services.store.manifest import MANIFEST_PREFIX, ShardManifest
 from circuitscan.services.store.paired_io import (
     PairedSite,
     ShardPairs,
@@ -251,6 +251,34 @@ class FeatureStore:
         self.index.forget()
         self.reader.clear()
 
+    def catch_up(self) -> bool:
+        """See the shards other writers committed since the manifest was read: one listing,
+        then a read of each new entry only (a long-lived reader of a store a job is
+        filling must not re-read every entry each time). An entry gone or damaged
+        meanwhile re-reads everything as ``refresh`` does. True when anything changed.
+
+        The merged index folds the new shards in when next queried; decoded
+        shards stay cached (a committed shard's bytes never change).
+        """
+        listed = _listed_shard_ids(self.location)
+        known = self.manifest.committed()
+        damaged = set(self.manifest.damaged())
+        if listed == set(known) | damaged:
+            return False
+        new = sorted(listed - set(known) - damaged)
+        if set(known) - listed or damaged - listed:
+            self.refresh()
+            return True
+        try:
+            entries = [self.manifest.read_entry(shard_id) for shard_id in new]
+        except CorruptManifestError:
+            self.refresh()  # the listing records the damaged entry and why
+            return True
+        for entry in entries:
+            if entry is not None:  # uncommitted between the listing and the read
+                known[entry.shard_id] = entry
+        return True
+
     # --- manifest ---------------------------------------------------------------
 
     def committed_entry(self, shard_id: int) -> ShardEntry | None:
@@ -390,3 +418,13 @@ class FeatureStore:
     def flush_index(self) -> None:
         """Persist the merged index (a new generation, then the pointer, then drop the old)."""
         self.index.flush()
+
+
+def _listed_shard_ids(location: Backend) -> set[int]:
+    """The shard ids the manifest's keys name (one listing, no entry read)."""
+    ids = set()
+    for key in location.list_keys(MANIFEST_PREFIX):
+        name = key.removeprefix(MANIFEST_PREFIX).removesuffix(".json")
+        if key.endswith(".json") and name.isdigit():
+            ids.add(int(name))
+    return ids
