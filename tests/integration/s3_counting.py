@@ -3,6 +3,9 @@
 The proxy forwards every request unchanged (moto does not check signatures
 against the host) and counts it by method; circuitscan's S3 settings point
 at the proxy, so every request the store makes, through s3fs or boto, is seen.
+
+``shard_tail_requests`` counts what a job's shard tail asks of the store,
+shard by shard and flush by flush (the S3 request test and bench/scale.py).
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import http.client
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from urllib.parse import urlsplit
 
 from s3_server import BUCKET, moto_s3
@@ -86,3 +91,77 @@ def counted_s3() -> Iterator[tuple[str, RequestCounter]]:
         finally:
             server.shutdown()
             os.environ["CIRCUITSCAN_S3_ENDPOINT"] = endpoint
+
+
+PHASES = ("check", "write", "commit")
+
+
+@dataclass
+class TailRequests:
+    """Requests of a job's shard tail: each shard's phases, and each index flush."""
+
+    interval: int  # commits between the flushes a job makes
+    shards: list[dict[str, int]] = field(default_factory=list)  # phase -> requests, by shard
+    flushes: list[int] = field(default_factory=list)  # requests of each flush, the last one's too
+
+    def phase_per_shard(self, phase: str) -> float:
+        return sum(shard[phase] for shard in self.shards) / len(self.shards)
+
+    def per_shard(self) -> float:
+        """A shard's requests with the index flushes amortised at the job's rate (one every
+        ``interval`` commits): what each shard of a long job costs, the per-job last flush
+        aside. A request that grows with the store shows here as a growing phase or flush."""
+        phases = sum(self.phase_per_shard(phase) for phase in PHASES)
+        recurring = self.flushes[:-1] or self.flushes  # the commits' flushes, not the job's last
+        return phases + sum(recurring) / len(recurring) / self.interval
+
+    def job_per_shard(self) -> float:
+        """Every request of the job (its last flush too) over its shards."""
+        return (sum(sum(shard.values()) for shard in self.shards) + sum(self.flushes)) / len(
+            self.shards
+        )
+
+
+def shard_tail_requests(
+    counter: RequestCounter,
+    url: str,
+    layout: Any,
+    shard: Sequence[Any],
+    n_shards: int,
+    flush_every: int | None = None,
+) -> TailRequests:
+    """Create the store at ``url`` and run ``n_shards`` shard tails as a job does, counted:
+    the worker's committed check, ``write_shard`` of ``shard`` (prompts, token ids, site
+    caches), the driver's commit (its manifest read once, before), the index flushes the
+    commits make and the job's last ``flush_index``."""
+    from circuitscan.services.jobs.shard_runner import already_committed
+    from circuitscan.services.store import FeatureStore
+
+    FeatureStore.create(url, layout)
+    driver = FeatureStore.open(url)
+    driver.committed_shard_ids()  # the driver reads the manifest once, at its start
+    if flush_every is not None:
+        driver.index_flush_every = flush_every
+    worker = FeatureStore.open(url)
+    tail = TailRequests(interval=driver.index.flush_interval())
+    flush = driver.index.flush
+
+    def counted_flush() -> None:
+        before = counter.total()
+        flush()
+        tail.flushes.append(counter.total() - before)
+
+    driver.index.flush = counted_flush  # type: ignore[method-assign]
+    counter.reset()
+    for shard_id in range(n_shards):
+        marks = [counter.total()]
+        assert already_committed(worker, shard_id) is None
+        marks.append(counter.total())
+        entry = worker.write_shard(shard_id, *shard)
+        marks.append(counter.total())
+        flushed = len(tail.flushes)
+        assert driver.commit_shard(entry, verify=False)
+        marks.append(counter.total() - sum(tail.flushes[flushed:]))  # the flush apart
+        tail.shards.append({p: marks[i + 1] - marks[i] for i, p in enumerate(PHASES)})
+    driver.flush_index()
+    return tail
