@@ -55,6 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPTS_PER_SHARD = 64
 TOKENS_PER_PROMPT = 17  # IOI-like
 K = 32  # active features a token (the default SAEs' TopK)
+ENTRY_BATCH = 10_000  # manifest entries written at a time when building a large store
 
 
 def _median_ms(samples: list[float]) -> float:
@@ -65,17 +66,20 @@ def _median_ms(samples: list[float]) -> float:
 
 
 def _entries_store(url: str, n: int) -> None:
-    """A prompts-only store of ``n`` committed one-prompt shards (entries written directly:
-    the bookkeeping reads entries, never the copies' data)."""
+    """A prompts-only store of ``n`` committed one-prompt shards (entries written directly,
+    in batches of files: the bookkeeping reads entries, never the copies' data; 100,000
+    entries take seconds)."""
     from circuitscan.services.store.manifest import entry_bytes, manifest_key
-    from circuitscan.testing.many_shards import PROMPT, TOKEN_IDS, commit_many_shards
+    from circuitscan.testing.many_shards import commit_many_shards
 
     store = commit_many_shards(url, 1)
     first = store.committed_entries()[0]
-    for shard_id in range(1, n):
-        entry = first.model_copy(update={"shard_id": shard_id, "prompt_start": shard_id})
-        store.location.write_bytes(manifest_key(shard_id), entry_bytes(entry))
-    del PROMPT, TOKEN_IDS
+    for start in range(1, n, ENTRY_BATCH):
+        batch = {}
+        for shard_id in range(start, min(start + ENTRY_BATCH, n)):
+            entry = first.model_copy(update={"shard_id": shard_id, "prompt_start": shard_id})
+            batch[manifest_key(shard_id)] = entry_bytes(entry)
+        store.location.write_many(batch)
 
 
 def per_shard_overhead_ms(url: str, n: int, shards: int) -> float:
