@@ -9,6 +9,8 @@ Figures (real stores on local disk; an S3 server for the request counts):
   the worker's committed check (its own entry), ``write_shard`` of a
   one-prompt shard and the driver's ``commit_shard`` (manifest in memory),
   median over appended shards. Target: the second ≤ 1.2 × the first.
+  ``per_shard_overhead_mean_ms_*``: the mean, with the index flushes the
+  commits make (one every 16 commits of these prompts-only stores).
 - driver_rss_mb_1m_prompts / driver_startup_s_1m_prompts: a fresh process
   plans a job over a generated source of 1,000,000 prompts (open the source,
   check and digest it, apply the token cap, cut 15,625 shards and name each
@@ -17,7 +19,10 @@ Figures (real stores on local disk; an S3 server for the request counts):
 - s3_requests_per_shard_16 / _64: HTTP requests per shard (worker check,
   write, driver commit, index flushes) of 16- and 64-shard stores of 64-prompt
   shards of the default layout on a moto S3 server, counted by a proxy in
-  front of it. Target: equal within 5 %.
+  front of it: every request of the job (its index flushes, one every
+  ``s3_index_flush_interval`` commits, and its last one) over its shards.
+  Target: equal within 5 %. ``s3_requests_by_phase_*``: each phase's requests
+  a shard, and each flush's requests.
 - index_flush_ms_131k_features: one flush of the merged index of a
   131,072-feature site after 16 commits, split into folding the 16 shards in
   (``index_fold_ms_...``) and writing the generation (``index_write_ms_...``);
@@ -82,7 +87,9 @@ def _entries_store(url: str, n: int) -> None:
         store.location.write_many(batch)
 
 
-def per_shard_overhead_ms(url: str, n: int, shards: int) -> float:
+def per_shard_overhead_ms(url: str, n: int, shards: int) -> tuple[float, float]:
+    """(median, mean) ms of a shard's bookkeeping over ``shards`` appended shards: the mean
+    includes the index flushes the driver's commits make (one every 16 here)."""
     from circuitscan.services.jobs.shard_runner import already_committed
     from circuitscan.services.store import FeatureStore
     from circuitscan.testing.many_shards import PROMPT, TOKEN_IDS
@@ -97,7 +104,7 @@ def per_shard_overhead_ms(url: str, n: int, shards: int) -> float:
         entry = worker.write_shard(shard_id, [PROMPT], [TOKEN_IDS], {})
         assert driver.commit_shard(entry, verify=False)
         samples.append(time.perf_counter() - start)
-    return _median_ms(samples)
+    return _median_ms(samples), round(statistics.fmean(samples) * 1000, 3)
 
 
 # --- driver planning of a million prompts ---------------------------------------------------
@@ -299,31 +306,31 @@ def index_flush_ms(root: Path, d_sae: int = 131_072, commits: int = 16) -> dict[
 # --- S3 requests ----------------------------------------------------------------------------
 
 
-def s3_requests_per_shard(n_shards: int) -> float | None:
-    """Requests per shard of a job's shard tail on moto S3 (None when moto is not installed)."""
+def s3_figures(sizes: list[int]) -> dict[str, Any]:
+    """Requests per shard of a job's shard tail on moto S3, for stores of ``sizes`` shards
+    (the figures None when moto is not installed): every request of the job, its index
+    flushes and its last flush too, over its shards, and each phase's share."""
     sys.path.insert(0, str(REPO / "tests" / "integration"))
+    names = [f"s3_requests_per_shard_{size}" for size in (16, 64)]
     try:
-        from s3_counting import counted_s3
+        from s3_counting import PHASES, counted_s3, shard_tail_requests
     except ImportError:
-        return None
-    from circuitscan.services.jobs.shard_runner import already_committed
-    from circuitscan.services.store import FeatureStore
-
+        return dict.fromkeys(names)
     layout = default_layout()
+    shard = synthetic_shard(1, 2304, [s.label for s in layout.sites])
+    figures: dict[str, Any] = {}
     with counted_s3() as (bucket, counter):
-        url = f"s3://{bucket}/scale-{n_shards}"
-        FeatureStore.create(url, layout)
-        driver = FeatureStore.open(url)
-        driver.committed_shard_ids()
-        worker = FeatureStore.open(url)
-        shard = synthetic_shard(1, 2304, [s.label for s in layout.sites])
-        counter.reset()
-        for shard_id in range(n_shards):
-            assert already_committed(worker, shard_id) is None
-            entry = worker.write_shard(shard_id, *shard)
-            driver.commit_shard(entry, verify=False)
-        driver.flush_index()
-        return round(counter.total() / n_shards, 2)
+        for name, n in zip(names, sizes, strict=True):
+            tail = shard_tail_requests(counter, f"s3://{bucket}/scale-{n}", layout, shard, n)
+            size = name.rsplit("_", 1)[1]
+            figures[name] = round(tail.per_shard(), 2)
+            figures[f"s3_shards_{size}"] = n
+            figures[f"s3_requests_by_phase_{size}"] = {
+                **{phase: round(tail.phase_per_shard(phase), 3) for phase in PHASES},
+                "flushes": tail.flushes,
+            }
+            figures["s3_index_flush_interval"] = tail.interval
+    return figures
 
 
 PARTS = ("overhead", "plan", "commits", "objects", "flush", "s3")
@@ -361,9 +368,13 @@ def main() -> None:
             start = time.perf_counter()
             _entries_store(str(root / f"n{n}"), n)
             built = time.perf_counter() - start
-            ms = per_shard_overhead_ms(str(root / f"n{n}"), n, 64)
+            ms, mean = per_shard_overhead_ms(str(root / f"n{n}"), n, 64)
             figures[f"per_shard_overhead_ms_{key}_shards"] = ms
-            print(f"{n:>7,} committed entries (built in {built:.0f} s): {ms:.2f} ms a shard")
+            figures[f"per_shard_overhead_mean_ms_{key}_shards"] = mean
+            print(
+                f"{n:>7,} committed entries (built in {built:.0f} s): {ms:.2f} ms a shard "
+                f"(median; mean with the index flushes {mean:.2f} ms)"
+            )
         if "overhead" in parts:
             ratio = (
                 figures["per_shard_overhead_ms_100k_shards"]
@@ -379,11 +390,13 @@ def main() -> None:
             print(f"objects per shard: {figures['objects_per_shard']}")
         if "flush" in parts:
             _flush_figures(figures, root)
-    for size, n in zip((16, 64), args.s3_shards, strict=True) if "s3" in parts else ():
-        per = None if args.no_s3 else s3_requests_per_shard(n)
-        figures[f"s3_requests_per_shard_{size}"] = per
-        figures[f"s3_shards_{size}"] = n
-        print(f"S3 requests per shard, {n} shards: {per}")
+    if "s3" in parts and not args.no_s3:
+        figures.update(s3_figures(args.s3_shards))
+        for size, n in zip((16, 64), args.s3_shards, strict=True):
+            print(
+                f"S3 requests per shard, {n} shards: {figures[f's3_requests_per_shard_{size}']} "
+                f"({figures.get(f's3_requests_by_phase_{size}')})"
+            )
     print(json.dumps(figures))
 
 

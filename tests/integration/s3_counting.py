@@ -108,18 +108,9 @@ class TailRequests:
         return sum(shard[phase] for shard in self.shards) / len(self.shards)
 
     def per_shard(self) -> float:
-        """A shard's requests with the index flushes amortised at the job's rate (one every
-        ``interval`` commits): what each shard of a long job costs, the per-job last flush
-        aside. A request that grows with the store shows here as a growing phase or flush."""
-        phases = sum(self.phase_per_shard(phase) for phase in PHASES)
-        recurring = self.flushes[:-1] or self.flushes  # the commits' flushes, not the job's last
-        return phases + sum(recurring) / len(recurring) / self.interval
-
-    def job_per_shard(self) -> float:
-        """Every request of the job (its last flush too) over its shards."""
-        return (sum(sum(shard.values()) for shard in self.shards) + sum(self.flushes)) / len(
-            self.shards
-        )
+        """Every request of the job (its flushes, the last one's too) over its shards."""
+        phases = sum(sum(shard.values()) for shard in self.shards)
+        return (phases + sum(self.flushes)) / len(self.shards)
 
 
 def shard_tail_requests(
