@@ -121,6 +121,26 @@ class StoreLayout(BaseModel):
         return range(shard_id * self.shard_size, (shard_id + 1) * self.shard_size)
 
 
+class ShardPack(BaseModel):
+    """Where a packed shard keeps its objects: one pack object, members at byte offsets.
+
+    A shard written since stores packed their shards is one object
+    (``shards/<s>/<key>``): a header (magic, length, JSON member table) and then
+    every member's bytes. Each member keeps its own checksum in the entry, so a
+    reader fetches and verifies just the byte ranges it decodes; ``header`` and
+    ``size`` cover every other byte of the pack.
+    """
+
+    model_config = _STRICT
+    key: str = Field(description="The pack object, relative to the shard's prefix.")
+    size: int = Field(ge=0, description="Bytes of the whole pack.")
+    header: str = Field(description="'size:blake2b' of the pack's header bytes (its start).")
+    offsets: dict[str, int] = Field(
+        description="Each packed member (key relative to the shard) → its byte offset in the "
+        "pack; its length is the size in its checksum."
+    )
+
+
 class ShardEntry(BaseModel):
     """The manifest entry of one written shard; committing it makes the shard visible.
 
@@ -140,6 +160,19 @@ class ShardEntry(BaseModel):
     checksums: dict[str, str] = Field(
         description="Every stored object of the shard, key relative to the shard → 'size:blake2b'."
     )
+    pack: ShardPack | None = Field(
+        default=None,
+        description="The pack holding the shard's objects; None for shards written before "
+        "stores packed them (one object per key under the shard's prefix).",
+    )
+
+    @model_validator(mode="after")
+    def _packed_members_have_checksums(self) -> ShardEntry:
+        if self.pack is not None:
+            unlisted = sorted(set(self.pack.offsets) - set(self.checksums))
+            if unlisted:
+                raise ValueError(f"packed members without a checksum: {unlisted[:3]}")
+        return self
 
     def digest(self) -> str:
         """One hash over all the shard's checksums (equal stores ⇔ equal digests)."""

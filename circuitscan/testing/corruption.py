@@ -2,7 +2,9 @@
 
 Four ways: ``truncate`` (the first half kept), ``flip`` (one bit of the
 middle byte), ``replace`` (with another valid object of the same kind) and
-``delete``. :func:`object_cases` names, for each kind of object a store's
+``delete``; an object inside a shard's pack is addressed as
+``shards/<s>/shard.pack#<member>`` (:func:`member_key`, :func:`damage_member`).
+:func:`object_cases` names, for each kind of object a store's
 readers trust, one such object of a store, another valid object of its kind
 and the words a report of its damage must contain. ``store_files`` reads a
 local store back as {key: bytes} to compare a repaired store with an
@@ -45,15 +47,30 @@ class ObjectCase:
     names: tuple[str, ...]  # a report of its damage contains one of these
 
 
+def member_key(shard_id: int, member: str) -> str:
+    """The address of one member of a packed shard, for :func:`damage`:
+    ``shards/<s>/shard.pack#<member>`` (``member`` relative to the shard)."""
+    from circuitscan.services.store.shard_io import shard_prefix
+    from circuitscan.services.store.shard_pack import PACK_NAME
+
+    return f"{shard_prefix(shard_id)}{PACK_NAME}#{member}"
+
+
 def damage(root: Path, key: str, how: str, other: bytes | None = None) -> None:
-    """Damage object ``key`` of the local store at ``root`` in way ``how``."""
+    """Damage object ``key`` of the local store at ``root`` in way ``how``.
+
+    ``key`` may address one member of a shard's pack (:func:`member_key`);
+    see :func:`damage_member` for what each damage does to it.
+    """
+    key, _, member = key.partition("#")
     path = root / key
     data = path.read_bytes()
-    if how == "truncate":
+    if member:
+        path.write_bytes(damage_member(data, member, how, other))
+    elif how == "truncate":
         path.write_bytes(data[: len(data) // 2])
     elif how == "flip":
-        middle = len(data) // 2
-        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0x10]) + data[middle + 1 :])
+        path.write_bytes(_flipped(data, len(data) // 2))
     elif how == "replace":
         if other is None or other == data:
             raise ValueError(f"replacing {key} needs another object that differs from it")
@@ -62,6 +79,42 @@ def damage(root: Path, key: str, how: str, other: bytes | None = None) -> None:
         path.unlink()
     else:
         raise ValueError(f"unknown damage {how!r}; one of {DAMAGES}")
+
+
+def _flipped(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
+
+
+def damage_member(pack: bytes, member: str, how: str, other: bytes | None = None) -> bytes:
+    """The shard pack ``pack`` with its member ``member`` damaged in way ``how``.
+
+    What befalls one object inside a pack: ``truncate`` cuts the pack in the
+    middle of the member (a write or copy cut short: what follows is lost
+    too); ``flip`` flips one bit of the member's middle byte; ``replace`` and
+    ``delete`` rebuild a well-formed pack (its own header consistent) with
+    the member's bytes replaced by ``other`` or left out, so only the
+    manifest entry can tell.
+    """
+    from circuitscan.services.store.shard_pack import pack_objects, pack_spans, unpack
+
+    spans = pack_spans(pack)
+    if member not in spans:
+        raise ValueError(f"the pack has no member {member!r}")
+    start, size = spans[member]
+    members = unpack(pack)
+    if how == "truncate":
+        return pack[: start + size // 2]
+    if how == "flip":
+        return _flipped(pack, start + size // 2)
+    if how == "replace":
+        if other is None or other == members[member]:
+            raise ValueError(f"replacing {member} needs another object that differs from it")
+        members[member] = other
+    elif how == "delete":
+        del members[member]
+    else:
+        raise ValueError(f"unknown damage {how!r}; one of {DAMAGES}")
+    return pack_objects(members)[0]
 
 
 def store_files(root: Path) -> dict[str, bytes]:
@@ -87,12 +140,13 @@ def object_cases(root: Path, site: str, result_kind: str, scratch: Path) -> dict
     from circuitscan.services.store.index_writer import INDEX_POINTER
     from circuitscan.services.store.job_record import JobRecord
     from circuitscan.services.store.results import read_result, result_bytes
+    from circuitscan.services.store.shard_pack import unpack
     from circuitscan.services.store.store_keys import LAYOUT_KEY, RECORD_KEY
 
     files = store_files(root)
-    index = [key for key in files if key.startswith("index/") and key != INDEX_POINTER]
-    chunk = next(key for key in index if f"/{site}/count/c/" in key)
-    other_chunk = next(key for key in index if f"/{site}/max/c/" in key)
+    # The index's row chunks (index_chunks.py): one object a chunk of a site, by digest.
+    index = sorted(key for key in files if key.startswith("index/") and key != INDEX_POINTER)
+    chunk, other_chunk = index[0], index[-1]
     older = scratch / "older"
     shutil.copytree(root, older)
     store = FeatureStore.open(str(older))
@@ -102,15 +156,16 @@ def object_cases(root: Path, site: str, result_kind: str, scratch: Path) -> dict
     other_job = FeatureStore(
         opened.url, opened.location, opened.layout.model_copy(update={"job_hash": "other-job"})
     )
-    shard = f"shards/000001/sites/{site}"
+    # Shards are packs (services/store/shard_pack): the cases damage one member
+    # of shard 1's pack, another valid object being shard 0's (or another array's).
+    first, second = (unpack(files[member_key(i, "").partition("#")[0]]) for i in (0, 1))
+    chunk_member = f"sites/{site}/activations/c/0"
     return {
-        "shard chunk": ObjectCase(
-            f"{shard}/activations/c/0",
-            files[f"shards/000000/sites/{site}/activations/c/0"],
-            ("shard 1",),
-        ),
+        "shard chunk": ObjectCase(member_key(1, chunk_member), first[chunk_member], ("shard 1",)),
         "shard metadata": ObjectCase(
-            f"{shard}/activations/zarr.json", files[f"{shard}/feature_ids/zarr.json"], ("shard 1",)
+            member_key(1, f"sites/{site}/activations/zarr.json"),
+            second[f"sites/{site}/feature_ids/zarr.json"],
+            ("shard 1",),
         ),
         "manifest entry": ObjectCase(
             "manifest/000001.json", files["manifest/000000.json"], ("manifest", "shard 1")

@@ -57,7 +57,9 @@ from circuitscan.services.store import (
 )
 from circuitscan.services.store.backends import open_location
 from circuitscan.services.store.shard_io import shard_prefix
+from circuitscan.services.store.shard_pack import PACK_NAME
 from circuitscan.services.store.summaries import histogram_edges
+from circuitscan.testing.corruption import damage_member
 from circuitscan.testing.tiny_models import build_tiny_model, build_tiny_sae
 from circuitscan.testing.writer_contract import WriterContract
 
@@ -371,18 +373,20 @@ class StoreContract(WriterContract, ABC):
     ) -> None:
         reference = FeatureStore.open(filled_url)  # an undamaged run of the same job
         fill_store(store_url, shards)
-        # Shard 1: an activation chunk truncated. Shard 2: a feature-id chunk with
-        # its bytes altered in place (same size, so only the checksum can tell).
-        truncated = f"{shard_prefix(1)}sites/{SITES[0].label}/activations/c/0"
-        altered = f"{shard_prefix(2)}sites/{SITES[1].label}/feature_ids/c/0"
-        data = self.raw_read(store_url, truncated)
-        assert data is not None
-        self.raw_write(store_url, truncated, data[: len(data) // 2])
-        data = self.raw_read(store_url, altered)
-        assert data is not None
-        self.raw_write(store_url, altered, data[:-1] + bytes([data[-1] ^ 0xFF]))
+        # Shard 1: its pack cut short in an activation chunk (what follows is lost
+        # too). Shard 2: a feature-id chunk with a bit flipped inside the pack
+        # (same size, so only the checksum can tell).
+        truncated = f"{shard_prefix(1)}{PACK_NAME}"
+        altered = f"{shard_prefix(2)}{PACK_NAME}"
+        for key, member, how in (
+            (truncated, f"sites/{SITES[0].label}/activations/c/0", "truncate"),
+            (altered, f"sites/{SITES[1].label}/feature_ids/c/0", "flip"),
+        ):
+            data = self.raw_read(store_url, key)
+            assert data is not None
+            self.raw_write(store_url, key, damage_member(data, member, how))
         reader = FeatureStore.open(store_url)
-        with pytest.raises(CorruptShardError, match=r"shard 1 .*corrupt.*activations"):
+        with pytest.raises(CorruptShardError, match=r"shard 1 .*corrupt"):
             features_at(reader, SITES[0].label, SHARD_SIZE, 0)
         with pytest.raises(CorruptShardError, match=r"shard 2 .*corrupt.*feature_ids"):
             dense_slice(reader, SITES[1].label, 2 * SHARD_SIZE)

@@ -15,6 +15,7 @@ the entry, every other shard reads as before, and a resume recomputes it.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ from circuitscan.services.store.errors import (
     StoreError,
 )
 from circuitscan.services.store.shard_io import checksum, memory_store, shard_prefix
+from circuitscan.services.store.shard_pack import coalesce, pack_mismatches
 
 log = logging.getLogger(__name__)
 
@@ -254,13 +256,33 @@ class ShardManifest:
     # --- verification -----------------------------------------------------------------
 
     def checksum_mismatches(self, entry: ShardEntry) -> list[str]:
-        """Objects (relative to the shard) whose stored bytes differ from ``entry``, sorted."""
+        """Objects (relative to the shard) whose stored bytes differ from ``entry``, sorted.
+
+        A packed shard is read whole (one object): each member is checked, and
+        the pack's header and size, so a damaged byte anywhere is named.
+        """
         prefix = shard_prefix(entry.shard_id)
-        objects = self.location.read_prefix(prefix)
-        self._recent = (entry.shard_id, objects)
-        actual = {key.removeprefix(prefix): checksum(data) for key, data in objects.items()}
-        keys = set(actual) | set(entry.checksums)
-        return sorted(k for k in keys if actual.get(k) != entry.checksums.get(k))
+        objects = {
+            key.removeprefix(prefix): data
+            for key, data in self.location.read_prefix(prefix).items()
+        }
+        expected, bad = dict(entry.checksums), []
+        if entry.pack is not None:
+            data = objects.pop(entry.pack.key, None)
+            bad = pack_mismatches(entry.pack, entry.checksums, data)
+            for key, offset in entry.pack.offsets.items():
+                size = int(expected.pop(key).split(":", 1)[0])
+                if data is not None:
+                    objects[key] = data[offset : offset + size]
+            self._recent = (entry.shard_id, objects)
+            loose = {key: value for key, value in objects.items() if key not in entry.pack.offsets}
+        else:
+            self._recent = (entry.shard_id, objects)
+            loose = objects
+        actual = {key: checksum(data) for key, data in loose.items()}
+        keys = set(actual) | set(expected)
+        bad += [k for k in keys if actual.get(k) != expected.get(k)]
+        return sorted(bad)
 
     def verify(self, shard_id: int) -> bool:
         """True when the shard is committed and every stored byte matches its checksums."""
@@ -281,16 +303,15 @@ class ShardManifest:
         or altered raise CorruptShardError.
         """
         entry = self.entry(shard_id)
-        prefix = shard_prefix(shard_id)
         keys = [key for key in keys if key in entry.checksums]
         if self._recent is not None and self._recent[0] == shard_id:
-            data = {prefix + key: self._recent[1].get(prefix + key) for key in keys}
+            data = {key: self._recent[1].get(key) for key in keys}
         else:
-            data = self.location.read_many([prefix + key for key in keys])
+            data = _fetch(self.location, entry, keys)
         bad = [
             key
             for key in keys
-            if (raw := data[prefix + key]) is None or checksum(raw) != entry.checksums[key]
+            if (raw := data[key]) is None or checksum(raw) != entry.checksums[key]
         ]
         if bad:
             log.warning("shard %d is corrupt: %d objects differ (%s)", shard_id, len(bad), bad[:5])
@@ -298,7 +319,7 @@ class ShardManifest:
                 f"shard {shard_id} of {self.url} is corrupt (checksum mismatch in {bad[:3]}); "
                 "`circuitscan resume --verify` on the store recomputes it"
             )
-        return {key: raw for key in keys if (raw := data[prefix + key]) is not None}
+        return {key: raw for key in keys if (raw := data[key]) is not None}
 
     def read_verified(self, shard_id: int, parts: Sequence[str]) -> Store:
         """The shard's objects under ``parts`` (prefixes inside the shard), each checked
@@ -311,3 +332,33 @@ class ShardManifest:
         prefix = shard_prefix(shard_id)
         objects = self.fetch_verified(shard_id, keys)
         return memory_store({prefix + key: raw for key, raw in objects.items()})
+
+
+def _fetch(location: Backend, entry: ShardEntry, keys: Sequence[str]) -> dict[str, bytes | None]:
+    """The stored bytes of ``keys`` (relative to the shard; None for missing ones).
+
+    Packed members are byte ranges of the shard's pack: adjacent ones come in
+    one ranged read. A member cut short by a truncated pack comes back short.
+    """
+    prefix = shard_prefix(entry.shard_id)
+    offsets = entry.pack.offsets if entry.pack is not None else {}
+    loose = [key for key in keys if key not in offsets]
+    raw = location.read_many([prefix + key for key in loose]) if loose else {}
+    data: dict[str, bytes | None] = {key: raw[prefix + key] for key in loose}
+    packed = {
+        key: (offsets[key], offsets[key] + int(entry.checksums[key].split(":", 1)[0]))
+        for key in keys
+        if key in offsets
+    }
+    if packed and entry.pack is not None:
+        runs = coalesce(list(packed.values()), location.range_gap)
+        parts = location.read_ranges(prefix + entry.pack.key, runs)
+        starts = [start for start, _ in runs]
+        for key, (start, stop) in packed.items():
+            if parts is None:
+                data[key] = None
+                continue
+            run = bisect.bisect_right(starts, start) - 1
+            base = starts[run]
+            data[key] = parts[run][start - base : stop - base]
+    return data

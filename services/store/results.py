@@ -67,7 +67,7 @@ from circuitscan.services.store.job_record import (
     read_record,
     record_result,
 )
-from circuitscan.services.store.shard_io import checksum, shard_checksums, shard_prefix
+from circuitscan.services.store.shard_io import checksum, object_checksums, shard_prefix
 from circuitscan.services.store.store_keys import RECORD_KEY
 
 RESULTS_PREFIX = "results/"
@@ -120,7 +120,14 @@ def write_shard_outputs(
         write_array(store.backend, f"{prefix}arrays/{name}", np.ascontiguousarray(data))
     for name, document in (documents or {}).items():
         write_bytes(store.backend, f"{prefix}docs/{name}.json", json.dumps(document).encode())
-    return entry.model_copy(update={"checksums": shard_checksums(store.backend, entry.shard_id)})
+    # The outputs are objects of their own beside the shard's data (its pack, or
+    # the objects of a shard written before packs): the entry gains their checksums.
+    outputs = object_checksums(store.backend, prefix)
+    checksums = {
+        key: value for key, value in entry.checksums.items() if not key.startswith("results/")
+    }
+    checksums.update({f"results/{key}": value for key, value in outputs.items()})
+    return entry.model_copy(update={"checksums": checksums})
 
 
 def read_shard_outputs(store: FeatureStore, shard_id: int) -> ShardOutputs:

@@ -1,7 +1,10 @@
 """Writing one shard's arrays under its own prefix, checksumming and reading them back.
 
 Keys of shard ``s`` (six digits) all live under ``shards/<s>/`` so that no two
-writers ever share a chunk or a file:
+writers ever share a chunk or a file. They are encoded in memory and stored
+as one pack object, ``shards/<s>/shard.pack`` (see shard_pack); shards written
+before stores packed them hold each key as its own object. The members, by
+key relative to the shard:
 
     prompts/token_ids        uint32 [tokens]        real tokens of every prompt, BOS first
     prompts/prompt_offsets   uint64 [prompts+1]     delta-encoded
@@ -19,7 +22,6 @@ writers ever share a chunk or a file:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,7 @@ from circuitscan.services.store.encoding import (
 )
 from circuitscan.services.store.errors import StoreError
 from circuitscan.services.store.paired_io import ShardPairs, check_pairs
+from circuitscan.services.store.shard_pack import checksum, pack_objects
 from circuitscan.services.store.summaries import ShardSummary, summarize_shard
 
 if TYPE_CHECKING:  # readers of a store never load torch: only writers hold tensors
@@ -82,13 +85,8 @@ def decode_values(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.astype(np.float32)
 
 
-def checksum(data: bytes) -> str:
-    return f"{len(data)}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
-
-
-def shard_checksums(store: Objects, shard_id: int) -> dict[str, str]:
-    """Checksums of every object the shard holds, keyed relative to its prefix."""
-    prefix = shard_prefix(shard_id)
+def object_checksums(store: Objects, prefix: str) -> dict[str, str]:
+    """Checksums of every object stored under ``prefix``, keyed relative to it."""
     return {
         key.removeprefix(prefix): checksum(data) for key, data in read_prefix(store, prefix).items()
     }
@@ -211,8 +209,14 @@ def write_shard_arrays(
         writes += paired_io.prompt_writes(prefix, pairs)
     encode_arrays(store, writes)
     # Parent groups outside the shard (the root, shards/) are not ours to write.
-    objects = {key: value.to_bytes() for key, value in staging.items() if key.startswith(prefix)}
-    write_many(backend, objects)
+    members = {
+        key.removeprefix(prefix): value.to_bytes()
+        for key, value in staging.items()
+        if key.startswith(prefix)
+    }
+    # One object for the whole shard (see shard_pack): one put, one file.
+    data, pack = pack_objects(members)
+    write_many(backend, {prefix + pack.key: data})
     return ShardEntry(
         shard_id=shard_id,
         layout_hash=layout.layout_hash(),
@@ -220,7 +224,8 @@ def write_shard_arrays(
         n_prompts=len(prompts),
         n_tokens=n_tokens,
         n_entries=n_entries,
-        checksums={key.removeprefix(prefix): checksum(data) for key, data in objects.items()},
+        checksums={key: checksum(raw) for key, raw in members.items()},
+        pack=pack,
     )
 
 

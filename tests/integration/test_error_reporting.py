@@ -24,14 +24,14 @@ from typer.testing import CliRunner
 from circuitscan.services.api import ApiSettings
 from circuitscan.services.cli import app
 from circuitscan.services.store import FeatureStore
-from circuitscan.services.store.backends import read_bytes, write_bytes
-from circuitscan.services.store.shard_io import shard_prefix
+from circuitscan.services.store.backends import write_bytes
+from circuitscan.testing.corruption import damage, member_key
 from circuitscan.testing.store_contract import SITES, contract_shards, fill_store, make_layout
 
 pytestmark = pytest.mark.integration
 
 SITE = SITES[0].label
-DAMAGED_CHUNK = f"{shard_prefix(1)}sites/{SITE}/activations/c/0"
+DAMAGED_CHUNK = member_key(1, f"sites/{SITE}/activations/c/0")  # inside shard 1's pack
 DAMAGED_PROMPT = 3  # the first prompt of shard 1 (shard size 3)
 GARBAGE = b'{"shard_id": 2, "trunc'
 
@@ -46,10 +46,7 @@ def stores(tmp_path_factory) -> Path:
     fill_store(str(root / "good"), contract_shards())
     for name in ("damaged", "bad-manifest", "bad-result"):
         shutil.copytree(root / "good", root / name)
-    backend = FeatureStore.open(str(root / "damaged")).backend
-    data = read_bytes(backend, DAMAGED_CHUNK)
-    assert data is not None
-    write_bytes(backend, DAMAGED_CHUNK, data[:-1] + bytes([data[-1] ^ 0xFF]))
+    damage(root / "damaged", DAMAGED_CHUNK, "flip")
     write_bytes(
         FeatureStore.open(str(root / "bad-manifest")).backend, "manifest/000002.json", GARBAGE
     )

@@ -32,7 +32,7 @@ from circuitscan.services.store import FeatureStore
 from circuitscan.services.store.backends import LocalBackend
 from circuitscan.services.store.manifest import MANIFEST_PREFIX, manifest_key
 from circuitscan.services.store.results import read_shard_outputs
-from circuitscan.services.store.shard_io import shard_prefix
+from circuitscan.testing.corruption import damage, member_key
 from circuitscan.testing.many_shards import PROMPT, TOKEN_IDS, commit_many_shards
 from circuitscan.testing.tiny_models import build_tiny_model
 
@@ -207,9 +207,7 @@ def test_resume_trusts_entries_and_verify_reads_every_shard_back(
     tmp_path: Path,
 ) -> None:
     url = commit_many_shards(str(tmp_path / "store"), 12).url
-    damaged = f"{shard_prefix(5)}prompts/records/c/0"
-    path = Path(url) / damaged
-    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 0xFF]))
+    damage(Path(url), member_key(5, "prompts/records/c/0"), "flip")
 
     store, backend = _counted(url)
     assert store.uncommitted(range(14), verify=False) == [12, 13]

@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import ClassVar
 
-from zarr.abc.store import Store
+from zarr.abc.store import RangeByteRequest, Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.buffer.cpu import Buffer as CPUBuffer
 from zarr.core.sync import sync
@@ -61,6 +61,9 @@ class Backend(ABC):
     scheme: ClassVar[str]
     example: ClassVar[str]
     root_example: ClassVar[str | None] = None
+    # Byte ranges of one object less than this far apart are read as one
+    # (a request costs a round trip on object storage; local reads set 0).
+    range_gap: ClassVar[int] = 256 << 10
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -115,6 +118,28 @@ class Backend(ABC):
         """Write many objects concurrently, each in a single put (atomic per object)."""
         store = self.store
         sync(bounded(store.set(key, CPUBuffer.from_bytes(data)) for key, data in objects.items()))
+
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        """Byte ranges ``[start, stop)`` of object ``key`` (None when it is absent).
+
+        A range past the object's end comes back short (a truncated object
+        reads as what it still holds). Each range is one request (a ranged
+        GET on object storage), all of them concurrently.
+        """
+        prototype = default_buffer_prototype()
+
+        async def one(start: int, stop: int) -> bytes | None:
+            request = RangeByteRequest(start, stop)
+            try:
+                buffer = await self.store.get(key, prototype=prototype, byte_range=request)
+            except (OSError, ValueError):  # a range wholly past the end (HTTP 416)
+                return None if not await self.store.exists(key) else b""
+            return None if buffer is None else buffer.to_bytes()
+
+        found = sync(bounded(one(start, stop) for start, stop in ranges))
+        if any(part is None for part in found):
+            return None
+        return [part for part in found if isinstance(part, bytes)]
 
     def read_bytes(self, key: str) -> bytes | None:
         """The raw bytes of one object, None when absent."""

@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from zarr.abc.store import Store
@@ -32,6 +33,7 @@ class LocalBackend(Backend):
 
     scheme = "file"
     example = "a local path"
+    range_gap = 0  # a read per range costs no round trip
     root_example = "a directory"
 
     def __init__(self, path: Path, url: str | None = None) -> None:
@@ -60,6 +62,16 @@ class LocalBackend(Backend):
     def read_many(self, keys: Iterable[str]) -> dict[str, bytes | None]:
         return {key: _read_file(self.path / key) for key in keys}
 
+    def read_ranges(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[bytes] | None:
+        try:
+            fd = os.open(self.path / key, os.O_RDONLY)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        try:
+            return [os.pread(fd, stop - start, start) for start, stop in ranges]
+        finally:
+            os.close(fd)
+
     def write_many(self, objects: Mapping[str, bytes]) -> None:
         paths = {key: self.path / key for key in objects}
         for folder in {path.parent for path in paths.values()}:
@@ -69,6 +81,33 @@ class LocalBackend(Backend):
 
     def exists(self, key: str) -> bool:
         return (self.path / key).is_file()
+
+    def delete_keys(self, keys: Iterable[str]) -> None:
+        folders = set()
+        for key in keys:
+            path = self.path / key
+            if path.is_dir():  # as zarr's LocalStore: a folder's key deletes the folder
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    path.unlink()
+            folders.add(path.parent)
+        self._prune(folders)
+
+    def _prune(self, folders: Iterable[Path]) -> None:
+        """Remove ``folders`` and their parents while empty: a deleted shard, index
+        generation or result leaves no folders behind. The store's top-level
+        folders (``shards/``, ``index/``...) stay, so no writer ever finds the
+        folder it is writing into gone from under it."""
+        for folder in sorted(folders, key=lambda path: -len(path.parts)):
+            while folder.parent != self.path and self.path in folder.parents:
+                try:
+                    os.rmdir(folder)
+                except FileNotFoundError:
+                    pass  # removed with an earlier key's folders
+                except OSError:
+                    break  # not empty: something else lives there
+                folder = folder.parent
 
     def version(self, key: str) -> str | None:
         # The modification time, not a digest: a store replaced by an equal
@@ -147,7 +186,11 @@ def _write_file(path: Path, data: bytes) -> None:
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        tmp.write_bytes(data)
+        try:
+            tmp.write_bytes(data)
+        except FileNotFoundError:  # its folder emptied and pruned by a delete just now
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
