@@ -139,6 +139,13 @@ class FeatureDelta(BaseModel):
         description="Targeted scans: the estimate of mean_abs_delta (mean of |−Σ a·∂m/∂a|), "
         "the key candidates were ordered by; None in a full scan.",
     )
+    n_exact: int | None = Field(
+        default=None,
+        ge=0,
+        description="Pair-level targeted scans: the feature's (prompt, feature) pairs ablated "
+        "exactly; its other n_active − n_exact pairs enter mean_delta and mean_abs_delta as the "
+        "cache's estimate. None: every value is exact (full and feature-level scans).",
+    )
 
 
 class AblationJobResult(BaseModel):

@@ -374,6 +374,17 @@ class ScanCandidates(BaseModel):
         "one is expected to enter the top-K); 'auto': gap = the largest exact / estimated "
         "ratio among the candidates ablated so far. None: patience and budget only.",
     )
+    granularity: Literal["feature", "pair"] = Field(
+        default="feature",
+        description="feature: a candidate is a feature, ablated on every prompt where it is "
+        "active, so every reported value is exact; pair: a candidate is one (prompt, feature) "
+        "pair (largest |estimate| of that prompt alone first, among the features whose rank is "
+        "still in doubt), and a feature's reported mean "
+        "is its ablated pairs' exact Δm plus its other pairs' estimates (FeatureDelta.n_exact "
+        "says how many are exact); patience, budget and round_size then count pairs, and it "
+        "stops once patience holds and the gap bound says no estimated pair left can reorder "
+        "the top-K, so it needs gap (docs/paired_caches.md).",
+    )
 
     @field_validator("gap")
     @classmethod
@@ -382,12 +393,28 @@ class ScanCandidates(BaseModel):
             raise ValueError(f"gap must be positive (or 'auto'), got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _pairs_need_a_bound(self) -> ScanCandidates:
+        if self.granularity == "pair" and self.gap is None:
+            raise ValueError(
+                "granularity: pair needs gap (auto or a number): a pair-level scan stops only "
+                "once patience holds and the estimated pairs left cannot reorder the top-K"
+            )
+        if self.granularity == "pair" and isinstance(self.gap, float | int) and self.gap < 1:
+            raise ValueError(
+                f"granularity: pair takes an estimated pair's |Δm| to lie within [1/gap, gap] × "
+                f"its |estimate|, so gap must be at least 1 (or 'auto'), got {self.gap}"
+            )
+        return self
+
     @model_serializer(mode="wrap")
     def _drop_unset_gap(self, handler: Any) -> Any:
         # Candidates without the gap rule dump (and hash) exactly as before it existed.
         data = handler(self)
         if isinstance(data, dict) and data.get("gap") is None:
             data.pop("gap", None)
+        if isinstance(data, dict) and data.get("granularity") == "feature":
+            data.pop("granularity", None)  # and feature-level ones as before pairs existed
         return data
 
 

@@ -10,7 +10,8 @@ StopRule = Literal["patience", "gap", "budget", "exhausted"]
 
 
 class TargetedScan(BaseModel):
-    """A scan that ablated features in a cache store's estimated order and stopped early."""
+    """A scan that ablated features (or (prompt, feature) pairs) in a cache store's estimated
+    order and stopped early."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     store: str = Field(description="The cache store whose estimates ordered the candidates.")
@@ -51,4 +52,16 @@ class TargetedScan(BaseModel):
     )
     ablation_fraction: float = Field(
         description="This scan's (prompt, feature) ablations / full_scan_ablations."
+    )
+    granularity: Literal["feature", "pair"] = Field(
+        default="feature",
+        description="feature: candidates are features (every reported value exact); pair: "
+        "candidates are (prompt, feature) pairs, counted by n_candidates, n_ablated, "
+        "stopped_after, patience and budget.",
+    )
+    gap_ratio_low: float | None = Field(
+        default=None,
+        description="Pair-level scans: the low end of the range an estimated pair's "
+        "|Δm| / |estimate| was taken to lie in (gap_ratio the high end); None: a feature-level "
+        "scan, or no range yet.",
     )

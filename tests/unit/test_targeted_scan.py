@@ -404,3 +404,132 @@ def test_an_end_aligned_corrupted_patch_is_the_exact_patch_through_the_same_map(
     assert bool((scan.delta != 0).any())
     with pytest.raises(PositionError, match="different token lengths"):
         ablation_scan(*args, mode="corrupted", positions="last", **kwargs)
+
+
+# --- pair-level scans: candidates are (prompt, feature) pairs -------------------------------
+
+
+def _pairs(setup: Any, **candidates: Any) -> tuple[Any, Any, Any]:
+    """A pair-level scan's rounds run by the kind's shard runner here: (the scan with every
+    pair's exact Δm, the cache's pair estimates, how many ablate_features calls it made)."""
+    from circuitscan.services.jobs.kinds.targeted_pairs import actor_rounds, run_pairs
+    from circuitscan.services.jobs.planning import plan_shards
+
+    model, sae, records, url, _, _ = setup
+    spec = _spec(url, granularity="pair", **candidates)
+    runner = AblationRunner(spec, model, [LoadedSAE(sae, SITE, "", SITE.label, None)])
+    estimates = cache_estimates(spec.job.candidates, SITE.label, "last", keep_pairs=True)
+    calls: list[int] = []
+
+    def fan_out(method: str, args: list[tuple[Any, ...]]) -> list[Any]:
+        calls.append(len(args))
+        return [getattr(runner, method)(*call) for call in args]
+
+    rounds = actor_rounds(estimates, plan_shards(len(records), 5), records, fan_out, lambda _: None)
+    return run_pairs(spec.job, estimates, rounds), estimates, calls
+
+
+def test_pair_estimates_sum_to_the_feature_estimates(setup) -> None:
+    estimates = cache_estimates(ScanCandidates(store=setup[3]), SITE.label, "last", keep_pairs=True)
+    d = estimates.pairs.shape[0]
+    assert estimates.pair_estimate.shape[0] == int(estimates.pairs.sum())
+    per = np.bincount(estimates.pair_feature, weights=estimates.pair_estimate, minlength=d)
+    np.testing.assert_allclose(per, estimates.total, rtol=1e-12, atol=1e-15)
+    np.testing.assert_array_equal(np.bincount(estimates.pair_feature, minlength=d), estimates.pairs)
+
+
+def test_pair_scan_exact_values_are_the_full_scans_pair_by_pair(setup) -> None:
+    from circuitscan.services.jobs.kinds.targeted_pairs import pair_features
+
+    full = setup[5]
+    scan, estimates, _ = _pairs(setup, top_k=3, patience=20, round_size=8, gap="auto")
+    column = {f: c for c, f in enumerate(full.features.tolist())}
+    done = np.flatnonzero(~np.isnan(scan.exact))
+    assert 0 < done.shape[0] < scan.exact.shape[0]
+    for pair in done.tolist():  # every ablated pair: the full scan's Δm for it
+        p, f = int(estimates.pair_prompt[pair]), int(estimates.pair_feature[pair])
+        assert scan.exact[pair] == pytest.approx(float(full.delta[p, column[f]]), abs=1e-12)
+    # Within a feature, ablated first: each ablated pair's |estimate| is at least each of the
+    # feature's estimated pairs', so its exact pairs are its n_exact largest.
+    size = np.abs(estimates.pair_estimate)
+    info = scan.info
+    assert info.granularity == "pair" and info.gap_ratio_low <= 1 <= info.gap_ratio
+    for feature in np.unique(estimates.pair_feature).tolist():
+        mine = estimates.pair_feature == feature
+        ablated, left = size[mine & ~np.isnan(scan.exact)], size[mine & np.isnan(scan.exact)]
+        if ablated.size and left.size:
+            assert ablated.min() >= left.max()
+    assert scan.n_ablations == done.shape[0] == info.n_ablated
+    assert info.full_scan_ablations == full.n_ablations
+    # The job's result (its merge, the same rounds): a feature's reported mean is its exact
+    # pairs plus its estimated pairs, over all prompts, and the baseline is the clean metric.
+    result, _ = _targeted(setup, granularity="pair", top_k=3, patience=20, round_size=8, gap="auto")
+    assert result.targeted == info and result.n_ablations == scan.n_ablations
+    assert result.features == pair_features(SITE.label, estimates, scan)
+    value = np.where(np.isnan(scan.exact), estimates.pair_estimate, scan.exact)
+    for f in result.features:
+        mine = estimates.pair_feature == f.feature
+        assert f.mean_delta == pytest.approx(value[mine].sum() / 12, abs=1e-12)
+        assert f.mean_abs_delta == pytest.approx(np.abs(value[mine]).sum() / 12, abs=1e-12)
+        assert f.n_exact == int((mine & ~np.isnan(scan.exact)).sum())
+    assert result.baseline_mean == pytest.approx(float(full.baseline.mean()), abs=1e-12)
+    exact = _full_means(full)
+    top = sorted(exact, key=lambda f: (-exact[f][1], f))[:3]
+    assert info.stop_rule == "gap" and info.n_ablated < info.n_candidates
+    assert sorted(f.feature for f in result.features[:3]) == sorted(top)
+    assert any(f.n_exact < f.n_active for f in result.features)  # some pairs estimated
+    # The CLI says how many of each feature's pairs are exact, and what the rest are.
+    view = job_kind("ablation_scan").cli_view(result, 5)
+    assert view.columns[-1] == "exact" and "estimates" in view.header and "pairs" in view.header
+    assert [row[-1] for row in view.rows] == [
+        f"{f.n_exact}/{f.n_active}" for f in result.features[:5]
+    ]
+
+
+def test_pair_scan_exhausted_and_budget(setup) -> None:
+    exact = _full_means(setup[5])
+    every, estimates, _ = _pairs(setup, top_k=3, patience=10_000, round_size=64, gap="auto")
+    assert every.info.stop_rule == "exhausted" and every.n_ablations == setup[5].n_ablations
+    from circuitscan.services.jobs.kinds.targeted_pairs import pair_features
+
+    for f in pair_features(SITE.label, estimates, every):  # every value exact: the full scan's
+        assert (f.mean_delta, f.mean_abs_delta) == pytest.approx(exact[f.feature], abs=1e-12)
+        assert f.n_exact == f.n_active
+    budget, _, _ = _pairs(setup, top_k=3, patience=10_000, round_size=4, budget=6, gap="auto")
+    assert (budget.info.stop_rule, budget.n_ablations, budget.info.n_ablated) == ("budget", 6, 6)
+
+
+def test_pair_scan_gap_bound_as_stated(setup) -> None:
+    from circuitscan.services.jobs.kinds.targeted_pairs import _Tally, pair_order
+
+    scan, estimates, _ = _pairs(setup, top_k=2, patience=1, round_size=8, gap=1.0)
+    info = scan.info
+    assert info.stop_rule == "gap" and info.gap_ratio == 1.0
+    # gap 1: an estimated pair's |Δm| is taken to be its |estimate| exactly. At the stop each
+    # top-2 feature's exact part plus estimated part reaches every other feature's, and the
+    # top 2 did not change at that pair; at no pair before did the two both hold.
+    order = pair_order(estimates)
+    tally, tops, bound = _Tally(estimates, 2), [], []
+    tops.append(tally.top())
+    for pair in order[: info.stopped_after].tolist():
+        slot = int(tally.slot[estimates.pair_feature[pair]])
+        tally.add(slot, float(estimates.pair_estimate[pair]), float(scan.exact[pair]))
+        tops.append(tally.top())
+        bound.append(tally.unsettled(tops[-1], (1.0, 1.0)).shape[0] == 0)
+        reported = tally.reported_abs()
+        inside = np.isin(np.arange(reported.shape[0]), tops[-1])
+        assert bound[-1] == bool(reported[inside].min() >= reported[~inside].max())
+    held = [b and np.array_equal(t, u) for b, t, u in zip(bound, tops[1:], tops[:-1], strict=True)]
+    assert held[-1] and not any(held[:-1])
+
+
+def test_pair_granularity_is_checked_and_feature_scans_dump_as_before(setup) -> None:
+    with pytest.raises(ValueError, match="granularity"):
+        ScanCandidates(store="memory://x", granularity="token")
+    with pytest.raises(ValueError, match="granularity: pair needs gap"):
+        ScanCandidates(store="memory://x", granularity="pair")
+    with pytest.raises(ValueError, match="gap must be at least 1"):
+        ScanCandidates(store="memory://x", granularity="pair", gap=0.5)
+    assert "granularity" not in ScanCandidates(store="memory://x").model_dump()
+    pairs = ScanCandidates(store="memory://x", granularity="pair", gap="auto")
+    assert pairs.model_dump()["granularity"] == "pair"

@@ -378,6 +378,8 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
             BrowserColumn(name="active", field="n_active", cell="ratio", over="n_prompts"),
             # Targeted scans: the cache's linear estimate beside the exact value.
             BrowserColumn(name="estimate |Δ|", field="estimate_mean_abs", cell="num"),
+            # Pair-level targeted scans: how many of the feature's pairs are exact.
+            BrowserColumn(name="exact pairs", field="n_exact", cell="ratio", over="n_active"),
         ],
         breakdown=True,
     )
@@ -426,7 +428,7 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
         if params.candidates is not None:
             from circuitscan.services.jobs.kinds.targeted_scan import targeted_result
 
-            return targeted_result(params, ctx)
+            return targeted_result(params, ctx, list(partials))
         return ablation_result(ctx.spec, partials)
 
     def breakdown(
@@ -436,7 +438,7 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
 
     def cli_view(self, result: AblationJobResult, top: int) -> CliView:
         if result.targeted is not None:
-            from circuitscan.services.jobs.kinds.targeted_scan import targeted_cli_view
+            from circuitscan.services.jobs.kinds.targeted_views import targeted_cli_view
 
             return targeted_cli_view(result, top)
         return CliView(
@@ -464,9 +466,11 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
             [f.feature, f.mean_delta, f.mean_abs_delta, f.n_active, f.n_prompts] for f in top
         ]
         if result.targeted is not None:
-            from circuitscan.services.jobs.kinds.targeted_scan import targeted_line
+            from circuitscan.services.jobs.kinds.targeted_views import exact_cell, targeted_line
 
-            rows = [[*row, f.estimate_mean_abs] for row, f in zip(rows, top, strict=True)]
+            rows = [
+                [*row, f.estimate_mean_abs, exact_cell(f)] for row, f in zip(rows, top, strict=True)
+            ]
             return Section(
                 title=f"Targeted feature ablation scan ({result.site}, {result.mode})",
                 paragraphs=[
@@ -476,7 +480,15 @@ class AblationScanKind(JobKind[AblationScanParams, AblationJobResult]):
                 ],
                 tables=[
                     Table(
-                        ["feature", "mean Δ", "mean |Δ|", "active on", "prompts", "estimate |Δ|"],
+                        [
+                            "feature",
+                            "mean Δ",
+                            "mean |Δ|",
+                            "active on",
+                            "prompts",
+                            "estimate |Δ|",
+                            "exact pairs",
+                        ],
                         rows,
                     )
                 ],

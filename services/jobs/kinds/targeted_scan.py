@@ -37,7 +37,7 @@ from circuitscan.schemas.job_results import AblationJobResult
 from circuitscan.schemas.jobs import AblationScanParams, JobSpec, ScanCandidates
 from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.targeted_scan import StopRule, TargetedScan
-from circuitscan.services.jobs.job_kind import CliView, KindCheckError, MergeContext
+from circuitscan.services.jobs.job_kind import KindCheckError, MergeContext
 from circuitscan.services.jobs.planning import ShardPlan
 
 
@@ -49,6 +49,11 @@ class Estimates:
     total_abs: np.ndarray  # float64 [d_sae]: Σ over prompts of |−Σ_positions a·g|
     pairs: np.ndarray  # int64 [d_sae]: prompts where the feature is stored at the positions
     n_prompts: int
+    # keep_pairs: every (prompt, feature) pair counted in ``pairs``, with its estimate
+    # (the prompt's own −Σ_positions a·g, or AtP term), prompts numbered across the shards.
+    pair_prompt: np.ndarray | None = None  # int64 [pair]
+    pair_feature: np.ndarray | None = None  # int64 [pair]
+    pair_estimate: np.ndarray | None = None  # float64 [pair]
 
     def order(self) -> list[int]:
         """Candidates: every feature with a stored entry, largest estimated mean |Δm| first."""
@@ -159,7 +164,11 @@ def _chosen(record: PromptRecord, length: int, positions: str | list[str]) -> np
 
 
 def cache_estimates(
-    candidates: ScanCandidates, site: str, positions: str | list[str], mode: str = "zero"
+    candidates: ScanCandidates,
+    site: str,
+    positions: str | list[str],
+    mode: str = "zero",
+    keep_pairs: bool = False,
 ) -> Estimates:
     """Every feature's linear estimate of its ablation at the positions, from the cache's shards.
 
@@ -169,13 +178,15 @@ def cache_estimates(
     chosen positions before the magnitude is taken, as one ablation covers all
     of a prompt's chosen positions. A (prompt, feature) pair counts when the
     ablation changes the feature at one of them (zero: it is stored, so active;
-    corrupted: its stored a′ differs from a).
+    corrupted: its stored a′ differs from a). ``keep_pairs`` also returns every
+    pair's own estimate (a pair-level scan's candidates).
     """
     store = _open_cache(candidates.store)
     d_sae = store.layout.site(site).d_sae
     total, total_abs = np.zeros(d_sae), np.zeros(d_sae)
     pairs = np.zeros(d_sae, dtype=np.int64)
     n_prompts = 0
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for shard_id, entry in sorted(store.committed_entries().items()):
         data = store.site_shard(shard_id, site)
         offsets = store.prompt_shard(shard_id).prompt_offsets
@@ -212,8 +223,18 @@ def cache_estimates(
         total += np.bincount(pair_feature, weights=per_pair, minlength=d_sae)
         total_abs += np.bincount(pair_feature, weights=np.abs(per_pair), minlength=d_sae)
         pairs += np.bincount(pair_feature, minlength=d_sae)
+        if keep_pairs:
+            kept.append((n_prompts + pair_unique // d_sae, pair_feature, per_pair))
         n_prompts += entry.n_prompts
-    return Estimates(total=total, total_abs=total_abs, pairs=pairs, n_prompts=n_prompts)
+    estimates = Estimates(total=total, total_abs=total_abs, pairs=pairs, n_prompts=n_prompts)
+    if keep_pairs:
+        joined = [np.concatenate(part) if kept else np.zeros(0) for part in zip(*kept, strict=True)]
+        if not kept:
+            joined = [np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0)]
+        estimates.pair_prompt = joined[0].astype(np.int64)
+        estimates.pair_feature = joined[1].astype(np.int64)
+        estimates.pair_estimate = joined[2].astype(np.float64)
+    return estimates
 
 
 def _top(mean_abs: dict[int, float], k: int) -> set[int]:
@@ -340,8 +361,14 @@ def run_rounds(
     return merged, info
 
 
-def targeted_result(params: AblationScanParams, ctx: MergeContext) -> AblationJobResult:
-    """The job result of a targeted scan: the rounds' exact Δm, the estimates, the stop."""
+def targeted_result(
+    params: AblationScanParams, ctx: MergeContext, partials: Sequence[Any] = ()
+) -> AblationJobResult:
+    """The job result of a targeted scan: the rounds' exact Δm, the estimates, the stop.
+
+    ``partials``: the shard phase's (baselines only), which a pair-level scan takes its
+    clean baseline from.
+    """
     from circuitscan.services.jobs.kinds.ablation_scan import ablation_result, scanned_site
     from circuitscan.services.jobs.planning import plan_shards
 
@@ -350,12 +377,33 @@ def targeted_result(params: AblationScanParams, ctx: MergeContext) -> AblationJo
     kept = list(ctx.kept)
     corrupted = params.mode == "corrupted"
     check_cache_prompts(params.candidates, kept, corrupted)
-    estimates = cache_estimates(params.candidates, site, params.positions, params.mode)
+    by_pair = params.candidates.granularity == "pair"
+    estimates = cache_estimates(params.candidates, site, params.positions, params.mode, by_pair)
+    what = (
+        f"{int(estimates.pairs.sum())} (prompt, feature) pairs"
+        if by_pair
+        else (f"{int((estimates.pairs > 0).sum())} candidates")
+    )
     ctx.say(
-        f"targeted scan: {int((estimates.pairs > 0).sum())} candidates ranked by the cache "
+        f"targeted scan: {what} ranked by the cache "
         f"{params.candidates.store} ({'AtP term' if corrupted else '−a·∂m/∂a'})"
     )
     plans = plan_shards(len(kept), ctx.spec.shard_size)
+    if by_pair:
+        from circuitscan.services.jobs.kinds import targeted_pairs as tp
+
+        exact_of = tp.actor_rounds(estimates, plans, kept, ctx.fan_out, ctx.say)
+        scan = tp.run_pairs(params, estimates, exact_of)
+        return AblationJobResult(
+            job_hash=ctx.spec.content_hash(),
+            site=site,
+            mode=params.mode,
+            n_prompts=estimates.n_prompts,
+            n_ablations=scan.n_ablations,
+            baseline_mean=tp.baseline_mean(list(partials), plans, kept, ctx.fan_out),
+            features=tp.pair_features(site, estimates, scan),
+            targeted=scan.info,
+        )
     partials, info = run_rounds(params, estimates, plans, kept, ctx.fan_out, ctx.say)
     result = ablation_result(ctx.spec, partials)
     n = max(estimates.n_prompts, 1)
@@ -369,34 +417,3 @@ def targeted_result(params: AblationScanParams, ctx: MergeContext) -> AblationJo
         for f in result.features
     ]
     return result.model_copy(update={"features": features, "targeted": info})
-
-
-def targeted_line(info: TargetedScan) -> str:
-    """How a targeted scan went, in one sentence."""
-    why = {
-        "patience": f"the top {info.top_k} held for {info.patience} further candidates",
-        "gap": f"the exact top {info.top_k}'s smallest mean |Δ| reached "
-        f"{info.gap_ratio or 0:.3g} × the next candidate's estimate (gap: {info.gap})",
-        "budget": f"its budget of {info.budget} candidates was spent",
-        "exhausted": "every candidate was ablated",
-    }[info.stop_rule]
-    return (
-        f"targeted by {info.store}: {info.n_ablated} of {info.n_candidates} candidates "
-        f"ablated ({info.ablation_fraction:.1%} of the full scan's {info.full_scan_ablations} "
-        f"ablations); stopped after {info.stopped_after} because {why}"
-    )
-
-
-def targeted_cli_view(result: AblationJobResult, top: int) -> CliView:
-    assert result.targeted is not None
-    return CliView(
-        header=f"ablation_scan ({result.mode}, targeted) at {result.site}: {result.n_prompts} "
-        f"prompts, {result.n_ablations} ablations, baseline metric {result.baseline_mean:.4g}\n"
-        + targeted_line(result.targeted),
-        columns=["feature", "mean_delta", "mean_abs", "estimate", "estimate_abs", "active"],
-        rows=[
-            (f.feature, f.mean_delta, f.mean_abs_delta, f.estimate_mean, f.estimate_mean_abs,
-             f.n_active)
-            for f in result.features[:top]
-        ],
-    )  # fmt: skip
