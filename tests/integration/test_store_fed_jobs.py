@@ -381,3 +381,34 @@ def test_a_corrupted_targeted_scan_from_the_paired_cache_matches_the_full_scan(j
         assert f.estimate_mean_abs is not None
     top = sorted(exact, key=lambda f: (-exact[f][1], f))[:3]
     assert {f.feature for f in result.features[:3]} == set(top)
+    # Pair level on the same actors: each feature's exact pairs (its n_exact largest-|estimate|
+    # prompts) sum to the full scan's Δm on those prompts, and the rest are the cache's estimates.
+    from circuitscan.services.jobs.job_kind import committed_partials
+    from circuitscan.services.jobs.kinds.ablation_scan import AblationPartial
+    from circuitscan.services.jobs.kinds.targeted_scan import cache_estimates
+
+    pairs = candidates.model_copy(update={"granularity": "pair", "gap": "auto", "patience": 6})
+    paired = make(tmp_path / "pairs", params.model_copy(update={"candidates": pairs}))
+    run_job(paired, keep_actors=True)
+    by_pair = read_result(paired.store)
+    assert by_pair.targeted.granularity == "pair"
+    assert by_pair.n_ablations == by_pair.targeted.n_ablated < everything.n_ablations
+    full_delta: dict[tuple[int, int], float] = {}
+    start = 0
+    for part in committed_partials(FeatureStore.open(full.store), AblationPartial):
+        dense = np.nan_to_num(part.dense_delta())
+        for column, feature in enumerate(part.features.tolist()):
+            for row in range(dense.shape[0]):
+                full_delta[(start + row, feature)] = float(dense[row, column])
+        start += dense.shape[0]
+    est = cache_estimates(pairs, by_pair.site, "last", "corrupted", keep_pairs=True)
+    n = by_pair.n_prompts
+    for f in by_pair.features:
+        mine = np.flatnonzero(est.pair_feature == f.feature)
+        mine = mine[np.lexsort((est.pair_prompt[mine], -np.abs(est.pair_estimate[mine])))]
+        done, rest = mine[: f.n_exact], mine[f.n_exact :]
+        exact_part = f.mean_delta * n - float(est.pair_estimate[rest].sum())
+        expected = sum(full_delta.get((int(est.pair_prompt[p]), f.feature), 0.0) for p in done)
+        assert exact_part == pytest.approx(expected, rel=1e-5, abs=1e-6), f.feature
+        assert f.n_exact <= f.n_active
+    assert {f.feature for f in by_pair.features[:3]} == set(top)
