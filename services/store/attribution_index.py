@@ -132,6 +132,71 @@ def shard_attribution(
     )
 
 
+@dataclass
+class AttributionSummary:
+    """What the merged index needs of one shard's attribution terms at one site (compact).
+
+    Per fired feature Σ a·g and Σ |a·g| (each summed over the shard in entry
+    order), the shard's own K entries and K prompts of largest |term| per
+    feature (the only ones that can enter the merged top-K rows: any other has
+    K better in its own shard), and a paired cache's AtP sums, sparse.
+    Computed by the worker that writes the shard (shard_summary.py), or from
+    the shard's arrays for shards written before that: the same function
+    either way, so both fold to the same index.
+    """
+
+    features: np.ndarray  # int64 [fired], ascending
+    total: np.ndarray  # float64 [fired]
+    total_abs: np.ndarray  # float64 [fired]
+    top_feature: np.ndarray  # int64 [candidates], by feature then rank
+    top_prompt: np.ndarray  # int64 [candidates], global prompt index
+    top_position: np.ndarray  # int64 [candidates]
+    top_value: np.ndarray  # float64 [candidates]
+    prompt_feature: np.ndarray  # int64 [pairs]
+    prompt_prompt: np.ndarray  # int64 [pairs]
+    prompt_value: np.ndarray  # float64 [pairs]: Σ over the prompt's positions
+    atp_features: np.ndarray | None = None  # paired caches: features with a nonzero AtP sum
+    atp_total: np.ndarray | None = None
+    atp_total_abs: np.ndarray | None = None
+    error_atp: np.ndarray | None = None  # float64 [2]
+
+
+def summarize_attribution(shard: ShardAttribution, k: int) -> AttributionSummary:
+    """The compact summary of one shard's terms (see AttributionSummary)."""
+    features, inverse = np.unique(shard.feature, return_inverse=True)
+    total = np.bincount(inverse, weights=shard.value, minlength=len(features))
+    total_abs = np.bincount(inverse, weights=np.abs(shard.value), minlength=len(features))
+    top = _top_by_magnitude(shard.feature, shard.value, shard.prompt, shard.position, k)
+    # A prompt lies in one shard, so its per-prompt sums are complete here (summed in
+    # entry order).
+    key = shard.feature * (int(shard.prompt.max(initial=0)) + 1) + shard.prompt
+    unique, pair = np.unique(key, return_inverse=True)
+    sums = np.bincount(pair, weights=shard.value, minlength=len(unique))
+    first = np.zeros(len(unique), dtype=np.int64)
+    first[pair[::-1]] = np.arange(len(pair))[::-1]
+    pair_feature, pair_prompt = shard.feature[first], shard.prompt[first]
+    best = _top_by_magnitude(pair_feature, sums, pair_prompt, np.zeros_like(pair_prompt), k)
+    out = AttributionSummary(
+        features=features.astype(np.int64),
+        total=total,
+        total_abs=total_abs,
+        top_feature=shard.feature[top].astype(np.int64),
+        top_prompt=shard.prompt[top].astype(np.int64),
+        top_position=shard.position[top].astype(np.int64),
+        top_value=shard.value[top].astype(np.float64),
+        prompt_feature=pair_feature[best].astype(np.int64),
+        prompt_prompt=pair_prompt[best].astype(np.int64),
+        prompt_value=sums[best],
+    )
+    if shard.atp is not None:
+        nonzero = np.flatnonzero((shard.atp.total != 0) | (shard.atp.total_abs != 0))
+        out.atp_features = nonzero.astype(np.int64)
+        out.atp_total = shard.atp.total[nonzero]
+        out.atp_total_abs = shard.atp.total_abs[nonzero]
+        out.error_atp = shard.atp.error_atp.astype(np.float64)
+    return out
+
+
 def _top_by_magnitude(
     feature: np.ndarray, value: np.ndarray, prompt: np.ndarray, position: np.ndarray, k: int
 ) -> np.ndarray:

@@ -22,7 +22,7 @@ import numpy as np
 
 from circuitscan.services.store.attribution_index import (
     AttributionIndex,
-    ShardAttribution,
+    AttributionSummary,
     _top_by_magnitude,
 )
 from circuitscan.services.store.summaries import (
@@ -47,19 +47,27 @@ def _fold_rows(
 ) -> None:
     """Fold candidates (feature, prompt, position, value) into top-K rows (in place).
 
-    A candidate ranked below the K-th entry of a full row cannot enter it
-    (equal rank may, on its prompt and position), so it is dropped before the
-    one sort; rows no surviving candidate touches are not read or written.
+    A candidate that does not beat the K-th entry of a full row under the
+    order (rank, then lower prompt and position) cannot enter it, so it is
+    dropped before the one sort; rows no surviving candidate touches are not
+    read or written.
     """
     feature, prompt, position, value = candidate
     if len(feature) == 0:
         return
     k = prompts.shape[1]
-    full = prompts[:, k - 1] != EMPTY
-    kth = rank(values[:, k - 1])
-    keep = ~full[feature] | (rank(value) >= kth[feature])
+    full = prompts[feature, k - 1] != EMPTY
+    kth = rank(values[feature, k - 1])
+    score = rank(value)
+    # A candidate enters a full row only when it ranks above the row's K-th entry under
+    # the order itself (rank, then lower prompt, then lower position): ties are settled
+    # here, not by the sort.
+    kth_prompt = prompts[feature, k - 1]
+    kth_position = positions[feature, k - 1] if positions is not None else 0
+    earlier = (prompt < kth_prompt) | ((prompt == kth_prompt) & (position < kth_position))
+    keep = ~full | (score > kth) | ((score == kth) & earlier)
     feature, prompt, position, value = feature[keep], prompt[keep], position[keep], value[keep]
-    touched = np.unique(feature)
+    touched = np.flatnonzero(np.bincount(feature, minlength=prompts.shape[0]))
     if len(touched) == 0:
         return
     old_prompt = prompts[touched]
@@ -121,16 +129,13 @@ def fold_summaries(index: FeatureIndex, shards: Sequence[ShardSummary]) -> None:
     totals = np.concatenate([on_grid(s.total) for s in shards])
     index.total += np.bincount(fired, weights=totals, minlength=d_sae)
     peak = np.full(index.max.shape, -np.inf, dtype=np.float32)
-    np.maximum.at(peak, fired, np.concatenate([s.max for s in shards]).astype(np.float32))
+    for shard in shards:  # distinct features within a shard: no ufunc.at needed
+        rows = shard.features.astype(np.int64)
+        peak[rows] = np.maximum(peak[rows], shard.max.astype(np.float32))
     index.max[touched] = np.where(had, np.maximum(index.max[touched], peak[touched]), peak[touched])
-    with_hist = [s for s in shards if s.hist is not None]
-    if with_hist:
-        bins = index.hist.shape[1]
-        rows = np.concatenate([s.features.astype(np.int64) for s in with_hist])
-        cells = (rows[:, None] * bins + np.arange(bins)).ravel()
-        hist = np.concatenate([s.hist for s in with_hist])  # type: ignore[misc]
-        added = np.bincount(cells, weights=hist.ravel(), minlength=index.hist.size)
-        index.hist += added.reshape(index.hist.shape).astype(np.int64)
+    for shard in shards:  # a shard's features are distinct: one fancy-indexed add each
+        if shard.hist is not None:
+            index.hist[shard.features.astype(np.int64)] += shard.hist
     candidate = (
         np.concatenate([s.top_feature for s in shards]).astype(np.int64),
         np.concatenate([s.top_prompt for s in shards]).astype(np.int64),
@@ -146,46 +151,51 @@ def _same(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def fold_attributions(index: AttributionIndex, shards: Sequence[ShardAttribution]) -> None:
-    """Fold shards' a·g terms into one site's attribution index (in place)."""
+def fold_attributions(index: AttributionIndex, shards: Sequence[AttributionSummary]) -> None:
+    """Fold shards' attribution summaries into one site's attribution index (in place).
+
+    Totals are added shard by shard (each shard's own sums, in the order given);
+    top rows take the K best of the union of the shards' candidates.
+    """
     if not shards:
         return
-    d_sae = index.total.shape[0]
-    feature = np.concatenate([s.feature for s in shards])
-    prompt = np.concatenate([s.prompt for s in shards])
-    position = np.concatenate([s.position for s in shards])
-    value = np.concatenate([s.value for s in shards])
-    index.total += np.bincount(feature, weights=value, minlength=d_sae)
-    index.total_abs += np.bincount(feature, weights=np.abs(value), minlength=d_sae)
+    for shard in shards:
+        index.total[shard.features] += shard.total
+        index.total_abs[shard.features] += shard.total_abs
     if index.atp_total is not None:
         assert index.atp_total_abs is not None and index.error_atp is not None
         for shard in shards:
-            if shard.atp is None:
+            if shard.atp_features is None:
                 raise ValueError("a paired store's attribution index needs each shard's AtP sums")
-            index.atp_total += shard.atp.total
-            index.atp_total_abs += shard.atp.total_abs
-            index.error_atp += shard.atp.error_atp
+            assert shard.atp_total is not None and shard.atp_total_abs is not None
+            assert shard.error_atp is not None
+            index.atp_total[shard.atp_features] += shard.atp_total
+            index.atp_total_abs[shard.atp_features] += shard.atp_total_abs
+            index.error_atp += shard.error_atp
     _fold_rows(
         index.top_prompt,
         index.top_position,
         index.top_value,
-        (feature, prompt, position, value),
+        (
+            np.concatenate([s.top_feature for s in shards]),
+            np.concatenate([s.top_prompt for s in shards]),
+            np.concatenate([s.top_position for s in shards]),
+            np.concatenate([s.top_value for s in shards]),
+        ),
         _top_by_magnitude,
         np.abs,
     )
-    # A prompt lies in one shard, so its per-prompt sums are complete here (and, summed in
-    # entry order within that shard, the same as one shard at a time).
-    key = feature * (int(prompt.max(initial=0)) + 1) + prompt
-    unique, inverse = np.unique(key, return_inverse=True)
-    sums = np.bincount(inverse, weights=value, minlength=len(unique))
-    first = np.zeros(len(unique), dtype=np.int64)
-    first[inverse[::-1]] = np.arange(len(inverse))[::-1]
-    zeros = np.zeros(len(unique), dtype=np.int64)
+    feature = np.concatenate([s.prompt_feature for s in shards])
     _fold_rows(
         index.prompt_prompt,
         None,
         index.prompt_value,
-        (feature[first], prompt[first], zeros, sums),
+        (
+            feature,
+            np.concatenate([s.prompt_prompt for s in shards]),
+            np.zeros(len(feature), dtype=np.int64),
+            np.concatenate([s.prompt_value for s in shards]),
+        ),
         _top_by_magnitude,
         np.abs,
     )

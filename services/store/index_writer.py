@@ -1,23 +1,38 @@
 """The merged per-feature index: summaries and top examples over every committed shard.
 
-Each shard stores its own summaries (``sites/LABEL/summary``, ``.../top``);
-the merged index folds them together so that "top examples of feature i"
-never scans the store. It is persisted in generations: the arrays of a
-generation go under ``index/<generation>/``, then the pointer
-``index/current.json`` is replaced, then the previous generation is deleted.
+Each shard stores, per site, its own index summary (shard_summary.py: its
+summaries, top candidates and a·g sums, computed by the worker that wrote
+it); the merged index folds them together so that "top examples of feature
+i" never scans the store. A commit reads nothing of its shard; the shards
+committed since the last fold are folded in together (index_fold.py) at the
+next flush or query, from their index summaries alone (a few small objects a
+shard; shards written before index summaries are folded from their arrays,
+as before, to the same bytes).
 
-Nothing of the index is trusted unchecked. The pointer (format 2) records
-the checksum of every object of its generation, as a manifest entry does for
-a shard's, a digest of the manifest entries of the shards it covers, and a
-digest of itself; a generation is named by the digest of its checksums, so
-the same committed shards give the same keys and bytes whatever the commit
-order (totals are summed exactly, see summaries.on_grid). A reader that finds
-a mismatch raises CorruptIndexError naming the object; the job's writer and
-``circuitscan repair`` rebuild the index from the shards' own summaries. A
-pointer covering shards no longer committed is ignored (rebuilt from the
-per-shard summaries), as before. Pointers written before format 2 carry no
-checksums: they are read unverified, and a generation that cannot be decoded
-is a CorruptIndexError too.
+The index is persisted as row chunks (index_chunks.py): each chunk of a
+site, CHUNK_ROWS features of every per-feature array, is one object named by
+the digest of its bytes, ``index/<digest>``; the pointer ``index/current.json``
+(format 3) maps every chunk of every site to its object and checksum. A flush
+encodes and writes only the chunks whose rows changed since the previous
+flush (the others keep their objects), then replaces the pointer, then
+deletes the objects the previous pointer named and the new one does not: no
+listing, and no folder per generation to leave empty. Equal committed shards
+give equal chunks, so the same keys and bytes whatever the commit order
+(totals are summed exactly, see summaries.on_grid).
+
+Nothing of the index is trusted unchecked. The pointer records the checksum
+of every object it names, as a manifest entry does for a shard's, a digest
+of the manifest entries of the shards it covers, and a digest of itself. A
+reader that finds a mismatch raises CorruptIndexError naming the object; the
+job's writer and ``circuitscan repair`` rebuild the index from the shards'
+own summaries (repair also deletes every object under ``index/`` that the
+new pointer does not name: what a crash between a flush's writes and its
+pointer left). A pointer covering shards no longer committed is ignored
+(rebuilt from the per-shard summaries), as before. Pointers of format 2
+(one zarr hierarchy per generation, ``index/<generation>/``) are still
+read and verified, and replaced, generation deleted, at the next flush;
+format 1 ones carry no checksums: they are read unverified, and a
+generation that cannot be decoded is a CorruptIndexError too.
 """
 
 from __future__ import annotations
@@ -27,37 +42,36 @@ import json
 import logging
 from typing import Any
 
-from zarr.core.buffer import Buffer
-from zarr.storage import MemoryStore
+import numpy as np
 
 from circuitscan.schemas.store import StoreLayout
 from circuitscan.services.store.attribution_index import (
     AttributionIndex,
+    AttributionSummary,
     NoAttributionIndexError,
-    ShardAttribution,
-    attribution_writes,
-    load_attribution,
-    shard_attribution,
 )
 from circuitscan.services.store.backends import Backend
-from circuitscan.services.store.encoding import (
-    INDEX_ROW_CHUNK,
-    encode_arrays,
-    open_array,
-    write_array,
-)
 from circuitscan.services.store.errors import CorruptIndexError, CorruptManifestError
+from circuitscan.services.store.index_chunks import (
+    CHUNK_ROWS,
+    blob_key,
+    chunks_of,
+    decode_chunk,
+    encode_chunk,
+    n_chunks,
+)
 from circuitscan.services.store.index_fold import fold_attributions, fold_summaries
+from circuitscan.services.store.index_legacy import (
+    generation_prefix,
+    load_generation,
+    summaries_from_arrays,
+)
 from circuitscan.services.store.manifest import ShardManifest, manifest_key
-from circuitscan.services.store.paired_io import read_paired_site
+from circuitscan.services.store.packed_arrays import PackedArraysError
 from circuitscan.services.store.shard_io import (
     checksum,
-    memory_store,
-    read_prompts,
-    read_site,
-    read_summary,
-    shard_prefix,
 )
+from circuitscan.services.store.shard_summary import decode_site_summary, summary_key
 from circuitscan.services.store.summaries import FeatureIndex, ShardSummary
 
 log = logging.getLogger(__name__)
@@ -66,7 +80,8 @@ FIELDS = tuple(FeatureIndex.__dataclass_fields__)
 
 INDEX_POINTER = "index/current.json"
 INDEX_PREFIX = "index/"
-POINTER_FORMAT = 2
+POINTER_FORMAT = 3
+CHECKED_FORMAT = 2  # pointers from this format on carry checksums and a digest of themselves
 FLUSH_EVERY = 16
 # Shards folded into the index together (bounds the decoded summaries held at once).
 FOLD_BATCH = 64
@@ -102,13 +117,17 @@ def parse_pointer(raw: bytes, url: str) -> dict[str, Any]:
         shards = pointer["shards"]
         generation = pointer["generation"]
         ok = isinstance(generation, str) and all(isinstance(s, int) for s in shards)
+        if pointer.get("format", 1) >= POINTER_FORMAT:
+            ok = ok and isinstance(pointer["sites"], dict)
     except (ValueError, KeyError, TypeError) as exc:
         raise CorruptIndexError(
             f"index pointer {INDEX_POINTER} of {url} is unreadable; {fix}"
         ) from exc
     if not ok or "/" in generation or generation in ("", ".", ".."):
         raise CorruptIndexError(f"index pointer {INDEX_POINTER} of {url} is unreadable; {fix}")
-    if pointer.get("format", 1) >= POINTER_FORMAT:
+    # Format 1 pointers held only these two fields; anything more must pass the digest
+    # (a damaged "format" must not pass a pointer off as an unchecked one).
+    if pointer.get("format", 1) >= CHECKED_FORMAT or set(pointer) - {"shards", "generation"}:
         claimed = pointer.pop("digest", None)
         if claimed != _digest(pointer):
             raise CorruptIndexError(
@@ -133,6 +152,12 @@ class IndexWriter:
         # Per-site attribution sums (attribution_index.py); None when the store keeps
         # no gradients or its index generation predates them.
         self._attribution: dict[str, AttributionIndex] | None = None
+        # What the pointer names: (attribution kind, each site's [object, checksum] per
+        # chunk), the objects themselves, and the chunks changed since (to rewrite).
+        self._persisted: tuple[str, dict[str, list[list[str]]]] | None = None
+        self._stored: set[str] = set()
+        self._dirty: dict[str, set[int]] = {}
+        self._legacy: str | None = None  # a format 1/2 generation the next flush deletes
 
     @property
     def url(self) -> str:
@@ -213,17 +238,31 @@ class IndexWriter:
         """Drop the persisted pointer too: the index may count a shard no longer committed.
 
         It is rebuilt from the per-shard summaries of the remaining shards when
-        next needed.
+        next needed; the objects the pointer named go with it.
         """
+        raw = self.location.read_bytes(INDEX_POINTER)
         self.location.delete_keys([INDEX_POINTER])
+        try:
+            named = _named_objects(parse_pointer(raw, self.url)) if raw is not None else set()
+        except CorruptIndexError:
+            named = set()  # repair lists and deletes what an unreadable pointer named
+        self.location.delete_keys(sorted(named))
         self.forget()
+        self._persisted = None
 
     def rebuild(self) -> None:
         """Rebuild the index from every committed shard's own summaries and persist it,
-        dropping every other generation (``circuitscan repair``)."""
+        rewriting every chunk and deleting every other object under ``index/``
+        (``circuitscan repair``)."""
         self._index, self._indexed = self._empty(), set()
         self._current()
+        self._persisted = None  # every chunk is written again, damaged or not
         self.flush()
+        keep = {INDEX_POINTER, *self._stored}
+        self.location.delete_keys(
+            sorted(key for key in self.location.list_keys(INDEX_PREFIX) if key not in keep)
+        )
+        self.location.remove_empty_folders([INDEX_PREFIX])
 
     def _empty(self) -> dict[str, FeatureIndex]:
         """An empty index (and attribution sums, when the store keeps gradients)."""
@@ -257,13 +296,14 @@ class IndexWriter:
 
     def _load(self) -> tuple[dict[str, FeatureIndex], set[int]]:
         index = self._empty()
+        self._persisted, self._legacy, self._dirty = None, None, {}
         raw = self.location.read_bytes(INDEX_POINTER)
         if raw is None:
             return index, set()
         pointer = parse_pointer(raw, self.url)
         shards = set(pointer["shards"])
         gone = sorted(shards - set(self.manifest.committed()))
-        if gone and "checksums" in pointer:
+        if (gone and "checksums" in pointer) or (gone and "sites" in pointer):
             # Uncommitting a shard drops the pointer first, so a pointer covering
             # a shard with no entry means the entry was lost, not uncommitted.
             raise CorruptManifestError(
@@ -273,124 +313,197 @@ class IndexWriter:
         if gone:
             return index, set()
         fix = f"`circuitscan repair {self.url}` rebuilds the index from the shards"
-        base = f"{INDEX_PREFIX}{pointer['generation']}/"
-        objects = self.location.read_prefix(base)
-        checksums = pointer.get("checksums")
-        if checksums is not None:  # format 2: every object and the shards it covers
-            if pointer.get("shards_digest") != shards_digest(self.manifest, sorted(shards)):
-                raise CorruptIndexError(
-                    f"index pointer {INDEX_POINTER} of {self.url} was built from other manifest "
-                    "entries than the committed ones (one was altered or replaced: "
-                    f"`circuitscan verify` names it); {fix}"
-                )
-            bad = sorted(
-                key
-                for key, expected in checksums.items()
-                if (data := objects.get(base + key)) is None or checksum(data) != expected
-            )
-            if bad:
-                raise CorruptIndexError(
-                    f"index object {base}{bad[0]} of {self.url} fails its checksum"
-                    f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; {fix}"
-                )
-        wanted = [f"{base}{label}/{name}/zarr.json" for label in index for name in FIELDS]
-        if any(key not in objects for key in wanted):
-            # A generation written before the index had a field (the histogram):
-            # rebuilt from the per-shard summaries, as for a stale pointer.
-            return index, set()
-        source = memory_store(objects)
-        try:
-            for label, item in index.items():
-                for name in item.__dataclass_fields__:
-                    stored = open_array(source, f"{base}{label}/{name}")[...]
-                    setattr(item, name, item.from_disk(name, stored))
-            if self._attribution is not None:
-                loaded = {
-                    label: load_attribution(
-                        source,
-                        set(objects),
-                        f"{base}{label}/",
-                        paired=self.layout.pairing is not None,
-                    )
-                    for label in index
-                }
-                found = {label: item for label, item in loaded.items() if item is not None}
-                self._attribution = found if len(found) == len(loaded) else None
-        except Exception as exc:  # an unverified (format 1) generation that does not decode
+        checked = "checksums" in pointer or "sites" in pointer  # formats 2 and 3
+        if checked and pointer.get("shards_digest") != shards_digest(self.manifest, sorted(shards)):
             raise CorruptIndexError(
-                f"index generation {base} of {self.url} cannot be decoded ({type(exc).__name__})"
-                f"; {fix}"
-            ) from exc
+                f"index pointer {INDEX_POINTER} of {self.url} was built from other manifest "
+                "entries than the committed ones (one was altered or replaced: "
+                f"`circuitscan verify` names it); {fix}"
+            )
+        if "sites" not in pointer:  # formats 1 and 2: one zarr hierarchy per generation
+            paired = self.layout.pairing is not None
+            loaded, self._attribution = load_generation(
+                self.location, pointer, index, self._attribution, paired=paired, fix=fix,
+                url=self.url,
+            )  # fmt: skip
+            self._legacy = generation_prefix(pointer)
+            return (index, shards) if loaded else (index, set())
+        self._load_chunks(pointer, index, fix)
         return index, shards
 
-    def _merge(self, index: dict[str, FeatureIndex], shard_ids: list[int]) -> None:
-        """Fold committed shards ``shard_ids`` in, each read and checked against its entry."""
-        parts = [f"sites/{label}/{kind}/" for label in index for kind in ("summary", "top")]
-        if self._attribution is not None:  # a·g needs the entries
-            parts = [f"sites/{label}/" for label in index] + ["prompts/"]
-        summaries: dict[str, list[ShardSummary]] = {label: [] for label in index}
-        terms: dict[str, list[ShardAttribution]] = {label: [] for label in index}
-        for shard_id in shard_ids:
-            source = self.manifest.read_verified(shard_id, parts)
-            start = self.manifest.entry(shard_id).prompt_start
+    def _load_chunks(
+        self, pointer: dict[str, Any], index: dict[str, FeatureIndex], fix: str
+    ) -> None:
+        """Fill ``index`` from a format 3 pointer's chunks, each checked against it."""
+        sites = pointer["sites"]
+        kind = pointer.get("attribution", "none")
+        if kind != self._attribution_kind():
+            self._attribution = None  # written before the store kept (these) sums
+        refs: dict[str, list[list[str]]] = {}
+        try:
             for label in index:
-                summaries[label].append(read_summary(source, shard_id, label, start))
-            if self._attribution is not None:
-                prompts = read_prompts(source, shard_id)
-                for label in self._attribution:
-                    site = read_site(source, self.layout, shard_id, label)
-                    paired = None
-                    if self.layout.pairing is not None:  # the AtP sums need the corrupted side
-                        base = f"{shard_prefix(shard_id)}sites/{label}/"
-                        paired = read_paired_site(source, self.layout, base)
-                    d_sae = self.layout.site(label).d_sae
-                    terms[label].append(shard_attribution(site, prompts, start, paired, d_sae))
+                sums = pointer["checksums"]
+                refs[label] = [[str(key), str(sums[key])] for key in sites[label]["chunks"]]
+                if len(refs[label]) != n_chunks(self.layout.site(label).d_sae):
+                    raise ValueError(f"site {label} has {len(refs[label])} chunks")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptIndexError(
+                f"index pointer {INDEX_POINTER} of {self.url} does not match the layout; {fix}"
+            ) from exc
+        keys = sorted({key for chunks in refs.values() for key, _ in chunks})
+        if any(not key.startswith(INDEX_PREFIX) or key == INDEX_POINTER for key in keys):
+            raise CorruptIndexError(
+                f"index pointer {INDEX_POINTER} of {self.url} is unreadable; {fix}"
+            )
+        data = self.location.read_many(keys)
+        bad = sorted(
+            {
+                key
+                for chunks in refs.values()
+                for key, expected in chunks
+                if (raw := data[key]) is None or checksum(raw) != expected
+            }
+        )
+        if bad:
+            raise CorruptIndexError(
+                f"index object {bad[0]} of {self.url} fails its checksum"
+                f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; {fix}"
+            )
+        for label, item in index.items():
+            attribution = None if self._attribution is None else self._attribution[label]
+            error_atp = sites[label].get("error_atp")
+            if attribution is not None and attribution.error_atp is not None:
+                attribution.error_atp[:] = [float(value) for value in error_atp]
+            for chunk, (key, _) in enumerate(refs[label]):
+                raw = data[key]
+                assert raw is not None
+                try:
+                    decode_chunk(item, attribution, chunk, raw)
+                except (PackedArraysError, KeyError, ValueError) as exc:
+                    raise CorruptIndexError(
+                        f"index object {key} of {self.url} does not decode ({exc}); {fix}"
+                    ) from exc
+        self._persisted = (kind if self._attribution is not None else "none", refs)
+        self._stored = set(keys)
+
+    def _attribution_kind(self) -> str:
+        """Which attribution sums this index holds: "none", "plain" or "paired"."""
+        if self._attribution is None:
+            return "none"
+        paired = all(item.atp_total is not None for item in self._attribution.values())
+        return "paired" if paired else "plain"
+
+    def _merge(self, index: dict[str, FeatureIndex], shard_ids: list[int]) -> None:
+        """Fold committed shards ``shard_ids`` in from their index summaries (each checked
+        against its entry); shards written before those, from their arrays."""
+        summaries: dict[str, list[ShardSummary]] = {label: [] for label in index}
+        terms: dict[str, list[AttributionSummary]] = {label: [] for label in index}
+        for shard_id in shard_ids:
+            entry = self.manifest.entry(shard_id)
+            keys = [summary_key(label) for label in index]
+            if all(key in entry.checksums for key in keys):
+                objects = self.manifest.fetch_verified(shard_id, keys)
+                for label in index:
+                    summary, attribution = self._decoded(shard_id, objects[summary_key(label)])
+                    summaries[label].append(summary)
+                    if self._attribution is not None:
+                        if attribution is None:
+                            raise CorruptIndexError(
+                                f"shard {shard_id} of {self.url} has no attribution summary"
+                            )
+                        terms[label].append(attribution)
+                continue
+            with_terms = self._attribution is not None
+            older = summaries_from_arrays(self.manifest, self.layout, shard_id, with_terms)
+            for label, summary, attribution in older:
+                summaries[label].append(summary)
+                if attribution is not None:
+                    terms[label].append(attribution)
         for label, item in index.items():
             fold_summaries(item, summaries[label])
+            changed = [s.features for s in summaries[label]]
+            if changed:
+                self._dirty.setdefault(label, set()).update(chunks_of(np.concatenate(changed)))
         if self._attribution is not None:
             for label, attribution in self._attribution.items():
                 fold_attributions(attribution, terms[label])
         self._indexed.update(shard_ids)
 
+    def _decoded(self, shard_id: int, raw: bytes) -> tuple[ShardSummary, AttributionSummary | None]:
+        try:
+            return decode_site_summary(raw, self.manifest.entry(shard_id).prompt_start)
+        except PackedArraysError as exc:  # matched its checksum, so written so by a bad writer
+            raise CorruptIndexError(
+                f"shard {shard_id} of {self.url}: its index summary does not decode ({exc})"
+            ) from exc
+
     def flush(self) -> None:
-        """Persist the merged index (a new generation, then the pointer, then drop the old)."""
+        """Persist the merged index: the chunks that changed, then the pointer, then delete
+        the objects no longer named."""
         stale = self._indexed != set(self.manifest.committed())
         if self._index is None or (self.layout.sites and stale):
             self._current(repair=True)
         index = self._index
         assert index is not None
-        staging: dict[str, Buffer] = {}
-        staged = MemoryStore(store_dict=staging)
+        kind = self._attribution_kind()
+        previous = self._persisted if self._persisted and self._persisted[0] == kind else None
+        sites: dict[str, dict[str, Any]] = {}
+        refs: dict[str, list[list[str]]] = {}
+        writes: dict[str, bytes] = {}
         for label, item in index.items():
-            for name in item.__dataclass_fields__:
-                data = item.to_disk(name)
-                chunk = (INDEX_ROW_CHUNK, *data.shape[1:])
-                write_array(staged, f"{label}/{name}", data, chunk=chunk)
-        if self._attribution is not None:
-            writes = [
-                write
-                for label, item in self._attribution.items()
-                for write in attribution_writes(f"{label}/", item)
-            ]
-            encode_arrays(staged, writes)
-        objects = {key: value.to_bytes() for key, value in staging.items()}
-        checksums = {key: checksum(data) for key, data in sorted(objects.items())}
-        # Named by its content: equal shards give an equal generation, in any order.
-        generation = f"c{_digest(checksums)}"
-        base = f"{INDEX_PREFIX}{generation}/"
+            attribution = None if self._attribution is None else self._attribution[label]
+            old = None if previous is None else previous[1].get(label)
+            dirty = self._dirty.get(label, set())
+            chunks = []
+            for chunk in range(n_chunks(self.layout.site(label).d_sae)):
+                if old is not None and chunk not in dirty:
+                    chunks.append(old[chunk])  # its rows did not change: the same object
+                    continue
+                data = encode_chunk(item, attribution, chunk)
+                key = blob_key(data)
+                chunks.append([key, checksum(data)])
+                if key not in self._stored or previous is None:
+                    writes[key] = data
+            sites[label] = {"chunks": [key for key, _ in chunks]}
+            refs[label] = chunks
+            if attribution is not None and attribution.error_atp is not None:
+                sites[label]["error_atp"] = [float(value) for value in attribution.error_atp]
         shards = sorted(self._indexed)
         pointer = {
             "format": POINTER_FORMAT,
-            "generation": generation,
+            # Named by its content: equal shards give an equal pointer, in any order.
+            "generation": f"c{_digest(sites)}",
             "shards": shards,
             "shards_digest": shards_digest(self.manifest, shards),
-            "checksums": checksums,
+            "chunk_rows": CHUNK_ROWS,
+            "attribution": kind,
+            "sites": sites,
+            # Every object it names, as for format 2 (and a manifest entry's shard).
+            "checksums": dict(
+                sorted({k: c for chunks in refs.values() for k, c in chunks}.items())
+            ),
         }
-        self.location.write_many({base + key: data for key, data in objects.items()})
+        self.location.write_many(writes)
         self.location.write_bytes(INDEX_POINTER, _pointer_bytes(pointer))
-        # Every other generation goes: the previous one, and any a crash left behind.
-        keys = self.location.list_keys(INDEX_PREFIX)
-        for old in sorted({key.split("/")[1] for key in keys if key != INDEX_POINTER}):
-            if old != generation:
-                self.location.delete_prefix(f"{INDEX_PREFIX}{old}/")
+        named = _named_objects(pointer)
+        # What the previous pointer named and this one does not (no listing).
+        self.location.delete_keys(sorted(self._stored - named))
+        if self._legacy is not None:  # a format 1/2 generation, replaced by these chunks
+            self.location.delete_prefix(self._legacy)
+            self.location.remove_empty_folders([INDEX_PREFIX])
+            self._legacy = None
+        self._persisted = (kind, refs)
+        self._stored, self._dirty = named, {}
         self._unflushed = 0
+
+
+def _named_objects(pointer: dict[str, Any]) -> set[str]:
+    """The chunk objects a format 3 pointer names (none for older formats)."""
+    checksums = pointer.get("checksums")
+    if "sites" not in pointer or not isinstance(checksums, dict):
+        return set()
+    return {
+        key
+        for key in checksums
+        if isinstance(key, str) and key.startswith(INDEX_PREFIX) and key != INDEX_POINTER
+    }

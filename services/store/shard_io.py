@@ -15,9 +15,12 @@ key relative to the shard:
     sites/<label>/gradients      same dtype [entries] (when the layout stores gradients)
     sites/<label>/error_norm     float32 [tokens]
     sites/<label>/dropped_mass   float32 [tokens] (when the layout keeps top-k)
-    sites/<label>/summary/{features,count,total,max}
-    sites/<label>/summary/hist   [fired, 32] activations per histogram bin (newer shards)
-    sites/<label>/top/{feature,prompt,position,value}
+    sites/<label>/index_summary  what the merged index folds in of the site: its
+                                 summaries, top candidates and a·g sums (shard_summary)
+
+Shards written before index summaries hold ``sites/<label>/summary/{features,
+count,total,max,hist}`` and ``sites/<label>/top/{feature,prompt,position,value}``
+instead (read by ``read_summary``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
+from zarr.core.buffer.cpu import Buffer as CPUBuffer
 from zarr.storage import MemoryStore
 
 from circuitscan.schemas.prompts import PromptRecord
@@ -41,7 +45,6 @@ from circuitscan.services.store.encoding import (
     TOKEN_CHUNK,
     ArrayWrite,
     encode_arrays,
-    exact_values,
     feature_id_dtype,
     open_array,
     read_arrays,
@@ -168,6 +171,9 @@ def write_shard_arrays(
         ArrayWrite(prefix + "prompts/prompt_offsets", offsets, delta=True),
         ArrayWrite(prefix + "prompts/records", np.frombuffer(records, dtype=np.uint8)),
     ]
+    from circuitscan.services.store import shard_summary  # imports this module
+
+    stored_prompts = PromptShard(flat, offsets.astype(np.int64))
     token_prompt = prompt_start + np.repeat(np.arange(len(lengths)), lengths.astype(np.int64))
     token_position = np.arange(n_tokens) - np.repeat(
         offsets[:-1].astype(np.int64), lengths.astype(np.int64)
@@ -193,15 +199,29 @@ def write_shard_arrays(
         if layout.top_k_per_token is not None:
             dropped = cache.dropped_mass.to("cpu").float().numpy()
             writes.append(ArrayWrite(base + "dropped_mass", dropped))
+        activations = decode_values(values, layout.value_dtype)
         summary = summarize_shard(
             feature_ids.astype(np.int64),
-            decode_values(values, layout.value_dtype),
+            activations,
             token_prompt,
             token_position,
             token_index,
             layout.examples_per_feature,
         )
-        writes += _summary_writes(base, summary, prompt_start, site.d_sae)
+        # What the merged index folds in, one object (the fold never reads the entries).
+        stored = SiteShard(
+            token_offsets.astype(np.int64),
+            feature_ids,
+            activations,
+            decode_values(grads, layout.value_dtype) if layout.gradients else None,
+            error_norm=np.zeros(0, dtype=np.float32),
+            dropped_mass=None,
+        )
+        paired = None if pairs is None else shard_summary.paired_site(cache, layout, site.d_sae)
+        summary_bytes = shard_summary.site_summary_bytes(
+            layout, site.d_sae, summary, prompt_start, stored, stored_prompts, paired
+        )
+        staging[base + shard_summary.INDEX_SUMMARY] = CPUBuffer.from_bytes(summary_bytes)
         n_entries[site.label] = int(feature_ids.shape[0])
         if pairs is not None:
             writes += paired_io.site_writes(base, cache, layout, site.d_sae)
@@ -226,36 +246,6 @@ def write_shard_arrays(
         n_entries=n_entries,
         checksums={key: checksum(raw) for key, raw in members.items()},
         pack=pack,
-    )
-
-
-def _narrow_uint(values: np.ndarray) -> np.ndarray:
-    """The narrowest unsigned dtype that holds every value (they are small counts/indices)."""
-    top = int(values.max()) if values.size else 0
-    return values.astype(np.uint16 if top < 1 << 16 else np.uint32)
-
-
-def _summary_writes(
-    base: str, summary: ShardSummary, prompt_start: int, d_sae: int
-) -> list[ArrayWrite]:
-    """A shard's summaries in narrow dtypes: they are written per shard, so for short
-    shards they weigh on bytes per pair (ids delta-encoded, prompts local to the
-    shard, values in the 16 bits they were stored in)."""
-    ids = feature_id_dtype(d_sae)
-    local = summary.top_prompt.astype(np.int64) - prompt_start
-    return [
-        ArrayWrite(f"{base}summary/features", summary.features.astype(ids), delta=True),
-        ArrayWrite(f"{base}summary/count", _narrow_uint(summary.count)),
-        ArrayWrite(f"{base}summary/total", summary.total),
-        ArrayWrite(f"{base}summary/max", exact_values(summary.max)),
-        ArrayWrite(f"{base}top/feature", summary.top_feature.astype(ids), delta=True),
-        ArrayWrite(f"{base}top/prompt", _narrow_uint(local)),
-        ArrayWrite(f"{base}top/position", _narrow_uint(summary.top_position)),
-        ArrayWrite(f"{base}top/value", exact_values(summary.top_value)),
-    ] + (
-        []
-        if summary.hist is None
-        else [ArrayWrite(f"{base}summary/hist", _narrow_uint(summary.hist), chunk=(2048, 32))]
     )
 
 

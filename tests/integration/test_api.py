@@ -66,8 +66,10 @@ def store_root(tmp_path_factory, tiny_hf_model_dir) -> Path:
     for name, (key, how) in DAMAGED.items():  # every route over these: a 409, never a 500
         shutil.copytree(root / STORE, root / name)
         if key == "index":
-            key = next(
-                str(p.relative_to(root / name)) for p in (root / name).glob("index/*/*/count/c/*")
+            key = next(  # a row chunk of the merged index (index_chunks.py)
+                str(p.relative_to(root / name))
+                for p in sorted((root / name).glob("index/*"))
+                if p.name != "current.json"
             )
         damage(root / name, key, how)
     return root
@@ -76,7 +78,7 @@ def store_root(tmp_path_factory, tiny_hf_model_dir) -> Path:
 # Damaged copies of the store: each route answers a 409 naming the object (not a 500).
 DAMAGED = {
     "damaged-manifest": ("manifest/000001.json", "truncate"),
-    "damaged-index": ("index", "flip"),  # a count chunk of the merged index
+    "damaged-index": ("index", "flip"),  # a row chunk of the merged index
     "damaged-result": ("results/attribute.json", "flip"),
     "damaged-layout": ("zarr.json", "truncate"),
 }

@@ -6,7 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from circuitscan.services.store.attribution_index import AttributionIndex, shard_attribution
+from circuitscan.services.store.attribution_index import (
+    AttributionIndex,
+    shard_attribution,
+    summarize_attribution,
+)
 from circuitscan.services.store.index_fold import fold_attributions, fold_summaries
 from circuitscan.services.store.shard_io import PromptShard, SiteShard
 from circuitscan.services.store.summaries import FeatureIndex, summarize_shard
@@ -73,7 +77,8 @@ def test_a_fold_equals_shard_by_shard_merges(batches: list[list[int]]) -> None:
     folded, folded_attribution = FeatureIndex.empty(D_SAE, K), AttributionIndex.empty(D_SAE, K)
     for batch in batches:
         fold_summaries(folded, [_summary(*shards[s]) for s in batch])
-        fold_attributions(folded_attribution, [shard_attribution(*shards[s]) for s in batch])
+        terms = [summarize_attribution(shard_attribution(*shards[s]), K) for s in batch]
+        fold_attributions(folded_attribution, terms)
     assert (merged.top_prompt[:, K - 1] != -1).sum() > D_SAE // 2  # rows fill: the filter acts
     _same(merged, folded)
     _same(attribution, folded_attribution)

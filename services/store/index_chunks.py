@@ -1,0 +1,96 @@
+"""The merged index on disk as row chunks, each one content-addressed object.
+
+A site's index (FeatureIndex and, with gradients, AttributionIndex) is cut
+into chunks of CHUNK_ROWS features; a chunk's object holds those rows of
+every per-feature array (packed_arrays, narrow dtypes) and is named by the
+digest of its bytes: ``index/<digest>``. Equal rows give an equal name, so
+the objects of an index depend only on the committed shards, never on the
+commit order, and a flush encodes and writes only the chunks whose rows
+changed since the previous flush: the others keep their names. Objects sit
+directly under ``index/`` (no folder per generation, so none is left empty).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from circuitscan.services.store.attribution_index import ARRAYS, PAIRED_ARRAYS, AttributionIndex
+from circuitscan.services.store.encoding import exact_values, values_back
+from circuitscan.services.store.packed_arrays import pack_arrays, unpack_arrays
+from circuitscan.services.store.summaries import EMPTY, FeatureIndex
+
+CHUNK_ROWS = 4096
+INDEX_PREFIX = "index/"
+_ROW_ARRAYS = tuple(n for n in ARRAYS + PAIRED_ARRAYS if n != "error_atp")
+
+
+def blob_key(data: bytes) -> str:
+    return f"{INDEX_PREFIX}{hashlib.blake2b(data, digest_size=16).hexdigest()}"
+
+
+def n_chunks(d_sae: int) -> int:
+    return -(-d_sae // CHUNK_ROWS)
+
+
+def chunks_of(rows: np.ndarray) -> set[int]:
+    """The chunks holding feature rows ``rows``."""
+    return set(np.unique(np.asarray(rows, dtype=np.int64) // CHUNK_ROWS).tolist())
+
+
+def _to_disk(data: np.ndarray) -> np.ndarray:
+    """The narrowest dtype that holds ``data`` exactly (empty slots: the type's maximum)."""
+    if data.dtype.kind in "iu":
+        widest = int(data.max()) if data.size else 0
+        if widest >= (1 << 32) - 1:
+            return data
+        narrow = np.uint16 if widest < (1 << 16) - 1 else np.uint32
+        return np.where(data == EMPTY, np.iinfo(narrow).max, data).astype(narrow)
+    if data.dtype == np.float32:  # values that came from 16-bit storage: exact in 16 bits
+        return exact_values(data)
+    return data
+
+
+def _from_disk(stored: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype.kind == "f":
+        return values_back(stored).astype(dtype) if dtype == np.float32 else stored.astype(dtype)
+    if stored.dtype.kind == "u" and dtype.kind == "i":
+        empty = stored == np.iinfo(stored.dtype).max
+        return np.where(empty, EMPTY, stored.astype(dtype)).astype(dtype)
+    return stored.astype(dtype)
+
+
+def _fields(index: FeatureIndex, attribution: AttributionIndex | None) -> dict[str, np.ndarray]:
+    fields = {name: getattr(index, name) for name in index.__dataclass_fields__}
+    if attribution is not None:
+        for name in _ROW_ARRAYS:
+            data = getattr(attribution, name)
+            if data is not None:
+                fields[f"attribution/{name}"] = data
+    return fields
+
+
+def encode_chunk(index: FeatureIndex, attribution: AttributionIndex | None, chunk: int) -> bytes:
+    """Rows of chunk ``chunk`` of every per-feature array of one site, as one object."""
+    rows = slice(chunk * CHUNK_ROWS, (chunk + 1) * CHUNK_ROWS)
+    return pack_arrays(
+        {name: _to_disk(data[rows]) for name, data in _fields(index, attribution).items()}
+    )
+
+
+def decode_chunk(
+    index: FeatureIndex, attribution: AttributionIndex | None, chunk: int, raw: bytes
+) -> None:
+    """Fill chunk ``chunk``'s rows of ``index`` (and ``attribution``) from its object.
+
+    Raises PackedArraysError (or KeyError / ValueError for an object of another
+    layout) when it does not decode.
+    """
+    stored = unpack_arrays(raw)
+    rows = slice(chunk * CHUNK_ROWS, (chunk + 1) * CHUNK_ROWS)
+    for name, data in _fields(index, attribution).items():
+        part = stored[name]
+        if part.shape != data[rows].shape:
+            raise ValueError(f"{name} has shape {part.shape}, not {data[rows].shape}")
+        data[rows] = _from_disk(part, data.dtype)

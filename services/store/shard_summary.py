@@ -1,0 +1,178 @@
+"""A shard's index summary: everything the merged index folds in of one site, one object.
+
+The worker that writes a shard also writes, per site, ``sites/<label>/index_summary``
+(a packed_arrays object, covered by the shard's entry like any other): the
+site's ShardSummary (counts, totals, maxima, histograms, top activation
+candidates) and, in stores with gradients, its AttributionSummary (Σ a·g,
+Σ |a·g|, top |a·g| entries and prompts, a paired cache's AtP sums). So the
+index fold reads a few small objects a shard and never its entries, and
+decodes them without zarr.
+
+Both summaries come from the same functions the driver used to apply to the
+shard's arrays read back (``summarize_shard``, ``shard_attribution`` then
+``summarize_attribution``), on the values as stored (encoded then decoded),
+so a worker's summary folds to the same index bytes as the driver's
+computation. Shards written before index summaries existed keep their
+``summary/`` and ``top/`` arrays and are folded from those (index_writer).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from circuitscan.services.store.attribution_index import (
+    AttributionSummary,
+    shard_attribution,
+    summarize_attribution,
+)
+from circuitscan.services.store.encoding import exact_values, feature_id_dtype, values_back
+from circuitscan.services.store.packed_arrays import pack_arrays, unpack_arrays
+from circuitscan.services.store.paired_io import PairedSite
+from circuitscan.services.store.summaries import ShardSummary
+
+if TYPE_CHECKING:
+    from circuitscan.pipelines.site_cache import SiteCache
+    from circuitscan.schemas.store import StoreLayout
+    from circuitscan.services.store.shard_io import PromptShard, SiteShard
+
+INDEX_SUMMARY = "index_summary"
+
+
+def summary_key(label: str) -> str:
+    """The site's index summary, relative to the shard's prefix."""
+    return f"sites/{label}/{INDEX_SUMMARY}"
+
+
+def _narrow(values: np.ndarray) -> np.ndarray:
+    top = int(values.max()) if values.size else 0
+    return values.astype(np.uint16 if top < 1 << 16 else np.uint32 if top < 1 << 32 else np.int64)
+
+
+def _exact32(values: np.ndarray) -> np.ndarray:
+    """float64 terms as float32 when that is exact (products of 16-bit values mostly are)."""
+    single = values.astype(np.float32)
+    return single if np.array_equal(single.astype(np.float64), values) else values
+
+
+def encode_site_summary(
+    summary: ShardSummary,
+    attribution: AttributionSummary | None,
+    prompt_start: int,
+    d_sae: int,
+) -> bytes:
+    """One site's index summary object (prompts stored local to the shard)."""
+    ids = feature_id_dtype(d_sae)
+    arrays: dict[str, np.ndarray] = {
+        "features": summary.features.astype(ids),
+        "count": _narrow(summary.count),
+        "total": summary.total.astype(np.float64),
+        "max": exact_values(summary.max),
+        "top_feature": summary.top_feature.astype(ids),
+        "top_prompt": _narrow(summary.top_prompt.astype(np.int64) - prompt_start),
+        "top_position": _narrow(summary.top_position),
+        "top_value": exact_values(summary.top_value),
+    }
+    if summary.hist is not None:
+        arrays["hist"] = _narrow(summary.hist)
+    if attribution is not None:
+        a = attribution
+        arrays |= {
+            "ag_features": a.features.astype(ids),
+            "ag_total": a.total,
+            "ag_total_abs": a.total_abs,
+            "ag_top_feature": a.top_feature.astype(ids),
+            "ag_top_prompt": _narrow(a.top_prompt - prompt_start),
+            "ag_top_position": _narrow(a.top_position),
+            "ag_top_value": _exact32(a.top_value),
+            "ag_prompt_feature": a.prompt_feature.astype(ids),
+            "ag_prompt_prompt": _narrow(a.prompt_prompt - prompt_start),
+            "ag_prompt_value": a.prompt_value,
+        }
+        if a.atp_features is not None:
+            assert a.atp_total is not None and a.atp_total_abs is not None
+            assert a.error_atp is not None
+            arrays |= {
+                "atp_features": a.atp_features.astype(ids),
+                "atp_total": a.atp_total,
+                "atp_total_abs": a.atp_total_abs,
+                "error_atp": a.error_atp,
+            }
+    return pack_arrays(arrays)
+
+
+def decode_site_summary(
+    raw: bytes, prompt_start: int
+) -> tuple[ShardSummary, AttributionSummary | None]:
+    """Inverse of ``encode_site_summary`` (PackedArraysError when it does not decode)."""
+    arrays = unpack_arrays(raw)
+
+    def wide(name: str) -> np.ndarray:
+        return arrays[name].astype(np.int64)
+
+    summary = ShardSummary(
+        features=arrays["features"].astype(np.uint32),
+        count=arrays["count"].astype(np.uint32),
+        total=arrays["total"].astype(np.float64),
+        max=values_back(arrays["max"]),
+        top_feature=arrays["top_feature"].astype(np.uint32),
+        top_prompt=(wide("top_prompt") + prompt_start).astype(np.uint32),
+        top_position=arrays["top_position"].astype(np.uint32),
+        top_value=values_back(arrays["top_value"]),
+        hist=arrays["hist"].astype(np.uint32) if "hist" in arrays else None,
+    )
+    if "ag_features" not in arrays:
+        return summary, None
+    attribution = AttributionSummary(
+        features=wide("ag_features"),
+        total=arrays["ag_total"].astype(np.float64),
+        total_abs=arrays["ag_total_abs"].astype(np.float64),
+        top_feature=wide("ag_top_feature"),
+        top_prompt=wide("ag_top_prompt") + prompt_start,
+        top_position=wide("ag_top_position"),
+        top_value=arrays["ag_top_value"].astype(np.float64),
+        prompt_feature=wide("ag_prompt_feature"),
+        prompt_prompt=wide("ag_prompt_prompt") + prompt_start,
+        prompt_value=arrays["ag_prompt_value"].astype(np.float64),
+    )
+    if "atp_features" in arrays:
+        attribution.atp_features = wide("atp_features")
+        attribution.atp_total = arrays["atp_total"].astype(np.float64)
+        attribution.atp_total_abs = arrays["atp_total_abs"].astype(np.float64)
+        attribution.error_atp = arrays["error_atp"].astype(np.float64)
+    return summary, attribution
+
+
+def paired_site(cache: SiteCache, layout: StoreLayout, d_sae: int) -> PairedSite:
+    """The corrupted side of a site cache as a reader decodes it (values as stored)."""
+    from circuitscan.services.store.shard_io import decode_values, encode_values
+
+    side = cache.corrupt
+    assert side is not None
+    dtype = layout.value_dtype
+    return PairedSite(
+        token_offsets=side.token_offsets(cache.n_tokens).numpy().astype(np.int64),
+        feature_ids=side.feature_ids.to("cpu").numpy().astype(feature_id_dtype(d_sae)),
+        activations=decode_values(encode_values(side.activations, dtype), dtype),
+        gradients=decode_values(encode_values(side.gradients, dtype), dtype),
+        error_atp=side.error_atp.to("cpu").float().numpy().astype(np.float32),
+    )
+
+
+def site_summary_bytes(
+    layout: StoreLayout,
+    d_sae: int,
+    summary: ShardSummary,
+    prompt_start: int,
+    site: SiteShard,
+    prompts: PromptShard,
+    paired: PairedSite | None,
+) -> bytes:
+    """The index summary a worker writes for one site of its shard (``site``: the site's
+    arrays as a reader decodes them)."""
+    attribution = None
+    if layout.gradients:
+        terms = shard_attribution(site, prompts, prompt_start, paired, d_sae)
+        attribution = summarize_attribution(terms, layout.examples_per_feature)
+    return encode_site_summary(summary, attribution, prompt_start, d_sae)

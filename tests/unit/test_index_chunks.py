@@ -1,0 +1,199 @@
+"""The merged index from the workers' index summaries, persisted as content-addressed row chunks.
+
+Small real stores on local disk (synthetic shards with gradients, plain and
+paired, no model): a worker's index summaries fold to the very index the
+driver computes from the shards' arrays; a flush after a shard that touches
+one chunk's features writes that chunk alone; the index is the same files in
+any commit order; a damaged chunk is named and `rebuild` (what repair runs)
+restores it byte for byte.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from circuitscan.pipelines.site_cache import CorruptEntries, SiteCache
+from circuitscan.schemas.prompts import PromptRecord
+from circuitscan.schemas.store import PairingLayout, SiteLayout, StoreLayout
+from circuitscan.services.store import FeatureStore
+from circuitscan.services.store.attribution_index import AttributionIndex
+from circuitscan.services.store.errors import CorruptIndexError
+from circuitscan.services.store.index_chunks import CHUNK_ROWS
+from circuitscan.services.store.index_fold import fold_attributions, fold_summaries
+from circuitscan.services.store.index_legacy import summaries_from_arrays
+from circuitscan.services.store.index_writer import INDEX_POINTER
+from circuitscan.services.store.paired_io import shard_pairs
+from circuitscan.services.store.summaries import FeatureIndex
+from circuitscan.testing.corruption import store_files
+
+D_SAE = 3 * CHUNK_ROWS  # three chunks a site
+PROMPTS, TOKENS, PER_TOKEN = 4, 5, 6
+SITES = [
+    SiteLayout(label="L1.resid_post", hook_name="blocks.1.hook_resid_post", d_sae=D_SAE),
+    SiteLayout(label="L2.resid_post", hook_name="blocks.2.hook_resid_post", d_sae=D_SAE),
+]
+
+
+def _layout(paired: bool = False) -> StoreLayout:
+    return StoreLayout(
+        sites=SITES,
+        gradients=True,
+        shard_size=PROMPTS,
+        examples_per_feature=3,
+        pairing=PairingLayout(align="same") if paired else None,
+        job_hash="index-chunks",
+    )
+
+
+def _shard(seed: int, chunk: int, paired: bool = False):  # type: ignore[no-untyped-def]
+    """A shard whose features all lie in row chunk ``chunk`` (few ids: ties and full rows)."""
+    rng = np.random.default_rng(seed)
+    n_tokens = PROMPTS * TOKENS
+    ids = chunk * CHUNK_ROWS + rng.choice(40, (n_tokens, PER_TOKEN)).astype(np.int64)
+    ids = np.sort(ids, axis=1)
+    keep = np.c_[np.ones((n_tokens, 1), bool), np.diff(ids, axis=1) > 0]  # distinct a token
+    token = np.repeat(np.arange(n_tokens), PER_TOKEN)[keep.ravel()]
+    flat = ids.ravel()[keep.ravel()]
+    n = len(flat)
+
+    def values(scale: float) -> torch.Tensor:  # a few values: ties broken by prompt, position
+        return torch.from_numpy(rng.choice([0.5, 1.0, 2.0, 3.0], n).astype(np.float32) * scale)
+
+    caches = {}
+    for site in SITES:
+        corrupt = None
+        if paired:
+            corrupt = CorruptEntries(
+                token_index=torch.from_numpy(token),
+                feature_ids=torch.from_numpy(flat),
+                activations=values(1.0),
+                gradients=values(-0.25),
+                error_atp=torch.from_numpy(rng.normal(0, 1, n_tokens).astype(np.float32)),
+            )
+        caches[site.label] = SiteCache(
+            token_index=torch.from_numpy(token),
+            feature_ids=torch.from_numpy(flat),
+            activations=values(1.0),
+            gradients=values(0.125),
+            error_norm=torch.zeros(n_tokens),
+            dropped_mass=torch.zeros(n_tokens),
+            n_tokens=n_tokens,
+            d_sae=D_SAE,
+            corrupt=corrupt,
+        )
+    records = [PromptRecord(text=f"p{seed}.{i}") for i in range(PROMPTS)]
+    tokens = [list(range(TOKENS)) for _ in records]
+    pairs = None
+    if paired:
+        pairs = shard_pairs(None, torch.arange(n_tokens, dtype=torch.int32), PROMPTS)
+    return records, tokens, caches, pairs
+
+
+def _written(path: Path, chunks: list[int], paired: bool = False) -> tuple[FeatureStore, list]:
+    store = FeatureStore.create(str(path), _layout(paired))
+    entries = [store.write_shard(i, *_shard(i, chunk, paired)) for i, chunk in enumerate(chunks)]
+    return store, entries
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_worker_summaries_fold_to_the_index_the_shards_arrays_give(tmp_path, paired):
+    store, entries = _written(tmp_path / "s", [0, 1, 0, 2], paired)
+    for entry in entries:
+        store.commit_shard(entry)
+    assert all(
+        f"sites/{site.label}/index_summary" in entry.checksums
+        for entry in entries
+        for site in SITES
+    )
+    k = store.layout.examples_per_feature
+    from_arrays = {site.label: FeatureIndex.empty(D_SAE, k) for site in SITES}
+    attribution = {site.label: AttributionIndex.empty(D_SAE, k, paired=paired) for site in SITES}
+    for entry in entries:  # the driver-side computation, from the entries themselves
+        for label, summary, terms in summaries_from_arrays(
+            store.manifest, store.layout, entry.shard_id, True
+        ):
+            fold_summaries(from_arrays[label], [summary])
+            assert terms is not None and (terms.atp_features is not None) == paired
+            fold_attributions(attribution[label], [terms])
+    for site in SITES:
+        folded = store.feature_index(site.label)
+        worker = store.index.attribution(site.label)
+        for name in folded.__dataclass_fields__:
+            assert (
+                getattr(folded, name).tobytes() == getattr(from_arrays[site.label], name).tobytes()
+            )
+        for name in worker.__dataclass_fields__:
+            left, right = getattr(worker, name), getattr(attribution[site.label], name)
+            assert (left is None) == (right is None) and (
+                left is None or left.tobytes() == right.tobytes()
+            ), name
+        assert (worker.top_prompt[:, -1] != -1).sum() > 20  # full rows: the filter acts
+
+
+class _Counting:
+    """Counts the objects a backend is asked to write and delete."""
+
+    def __init__(self, location) -> None:  # type: ignore[no-untyped-def]
+        self.location, self.written, self.deleted = location, [], []
+        write_many, delete_keys = location.write_many, location.delete_keys
+        location.write_many = lambda objects: (self.written.extend(objects), write_many(objects))
+        location.delete_keys = lambda keys: (
+            self.deleted.extend(keys := list(keys)),
+            delete_keys(keys),
+        )
+
+
+def test_a_flush_writes_only_the_chunks_whose_rows_changed(tmp_path):
+    store, entries = _written(tmp_path / "s", [0, 0, 1])
+    driver = FeatureStore.open(store.url)
+    driver.index_flush_every = 10**9
+    for entry in entries[:2]:
+        driver.commit_shard(entry, verify=False)
+    driver.flush_index()
+    before = {key for key in store_files(tmp_path / "s") if key.startswith("index/")}
+    # The pointer, each site's chunk 0, and one empty chunk named by both sites' chunks 1, 2.
+    assert len(before) == 1 + len(SITES) + 1
+    counting = _Counting(driver.location)
+    driver.commit_shard(entries[2], verify=False)  # features of chunk 1 only
+    driver.flush_index()
+    chunk_writes = [k for k in counting.written if k.startswith("index/") and k != INDEX_POINTER]
+    assert len(chunk_writes) == len(SITES)  # chunk 1 of each site; the pointer on its own
+    assert counting.deleted == []  # the old chunk 1 was the empty chunk, still named elsewhere
+    after = {key for key in store_files(tmp_path / "s") if key.startswith("index/")}
+    assert after == before | set(chunk_writes)
+    # The same index as one built from scratch, and nothing else under index/.
+    FeatureStore.open(store.url).index.rebuild()
+    assert {k for k in store_files(tmp_path / "s") if k.startswith("index/")} == after
+
+
+def test_the_index_is_the_same_files_in_any_commit_order_and_a_damaged_chunk_is_repaired(
+    tmp_path,
+):
+    store, entries = _written(tmp_path / "a", [2, 0, 1, 0, 2])
+    for entry in entries:
+        store.commit_shard(entry)
+    store.flush_index()
+    pristine = store_files(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "manifest")
+    shutil.rmtree(tmp_path / "b" / "index")
+    other = FeatureStore.open(str(tmp_path / "b"))
+    for entry in reversed(entries):
+        assert other.commit_shard(entry)
+    other.flush_index()
+    assert store_files(tmp_path / "b") == pristine
+
+    chunk = sorted(key for key in pristine if key.startswith("index/") and key != INDEX_POINTER)[1]
+    data = bytearray(pristine[chunk])
+    data[len(data) // 2] ^= 1
+    (tmp_path / "b" / chunk).write_bytes(bytes(data))
+    with pytest.raises(CorruptIndexError, match=chunk):
+        FeatureStore.open(str(tmp_path / "b")).feature_index(SITES[0].label)
+    (tmp_path / "b" / "index" / ("0" * 32)).write_bytes(b"left by a crash")
+    FeatureStore.open(str(tmp_path / "b")).index.rebuild()
+    assert store_files(tmp_path / "b") == pristine
