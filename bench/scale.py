@@ -74,6 +74,7 @@ def _entries_store(url: str, n: int) -> None:
     """A prompts-only store of ``n`` committed one-prompt shards (entries written directly,
     in batches of files: the bookkeeping reads entries, never the copies' data; 100,000
     entries take seconds)."""
+    from circuitscan.services.store import FeatureStore
     from circuitscan.services.store.manifest import entry_bytes, manifest_key
     from circuitscan.testing.many_shards import commit_many_shards
 
@@ -85,6 +86,9 @@ def _entries_store(url: str, n: int) -> None:
             entry = first.model_copy(update={"shard_id": shard_id, "prompt_start": shard_id})
             batch[manifest_key(shard_id)] = entry_bytes(entry)
         store.location.write_many(batch)
+    # The index covers every entry, as a job's last flush leaves it: the timed commits'
+    # flushes then fold only their own shards in.
+    FeatureStore.open(url).flush_index()
 
 
 def per_shard_overhead_ms(url: str, n: int, shards: int) -> tuple[float, float]:
