@@ -58,16 +58,23 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
 
-from circuitscan.pipelines.attribution import ablation_scan, certify, run_atp
+from circuitscan.pipelines.attribution import ablation_scan, run_atp
 from circuitscan.pipelines.attribution.ablation_scan import (
     _ablation_values,
     ablation_inputs,
     prepare_scan,
 )
+from circuitscan.pipelines.attribution.certify import subset_patch
+from circuitscan.pipelines.attribution.subset_stats import (
+    certification_result,
+    certification_sums,
+    draw_subsets,
+)
 from circuitscan.pipelines.attribution.suffix import suffix_metric
 from circuitscan.pipelines.metrics import metric_per_prompt
 from circuitscan.pipelines.sae_splice import sae_decode, sae_encode
 from circuitscan.schemas.attribution import AttributionMethod, NodeSelection
+from circuitscan.schemas.certification import CertificationResult
 from circuitscan.schemas.hooks import HookSite
 from circuitscan.schemas.metrics import MetricSpec
 from circuitscan.testing.evaluation import (
@@ -215,6 +222,10 @@ def scan_efficiency(
     return ratio
 
 
+def _stamp(start: float, what: str) -> None:
+    print(f"  [{time.perf_counter() - start:.0f}s] {what} done", flush=True)
+
+
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
@@ -287,24 +298,54 @@ def pattern_mediated(
 
 def missed_effect_bound(
     model, saes, pairs, comparison: RankingComparison, *, k: int, samples: int, p: float
-) -> tuple[float, float, int, str, str]:
-    """(θ, true largest mean |Δm| of the nodes outside AtP*'s top-k, forward passes, θ's
-    statement, the node that came closest) after verifying AtP*'s top-k exactly."""
-    order = comparison.estimates["atpstar"].argsort(descending=True).tolist()
+) -> dict[str, CertificationResult | float | int | str]:
+    """Certify the head nodes outside AtP*'s top-k after verifying those exactly.
+
+    One draw of ``samples`` subsets is patched once; its Δm give two bounds:
+    the plain difference of means, and the same with AtP*'s per-prompt scores
+    as a control variate (each subset's Δm less its nodes' scores). The true
+    largest unverified mean |Δm| comes from the exhaustive table.
+    """
+    order = comparison.estimates["atpstar"].argsort(descending=True, stable=True).tolist()
     rest = sorted(order[k:])
+    nodes = [comparison.nodes[i] for i in rest]
+    assert comparison.estimates_per_prompt is not None
+    control = comparison.estimates_per_prompt["atpstar"][:, rest]
     start = time.perf_counter()
-    result = certify(
-        model, saes, pairs.clean, pairs.lengths, METRIC, pairs.answer, pairs.wrong,
-        [comparison.nodes[i] for i in rest], samples=samples, p=p, confidence=0.95,
-        corrupt_tokens=pairs.corrupt, named_positions=pairs.named_positions,
+    subsets = draw_subsets(len(nodes), samples, p, 0)
+    delta_m, known_zero, undefined, rows = subset_patch(
+        model, saes, pairs.clean, pairs.lengths, METRIC, pairs.answer, pairs.wrong, nodes,
+        subsets, corrupt_tokens=pairs.corrupt, named_positions=pairs.named_positions,
     )  # fmt: skip
+    seconds = time.perf_counter() - start
+    results = {}
+    for name, variate in (("plain", None), ("control", control)):
+        sums = certification_sums(delta_m, subsets, known_zero, undefined, 0.05, rows=rows,
+                                  control=variate)  # fmt: skip
+        results[name] = certification_result(
+            nodes, sums, samples=samples, p=p, confidence=0.95, seed=0, mode="corrupt",
+            n_prompts=int(pairs.clean.shape[0]), control=None if variate is None else "atpstar",
+        )  # fmt: skip
     true_max = max(float(comparison.truth[i]) for i in rest)
     worst = comparison.nodes[max(rest, key=lambda i: float(comparison.truth[i]))]
-    print(f"  certify after verifying AtP*'s top {k}: {result.statement()} over {len(rest)} "
-          f"nodes, {samples} subsets (p = {p}), {time.perf_counter() - start:.1f}s; true "
-          f"largest unverified {true_max:.3f} ({worst}); closest by estimate "
-          f"{result.closest_node}, binding {result.binding_node}")  # fmt: skip
-    return result.theta, true_max, result.forward_passes, result.statement(), result.closest_node
+    print(f"  certify after verifying AtP*'s top {k}: {len(rest)} nodes, {samples} subsets "
+          f"(p = {p}), {rows} patched rows, {seconds:.1f}s; true largest unverified "
+          f"{true_max:.3f} ({worst})")  # fmt: skip
+    for name, result in results.items():
+        print(f"    {name:8s} {result.statement()}; bound / true {result.theta / true_max:.2f}; "
+              f"closest by estimate {result.closest_node}, binding {result.binding_node}")  # fmt: skip
+    return {"results": results, "true_max": true_max, "passes": samples, "worst": str(worst)}
+
+
+def _tables(path: str | None, compute: Callable[[], RankingComparison]) -> RankingComparison:
+    """The exhaustive comparison, from ``path`` when it holds one, else computed (and saved)."""
+    if path and os.path.exists(path):
+        print(f"  exhaustive tables read from {path}")
+        return torch.load(path, weights_only=False)
+    comparison = compute()
+    if path:
+        torch.save(comparison, path)
+    return comparison
 
 
 def main() -> None:
@@ -328,6 +369,12 @@ def main() -> None:
     )
     parser.add_argument("--certify-samples", type=int, default=800)
     parser.add_argument("--certify-p", type=float, default=0.1)
+    parser.add_argument(
+        "--tables",
+        help="keep the exhaustive patching tables in this file prefix (PREFIX.heads.pt, "
+        "PREFIX.features.pt): read when present, else computed and written; the same prompts "
+        "and node sets are the caller's to keep",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -363,12 +410,25 @@ def main() -> None:
 
     print(f"IOI rankings vs exhaustive exact patching ({args.recall_prompts} prompt pairs):")
     pairs = ioi_pairs(model, args.recall_prompts)
-    heads = compare_rankings(model, saes, pairs, ioi_head_selections(), methods=METHODS)
+    prefix = f"{args.tables}.{args.recall_prompts}" if args.tables else None
+    heads = _tables(
+        prefix and f"{prefix}.heads.pt",
+        lambda: compare_rankings(model, saes, pairs, ioi_head_selections(), methods=METHODS),
+    )
+    _stamp(start, "head rankings and exhaustive head patching")
     heads_frozen = explain_misses(model, saes, pairs, heads)
     report("heads", heads, heads_frozen, args.recall_subsets)
+    _stamp(start, "head misses explained")
     sites = [item.site.label for item in loaded]
-    features = compare_rankings(model, saes, pairs, ioi_feature_selections(sites), methods=METHODS)
+    features = _tables(
+        prefix and f"{prefix}.features.pt",
+        lambda: compare_rankings(
+            model, saes, pairs, ioi_feature_selections(sites), methods=METHODS
+        ),
+    )
+    _stamp(start, "feature rankings and exhaustive feature patching")
     report("features", features, explain_misses(model, saes, pairs, features), args.recall_subsets)
+    _stamp(start, "feature misses explained")
     n_missed, n_mediated = pattern_mediated(heads, heads_frozen, "atpstar")
     print(f"  AtP* misses {n_missed} of the true top-20 heads; {n_mediated} of them change their "
           "mean |Δm| by more than half when later attention patterns are frozen")  # fmt: skip
@@ -376,10 +436,17 @@ def main() -> None:
     known = {name: cost for name, cost in costs.items() if cost is not None}
     best = min(known, key=lambda name: known[name]) if known else None
     print(f"  cost of verified recall of the true top-20 heads: {costs}; best {best}")
-    theta, true_max, passes, _, _ = missed_effect_bound(
+    bound = missed_effect_bound(
         model, saes, pairs, heads, k=20, samples=args.certify_samples, p=args.certify_p
     )
-    print(f"  bound / true = {theta / true_max:.2f} (targets: >= 1, <= 2)")
+    _stamp(start, "certification")
+    results = bound["results"]
+    assert isinstance(results, dict)
+    theta, plain = results["control"].theta, results["plain"].theta
+    true_max = float(bound["true_max"])  # type: ignore[arg-type]
+    passes = bound["passes"]
+    print(f"  bound / true = {theta / true_max:.2f} with AtP* as control variate, "
+          f"{plain / true_max:.2f} without (targets: >= 1, <= 2)")  # fmt: skip
     print(f"total {time.perf_counter() - start:.1f}s")
     print(json.dumps({
         "atp_forward_equivalents": _rounded(equivalents["atp"]),
@@ -406,6 +473,12 @@ def main() -> None:
         "certify_forward_passes": passes,
         "missed_effect_bound_over_true": _rounded(theta / true_max),
         "missed_effect_bound_covers": int(theta >= true_max),
+        "missed_effect_bound_heads_plain": _rounded(plain),
+        "missed_effect_bound_plain_over_true": _rounded(plain / true_max),
+        "missed_effect_closest_node": results["control"].closest_node,
+        "true_max_unverified_node": bound["worst"],
+        "certify_p": args.certify_p,
+        "recall_prompts": args.recall_prompts,
         "heads_atpstar_misses": n_missed,
         "heads_atpstar_misses_pattern_mediated": n_mediated,
     }))  # fmt: skip

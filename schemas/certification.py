@@ -79,6 +79,11 @@ class CertificationResult(BaseModel):
         description="The node whose estimate came closest to θ (largest mean |estimate|)."
     )
     binding_node: str = Field(description="The node whose upper bound is θ.")
+    control: str | None = Field(
+        default=None,
+        description="The per-node estimate used as a control variate (each subset's Δm less "
+        "its nodes' estimates; same expectation, lower variance), or None.",
+    )
     nodes: list[CertifiedNode] = Field(description="Every node's estimate, highest bound first.")
     assumptions: list[str] = Field(
         default_factory=lambda: list(ASSUMPTIONS), description="What the bound assumes."

@@ -231,6 +231,8 @@ def certify(
     position_map: Int[torch.Tensor, "batch seq"] | None = None,
     batch_size: int = 64,
     union_size: int | None = None,
+    control: Float[torch.Tensor, "batch n_nodes"] | None = None,
+    control_name: str = "estimate",
 ) -> CertificationResult:
     """Upper confidence bound θ on the largest mean |Δm| any of ``nodes`` can have.
 
@@ -243,6 +245,12 @@ def certify(
     ``p`` towards 0.5). ``union_size``: how many (node, prompt) bounds the
     union bound covers (default: those not exactly zero here); a job cut into
     shards passes nodes × all its prompts, so every shard's bounds share it.
+
+    ``control``: each (prompt, node)'s estimate, fixed before the draw (e.g.
+    AtP*'s per-prompt scores of ``nodes``, NaN where absent), as a control
+    variate: the bound is on the same quantity, with the spread of the
+    estimator's errors in place of the spread of the other nodes' effects
+    (``control_name`` is recorded in the result).
     """
     if samples < 2:
         raise AttributionInputError(f"samples must be at least 2, got {samples}")
@@ -258,11 +266,12 @@ def certify(
         named_positions=named_positions, position_map=position_map, batch_size=batch_size,
     )  # fmt: skip
     sums = certification_sums(
-        delta_m, subsets, known_zero, undefined, 1.0 - confidence, rows=rows, union_size=union_size
-    )
+        delta_m, subsets, known_zero, undefined, 1.0 - confidence, rows=rows,
+        union_size=union_size, control=control,
+    )  # fmt: skip
     return certification_result(
         nodes, sums, samples=samples, p=p, confidence=confidence, seed=seed, mode=mode,
-        n_prompts=int(clean_tokens.shape[0]),
+        n_prompts=int(clean_tokens.shape[0]), control=None if control is None else control_name,
     )  # fmt: skip
 
 

@@ -75,6 +75,7 @@ def subset_bounds(
     undefined: Bool[torch.Tensor, "batch n"],
     delta: float,
     union_size: int | None = None,
+    control: torch.Tensor | None = None,  # [batch, n], checked below
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per (prompt, node): difference-of-means estimate and its Bonferroni upper bound on |c|.
 
@@ -82,12 +83,29 @@ def subset_bounds(
     node was in (or out of) fewer than 2 subsets, NaN where undefined.
     ``union_size``: the number of bounds the union bound covers (default: the
     pairs counted here, i.e. neither known zero nor undefined).
+
+    ``control``: a per-(prompt, node) estimate fixed before the subsets were
+    drawn (e.g. AtP*'s scores), used as a control variate: each row's Δm less
+    the sum of the control over the nodes it patched, the difference of means
+    of that residual, plus the node's control. The subsets are independent of
+    the control, so the estimate's expectation is the plain estimator's (the
+    node's effect under additivity); only its variance changes, from the
+    spread of the other nodes' effects to the spread of their errors.
     """
     y = delta_m.to(torch.float64)
     inside = subsets.to(torch.float64)
     n_in = inside.sum(0)  # [n]
     n_out = subsets.shape[0] - n_in
     counted = ~(known_zero | undefined)
+    offset = torch.zeros(known_zero.shape, dtype=torch.float64)
+    if control is not None:
+        if control.shape != known_zero.shape:
+            raise AttributionInputError(
+                f"control {tuple(control.shape)} must be [prompts, nodes] {tuple(known_zero.shape)}"
+            )
+        # Only the pairs a row actually patched (neither known zero nor absent) enter it.
+        offset = torch.where(counted, control.to(torch.float64).nan_to_num(0.0), 0.0)
+        y = y - inside @ offset.T  # [S, batch]
     m_pairs = max(int(counted.sum()) if union_size is None else union_size, 1)
     tail = delta / m_pairs
     batch, n = known_zero.shape
@@ -106,7 +124,7 @@ def subset_bounds(
         var_in = ss_in / (n_in - 1).clamp(min=1) / safe_in  # variance of the mean
         var_out = ss_out / (n_out - 1).clamp(min=1) / safe_out
         se[b] = (var_in + var_out).sqrt()
-        estimate[b] = mean_in - mean_out
+        estimate[b] = mean_in - mean_out + offset[b]
         dfs[b] = _welch_df(var_in, var_out, n_in, n_out)
     # One t quantile per distinct df (few: capped at MAX_DF), looked up per pair.
     quantiles = torch.zeros(MAX_DF + 1, dtype=torch.float64)
@@ -171,9 +189,12 @@ def certification_sums(
     *,
     rows: int,
     union_size: int | None = None,
+    control: torch.Tensor | None = None,  # [batch, n], checked below
 ) -> CertificationSums:
     """One prompt set's (or shard's) per-node sums of :func:`subset_bounds`."""
-    estimate, upper, _ = subset_bounds(delta_m, subsets, known_zero, undefined, delta, union_size)
+    estimate, upper, _ = subset_bounds(
+        delta_m, subsets, known_zero, undefined, delta, union_size, control
+    )
     defined = (~undefined).to(torch.float64)
     return CertificationSums(
         estimate=estimate.nan_to_num(0.0).sum(0),
@@ -196,6 +217,7 @@ def certification_result(
     seed: int,
     mode: str,
     n_prompts: int,
+    control: str | None = None,
 ) -> CertificationResult:
     """θ and every node's means over the prompts where it exists, highest bound first."""
     count = sums.defined.clamp(min=1)
@@ -229,6 +251,7 @@ def certification_result(
         patched_rows=sums.rows,
         closest_node=names[closest],
         binding_node=names[order[0]],
+        control=control,
         nodes=[scored[j] for j in order],
     )
 
