@@ -29,9 +29,11 @@ Figures (real stores on local disk; an S3 server for the request counts):
   ``index_flush_interval_...``: the commits a job makes between such flushes.
 - driver_commits_per_s: the driver's commits of 64-prompt shards of the
   default layout (two sites of 2,304 features, gradients), written by a
-  worker beforehand, on local disk, with the index flushes a job makes and its
-  last one. Target ≥ 200. Split into ``driver_commit_bookkeeping_ms`` (a
-  commit's own work) and ``index_fold_and_flush_ms_per_shard``.
+  worker beforehand, on local disk, with the index flushes a job makes run in
+  the background as a job's driver runs them. Target ≥ 200. Beside it
+  ``driver_commits_per_s_with_index`` (up to the job's last flush, which waits
+  for the index), ``driver_commit_bookkeeping_ms`` (median commit) and
+  ``index_fold_and_flush_ms_per_shard``.
 - objects_per_shard: objects one such shard leaves in the store (its data
   plus its manifest entry). Target ≤ 8.
 
@@ -154,13 +156,25 @@ def plan_million(n: int) -> None:
     sizes = sum(kept.ranges(p.start, p.stop).size for p in plans)  # what drive() ships
     assert sizes == n
     seconds = time.perf_counter() - start
-    # ru_maxrss: this process's peak (it started fresh; the tokenizer the checks load is in it)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _peak_rss_mb()  # the tokenizer the checks load is in it
     print(
         json.dumps(
             {"seconds": seconds, "rss_mb": peak, "rss_before_mb": before, "shards": len(plans)}
         )
     )
+
+
+def _peak_rss_mb() -> float:
+    """This program's peak RSS: VmHWM of its own memory map where Linux says it. Not
+    ru_maxrss, which Linux carries over from before exec: a process forked from a parent
+    holding a large store's manifest would report the parent's RSS as its own peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _planned(n: int) -> dict[str, Any]:
@@ -244,34 +258,36 @@ def written_store(url: str, n_shards: int, d_sae: int = 2304) -> tuple[Any, list
 
 
 def driver_commits_per_s(root: Path, n_shards: int) -> dict[str, float]:
-    """The driver's commits as run_job makes them (index flushes included, and the last flush
-    of the job), and where that time goes: the commits' own bookkeeping (entry check and
-    manifest write) against folding the shards into the index and persisting it."""
+    """The driver's commits as run_job makes them: index flushes on a background thread
+    (``index.background``), and the job's last flush, which waits for them.
+
+    ``driver_commits_per_s``: commits over the commit loop (what the driver's
+    critical path sustains); ``driver_commits_per_s_with_index``: over the loop
+    and the last flush (what the index keeps up with on this machine, its folds
+    sharing the cores with the commits); ``index_fold_and_flush_ms_per_shard``:
+    the index's time a shard, the difference.
+    """
     from circuitscan.services.store import FeatureStore
 
     store, entries = written_store(str(root / "commits"), n_shards)
     driver = FeatureStore.open(store.url)
     driver.committed_shard_ids()
-    flushes: list[float] = []
-    flush = driver.index.flush
-
-    def timed_flush() -> None:
-        begin = time.perf_counter()
-        flush()
-        flushes.append(time.perf_counter() - begin)
-
-    driver.index.flush = timed_flush  # type: ignore[method-assign]
+    driver.index.background = True  # as run_job's driver
+    samples = []
     start = time.perf_counter()
     for entry in entries:
+        begin = time.perf_counter()
         assert driver.commit_shard(entry, verify=False)  # as run_job commits
+        samples.append(time.perf_counter() - begin)
+    loop = time.perf_counter() - start
     driver.flush_index()
     total = time.perf_counter() - start
-    index_s = sum(flushes)
     return {
-        "driver_commits_per_s": round(n_shards / total, 1),
-        "driver_commit_bookkeeping_ms": round((total - index_s) / n_shards * 1000, 3),
-        "index_fold_and_flush_ms_per_shard": round(index_s / n_shards * 1000, 3),
-        "index_flushes": len(flushes),
+        "driver_commits_per_s": round(n_shards / loop, 1),
+        "driver_commits_per_s_with_index": round(n_shards / total, 1),
+        "driver_commit_bookkeeping_ms": _median_ms(samples),
+        "driver_commit_max_ms": round(max(samples) * 1000, 3),
+        "index_fold_and_flush_ms_per_shard": round((total - sum(samples)) / n_shards * 1000, 3),
     }
 
 
@@ -428,9 +444,10 @@ def _commit_figures(figures: dict[str, Any], root: Path, n_commits: int) -> None
     figures.update(commits)
     print(
         f"driver commits: {commits['driver_commits_per_s']:.1f} shards/s (64-prompt shards, "
-        f"default layout): {commits['driver_commit_bookkeeping_ms']:.2f} ms a commit, "
-        f"{commits['index_fold_and_flush_ms_per_shard']:.1f} ms a shard folding and "
-        f"persisting the index ({commits['index_flushes']} flushes)"
+        f"default layout; median {commits['driver_commit_bookkeeping_ms']:.2f} ms a commit, "
+        f"the index folded and flushed in the background); "
+        f"{commits['driver_commits_per_s_with_index']:.1f} shards/s up to the last flush "
+        f"({commits['index_fold_and_flush_ms_per_shard']:.1f} ms of index work a shard)"
     )
 
 
