@@ -245,6 +245,8 @@ def run_job(
             store.commit_shard(ShardEntry.model_validate(outcome.entry), verify=False)
             progress.shard_done(outcome.tokens)
 
+        # Index flushes fold and persist on a thread of their own: a commit is its entry.
+        store.index.background = True
         driving = time.perf_counter()
         stats = drive(spec, actors, todo, kept, spec.store, commit, _context(spec, kept))
         drive_seconds = time.perf_counter() - driving

@@ -5,16 +5,18 @@ For every stored entry (token, feature) of a store with gradients, the term
 feature at that token) is summed per feature, signed and in absolute value,
 and the entries and prompts where it is largest in magnitude are kept
 (``top_*``: (prompt, position, term); ``prompt_*``: (prompt, Σ over the
-prompt's positions)). Shards are folded in at commit from the objects the
-commit's checksum check already read (no per-shard arrays are added, so a
-shard costs no more bytes), and the arrays are persisted with the merged
-index's generations under ``index/<generation>/<site>/attribution/``. An
-index generation without them (written by an older circuitscan) leaves the
-store without rankings until its index is rebuilt.
+prompt's positions)). Each shard's worker sums its terms into an AttributionSummary (per fired
+feature Σ and Σ |·|, its own top-K entries and prompts), stored in the
+shard's index summary (shard_summary.py), which the index folds in; the
+arrays are persisted in the merged index's row chunks (index_chunks.py). An
+index without them (written by an older circuitscan) leaves the store
+without rankings until its index is rebuilt.
 
 Sums are float64 over the values as stored (16-bit activations and gradients
-widened to float32, multiplied in float64), so they equal a sum over the
-shards' decoded arrays, whatever order shards were committed in.
+widened to float32, multiplied in float64): each shard's sums in entry order,
+added shard by shard in the order they are folded (shards committed between
+two folds: by shard id), so they equal a sum over the shards' decoded arrays
+to float64 rounding.
 
 A paired cache (docs/paired_caches.md) also keeps per feature Σ and Σ |·| of
 the AtP term ``(a' − a)·∂m/∂a`` of every clean token (the corrupted and clean

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -239,10 +240,13 @@ class FeatureStore:
         The entry must match this store's layout; with ``verify`` the shard's
         bytes are checked against the entry's checksums before committing.
         """
-        if not self.manifest.commit(entry, verify=verify):
-            return False
-        self.index.after_commit(entry.shard_id)  # reads nothing: folded in at the next flush
-        self.manifest.forget_recent()
+        # A check keeps the shard's objects in the manifest until forget_recent: the
+        # index's background flush (which reads through the manifest) waits meanwhile.
+        with self.index.lock if verify else nullcontext():
+            if not self.manifest.commit(entry, verify=verify):
+                return False
+            self.index.after_commit(entry.shard_id)  # reads nothing: folded in later
+            self.manifest.forget_recent()
         return True
 
     def refresh(self) -> None:

@@ -56,16 +56,22 @@ def _fold_rows(
     if len(feature) == 0:
         return
     k = prompts.shape[1]
-    full = prompts[feature, k - 1] != EMPTY
-    kth = rank(values[feature, k - 1])
-    score = rank(value)
     # A candidate enters a full row only when it ranks above the row's K-th entry under
     # the order itself (rank, then lower prompt, then lower position): ties are settled
-    # here, not by the sort.
-    kth_prompt = prompts[feature, k - 1]
-    kth_position = positions[feature, k - 1] if positions is not None else 0
-    earlier = (prompt < kth_prompt) | ((prompt == kth_prompt) & (position < kth_position))
-    keep = ~full | (score > kth) | ((score == kth) & earlier)
+    # here, not by the sort. (Columns first: 1-D gathers are several times faster.)
+    last_prompt = prompts[:, k - 1]
+    kth_prompt = last_prompt[feature]
+    kth = rank(values[:, k - 1])[feature]
+    score = rank(value)
+    keep = (kth_prompt == EMPTY) | (score > kth)
+    tie = np.flatnonzero(~keep & (score == kth))
+    if len(tie):
+        tied_prompt, tied_kth = prompt[tie], kth_prompt[tie]
+        earlier = tied_prompt < tied_kth
+        if positions is not None:
+            later_position = position[tie] < positions[feature[tie], k - 1]
+            earlier |= (tied_prompt == tied_kth) & later_position
+        keep[tie] = earlier
     feature, prompt, position, value = feature[keep], prompt[keep], position[keep], value[keep]
     touched = np.flatnonzero(np.bincount(feature, minlength=prompts.shape[0]))
     if len(touched) == 0:

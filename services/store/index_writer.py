@@ -40,6 +40,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 import numpy as np
@@ -136,8 +139,27 @@ def parse_pointer(raw: bytes, url: str) -> dict[str, Any]:
     return pointer
 
 
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``method`` holding the writer's lock (waiting for a background flush)."""
+
+    @wraps(method)
+    def run(self: IndexWriter, *args: Any, **kwargs: Any) -> Any:
+        with self.lock:
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class IndexWriter:
-    """Loads, extends and persists one store's merged feature index."""
+    """Loads, extends and persists one store's merged feature index.
+
+    With ``background`` (a job's driver), the flushes that commits schedule
+    run on a thread of their own, folding and persisting while the driver
+    goes on committing: a commit then costs its entry alone. Every other use
+    of the index waits for a running flush (``lock``), and its error, if any,
+    is raised by the next flush or query. A crash loses only merges the next
+    load redoes from the shards' summaries, as with synchronous flushes.
+    """
 
     def __init__(self, location: Backend, layout: StoreLayout, manifest: ShardManifest) -> None:
         self.location = location
@@ -158,11 +180,16 @@ class IndexWriter:
         self._stored: set[str] = set()
         self._dirty: dict[str, set[int]] = {}
         self._legacy: str | None = None  # a format 1/2 generation the next flush deletes
+        self.background = False
+        self.lock = threading.RLock()
+        self._flusher: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
     @property
     def url(self) -> str:
         return self.manifest.url
 
+    @_locked
     def feature_index(self, label: str) -> FeatureIndex:
         """Summaries and top-K examples of a site over every committed shard."""
         self.layout.site(label)
@@ -170,6 +197,7 @@ class IndexWriter:
         index = self._current()
         return index[label]
 
+    @_locked
     def attribution(self, label: str) -> AttributionIndex:
         """Per-feature Σ a·g, Σ |a·g| and top hits of a site over every committed shard."""
         self.layout.site(label)
@@ -194,6 +222,7 @@ class IndexWriter:
         ``repair`` (the job's writer): a damaged persisted index is rebuilt
         from the shards' summaries instead of raising CorruptIndexError.
         """
+        self._raise_failure()
         if self._index is None:
             try:
                 self._index, self._indexed = self._load()
@@ -215,25 +244,50 @@ class IndexWriter:
         # at the first commit (a damaged one is rebuilt, as a job's writer may),
         # so a commit costs the same however many shards are committed.
         if self.layout.sites and self._index is None:  # result-only stores have no index
-            try:
-                self._index, self._indexed = self._load()
-            except (CorruptIndexError, CorruptManifestError) as exc:
-                log.warning("%s; rebuilding it from the shards' summaries", exc)
-                self._index, self._indexed = self._empty(), set()
+            with self.lock:
+                try:
+                    self._index, self._indexed = self._load()
+                except (CorruptIndexError, CorruptManifestError) as exc:
+                    log.warning("%s; rebuilding it from the shards' summaries", exc)
+                    self._index, self._indexed = self._empty(), set()
         self._unflushed += 1
-        if self._unflushed >= self.flush_interval():
+        if self._unflushed < self.flush_interval():
+            return
+        if not self.background:
             self.flush()
+        elif self._flusher is None or not self._flusher.is_alive():
+            # Commits made while it runs are folded by the next flush (or query).
+            self._unflushed = 0
+            self._flusher = threading.Thread(
+                target=self._flush_in_background, name="index-flush", daemon=True
+            )
+            self._flusher.start()
+
+    def _flush_in_background(self) -> None:
+        try:
+            with self.lock:
+                self._flush()
+        except BaseException as exc:  # raised again by the next flush or query
+            log.warning("background index flush failed: %s", exc)
+            self._failure = exc
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
 
     def flush_interval(self) -> int:
         """Commits between flushes: ``flush_every``, more for a wide index (see above)."""
         entries = sum(s.d_sae for s in self.layout.sites) * self.layout.examples_per_feature
         return max(self.flush_every, -(-entries // FLUSH_ENTRIES_PER_COMMIT))
 
+    @_locked
     def forget(self) -> None:
         """Drop the in-memory index (it is reloaded when next needed)."""
         self._index = None
         self._indexed = set()
 
+    @_locked
     def discard(self) -> None:
         """Drop the persisted pointer too: the index may count a shard no longer committed.
 
@@ -250,6 +304,7 @@ class IndexWriter:
         self.forget()
         self._persisted = None
 
+    @_locked
     def rebuild(self) -> None:
         """Rebuild the index from every committed shard's own summaries and persist it,
         rewriting every chunk and deleting every other object under ``index/``
@@ -257,7 +312,7 @@ class IndexWriter:
         self._index, self._indexed = self._empty(), set()
         self._current()
         self._persisted = None  # every chunk is written again, damaged or not
-        self.flush()
+        self._flush()
         keep = {INDEX_POINTER, *self._stored}
         self.location.delete_keys(
             sorted(key for key in self.location.list_keys(INDEX_PREFIX) if key not in keep)
@@ -276,6 +331,7 @@ class IndexWriter:
             }
         return {s.label: FeatureIndex.empty(s.d_sae, k) for s in self.layout.sites}
 
+    @_locked
     def problems(self) -> list[tuple[str, str]]:
         """What is wrong with the persisted index: (kind, one line) pairs, kind "index" or
         "manifest" (an entry lost from under the index) (``circuitscan verify``)."""
@@ -437,9 +493,14 @@ class IndexWriter:
                 f"shard {shard_id} of {self.url}: its index summary does not decode ({exc})"
             ) from exc
 
+    @_locked
     def flush(self) -> None:
         """Persist the merged index: the chunks that changed, then the pointer, then delete
-        the objects no longer named."""
+        the objects no longer named (after a running background flush)."""
+        self._raise_failure()
+        self._flush()
+
+    def _flush(self) -> None:
         stale = self._indexed != set(self.manifest.committed())
         if self._index is None or (self.layout.sites and stale):
             self._current(repair=True)

@@ -28,7 +28,7 @@ from circuitscan.services.store.attribution_index import (
     summarize_attribution,
 )
 from circuitscan.services.store.encoding import exact_values, feature_id_dtype, values_back
-from circuitscan.services.store.packed_arrays import pack_arrays, unpack_arrays
+from circuitscan.services.store.packed_arrays import SMALL, pack_arrays, unpack_arrays
 from circuitscan.services.store.paired_io import PairedSite
 from circuitscan.services.store.summaries import ShardSummary
 
@@ -46,8 +46,12 @@ def summary_key(label: str) -> str:
 
 
 def _narrow(values: np.ndarray) -> np.ndarray:
+    """The narrowest unsigned dtype that holds every value (small counts and indices)."""
     top = int(values.max()) if values.size else 0
-    return values.astype(np.uint16 if top < 1 << 16 else np.uint32 if top < 1 << 32 else np.int64)
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return values.astype(dtype)
+    return values.astype(np.int64)
 
 
 def _exact32(values: np.ndarray) -> np.ndarray:
@@ -99,7 +103,7 @@ def encode_site_summary(
                 "atp_total_abs": a.atp_total_abs,
                 "error_atp": a.error_atp,
             }
-    return pack_arrays(arrays)
+    return pack_arrays(arrays, SMALL)
 
 
 def decode_site_summary(
