@@ -152,6 +152,15 @@ def object_cases(root: Path, site: str, result_kind: str, scratch: Path) -> dict
     store = FeatureStore.open(str(older))
     store.uncommit(max(store.committed_shard_ids()))
     store.flush_index()
+    if other_chunk == chunk:  # a store with a single index chunk: the older store's differs
+        older_index = {
+            k: v
+            for k, v in store_files(older).items()
+            if k.startswith("index/") and k != INDEX_POINTER
+        }
+        other_bytes = next(v for k, v in sorted(older_index.items()) if v != files[chunk])
+    else:
+        other_bytes = files[other_chunk]
     opened = FeatureStore.open(str(root))
     other_job = FeatureStore(
         opened.url, opened.location, opened.layout.model_copy(update={"job_hash": "other-job"})
@@ -170,7 +179,7 @@ def object_cases(root: Path, site: str, result_kind: str, scratch: Path) -> dict
         "manifest entry": ObjectCase(
             "manifest/000001.json", files["manifest/000000.json"], ("manifest", "shard 1")
         ),
-        "index chunk": ObjectCase(chunk, files[other_chunk], ("index",)),
+        "index chunk": ObjectCase(chunk, other_bytes, ("index",)),
         "index pointer": ObjectCase(
             INDEX_POINTER, (older / INDEX_POINTER).read_bytes(), ("index",)
         ),

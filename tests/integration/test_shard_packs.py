@@ -113,7 +113,7 @@ def test_every_packed_array_reads_as_its_unpacked_objects(packed: Path) -> None:
             for key, data in members.items()
             if key.endswith("/zarr.json") and json.loads(data)["node_type"] == "array"
         ]
-        assert len(arrays) > 20
+        assert f"sites/{SITE}/activations" in arrays and len(arrays) >= 10
         for array in arrays:
             verified = store.manifest.read_verified(shard_id, [array + "/"])
             np.testing.assert_array_equal(
