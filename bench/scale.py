@@ -8,7 +8,8 @@ Figures (real stores on local disk; an S3 server for the request counts):
   around the model in a store with that many committed manifest entries:
   the worker's committed check (its own entry), ``write_shard`` of a
   one-prompt shard and the driver's ``commit_shard`` (manifest in memory),
-  median over appended shards. Target: the second ≤ 1.2 × the first.
+  median over 128 appended shards, the two stores timed in alternating
+  batches (same load). Target: the second ≤ 1.2 × the first.
   ``per_shard_overhead_mean_ms_*``: the mean, with the index flushes the
   commits make (one every 16 commits of these prompts-only stores).
 - driver_rss_mb_1m_prompts / driver_startup_s_1m_prompts: a fresh process
@@ -93,24 +94,35 @@ def _entries_store(url: str, n: int) -> None:
     FeatureStore.open(url).flush_index()
 
 
-def per_shard_overhead_ms(url: str, n: int, shards: int) -> tuple[float, float]:
-    """(median, mean) ms of a shard's bookkeeping over ``shards`` appended shards: the mean
-    includes the index flushes the driver's commits make (one every 16 here)."""
+def per_shard_overhead_ms(urls: dict[str, int], shards: int, rounds: int = 4) -> dict[str, Any]:
+    """(median, mean) ms of a shard's bookkeeping over ``shards`` shards appended to each
+    store of ``urls`` (url -> committed entries), in ``rounds`` alternating batches so
+    that every store is timed under the same load. The mean includes the index flushes
+    the driver's commits make (one every 16 here)."""
     from circuitscan.services.jobs.shard_runner import already_committed
     from circuitscan.services.store import FeatureStore
     from circuitscan.testing.many_shards import PROMPT, TOKEN_IDS
 
-    worker = FeatureStore.open(url)
-    driver = FeatureStore.open(url)
-    assert len(driver.committed_shard_ids()) == n  # read once, at the driver's start
-    samples = []
-    for shard_id in range(n, n + shards):
-        start = time.perf_counter()
-        assert already_committed(worker, shard_id) is None
-        entry = worker.write_shard(shard_id, [PROMPT], [TOKEN_IDS], {})
-        assert driver.commit_shard(entry, verify=False)
-        samples.append(time.perf_counter() - start)
-    return _median_ms(samples), round(statistics.fmean(samples) * 1000, 3)
+    handles = {}
+    for url, n in urls.items():
+        worker, driver = FeatureStore.open(url), FeatureStore.open(url)
+        assert len(driver.committed_shard_ids()) == n  # read once, at the driver's start
+        handles[url] = (worker, driver)
+    samples: dict[str, list[float]] = {url: [] for url in urls}
+    batch = shards // rounds
+    for round_ in range(rounds):
+        for url, (worker, driver) in handles.items():
+            first = urls[url] + round_ * batch
+            for shard_id in range(first, first + batch):
+                start = time.perf_counter()
+                assert already_committed(worker, shard_id) is None
+                entry = worker.write_shard(shard_id, [PROMPT], [TOKEN_IDS], {})
+                assert driver.commit_shard(entry, verify=False)
+                samples[url].append(time.perf_counter() - start)
+    return {
+        url: (_median_ms(times), round(statistics.fmean(times) * 1000, 3))
+        for url, times in samples.items()
+    }
 
 
 # --- driver planning of a million prompts ---------------------------------------------------
@@ -384,23 +396,8 @@ def main() -> None:
     figures: dict[str, Any] = {"large_store_shards": large}
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
         root = Path(tmp)
-        for n, key in ((1000, "1k"), (large, "100k")) if "overhead" in parts else ():
-            start = time.perf_counter()
-            _entries_store(str(root / f"n{n}"), n)
-            built = time.perf_counter() - start
-            ms, mean = per_shard_overhead_ms(str(root / f"n{n}"), n, 64)
-            figures[f"per_shard_overhead_ms_{key}_shards"] = ms
-            figures[f"per_shard_overhead_mean_ms_{key}_shards"] = mean
-            print(
-                f"{n:>7,} committed entries (built in {built:.0f} s): {ms:.2f} ms a shard "
-                f"(median; mean with the index flushes {mean:.2f} ms)"
-            )
         if "overhead" in parts:
-            ratio = (
-                figures["per_shard_overhead_ms_100k_shards"]
-                / figures["per_shard_overhead_ms_1k_shards"]
-            )
-            figures["per_shard_overhead_ratio"] = round(ratio, 3)
+            _overhead_figures(figures, root, large)
         if "plan" in parts:
             _plan_figures(figures)
         if "commits" in parts:
@@ -418,6 +415,27 @@ def main() -> None:
                 f"({figures.get(f's3_requests_by_phase_{size}')})"
             )
     print(json.dumps(figures))
+
+
+def _overhead_figures(figures: dict[str, Any], root: Path, large: int) -> None:
+    stores = {str(root / f"n{n}"): (n, key) for n, key in ((1000, "1k"), (large, "100k"))}
+    for url, (n, _) in stores.items():
+        start = time.perf_counter()
+        _entries_store(url, n)
+        print(f"{n:>7,} committed entries built in {time.perf_counter() - start:.0f} s")
+    timed = per_shard_overhead_ms({url: n for url, (n, _) in stores.items()}, 128)
+    for url, (median, mean) in timed.items():
+        n, key = stores[url]
+        figures[f"per_shard_overhead_ms_{key}_shards"] = median
+        figures[f"per_shard_overhead_mean_ms_{key}_shards"] = mean
+        print(
+            f"{n:>7,} committed entries: {median:.2f} ms a shard "
+            f"(median; mean with the index flushes {mean:.2f} ms)"
+        )
+    ratio = (
+        figures["per_shard_overhead_ms_100k_shards"] / figures["per_shard_overhead_ms_1k_shards"]
+    )
+    figures["per_shard_overhead_ratio"] = round(ratio, 3)
 
 
 def _plan_figures(figures: dict[str, Any]) -> None:
