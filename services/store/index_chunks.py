@@ -13,12 +13,17 @@ directly under ``index/`` (no folder per generation, so none is left empty).
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 
 from circuitscan.services.store.attribution_index import ARRAYS, PAIRED_ARRAYS, AttributionIndex
+from circuitscan.services.store.backends import Backend
 from circuitscan.services.store.encoding import exact_values, values_back
-from circuitscan.services.store.packed_arrays import pack_arrays, unpack_arrays
+from circuitscan.services.store.errors import CorruptIndexError
+from circuitscan.services.store.index_pointer import INDEX_POINTER
+from circuitscan.services.store.packed_arrays import PackedArraysError, pack_arrays, unpack_arrays
+from circuitscan.services.store.shard_io import checksum
 from circuitscan.services.store.summaries import EMPTY, FeatureIndex
 
 CHUNK_ROWS = 4096
@@ -94,3 +99,63 @@ def decode_chunk(
         if part.shape != data[rows].shape:
             raise ValueError(f"{name} has shape {part.shape}, not {data[rows].shape}")
         data[rows] = _from_disk(part, data.dtype)
+
+
+def load_chunks(
+    location: Backend,
+    pointer: dict[str, Any],
+    index: dict[str, FeatureIndex],
+    attribution: dict[str, AttributionIndex] | None,
+    d_saes: dict[str, int],
+    url: str,
+    fix: str,
+) -> dict[str, list[list[str]]]:
+    """Fill ``index`` (and ``attribution``) from the chunks a format 3 pointer names, each
+    checked against its checksum there; each site's [object, checksum] per chunk.
+
+    CorruptIndexError names the first object that is missing, fails its checksum or
+    does not decode.
+    """
+    sites = pointer["sites"]
+    refs: dict[str, list[list[str]]] = {}
+    try:
+        sums = pointer["checksums"]
+        for label in index:
+            refs[label] = [[str(key), str(sums[key])] for key in sites[label]["chunks"]]
+            if len(refs[label]) != n_chunks(d_saes[label]):
+                raise ValueError(f"site {label} has {len(refs[label])} chunks")
+            if attribution is not None and attribution[label].error_atp is not None:
+                attribution[label].error_atp[:] = [float(v) for v in sites[label]["error_atp"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptIndexError(
+            f"index pointer {INDEX_POINTER} of {url} does not match the layout; {fix}"
+        ) from exc
+    keys = sorted({key for chunks in refs.values() for key, _ in chunks})
+    if any(not key.startswith(INDEX_PREFIX) or key == INDEX_POINTER for key in keys):
+        raise CorruptIndexError(f"index pointer {INDEX_POINTER} of {url} is unreadable; {fix}")
+    data = location.read_many(keys)
+    bad = sorted(
+        {
+            key
+            for chunks in refs.values()
+            for key, expected in chunks
+            if (raw := data[key]) is None or checksum(raw) != expected
+        }
+    )
+    if bad:
+        raise CorruptIndexError(
+            f"index object {bad[0]} of {url} fails its checksum"
+            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; {fix}"
+        )
+    for label, item in index.items():
+        site_attribution = None if attribution is None else attribution[label]
+        for chunk, (key, _) in enumerate(refs[label]):
+            raw = data[key]
+            assert raw is not None
+            try:
+                decode_chunk(item, site_attribution, chunk, raw)
+            except (PackedArraysError, KeyError, ValueError) as exc:
+                raise CorruptIndexError(
+                    f"index object {key} of {url} does not decode ({exc}); {fix}"
+                ) from exc
+    return refs

@@ -37,8 +37,6 @@ generation that cannot be decoded is a CorruptIndexError too.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -59,8 +57,8 @@ from circuitscan.services.store.index_chunks import (
     CHUNK_ROWS,
     blob_key,
     chunks_of,
-    decode_chunk,
     encode_chunk,
+    load_chunks,
     n_chunks,
 )
 from circuitscan.services.store.index_fold import fold_attributions, fold_summaries
@@ -68,6 +66,16 @@ from circuitscan.services.store.index_legacy import (
     generation_prefix,
     load_generation,
     summaries_from_arrays,
+)
+from circuitscan.services.store.index_pointer import (
+    INDEX_POINTER,
+    INDEX_PREFIX,
+    POINTER_FORMAT,
+    named_objects,
+    parse_pointer,
+    pointer_bytes,
+    pointer_digest,
+    shards_digest,
 )
 from circuitscan.services.store.manifest import ShardManifest, manifest_key
 from circuitscan.services.store.packed_arrays import PackedArraysError
@@ -81,62 +89,16 @@ log = logging.getLogger(__name__)
 
 FIELDS = tuple(FeatureIndex.__dataclass_fields__)
 
-INDEX_POINTER = "index/current.json"
-INDEX_PREFIX = "index/"
-POINTER_FORMAT = 3
-CHECKED_FORMAT = 2  # pointers from this format on carry checksums and a digest of themselves
 FLUSH_EVERY = 16
 # Shards folded into the index together (bounds the decoded summaries held at once).
 FOLD_BATCH = 64
-# A flush rewrites every row of the index (d_sae × k entries a site), so the commits
-# between flushes grow with the index: amortised, a commit pays for at most about this
-# many rewritten entries, whatever the SAE's width (16 commits for small SAEs, 1,024 for
-# one 131,072-feature site at k = 32). A crash loses at most that many merges, which the
+# A flush rewrites the chunks whose rows its shards touched, at worst every row (d_sae × k
+# entries a site: shards of random features touch every chunk), so the commits between
+# flushes grow with the index: amortised, a commit pays for at most about this many
+# rewritten entries, whatever the SAE's width (16 commits for small SAEs, 2,048 for two
+# 131,072-feature sites at k = 32). A crash loses at most that many merges, which the
 # next load redoes from the shards' own summaries.
 FLUSH_ENTRIES_PER_COMMIT = 4096
-
-
-def _digest(payload: Any) -> str:
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.blake2b(text, digest_size=16).hexdigest()
-
-
-def shards_digest(manifest: ShardManifest, shard_ids: list[int]) -> str:
-    """One digest over the manifest entries of ``shard_ids`` (what an index was built from)."""
-    entries = manifest.committed()
-    return _digest([[i, entries[i].digest()] for i in sorted(shard_ids)])
-
-
-def _pointer_bytes(pointer: dict[str, Any]) -> bytes:
-    body = {**pointer, "digest": _digest(pointer)}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-
-
-def parse_pointer(raw: bytes, url: str) -> dict[str, Any]:
-    """The pointer's fields; CorruptIndexError when it is unreadable or fails its own digest."""
-    fix = f"`circuitscan repair {url}` rebuilds the index from the shards"
-    try:
-        pointer = json.loads(raw)
-        shards = pointer["shards"]
-        generation = pointer["generation"]
-        ok = isinstance(generation, str) and all(isinstance(s, int) for s in shards)
-        if pointer.get("format", 1) >= POINTER_FORMAT:
-            ok = ok and isinstance(pointer["sites"], dict)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CorruptIndexError(
-            f"index pointer {INDEX_POINTER} of {url} is unreadable; {fix}"
-        ) from exc
-    if not ok or "/" in generation or generation in ("", ".", ".."):
-        raise CorruptIndexError(f"index pointer {INDEX_POINTER} of {url} is unreadable; {fix}")
-    # Format 1 pointers held only these two fields; anything more must pass the digest
-    # (a damaged "format" must not pass a pointer off as an unchecked one).
-    if pointer.get("format", 1) >= CHECKED_FORMAT or set(pointer) - {"shards", "generation"}:
-        claimed = pointer.pop("digest", None)
-        if claimed != _digest(pointer):
-            raise CorruptIndexError(
-                f"index pointer {INDEX_POINTER} of {url} fails its checksum; {fix}"
-            )
-    return pointer
 
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -181,6 +143,7 @@ class IndexWriter:
         self._dirty: dict[str, set[int]] = {}
         self._legacy: str | None = None  # a format 1/2 generation the next flush deletes
         self.background = False
+        self._entry_digests: dict[int, str] = {}  # digests of committed entries (shards_digest)
         self.lock = threading.RLock()
         self._flusher: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -286,6 +249,7 @@ class IndexWriter:
         """Drop the in-memory index (it is reloaded when next needed)."""
         self._index = None
         self._indexed = set()
+        self._entry_digests = {}  # entries may have changed (another writer, an uncommit)
 
     @_locked
     def discard(self) -> None:
@@ -297,7 +261,7 @@ class IndexWriter:
         raw = self.location.read_bytes(INDEX_POINTER)
         self.location.delete_keys([INDEX_POINTER])
         try:
-            named = _named_objects(parse_pointer(raw, self.url)) if raw is not None else set()
+            named = named_objects(parse_pointer(raw, self.url)) if raw is not None else set()
         except CorruptIndexError:
             named = set()  # repair lists and deletes what an unreadable pointer named
         self.location.delete_keys(sorted(named))
@@ -370,7 +334,8 @@ class IndexWriter:
             return index, set()
         fix = f"`circuitscan repair {self.url}` rebuilds the index from the shards"
         checked = "checksums" in pointer or "sites" in pointer  # formats 2 and 3
-        if checked and pointer.get("shards_digest") != shards_digest(self.manifest, sorted(shards)):
+        digest = shards_digest(self.manifest, sorted(shards), self._entry_digests)
+        if checked and pointer.get("shards_digest") != digest:
             raise CorruptIndexError(
                 f"index pointer {INDEX_POINTER} of {self.url} was built from other manifest "
                 "entries than the committed ones (one was altered or replaced: "
@@ -391,56 +356,13 @@ class IndexWriter:
         self, pointer: dict[str, Any], index: dict[str, FeatureIndex], fix: str
     ) -> None:
         """Fill ``index`` from a format 3 pointer's chunks, each checked against it."""
-        sites = pointer["sites"]
         kind = pointer.get("attribution", "none")
         if kind != self._attribution_kind():
             self._attribution = None  # written before the store kept (these) sums
-        refs: dict[str, list[list[str]]] = {}
-        try:
-            for label in index:
-                sums = pointer["checksums"]
-                refs[label] = [[str(key), str(sums[key])] for key in sites[label]["chunks"]]
-                if len(refs[label]) != n_chunks(self.layout.site(label).d_sae):
-                    raise ValueError(f"site {label} has {len(refs[label])} chunks")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptIndexError(
-                f"index pointer {INDEX_POINTER} of {self.url} does not match the layout; {fix}"
-            ) from exc
-        keys = sorted({key for chunks in refs.values() for key, _ in chunks})
-        if any(not key.startswith(INDEX_PREFIX) or key == INDEX_POINTER for key in keys):
-            raise CorruptIndexError(
-                f"index pointer {INDEX_POINTER} of {self.url} is unreadable; {fix}"
-            )
-        data = self.location.read_many(keys)
-        bad = sorted(
-            {
-                key
-                for chunks in refs.values()
-                for key, expected in chunks
-                if (raw := data[key]) is None or checksum(raw) != expected
-            }
-        )
-        if bad:
-            raise CorruptIndexError(
-                f"index object {bad[0]} of {self.url} fails its checksum"
-                f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; {fix}"
-            )
-        for label, item in index.items():
-            attribution = None if self._attribution is None else self._attribution[label]
-            error_atp = sites[label].get("error_atp")
-            if attribution is not None and attribution.error_atp is not None:
-                attribution.error_atp[:] = [float(value) for value in error_atp]
-            for chunk, (key, _) in enumerate(refs[label]):
-                raw = data[key]
-                assert raw is not None
-                try:
-                    decode_chunk(item, attribution, chunk, raw)
-                except (PackedArraysError, KeyError, ValueError) as exc:
-                    raise CorruptIndexError(
-                        f"index object {key} of {self.url} does not decode ({exc}); {fix}"
-                    ) from exc
+        d_saes = {label: self.layout.site(label).d_sae for label in index}
+        refs = load_chunks(self.location, pointer, index, self._attribution, d_saes, self.url, fix)
         self._persisted = (kind if self._attribution is not None else "none", refs)
-        self._stored = set(keys)
+        self._stored = {key for chunks in refs.values() for key, _ in chunks}
 
     def _attribution_kind(self) -> str:
         """Which attribution sums this index holds: "none", "plain" or "paired"."""
@@ -533,9 +455,9 @@ class IndexWriter:
         pointer = {
             "format": POINTER_FORMAT,
             # Named by its content: equal shards give an equal pointer, in any order.
-            "generation": f"c{_digest(sites)}",
+            "generation": f"c{pointer_digest(sites)}",
             "shards": shards,
-            "shards_digest": shards_digest(self.manifest, shards),
+            "shards_digest": shards_digest(self.manifest, shards, self._entry_digests),
             "chunk_rows": CHUNK_ROWS,
             "attribution": kind,
             "sites": sites,
@@ -545,8 +467,8 @@ class IndexWriter:
             ),
         }
         self.location.write_many(writes)
-        self.location.write_bytes(INDEX_POINTER, _pointer_bytes(pointer))
-        named = _named_objects(pointer)
+        self.location.write_bytes(INDEX_POINTER, pointer_bytes(pointer))
+        named = named_objects(pointer)
         # What the previous pointer named and this one does not (no listing).
         self.location.delete_keys(sorted(self._stored - named))
         if self._legacy is not None:  # a format 1/2 generation, replaced by these chunks
@@ -556,15 +478,3 @@ class IndexWriter:
         self._persisted = (kind, refs)
         self._stored, self._dirty = named, {}
         self._unflushed = 0
-
-
-def _named_objects(pointer: dict[str, Any]) -> set[str]:
-    """The chunk objects a format 3 pointer names (none for older formats)."""
-    checksums = pointer.get("checksums")
-    if "sites" not in pointer or not isinstance(checksums, dict):
-        return set()
-    return {
-        key
-        for key in checksums
-        if isinstance(key, str) and key.startswith(INDEX_PREFIX) and key != INDEX_POINTER
-    }
