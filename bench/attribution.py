@@ -1,7 +1,9 @@
 """Attribution benchmark: AtP/AtP* cost in forward passes, scan efficiency, IOI recall.
 
     .venv/bin/python bench/attribution.py [--rounds 2] [--recall-prompts 8]
-                                          [--scan-prompts 4] [--naive-sample 8] [--threads 2]
+                                          [--scan-prompts 4] [--naive-sample 8] [--threads 1]
+                                          [--certify-samples 800] [--certify-p 0.1]
+                                          [--tables PREFIX] [--skip-timing]
 
 On the default model (SmolLM2-135M-Instruct, 30 layers) with its default SAEs
 (L15.resid_post, L15.z; top-k 32 of 2304) over IOI prompts (ABC-corrupted):
@@ -29,7 +31,12 @@ On the default model (SmolLM2-135M-Instruct, 30 layers) with its default SAEs
   (inclusion probability --certify-p) of the other head nodes and bounds the
   largest mean |Δm| any of them can have at 95 %; true_max_unverified_heads
   is that largest mean |Δm| from the exhaustive patching (targets: bound ≥
-  true, bound ≤ 2 × true); certify_forward_passes the subsets patched.
+  true, bound ≤ 2 × true); certify_forward_passes the subsets patched. The
+  same draw is bounded with AtP*'s per-prompt scores as a control variate
+  (missed_effect_bound_heads) and without (missed_effect_bound_heads_plain).
+  The exhaustive tables are computed once and serve every estimator's
+  recall, cost and the true largest unverified effect; --tables keeps them
+  on disk so a rerun (another --certify-p, say) skips the exhaustive patching.
 - recall_at_20_{heads,features}_{atp,atpstar}: recall@20 of AtP and AtP*
   (and atp2, atpstar2) rankings against exhaustive exact patching on IOI (heads: z/q at END,
   k/v at IO and S1; features: every feature of both L15 SAEs at IO, S1, S2,
@@ -354,7 +361,14 @@ def main() -> None:
     parser.add_argument("--recall-prompts", type=int, default=8)
     parser.add_argument("--scan-prompts", type=int, default=4)
     parser.add_argument("--naive-sample", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on the shared 2-core machine, at load 6-10, "
+        "two threads spun against the other jobs and a one-prompt forward pass took 5-8 s, "
+        "against ~1.1 s with one; the whole run then finished in 17 min)",
+    )
     parser.add_argument(
         "--recall-subsets",
         type=int,
