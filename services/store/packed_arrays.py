@@ -21,6 +21,8 @@ from collections.abc import Mapping
 import numpy as np
 from numcodecs import Blosc
 
+from circuitscan.schemas.errors import StoreCorruptionError
+
 MAGIC = b"CSPA1\n"
 _LENGTH = struct.Struct("<I")
 # Byte shuffle, then LZ4 for what the driver rewrites (index chunks: several times
@@ -32,7 +34,7 @@ SMALL = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, blocksize=0)
 _DECODER = FAST
 
 
-class PackedArraysError(ValueError):
+class PackedArraysError(StoreCorruptionError):
     """Bytes that are not a packed-arrays object (truncated or altered)."""
 
 
