@@ -221,30 +221,14 @@ def synthetic_shard(
     seed: int, d_sae: int, labels: list[str]
 ) -> tuple[list[Any], list[list[int]], dict[str, Any]]:
     """64 prompts of 17 tokens, K features a token at every site (random ids, float values)."""
-    import torch
-
-    from circuitscan.pipelines.site_cache import SiteCache
     from circuitscan.schemas.prompts import PromptRecord
+    from circuitscan.testing.random_sites import random_site_cache
 
     rng = np.random.default_rng(seed)
     prompts = [PromptRecord(text=f"prompt {seed}/{i}") for i in range(PROMPTS_PER_SHARD)]
     tokens = [rng.integers(0, 49152, TOKENS_PER_PROMPT).tolist() for _ in prompts]
     n_tokens = PROMPTS_PER_SHARD * TOKENS_PER_PROMPT
-    caches = {}
-    for label in labels:
-        features = np.sort(
-            np.stack([rng.choice(d_sae, K, replace=False) for _ in range(n_tokens)]), axis=1
-        )
-        caches[label] = SiteCache(
-            token_index=torch.arange(n_tokens).repeat_interleave(K),
-            feature_ids=torch.from_numpy(features.reshape(-1)),
-            activations=torch.from_numpy(rng.exponential(1.0, n_tokens * K).astype(np.float32)),
-            gradients=torch.from_numpy(rng.normal(0, 0.1, n_tokens * K).astype(np.float32)),
-            error_norm=torch.rand(n_tokens),
-            dropped_mass=torch.zeros(n_tokens),
-            n_tokens=n_tokens,
-            d_sae=d_sae,
-        )
+    caches = {label: random_site_cache(rng, n_tokens, d_sae, K) for label in labels}
     return prompts, tokens, caches
 
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from s3_counting import PHASES, RequestCounter, TailRequests, counted_s3, shard_tail_requests
 
 from circuitscan.pipelines.site_cache import SiteCache
@@ -25,6 +24,7 @@ from circuitscan.schemas.prompts import PromptRecord
 from circuitscan.schemas.store import SiteLayout, StoreLayout
 from circuitscan.services.jobs.shard_runner import already_committed
 from circuitscan.services.store import FeatureStore
+from circuitscan.testing.random_sites import random_site_cache
 
 pytestmark = pytest.mark.integration
 
@@ -44,17 +44,7 @@ def _shard() -> tuple[list[PromptRecord], list[list[int]], dict[str, SiteCache]]
     """One shard's prompts, token ids and site cache (K random features a token)."""
     rng = np.random.default_rng(0)
     n_tokens = PROMPTS * TOKENS
-    features = np.sort(np.stack([rng.choice(D_SAE, K, replace=False) for _ in range(n_tokens)]))
-    cache = SiteCache(
-        token_index=torch.arange(n_tokens).repeat_interleave(K),
-        feature_ids=torch.from_numpy(features.reshape(-1)),
-        activations=torch.from_numpy(rng.exponential(1.0, n_tokens * K).astype(np.float32)),
-        gradients=torch.from_numpy(rng.normal(0, 0.1, n_tokens * K).astype(np.float32)),
-        error_norm=torch.rand(n_tokens),
-        dropped_mass=torch.zeros(n_tokens),
-        n_tokens=n_tokens,
-        d_sae=D_SAE,
-    )
+    cache = random_site_cache(rng, n_tokens, D_SAE, K)
     prompts = [PromptRecord(text=f"prompt {i}") for i in range(PROMPTS)]
     tokens = [rng.integers(0, 100, TOKENS).tolist() for _ in prompts]
     return prompts, tokens, {"L0.resid_post": cache}

@@ -22,15 +22,7 @@ from circuitscan.testing import build_tiny_model, build_tiny_sae
 METRIC = MetricSpec()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these tiny float64 models: they gain nothing from more, and on
-    a loaded 2-core machine two threads spin against each other (the 20-seed calibration
-    took ~17 s with two threads and ~1 s with one, side by side)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ATP, ATP2 = AttributionMethod.parse("atp"), AttributionMethod.parse("atp2")
