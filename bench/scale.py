@@ -24,10 +24,13 @@ Figures (real stores on local disk; an S3 server for the request counts):
   ``s3_index_flush_interval`` commits, and its last one) over its shards.
   Target: equal within 5 %. ``s3_requests_by_phase_*``: each phase's requests
   a shard, and each flush's requests.
-- index_flush_ms_131k_features: one flush of the merged index of a
-  131,072-feature site after 16 commits, split into folding the 16 shards in
-  (``index_fold_ms_...``) and writing the generation (``index_write_ms_...``);
-  ``index_flush_interval_...``: the commits a job makes between such flushes.
+- index_flush_ms_131k_features: one flush of the merged index of one
+  131,072-feature site (gradients on) after 16 commits of shards of their own
+  random draws, the first of the store (its rows filling: every candidate
+  enters), split into folding the 16 shards in (``index_fold_ms_...``) and
+  writing the chunks and pointer (``index_write_ms_...``); ``..._steady``: the
+  same after 256 shards (rows full, as in a long job);
+  ``index_flush_interval_...``: the commits a job makes between flushes.
 - driver_commits_per_s: the driver's commits of 64-prompt shards of the
   default layout (two sites of 2,304 features, gradients), written by a
   worker beforehand, on local disk, with the index flushes a job makes run in
@@ -295,27 +298,60 @@ def objects_per_shard(root: Path) -> int:
     return len(store.location.read_prefix(shard_prefix(0))) + 1  # + its manifest entry
 
 
-def index_flush_ms(root: Path, d_sae: int = 131_072, commits: int = 16) -> dict[str, float]:
-    """One flush after ``commits`` commits: folding the shards in, then writing the generation."""
+def distinct_shards(url: str, n_shards: int, d_sae: int, sites: int) -> tuple[Any, list[Any]]:
+    """A store with ``n_shards`` written (not committed) shards, each of its own random
+    draws (byte copies would tie every candidate with its copies: no real store does)."""
     from circuitscan.services.store import FeatureStore
 
-    store, entries = written_store(str(root / "wide"), commits, d_sae=d_sae)
-    driver = FeatureStore.open(store.url)
-    driver.index_flush_every = 10**9  # flush once, by hand
+    layout = default_layout(d_sae, sites)
+    store = FeatureStore.create(url, layout, overwrite=True)
+    labels = [s.label for s in layout.sites]
+    entries = [
+        store.write_shard(i, *synthetic_shard(i, d_sae, labels)[:3]) for i in range(n_shards)
+    ]
+    return store, entries
+
+
+def _timed_flush(driver: Any, label: str, entries: list[Any]) -> tuple[float, float]:
+    """(fold ms, write ms) of committing ``entries`` and flushing: the commits fold the
+    summaries they hold every 16 (the bookkeeping of a commit itself is ~0.1 ms)."""
+    start = time.perf_counter()
     for entry in entries:
         driver.commit_shard(entry, verify=False)
-    driver.index_flush_every = 16
-    interval = driver.index.flush_interval()  # what a job would use
-    start = time.perf_counter()
-    driver.feature_index(store.layout.sites[0].label)  # folds the pending shards in
+    driver.feature_index(label)  # folds what the commits have not
     folded = time.perf_counter()
     driver.flush_index()
-    end = time.perf_counter()
+    return (folded - start) * 1000, (time.perf_counter() - folded) * 1000
+
+
+def index_flush_ms(
+    root: Path, d_sae: int = 131_072, commits: int = 16, warm: int = 256
+) -> dict[str, float]:
+    """Flushes of one 131,072-feature site (gradients on) after ``commits`` commits: the
+    first (rows filling: every candidate enters) and one after ``warm`` shards (rows
+    full: few candidates beat a row's K-th), each split into folding the shards in and
+    writing the chunks and pointer."""
+    from circuitscan.services.store import FeatureStore
+
+    store, entries = distinct_shards(str(root / "wide"), warm + commits, d_sae, sites=1)
+    label = store.layout.sites[0].label
+    driver = FeatureStore.open(store.url)
+    driver.index_flush_every = 10**9  # flush by hand
+    cold = _timed_flush(driver, label, entries[:commits])
+    for entry in entries[commits:warm]:
+        driver.commit_shard(entry, verify=False)
+    driver.flush_index()
+    steady = _timed_flush(driver, label, entries[warm:])
+    job = FeatureStore.open(store.url)
+    job.index_flush_every = 16
     return {
-        "index_flush_ms_131k_features": round((end - start) * 1000, 1),
-        "index_fold_ms_131k_features": round((folded - start) * 1000, 1),
-        "index_write_ms_131k_features": round((end - folded) * 1000, 1),
-        "index_flush_interval_131k_features": interval,
+        "index_flush_ms_131k_features": round(sum(cold), 1),
+        "index_fold_ms_131k_features": round(cold[0], 1),
+        "index_write_ms_131k_features": round(cold[1], 1),
+        "index_flush_ms_131k_features_steady": round(sum(steady), 1),
+        "index_fold_ms_131k_features_steady": round(steady[0], 1),
+        "index_write_ms_131k_features_steady": round(steady[1], 1),
+        "index_flush_interval_131k_features": job.index.flush_interval(),  # a job's
     }
 
 
@@ -456,13 +492,14 @@ def _commit_figures(figures: dict[str, Any], root: Path, n_commits: int) -> None
 def _flush_figures(figures: dict[str, Any], root: Path) -> None:
     flushed = index_flush_ms(root)
     figures.update(flushed)
-    print(
-        f"index flush, 131,072 features after 16 commits: "
-        f"{flushed['index_flush_ms_131k_features']} ms (fold "
-        f"{flushed['index_fold_ms_131k_features']} ms, write "
-        f"{flushed['index_write_ms_131k_features']} ms; a job flushes it every "
-        f"{flushed['index_flush_interval_131k_features']} commits)"
-    )
+    for when, suffix in (("first flush", ""), ("after 256 shards", "_steady")):
+        print(
+            f"index flush of a 131,072-feature site, 16 commits, {when}: "
+            f"{flushed[f'index_flush_ms_131k_features{suffix}']} ms (fold "
+            f"{flushed[f'index_fold_ms_131k_features{suffix}']} ms, write "
+            f"{flushed[f'index_write_ms_131k_features{suffix}']} ms)"
+        )
+    print(f"a job flushes it every {flushed['index_flush_interval_131k_features']} commits")
 
 
 if __name__ == "__main__":

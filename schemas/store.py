@@ -11,7 +11,7 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
 from circuitscan.schemas.errors import NotFoundError
 
@@ -165,6 +165,24 @@ class ShardEntry(BaseModel):
         description="The pack holding the shard's objects; None for shards written before "
         "stores packed them (one object per key under the shard's prefix).",
     )
+    # What the merged index folds in of this shard, per site label (encoded index
+    # summaries, services/store/shard_summary.py), as the worker computed them: held
+    # in memory from write_shard to commit_shard, never stored with the entry and
+    # never serialised (a Ray worker returns them beside it, ShardOutcome).
+    _index_summaries: dict[str, bytes] | None = PrivateAttr(default=None)
+
+    def with_index_summaries(self, summaries: dict[str, bytes] | None) -> ShardEntry:
+        self._index_summaries = summaries
+        return self
+
+    @property
+    def index_summaries(self) -> dict[str, bytes] | None:
+        return self._index_summaries
+
+    def __eq__(self, other: object) -> bool:
+        # The same entry whether or not it still carries its summaries (pydantic's
+        # equality would compare them too).
+        return isinstance(other, ShardEntry) and self.__dict__ == other.__dict__
 
     @model_validator(mode="after")
     def _packed_members_have_checksums(self) -> ShardEntry:

@@ -242,7 +242,8 @@ def run_job(
             # checks what it reads against the entry: reading the shard back here
             # would only cap the job at the driver's read bandwidth (resume --verify
             # is the full check).
-            store.commit_shard(ShardEntry.model_validate(outcome.entry), verify=False)
+            entry = ShardEntry.model_validate(outcome.entry)
+            store.commit_shard(entry.with_index_summaries(outcome.index_summaries), verify=False)
             progress.shard_done(outcome.tokens)
 
         # Index flushes fold and persist on a thread of their own: a commit is its entry.

@@ -38,6 +38,8 @@ class ShardResult:
     entry: dict[str, Any]
     tokens: int
     truncated: int = 0
+    # The entry's index summaries (ShardEntry.index_summaries): not part of its JSON form.
+    index_summaries: dict[str, bytes] | None = None
 
 
 class ShardRunner:
@@ -94,6 +96,7 @@ class ShardRunner:
             entry=entry.model_dump(mode="json"),
             tokens=sum(len(tokens) for tokens in computed.token_lists),
             truncated=self._truncated(records, computed.token_lists),
+            index_summaries=entry.index_summaries,
         )
 
     def _truncated(self, records: list[PromptRecord], token_lists: list[list[int]]) -> int:

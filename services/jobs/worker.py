@@ -109,6 +109,7 @@ class ShardWorker:
         return ShardOutcome(
             shard_id=plan.shard_id,
             entry=result.entry,
+            index_summaries=result.index_summaries,
             tokens=result.tokens,
             truncated=result.truncated,
             compute_seconds=time.perf_counter() - start,

@@ -36,6 +36,11 @@ class ShardOutcome(BaseModel):
 
     shard_id: int = Field(description="Shard index.")
     entry: dict[str, Any] = Field(description="The store's manifest entry (JSON form).")
+    index_summaries: dict[str, bytes] | None = Field(
+        default=None,
+        description="What the merged index folds in of the shard, per site (held by the "
+        "driver until folded, never stored: see ShardEntry.index_summaries).",
+    )
     tokens: int = Field(description="Real tokens processed (padding excluded).")
     truncated: int = Field(default=0, description="Prompts cut to the token cap.")
     compute_seconds: float = Field(description="Wall time of compute + write in the worker.")

@@ -39,6 +39,7 @@ from circuitscan.schemas.errors import NotFoundError
 from circuitscan.services.store.encoding import INDEX_ROW_CHUNK, ArrayWrite, read_arrays
 from circuitscan.services.store.errors import StoreError
 from circuitscan.services.store.paired_io import PairedSite
+from circuitscan.services.store.rank_order import top_k_per_feature
 from circuitscan.services.store.shard_io import PromptShard, SiteShard
 from circuitscan.services.store.summaries import on_grid
 
@@ -203,12 +204,7 @@ def _top_by_magnitude(
     feature: np.ndarray, value: np.ndarray, prompt: np.ndarray, position: np.ndarray, k: int
 ) -> np.ndarray:
     """Indices of the k entries of largest |value| per feature (ties: lower prompt, position)."""
-    order = np.lexsort((position, prompt, -np.abs(value), feature))
-    sorted_feature = feature[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_feature)) + 1]
-    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    rank = np.arange(len(order)) - group_start
-    return order[rank < k]
+    return top_k_per_feature(feature, value, prompt, position, k, magnitude=True)
 
 
 @dataclass

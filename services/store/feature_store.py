@@ -242,8 +242,17 @@ class FeatureStore:
         """
         # A check keeps the shard's objects in the manifest until forget_recent: the
         # index's background flush (which reads through the manifest) waits meanwhile.
+        # The worker's index summaries are held before the entry is visible, so that a
+        # background fold that sees the entry finds them.
+        self.index.hold(entry)
         with self.index.lock if verify else nullcontext():
-            if not self.manifest.commit(entry, verify=verify):
+            try:
+                committed = self.manifest.commit(entry, verify=verify)
+            except BaseException:
+                self.index.release(entry)
+                raise
+            if not committed:
+                self.index.release(entry)
                 return False
             self.index.after_commit(entry.shard_id)  # reads nothing: folded in later
             self.manifest.forget_recent()

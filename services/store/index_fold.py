@@ -2,8 +2,9 @@
 
 A commit only records its entry; the shards committed since the last flush
 are folded in together when the index is next needed (a flush, a query). One
-fold of B shards costs one pass over their summaries plus one sort of the
-candidates that can still enter a top-K row, instead of B passes that each
+fold of B shards costs one pass over their summaries plus one packed-key
+sort (rank_order.py) of the candidates that can still enter a top-K row and
+the rows they touch, instead of B passes that each
 re-sort every touched row of the index.
 
 The result is the index the shard-by-shard merges (``FeatureIndex.merge``,
@@ -16,25 +17,13 @@ prompt, then position), which does not depend on how the union was cut.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from circuitscan.services.store.attribution_index import (
-    AttributionIndex,
-    AttributionSummary,
-    _top_by_magnitude,
-)
-from circuitscan.services.store.summaries import (
-    EMPTY,
-    FeatureIndex,
-    ShardSummary,
-    _descending_key,
-    _top_per_group,
-    on_grid,
-)
-
-TopFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int], np.ndarray]
+from circuitscan.services.store.attribution_index import AttributionIndex, AttributionSummary
+from circuitscan.services.store.rank_order import top_k_per_feature
+from circuitscan.services.store.summaries import EMPTY, FeatureIndex, ShardSummary, on_grid
 
 
 def _fold_rows(
@@ -42,27 +31,28 @@ def _fold_rows(
     positions: np.ndarray | None,
     values: np.ndarray,
     candidate: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-    top: TopFn,
-    rank: Callable[[np.ndarray], np.ndarray],
+    *,
+    magnitude: bool,
 ) -> None:
     """Fold candidates (feature, prompt, position, value) into top-K rows (in place).
 
     A candidate that does not beat the K-th entry of a full row under the
-    order (rank, then lower prompt and position) cannot enter it, so it is
-    dropped before the one sort; rows no surviving candidate touches are not
-    read or written.
+    order (value or |value|, then lower prompt and position) cannot enter it,
+    so it is dropped before the one sort (rank_order.py) of the rest and the
+    valid entries of the rows they touch; rows no surviving candidate touches
+    are not read or written.
     """
     feature, prompt, position, value = candidate
     if len(feature) == 0:
         return
+    rank = np.abs if magnitude else _same
     k = prompts.shape[1]
     # A candidate enters a full row only when it ranks above the row's K-th entry under
     # the order itself (rank, then lower prompt, then lower position): ties are settled
     # here, not by the sort. (Columns first: 1-D gathers are several times faster.)
-    last_prompt = prompts[:, k - 1]
-    kth_prompt = last_prompt[feature]
-    kth = rank(values[:, k - 1])[feature]
+    kth_prompt = prompts[:, k - 1][feature]
     score = rank(value)
+    kth = rank(values[:, k - 1])[feature]
     keep = (kth_prompt == EMPTY) | (score > kth)
     tie = np.flatnonzero(~keep & (score == kth))
     if len(tie):
@@ -72,53 +62,39 @@ def _fold_rows(
             later_position = position[tie] < positions[feature[tie], k - 1]
             earlier |= (tied_prompt == tied_kth) & later_position
         keep[tie] = earlier
-    feature, prompt, position, value = feature[keep], prompt[keep], position[keep], value[keep]
+    if not keep.all():
+        feature, prompt, position, value = feature[keep], prompt[keep], position[keep], value[keep]
     touched = np.flatnonzero(np.bincount(feature, minlength=prompts.shape[0]))
     if len(touched) == 0:
         return
     old_prompt = prompts[touched]
     valid = old_prompt != EMPTY
-    old_position = positions[touched] if positions is not None else np.zeros_like(old_prompt)
-    rows = np.repeat(touched, k).reshape(len(touched), k)
-    feature = np.concatenate([rows[valid], feature])
-    prompt = np.concatenate([old_prompt[valid], prompt.astype(prompts.dtype)])
-    position = np.concatenate([old_position[valid], position.astype(old_position.dtype)])
-    value = np.concatenate([values[touched][valid], value.astype(values.dtype)])
-    score = rank(value)
-    # Only entries ranked at or above their row's K-th of the union can be kept: one sort
-    # of a packed (feature, rank) key finds that K-th, the exact sort then sees ~K a row.
-    near = (score >= _kth_floor(feature, score, k, prompts.shape[0])[feature]) | np.isnan(score)
-    feature, prompt, position, value = feature[near], prompt[near], position[near], value[near]
-    best = top(feature, value, prompt, position, k)
-    feature, prompt, position, value = feature[best], prompt[best], position[best], value[best]
+    if valid.any():
+        old_position = positions[touched] if positions is not None else np.zeros_like(old_prompt)
+        rows = np.repeat(touched, k).reshape(len(touched), k)
+        feature = np.concatenate([rows[valid], feature])
+        prompt = np.concatenate([old_prompt[valid], prompt.astype(prompts.dtype)])
+        position = np.concatenate([old_position[valid], position.astype(old_position.dtype)])
+        value = np.concatenate([values[touched][valid], value.astype(values.dtype)])
+    best = top_k_per_feature(feature, value, prompt, position, k, magnitude=magnitude)
+    feature = feature[best]
     starts = np.searchsorted(feature, touched)
     slot = np.arange(len(feature)) - np.repeat(starts, np.diff(np.r_[starts, len(feature)]))
-    prompts[touched], values[touched] = EMPTY, 0
-    prompts[feature, slot], values[feature, slot] = prompt, value
+    # A row's entries fill its first slots, and a touched row keeps at least the entries
+    # it had (the K best of a superset), so writing the new ones leaves no stale slot:
+    # no row is cleared first. (Flat indices: several times faster than 2-D ones.)
+    cells = feature * k + slot
+    _flat(prompts)[cells] = prompt[best]
+    _flat(values)[cells] = value[best]
     if positions is not None:
-        positions[touched] = 0
-        positions[feature, slot] = position
+        _flat(positions)[cells] = position[best]
 
 
-def _kth_floor(feature: np.ndarray, score: np.ndarray, k: int, n_features: int) -> np.ndarray:
-    """Per feature, a lower bound of the K-th largest ``score`` (−inf with fewer than K)."""
-    floor = np.full(n_features, -np.inf)
-    counts = np.bincount(feature, minlength=n_features)
-    if counts.max(initial=0) < k:
-        return floor
-    # float32 rounding is monotone, so the K-th of the rounded scores, one float32 step
-    # down, is at most the K-th of the scores themselves.
-    rounded = np.nan_to_num(score.astype(np.float32), nan=-np.inf)
-    key = (feature.astype(np.uint64) << np.uint64(32)) | _descending_key(rounded).astype(np.uint64)
-    key.sort()
-    starts = np.r_[0, np.cumsum(counts)[:-1]]
-    full = np.flatnonzero(counts >= k)
-    descending = (key[starts[full] + k - 1] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    ascending = ~descending
-    bits = np.where(ascending >> np.uint32(31), ascending & np.uint32(0x7FFFFFFF), ~ascending)
-    kth = bits.astype(np.uint32).view(np.float32)
-    floor[full] = np.nextafter(kth, np.float32(-np.inf)).astype(np.float64)
-    return floor
+def _flat(array: np.ndarray) -> np.ndarray:
+    """A 1-D view of ``array`` (a reshape of a non-contiguous one would be a copy)."""
+    if not array.flags.c_contiguous:
+        raise ValueError("index arrays are folded in place and must be C-contiguous")
+    return array.reshape(-1)
 
 
 def fold_summaries(index: FeatureIndex, shards: Sequence[ShardSummary]) -> None:
@@ -139,18 +115,18 @@ def fold_summaries(index: FeatureIndex, shards: Sequence[ShardSummary]) -> None:
         rows = shard.features.astype(np.int64)
         peak[rows] = np.maximum(peak[rows], shard.max.astype(np.float32))
     index.max[touched] = np.where(had, np.maximum(index.max[touched], peak[touched]), peak[touched])
-    for shard in shards:  # a shard's features are distinct: one fancy-indexed add each
-        if shard.hist is not None:
-            index.hist[shard.features.astype(np.int64)] += shard.hist
+    hist = _flat(index.hist)
+    for shard in shards:  # nonzero (feature, bin) cells only, distinct within a shard
+        entries = shard.hist_entries()
+        if entries is not None:
+            hist[entries[0]] += entries[1]
     candidate = (
         np.concatenate([s.top_feature for s in shards]).astype(np.int64),
         np.concatenate([s.top_prompt for s in shards]).astype(np.int64),
         np.concatenate([s.top_position for s in shards]).astype(np.int32),
         np.concatenate([s.top_value for s in shards]).astype(np.float32),
     )
-    _fold_rows(
-        index.top_prompt, index.top_position, index.top_value, candidate, _top_per_group, _same
-    )
+    _fold_rows(index.top_prompt, index.top_position, index.top_value, candidate, magnitude=False)
 
 
 def _same(values: np.ndarray) -> np.ndarray:
@@ -188,8 +164,7 @@ def fold_attributions(index: AttributionIndex, shards: Sequence[AttributionSumma
             np.concatenate([s.top_position for s in shards]),
             np.concatenate([s.top_value for s in shards]),
         ),
-        _top_by_magnitude,
-        np.abs,
+        magnitude=True,
     )
     feature = np.concatenate([s.prompt_feature for s in shards])
     _fold_rows(
@@ -202,6 +177,5 @@ def fold_attributions(index: AttributionIndex, shards: Sequence[AttributionSumma
             np.zeros(len(feature), dtype=np.int64),
             np.concatenate([s.prompt_value for s in shards]),
         ),
-        _top_by_magnitude,
-        np.abs,
+        magnitude=True,
     )

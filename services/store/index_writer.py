@@ -1,13 +1,18 @@
 """The merged per-feature index: summaries and top examples over every committed shard.
 
-Each shard stores, per site, its own index summary (shard_summary.py: its
-summaries, top candidates and a·g sums, computed by the worker that wrote
-it); the merged index folds them together so that "top examples of feature
-i" never scans the store. A commit reads nothing of its shard; the shards
-committed since the last fold are folded in together (index_fold.py) at the
-next flush or query, from their index summaries alone (a few small objects a
-shard; shards written before index summaries are folded from their arrays,
-as before, to the same bytes).
+The worker that writes a shard computes, per site, its index summary
+(shard_summary.py: its summaries, top candidates and a·g sums) and returns
+it to the driver beside the entry; the merged index folds them together so
+that "top examples of feature i" never scans the store. A commit reads
+nothing of its shard: the driver holds the summaries in memory (``hold``)
+and folds the shards committed since the last fold together (index_fold.py)
+every HELD_FOLD commits, at a flush or at a query. The summaries are not
+stored: they nearly duplicate a shard's entries (at the default layout they
+were 73 % of a shard's bytes). A shard whose summaries are not held (a
+reader's process, a driver restarted after a crash, at most a flush interval
+of shards) is folded from its arrays, checked against its entry, by the same
+functions, to the same bytes; shards written while summaries were stored
+(``sites/<label>/index_summary`` in their pack) are folded from those.
 
 The index is persisted as row chunks (index_chunks.py): each chunk of a
 site, CHUNK_ROWS features of every per-feature array, is one object named by
@@ -45,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from circuitscan.schemas.store import StoreLayout
+from circuitscan.schemas.store import ShardEntry, StoreLayout
 from circuitscan.services.store.attribution_index import (
     AttributionIndex,
     AttributionSummary,
@@ -92,6 +97,11 @@ FIELDS = tuple(FeatureIndex.__dataclass_fields__)
 FLUSH_EVERY = 16
 # Shards folded into the index together (bounds the decoded summaries held at once).
 FOLD_BATCH = 64
+# Held summaries (ShardEntry.index_summaries) are folded into the in-memory index every
+# HELD_FOLD commits, between flushes too; a commit waits for a background fold once
+# HELD_LIMIT are held, so the driver's memory stays bounded when the index lags.
+HELD_FOLD = 16
+HELD_LIMIT = 64
 # A flush rewrites the chunks whose rows its shards touched, at worst every row (d_sae × k
 # entries a site: shards of random features touch every chunk), so the commits between
 # flushes grow with the index: amortised, a commit pays for at most about this many
@@ -144,6 +154,8 @@ class IndexWriter:
         self._legacy: str | None = None  # a format 1/2 generation the next flush deletes
         self.background = False
         self._entry_digests: dict[int, str] = {}  # digests of committed entries (shards_digest)
+        # Worker-computed index summaries of committed shards not yet folded (see hold).
+        self._held: dict[int, tuple[ShardEntry, dict[str, bytes]]] = {}
         self.lock = threading.RLock()
         self._flusher: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -199,13 +211,28 @@ class IndexWriter:
             self._merge(self._index, pending[start : start + FOLD_BATCH])
         return self._index
 
+    def hold(self, entry: ShardEntry) -> None:
+        """Keep ``entry``'s index summaries (if it carries them) until its shard is folded."""
+        summaries = entry.index_summaries
+        if summaries is None or not self.layout.sites or entry.shard_id in self._held:
+            return
+        if all(site.label in summaries for site in self.layout.sites):
+            self._held[entry.shard_id] = (entry, summaries)
+
+    def release(self, entry: ShardEntry) -> None:
+        """Drop what ``hold`` kept of ``entry`` (its commit did not happen)."""
+        held = self._held.get(entry.shard_id)
+        if held is not None and held[0] is entry:
+            self._held.pop(entry.shard_id, None)
+
     def after_commit(self, shard_id: int) -> None:
-        """Count just-committed shard ``shard_id``, flushing every ``flush_every`` commits."""
+        """Count just-committed shard ``shard_id``: every HELD_FOLD commits fold the held
+        summaries in, every ``flush_interval`` ones flush."""
         # A commit reads nothing of its shard: the shards committed since the
-        # last fold are folded in together (index_fold.py) when the index is
-        # next needed, a flush or a query. The persisted index is loaded once,
-        # at the first commit (a damaged one is rebuilt, as a job's writer may),
-        # so a commit costs the same however many shards are committed.
+        # last fold are folded in together (index_fold.py) from the summaries
+        # held, at the next fold, flush or query. The persisted index is loaded
+        # once, at the first commit (a damaged one is rebuilt, as a job's writer
+        # may), so a commit costs the same however many shards are committed.
         if self.layout.sites and self._index is None:  # result-only stores have no index
             with self.lock:
                 try:
@@ -214,17 +241,37 @@ class IndexWriter:
                     log.warning("%s; rebuilding it from the shards' summaries", exc)
                     self._index, self._indexed = self._empty(), set()
         self._unflushed += 1
-        if self._unflushed < self.flush_interval():
+        persist = self._unflushed >= self.flush_interval()
+        if not persist and len(self._held) < HELD_FOLD:
             return
         if not self.background:
-            self.flush()
-        elif self._flusher is None or not self._flusher.is_alive():
+            if persist:
+                self.flush()
+            else:
+                with self.lock:
+                    self._current(repair=True)
+            return
+        running = self._flusher is not None and self._flusher.is_alive()
+        if running and len(self._held) >= HELD_LIMIT:
+            assert self._flusher is not None
+            self._flusher.join()  # backpressure: the index's memory stays bounded
+            running = False
+        if running:
+            return  # the next commit starts the fold or flush this one would have
+        if persist:
             # Commits made while it runs are folded by the next flush (or query).
             self._unflushed = 0
-            self._flusher = threading.Thread(
-                target=self._flush_in_background, name="index-flush", daemon=True
-            )
-            self._flusher.start()
+        target = self._flush_in_background if persist else self._fold_in_background
+        self._flusher = threading.Thread(target=target, name="index-flush", daemon=True)
+        self._flusher.start()
+
+    def _fold_in_background(self) -> None:
+        try:
+            with self.lock:
+                self._current(repair=True)
+        except BaseException as exc:  # raised again by the next flush or query
+            log.warning("background index fold failed: %s", exc)
+            self._failure = exc
 
     def _flush_in_background(self) -> None:
         try:
@@ -372,17 +419,15 @@ class IndexWriter:
         return "paired" if paired else "plain"
 
     def _merge(self, index: dict[str, FeatureIndex], shard_ids: list[int]) -> None:
-        """Fold committed shards ``shard_ids`` in from their index summaries (each checked
-        against its entry); shards written before those, from their arrays."""
+        """Fold committed shards ``shard_ids`` in from their index summaries (held, or
+        stored by an older writer and checked against the entry), else from their arrays."""
         summaries: dict[str, list[ShardSummary]] = {label: [] for label in index}
         terms: dict[str, list[AttributionSummary]] = {label: [] for label in index}
         for shard_id in shard_ids:
-            entry = self.manifest.entry(shard_id)
-            keys = [summary_key(label) for label in index]
-            if all(key in entry.checksums for key in keys):
-                objects = self.manifest.fetch_verified(shard_id, keys)
+            raws = self._summaries_of(shard_id, list(index))
+            if raws is not None:
                 for label in index:
-                    summary, attribution = self._decoded(shard_id, objects[summary_key(label)])
+                    summary, attribution = self._decoded(shard_id, raws[label])
                     summaries[label].append(summary)
                     if self._attribution is not None:
                         if attribution is None:
@@ -406,6 +451,19 @@ class IndexWriter:
             for label, attribution in self._attribution.items():
                 fold_attributions(attribution, terms[label])
         self._indexed.update(shard_ids)
+
+    def _summaries_of(self, shard_id: int, labels: list[str]) -> dict[str, bytes] | None:
+        """Shard ``shard_id``'s index summaries: held ones (if written for the entry that is
+        committed now), else stored ones (checked against the entry), else None."""
+        entry = self.manifest.entry(shard_id)
+        held = self._held.pop(shard_id, None)
+        if held is not None and held[0].checksums == entry.checksums:
+            return held[1]
+        keys = [summary_key(label) for label in labels]
+        if all(key in entry.checksums for key in keys):  # stored by an older writer
+            objects = self.manifest.fetch_verified(shard_id, keys)
+            return {label: objects[key] for label, key in zip(labels, keys, strict=True)}
+        return None
 
     def _decoded(self, shard_id: int, raw: bytes) -> tuple[ShardSummary, AttributionSummary | None]:
         try:

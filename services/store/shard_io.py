@@ -34,7 +34,6 @@ import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.core.buffer import Buffer
-from zarr.core.buffer.cpu import Buffer as CPUBuffer
 from zarr.storage import MemoryStore
 
 from circuitscan.schemas.prompts import PromptRecord
@@ -179,6 +178,7 @@ def write_shard_arrays(
         offsets[:-1].astype(np.int64), lengths.astype(np.int64)
     )
     n_entries = {}
+    summaries: dict[str, bytes] = {}
     for site in layout.sites:
         cache = site_caches[site.label]
         base = f"{prefix}sites/{site.label}/"
@@ -221,7 +221,8 @@ def write_shard_arrays(
         summary_bytes = shard_summary.site_summary_bytes(
             layout, site.d_sae, summary, prompt_start, stored, stored_prompts, paired
         )
-        staging[base + shard_summary.INDEX_SUMMARY] = CPUBuffer.from_bytes(summary_bytes)
+        # Not stored: it travels to the driver with the entry (ShardEntry.index_summaries).
+        summaries[site.label] = summary_bytes
         n_entries[site.label] = int(feature_ids.shape[0])
         if pairs is not None:
             writes += paired_io.site_writes(base, cache, layout, site.d_sae)
@@ -237,7 +238,7 @@ def write_shard_arrays(
     # One object for the whole shard (see shard_pack): one put, one file.
     data, pack = pack_objects(members)
     write_many(backend, {prefix + pack.key: data})
-    return ShardEntry(
+    entry = ShardEntry(
         shard_id=shard_id,
         layout_hash=layout.layout_hash(),
         prompt_start=prompt_start,
@@ -247,6 +248,7 @@ def write_shard_arrays(
         checksums={key: checksum(raw) for key, raw in members.items()},
         pack=pack,
     )
+    return entry.with_index_summaries(summaries or None)
 
 
 _SUMMARY_ARRAYS = (

@@ -28,7 +28,7 @@ from circuitscan.services.store.attribution_index import (
     summarize_attribution,
 )
 from circuitscan.services.store.encoding import exact_values, feature_id_dtype, values_back
-from circuitscan.services.store.packed_arrays import SMALL, pack_arrays, unpack_arrays
+from circuitscan.services.store.packed_arrays import FAST, pack_arrays, unpack_arrays
 from circuitscan.services.store.paired_io import PairedSite
 from circuitscan.services.store.summaries import ShardSummary
 
@@ -78,7 +78,10 @@ def encode_site_summary(
         "top_position": _narrow(summary.top_position),
         "top_value": exact_values(summary.top_value),
     }
-    if summary.hist is not None:
+    if summary.hist_cell is not None and summary.hist_count is not None:
+        arrays["hist_cell"] = _narrow(summary.hist_cell)
+        arrays["hist_count"] = _narrow(summary.hist_count)
+    elif summary.hist is not None:  # a dense histogram (a summary made from old arrays)
         arrays["hist"] = _narrow(summary.hist)
     if attribution is not None:
         a = attribution
@@ -103,7 +106,7 @@ def encode_site_summary(
                 "atp_total_abs": a.atp_total_abs,
                 "error_atp": a.error_atp,
             }
-    return pack_arrays(arrays, SMALL)
+    return pack_arrays(arrays, FAST)  # decoded by the driver, once: speed over bytes
 
 
 def decode_site_summary(
@@ -124,7 +127,10 @@ def decode_site_summary(
         top_prompt=(wide("top_prompt") + prompt_start).astype(np.uint32),
         top_position=arrays["top_position"].astype(np.uint32),
         top_value=values_back(arrays["top_value"]),
+        # Dense histograms: summaries written before they were sparse.
         hist=arrays["hist"].astype(np.uint32) if "hist" in arrays else None,
+        hist_cell=wide("hist_cell") if "hist_cell" in arrays else None,
+        hist_count=arrays["hist_count"].astype(np.uint32) if "hist_count" in arrays else None,
     )
     if "ag_features" not in arrays:
         return summary, None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from circuitscan.services.store.encoding import exact_values, values_back
+from circuitscan.services.store.rank_order import descending_key, top_k_per_feature
 
 EMPTY = -1
 
@@ -62,29 +63,37 @@ class ShardSummary:
     top_prompt: np.ndarray  # uint32 [candidates], global prompt index
     top_position: np.ndarray  # uint32 [candidates]
     top_value: np.ndarray  # float32 [candidates]
-    # uint32 [fired, HIST_BINS] activation counts per bin; None for shards written
-    # before stores kept histograms (they are left out of the merged histogram).
+    # uint32 [fired, HIST_BINS] activation counts per bin, as shards before sparse
+    # histograms stored them; None for shards written before stores kept histograms
+    # (they are left out of the merged histogram).
     hist: np.ndarray | None = None
+    # Sparse histogram (what workers write now): the nonzero cells, as
+    # row * HIST_BINS + bin with row indexing ``features``, and their counts. A
+    # shard of a wide SAE fires each feature a few times, so the dense rows are
+    # mostly zeros (30k features x 32 bins for ~35k activations at 131,072 features).
+    hist_cell: np.ndarray | None = None  # int64 [cells]
+    hist_count: np.ndarray | None = None  # uint32 [cells]
+
+    def hist_entries(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(feature * HIST_BINS + bin, count) of each nonzero histogram cell; None when
+        the shard kept no histogram."""
+        if self.hist_cell is not None and self.hist_count is not None:
+            local, counts = self.hist_cell.astype(np.int64), self.hist_count
+        elif self.hist is not None:
+            flat = self.hist.reshape(-1)
+            local = np.flatnonzero(flat)
+            counts = flat[local]
+        else:
+            return None
+        rows = self.features.astype(np.int64)[local // HIST_BINS]
+        return rows * HIST_BINS + local % HIST_BINS, counts
 
 
 def _top_per_group(
     feature: np.ndarray, value: np.ndarray, prompt: np.ndarray, position: np.ndarray, k: int
 ) -> np.ndarray:
     """Indices of the k largest values per feature (ties: lower prompt, then position)."""
-    order = np.lexsort((position, prompt, -value.astype(np.float64), feature))
-    sorted_feature = feature[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_feature)) + 1]
-    group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    rank = np.arange(len(order)) - group_start
-    return order[rank < k]
-
-
-def _descending_key(values: np.ndarray) -> np.ndarray:
-    """uint32 keys whose ascending order is the float32 values' descending order."""
-    # + 0 turns -0.0 into 0.0, which compare equal and must tie.
-    bits = np.ascontiguousarray(values + np.float32(0), dtype=np.float32).view(np.uint32)
-    ascending = np.where(bits >> 31, ~bits, bits | np.uint32(1 << 31))
-    return ~ascending
+    return top_k_per_feature(feature, value, prompt, position, k)
 
 
 def _top_per_feature_in_token_order(feature: np.ndarray, value: np.ndarray, k: int) -> np.ndarray:
@@ -93,7 +102,7 @@ def _top_per_feature_in_token_order(feature: np.ndarray, value: np.ndarray, k: i
     One stable sort of a packed (feature, descending value) key replaces the
     four-key lexsort: ties keep entry order, which is (prompt, position).
     """
-    key = (feature.astype(np.uint64) << np.uint64(32)) | _descending_key(value).astype(np.uint64)
+    key = (feature.astype(np.uint64) << np.uint64(32)) | descending_key(value).astype(np.uint64)
     order = np.argsort(key, kind="stable")
     sorted_feature = feature[order]
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_feature)) + 1]
@@ -121,7 +130,7 @@ def summarize_shard(
     position = token_position[token_index]
     keep = _top_per_feature_in_token_order(feature_ids, values, k)
     cells = inverse.astype(np.int64) * HIST_BINS + histogram_bin(values)
-    hist = np.bincount(cells, minlength=len(features) * HIST_BINS)
+    hist_cell, hist_count = np.unique(cells, return_counts=True)
     return ShardSummary(
         features=features.astype(np.uint32),
         count=count.astype(np.uint32),
@@ -131,7 +140,8 @@ def summarize_shard(
         top_prompt=prompt[keep].astype(np.uint32),
         top_position=position[keep].astype(np.uint32),
         top_value=values[keep],
-        hist=hist.reshape(len(features), HIST_BINS).astype(np.uint32),
+        hist_cell=hist_cell,
+        hist_count=hist_count.astype(np.uint32),
     )
 
 
@@ -196,8 +206,9 @@ class FeatureIndex:
         self.count[fired] += shard.count
         self.total[fired] += on_grid(shard.total)  # exact: the same bytes in any commit order
         self.max[fired] = np.where(had, np.maximum(self.max[fired], shard.max), shard.max)
-        if shard.hist is not None:
-            self.hist[fired] += shard.hist.astype(np.int64)
+        cells = shard.hist_entries()
+        if cells is not None:
+            np.add.at(self.hist.reshape(-1), cells[0], cells[1].astype(np.int64))
         touched = np.unique(shard.top_feature.astype(np.int64))
         if len(touched) == 0:
             return

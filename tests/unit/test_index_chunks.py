@@ -103,13 +103,24 @@ def _written(path: Path, chunks: list[int], paired: bool = False) -> tuple[Featu
 @pytest.mark.parametrize("paired", [False, True])
 def test_worker_summaries_fold_to_the_index_the_shards_arrays_give(tmp_path, paired):
     store, entries = _written(tmp_path / "s", [0, 1, 0, 2], paired)
+    # The worker's summaries travel with the entry, not in the shard.
+    assert all(
+        entry.index_summaries is not None
+        and set(entry.index_summaries) == {site.label for site in SITES}
+        and not any(key.endswith("index_summary") for key in entry.checksums)
+        for entry in entries
+    )
     for entry in entries:
         store.commit_shard(entry)
-    assert all(
-        f"sites/{site.label}/index_summary" in entry.checksums
-        for entry in entries
-        for site in SITES
-    )
+    store.feature_index(SITES[0].label)
+    assert not store.index._held  # every held summary was folded in
+    reader = FeatureStore.open(store.url)  # holds none: folds the shards from their arrays
+    for site in SITES:
+        assert all(
+            getattr(reader.feature_index(site.label), name).tobytes()
+            == getattr(store.feature_index(site.label), name).tobytes()
+            for name in FeatureIndex.__dataclass_fields__
+        )
     k = store.layout.examples_per_feature
     from_arrays = {site.label: FeatureIndex.empty(D_SAE, k) for site in SITES}
     attribution = {site.label: AttributionIndex.empty(D_SAE, k, paired=paired) for site in SITES}
