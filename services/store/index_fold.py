@@ -17,7 +17,7 @@ prompt, then position), which does not depend on how the union was cut.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -45,18 +45,23 @@ def _fold_rows(
     feature, prompt, position, value = candidate
     if len(feature) == 0:
         return
+    # Index arithmetic (feature * k + slot) must not wrap in a narrow stored dtype.
+    feature, prompt = feature.astype(np.int64, copy=False), prompt.astype(np.int64, copy=False)
     rank = np.abs if magnitude else _same
     k = prompts.shape[1]
     # A candidate enters a full row only when it ranks above the row's K-th entry under
     # the order itself (rank, then lower prompt, then lower position): ties are settled
-    # here, not by the sort. (Columns first: 1-D gathers are several times faster.)
-    kth_prompt = prompts[:, k - 1][feature]
+    # here, not by the sort. A row not yet full takes every candidate (its threshold is
+    # -inf), and so does a NaN one (neither below nor equal: the sort places it).
+    # (Columns first: 1-D gathers are several times faster.)
+    kth_prompt = prompts[:, k - 1]
+    threshold = np.where(kth_prompt == EMPTY, -np.inf, rank(values[:, k - 1]))[feature]
     score = rank(value)
-    kth = rank(values[:, k - 1])[feature]
-    keep = (kth_prompt == EMPTY) | (score > kth)
-    tie = np.flatnonzero(~keep & (score == kth))
+    tied = score == threshold
+    keep = ~((score < threshold) | tied)
+    tie = np.flatnonzero(tied)
     if len(tie):
-        tied_prompt, tied_kth = prompt[tie], kth_prompt[tie]
+        tied_prompt, tied_kth = prompt[tie], kth_prompt[feature[tie]]
         earlier = tied_prompt < tied_kth
         if positions is not None:
             later_position = position[tie] < positions[feature[tie], k - 1]
@@ -64,9 +69,102 @@ def _fold_rows(
         keep[tie] = earlier
     if not keep.all():
         feature, prompt, position, value = feature[keep], prompt[keep], position[keep], value[keep]
-    touched = np.flatnonzero(np.bincount(feature, minlength=prompts.shape[0]))
-    if len(touched) == 0:
+    if len(feature) == 0:
         return
+    best = top_k_per_feature(feature, value, prompt, position, k, magnitude=magnitude)
+    feature, prompt, position = feature[best], prompt[best], position[best]
+    value = value[best].astype(values.dtype)  # compared as the rows hold them
+    if np.isnan(value).any() or np.isnan(rank(values[:, k - 1])).any():
+        # NaN has no place in the insertion's comparisons: sort the rows with it instead.
+        _sort_into_rows(prompts, positions, values, (feature, prompt, position, value), magnitude)
+        return
+    _insert_into_rows(prompts, positions, values, (feature, prompt, position, value), rank)
+
+
+def _insert_into_rows(
+    prompts: np.ndarray,
+    positions: np.ndarray | None,
+    values: np.ndarray,
+    ranked: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    rank: Callable[[np.ndarray], np.ndarray],
+) -> None:
+    """Merge candidates, at most K a feature in (feature, rank) order, into their rows.
+
+    A row is already in order, so nothing of it is sorted again: each candidate's
+    place among its row's entries is found by binary search (log2 K steps over
+    the candidates), a row's entries move down by the candidates placed before
+    them, and both are written in one pass over the touched rows. A flush of a
+    wide SAE, whose shards touch nearly every row, then costs its candidates'
+    sort plus a copy of the touched rows, not a sort of ``d_sae × k`` entries.
+    """
+    feature, prompt, position, value = ranked
+    k = prompts.shape[1]
+    starts = np.r_[0, np.flatnonzero(feature[1:] != feature[:-1]) + 1]
+    sizes = np.diff(np.r_[starts, len(feature)])
+    touched = feature[starts]
+    group = np.repeat(np.arange(len(touched)), sizes)  # each candidate's touched row
+    order_in_group = np.arange(len(feature)) - np.repeat(starts, sizes)
+    old_prompt = prompts[touched]
+    old_value = values[touched]
+    old_position = positions[touched] if positions is not None else None
+    filled = (old_prompt != EMPTY).sum(axis=1)  # a row's entries fill its first slots
+    row_score, row_prompt = rank(old_value).reshape(-1), old_prompt.reshape(-1)
+    row_position = None if old_position is None else old_position.reshape(-1)
+    score = rank(value)
+    # Binary search: lo = the number of the row's entries that rank above the candidate.
+    lo, hi = np.zeros(len(feature), dtype=np.int64), filled[group].astype(np.int64)
+    base = group * k
+    for _ in range(k.bit_length()):
+        open_ = lo < hi
+        if not open_.any():
+            break
+        mid = np.minimum((lo + hi) // 2, k - 1)
+        cell = base + mid
+        other_score, other_prompt = row_score[cell], row_prompt[cell]
+        above = (other_score > score) | ((other_score == score) & (other_prompt < prompt))
+        if row_position is not None:
+            same = (other_score == score) & (other_prompt == prompt)
+            above |= same & (row_position[cell] < position)
+        lo = np.where(open_ & above, mid + 1, lo)
+        hi = np.where(open_ & ~above, mid, hi)
+    new_slot = lo + order_in_group
+    # An old entry moves down by the candidates placed at or before its slot.
+    placed = np.bincount(group * (k + 1) + lo, minlength=len(touched) * (k + 1))
+    shift = np.cumsum(placed.reshape(len(touched), k + 1), axis=1)[:, :k]
+    moved = np.arange(k)[None, :] + shift
+    stays = (old_prompt != EMPTY) & (moved < k)
+    row, slot = np.nonzero(stays)
+    out_cells_old = row * k + moved[row, slot]
+    enters = new_slot < k
+    out_cells_new = group[enters] * k + new_slot[enters]
+    fields = [(prompts, old_prompt, prompt), (values, old_value, value)]
+    if positions is not None:
+        assert old_position is not None
+        fields.append((positions, old_position, position))
+    for target, old, new in fields:
+        out = np.empty_like(old)
+        flat = out.reshape(-1)
+        flat[out_cells_old] = old[row, slot]
+        flat[out_cells_new] = new[enters].astype(old.dtype)
+        # Slots past the row's new length keep what they held (empty: rows only grow).
+        untouched = np.ones(out.size, dtype=bool)
+        untouched[out_cells_old] = False
+        untouched[out_cells_new] = False
+        flat[untouched] = old.reshape(-1)[untouched]
+        target[touched] = out
+
+
+def _sort_into_rows(
+    prompts: np.ndarray,
+    positions: np.ndarray | None,
+    values: np.ndarray,
+    ranked: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    magnitude: bool,
+) -> None:
+    """Fold candidates into their rows by one sort of them with the rows' entries."""
+    feature, prompt, position, value = ranked
+    k = prompts.shape[1]
+    touched = np.unique(feature)
     old_prompt = prompts[touched]
     valid = old_prompt != EMPTY
     if valid.any():
@@ -101,10 +199,10 @@ def fold_summaries(index: FeatureIndex, shards: Sequence[ShardSummary]) -> None:
     """Fold shards' summaries and top candidates into ``index`` (in place)."""
     if not shards:
         return
-    fired = np.concatenate([s.features.astype(np.int64) for s in shards])
-    touched = np.unique(fired)
-    had = index.count[touched] > 0
+    fired = np.concatenate([s.features for s in shards]).astype(np.int64, copy=False)
     d_sae = index.count.shape[0]
+    touched = np.flatnonzero(np.bincount(fired, minlength=d_sae))  # sorted, like np.unique
+    had = index.count[touched] > 0
     counts = np.concatenate([s.count for s in shards]).astype(np.float64)  # exact below 2**53
     index.count += np.bincount(fired, weights=counts, minlength=d_sae).astype(np.int64)
     # Grid multiples add exactly: the same bytes as one shard at a time, in any order.
@@ -121,8 +219,8 @@ def fold_summaries(index: FeatureIndex, shards: Sequence[ShardSummary]) -> None:
         if entries is not None:
             hist[entries[0]] += entries[1]
     candidate = (
-        np.concatenate([s.top_feature for s in shards]).astype(np.int64),
-        np.concatenate([s.top_prompt for s in shards]).astype(np.int64),
+        np.concatenate([s.top_feature for s in shards]).astype(np.int64, copy=False),
+        np.concatenate([s.top_prompt for s in shards]).astype(np.int64, copy=False),
         np.concatenate([s.top_position for s in shards]).astype(np.int32),
         np.concatenate([s.top_value for s in shards]).astype(np.float32),
     )

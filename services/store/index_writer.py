@@ -43,8 +43,10 @@ generation that cannot be decoded is a CorruptIndexError too.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import wraps
 from typing import Any
 
@@ -109,6 +111,11 @@ HELD_LIMIT = 64
 # 131,072-feature sites at k = 32). A crash loses at most that many merges, which the
 # next load redoes from the shards' own summaries.
 FLUSH_ENTRIES_PER_COMMIT = 4096
+
+
+# One shard's part of a site's fold: its encoded index summary, or (older shards) the
+# summaries computed from its arrays.
+_Part = tuple[int, bytes | tuple[ShardSummary, AttributionSummary | None]]
 
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -420,37 +427,55 @@ class IndexWriter:
 
     def _merge(self, index: dict[str, FeatureIndex], shard_ids: list[int]) -> None:
         """Fold committed shards ``shard_ids`` in from their index summaries (held, or
-        stored by an older writer and checked against the entry), else from their arrays."""
-        summaries: dict[str, list[ShardSummary]] = {label: [] for label in index}
-        terms: dict[str, list[AttributionSummary]] = {label: [] for label in index}
+        stored by an older writer and checked against the entry), else from their arrays.
+
+        Sites are folded on threads of their own: each has its own arrays, and numpy
+        releases the GIL for the long passes, so a two-site store folds on two cores.
+        """
+        labels = list(index)
+        # Per site, in shard order: encoded summaries, or older shards' decoded ones.
+        parts: dict[str, list[_Part]] = {label: [] for label in labels}
         for shard_id in shard_ids:
-            raws = self._summaries_of(shard_id, list(index))
-            if raws is not None:
-                for label in index:
-                    summary, attribution = self._decoded(shard_id, raws[label])
-                    summaries[label].append(summary)
-                    if self._attribution is not None:
-                        if attribution is None:
-                            raise CorruptIndexError(
-                                f"shard {shard_id} of {self.url} has no attribution summary"
-                            )
-                        terms[label].append(attribution)
+            found = self._summaries_of(shard_id, labels)
+            if found is not None:
+                for label in labels:
+                    parts[label].append((shard_id, found[label]))
                 continue
             with_terms = self._attribution is not None
-            older = summaries_from_arrays(self.manifest, self.layout, shard_id, with_terms)
-            for label, summary, attribution in older:
-                summaries[label].append(summary)
-                if attribution is not None:
-                    terms[label].append(attribution)
-        for label, item in index.items():
-            fold_summaries(item, summaries[label])
-            changed = [s.features for s in summaries[label]]
-            if changed:
-                self._dirty.setdefault(label, set()).update(chunks_of(np.concatenate(changed)))
-        if self._attribution is not None:
-            for label, attribution in self._attribution.items():
-                fold_attributions(attribution, terms[label])
+            for label, summary, attribution in summaries_from_arrays(
+                self.manifest, self.layout, shard_id, with_terms
+            ):
+                parts[label].append((shard_id, (summary, attribution)))
+        cores = os.cpu_count() or 1
+        if len(labels) > 1 and cores > 1:
+            with ThreadPoolExecutor(min(len(labels), cores)) as pool:
+                list(pool.map(lambda label: self._fold_site(index, label, parts[label]), labels))
+        else:
+            for label in labels:
+                self._fold_site(index, label, parts[label])
         self._indexed.update(shard_ids)
+
+    def _fold_site(self, index: dict[str, FeatureIndex], label: str, parts: list[_Part]) -> None:
+        """Fold one site's shards in, in the order given (encoded summaries decoded here)."""
+        summaries: list[ShardSummary] = []
+        terms: list[AttributionSummary] = []
+        for shard_id, part in parts:
+            summary, attribution = (
+                self._decoded(shard_id, part) if isinstance(part, bytes) else part
+            )
+            summaries.append(summary)
+            if self._attribution is not None:
+                if attribution is None:
+                    raise CorruptIndexError(
+                        f"shard {shard_id} of {self.url} has no attribution summary"
+                    )
+                terms.append(attribution)
+        fold_summaries(index[label], summaries)
+        if summaries:
+            changed = np.concatenate([s.features for s in summaries])
+            self._dirty.setdefault(label, set()).update(chunks_of(changed))
+        if self._attribution is not None:
+            fold_attributions(self._attribution[label], terms)
 
     def _summaries_of(self, shard_id: int, labels: list[str]) -> dict[str, bytes] | None:
         """Shard ``shard_id``'s index summaries: held ones (if written for the entry that is

@@ -26,10 +26,11 @@ from circuitscan.schemas.errors import StoreCorruptionError
 MAGIC = b"CSPA1\n"
 _LENGTH = struct.Struct("<I")
 # Byte shuffle, then LZ4 for what the driver rewrites (index chunks: several times
-# faster than zstd at a few per cent more bytes on these mostly-empty arrays), zstd
-# for what a worker writes once per shard (a third smaller on its summaries).
+# faster than zstd at a few per cent more bytes on these mostly-empty arrays).
 FAST = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0)
-SMALL = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, blocksize=0)
+# No compression (Blosc's frame, a copy): for what is decoded once, in memory, right
+# after it was encoded (a shard's index summary on its way to the driver).
+RAW = Blosc(cname="lz4", clevel=0, shuffle=Blosc.NOSHUFFLE, blocksize=0)
 # Blosc's header names the codec it used, so one decoder reads both.
 _DECODER = FAST
 

@@ -28,7 +28,7 @@ from circuitscan.services.store.attribution_index import (
     summarize_attribution,
 )
 from circuitscan.services.store.encoding import exact_values, feature_id_dtype, values_back
-from circuitscan.services.store.packed_arrays import FAST, pack_arrays, unpack_arrays
+from circuitscan.services.store.packed_arrays import RAW, pack_arrays, unpack_arrays
 from circuitscan.services.store.paired_io import PairedSite
 from circuitscan.services.store.summaries import ShardSummary
 
@@ -106,7 +106,8 @@ def encode_site_summary(
                 "atp_total_abs": a.atp_total_abs,
                 "error_atp": a.error_atp,
             }
-    return pack_arrays(arrays, FAST)  # decoded by the driver, once: speed over bytes
+    # Not stored: it travels to the driver, which decodes it once (RAW: a copy each way).
+    return pack_arrays(arrays, RAW)
 
 
 def decode_site_summary(
@@ -118,39 +119,41 @@ def decode_site_summary(
     def wide(name: str) -> np.ndarray:
         return arrays[name].astype(np.int64)
 
+    # Ids, counts and positions stay in their narrow stored dtypes (the fold widens
+    # each batch once, not each shard); prompts are made global here.
     summary = ShardSummary(
-        features=arrays["features"].astype(np.uint32),
-        count=arrays["count"].astype(np.uint32),
-        total=arrays["total"].astype(np.float64),
+        features=arrays["features"],
+        count=arrays["count"],
+        total=arrays["total"].astype(np.float64, copy=False),
         max=values_back(arrays["max"]),
-        top_feature=arrays["top_feature"].astype(np.uint32),
-        top_prompt=(wide("top_prompt") + prompt_start).astype(np.uint32),
-        top_position=arrays["top_position"].astype(np.uint32),
+        top_feature=arrays["top_feature"],
+        top_prompt=wide("top_prompt") + prompt_start,
+        top_position=arrays["top_position"],
         top_value=values_back(arrays["top_value"]),
         # Dense histograms: summaries written before they were sparse.
-        hist=arrays["hist"].astype(np.uint32) if "hist" in arrays else None,
-        hist_cell=wide("hist_cell") if "hist_cell" in arrays else None,
-        hist_count=arrays["hist_count"].astype(np.uint32) if "hist_count" in arrays else None,
+        hist=arrays.get("hist"),
+        hist_cell=arrays.get("hist_cell"),
+        hist_count=arrays.get("hist_count"),
     )
     if "ag_features" not in arrays:
         return summary, None
     attribution = AttributionSummary(
-        features=wide("ag_features"),
-        total=arrays["ag_total"].astype(np.float64),
-        total_abs=arrays["ag_total_abs"].astype(np.float64),
-        top_feature=wide("ag_top_feature"),
+        features=arrays["ag_features"],
+        total=arrays["ag_total"].astype(np.float64, copy=False),
+        total_abs=arrays["ag_total_abs"].astype(np.float64, copy=False),
+        top_feature=arrays["ag_top_feature"],
         top_prompt=wide("ag_top_prompt") + prompt_start,
-        top_position=wide("ag_top_position"),
-        top_value=arrays["ag_top_value"].astype(np.float64),
-        prompt_feature=wide("ag_prompt_feature"),
+        top_position=arrays["ag_top_position"],
+        top_value=arrays["ag_top_value"],  # float32 only where that is exact
+        prompt_feature=arrays["ag_prompt_feature"],
         prompt_prompt=wide("ag_prompt_prompt") + prompt_start,
-        prompt_value=arrays["ag_prompt_value"].astype(np.float64),
+        prompt_value=arrays["ag_prompt_value"].astype(np.float64, copy=False),
     )
     if "atp_features" in arrays:
-        attribution.atp_features = wide("atp_features")
-        attribution.atp_total = arrays["atp_total"].astype(np.float64)
-        attribution.atp_total_abs = arrays["atp_total_abs"].astype(np.float64)
-        attribution.error_atp = arrays["error_atp"].astype(np.float64)
+        attribution.atp_features = arrays["atp_features"]
+        attribution.atp_total = arrays["atp_total"].astype(np.float64, copy=False)
+        attribution.atp_total_abs = arrays["atp_total_abs"].astype(np.float64, copy=False)
+        attribution.error_atp = arrays["error_atp"].astype(np.float64, copy=False)
     return summary, attribution
 
 

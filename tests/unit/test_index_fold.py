@@ -64,10 +64,16 @@ def _same(a: object, b: object) -> None:
         assert left.tobytes() == right.tobytes(), name
 
 
+@pytest.mark.parametrize("k", [3, 8])  # the insertion's binary search: 2 and 4 steps
 @pytest.mark.parametrize(
     "batches", [[list(range(12))], [[5, 1], [0, 11, 3], [6, 7, 8, 9, 10, 2, 4]]]
 )
-def test_a_fold_equals_shard_by_shard_merges(batches: list[list[int]]) -> None:
+def test_a_fold_equals_shard_by_shard_merges(
+    batches: list[list[int]], k: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "K", k)
     shards = {seed: _shard(seed) for seed in range(12)}
     merged, attribution = FeatureIndex.empty(D_SAE, K), AttributionIndex.empty(D_SAE, K)
     for seed in sorted(shards):
