@@ -92,66 +92,83 @@ def _insert_into_rows(
 
     A row is already in order, so nothing of it is sorted again: each candidate's
     place among its row's entries is found by binary search (log2 K steps over
-    the candidates), a row's entries move down by the candidates placed before
-    them, and both are written in one pass over the touched rows. A flush of a
-    wide SAE, whose shards touch nearly every row, then costs its candidates'
-    sort plus a copy of the touched rows, not a sort of ``d_sae × k`` entries.
+    the candidates); the row's entries from the first place a candidate takes
+    (its tail) move down by the candidates placed before them, and the rest stay
+    where they are. The work is the candidates' plus the tails', never a pass
+    over ``touched × k``: a first flush of a wide SAE (rows empty) writes its
+    candidates and nothing else.
     """
     feature, prompt, position, value = ranked
     k = prompts.shape[1]
+    flat_prompt, flat_value = _flat(prompts), _flat(values)
+    flat_position = None if positions is None else _flat(positions)
     starts = np.r_[0, np.flatnonzero(feature[1:] != feature[:-1]) + 1]
     sizes = np.diff(np.r_[starts, len(feature)])
     touched = feature[starts]
+    row_cell = touched * k  # a touched row's first cell
     group = np.repeat(np.arange(len(touched)), sizes)  # each candidate's touched row
     order_in_group = np.arange(len(feature)) - np.repeat(starts, sizes)
-    old_prompt = prompts[touched]
-    old_value = values[touched]
-    old_position = positions[touched] if positions is not None else None
-    filled = (old_prompt != EMPTY).sum(axis=1)  # a row's entries fill its first slots
-    row_score, row_prompt = rank(old_value).reshape(-1), old_prompt.reshape(-1)
-    row_position = None if old_position is None else old_position.reshape(-1)
+    # A row's entries fill its first slots: its length is where the first EMPTY is.
+    filled = _search(
+        np.zeros(len(touched), dtype=np.int64),
+        np.full(len(touched), k, dtype=np.int64),
+        lambda mid: flat_prompt[row_cell + mid] != EMPTY,
+    )
     score = rank(value)
-    # Binary search: lo = the number of the row's entries that rank above the candidate.
-    lo, hi = np.zeros(len(feature), dtype=np.int64), filled[group].astype(np.int64)
-    base = group * k
-    for _ in range(k.bit_length()):
+    cell_of = row_cell[group]
+
+    def above(mid: np.ndarray) -> np.ndarray:
+        """Whether the row entry at ``mid`` ranks above each candidate."""
+        cell = cell_of + mid
+        other_score, other_prompt = rank(flat_value[cell]), flat_prompt[cell]
+        result = (other_score > score) | ((other_score == score) & (other_prompt < prompt))
+        if flat_position is not None:
+            same = (other_score == score) & (other_prompt == prompt)
+            result |= same & (flat_position[cell] < position)
+        return result
+
+    place = _search(np.zeros(len(feature), dtype=np.int64), filled[group].astype(np.int64), above)
+    # A row's tail starts at its best candidate's place; entries before it stay put.
+    tail = place[starts]
+    kept_old = filled - tail
+    span = kept_old + sizes  # the tail's entries and the candidates, merged
+    base = np.r_[0, np.cumsum(span)[:-1]]
+    new_at = base[group] + place - tail[group] + order_in_group
+    taken = np.zeros(int(span.sum()), dtype=bool)
+    taken[new_at] = True
+    old_at = np.flatnonzero(~taken)  # the tails' entries, in (row, slot) order
+    old_row = np.repeat(np.arange(len(touched)), kept_old)
+    old_start = np.r_[0, np.cumsum(kept_old)[:-1]]
+    old_slot = tail[old_row] + np.arange(len(old_row)) - np.repeat(old_start, kept_old)
+    old_final = tail[old_row] + old_at - base[old_row]
+    moves = old_final < k
+    source = row_cell[old_row[moves]] + old_slot[moves]
+    target = row_cell[old_row[moves]] + old_final[moves]
+    new_final = place + order_in_group
+    enters = new_final < k
+    new_cell = cell_of[enters] + new_final[enters]
+    fields = [(flat_prompt, prompt), (flat_value, value)]
+    if flat_position is not None:
+        fields.append((flat_position, position))
+    for flat, new in fields:
+        moving = flat[source]  # read before any write: a source may be another's target
+        flat[target] = moving
+        flat[new_cell] = new[enters].astype(flat.dtype)
+
+
+def _search(
+    lo: np.ndarray, hi: np.ndarray, above: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Vectorised binary search: per item, the first index in [lo, hi) where ``above``
+    (true on a prefix) is false, or ``hi``."""
+    while True:
         open_ = lo < hi
         if not open_.any():
-            break
-        mid = np.minimum((lo + hi) // 2, k - 1)
-        cell = base + mid
-        other_score, other_prompt = row_score[cell], row_prompt[cell]
-        above = (other_score > score) | ((other_score == score) & (other_prompt < prompt))
-        if row_position is not None:
-            same = (other_score == score) & (other_prompt == prompt)
-            above |= same & (row_position[cell] < position)
-        lo = np.where(open_ & above, mid + 1, lo)
-        hi = np.where(open_ & ~above, mid, hi)
-    new_slot = lo + order_in_group
-    # An old entry moves down by the candidates placed at or before its slot.
-    placed = np.bincount(group * (k + 1) + lo, minlength=len(touched) * (k + 1))
-    shift = np.cumsum(placed.reshape(len(touched), k + 1), axis=1)[:, :k]
-    moved = np.arange(k)[None, :] + shift
-    stays = (old_prompt != EMPTY) & (moved < k)
-    row, slot = np.nonzero(stays)
-    out_cells_old = row * k + moved[row, slot]
-    enters = new_slot < k
-    out_cells_new = group[enters] * k + new_slot[enters]
-    fields = [(prompts, old_prompt, prompt), (values, old_value, value)]
-    if positions is not None:
-        assert old_position is not None
-        fields.append((positions, old_position, position))
-    for target, old, new in fields:
-        out = np.empty_like(old)
-        flat = out.reshape(-1)
-        flat[out_cells_old] = old[row, slot]
-        flat[out_cells_new] = new[enters].astype(old.dtype)
-        # Slots past the row's new length keep what they held (empty: rows only grow).
-        untouched = np.ones(out.size, dtype=bool)
-        untouched[out_cells_old] = False
-        untouched[out_cells_new] = False
-        flat[untouched] = old.reshape(-1)[untouched]
-        target[touched] = out
+            return lo
+        mid = np.where(open_, (lo + hi) // 2, 0)
+        up = above(mid)
+        lo = np.where(open_ & up, mid + 1, lo)
+        hi = np.where(open_ & ~up, mid, hi)
 
 
 def _sort_into_rows(
