@@ -110,7 +110,7 @@ def load_chunks(
     url: str,
     fix: str,
 ) -> dict[str, list[list[str]]]:
-    """Fill ``index`` (and ``attribution``) from the chunks a format 3 pointer names, each
+    """Fill ``index`` (and ``attribution``) from the chunks a format 3 or 4 pointer names, each
     checked against its checksum there; each site's [object, checksum] per chunk.
 
     CorruptIndexError names the first object that is missing, fails its checksum or

@@ -17,7 +17,7 @@ functions, to the same bytes; shards written while summaries were stored
 The index is persisted as row chunks (index_chunks.py): each chunk of a
 site, CHUNK_ROWS features of every per-feature array, is one object named by
 the digest of its bytes, ``index/<digest>``; the pointer ``index/current.json``
-(format 3) maps every chunk of every site to its object and checksum. A flush
+(format 4) maps every chunk of every site to its object and checksum. A flush
 encodes and writes only the chunks whose rows changed since the previous
 flush (the others keep their objects), then replaces the pointer, then
 deletes the objects the previous pointer named and the new one does not: no
@@ -78,11 +78,17 @@ from circuitscan.services.store.index_pointer import (
     INDEX_POINTER,
     INDEX_PREFIX,
     POINTER_FORMAT,
+    add_terms,
+    entry_term,
     named_objects,
     parse_pointer,
     pointer_bytes,
     pointer_digest,
+    pointer_shards,
+    shard_ranges,
     shards_digest,
+    shards_sum,
+    sum_text,
 )
 from circuitscan.services.store.manifest import ShardManifest, manifest_key
 from circuitscan.services.store.packed_arrays import PackedArraysError
@@ -160,7 +166,8 @@ class IndexWriter:
         self._dirty: dict[str, set[int]] = {}
         self._legacy: str | None = None  # a format 1/2 generation the next flush deletes
         self.background = False
-        self._entry_digests: dict[int, str] = {}  # digests of committed entries (shards_digest)
+        self._entry_digests: dict[int, str] = {}  # digests of committed entries (shards_sum)
+        self._sum = 0  # the pointer's shards_sum of ``_indexed`` (index_pointer.py)
         # Worker-computed index summaries of committed shards not yet folded (see hold).
         self._held: dict[int, tuple[ShardEntry, dict[str, bytes]]] = {}
         self.lock = threading.RLock()
@@ -207,12 +214,12 @@ class IndexWriter:
         self._raise_failure()
         if self._index is None:
             try:
-                self._index, self._indexed = self._load()
+                self._index, self._indexed, self._sum = self._load()
             except (CorruptIndexError, CorruptManifestError) as exc:
                 if not repair:
                     raise
                 log.warning("%s; rebuilding it from the shards' summaries", exc)
-                self._index, self._indexed = self._empty(), set()
+                self._index, self._indexed, self._sum = self._empty(), set(), 0
         pending = sorted(set(self.manifest.committed()) - self._indexed)
         for start in range(0, len(pending), FOLD_BATCH):
             self._merge(self._index, pending[start : start + FOLD_BATCH])
@@ -243,10 +250,10 @@ class IndexWriter:
         if self.layout.sites and self._index is None:  # result-only stores have no index
             with self.lock:
                 try:
-                    self._index, self._indexed = self._load()
+                    self._index, self._indexed, self._sum = self._load()
                 except (CorruptIndexError, CorruptManifestError) as exc:
                     log.warning("%s; rebuilding it from the shards' summaries", exc)
-                    self._index, self._indexed = self._empty(), set()
+                    self._index, self._indexed, self._sum = self._empty(), set(), 0
         self._unflushed += 1
         persist = self._unflushed >= self.flush_interval()
         if not persist and len(self._held) < HELD_FOLD:
@@ -302,7 +309,7 @@ class IndexWriter:
     def forget(self) -> None:
         """Drop the in-memory index (it is reloaded when next needed)."""
         self._index = None
-        self._indexed = set()
+        self._indexed, self._sum = set(), 0
         self._entry_digests = {}  # entries may have changed (another writer, an uncommit)
 
     @_locked
@@ -327,7 +334,7 @@ class IndexWriter:
         """Rebuild the index from every committed shard's own summaries and persist it,
         rewriting every chunk and deleting every other object under ``index/``
         (``circuitscan repair``)."""
-        self._index, self._indexed = self._empty(), set()
+        self._index, self._indexed, self._sum = self._empty(), set(), 0
         self._current()
         self._persisted = None  # every chunk is written again, damaged or not
         self._flush()
@@ -359,7 +366,7 @@ class IndexWriter:
         if self.location.read_bytes(INDEX_POINTER) is None:
             return [("index", f"index pointer {INDEX_POINTER} of {self.url} is missing; {fix}")]
         try:
-            _index, covered = self._load()
+            _index, covered, _sum = self._load()
         except CorruptIndexError as exc:
             return [("index", str(exc))]
         except CorruptManifestError as exc:
@@ -368,14 +375,15 @@ class IndexWriter:
             return [("index", f"index of {self.url} misses committed shards; {fix}")]
         return []
 
-    def _load(self) -> tuple[dict[str, FeatureIndex], set[int]]:
+    def _load(self) -> tuple[dict[str, FeatureIndex], set[int], int]:
+        """The persisted index, the shards it covers and their ``shards_sum``."""
         index = self._empty()
         self._persisted, self._legacy, self._dirty = None, None, {}
         raw = self.location.read_bytes(INDEX_POINTER)
         if raw is None:
-            return index, set()
+            return index, set(), 0
         pointer = parse_pointer(raw, self.url)
-        shards = set(pointer["shards"])
+        shards = pointer_shards(pointer)
         gone = sorted(shards - set(self.manifest.committed()))
         if (gone and "checksums" in pointer) or (gone and "sites" in pointer):
             # Uncommitting a shard drops the pointer first, so a pointer covering
@@ -385,11 +393,16 @@ class IndexWriter:
                 f"index covers shard {gone[0]}; `circuitscan repair {self.url}` recomputes it"
             )
         if gone:
-            return index, set()
+            return index, set(), 0
         fix = f"`circuitscan repair {self.url}` rebuilds the index from the shards"
-        checked = "checksums" in pointer or "sites" in pointer  # formats 2 and 3
-        digest = shards_digest(self.manifest, sorted(shards), self._entry_digests)
-        if checked and pointer.get("shards_digest") != digest:
+        total = shards_sum(self.manifest, shards, self._entry_digests)  # once, at load
+        if "shards_sum" in pointer:  # format 4
+            built_from_others = pointer["shards_sum"] != sum_text(total)
+        else:  # formats 2 and 3 (format 1 carries no digest)
+            checked = "checksums" in pointer or "sites" in pointer
+            digest = shards_digest(self.manifest, sorted(shards), self._entry_digests)
+            built_from_others = checked and pointer.get("shards_digest") != digest
+        if built_from_others:
             raise CorruptIndexError(
                 f"index pointer {INDEX_POINTER} of {self.url} was built from other manifest "
                 "entries than the committed ones (one was altered or replaced: "
@@ -402,14 +415,14 @@ class IndexWriter:
                 url=self.url,
             )  # fmt: skip
             self._legacy = generation_prefix(pointer)
-            return (index, shards) if loaded else (index, set())
+            return (index, shards, total) if loaded else (index, set(), 0)
         self._load_chunks(pointer, index, fix)
-        return index, shards
+        return index, shards, total
 
     def _load_chunks(
         self, pointer: dict[str, Any], index: dict[str, FeatureIndex], fix: str
     ) -> None:
-        """Fill ``index`` from a format 3 pointer's chunks, each checked against it."""
+        """Fill ``index`` from a format 3 or 4 pointer's chunks, each checked against it."""
         kind = pointer.get("attribution", "none")
         if kind != self._attribution_kind():
             self._attribution = None  # written before the store kept (these) sums
@@ -453,6 +466,12 @@ class IndexWriter:
         else:
             for label in labels:
                 self._fold_site(index, label, parts[label])
+        entries = self.manifest.committed()
+        for shard_id in shard_ids:  # the entry digests the pointer's shards_sum adds
+            if shard_id not in self._entry_digests:
+                self._entry_digests[shard_id] = entries[shard_id].digest()
+        fresh = [i for i in shard_ids if i not in self._indexed]
+        self._sum = add_terms(self._sum, [entry_term(i, self._entry_digests[i]) for i in fresh])
         self._indexed.update(shard_ids)
 
     def _fold_site(self, index: dict[str, FeatureIndex], label: str, parts: list[_Part]) -> None:
@@ -534,13 +553,12 @@ class IndexWriter:
             refs[label] = chunks
             if attribution is not None and attribution.error_atp is not None:
                 sites[label]["error_atp"] = [float(value) for value in attribution.error_atp]
-        shards = sorted(self._indexed)
         pointer = {
             "format": POINTER_FORMAT,
             # Named by its content: equal shards give an equal pointer, in any order.
             "generation": f"c{pointer_digest(sites)}",
-            "shards": shards,
-            "shards_digest": shards_digest(self.manifest, shards, self._entry_digests),
+            "shard_ranges": shard_ranges(self._indexed),
+            "shards_sum": sum_text(self._sum),  # kept up to date by _merge
             "chunk_rows": CHUNK_ROWS,
             "attribution": kind,
             "sites": sites,

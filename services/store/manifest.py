@@ -170,7 +170,12 @@ class ShardManifest:
         raw = self.location.read_bytes(_INDEX_POINTER)
         try:
             pointer = json.loads(raw) if raw is not None else {}
-            lost = "checksums" in pointer and shard_id in pointer["shards"]
+            ranges = pointer.get("shard_ranges")
+            if ranges is not None:  # format 4
+                covered = any(start <= shard_id < stop for start, stop in ranges)
+            else:
+                covered = shard_id in pointer.get("shards", [])
+            lost = "checksums" in pointer and covered
         except (ValueError, KeyError, TypeError):
             return  # a damaged pointer is reported by the index, not here
         if lost:  # uncommitting drops the pointer before the entry

@@ -208,3 +208,40 @@ def test_the_index_is_the_same_files_in_any_commit_order_and_a_damaged_chunk_is_
     (tmp_path / "b" / "index" / ("0" * 32)).write_bytes(b"left by a crash")
     FeatureStore.open(str(tmp_path / "b")).index.rebuild()
     assert store_files(tmp_path / "b") == pristine
+
+
+def test_a_format_3_pointer_is_read_and_checked_and_replaced_by_format_4(tmp_path):
+    import json
+
+    from circuitscan.services.store.index_pointer import (
+        parse_pointer,
+        pointer_bytes,
+        pointer_shards,
+        shards_digest,
+    )
+
+    store, entries = _written(tmp_path / "s", [0, 1, 2])
+    for entry in entries:
+        store.commit_shard(entry)
+    store.flush_index()
+    path = tmp_path / "s" / INDEX_POINTER
+    pointer = parse_pointer(path.read_bytes(), store.url)
+    assert pointer["format"] == 4 and pointer["shard_ranges"] == [[0, 3]]
+    expected = store.feature_index(SITES[0].label)
+    # The same index as format 3 wrote it: every shard id and a digest of their entries.
+    old = {k: v for k, v in pointer.items() if k not in ("shard_ranges", "shards_sum")}
+    old |= {"format": 3, "shards": [0, 1, 2]}
+    old["shards_digest"] = shards_digest(store.manifest, [0, 1, 2])
+    path.write_bytes(pointer_bytes(old))
+    reader = FeatureStore.open(store.url)
+    assert reader.feature_index(SITES[0].label).top_value.tobytes() == expected.top_value.tobytes()
+    assert reader.index.problems() == []
+    reader.flush_index()  # the next flush writes format 4 again
+    assert json.loads(path.read_bytes())["format"] == 4
+    # A shards_sum that does not match the committed entries is caught, as a digest was.
+    altered = parse_pointer(path.read_bytes(), store.url)
+    altered["shards_sum"] = "0" * 32
+    path.write_bytes(pointer_bytes(altered))
+    with pytest.raises(CorruptIndexError, match="other manifest entries"):
+        FeatureStore.open(store.url).feature_index(SITES[0].label)
+    assert pointer_shards({"shard_ranges": [[0, 2], [5, 7]]}) == {0, 1, 5, 6}
