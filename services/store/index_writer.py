@@ -47,7 +47,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import wraps
+from functools import partial, wraps
 from typing import Any
 
 import numpy as np
@@ -442,8 +442,8 @@ class IndexWriter:
         """Fold committed shards ``shard_ids`` in from their index summaries (held, or
         stored by an older writer and checked against the entry), else from their arrays.
 
-        Sites are folded on threads of their own: each has its own arrays, and numpy
-        releases the GIL for the long passes, so a two-site store folds on two cores.
+        Each site's activation rows and attribution rows are folded on threads of their
+        own: they are separate arrays, and numpy releases the GIL for the long passes.
         """
         labels = list(index)
         # Per site, in shard order: encoded summaries, or older shards' decoded ones.
@@ -460,12 +460,21 @@ class IndexWriter:
             ):
                 parts[label].append((shard_id, (summary, attribution)))
         cores = os.cpu_count() or 1
-        if len(labels) > 1 and cores > 1:
-            with ThreadPoolExecutor(min(len(labels), cores)) as pool:
-                list(pool.map(lambda label: self._fold_site(index, label, parts[label]), labels))
+        decoded = {label: self._decode_site(parts[label]) for label in labels}
+        # The activation rows and the attribution rows of each site are separate arrays.
+        folds: list[Callable[[], None]] = []
+        for label in labels:
+            summaries, terms = decoded[label]
+            folds.append(partial(self._fold_site_summaries, index, label, summaries))
+            if self._attribution is not None:
+                folds.append(partial(fold_attributions, self._attribution[label], terms))
+        if len(folds) > 1 and cores > 1:
+            with ThreadPoolExecutor(min(len(folds), cores)) as pool:
+                for done in [pool.submit(fold) for fold in folds]:
+                    done.result()
         else:
-            for label in labels:
-                self._fold_site(index, label, parts[label])
+            for fold in folds:
+                fold()
         entries = self.manifest.committed()
         for shard_id in shard_ids:  # the entry digests the pointer's shards_sum adds
             if shard_id not in self._entry_digests:
@@ -474,8 +483,10 @@ class IndexWriter:
         self._sum = add_terms(self._sum, [entry_term(i, self._entry_digests[i]) for i in fresh])
         self._indexed.update(shard_ids)
 
-    def _fold_site(self, index: dict[str, FeatureIndex], label: str, parts: list[_Part]) -> None:
-        """Fold one site's shards in, in the order given (encoded summaries decoded here)."""
+    def _decode_site(
+        self, parts: list[_Part]
+    ) -> tuple[list[ShardSummary], list[AttributionSummary]]:
+        """One site's shards' summaries, in the order given (encoded ones decoded here)."""
         summaries: list[ShardSummary] = []
         terms: list[AttributionSummary] = []
         for shard_id, part in parts:
@@ -489,12 +500,15 @@ class IndexWriter:
                         f"shard {shard_id} of {self.url} has no attribution summary"
                     )
                 terms.append(attribution)
+        return summaries, terms
+
+    def _fold_site_summaries(
+        self, index: dict[str, FeatureIndex], label: str, summaries: list[ShardSummary]
+    ) -> None:
         fold_summaries(index[label], summaries)
         if summaries:
             changed = np.concatenate([s.features for s in summaries])
             self._dirty.setdefault(label, set()).update(chunks_of(changed))
-        if self._attribution is not None:
-            fold_attributions(self._attribution[label], terms)
 
     def _summaries_of(self, shard_id: int, labels: list[str]) -> dict[str, bytes] | None:
         """Shard ``shard_id``'s index summaries: held ones (if written for the entry that is
