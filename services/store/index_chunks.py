@@ -50,10 +50,14 @@ def _to_disk(data: np.ndarray) -> np.ndarray:
         widest = int(data.max()) if data.size else 0
         if widest >= (1 << 32) - 1:
             return data
-        narrow = np.uint16 if widest < (1 << 16) - 1 else np.uint32
+        narrow = np.uint8 if widest < 255 else np.uint16 if widest < (1 << 16) - 1 else np.uint32
         return np.where(data == EMPTY, np.iinfo(narrow).max, data).astype(narrow)
     if data.dtype == np.float32:  # values that came from 16-bit storage: exact in 16 bits
         return exact_values(data)
+    if data.dtype == np.float64:  # a·g of 16-bit values is exact in float32; sums rarely are
+        single = data.astype(np.float32)
+        if np.array_equal(single.astype(np.float64), data):
+            return single
     return data
 
 
