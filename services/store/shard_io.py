@@ -15,12 +15,13 @@ key relative to the shard:
     sites/<label>/gradients      same dtype [entries] (when the layout stores gradients)
     sites/<label>/error_norm     float32 [tokens]
     sites/<label>/dropped_mass   float32 [tokens] (when the layout keeps top-k)
-    sites/<label>/index_summary  what the merged index folds in of the site: its
-                                 summaries, top candidates and a·g sums (shard_summary)
 
-Shards written before index summaries hold ``sites/<label>/summary/{features,
-count,total,max,hist}`` and ``sites/<label>/top/{feature,prompt,position,value}``
-instead (read by ``read_summary``).
+What the merged index folds in of a site (its summaries, top candidates and
+a·g sums, shard_summary) is computed here but not stored: it goes to the
+driver with the entry (``ShardEntry.index_summaries``). Shards written while
+it was stored hold ``sites/<label>/index_summary`` too; shards written before
+index summaries hold ``sites/<label>/summary/{features,count,total,max,hist}``
+and ``sites/<label>/top/{feature,prompt,position,value}`` (``read_summary``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """A shard's index summary: everything the merged index folds in of one site, one object.
 
-The worker that writes a shard also writes, per site, ``sites/<label>/index_summary``
-(a packed_arrays object, covered by the shard's entry like any other): the
-site's ShardSummary (counts, totals, maxima, histograms, top activation
-candidates) and, in stores with gradients, its AttributionSummary (Σ a·g,
-Σ |a·g|, top |a·g| entries and prompts, a paired cache's AtP sums). So the
-index fold reads a few small objects a shard and never its entries, and
-decodes them without zarr.
+The worker that writes a shard also computes, per site, its index summary (a
+packed_arrays object): the site's ShardSummary (counts, totals, maxima,
+sparse histograms, top activation candidates) and, in stores with gradients,
+its AttributionSummary (Σ a·g, Σ |a·g|, top |a·g| entries and prompts, a
+paired cache's AtP sums). It is not stored: it goes back to the driver with
+the shard's entry (``ShardEntry.index_summaries``), so the index fold never
+reads a shard and decodes the summaries without zarr. Shards written while
+summaries were stored hold them as ``sites/<label>/index_summary`` in their
+pack (``summary_key``), checked against the entry when folded.
 
 Both summaries come from the same functions the driver used to apply to the
 shard's arrays read back (``summarize_shard``, ``shard_attribution`` then
