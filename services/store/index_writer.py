@@ -30,10 +30,10 @@ of every object it names, as a manifest entry does for a shard's, a digest
 of the manifest entries of the shards it covers, and a digest of itself. A
 reader that finds a mismatch raises CorruptIndexError naming the object; the
 job's writer and ``circuitscan repair`` rebuild the index from the shards'
-own summaries (repair also deletes every object under ``index/`` that the
+own summaries or arrays (repair also deletes every object under ``index/`` that the
 new pointer does not name: what a crash between a flush's writes and its
 pointer left). A pointer covering shards no longer committed is ignored
-(rebuilt from the per-shard summaries), as before. Pointers of format 2
+(rebuilt from the shards), as before. Pointers of format 2
 (one zarr hierarchy per generation, ``index/<generation>/``) are still
 read and verified, and replaced, generation deleted, at the next flush;
 format 1 ones carry no checksums: they are read unverified, and a
@@ -115,7 +115,7 @@ HELD_LIMIT = 64
 # flushes grow with the index: amortised, a commit pays for at most about this many
 # rewritten entries, whatever the SAE's width (16 commits for small SAEs, 2,048 for two
 # 131,072-feature sites at k = 32). A crash loses at most that many merges, which the
-# next load redoes from the shards' own summaries.
+# next load redoes from the shards (held summaries are gone with the process).
 FLUSH_ENTRIES_PER_COMMIT = 4096
 
 
@@ -143,7 +143,7 @@ class IndexWriter:
     goes on committing: a commit then costs its entry alone. Every other use
     of the index waits for a running flush (``lock``), and its error, if any,
     is raised by the next flush or query. A crash loses only merges the next
-    load redoes from the shards' summaries, as with synchronous flushes.
+    load redoes from the shards, as with synchronous flushes.
     """
 
     def __init__(self, location: Backend, layout: StoreLayout, manifest: ShardManifest) -> None:
@@ -151,7 +151,7 @@ class IndexWriter:
         self.layout = layout
         self.manifest = manifest
         # Commits between flushes: a crash loses at most this many merges,
-        # which the next reader redoes from the per-shard summaries.
+        # which the next reader redoes from the shards.
         self.flush_every = FLUSH_EVERY
         self._index: dict[str, FeatureIndex] | None = None
         self._indexed: set[int] = set()
@@ -209,7 +209,7 @@ class IndexWriter:
         """The index with every committed shard merged in (loaded on first use).
 
         ``repair`` (the job's writer): a damaged persisted index is rebuilt
-        from the shards' summaries instead of raising CorruptIndexError.
+        from the shards instead of raising CorruptIndexError.
         """
         self._raise_failure()
         if self._index is None:
@@ -218,7 +218,7 @@ class IndexWriter:
             except (CorruptIndexError, CorruptManifestError) as exc:
                 if not repair:
                     raise
-                log.warning("%s; rebuilding it from the shards' summaries", exc)
+                log.warning("%s; rebuilding it from the shards", exc)
                 self._index, self._indexed, self._sum = self._empty(), set(), 0
         pending = sorted(set(self.manifest.committed()) - self._indexed)
         for start in range(0, len(pending), FOLD_BATCH):
@@ -252,7 +252,7 @@ class IndexWriter:
                 try:
                     self._index, self._indexed, self._sum = self._load()
                 except (CorruptIndexError, CorruptManifestError) as exc:
-                    log.warning("%s; rebuilding it from the shards' summaries", exc)
+                    log.warning("%s; rebuilding it from the shards", exc)
                     self._index, self._indexed, self._sum = self._empty(), set(), 0
         self._unflushed += 1
         persist = self._unflushed >= self.flush_interval()
@@ -316,7 +316,7 @@ class IndexWriter:
     def discard(self) -> None:
         """Drop the persisted pointer too: the index may count a shard no longer committed.
 
-        It is rebuilt from the per-shard summaries of the remaining shards when
+        It is rebuilt from the remaining shards when
         next needed; the objects the pointer named go with it.
         """
         raw = self.location.read_bytes(INDEX_POINTER)
