@@ -249,6 +249,10 @@ class IndexWriter:
         # may), so a commit costs the same however many shards are committed.
         if self.layout.sites and self._index is None:  # result-only stores have no index
             with self.lock:
+                # The manifest is read here, once, on the committing thread: a fold thread
+                # that listed it while this thread wrote an entry could miss that entry
+                # (commits extend only a manifest already in memory).
+                self.manifest.committed()
                 try:
                     self._index, self._indexed, self._sum = self._load()
                 except (CorruptIndexError, CorruptManifestError) as exc:

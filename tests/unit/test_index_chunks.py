@@ -245,3 +245,31 @@ def test_a_format_3_pointer_is_read_and_checked_and_replaced_by_format_4(tmp_pat
     with pytest.raises(CorruptIndexError, match="other manifest entries"):
         FeatureStore.open(store.url).feature_index(SITES[0].label)
     assert pointer_shards({"shard_ranges": [[0, 2], [5, 7]]}) == {0, 1, 5, 6}
+
+
+def test_held_summaries_stay_bounded_and_a_refused_commit_holds_none(tmp_path):
+    from circuitscan.services.store.errors import ShardConflictError
+    from circuitscan.services.store.index_writer import HELD_LIMIT
+
+    store, entries = _written(tmp_path / "s", [0, 1, 2, 0, 1, 2] * 12)  # 72 shards
+    driver = FeatureStore.open(store.url)
+    driver.index.background = True  # as a job's driver: folds on a thread of their own
+    driver.index_flush_every = 10**9
+    most = 0
+    for entry in entries:
+        assert driver.commit_shard(entry, verify=False)
+        most = max(most, len(driver.index._held))
+    assert most <= HELD_LIMIT  # a commit waits for the fold rather than hold more
+    driver.flush_index()
+    assert not driver.index._held
+    other = entries[0].model_copy(update={"checksums": {"x": "1:ab"}})
+    other.with_index_summaries(entries[0].index_summaries)
+    with pytest.raises(ShardConflictError):
+        driver.commit_shard(other)
+    assert not driver.index._held  # what a refused commit brought is not kept
+    fresh = FeatureStore.open(store.url)  # folds every shard from its arrays
+    for site in SITES:
+        assert (
+            fresh.feature_index(site.label).top_prompt.tobytes()
+            == driver.feature_index(site.label).top_prompt.tobytes()
+        )
