@@ -26,13 +26,17 @@ Figures (real stores on local disk; an S3 server for the request counts):
   ``s3_index_flush_interval`` commits, and its last one) over its shards.
   Target: equal within 5 %. ``s3_requests_by_phase_*``: each phase's requests
   a shard, and each flush's requests.
-- index_flush_ms_131k_features: one flush of the merged index of one
-  131,072-feature site (gradients on) after 16 commits of shards of their own
-  random draws, the first of the store (its rows filling: every candidate
-  enters), split into folding the 16 shards in (``index_fold_ms_...``) and
-  writing the chunks and pointer (``index_write_ms_...``); ``..._steady``: the
-  same after 256 shards (rows full, as in a long job);
-  ``index_flush_interval_...``: the commits a job makes between flushes.
+- index_flush_ms_131k_features: the flush a job's commits make of the merged
+  index of one 131,072-feature site (gradients on) after 16 commits of shards
+  of their own random draws, the first of the store: a run of the 16 shards'
+  summaries and the pointer (index_runs.py). Beside it the driver's fold of
+  those shards into its in-memory index (``index_fold_ms_...``, off the flush:
+  a job's driver folds on its flush thread) and the compaction after them
+  (``index_compact_ms_...``: the chunks they changed, every chunk at this
+  width); ``..._steady``: the same after 256 shards (rows full, as in a long
+  job); ``index_flush_interval_...`` / ``index_compact_interval_...``: the
+  commits a job makes between flushes and between compactions, and
+  ``index_compact_ms_per_shard_...`` the compaction's share of a shard.
 - driver_commits_per_s: the driver's commits of 64-prompt shards of the
   default layout (two sites of 2,304 features, gradients), written by a
   worker beforehand, on local disk, with the index flushes a job makes run in
@@ -323,15 +327,22 @@ def distinct_shards(url: str, n_shards: int, d_sae: int, sites: int) -> tuple[An
 
 
 def _timed_flush(driver: Any, label: str, entries: list[Any]) -> tuple[float, float]:
-    """(fold ms, write ms) of committing ``entries`` and flushing: the commits fold the
-    summaries they hold every 16 (the bookkeeping of a commit itself is ~0.1 ms)."""
+    """(fold ms, flush ms) of committing ``entries``: the commits fold the summaries they
+    hold every 16 (the bookkeeping of a commit itself is ~0.1 ms), then the flush a job's
+    commits make (``flush_recent``: a run of their summaries)."""
     start = time.perf_counter()
     for entry in entries:
         driver.commit_shard(entry, verify=False)
     driver.feature_index(label)  # folds what the commits have not
     folded = time.perf_counter()
-    driver.flush_index()
+    driver.index.flush_recent()
     return (folded - start) * 1000, (time.perf_counter() - folded) * 1000
+
+
+def _timed_compaction(driver: Any) -> float:
+    start = time.perf_counter()
+    driver.flush_index()  # writes the chunks the shards changed, drops the runs
+    return (time.perf_counter() - start) * 1000
 
 
 def index_flush_ms(
@@ -339,8 +350,8 @@ def index_flush_ms(
 ) -> dict[str, float]:
     """Flushes of one 131,072-feature site (gradients on) after ``commits`` commits: the
     first (rows filling: every candidate enters) and one after ``warm`` shards (rows
-    full: few candidates beat a row's K-th), each split into folding the shards in and
-    writing the chunks and pointer."""
+    full: few candidates beat a row's K-th), each with the fold of those shards into the
+    driver's index before it and the compaction after it."""
     from circuitscan.services.store import FeatureStore
 
     store, entries = distinct_shards(str(root / "wide"), warm + commits, d_sae, sites=1)
@@ -348,20 +359,25 @@ def index_flush_ms(
     driver = FeatureStore.open(store.url)
     driver.index_flush_every = 10**9  # flush by hand
     cold = _timed_flush(driver, label, entries[:commits])
+    cold_compaction = _timed_compaction(driver)
     for entry in entries[commits:warm]:
         driver.commit_shard(entry, verify=False)
     driver.flush_index()
     steady = _timed_flush(driver, label, entries[warm:])
+    steady_compaction = _timed_compaction(driver)
     job = FeatureStore.open(store.url)
     job.index_flush_every = 16
+    interval = job.index.compact_interval()
     return {
-        "index_flush_ms_131k_features": round(sum(cold), 1),
+        "index_flush_ms_131k_features": round(cold[1], 1),
         "index_fold_ms_131k_features": round(cold[0], 1),
-        "index_write_ms_131k_features": round(cold[1], 1),
-        "index_flush_ms_131k_features_steady": round(sum(steady), 1),
+        "index_compact_ms_131k_features": round(cold_compaction, 1),
+        "index_flush_ms_131k_features_steady": round(steady[1], 1),
         "index_fold_ms_131k_features_steady": round(steady[0], 1),
-        "index_write_ms_131k_features_steady": round(steady[1], 1),
+        "index_compact_ms_131k_features_steady": round(steady_compaction, 1),
         "index_flush_interval_131k_features": job.index.flush_interval(),  # a job's
+        "index_compact_interval_131k_features": interval,
+        "index_compact_ms_per_shard_131k_features": round(steady_compaction / interval, 2),
     }
 
 
@@ -507,11 +523,15 @@ def _flush_figures(figures: dict[str, Any], root: Path) -> None:
     for when, suffix in (("first flush", ""), ("after 256 shards", "_steady")):
         print(
             f"index flush of a 131,072-feature site, 16 commits, {when}: "
-            f"{flushed[f'index_flush_ms_131k_features{suffix}']} ms (fold "
-            f"{flushed[f'index_fold_ms_131k_features{suffix}']} ms, write "
-            f"{flushed[f'index_write_ms_131k_features{suffix}']} ms)"
+            f"{flushed[f'index_flush_ms_131k_features{suffix}']} ms (a run; the fold of "
+            f"the 16 shards before it {flushed[f'index_fold_ms_131k_features{suffix}']} ms, "
+            f"a compaction after it {flushed[f'index_compact_ms_131k_features{suffix}']} ms)"
         )
-    print(f"a job flushes it every {flushed['index_flush_interval_131k_features']} commits")
+    print(
+        f"a job flushes it every {flushed['index_flush_interval_131k_features']} commits and "
+        f"compacts every {flushed['index_compact_interval_131k_features']} shards "
+        f"({flushed['index_compact_ms_per_shard_131k_features']} ms a shard)"
+    )
 
 
 if __name__ == "__main__":

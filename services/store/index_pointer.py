@@ -1,6 +1,10 @@
 """The merged index's pointer, ``index/current.json``: what it names and how it is checked.
 
-Format 4 (index_writer.py): the shards the index covers as ranges of ids, a
+Format 5 (index_writer.py) is format 4 with runs: ``runs`` lists objects that
+each hold the index summaries of a few shards committed since the chunks were
+last written (index_runs.py), with those shards' id ranges. The chunks cover
+the pointer's shards less the runs'; a reader folds the runs in at load.
+Format 4: the shards the index covers as ranges of ids, a
 sum of a hash of each one's manifest entry, each site's row chunks
 (index_chunks.py) in order, the checksum of every object it names, and a
 digest of the pointer itself. Its size and the cost of writing it do not grow
@@ -26,7 +30,7 @@ from circuitscan.services.store.manifest import ShardManifest
 
 INDEX_POINTER = "index/current.json"
 INDEX_PREFIX = "index/"
-POINTER_FORMAT = 4
+POINTER_FORMAT = 5
 CHECKED_FORMAT = 2  # pointers from this format on carry checksums and a digest of themselves
 CHUNKED_FORMAT = 3  # pointers from this format on name row chunks ("sites")
 _SUM_MODULUS = 1 << 128
@@ -43,10 +47,19 @@ def shard_ranges(shard_ids: set[int]) -> list[list[int]]:
     return [[int(a), int(b)] for a, b in zip(starts, stops, strict=True)]
 
 
+def range_ids(ranges: list[list[int]]) -> set[int]:
+    return {i for start, stop in ranges for i in range(start, stop)}
+
+
+def pointer_runs(pointer: dict[str, Any]) -> list[tuple[str, set[int]]]:
+    """A format 5 pointer's runs: (object key, the shards it holds) each (none before)."""
+    return [(run["object"], range_ids(run["shard_ranges"])) for run in pointer.get("runs", [])]
+
+
 def pointer_shards(pointer: dict[str, Any]) -> set[int]:
     """The shards a pointer of any format covers."""
     if "shard_ranges" in pointer:
-        return {i for start, stop in pointer["shard_ranges"] for i in range(start, stop)}
+        return range_ids(pointer["shard_ranges"])
     return set(pointer["shards"])
 
 
@@ -106,11 +119,12 @@ def parse_pointer(raw: bytes, url: str) -> dict[str, Any]:
         pointer = json.loads(raw)
         generation = pointer["generation"]
         if "shard_ranges" in pointer:
-            ranges = pointer["shard_ranges"]
-            ok = all(
-                isinstance(r, list) and len(r) == 2 and all(isinstance(i, int) for i in r)
-                and 0 <= r[0] < r[1] for r in ranges
-            ) and isinstance(pointer["shards_sum"], str)  # fmt: skip
+            ok = _ranges_ok(pointer["shard_ranges"]) and isinstance(pointer["shards_sum"], str)
+            runs = pointer.get("runs", [])
+            ok = ok and isinstance(runs, list) and all(
+                isinstance(run, dict) and isinstance(run.get("object"), str)
+                and _ranges_ok(run.get("shard_ranges")) for run in runs
+            )  # fmt: skip
         else:
             ok = all(isinstance(s, int) for s in pointer["shards"])
         ok = ok and isinstance(generation, str)
@@ -133,8 +147,15 @@ def parse_pointer(raw: bytes, url: str) -> dict[str, Any]:
     return pointer
 
 
+def _ranges_ok(ranges: Any) -> bool:
+    return isinstance(ranges, list) and all(
+        isinstance(r, list) and len(r) == 2 and all(isinstance(i, int) for i in r)
+        and 0 <= r[0] < r[1] for r in ranges
+    )  # fmt: skip
+
+
 def named_objects(pointer: dict[str, Any]) -> set[str]:
-    """The chunk objects a format 3 or 4 pointer names (none for older formats)."""
+    """The chunk and run objects a format 3 to 5 pointer names (none for older formats)."""
     checksums = pointer.get("checksums")
     if "sites" not in pointer or not isinstance(checksums, dict):
         return set()

@@ -14,16 +14,22 @@ of shards) is folded from its arrays, checked against its entry, by the same
 functions, to the same bytes; shards written while summaries were stored
 (``sites/<label>/index_summary`` in their pack) are folded from those.
 
-The index is persisted as row chunks (index_chunks.py): each chunk of a
-site, CHUNK_ROWS features of every per-feature array, is one object named by
-the digest of its bytes, ``index/<digest>``; the pointer ``index/current.json``
-(format 4) maps every chunk of every site to its object and checksum. A flush
-encodes and writes only the chunks whose rows changed since the previous
-flush (the others keep their objects), then replaces the pointer, then
-deletes the objects the previous pointer named and the new one does not: no
-listing, and no folder per generation to leave empty. Equal committed shards
-give equal chunks, so the same keys and bytes whatever the commit order
-(totals are summed exactly, see summaries.on_grid).
+The index is persisted in two tiers. Row chunks (index_chunks.py): each
+chunk of a site, CHUNK_ROWS features of every per-feature array, is one
+object named by the digest of its bytes, ``index/<digest>``. Runs
+(index_runs.py): the held summaries of the shards committed since the
+chunks were written, one object a flush. The pointer ``index/current.json``
+(format 5) maps every chunk of every site to its object and names the runs,
+each with its checksum. The flushes a job's commits make (``flush_recent``)
+write one run each, a cost of the new shards' summaries whatever the SAE's
+width; every ``compact_interval`` shards (and at ``flush``, the end of a
+job) a compaction encodes and writes the chunks whose rows changed since
+the previous one (the others keep their objects) and drops the runs. Each
+flush writes its objects, then replaces the pointer, then deletes the
+objects the previous pointer named and the new one does not: no listing,
+and no folder per generation to leave empty. After a compaction, equal
+committed shards give equal chunks, so the same keys and bytes whatever the
+commit order (totals are summed exactly, see summaries.on_grid).
 
 Nothing of the index is trusted unchecked. The pointer records the checksum
 of every object it names, as a manifest entry does for a shard's, a digest
@@ -84,18 +90,24 @@ from circuitscan.services.store.index_pointer import (
     parse_pointer,
     pointer_bytes,
     pointer_digest,
+    pointer_runs,
     pointer_shards,
     shard_ranges,
     shards_digest,
     shards_sum,
     sum_text,
 )
+from circuitscan.services.store.index_runs import RunArrays, decode_run, encode_run
 from circuitscan.services.store.manifest import ShardManifest, manifest_key
 from circuitscan.services.store.packed_arrays import PackedArraysError
 from circuitscan.services.store.shard_io import (
     checksum,
 )
-from circuitscan.services.store.shard_summary import decode_site_summary, summary_key
+from circuitscan.services.store.shard_summary import (
+    decode_site_summary,
+    site_summary_from_arrays,
+    summary_key,
+)
 from circuitscan.services.store.summaries import FeatureIndex, ShardSummary
 
 log = logging.getLogger(__name__)
@@ -110,18 +122,19 @@ FOLD_BATCH = 64
 # HELD_LIMIT are held, so the driver's memory stays bounded when the index lags.
 HELD_FOLD = 16
 HELD_LIMIT = 64
-# A flush rewrites the chunks whose rows its shards touched, at worst every row (d_sae × k
-# entries a site: shards of random features touch every chunk), so the commits between
-# flushes grow with the index: amortised, a commit pays for at most about this many
-# rewritten entries, whatever the SAE's width (16 commits for small SAEs, 2,048 for two
-# 131,072-feature sites at k = 32). A crash loses at most that many merges, which the
-# next load redoes from the shards (held summaries are gone with the process).
-FLUSH_ENTRIES_PER_COMMIT = 4096
+# A compaction rewrites the chunks whose rows its shards touched, at worst every row
+# (d_sae × k entries a site: shards of random features touch every chunk), so the shards
+# between compactions grow with the index: amortised, a shard pays for at most about this
+# many rewritten entries, whatever the SAE's width (every flush for small SAEs, every 64
+# shards for a 131,072-feature site at k = 32). The flushes in between write runs (the
+# new shards' summaries, index_runs.py), so a crash loses at most a flush interval of
+# merges, which the next load redoes from the shards' arrays.
+COMPACT_ENTRIES_PER_SHARD = 65_536
 
 
-# One shard's part of a site's fold: its encoded index summary, or (older shards) the
-# summaries computed from its arrays.
-_Part = tuple[int, bytes | tuple[ShardSummary, AttributionSummary | None]]
+# One shard's part of a site's fold: its encoded index summary (held or stored), its
+# summary's arrays (from a run), or (older shards) the summaries computed from its arrays.
+_Part = tuple[int, bytes | dict[str, np.ndarray] | tuple[ShardSummary, AttributionSummary | None]]
 
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -163,13 +176,24 @@ class IndexWriter:
         # chunk), the objects themselves, and the chunks changed since (to rewrite).
         self._persisted: tuple[str, dict[str, list[list[str]]]] | None = None
         self._stored: set[str] = set()
-        self._dirty: dict[str, set[int]] = {}
+        self._dirty: dict[str, set[int]] = {}  # chunks changed since the last compaction
+        # The chunks' part of the pointer as persisted (reused by run flushes), the runs
+        # it names ([object, checksum], shards), and every shard it covers with their sum.
+        self._base_sites: dict[str, dict[str, Any]] | None = None
+        self._runs: list[tuple[str, str, set[int]]] = []
+        self._covered: set[int] = set()
+        self._covered_sum = 0
+        # Shards between compactions; None: by the index's width (compact_interval).
+        self.compact_every: int | None = None
         self._legacy: str | None = None  # a format 1/2 generation the next flush deletes
         self.background = False
         self._entry_digests: dict[int, str] = {}  # digests of committed entries (shards_sum)
         self._sum = 0  # the pointer's shards_sum of ``_indexed`` (index_pointer.py)
-        # Worker-computed index summaries of committed shards not yet folded (see hold).
+        # Worker-computed index summaries of committed shards not yet folded (see hold),
+        # of those not yet persisted (in a run or the chunks), and those read from runs.
         self._held: dict[int, tuple[ShardEntry, dict[str, bytes]]] = {}
+        self._unpersisted: dict[int, tuple[ShardEntry, dict[str, bytes]]] = {}
+        self._run_summaries: RunArrays = {}
         self.lock = threading.RLock()
         self._flusher: threading.Thread | None = None
         self._failure: BaseException | None = None
@@ -232,16 +256,18 @@ class IndexWriter:
             return
         if all(site.label in summaries for site in self.layout.sites):
             self._held[entry.shard_id] = (entry, summaries)
+            self._unpersisted[entry.shard_id] = (entry, summaries)
 
     def release(self, entry: ShardEntry) -> None:
         """Drop what ``hold`` kept of ``entry`` (its commit did not happen)."""
-        held = self._held.get(entry.shard_id)
-        if held is not None and held[0] is entry:
-            self._held.pop(entry.shard_id, None)
+        for kept in (self._held, self._unpersisted):
+            held = kept.get(entry.shard_id)
+            if held is not None and held[0] is entry:
+                kept.pop(entry.shard_id, None)
 
     def after_commit(self, shard_id: int) -> None:
         """Count just-committed shard ``shard_id``: every HELD_FOLD commits fold the held
-        summaries in, every ``flush_interval`` ones flush."""
+        summaries in, every ``flush_interval`` ones flush (``flush_recent``)."""
         # A commit reads nothing of its shard: the shards committed since the
         # last fold are folded in together (index_fold.py) from the summaries
         # held, at the next fold, flush or query. The persisted index is loaded
@@ -264,13 +290,14 @@ class IndexWriter:
             return
         if not self.background:
             if persist:
-                self.flush()
-            else:
+                self._unflushed = 0
+                self.flush_recent()
+            if len(self._held) >= HELD_FOLD:
                 with self.lock:
                     self._current(repair=True)
             return
         running = self._flusher is not None and self._flusher.is_alive()
-        if running and len(self._held) >= HELD_LIMIT:
+        if running and max(len(self._held), len(self._unpersisted)) >= HELD_LIMIT:
             assert self._flusher is not None
             self._flusher.join()  # backpressure: the index's memory stays bounded
             running = False
@@ -294,7 +321,8 @@ class IndexWriter:
     def _flush_in_background(self) -> None:
         try:
             with self.lock:
-                self._flush()
+                self._flush_recent()
+                self._current(repair=True)  # the fold a run flush leaves to do
         except BaseException as exc:  # raised again by the next flush or query
             log.warning("background index flush failed: %s", exc)
             self._failure = exc
@@ -305,9 +333,15 @@ class IndexWriter:
             raise failure
 
     def flush_interval(self) -> int:
-        """Commits between flushes: ``flush_every``, more for a wide index (see above)."""
+        """Commits between the flushes commits make (``flush_every``)."""
+        return self.flush_every
+
+    def compact_interval(self) -> int:
+        """Shards between compactions: a flush interval, more for a wide index (see above)."""
+        if self.compact_every is not None:
+            return self.compact_every
         entries = sum(s.d_sae for s in self.layout.sites) * self.layout.examples_per_feature
-        return max(self.flush_every, -(-entries // FLUSH_ENTRIES_PER_COMMIT))
+        return max(self.flush_every, -(-entries // COMPACT_ENTRIES_PER_SHARD))
 
     @_locked
     def forget(self) -> None:
@@ -315,6 +349,7 @@ class IndexWriter:
         self._index = None
         self._indexed, self._sum = set(), 0
         self._entry_digests = {}  # entries may have changed (another writer, an uncommit)
+        self._run_summaries = {}  # read again, and checked, with the pointer
 
     @_locked
     def discard(self) -> None:
@@ -331,7 +366,8 @@ class IndexWriter:
             named = set()  # repair lists and deletes what an unreadable pointer named
         self.location.delete_keys(sorted(named))
         self.forget()
-        self._persisted = None
+        self._persisted, self._base_sites, self._runs = None, None, []
+        self._covered, self._covered_sum = set(), 0
 
     @_locked
     def rebuild(self) -> None:
@@ -339,9 +375,10 @@ class IndexWriter:
         rewriting every chunk and deleting every other object under ``index/``
         (``circuitscan repair``)."""
         self._index, self._indexed, self._sum = self._empty(), set(), 0
+        self._run_summaries = {}  # index objects: not what a rebuild trusts
         self._current()
         self._persisted = None  # every chunk is written again, damaged or not
-        self._flush()
+        self._compact()
         keep = {INDEX_POINTER, *self._stored}
         self.location.delete_keys(
             sorted(key for key in self.location.list_keys(INDEX_PREFIX) if key not in keep)
@@ -370,21 +407,32 @@ class IndexWriter:
         if self.location.read_bytes(INDEX_POINTER) is None:
             return [("index", f"index pointer {INDEX_POINTER} of {self.url} is missing; {fix}")]
         try:
-            _index, covered, _sum = self._load()
+            self._load()
+            covered = self._covered
         except CorruptIndexError as exc:
             return [("index", str(exc))]
         except CorruptManifestError as exc:
             return [("manifest", str(exc))]
+        finally:
+            self.forget()  # _load replaced what the in-memory index was persisted as
         if covered != set(self.manifest.committed()):
             return [("index", f"index of {self.url} misses committed shards; {fix}")]
         return []
 
     def _load(self) -> tuple[dict[str, FeatureIndex], set[int], int]:
-        """The persisted index, the shards it covers and their ``shards_sum``."""
+        """The persisted index's chunks, the shards they cover and their ``shards_sum``.
+
+        Also reads the pointer's runs: their shards' summaries are folded in by
+        ``_current`` (``_run_summaries``), and ``_covered`` is every shard the
+        pointer covers.
+        """
         index = self._empty()
         self._persisted, self._legacy, self._dirty = None, None, {}
+        self._base_sites, self._runs, self._run_summaries = None, [], {}
+        self._covered, self._covered_sum = set(), 0
         raw = self.location.read_bytes(INDEX_POINTER)
         if raw is None:
+            self._no_chunks(index)
             return index, set(), 0
         pointer = parse_pointer(raw, self.url)
         shards = pointer_shards(pointer)
@@ -397,6 +445,7 @@ class IndexWriter:
                 f"index covers shard {gone[0]}; `circuitscan repair {self.url}` recomputes it"
             )
         if gone:
+            self._no_chunks(index)
             return index, set(), 0
         fix = f"`circuitscan repair {self.url}` rebuilds the index from the shards"
         total = shards_sum(self.manifest, shards, self._entry_digests)  # once, at load
@@ -419,9 +468,63 @@ class IndexWriter:
                 url=self.url,
             )  # fmt: skip
             self._legacy = generation_prefix(pointer)
+            if loaded:
+                self._covered, self._covered_sum = set(shards), total
             return (index, shards, total) if loaded else (index, set(), 0)
         self._load_chunks(pointer, index, fix)
-        return index, shards, total
+        in_runs = self._load_runs(pointer, shards, fix)
+        self._covered, self._covered_sum = set(shards), total
+        base_sum = add_terms(total, [-entry_term(i, self._entry_digests[i]) for i in in_runs])
+        return index, shards - in_runs, base_sum
+
+    def _no_chunks(self, index: dict[str, FeatureIndex]) -> None:
+        """Record that nothing is persisted yet: a flush may write runs over no chunks."""
+        self._persisted = (self._attribution_kind(), {label: [] for label in index})
+        self._base_sites = {label: self._site_payload(label, []) for label in index}
+        self._stored = set()
+
+    def _load_runs(self, pointer: dict[str, Any], shards: set[int], fix: str) -> set[int]:
+        """Read and check a format 5 pointer's runs into ``_run_summaries``; their shards."""
+        runs = pointer_runs(pointer)
+        if not runs:
+            return set()
+        sums = pointer["checksums"]
+        keys = [key for key, _ in runs]
+        in_runs: set[int] = set()
+        for key, run_shards in runs:
+            if key not in sums or not key.startswith(INDEX_PREFIX) or key == INDEX_POINTER:
+                raise CorruptIndexError(
+                    f"index pointer {INDEX_POINTER} of {self.url} is unreadable; {fix}"
+                )
+            if run_shards & in_runs or not run_shards <= shards:
+                raise CorruptIndexError(
+                    f"index pointer {INDEX_POINTER} of {self.url} names runs that overlap "
+                    f"or cover shards it does not; {fix}"
+                )
+            in_runs |= run_shards
+        data = self.location.read_many(keys)
+        labels = {site.label for site in self.layout.sites}
+        for key, run_shards in runs:
+            raw = data[key]
+            if raw is None or checksum(raw) != sums[key]:
+                raise CorruptIndexError(
+                    f"index object {key} of {self.url} fails its checksum; {fix}"
+                )
+            try:
+                decoded = decode_run(raw)
+            except (PackedArraysError, ValueError) as exc:
+                raise CorruptIndexError(
+                    f"index object {key} of {self.url} does not decode ({exc}); {fix}"
+                ) from exc
+            if set(decoded) != run_shards or any(set(v) != labels for v in decoded.values()):
+                raise CorruptIndexError(
+                    f"index object {key} of {self.url} holds other shards or sites than its "
+                    f"pointer names; {fix}"
+                )
+            self._run_summaries.update(decoded)
+        self._runs = [(key, str(sums[key]), run_shards) for key, run_shards in runs]
+        self._stored |= set(keys)
+        return in_runs
 
     def _load_chunks(
         self, pointer: dict[str, Any], index: dict[str, FeatureIndex], fix: str
@@ -434,6 +537,7 @@ class IndexWriter:
         refs = load_chunks(self.location, pointer, index, self._attribution, d_saes, self.url, fix)
         self._persisted = (kind if self._attribution is not None else "none", refs)
         self._stored = {key for chunks in refs.values() for key, _ in chunks}
+        self._base_sites = {label: pointer["sites"][label] for label in index}
 
     def _attribution_kind(self) -> str:
         """Which attribution sums this index holds: "none", "plain" or "paired"."""
@@ -495,7 +599,7 @@ class IndexWriter:
         terms: list[AttributionSummary] = []
         for shard_id, part in parts:
             summary, attribution = (
-                self._decoded(shard_id, part) if isinstance(part, bytes) else part
+                part if isinstance(part, tuple) else self._decoded(shard_id, part)
             )
             summaries.append(summary)
             if self._attribution is not None:
@@ -514,35 +618,132 @@ class IndexWriter:
             changed = np.concatenate([s.features for s in summaries])
             self._dirty.setdefault(label, set()).update(chunks_of(changed))
 
-    def _summaries_of(self, shard_id: int, labels: list[str]) -> dict[str, bytes] | None:
+    def _summaries_of(
+        self, shard_id: int, labels: list[str]
+    ) -> dict[str, bytes] | dict[str, dict[str, np.ndarray]] | None:
         """Shard ``shard_id``'s index summaries: held ones (if written for the entry that is
-        committed now), else stored ones (checked against the entry), else None."""
+        committed now), else ones read from a run (checked with the pointer), else stored
+        ones (checked against the entry), else None."""
         entry = self.manifest.entry(shard_id)
-        held = self._held.pop(shard_id, None)
+        held = self._held.pop(shard_id, None) or self._unpersisted.get(shard_id)
         if held is not None and held[0].checksums == entry.checksums:
             return held[1]
+        from_run = self._run_summaries.pop(shard_id, None)
+        if from_run is not None:
+            return from_run
         keys = [summary_key(label) for label in labels]
         if all(key in entry.checksums for key in keys):  # stored by an older writer
             objects = self.manifest.fetch_verified(shard_id, keys)
             return {label: objects[key] for label, key in zip(labels, keys, strict=True)}
         return None
 
-    def _decoded(self, shard_id: int, raw: bytes) -> tuple[ShardSummary, AttributionSummary | None]:
+    def _decoded(
+        self, shard_id: int, part: bytes | dict[str, np.ndarray]
+    ) -> tuple[ShardSummary, AttributionSummary | None]:
+        start = self.manifest.entry(shard_id).prompt_start
         try:
-            return decode_site_summary(raw, self.manifest.entry(shard_id).prompt_start)
-        except PackedArraysError as exc:  # matched its checksum, so written so by a bad writer
+            if isinstance(part, bytes):
+                return decode_site_summary(part, start)
+            return site_summary_from_arrays(part, start)
+        except (PackedArraysError, KeyError) as exc:  # matched its checksum: a bad writer
             raise CorruptIndexError(
                 f"shard {shard_id} of {self.url}: its index summary does not decode ({exc})"
             ) from exc
 
     @_locked
     def flush(self) -> None:
-        """Persist the merged index: the chunks that changed, then the pointer, then delete
-        the objects no longer named (after a running background flush)."""
+        """Persist the merged index, compacted: the chunks that changed, then the pointer
+        (no runs), then delete the objects no longer named (after a background flush)."""
         self._raise_failure()
-        self._flush()
+        self._unflushed = 0
+        self._compact()
 
-    def _flush(self) -> None:
+    @_locked
+    def flush_recent(self) -> None:
+        """The flush commits make: a run of the shards committed since the last flush, or a
+        compaction when one is due (or a shard's summaries are not held)."""
+        self._raise_failure()
+        self._flush_recent()
+
+    def _flush_recent(self) -> None:
+        if self._index is None or not self.layout.sites:
+            self._compact()
+            return
+        entries = self.manifest.committed()
+        committed = set(entries)  # one C-level pass: commits may extend it meanwhile
+        new = sorted(committed - self._covered)
+        if not new and not (self._covered - committed):
+            return  # nothing committed since: the pointer is current
+        in_runs = sum(len(shards) for _, _, shards in self._runs)
+        held = {i: self._unpersisted.get(i) for i in new}
+        runnable = (
+            self._persisted is not None
+            and self._base_sites is not None
+            and self._legacy is None
+            and self._persisted[0] == self._attribution_kind()
+            and not (self._covered - committed)
+            and in_runs + len(new) < self.compact_interval()
+            and all(
+                h is not None and h[0].checksums == entries[i].checksums for i, h in held.items()
+            )
+        )
+        if not runnable:
+            self._compact()
+            return
+        assert self._persisted is not None and self._base_sites is not None
+        data = encode_run({i: h[1] for i, h in held.items() if h is not None})
+        key = blob_key(data)
+        for i in new:
+            if i not in self._entry_digests:
+                self._entry_digests[i] = entries[i].digest()
+        runs = [*self._runs, (key, checksum(data), set(new))]
+        covered = self._covered | set(new)
+        total = add_terms(self._covered_sum, [entry_term(i, self._entry_digests[i]) for i in new])
+        pointer = self._pointer(self._base_sites, self._persisted[1], runs, covered, total)
+        self.location.write_many({key: data})
+        self.location.write_bytes(INDEX_POINTER, pointer_bytes(pointer))
+        self._runs, self._covered, self._covered_sum = runs, covered, total
+        self._stored.add(key)
+        for i in new:
+            self._unpersisted.pop(i, None)
+
+    def _site_payload(self, label: str, chunks: list[str]) -> dict[str, Any]:
+        """A site's part of the pointer: its chunks, and the AtP error sums of the index."""
+        payload: dict[str, Any] = {"chunks": chunks}
+        attribution = None if self._attribution is None else self._attribution[label]
+        if attribution is not None and attribution.error_atp is not None:
+            payload["error_atp"] = [float(value) for value in attribution.error_atp]
+        return payload
+
+    def _pointer(
+        self,
+        sites: dict[str, dict[str, Any]],
+        refs: dict[str, list[list[str]]],
+        runs: list[tuple[str, str, set[int]]],
+        covered: set[int],
+        total: int,
+    ) -> dict[str, Any]:
+        """The pointer naming chunks ``refs`` and ``runs``, covering shards ``covered``."""
+        named = {k: c for chunks in refs.values() for k, c in chunks}
+        named |= {key: run_checksum for key, run_checksum, _ in runs}
+        # Named by its content: equal shards give an equal pointer, in any order.
+        content = sites if not runs else [sites, [key for key, _, _ in runs]]
+        return {
+            "format": POINTER_FORMAT,
+            "generation": f"c{pointer_digest(content)}",
+            "shard_ranges": shard_ranges(covered),
+            "shards_sum": sum_text(total),
+            "chunk_rows": CHUNK_ROWS,
+            "attribution": self._attribution_kind(),
+            "sites": sites,
+            "runs": [
+                {"object": key, "shard_ranges": shard_ranges(shards)} for key, _, shards in runs
+            ],
+            # Every object it names, as for format 2 (and a manifest entry's shard).
+            "checksums": dict(sorted(named.items())),
+        }
+
+    def _compact(self) -> None:
         stale = self._indexed != set(self.manifest.committed())
         if self._index is None or (self.layout.sites and stale):
             self._current(repair=True)
@@ -555,7 +756,7 @@ class IndexWriter:
         writes: dict[str, bytes] = {}
         for label, item in index.items():
             attribution = None if self._attribution is None else self._attribution[label]
-            old = None if previous is None else previous[1].get(label)
+            old = None if previous is None else previous[1].get(label) or None
             dirty = self._dirty.get(label, set())
             chunks = []
             for chunk in range(n_chunks(self.layout.site(label).d_sae)):
@@ -567,24 +768,9 @@ class IndexWriter:
                 chunks.append([key, checksum(data)])
                 if key not in self._stored or previous is None:
                     writes[key] = data
-            sites[label] = {"chunks": [key for key, _ in chunks]}
+            sites[label] = self._site_payload(label, [key for key, _ in chunks])
             refs[label] = chunks
-            if attribution is not None and attribution.error_atp is not None:
-                sites[label]["error_atp"] = [float(value) for value in attribution.error_atp]
-        pointer = {
-            "format": POINTER_FORMAT,
-            # Named by its content: equal shards give an equal pointer, in any order.
-            "generation": f"c{pointer_digest(sites)}",
-            "shard_ranges": shard_ranges(self._indexed),
-            "shards_sum": sum_text(self._sum),  # kept up to date by _merge
-            "chunk_rows": CHUNK_ROWS,
-            "attribution": kind,
-            "sites": sites,
-            # Every object it names, as for format 2 (and a manifest entry's shard).
-            "checksums": dict(
-                sorted({k: c for chunks in refs.values() for k, c in chunks}.items())
-            ),
-        }
+        pointer = self._pointer(sites, refs, [], self._indexed, self._sum)
         self.location.write_many(writes)
         self.location.write_bytes(INDEX_POINTER, pointer_bytes(pointer))
         named = named_objects(pointer)
@@ -596,4 +782,7 @@ class IndexWriter:
             self._legacy = None
         self._persisted = (kind, refs)
         self._stored, self._dirty = named, {}
-        self._unflushed = 0
+        self._base_sites, self._runs = sites, []
+        self._covered, self._covered_sum = set(self._indexed), self._sum
+        for i in [i for i in self._unpersisted if i in self._indexed]:
+            self._unpersisted.pop(i, None)

@@ -116,7 +116,14 @@ def decode_site_summary(
     raw: bytes, prompt_start: int
 ) -> tuple[ShardSummary, AttributionSummary | None]:
     """Inverse of ``encode_site_summary`` (PackedArraysError when it does not decode)."""
-    arrays = unpack_arrays(raw)
+    return site_summary_from_arrays(unpack_arrays(raw), prompt_start)
+
+
+def site_summary_from_arrays(
+    arrays: dict[str, np.ndarray], prompt_start: int
+) -> tuple[ShardSummary, AttributionSummary | None]:
+    """The summaries ``encode_site_summary`` packed, from its arrays (KeyError when one
+    is missing)."""
 
     def wide(name: str) -> np.ndarray:
         return arrays[name].astype(np.int64)

@@ -135,14 +135,18 @@ def shard_tail_requests(
         driver.index_flush_every = flush_every
     worker = FeatureStore.open(url)
     tail = TailRequests(interval=driver.index.flush_interval())
-    flush = driver.index.flush
 
-    def counted_flush() -> None:
-        before = counter.total()
-        flush()
-        tail.flushes.append(counter.total() - before)
+    def counted(flush: Any) -> Any:
+        def counted_flush() -> None:
+            before = counter.total()
+            flush()
+            tail.flushes.append(counter.total() - before)
 
-    driver.index.flush = counted_flush  # type: ignore[method-assign]
+        return counted_flush
+
+    # The flushes commits make (runs or compactions) and the job's last one.
+    driver.index.flush_recent = counted(driver.index.flush_recent)  # type: ignore[method-assign]
+    driver.index.flush = counted(driver.index.flush)  # type: ignore[method-assign]
     counter.reset()
     for shard_id in range(n_shards):
         marks = [counter.total()]

@@ -210,10 +210,11 @@ def test_the_index_is_the_same_files_in_any_commit_order_and_a_damaged_chunk_is_
     assert store_files(tmp_path / "b") == pristine
 
 
-def test_a_format_3_pointer_is_read_and_checked_and_replaced_by_format_4(tmp_path):
+def test_a_format_3_pointer_is_read_and_checked_and_replaced_by_the_current_format(tmp_path):
     import json
 
     from circuitscan.services.store.index_pointer import (
+        POINTER_FORMAT,
         parse_pointer,
         pointer_bytes,
         pointer_shards,
@@ -226,18 +227,19 @@ def test_a_format_3_pointer_is_read_and_checked_and_replaced_by_format_4(tmp_pat
     store.flush_index()
     path = tmp_path / "s" / INDEX_POINTER
     pointer = parse_pointer(path.read_bytes(), store.url)
-    assert pointer["format"] == 4 and pointer["shard_ranges"] == [[0, 3]]
+    assert pointer["format"] == POINTER_FORMAT and pointer["shard_ranges"] == [[0, 3]]
+    assert pointer["runs"] == []  # a flush_index compacts
     expected = store.feature_index(SITES[0].label)
     # The same index as format 3 wrote it: every shard id and a digest of their entries.
-    old = {k: v for k, v in pointer.items() if k not in ("shard_ranges", "shards_sum")}
+    old = {k: v for k, v in pointer.items() if k not in ("shard_ranges", "shards_sum", "runs")}
     old |= {"format": 3, "shards": [0, 1, 2]}
     old["shards_digest"] = shards_digest(store.manifest, [0, 1, 2])
     path.write_bytes(pointer_bytes(old))
     reader = FeatureStore.open(store.url)
     assert reader.feature_index(SITES[0].label).top_value.tobytes() == expected.top_value.tobytes()
     assert reader.index.problems() == []
-    reader.flush_index()  # the next flush writes format 4 again
-    assert json.loads(path.read_bytes())["format"] == 4
+    reader.flush_index()  # the next flush writes the current format again
+    assert json.loads(path.read_bytes())["format"] == POINTER_FORMAT
     # A shards_sum that does not match the committed entries is caught, as a digest was.
     altered = parse_pointer(path.read_bytes(), store.url)
     altered["shards_sum"] = "0" * 32
@@ -273,3 +275,136 @@ def test_held_summaries_stay_bounded_and_a_refused_commit_holds_none(tmp_path):
             fresh.feature_index(site.label).top_prompt.tobytes()
             == driver.feature_index(site.label).top_prompt.tobytes()
         )
+
+
+def _same_index(left: FeatureStore, right: FeatureStore) -> bool:
+    """Every array of every site's feature and attribution index, byte for byte."""
+    for site in SITES:
+        a, b = left.feature_index(site.label), right.feature_index(site.label)
+        if any(getattr(a, n).tobytes() != getattr(b, n).tobytes() for n in a.__dataclass_fields__):
+            return False
+        x, y = left.index.attribution(site.label), right.index.attribution(site.label)
+        for name in x.__dataclass_fields__:
+            u, v = getattr(x, name), getattr(y, name)
+            if (u is None) != (v is None) or (u is not None and u.tobytes() != v.tobytes()):
+                return False
+    return True
+
+
+def _index_objects(path: Path) -> dict[str, bytes]:
+    return {k: v for k, v in store_files(path).items() if k.startswith("index/")}
+
+
+@pytest.mark.parametrize("paired", [False, True])
+def test_flushes_between_compactions_write_runs_a_reader_folds_to_the_same_index(tmp_path, paired):
+    from circuitscan.services.store.index_pointer import parse_pointer, pointer_runs
+
+    chunks = [0, 1, 2, 0, 1, 2, 0]
+    store, entries = _written(tmp_path / "s", chunks, paired)
+    driver = FeatureStore.open(store.url)
+    driver.index_flush_every = 2
+    driver.index.compact_every = 6  # runs of 2 shards, then a compaction
+    counting = _Counting(driver.location)
+    path = tmp_path / "s" / INDEX_POINTER
+    for entry in entries[:4]:
+        assert driver.commit_shard(entry, verify=False)
+    pointer = parse_pointer(path.read_bytes(), store.url)
+    # Two flushes, two runs, over no chunks yet: a flush writes its run and the pointer.
+    assert [shards for _, shards in pointer_runs(pointer)] == [{0, 1}, {2, 3}]
+    assert all(site["chunks"] == [] for site in pointer["sites"].values())
+    index_writes = [k for k in counting.written if k.startswith("index/") and k != INDEX_POINTER]
+    assert index_writes == [pointer_runs(pointer)[0][0], pointer_runs(pointer)[1][0]]
+    reader = FeatureStore.open(store.url)  # folds the runs in: the driver's index
+    assert set(reader.committed_shard_ids()) == {0, 1, 2, 3} and reader.index.problems() == []
+    assert _same_index(reader, driver)
+    for entry in entries[4:6]:
+        assert driver.commit_shard(entry, verify=False)
+    # The third flush would make 6 shards in runs: it compacts, runs deleted.
+    pointer = parse_pointer(path.read_bytes(), store.url)
+    assert pointer["runs"] == [] and pointer["shard_ranges"] == [[0, 6]]
+    assert not any(k in _index_objects(tmp_path / "s") for k in index_writes)
+    assert driver.commit_shard(entries[6], verify=False)
+    driver.index.flush_recent()  # a run over the chunks
+    pointer = parse_pointer(path.read_bytes(), store.url)
+    assert [shards for _, shards in pointer_runs(pointer)] == [{6}]
+    assert _same_index(FeatureStore.open(store.url), driver)
+    # A driver restarted here goes on from the runs; its last flush compacts to the files
+    # one compaction of every shard, in another order, gives.
+    restarted = FeatureStore.open(store.url)
+    restarted.committed_shard_ids()
+    restarted.index_flush_every = 2
+    restarted.index.compact_every = 6
+    restarted.flush_index()
+    assert parse_pointer(path.read_bytes(), store.url)["runs"] == []
+    other, others = _written(tmp_path / "o", chunks, paired)
+    for entry in reversed(others):
+        other.commit_shard(entry)
+    other.flush_index()
+    assert _index_objects(tmp_path / "s") == _index_objects(tmp_path / "o")
+
+
+def test_a_damaged_run_is_named_verified_and_rebuilt(tmp_path):
+    from circuitscan.services.store.index_pointer import parse_pointer, pointer_runs
+
+    store, entries = _written(tmp_path / "s", [0, 1, 2, 0])
+    driver = FeatureStore.open(store.url)
+    driver.index_flush_every = 2
+    driver.index.compact_every = 100
+    for entry in entries:
+        driver.commit_shard(entry, verify=False)
+    run = pointer_runs(parse_pointer((tmp_path / "s" / INDEX_POINTER).read_bytes(), store.url))[1]
+    data = bytearray((tmp_path / "s" / run[0]).read_bytes())
+    data[len(data) // 2] ^= 1
+    (tmp_path / "s" / run[0]).write_bytes(bytes(data))
+    with pytest.raises(CorruptIndexError, match=run[0]):
+        FeatureStore.open(store.url).feature_index(SITES[0].label)
+    problems = FeatureStore.open(store.url).index.problems()
+    assert problems and problems[0][0] == "index" and run[0] in problems[0][1]
+    FeatureStore.open(store.url).index.rebuild()  # from the shards' arrays, runs dropped
+    assert FeatureStore.open(store.url).index.problems() == []
+    assert _same_index(FeatureStore.open(store.url), driver)
+    assert run[0] not in _index_objects(tmp_path / "s")
+
+
+def test_a_shard_committed_without_its_summaries_is_compacted_not_run(tmp_path):
+    from circuitscan.services.store.index_pointer import parse_pointer
+
+    store, entries = _written(tmp_path / "s", [0, 1, 2])
+    driver = FeatureStore.open(store.url)
+    driver.index_flush_every = 3
+    driver.index.compact_every = 100
+    # What a process that read the entry has: no summaries (they are never stored).
+    bare = type(entries[1]).model_validate_json(entries[1].model_dump_json())
+    assert bare.index_summaries is None
+    for entry in (entries[0], bare, entries[2]):
+        driver.commit_shard(entry, verify=False)
+    pointer = parse_pointer((tmp_path / "s" / INDEX_POINTER).read_bytes(), store.url)
+    assert pointer["runs"] == [] and pointer["shard_ranges"] == [[0, 3]]
+    assert _same_index(FeatureStore.open(store.url), driver)
+
+
+def test_a_background_driver_writes_runs_and_its_last_flush_compacts(tmp_path):
+    from circuitscan.services.store.index_pointer import parse_pointer, pointer_runs
+
+    store, entries = _written(tmp_path / "s", [0, 1, 2, 1] * 5)  # 20 shards
+    driver = FeatureStore.open(store.url)
+    driver.index.background = True  # as a job's driver: runs and folds on a thread
+    driver.index_flush_every = 2
+    driver.index.compact_every = 1000
+    for start in range(0, len(entries), 2):
+        for entry in entries[start : start + 2]:  # the second starts a run on a thread
+            assert driver.commit_shard(entry, verify=False)
+        flusher = driver.index._flusher
+        assert flusher is not None
+        flusher.join()
+    pointer = parse_pointer((tmp_path / "s" / INDEX_POINTER).read_bytes(), store.url)
+    runs = pointer_runs(pointer)
+    assert [shards for _, shards in runs] == [{i, i + 1} for i in range(0, 20, 2)]
+    assert all(site["chunks"] == [] for site in pointer["sites"].values())
+    assert not driver.index._held and not driver.index._unpersisted  # folded, persisted
+    reader = FeatureStore.open(store.url)
+    assert reader.index.problems() == [] and _same_index(reader, driver)
+    driver.flush_index()
+    assert parse_pointer((tmp_path / "s" / INDEX_POINTER).read_bytes(), store.url)["runs"] == []
+    assert _same_index(FeatureStore.open(store.url), driver)
+    assert not driver.index._unpersisted and not driver.index._held
