@@ -16,13 +16,19 @@ import hashlib
 from typing import Any
 
 import numpy as np
+from numcodecs import Blosc
 
 from circuitscan.services.store.attribution_index import ARRAYS, PAIRED_ARRAYS, AttributionIndex
 from circuitscan.services.store.backends import Backend
 from circuitscan.services.store.encoding import exact_values, values_back
 from circuitscan.services.store.errors import CorruptIndexError
 from circuitscan.services.store.index_pointer import INDEX_POINTER
-from circuitscan.services.store.packed_arrays import PackedArraysError, pack_arrays, unpack_arrays
+from circuitscan.services.store.packed_arrays import (
+    FAST,
+    PackedArraysError,
+    pack_arrays,
+    unpack_arrays,
+)
 from circuitscan.services.store.shard_io import checksum
 from circuitscan.services.store.summaries import EMPTY, FeatureIndex
 
@@ -80,11 +86,14 @@ def _fields(index: FeatureIndex, attribution: AttributionIndex | None) -> dict[s
     return fields
 
 
-def encode_chunk(index: FeatureIndex, attribution: AttributionIndex | None, chunk: int) -> bytes:
+def encode_chunk(
+    index: FeatureIndex, attribution: AttributionIndex | None, chunk: int, codec: Blosc = FAST
+) -> bytes:
     """Rows of chunk ``chunk`` of every per-feature array of one site, as one object."""
     rows = slice(chunk * CHUNK_ROWS, (chunk + 1) * CHUNK_ROWS)
     return pack_arrays(
-        {name: _to_disk(data[rows]) for name, data in _fields(index, attribution).items()}
+        {name: _to_disk(data[rows]) for name, data in _fields(index, attribution).items()},
+        codec,
     )
 
 

@@ -99,7 +99,7 @@ from circuitscan.services.store.index_pointer import (
 )
 from circuitscan.services.store.index_runs import RunArrays, decode_run, encode_run
 from circuitscan.services.store.manifest import ShardManifest, manifest_key
-from circuitscan.services.store.packed_arrays import PackedArraysError
+from circuitscan.services.store.packed_arrays import AT_REST, FAST, PackedArraysError
 from circuitscan.services.store.shard_io import (
     checksum,
 )
@@ -378,7 +378,7 @@ class IndexWriter:
         self._run_summaries = {}  # index objects: not what a rebuild trusts
         self._current()
         self._persisted = None  # every chunk is written again, damaged or not
-        self._compact()
+        self._compact(at_rest=True)
         keep = {INDEX_POINTER, *self._stored}
         self.location.delete_keys(
             sorted(key for key in self.location.list_keys(INDEX_PREFIX) if key not in keep)
@@ -656,6 +656,12 @@ class IndexWriter:
         (no runs), then delete the objects no longer named (after a background flush)."""
         self._raise_failure()
         self._unflushed = 0
+        self._compact(at_rest=True)
+
+    @_locked
+    def compact(self) -> None:
+        """The compaction commits make every ``compact_interval`` shards (FAST chunks)."""
+        self._raise_failure()
         self._compact()
 
     @_locked
@@ -743,7 +749,15 @@ class IndexWriter:
             "checksums": dict(sorted(named.items())),
         }
 
-    def _compact(self) -> None:
+    def _compact(self, *, at_rest: bool = False) -> None:
+        """Write the chunks changed since the last compaction and a pointer with no runs.
+
+        ``at_rest`` (``flush``: a job's last flush, repair): every chunk is encoded with
+        AT_REST (zstd), the ones written with FAST since too, so the index a job leaves is
+        the smaller one and the same bytes whatever the order of its commits; a chunk
+        whose bytes are already stored is not written again.
+        """
+        codec = AT_REST if at_rest else FAST
         stale = self._indexed != set(self.manifest.committed())
         if self._index is None or (self.layout.sites and stale):
             self._current(repair=True)
@@ -760,10 +774,10 @@ class IndexWriter:
             dirty = self._dirty.get(label, set())
             chunks = []
             for chunk in range(n_chunks(self.layout.site(label).d_sae)):
-                if old is not None and chunk not in dirty:
+                if old is not None and chunk not in dirty and not at_rest:
                     chunks.append(old[chunk])  # its rows did not change: the same object
                     continue
-                data = encode_chunk(item, attribution, chunk)
+                data = encode_chunk(item, attribution, chunk, codec)
                 key = blob_key(data)
                 chunks.append([key, checksum(data)])
                 if key not in self._stored or previous is None:

@@ -25,9 +25,12 @@ from circuitscan.schemas.errors import StoreCorruptionError
 
 MAGIC = b"CSPA1\n"
 _LENGTH = struct.Struct("<I")
-# Byte shuffle, then LZ4 for what the driver rewrites (index chunks: several times
-# faster than zstd at a few per cent more bytes on these mostly-empty arrays).
+# Byte shuffle, then LZ4 for what the driver rewrites while a job runs (the index chunks
+# of its compactions, runs: several times faster than zstd on these mostly-empty arrays).
 FAST = Blosc(cname="lz4", clevel=5, shuffle=Blosc.SHUFFLE, blocksize=0)
+# Zstandard after the shuffle, for what is written once and kept (the index chunks a job's
+# last flush writes): ~27 % smaller than FAST on them at ~7× its encode time.
+AT_REST = Blosc(cname="zstd", clevel=3, shuffle=Blosc.SHUFFLE, blocksize=0)
 # No compression (Blosc's frame, a copy): for what is decoded once, in memory, right
 # after it was encoded (a shard's index summary on its way to the driver).
 RAW = Blosc(cname="lz4", clevel=0, shuffle=Blosc.NOSHUFFLE, blocksize=0)
