@@ -68,9 +68,9 @@ from circuitscan.services.store.backends import Backend
 from circuitscan.services.store.errors import CorruptIndexError, CorruptManifestError
 from circuitscan.services.store.index_chunks import (
     CHUNK_ROWS,
-    blob_key,
     chunks_of,
     encode_chunk,
+    keyed,
     load_chunks,
     n_chunks,
 )
@@ -698,11 +698,11 @@ class IndexWriter:
             return
         assert self._persisted is not None and self._base_sites is not None
         data = encode_run({i: h[1] for i, h in held.items() if h is not None})
-        key = blob_key(data)
+        key, run_checksum = keyed(data)
         for i in new:
             if i not in self._entry_digests:
                 self._entry_digests[i] = entries[i].digest()
-        runs = [*self._runs, (key, checksum(data), set(new))]
+        runs = [*self._runs, (key, run_checksum, set(new))]
         covered = self._covered | set(new)
         total = add_terms(self._covered_sum, [entry_term(i, self._entry_digests[i]) for i in new])
         pointer = self._pointer(self._base_sites, self._persisted[1], runs, covered, total)
@@ -778,8 +778,8 @@ class IndexWriter:
                     chunks.append(old[chunk])  # its rows did not change: the same object
                     continue
                 data = encode_chunk(item, attribution, chunk, codec)
-                key = blob_key(data)
-                chunks.append([key, checksum(data)])
+                key, chunk_checksum = keyed(data)
+                chunks.append([key, chunk_checksum])
                 if key not in self._stored or previous is None:
                     writes[key] = data
             sites[label] = self._site_payload(label, [key for key, _ in chunks])
