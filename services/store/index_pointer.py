@@ -107,6 +107,37 @@ def shards_digest(
     return pointer_digest([[i, known[i]] for i in sorted(shard_ids)])
 
 
+def build_pointer(
+    sites: dict[str, dict[str, Any]],
+    refs: dict[str, list[list[str]]],
+    runs: list[tuple[str, str, set[int]]],
+    covered: set[int],
+    total: int,
+    attribution: str,
+    chunk_rows: int,
+) -> dict[str, Any]:
+    """A format 5 pointer: each site's part ``sites`` (its chunk keys, AtP error sums), the
+    chunks' [object, checksum] ``refs``, ``runs`` (object, checksum, shards), the shards it
+    covers and their ``shards_sum`` ``total``, which attribution sums it holds, and the
+    rows a chunk holds."""
+    named = {key: sums for chunks in refs.values() for key, sums in chunks}
+    named |= {key: run_checksum for key, run_checksum, _ in runs}
+    # Named by its content: equal shards give an equal pointer, in any order.
+    content = sites if not runs else [sites, [key for key, _, _ in runs]]
+    return {
+        "format": POINTER_FORMAT,
+        "generation": f"c{pointer_digest(content)}",
+        "shard_ranges": shard_ranges(covered),
+        "shards_sum": sum_text(total),
+        "chunk_rows": chunk_rows,
+        "attribution": attribution,
+        "sites": sites,
+        "runs": [{"object": key, "shard_ranges": shard_ranges(shards)} for key, _, shards in runs],
+        # Every object it names, as for format 2 (and a manifest entry's shard).
+        "checksums": dict(sorted(named.items())),
+    }
+
+
 def pointer_bytes(pointer: dict[str, Any]) -> bytes:
     body = {**pointer, "digest": pointer_digest(pointer)}
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()

@@ -15,9 +15,20 @@ drops the runs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from circuitscan.services.store.packed_arrays import FAST, pack_arrays, unpack_arrays
+from circuitscan.services.store.backends import Backend
+from circuitscan.services.store.errors import CorruptIndexError
+from circuitscan.services.store.index_pointer import INDEX_POINTER, INDEX_PREFIX, pointer_runs
+from circuitscan.services.store.packed_arrays import (
+    FAST,
+    PackedArraysError,
+    pack_arrays,
+    unpack_arrays,
+)
+from circuitscan.services.store.shard_pack import checksum
 
 # A run's arrays: shard id → site label → the arrays of its encode_site_summary.
 RunArrays = dict[int, dict[str, dict[str, np.ndarray]]]
@@ -44,3 +55,46 @@ def decode_run(raw: bytes) -> RunArrays:
             raise ValueError(f"run array {name!r} is not named <shard>/<label>/<array>")
         out.setdefault(int(shard), {}).setdefault("/".join(label), {})[array] = data
     return out
+
+
+def load_runs(
+    location: Backend, pointer: dict[str, Any], shards: set[int], labels: set[str], url: str,
+    fix: str,
+) -> tuple[RunArrays, list[tuple[str, str, set[int]]]]:  # fmt: skip
+    """The summaries in a format 5 pointer's runs, and its runs as (object, checksum,
+    shards), each checked: named with a checksum, disjoint, within the pointer's
+    ``shards``, matching its checksum, decoding, holding exactly its shards and ``labels``.
+
+    CorruptIndexError names the pointer or the first run that fails.
+    """
+    runs = pointer_runs(pointer)
+    sums = pointer["checksums"]
+    in_runs: set[int] = set()
+    for key, run_shards in runs:
+        if key not in sums or not key.startswith(INDEX_PREFIX) or key == INDEX_POINTER:
+            raise CorruptIndexError(f"index pointer {INDEX_POINTER} of {url} is unreadable; {fix}")
+        if run_shards & in_runs or not run_shards <= shards:
+            raise CorruptIndexError(
+                f"index pointer {INDEX_POINTER} of {url} names runs that overlap or cover "
+                f"shards it does not; {fix}"
+            )
+        in_runs |= run_shards
+    data = location.read_many([key for key, _ in runs]) if runs else {}
+    summaries: RunArrays = {}
+    for key, run_shards in runs:
+        raw = data[key]
+        if raw is None or checksum(raw) != sums[key]:
+            raise CorruptIndexError(f"index object {key} of {url} fails its checksum; {fix}")
+        try:
+            decoded = decode_run(raw)
+        except (PackedArraysError, ValueError) as exc:
+            raise CorruptIndexError(
+                f"index object {key} of {url} does not decode ({exc}); {fix}"
+            ) from exc
+        if set(decoded) != run_shards or any(set(v) != labels for v in decoded.values()):
+            raise CorruptIndexError(
+                f"index object {key} of {url} holds other shards or sites than its pointer "
+                f"names; {fix}"
+            )
+        summaries.update(decoded)
+    return summaries, [(key, str(sums[key]), run_shards) for key, run_shards in runs]

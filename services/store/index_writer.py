@@ -83,26 +83,20 @@ from circuitscan.services.store.index_legacy import (
 from circuitscan.services.store.index_pointer import (
     INDEX_POINTER,
     INDEX_PREFIX,
-    POINTER_FORMAT,
     add_terms,
+    build_pointer,
     entry_term,
     named_objects,
     parse_pointer,
     pointer_bytes,
-    pointer_digest,
-    pointer_runs,
     pointer_shards,
-    shard_ranges,
     shards_digest,
     shards_sum,
     sum_text,
 )
-from circuitscan.services.store.index_runs import RunArrays, decode_run, encode_run
+from circuitscan.services.store.index_runs import RunArrays, encode_run, load_runs
 from circuitscan.services.store.manifest import ShardManifest, manifest_key
 from circuitscan.services.store.packed_arrays import AT_REST, FAST, PackedArraysError
-from circuitscan.services.store.shard_io import (
-    checksum,
-)
 from circuitscan.services.store.shard_summary import (
     decode_site_summary,
     site_summary_from_arrays,
@@ -485,46 +479,11 @@ class IndexWriter:
 
     def _load_runs(self, pointer: dict[str, Any], shards: set[int], fix: str) -> set[int]:
         """Read and check a format 5 pointer's runs into ``_run_summaries``; their shards."""
-        runs = pointer_runs(pointer)
-        if not runs:
-            return set()
-        sums = pointer["checksums"]
-        keys = [key for key, _ in runs]
-        in_runs: set[int] = set()
-        for key, run_shards in runs:
-            if key not in sums or not key.startswith(INDEX_PREFIX) or key == INDEX_POINTER:
-                raise CorruptIndexError(
-                    f"index pointer {INDEX_POINTER} of {self.url} is unreadable; {fix}"
-                )
-            if run_shards & in_runs or not run_shards <= shards:
-                raise CorruptIndexError(
-                    f"index pointer {INDEX_POINTER} of {self.url} names runs that overlap "
-                    f"or cover shards it does not; {fix}"
-                )
-            in_runs |= run_shards
-        data = self.location.read_many(keys)
         labels = {site.label for site in self.layout.sites}
-        for key, run_shards in runs:
-            raw = data[key]
-            if raw is None or checksum(raw) != sums[key]:
-                raise CorruptIndexError(
-                    f"index object {key} of {self.url} fails its checksum; {fix}"
-                )
-            try:
-                decoded = decode_run(raw)
-            except (PackedArraysError, ValueError) as exc:
-                raise CorruptIndexError(
-                    f"index object {key} of {self.url} does not decode ({exc}); {fix}"
-                ) from exc
-            if set(decoded) != run_shards or any(set(v) != labels for v in decoded.values()):
-                raise CorruptIndexError(
-                    f"index object {key} of {self.url} holds other shards or sites than its "
-                    f"pointer names; {fix}"
-                )
-            self._run_summaries.update(decoded)
-        self._runs = [(key, str(sums[key]), run_shards) for key, run_shards in runs]
-        self._stored |= set(keys)
-        return in_runs
+        summaries, self._runs = load_runs(self.location, pointer, shards, labels, self.url, fix)
+        self._run_summaries.update(summaries)
+        self._stored |= {key for key, _, _ in self._runs}
+        return {i for _, _, run_shards in self._runs for i in run_shards}
 
     def _load_chunks(
         self, pointer: dict[str, Any], index: dict[str, FeatureIndex], fix: str
@@ -705,7 +664,10 @@ class IndexWriter:
         runs = [*self._runs, (key, run_checksum, set(new))]
         covered = self._covered | set(new)
         total = add_terms(self._covered_sum, [entry_term(i, self._entry_digests[i]) for i in new])
-        pointer = self._pointer(self._base_sites, self._persisted[1], runs, covered, total)
+        kind = self._attribution_kind()
+        pointer = build_pointer(
+            self._base_sites, self._persisted[1], runs, covered, total, kind, CHUNK_ROWS
+        )
         self.location.write_many({key: data})
         self.location.write_bytes(INDEX_POINTER, pointer_bytes(pointer))
         self._runs, self._covered, self._covered_sum = runs, covered, total
@@ -720,34 +682,6 @@ class IndexWriter:
         if attribution is not None and attribution.error_atp is not None:
             payload["error_atp"] = [float(value) for value in attribution.error_atp]
         return payload
-
-    def _pointer(
-        self,
-        sites: dict[str, dict[str, Any]],
-        refs: dict[str, list[list[str]]],
-        runs: list[tuple[str, str, set[int]]],
-        covered: set[int],
-        total: int,
-    ) -> dict[str, Any]:
-        """The pointer naming chunks ``refs`` and ``runs``, covering shards ``covered``."""
-        named = {k: c for chunks in refs.values() for k, c in chunks}
-        named |= {key: run_checksum for key, run_checksum, _ in runs}
-        # Named by its content: equal shards give an equal pointer, in any order.
-        content = sites if not runs else [sites, [key for key, _, _ in runs]]
-        return {
-            "format": POINTER_FORMAT,
-            "generation": f"c{pointer_digest(content)}",
-            "shard_ranges": shard_ranges(covered),
-            "shards_sum": sum_text(total),
-            "chunk_rows": CHUNK_ROWS,
-            "attribution": self._attribution_kind(),
-            "sites": sites,
-            "runs": [
-                {"object": key, "shard_ranges": shard_ranges(shards)} for key, _, shards in runs
-            ],
-            # Every object it names, as for format 2 (and a manifest entry's shard).
-            "checksums": dict(sorted(named.items())),
-        }
 
     def _compact(self, *, at_rest: bool = False) -> None:
         """Write the chunks changed since the last compaction and a pointer with no runs.
@@ -784,7 +718,7 @@ class IndexWriter:
                     writes[key] = data
             sites[label] = self._site_payload(label, [key for key, _ in chunks])
             refs[label] = chunks
-        pointer = self._pointer(sites, refs, [], self._indexed, self._sum)
+        pointer = build_pointer(sites, refs, [], self._indexed, self._sum, kind, CHUNK_ROWS)
         self.location.write_many(writes)
         self.location.write_bytes(INDEX_POINTER, pointer_bytes(pointer))
         named = named_objects(pointer)
@@ -798,5 +732,6 @@ class IndexWriter:
         self._stored, self._dirty = named, {}
         self._base_sites, self._runs = sites, []
         self._covered, self._covered_sum = set(self._indexed), self._sum
-        for i in [i for i in self._unpersisted if i in self._indexed]:
+        # list(): one C-level copy, as the committing thread may add to it meanwhile.
+        for i in [i for i in list(self._unpersisted) if i in self._indexed]:
             self._unpersisted.pop(i, None)
