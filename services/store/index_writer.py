@@ -116,6 +116,9 @@ FOLD_BATCH = 64
 # HELD_LIMIT are held, so the driver's memory stays bounded when the index lags.
 HELD_FOLD = 16
 HELD_LIMIT = 64
+# A reader with this many committed shards not yet folded reloads the persisted index
+# instead, when a newer pointer covers them (see _current).
+RELOAD_PENDING = 2
 # A compaction rewrites the chunks whose rows its shards touched, at worst every row
 # (d_sae × k entries a site: shards of random features touch every chunk), so the shards
 # between compactions grow with the index: amortised, a shard pays for at most about this
@@ -189,6 +192,9 @@ class IndexWriter:
         self._unpersisted: dict[int, tuple[ShardEntry, dict[str, bytes]]] = {}
         self._run_summaries: RunArrays = {}
         self.lock = threading.RLock()
+        # A job's driver or a rebuild: the pointer's author, which never reloads it.
+        self._writes_pointer = False
+        self._loaded_pointer: bytes | None = None  # the pointer the index was loaded from
         self._flusher: threading.Thread | None = None
         self._failure: BaseException | None = None
 
@@ -231,17 +237,58 @@ class IndexWriter:
         """
         self._raise_failure()
         if self._index is None:
-            try:
-                self._index, self._indexed, self._sum = self._load()
-            except (CorruptIndexError, CorruptManifestError) as exc:
-                if not repair:
-                    raise
-                log.warning("%s; rebuilding it from the shards", exc)
-                self._index, self._indexed, self._sum = self._empty(), set(), 0
+            self._reload(repair)
         pending = sorted(set(self.manifest.committed()) - self._indexed)
+        if (
+            len(pending) >= RELOAD_PENDING
+            and not self._writes_pointer
+            and self._newer_covers(pending)
+        ):
+            # A reader of a store another process fills (the HTTP API during a job): the
+            # writer's newer chunks and runs cost a read and a fold of summaries, where
+            # each pending shard would cost a read of its arrays and their summaries.
+            self._reload(repair)
+            pending = sorted(set(self.manifest.committed()) - self._indexed)
+        assert self._index is not None
         for start in range(0, len(pending), FOLD_BATCH):
             self._merge(self._index, pending[start : start + FOLD_BATCH])
         return self._index
+
+    def _reload(self, repair: bool) -> None:
+        try:
+            self._index, self._indexed, self._sum = self._load_settled()
+        except (CorruptIndexError, CorruptManifestError) as exc:
+            if not repair:
+                raise
+            log.warning("%s; rebuilding it from the shards", exc)
+            self._index, self._indexed, self._sum = self._empty(), set(), 0
+
+    def _load_settled(self) -> tuple[dict[str, FeatureIndex], set[int], int]:
+        """``_load``, again when it failed because a writer replaced the pointer meanwhile
+        (its flush deletes what the old pointer named once the new one is written)."""
+        for attempt in range(3):
+            try:
+                return self._load()
+            except CorruptIndexError:
+                replaced = self.location.read_bytes(INDEX_POINTER) != self._loaded_pointer
+                if not replaced or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _newer_covers(self, pending: list[int]) -> bool:
+        """Whether the persisted pointer changed since this index was loaded and covers
+        RELOAD_PENDING or more of ``pending``, and nothing this reader sees uncommitted."""
+        raw = self.location.read_bytes(INDEX_POINTER)
+        if raw is None or raw == self._loaded_pointer:
+            return False
+        try:
+            covered = pointer_shards(parse_pointer(raw, self.url))
+        except (CorruptIndexError, KeyError, TypeError):
+            return False  # folded from the shards as before; a query of it names the damage
+        committed = self.manifest.committed()
+        return len(covered.intersection(pending)) >= RELOAD_PENDING and all(
+            i in committed for i in covered
+        )
 
     def hold(self, entry: ShardEntry) -> None:
         """Keep ``entry``'s index summaries (if it carries them) until its shard is folded."""
@@ -267,6 +314,7 @@ class IndexWriter:
         # held, at the next fold, flush or query. The persisted index is loaded
         # once, at the first commit (a damaged one is rebuilt, as a job's writer
         # may), so a commit costs the same however many shards are committed.
+        self._writes_pointer = True
         if self.layout.sites and self._index is None:  # result-only stores have no index
             with self.lock:
                 # The manifest is read here, once, on the committing thread: a fold thread
@@ -370,6 +418,7 @@ class IndexWriter:
         (``circuitscan repair``)."""
         self._index, self._indexed, self._sum = self._empty(), set(), 0
         self._run_summaries = {}  # index objects: not what a rebuild trusts
+        self._writes_pointer = True
         self._current()
         self._persisted = None  # every chunk is written again, damaged or not
         self._compact(at_rest=True)
@@ -424,7 +473,7 @@ class IndexWriter:
         self._persisted, self._legacy, self._dirty = None, None, {}
         self._base_sites, self._runs, self._run_summaries = None, [], {}
         self._covered, self._covered_sum = set(), 0
-        raw = self.location.read_bytes(INDEX_POINTER)
+        raw = self._loaded_pointer = self.location.read_bytes(INDEX_POINTER)
         if raw is None:
             self._no_chunks(index)
             return index, set(), 0

@@ -408,3 +408,26 @@ def test_a_background_driver_writes_runs_and_its_last_flush_compacts(tmp_path):
     assert parse_pointer((tmp_path / "s" / INDEX_POINTER).read_bytes(), store.url)["runs"] == []
     assert _same_index(FeatureStore.open(store.url), driver)
     assert not driver.index._unpersisted and not driver.index._held
+
+
+def test_a_reader_catching_up_reloads_the_newer_index_rather_than_read_the_shards(tmp_path):
+    store, entries = _written(tmp_path / "s", [0, 1, 2, 0, 1, 2, 0])
+    writer = FeatureStore.open(store.url)
+    writer.index_flush_every = 2
+    writer.index.compact_every = 4
+    for entry in entries[:2]:
+        writer.commit_shard(entry, verify=False)  # a run of shards 0, 1
+    reader = FeatureStore.open(store.url)  # a long-lived reader (the HTTP API)
+    assert _same_index(reader, writer)
+    for entry in entries[2:7]:
+        writer.commit_shard(entry, verify=False)  # a compaction at 4, a run at 6; 6 unflushed
+    assert reader.catch_up()
+    read: list[str] = []
+    location = reader.location
+    read_many, read_ranges = location.read_many, location.read_ranges
+    location.read_many = lambda keys: read_many(read.extend(keys := list(keys)) or keys)
+    location.read_ranges = lambda key, ranges: (read.append(key), read_ranges(key, ranges))[1]
+    assert _same_index(reader, writer)
+    # Shards 2-5 came with the writer's chunks and run; only shard 6 was read from its arrays.
+    assert {key.split("/")[1] for key in read if key.startswith("shards/")} == {"000006"}
+    assert any(key.startswith("index/") for key in read)
