@@ -25,6 +25,7 @@ from typing import Any
 import typer
 
 from circuitscan.services.cli_errors import reported_errors
+from circuitscan.services.output_folder import output_folder, writing_into
 
 _RUNS = "circuitscan.services.analysis_runs"
 _PROMPT_SETUP = "circuitscan.services.analysis_prompts"
@@ -127,6 +128,7 @@ def _run_command(
                 f"got {source.metric!r}"
             )
         _check_store(store)
+        output_folder(out_dir, f"the {command} outputs")  # before the model runs
         inputs = prompts.analysis_inputs(
             spec=source.spec, prompts_file=source.prompts_file, n_prompts=source.prompts,
             seed=source.seed, metric=source.metric,
@@ -135,9 +137,10 @@ def _run_command(
         output = run(setup)
         sections = report_sections(out_dir, **{_SECTION_ARG[output.kind]: output})
         title = f"{command} ({setup.context.model})"
-        index = importlib.import_module(_SAVING).save_outputs(
-            out_dir, [output], sections, title, store
-        )
+        with writing_into(out_dir, f"the {command} outputs"):
+            index = importlib.import_module(_SAVING).save_outputs(
+                out_dir, [output], sections, title, store
+            )
     typer.echo(importlib.import_module(_TEXT).summary_lines(output))
     typer.echo(f"wrote {out_dir / (output.kind + '.json')} and {index}")
 
@@ -272,8 +275,9 @@ def ioi_report_command(
     runs = _runs()
     with reported_errors():
         _check_store(store)
-        _, outputs = runs.run_ioi_report(out, n_prompts=prompts, seed=seed, store=store,
-                                         echo=typer.echo)  # fmt: skip
+        with writing_into(out, "the ioi-report outputs"):
+            _, outputs = runs.run_ioi_report(out, n_prompts=prompts, seed=seed, store=store,
+                                             echo=typer.echo)  # fmt: skip
     for output in outputs:
         typer.echo(importlib.import_module(_TEXT).summary_lines(output))
 

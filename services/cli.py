@@ -16,6 +16,7 @@ import typer
 
 from circuitscan.services.cli_errors import fail as _fail
 from circuitscan.services.cli_errors import reported_errors
+from circuitscan.services.output_folder import writing_into
 
 app = typer.Typer(
     name="circuitscan",
@@ -49,7 +50,8 @@ def demo(
     """Run the end-to-end IOI story on the default model and SAEs (local Ray, local store)."""
     from circuitscan.services.demo import run_demo
 
-    run_demo(n_prompts=prompts, seed=seed, out=out, echo=typer.echo)
+    with reported_errors(), writing_into(out, "the demo's stores and report"):
+        run_demo(n_prompts=prompts, seed=seed, out=out, echo=typer.echo)
 
 
 @app.command()
@@ -301,7 +303,8 @@ def report(
 
     with reported_errors():
         decode = _decoder(FeatureStore.open(store))
-        path = write_store_report(store, out, decode=decode, by=by)
+        with writing_into(out, "the report"):
+            path = write_store_report(store, out, decode=decode, by=by)
     typer.echo(f"report: {path}")
 
 
@@ -327,10 +330,11 @@ def export(
         if format != "neuronpedia":
             raise ExportError(f"unknown export format {format!r}; the one format is neuronpedia")
         decode = _decoder(FeatureStore.open(store))
-        folders = export_neuronpedia(
-            store, out, model_id=model_id, source_set=source_set, decode=decode,
-            max_features=max_features,
-        )  # fmt: skip
+        with writing_into(out, "the export"):
+            folders = export_neuronpedia(
+                store, out, model_id=model_id, source_set=source_set, decode=decode,
+                max_features=max_features,
+            )  # fmt: skip
     for folder in folders:
         typer.echo(f"neuronpedia export: {folder}")
 

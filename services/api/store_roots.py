@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from circuitscan.services.api.errors import ApiError
+from circuitscan.services.output_folder import output_folder
 from circuitscan.services.store.backends import Backend, StoreURLError, open_location, open_root
+from circuitscan.services.store.errors import StoreAccessError
 
 _LAYOUT = "zarr.json"  # a store's root document: present once the store exists
 
@@ -65,8 +67,7 @@ class LocalRoot:
 
     def __init__(self, root: Backend) -> None:
         assert root.local_path is not None, "a local root needs a local directory"
-        root.local_path.mkdir(parents=True, exist_ok=True)
-        self.path = root.local_path.resolve()
+        self.path = output_folder(root.local_path, "stores").resolve()
         self.root = root
 
     def __str__(self) -> str:
@@ -131,7 +132,7 @@ class ObjectRoot:
     def _reach(self, call: Callable[[], T]) -> T:
         try:
             return call()
-        except OSError as exc:  # endpoint down, credentials refused
+        except StoreAccessError as exc:  # endpoint down, credentials refused
             raise ApiError(503, f"object storage at {self.url} is unreachable: {exc}") from exc
 
     def location(self, name: str) -> str:

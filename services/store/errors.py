@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from circuitscan.schemas.errors import (
     ConflictError,
+    InfrastructureError,
     NotFoundError,
     StoreCorruptionError,
     UserInputError,
@@ -82,3 +83,9 @@ class StoreLeaseHeldError(StoreError, ConflictError):
 
 class StoreLeaseLostError(StoreError, ConflictError):
     """This driver's writer lease was taken over (it looked expired); it stops writing."""
+
+
+class StoreAccessError(InfrastructureError):
+    """The store's medium refused or failed an operation: a permission, missing
+    credentials, an endpoint out of reach, a full disk. The message names the store,
+    what was attempted and the medium's own reason; nothing was marked committed."""

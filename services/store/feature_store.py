@@ -185,14 +185,15 @@ class FeatureStore:
         else:
             clear_store(location)  # overwrite: only the old store's own objects
         # Not zarr's overwrite=True: that deletes the whole location.
-        zarr.create_group(
-            location.store,
-            attributes={
-                LAYOUT_ATTR: layout.model_dump(mode="json"),
-                "layout_hash": layout.layout_hash(),
-            },
-        )
-        zarr.create_group(location.store, path="shards")
+        with location.access("write to"):
+            zarr.create_group(
+                location.store,
+                attributes={
+                    LAYOUT_ATTR: layout.model_dump(mode="json"),
+                    "layout_hash": layout.layout_hash(),
+                },
+            )
+            zarr.create_group(location.store, path="shards")
         record_layout(location, url)  # the layout's copy: a lost zarr.json can be written back
         return cls(url, location, layout)
 

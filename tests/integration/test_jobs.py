@@ -384,6 +384,36 @@ def _cli_in_process(*args: str):
     return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
+def test_cli_reports_a_store_it_cannot_use_without_traceback(make_spec, tmp_path):
+    """A store the medium refuses (a path under a file; object storage with no
+    credentials) is named with the medium's reason and exit status 2, not a traceback."""
+    (tmp_path / "file").write_text("mine")
+    source = JsonlSource(kind="jsonl", path=str(_write_jsonl(tmp_path / "p.jsonl", ["Hi there."])))
+    spec = tmp_path / "under-a-file.json"
+    loss = MetricSpec(kind="next_token_loss")
+    target = tmp_path / "file" / "store"
+    spec.write_text(make_spec(target, prompts=source, metric=loss).model_dump_json())
+    refused = _cli_in_process("run", str(spec))
+    assert refused.returncode == 2, refused.stderr
+    assert f"cannot write to local directory {target}" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr and (tmp_path / "file").read_text() == "mine"
+
+    env = _env()
+    for name in list(env):
+        if name.startswith("AWS_") or name == "CIRCUITSCAN_S3_ENDPOINT":
+            env.pop(name)
+    env.update(
+        AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-credentials"),
+        AWS_CONFIG_FILE=str(tmp_path / "no-config"),
+        AWS_EC2_METADATA_DISABLED="true",  # no instance-metadata lookup: none here
+    )
+    query = [*CLI, "query", "s3://bucket/prefix", "summary"]
+    no_credentials = subprocess.run(query, capture_output=True, text=True, timeout=300, env=env)
+    assert no_credentials.returncode == 2, no_credentials.stderr
+    assert "cannot read from object storage s3://bucket/prefix" in no_credentials.stderr
+    assert "credentials" in no_credentials.stderr and "Traceback" not in no_credentials.stderr
+
+
 def test_cli_reports_bad_input_without_traceback(make_spec, tmp_path):
     """Mistakes found before Ray starts, through the CLI in process; the unreachable
     cluster through a real CLI process (its exit status and stderr as a shell sees them)."""

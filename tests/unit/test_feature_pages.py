@@ -297,3 +297,18 @@ def test_neuronpedia_export_carries_a_stored_dfa(tmp_path) -> None:
     other = next(f for f in folders if f.name == "0-circuitscan-resid-post")
     text = gzip.decompress((other / "activations" / "batch-0.jsonl.gz").read_bytes()).decode()
     assert all(json.loads(line)["dfaValues"] == [] for line in text.splitlines())
+
+
+def test_report_and_export_refuse_an_output_folder_they_cannot_make(page_store, tmp_path) -> None:
+    """A user's mistake in --out is a message and status 2, and their file is left alone."""
+    from circuitscan.services.cli import app
+
+    url, _, _ = page_store
+    (tmp_path / "notes.txt").write_text("mine")
+    under = str(tmp_path / "notes.txt" / "report")
+    done = CliRunner().invoke(app, ["report", url, "--out", under])
+    assert done.exit_code == 2, done.output
+    assert f"cannot write the report to {under}: Not a directory" in done.output
+    done = CliRunner().invoke(app, ["export", url, "--out", str(tmp_path / "notes.txt")])
+    assert done.exit_code == 2 and "it is a file, not a folder" in done.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -210,6 +210,11 @@ def test_analyze_cli_rejects_bad_input_with_a_clear_message(tmp_path):
     result = CliRunner().invoke(app, ["analyze", "dfa", "--store", str(tmp_path / "empty")])
     assert result.exit_code == 2
     assert "no feature store at" in result.output
+    (tmp_path / "notes.txt").write_text("mine")  # --out names a file: refused before any model
+    result = CliRunner().invoke(app, ["analyze", "dfa", "--out", str(tmp_path / "notes.txt")])
+    assert result.exit_code == 2
+    assert "cannot write the dfa outputs to" in result.output and "it is a file" in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     # patch-path checks its nodes and fractions before loading any model.
     result = CliRunner().invoke(app, ["analyze", "patch-path", "v:16:0@S1"])
     assert result.exit_code == 2

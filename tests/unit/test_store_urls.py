@@ -93,3 +93,48 @@ def test_a_new_scheme_is_one_class_and_one_registration(
     MemoryBackend.drop("scratch/one")
     with pytest.raises(ValueError, match="registered twice"):
         register(type("Other", (_ScratchBackend,), {}))
+
+
+def test_a_medium_failure_is_a_store_access_error_naming_the_store(tmp_path: Path) -> None:
+    """Not the medium's own exception (a traceback at the CLI, a 500 over HTTP): the store,
+    what was attempted and the medium's reason, on the infrastructure branch."""
+    from circuitscan.schemas.errors import InfrastructureError
+    from circuitscan.services.store.errors import StoreAccessError
+
+    (tmp_path / "file").write_text("x")
+    under_a_file = open_location(str(tmp_path / "file" / "store"))
+    with pytest.raises(StoreAccessError, match=r"cannot write to local directory .*/file/store"):
+        under_a_file.write_bytes("zarr.json", b"{}")
+    with pytest.raises(StoreAccessError, match="cannot write to local directory"):
+        under_a_file.create_object("lease.json", b"{}")
+    with pytest.raises(StoreAccessError, match="cannot write to local directory"):
+        FeatureStore.create(under_a_file.url, _layout())
+    assert under_a_file.read_bytes("zarr.json") is None  # absent, as before: not a failure
+    assert issubclass(StoreAccessError, InfrastructureError)
+    assert StoreAccessError.http_status == 503 and StoreAccessError.exit_code == 2
+    assert not (tmp_path / "file").is_dir() and (tmp_path / "file").read_text() == "x"
+
+
+def test_every_backends_io_is_translated_a_new_ones_too() -> None:
+    """Backend.__init_subclass__ wraps the object I/O of every backend, overrides included."""
+    from circuitscan.services.store.backends.base import _IO_METHODS, Backend
+    from circuitscan.services.store.errors import StoreAccessError
+
+    class Refusing(MemoryBackend):
+        def read_many(self, keys):  # type: ignore[no-untyped-def]
+            raise PermissionError("Access Denied")
+
+    for backend in (*registry._SCHEMES.values(), Refusing, Backend):
+        for name in _IO_METHODS:
+            assert getattr(getattr(backend, name), "__io_translated__", False), (backend, name)
+    refusing = Refusing("unit-refusing")
+    with pytest.raises(
+        StoreAccessError, match="cannot read from in-process memory store 'unit-refusing': Access"
+    ):
+        refusing.read_bytes("zarr.json")
+
+
+def _layout():  # type: ignore[no-untyped-def]
+    from circuitscan.testing.store_contract import make_layout
+
+    return make_layout()

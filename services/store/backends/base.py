@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import wraps
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from zarr.abc.store import RangeByteRequest, Store
 from zarr.core.buffer import default_buffer_prototype
@@ -26,10 +28,52 @@ from zarr.core.buffer.cpu import Buffer as CPUBuffer
 from zarr.core.sync import sync
 
 from circuitscan.schemas.errors import UserInputError
+from circuitscan.services.store.errors import StoreAccessError
 
 
 class StoreURLError(UserInputError):
     """A store URL this service cannot open."""
+
+
+# The object I/O every backend offers, and what a failure of each was attempting. A
+# failure of the medium itself (a permission refused, credentials missing, an endpoint
+# down, a full disk) reaches callers as StoreAccessError naming the store, not as the
+# medium's own exception: Backend.__init_subclass__ wraps these methods in every
+# backend, its overrides included, so a new backend is covered without a line of its own.
+_IO_METHODS = {
+    "read_many": "read from",
+    "write_many": "write to",
+    "read_ranges": "read from",
+    "read_bytes": "read from",
+    "write_bytes": "write to",
+    "list_keys": "list",
+    "read_prefix": "read from",
+    "exists": "read from",
+    "delete_keys": "delete from",
+    "delete_prefix": "delete from",
+    "version": "read from",
+    "create_object": "write to",
+    "swap_object": "write to",
+    "remove_empty_folders": "delete from",
+    "children": "list",
+}
+
+
+def _translated(method: Callable[..., Any], attempt: str) -> Callable[..., Any]:
+    @wraps(method)
+    def run(self: Backend, *args: Any, **kwargs: Any) -> Any:
+        with self.access(attempt):
+            return method(self, *args, **kwargs)
+
+    run.__io_translated__ = True  # type: ignore[attr-defined]
+    return run
+
+
+def _wrap_io(cls: type) -> None:
+    for name, attempt in _IO_METHODS.items():
+        method = cls.__dict__.get(name)
+        if method is not None and not getattr(method, "__io_translated__", False):
+            setattr(cls, name, _translated(method, attempt))
 
 
 # Requests in flight at once: enough to hide object-storage latency, few
@@ -64,10 +108,32 @@ class Backend(ABC):
     # Byte ranges of one object less than this far apart are read as one
     # (a request costs a round trip on object storage; local reads set 0).
     range_gap: ClassVar[int] = 256 << 10
+    # Where to look when the medium refuses access (said after its own reason).
+    access_hint: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _wrap_io(cls)
+
+    @classmethod
+    def access_errors(cls) -> tuple[type[BaseException], ...]:
+        """The exceptions by which this medium reports a failed operation (see _IO_METHODS)."""
+        return (OSError,)
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._store: Store | None = None
+
+    @contextmanager
+    def access(self, attempt: str) -> Iterator[None]:
+        """Report a failure of the medium inside as StoreAccessError (``attempt``: "read
+        from", "write to", ...); for the zarr-store calls that bypass the I/O methods."""
+        try:
+            yield
+        except self.access_errors() as exc:
+            reason = str(exc) or type(exc).__name__
+            hint = f" ({self.access_hint})" if self.access_hint else ""
+            raise StoreAccessError(f"cannot {attempt} {self.describe()}: {reason}{hint}") from exc
 
     @classmethod
     @abstractmethod
@@ -226,6 +292,9 @@ class Backend(ABC):
             return [name.rstrip("/") async for name in self.store.list_dir("")]
 
         return sorted(set(sync(collect())))
+
+
+_wrap_io(Backend)  # its generic defaults, which backends inherit
 
 
 class StoreObjects(Backend):

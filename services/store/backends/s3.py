@@ -51,6 +51,18 @@ class S3Backend(Backend):
     scheme = "s3"
     example = "s3://BUCKET/PREFIX"
     root_example = "s3://BUCKET/PREFIX"
+    access_hint = (
+        "credentials come from the AWS_* variables or ~/.aws, the endpoint from "
+        "CIRCUITSCAN_S3_ENDPOINT or AWS_ENDPOINT_URL"
+    )
+
+    @classmethod
+    def access_errors(cls) -> tuple[type[BaseException], ...]:
+        # botocore's own errors (no credentials, an endpoint it cannot connect to) reach
+        # callers untranslated by s3fs; refused requests arrive as OSErrors.
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        return (OSError, BotoCoreError, ClientError)
 
     def __init__(self, path: str) -> None:
         super().__init__(f"s3://{path}")
