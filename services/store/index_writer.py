@@ -29,7 +29,13 @@ flush writes its objects, then replaces the pointer, then deletes the
 objects the previous pointer named and the new one does not: no listing,
 and no folder per generation to leave empty. After a compaction, equal
 committed shards give equal chunks, so the same keys and bytes whatever the
-commit order (totals are summed exactly, see summaries.on_grid).
+commit order: counts, histograms, maxima and top-K rows do not depend on it,
+activation totals and a paired cache's AtP sums are summed exactly
+(summaries.on_grid); the plain Σ a·g and Σ |a·g| totals are float64 sums in
+fold order, equal across orders to float64 rounding (attribution_index.py).
+
+Reading the index back and checking it is index_loading.py; folding shards'
+summaries in, index_parts.py (with index_fold.py's vectorised folds).
 
 Nothing of the index is trusted unchecked. The pointer records the checksum
 of every object it names, as a manifest entry does for a shard's, a digest
@@ -49,37 +55,26 @@ generation that cannot be decoded is a CorruptIndexError too.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial, wraps
+from functools import wraps
 from typing import Any
 
 import numpy as np
 
 from circuitscan.schemas.store import ShardEntry, StoreLayout
-from circuitscan.services.store.attribution_index import (
-    AttributionIndex,
-    AttributionSummary,
-    NoAttributionIndexError,
-)
+from circuitscan.services.store.attribution_index import AttributionIndex, NoAttributionIndexError
 from circuitscan.services.store.backends import Backend
 from circuitscan.services.store.errors import CorruptIndexError, CorruptManifestError
-from circuitscan.services.store.index_chunks import (
-    CHUNK_ROWS,
-    chunks_of,
-    encode_chunk,
-    keyed,
-    load_chunks,
-    n_chunks,
+from circuitscan.services.store.index_chunks import CHUNK_ROWS, encode_chunk, keyed, n_chunks
+from circuitscan.services.store.index_legacy import summaries_from_arrays
+from circuitscan.services.store.index_loading import (
+    PersistedIndex,
+    attribution_kind,
+    load_persisted,
+    site_payload,
 )
-from circuitscan.services.store.index_fold import fold_attributions, fold_summaries
-from circuitscan.services.store.index_legacy import (
-    generation_prefix,
-    load_generation,
-    summaries_from_arrays,
-)
+from circuitscan.services.store.index_parts import Part, fold_parts
 from circuitscan.services.store.index_pointer import (
     INDEX_POINTER,
     INDEX_PREFIX,
@@ -90,23 +85,14 @@ from circuitscan.services.store.index_pointer import (
     parse_pointer,
     pointer_bytes,
     pointer_shards,
-    shards_digest,
-    shards_sum,
-    sum_text,
 )
-from circuitscan.services.store.index_runs import RunArrays, encode_run, load_runs
-from circuitscan.services.store.manifest import ShardManifest, manifest_key
-from circuitscan.services.store.packed_arrays import AT_REST, FAST, PackedArraysError
-from circuitscan.services.store.shard_summary import (
-    decode_site_summary,
-    site_summary_from_arrays,
-    summary_key,
-)
-from circuitscan.services.store.summaries import FeatureIndex, ShardSummary
+from circuitscan.services.store.index_runs import RunArrays, encode_run
+from circuitscan.services.store.manifest import ShardManifest
+from circuitscan.services.store.packed_arrays import AT_REST, FAST
+from circuitscan.services.store.shard_summary import summary_key
+from circuitscan.services.store.summaries import FeatureIndex
 
 log = logging.getLogger(__name__)
-
-FIELDS = tuple(FeatureIndex.__dataclass_fields__)
 
 FLUSH_EVERY = 16
 # Shards folded into the index together (bounds the decoded summaries held at once).
@@ -127,11 +113,6 @@ RELOAD_PENDING = 2
 # new shards' summaries, index_runs.py), so a crash loses at most a flush interval of
 # merges, which the next load redoes from the shards' arrays.
 COMPACT_ENTRIES_PER_SHARD = 65_536
-
-
-# One shard's part of a site's fold: its encoded index summary (held or stored), its
-# summary's arrays (from a run), or (older shards) the summaries computed from its arrays.
-_Part = tuple[int, bytes | dict[str, np.ndarray] | tuple[ShardSummary, AttributionSummary | None]]
 
 
 def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -463,107 +444,36 @@ class IndexWriter:
         return []
 
     def _load(self) -> tuple[dict[str, FeatureIndex], set[int], int]:
-        """The persisted index's chunks, the shards they cover and their ``shards_sum``.
-
-        Also reads the pointer's runs: their shards' summaries are folded in by
-        ``_current`` (``_run_summaries``), and ``_covered`` is every shard the
-        pointer covers.
-        """
-        index = self._empty()
+        """The persisted index's chunks, the shards they cover and their ``shards_sum``
+        (index_loading.py); the pointer's runs are kept for ``_current`` to fold in
+        (``_run_summaries``), and ``_covered`` is every shard the pointer covers."""
+        # Reset first: a load that raises leaves nothing of an older pointer to reuse.
         self._persisted, self._legacy, self._dirty = None, None, {}
         self._base_sites, self._runs, self._run_summaries = None, [], {}
         self._covered, self._covered_sum = set(), 0
+        index = self._empty()
         raw = self._loaded_pointer = self.location.read_bytes(INDEX_POINTER)
-        if raw is None:
-            self._no_chunks(index)
-            return index, set(), 0
-        pointer = parse_pointer(raw, self.url)
-        shards = pointer_shards(pointer)
-        gone = sorted(shards - set(self.manifest.committed()))
-        if (gone and "checksums" in pointer) or (gone and "sites" in pointer):
-            # Uncommitting a shard drops the pointer first, so a pointer covering
-            # a shard with no entry means the entry was lost, not uncommitted.
-            raise CorruptManifestError(
-                f"manifest entry {manifest_key(gone[0])} of {self.url} is missing, but the "
-                f"index covers shard {gone[0]}; `circuitscan repair {self.url}` recomputes it"
-            )
-        if gone:
-            self._no_chunks(index)
-            return index, set(), 0
-        fix = f"`circuitscan repair {self.url}` rebuilds the index from the shards"
-        total = shards_sum(self.manifest, shards, self._entry_digests)  # once, at load
-        if "shards_sum" in pointer:  # format 4
-            built_from_others = pointer["shards_sum"] != sum_text(total)
-        else:  # formats 2 and 3 (format 1 carries no digest)
-            checked = "checksums" in pointer or "sites" in pointer
-            digest = shards_digest(self.manifest, sorted(shards), self._entry_digests)
-            built_from_others = checked and pointer.get("shards_digest") != digest
-        if built_from_others:
-            raise CorruptIndexError(
-                f"index pointer {INDEX_POINTER} of {self.url} was built from other manifest "
-                "entries than the committed ones (one was altered or replaced: "
-                f"`circuitscan verify` names it); {fix}"
-            )
-        if "sites" not in pointer:  # formats 1 and 2: one zarr hierarchy per generation
-            paired = self.layout.pairing is not None
-            loaded, self._attribution = load_generation(
-                self.location, pointer, index, self._attribution, paired=paired, fix=fix,
-                url=self.url,
-            )  # fmt: skip
-            self._legacy = generation_prefix(pointer)
-            if loaded:
-                self._covered, self._covered_sum = set(shards), total
-            return (index, shards, total) if loaded else (index, set(), 0)
-        self._load_chunks(pointer, index, fix)
-        in_runs = self._load_runs(pointer, shards, fix)
-        self._covered, self._covered_sum = set(shards), total
-        base_sum = add_terms(total, [-entry_term(i, self._entry_digests[i]) for i in in_runs])
-        return index, shards - in_runs, base_sum
-
-    def _no_chunks(self, index: dict[str, FeatureIndex]) -> None:
-        """Record that nothing is persisted yet: a flush may write runs over no chunks."""
-        self._persisted = (self._attribution_kind(), {label: [] for label in index})
-        self._base_sites = {label: self._site_payload(label, []) for label in index}
-        self._stored = set()
-
-    def _load_runs(self, pointer: dict[str, Any], shards: set[int], fix: str) -> set[int]:
-        """Read and check a format 5 pointer's runs into ``_run_summaries``; their shards."""
-        labels = {site.label for site in self.layout.sites}
-        summaries, self._runs = load_runs(self.location, pointer, shards, labels, self.url, fix)
-        self._run_summaries.update(summaries)
-        self._stored |= {key for key, _, _ in self._runs}
-        return {i for _, _, run_shards in self._runs for i in run_shards}
-
-    def _load_chunks(
-        self, pointer: dict[str, Any], index: dict[str, FeatureIndex], fix: str
-    ) -> None:
-        """Fill ``index`` from a format 3 or 4 pointer's chunks, each checked against it."""
-        kind = pointer.get("attribution", "none")
-        if kind != self._attribution_kind():
-            self._attribution = None  # written before the store kept (these) sums
-        d_saes = {label: self.layout.site(label).d_sae for label in index}
-        refs = load_chunks(self.location, pointer, index, self._attribution, d_saes, self.url, fix)
-        self._persisted = (kind if self._attribution is not None else "none", refs)
-        self._stored = {key for chunks in refs.values() for key, _ in chunks}
-        self._base_sites = {label: pointer["sites"][label] for label in index}
+        found = load_persisted(
+            self.location, self.layout, self.manifest, raw,
+            PersistedIndex(index=index, attribution=self._attribution), self._entry_digests,
+        )  # fmt: skip
+        self._attribution = found.attribution
+        self._persisted, self._stored, self._legacy = found.persisted, found.stored, found.legacy
+        self._base_sites, self._runs = found.base_sites, found.runs
+        self._run_summaries = found.run_summaries
+        self._covered, self._covered_sum = found.covered, found.covered_sum
+        return found.index, found.folded, found.folded_sum
 
     def _attribution_kind(self) -> str:
-        """Which attribution sums this index holds: "none", "plain" or "paired"."""
-        if self._attribution is None:
-            return "none"
-        paired = all(item.atp_total is not None for item in self._attribution.values())
-        return "paired" if paired else "plain"
+        return attribution_kind(self._attribution)
 
     def _merge(self, index: dict[str, FeatureIndex], shard_ids: list[int]) -> None:
-        """Fold committed shards ``shard_ids`` in from their index summaries (held, or
-        stored by an older writer and checked against the entry), else from their arrays.
-
-        Each site's activation rows and attribution rows are folded on threads of their
-        own: they are separate arrays, and numpy releases the GIL for the long passes.
-        """
+        """Fold committed shards ``shard_ids`` in (index_parts.py) from their index
+        summaries (held, from a run, or stored by an older writer and checked against the
+        entry), else from their arrays."""
         labels = list(index)
         # Per site, in shard order: encoded summaries, or older shards' decoded ones.
-        parts: dict[str, list[_Part]] = {label: [] for label in labels}
+        parts: dict[str, list[Part]] = {label: [] for label in labels}
         for shard_id in shard_ids:
             found = self._summaries_of(shard_id, labels)
             if found is not None:
@@ -575,22 +485,7 @@ class IndexWriter:
                 self.manifest, self.layout, shard_id, with_terms
             ):
                 parts[label].append((shard_id, (summary, attribution)))
-        cores = os.cpu_count() or 1
-        decoded = {label: self._decode_site(parts[label]) for label in labels}
-        # The activation rows and the attribution rows of each site are separate arrays.
-        folds: list[Callable[[], None]] = []
-        for label in labels:
-            summaries, terms = decoded[label]
-            folds.append(partial(self._fold_site_summaries, index, label, summaries))
-            if self._attribution is not None:
-                folds.append(partial(fold_attributions, self._attribution[label], terms))
-        if len(folds) > 1 and cores > 1:
-            with ThreadPoolExecutor(min(len(folds), cores)) as pool:
-                for done in [pool.submit(fold) for fold in folds]:
-                    done.result()
-        else:
-            for fold in folds:
-                fold()
+        fold_parts(index, self._attribution, parts, self._prompt_start, self.url, self._dirty)
         entries = self.manifest.committed()
         for shard_id in shard_ids:  # the entry digests the pointer's shards_sum adds
             if shard_id not in self._entry_digests:
@@ -599,32 +494,8 @@ class IndexWriter:
         self._sum = add_terms(self._sum, [entry_term(i, self._entry_digests[i]) for i in fresh])
         self._indexed.update(shard_ids)
 
-    def _decode_site(
-        self, parts: list[_Part]
-    ) -> tuple[list[ShardSummary], list[AttributionSummary]]:
-        """One site's shards' summaries, in the order given (encoded ones decoded here)."""
-        summaries: list[ShardSummary] = []
-        terms: list[AttributionSummary] = []
-        for shard_id, part in parts:
-            summary, attribution = (
-                part if isinstance(part, tuple) else self._decoded(shard_id, part)
-            )
-            summaries.append(summary)
-            if self._attribution is not None:
-                if attribution is None:
-                    raise CorruptIndexError(
-                        f"shard {shard_id} of {self.url} has no attribution summary"
-                    )
-                terms.append(attribution)
-        return summaries, terms
-
-    def _fold_site_summaries(
-        self, index: dict[str, FeatureIndex], label: str, summaries: list[ShardSummary]
-    ) -> None:
-        fold_summaries(index[label], summaries)
-        if summaries:
-            changed = np.concatenate([s.features for s in summaries])
-            self._dirty.setdefault(label, set()).update(chunks_of(changed))
+    def _prompt_start(self, shard_id: int) -> int:
+        return self.manifest.entry(shard_id).prompt_start
 
     def _summaries_of(
         self, shard_id: int, labels: list[str]
@@ -644,19 +515,6 @@ class IndexWriter:
             objects = self.manifest.fetch_verified(shard_id, keys)
             return {label: objects[key] for label, key in zip(labels, keys, strict=True)}
         return None
-
-    def _decoded(
-        self, shard_id: int, part: bytes | dict[str, np.ndarray]
-    ) -> tuple[ShardSummary, AttributionSummary | None]:
-        start = self.manifest.entry(shard_id).prompt_start
-        try:
-            if isinstance(part, bytes):
-                return decode_site_summary(part, start)
-            return site_summary_from_arrays(part, start)
-        except (PackedArraysError, KeyError) as exc:  # matched its checksum: a bad writer
-            raise CorruptIndexError(
-                f"shard {shard_id} of {self.url}: its index summary does not decode ({exc})"
-            ) from exc
 
     @_locked
     def flush(self) -> None:
@@ -724,14 +582,6 @@ class IndexWriter:
         for i in new:
             self._unpersisted.pop(i, None)
 
-    def _site_payload(self, label: str, chunks: list[str]) -> dict[str, Any]:
-        """A site's part of the pointer: its chunks, and the AtP error sums of the index."""
-        payload: dict[str, Any] = {"chunks": chunks}
-        attribution = None if self._attribution is None else self._attribution[label]
-        if attribution is not None and attribution.error_atp is not None:
-            payload["error_atp"] = [float(value) for value in attribution.error_atp]
-        return payload
-
     def _compact(self, *, at_rest: bool = False) -> None:
         """Write the chunks changed since the last compaction and a pointer with no runs.
 
@@ -765,7 +615,7 @@ class IndexWriter:
                 chunks.append([key, chunk_checksum])
                 if key not in self._stored or previous is None:
                     writes[key] = data
-            sites[label] = self._site_payload(label, [key for key, _ in chunks])
+            sites[label] = site_payload(label, [key for key, _ in chunks], self._attribution)
             refs[label] = chunks
         pointer = build_pointer(sites, refs, [], self._indexed, self._sum, kind, CHUNK_ROWS)
         self.location.write_many(writes)
