@@ -12,20 +12,20 @@ arrays are persisted in the merged index's row chunks (index_chunks.py). An
 index without them (written by an older circuitscan) leaves the store
 without rankings until its index is rebuilt.
 
-Sums are float64 over the values as stored (16-bit activations and gradients
-widened to float32, multiplied in float64): each shard's sums in entry order,
-added shard by shard in the order they are folded (shards committed between
-two folds: by shard id), so they equal a sum over the shards' decoded arrays
-to float64 rounding.
+Sums are over the values as stored (16-bit activations and gradients
+widened to float32, multiplied in float64): each shard's sums in entry order
+(float64), added to the index's totals exactly (exact_sums.py: each total is
+a float64 value, the exact sum rounded, and its exact residual), so a total
+is the same bytes whatever the order shards are folded in, and equals the
+exact sum of the shards' sums to within 2⁻⁶¹ a shard.
 
 A paired cache (docs/paired_caches.md) also keeps per feature Σ and Σ |·| of
 the AtP term ``(a' − a)·∂m/∂a`` of every clean token (the corrupted and clean
 entries joined per (token, feature); a feature on one side only counts there
 with 0 on the other), and Σ, Σ |·| of the error node's stored term
-``error_atp`` (``atp_*``, ``error_atp``). Each shard's contribution is rounded
-to the 2⁻²⁰ grid of ``summaries.on_grid`` before it is added, so these sums are
-exact and the same bytes in any commit order. A paired store whose index
-generation lacks them counts as an index without rankings (rebuilt by repair).
+``error_atp`` (``atp_*``, ``error_atp``), summed exactly in the same way. A
+paired store whose index generation lacks them counts as an index without
+rankings (rebuilt by repair).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from zarr.abc.store import Store
 from circuitscan.schemas.errors import NotFoundError
 from circuitscan.services.store.encoding import INDEX_ROW_CHUNK, ArrayWrite, read_arrays
 from circuitscan.services.store.errors import StoreError
+from circuitscan.services.store.exact_sums import add_dense, add_exact
 from circuitscan.services.store.paired_io import PairedSite
 from circuitscan.services.store.rank_order import top_k_per_feature
 from circuitscan.services.store.shard_io import PromptShard, SiteShard
-from circuitscan.services.store.summaries import on_grid
 
 EMPTY = -1
 ATTRIBUTION_DIR = "attribution"
@@ -55,6 +55,13 @@ ARRAYS = (
     "prompt_value",
 )
 PAIRED_ARRAYS = ("atp_total", "atp_total_abs", "error_atp")
+# Each total's exact remainder (exact_sums.py): the total is value + residual, exactly.
+RESIDUALS = {"total": "total_residual", "total_abs": "total_abs_residual"}
+PAIRED_RESIDUALS = {
+    "atp_total": "atp_total_residual",
+    "atp_total_abs": "atp_total_abs_residual",
+    "error_atp": "error_atp_residual",
+}
 
 
 class NoAttributionIndexError(StoreError, NotFoundError):
@@ -74,7 +81,7 @@ class ShardAttribution:
 
 @dataclass
 class ShardAtP:
-    """One shard's AtP sums of one site of a paired cache (on the 2⁻²⁰ grid)."""
+    """One shard's AtP sums of one site of a paired cache."""
 
     total: np.ndarray  # float64 [d_sae]: Σ over tokens of (a' − a)·g
     total_abs: np.ndarray  # float64 [d_sae]: Σ over tokens of |(a' − a)·g|
@@ -103,9 +110,9 @@ def shard_atp(site: SiteShard, paired: PairedSite, d_sae: int) -> ShardAtP:
     feature = key % d_sae
     error = paired.error_atp.astype(np.float64)
     return ShardAtP(
-        total=on_grid(np.bincount(feature, weights=per_pair, minlength=d_sae)),
-        total_abs=on_grid(np.bincount(feature, weights=np.abs(per_pair), minlength=d_sae)),
-        error_atp=on_grid(np.array([error.sum(), np.abs(error).sum()])),
+        total=np.bincount(feature, weights=per_pair, minlength=d_sae),
+        total_abs=np.bincount(feature, weights=np.abs(per_pair), minlength=d_sae),
+        error_atp=np.array([error.sum(), np.abs(error).sum()]),
     )
 
 
@@ -223,6 +230,24 @@ class AttributionIndex:
     atp_total: np.ndarray | None = None
     atp_total_abs: np.ndarray | None = None
     error_atp: np.ndarray | None = None
+    # Each total's exact remainder (RESIDUALS, PAIRED_RESIDUALS; zeros when not given:
+    # an index written before they were kept).
+    total_residual: np.ndarray | None = None
+    total_abs_residual: np.ndarray | None = None
+    atp_total_residual: np.ndarray | None = None
+    atp_total_abs_residual: np.ndarray | None = None
+    error_atp_residual: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for total, residual in {**RESIDUALS, **PAIRED_RESIDUALS}.items():
+            values = getattr(self, total)
+            if values is not None and getattr(self, residual) is None:
+                setattr(self, residual, np.zeros(values.shape, dtype=np.float64))
+
+    def add_totals(self, name: str, rows: np.ndarray, contributions: np.ndarray) -> None:
+        """Add ``contributions`` to total ``name`` of ``rows`` exactly (exact_sums.py)."""
+        residual = {**RESIDUALS, **PAIRED_RESIDUALS}[name]
+        add_exact(getattr(self, name), getattr(self, residual), rows, contributions)
 
     @classmethod
     def empty(cls, d_sae: int, k: int, *, paired: bool = False) -> AttributionIndex:
@@ -242,15 +267,27 @@ class AttributionIndex:
     def merge(self, shard: ShardAttribution) -> None:
         """Fold one shard in (in place); the result does not depend on the order of shards."""
         d_sae = self.total.shape[0]
-        self.total += np.bincount(shard.feature, weights=shard.value, minlength=d_sae)
-        self.total_abs += np.bincount(shard.feature, weights=np.abs(shard.value), minlength=d_sae)
+        assert self.total_residual is not None and self.total_abs_residual is not None
+        # Each shard's sums in entry order, added exactly: the same bytes in any order.
+        add_dense(
+            self.total,
+            self.total_residual,
+            np.bincount(shard.feature, weights=shard.value, minlength=d_sae),
+        )
+        add_dense(
+            self.total_abs,
+            self.total_abs_residual,
+            np.bincount(shard.feature, weights=np.abs(shard.value), minlength=d_sae),
+        )
         if self.atp_total is not None:
             if shard.atp is None:
                 raise ValueError("a paired store's attribution index needs each shard's AtP sums")
-            assert self.atp_total_abs is not None and self.error_atp is not None
-            self.atp_total += shard.atp.total
-            self.atp_total_abs += shard.atp.total_abs
-            self.error_atp += shard.atp.error_atp
+            for name, part in (
+                ("atp_total", shard.atp.total),
+                ("atp_total_abs", shard.atp.total_abs),
+                ("error_atp", shard.atp.error_atp),
+            ):
+                self.add_totals(name, np.arange(len(part)), part)
         self._fold(
             "top", shard.feature, shard.prompt, shard.position, shard.value, with_position=True
         )

@@ -18,7 +18,13 @@ from typing import Any
 import numpy as np
 from numcodecs import Blosc
 
-from circuitscan.services.store.attribution_index import ARRAYS, PAIRED_ARRAYS, AttributionIndex
+from circuitscan.services.store.attribution_index import (
+    ARRAYS,
+    PAIRED_ARRAYS,
+    PAIRED_RESIDUALS,
+    RESIDUALS,
+    AttributionIndex,
+)
 from circuitscan.services.store.backends import Backend
 from circuitscan.services.store.encoding import exact_values, values_back
 from circuitscan.services.store.errors import CorruptIndexError
@@ -34,7 +40,12 @@ from circuitscan.services.store.summaries import EMPTY, FeatureIndex
 
 CHUNK_ROWS = 4096
 INDEX_PREFIX = "index/"
-_ROW_ARRAYS = tuple(n for n in ARRAYS + PAIRED_ARRAYS if n != "error_atp")
+_RESIDUALS = {residual for residual in {**RESIDUALS, **PAIRED_RESIDUALS}.values()}
+_ROW_ARRAYS = tuple(
+    n
+    for n in ARRAYS + PAIRED_ARRAYS + tuple(RESIDUALS.values()) + tuple(PAIRED_RESIDUALS.values())
+    if n not in ("error_atp", "error_atp_residual")
+)
 
 
 def blob_key(data: bytes) -> str:
@@ -115,6 +126,9 @@ def decode_chunk(
     stored = unpack_arrays(raw)
     rows = slice(chunk * CHUNK_ROWS, (chunk + 1) * CHUNK_ROWS)
     for name, data in _fields(index, attribution).items():
+        if name.removeprefix("attribution/") in _RESIDUALS and name not in stored:
+            data[rows] = 0.0  # a chunk written before totals kept their exact residuals
+            continue
         part = stored[name]
         if part.shape != data[rows].shape:
             raise ValueError(f"{name} has shape {part.shape}, not {data[rows].shape}")
@@ -145,8 +159,12 @@ def load_chunks(
             # No chunks: none written yet (a store whose index is all in runs).
             if len(refs[label]) not in (0, n_chunks(d_saes[label])):
                 raise ValueError(f"site {label} has {len(refs[label])} chunks")
-            if attribution is not None and attribution[label].error_atp is not None:
-                attribution[label].error_atp[:] = [float(v) for v in sites[label]["error_atp"]]
+            item = None if attribution is None else attribution[label]
+            if item is not None and item.error_atp is not None:
+                assert item.error_atp_residual is not None
+                item.error_atp[:] = [float(v) for v in sites[label]["error_atp"]]
+                residual = sites[label].get("error_atp_residual", [0.0, 0.0])
+                item.error_atp_residual[:] = [float(v) for v in residual]
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptIndexError(
             f"index pointer {INDEX_POINTER} of {url} does not match the layout; {fix}"

@@ -9,10 +9,11 @@ re-sort every touched row of the index.
 
 The result is the index the shard-by-shard merges (``FeatureIndex.merge``,
 ``AttributionIndex.merge``) give, whatever the batches: counts and histograms
-are integer sums, totals are sums of per-shard totals on the 2⁻²⁰ grid
-(exact), maxima are maxima, and a top-K row is the K best of the union of
-its candidates under a strict order (value or |value| descending, then
-prompt, then position), which does not depend on how the union was cut.
+are integer sums, activation totals are sums of per-shard totals on the
+2⁻²⁰ grid and attribution totals exact sums (exact_sums.py), maxima are
+maxima, and a top-K row is the K best of the union of its candidates under a
+strict order (value or |value| descending, then prompt, then position),
+which does not depend on how the union was cut.
 """
 
 from __future__ import annotations
@@ -251,24 +252,25 @@ def _same(values: np.ndarray) -> np.ndarray:
 def fold_attributions(index: AttributionIndex, shards: Sequence[AttributionSummary]) -> None:
     """Fold shards' attribution summaries into one site's attribution index (in place).
 
-    Totals are added shard by shard (each shard's own sums, in the order given);
-    top rows take the K best of the union of the shards' candidates.
+    Totals add each shard's own sums exactly; top rows take the K best of the union of
+    the shards' candidates.
     """
     if not shards:
         return
-    for shard in shards:
-        index.total[shard.features] += shard.total
-        index.total_abs[shard.features] += shard.total_abs
+    # Added exactly (exact_sums.py): the same bytes whatever the shards and batches.
+    fired = np.concatenate([s.features for s in shards])
+    index.add_totals("total", fired, np.concatenate([s.total for s in shards]))
+    index.add_totals("total_abs", fired, np.concatenate([s.total_abs for s in shards]))
     if index.atp_total is not None:
-        assert index.atp_total_abs is not None and index.error_atp is not None
         for shard in shards:
             if shard.atp_features is None:
                 raise ValueError("a paired store's attribution index needs each shard's AtP sums")
-            assert shard.atp_total is not None and shard.atp_total_abs is not None
-            assert shard.error_atp is not None
-            index.atp_total[shard.atp_features] += shard.atp_total
-            index.atp_total_abs[shard.atp_features] += shard.atp_total_abs
-            index.error_atp += shard.error_atp
+        atp_features = np.concatenate([s.atp_features for s in shards])  # type: ignore[misc]
+        for name in ("atp_total", "atp_total_abs"):
+            parts = [getattr(s, name) for s in shards]
+            index.add_totals(name, atp_features, np.concatenate(parts))
+        errors = np.concatenate([s.error_atp for s in shards])  # type: ignore[misc]
+        index.add_totals("error_atp", np.tile([0, 1], len(shards)), errors)
     _fold_rows(
         index.top_prompt,
         index.top_position,

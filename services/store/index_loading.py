@@ -79,7 +79,9 @@ def site_payload(
     payload: dict[str, Any] = {"chunks": chunks}
     item = None if attribution is None else attribution[label]
     if item is not None and item.error_atp is not None:
+        assert item.error_atp_residual is not None
         payload["error_atp"] = [float(value) for value in item.error_atp]
+        payload["error_atp_residual"] = [float(value) for value in item.error_atp_residual]
     return payload
 
 

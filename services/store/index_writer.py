@@ -30,9 +30,9 @@ objects the previous pointer named and the new one does not: no listing,
 and no folder per generation to leave empty. After a compaction, equal
 committed shards give equal chunks, so the same keys and bytes whatever the
 commit order: counts, histograms, maxima and top-K rows do not depend on it,
-activation totals and a paired cache's AtP sums are summed exactly
-(summaries.on_grid); the plain Σ a·g and Σ |a·g| totals are float64 sums in
-fold order, equal across orders to float64 rounding (attribution_index.py).
+and every total is summed exactly (activation totals on the grid of
+summaries.on_grid, attribution totals as a value and its exact residual,
+exact_sums.py).
 
 Reading the index back and checking it is index_loading.py; folding shards'
 summaries in, index_parts.py (with index_fold.py's vectorised folds).

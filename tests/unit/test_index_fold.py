@@ -88,3 +88,47 @@ def test_a_fold_equals_shard_by_shard_merges(
     assert (merged.top_prompt[:, K - 1] != -1).sum() > D_SAE // 2  # rows fill: the filter acts
     _same(merged, folded)
     _same(attribution, folded_attribution)
+
+
+def _awkward(seed: int) -> tuple[SiteShard, PromptShard, int]:
+    """A shard whose a·g terms span 16 orders of magnitude: float sums of them depend on
+    their order (the shard's own sums, in entry order, are still one fixed value)."""
+    site, prompts, start = _shard(seed)
+    rng = np.random.default_rng(1000 + seed)
+    n = len(site.feature_ids)
+    site.activations = (rng.random(n) * 10.0 ** rng.integers(-8, 5, n)).astype(np.float32)
+    site.gradients = (rng.standard_normal(n) * 10.0 ** rng.integers(-8, 5, n)).astype(np.float32)
+    return site, prompts, start
+
+
+def test_attribution_totals_are_the_same_bytes_in_any_order_and_batches() -> None:
+    shards = [_awkward(seed) for seed in range(24)]
+    terms = [summarize_attribution(shard_attribution(*shard), K) for shard in shards]
+    rng = np.random.default_rng(7)
+    folded = []
+    for _ in range(4):
+        order = rng.permutation(len(shards))
+        index = AttributionIndex.empty(D_SAE, K)
+        cuts = np.sort(rng.choice(np.arange(1, len(order)), 3, replace=False))
+        for batch in np.split(order, cuts):
+            fold_attributions(index, [terms[i] for i in batch])
+        folded.append(index)
+    merged = AttributionIndex.empty(D_SAE, K)
+    for i in reversed(range(len(shards))):
+        merged.merge(shard_attribution(*shards[i]))
+    for index in folded:
+        _same(merged, index)
+    # Plain float addition of the same per-shard sums does depend on the order here.
+    naive = [np.zeros(D_SAE), np.zeros(D_SAE)]
+    for total, order in zip(naive, [range(len(terms)), reversed(range(len(terms)))], strict=True):
+        for i in order:
+            total[terms[i].features] += terms[i].total
+    assert not np.array_equal(naive[0], naive[1])
+    # Each total is the exact sum of the shards' sums, rounded once.
+    from fractions import Fraction
+
+    for feature in range(D_SAE):
+        exact = sum(
+            (Fraction(float(t.total[t.features == feature].sum())) for t in terms), Fraction(0)
+        )
+        assert merged.total[feature] == float(exact)
