@@ -154,6 +154,18 @@ def _finish_result(
     write_job_result(store, kind.merge(spec.job, committed_partials(store, kind.partial), ctx))
 
 
+def _refuse_private_store(url: str) -> None:
+    """A job's actors are other processes: a store only this one can reach is refused
+    before anything starts (each actor would write a store of its own)."""
+    location = open_location(url)
+    if not location.shared_across_processes:
+        raise JobError(
+            f"store {url} is {location.describe()}, which only this process can reach; "
+            "the job's Ray actors run in processes of their own: use a local path or "
+            "s3://BUCKET/PREFIX"
+        )
+
+
 def run_job(
     spec: JobSpec,
     *,
@@ -178,6 +190,7 @@ def run_job(
     (:mod:`~circuitscan.services.jobs.warm_pool`); ``use_pool=False`` (or
     ``$CIRCUITSCAN_NO_POOL``) never joins one.
     """
+    _refuse_private_store(spec.store)
     if spec.prompts.kind == "store":  # AtP from a paired cache's values (store_fed.py)
         from circuitscan.services.jobs.store_fed import run_from_store
 

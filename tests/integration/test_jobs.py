@@ -398,6 +398,14 @@ def test_cli_reports_a_store_it_cannot_use_without_traceback(make_spec, tmp_path
     assert f"cannot write to local directory {target}" in refused.stderr, refused.stderr
     assert "Traceback" not in refused.stderr and (tmp_path / "file").read_text() == "mine"
 
+    # A memory:// store lives in one process: the job's actors would each see their own.
+    private = tmp_path / "memory.json"
+    private.write_text(
+        make_spec("memory://jobs-private", prompts=source, metric=loss).model_dump_json()
+    )
+    alone = _cli_in_process("run", str(private))
+    assert alone.returncode == 2 and "only this process can reach" in alone.stderr, alone.stderr
+
     env = _env()
     for name in list(env):
         if name.startswith("AWS_") or name == "CIRCUITSCAN_S3_ENDPOINT":

@@ -110,6 +110,8 @@ class Backend(ABC):
     range_gap: ClassVar[int] = 256 << 10
     # Where to look when the medium refuses access (said after its own reason).
     access_hint: ClassVar[str] = ""
+    # Whether other processes (a job's Ray actors) reach the same objects by the URL.
+    shared_across_processes: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -28,6 +28,7 @@ class MemoryBackend(Backend):
     scheme = "memory"
     example = "memory://NAME"
     range_gap = 0  # a read per range costs no round trip
+    shared_across_processes = False  # a job's actors would each see a store of their own
 
     def __init__(self, name: str) -> None:
         super().__init__(f"memory://{name}")
