@@ -25,7 +25,7 @@ from typing import Any
 import typer
 
 from circuitscan.services.cli_errors import reported_errors
-from circuitscan.services.output_folder import output_folder, writing_into
+from circuitscan.services.output_folder import writing_into
 
 _RUNS = "circuitscan.services.analysis_runs"
 _PROMPT_SETUP = "circuitscan.services.analysis_prompts"
@@ -128,16 +128,16 @@ def _run_command(
                 f"got {source.metric!r}"
             )
         _check_store(store)
-        output_folder(out_dir, f"the {command} outputs")  # before the model runs
         inputs = prompts.analysis_inputs(
             spec=source.spec, prompts_file=source.prompts_file, n_prompts=source.prompts,
             seed=source.seed, metric=source.metric,
         )  # fmt: skip
-        setup = prompts.prompt_setup(inputs, model_source=model, sae_sources=saes)
-        output = run(setup)
-        sections = report_sections(out_dir, **{_SECTION_ARG[output.kind]: output})
-        title = f"{command} ({setup.context.model})"
+        # The folder is made (or refused) once the inputs are checked, before the model runs.
         with writing_into(out_dir, f"the {command} outputs"):
+            setup = prompts.prompt_setup(inputs, model_source=model, sae_sources=saes)
+            output = run(setup)
+            sections = report_sections(out_dir, **{_SECTION_ARG[output.kind]: output})
+            title = f"{command} ({setup.context.model})"
             index = importlib.import_module(_SAVING).save_outputs(
                 out_dir, [output], sections, title, store
             )

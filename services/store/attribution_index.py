@@ -38,7 +38,7 @@ from zarr.abc.store import Store
 from circuitscan.schemas.errors import NotFoundError
 from circuitscan.services.store.encoding import INDEX_ROW_CHUNK, ArrayWrite, read_arrays
 from circuitscan.services.store.errors import StoreError
-from circuitscan.services.store.exact_sums import add_dense, add_exact
+from circuitscan.services.store.exact_sums import add_exact
 from circuitscan.services.store.paired_io import PairedSite
 from circuitscan.services.store.rank_order import top_k_per_feature
 from circuitscan.services.store.shard_io import PromptShard, SiteShard
@@ -62,6 +62,7 @@ PAIRED_RESIDUALS = {
     "atp_total_abs": "atp_total_abs_residual",
     "error_atp": "error_atp_residual",
 }
+ALL_RESIDUALS = {**RESIDUALS, **PAIRED_RESIDUALS}
 
 
 class NoAttributionIndexError(StoreError, NotFoundError):
@@ -239,15 +240,14 @@ class AttributionIndex:
     error_atp_residual: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        for total, residual in {**RESIDUALS, **PAIRED_RESIDUALS}.items():
+        for total, residual in ALL_RESIDUALS.items():
             values = getattr(self, total)
             if values is not None and getattr(self, residual) is None:
                 setattr(self, residual, np.zeros(values.shape, dtype=np.float64))
 
     def add_totals(self, name: str, rows: np.ndarray, contributions: np.ndarray) -> None:
         """Add ``contributions`` to total ``name`` of ``rows`` exactly (exact_sums.py)."""
-        residual = {**RESIDUALS, **PAIRED_RESIDUALS}[name]
-        add_exact(getattr(self, name), getattr(self, residual), rows, contributions)
+        add_exact(getattr(self, name), getattr(self, ALL_RESIDUALS[name]), rows, contributions)
 
     @classmethod
     def empty(cls, d_sae: int, k: int, *, paired: bool = False) -> AttributionIndex:
@@ -267,27 +267,19 @@ class AttributionIndex:
     def merge(self, shard: ShardAttribution) -> None:
         """Fold one shard in (in place); the result does not depend on the order of shards."""
         d_sae = self.total.shape[0]
-        assert self.total_residual is not None and self.total_abs_residual is not None
         # Each shard's sums in entry order, added exactly: the same bytes in any order.
-        add_dense(
-            self.total,
-            self.total_residual,
-            np.bincount(shard.feature, weights=shard.value, minlength=d_sae),
+        every = np.arange(d_sae)
+        self.add_totals(
+            "total", every, np.bincount(shard.feature, weights=shard.value, minlength=d_sae)
         )
-        add_dense(
-            self.total_abs,
-            self.total_abs_residual,
-            np.bincount(shard.feature, weights=np.abs(shard.value), minlength=d_sae),
-        )
+        magnitude = np.bincount(shard.feature, weights=np.abs(shard.value), minlength=d_sae)
+        self.add_totals("total_abs", every, magnitude)
         if self.atp_total is not None:
             if shard.atp is None:
                 raise ValueError("a paired store's attribution index needs each shard's AtP sums")
-            for name, part in (
-                ("atp_total", shard.atp.total),
-                ("atp_total_abs", shard.atp.total_abs),
-                ("error_atp", shard.atp.error_atp),
-            ):
-                self.add_totals(name, np.arange(len(part)), part)
+            self.add_totals("atp_total", every, shard.atp.total)
+            self.add_totals("atp_total_abs", every, shard.atp.total_abs)
+            self.add_totals("error_atp", np.arange(2), shard.atp.error_atp)
         self._fold(
             "top", shard.feature, shard.prompt, shard.position, shard.value, with_position=True
         )

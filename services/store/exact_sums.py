@@ -69,8 +69,3 @@ def add_exact(
     old_hi = _on(old_value, HI_GRID)
     old_lo = (old_value - old_hi) + old_residual  # both exact: multiples of 2**-60
     value[touched], residual[touched] = _two_sum(old_hi + batch_hi, old_lo + batch_lo)
-
-
-def add_dense(value: np.ndarray, residual: np.ndarray, contributions: np.ndarray) -> None:
-    """``add_exact`` of one contribution per element (every row, in order)."""
-    add_exact(value, residual, np.arange(len(value)), contributions)

@@ -19,10 +19,9 @@ import numpy as np
 from numcodecs import Blosc
 
 from circuitscan.services.store.attribution_index import (
+    ALL_RESIDUALS,
     ARRAYS,
     PAIRED_ARRAYS,
-    PAIRED_RESIDUALS,
-    RESIDUALS,
     AttributionIndex,
 )
 from circuitscan.services.store.backends import Backend
@@ -40,10 +39,11 @@ from circuitscan.services.store.summaries import EMPTY, FeatureIndex
 
 CHUNK_ROWS = 4096
 INDEX_PREFIX = "index/"
-_RESIDUALS = {residual for residual in {**RESIDUALS, **PAIRED_RESIDUALS}.values()}
+_RESIDUALS = set(ALL_RESIDUALS.values())
+# error_atp ([2], not per feature) and its residual sit in the pointer, per site.
 _ROW_ARRAYS = tuple(
     n
-    for n in ARRAYS + PAIRED_ARRAYS + tuple(RESIDUALS.values()) + tuple(PAIRED_RESIDUALS.values())
+    for n in (*ARRAYS, *PAIRED_ARRAYS, *_RESIDUALS)
     if n not in ("error_atp", "error_atp_residual")
 )
 

@@ -431,3 +431,24 @@ def test_a_reader_catching_up_reloads_the_newer_index_rather_than_read_the_shard
     # Shards 2-5 came with the writer's chunks and run; only shard 6 was read from its arrays.
     assert {key.split("/")[1] for key in read if key.startswith("shards/")} == {"000006"}
     assert any(key.startswith("index/") for key in read)
+
+
+def test_a_chunk_written_before_exact_totals_reads_with_zero_residuals() -> None:
+    """Index chunks of stores written before totals kept their residuals still decode:
+    the totals as stored, their residuals zero (no format change, no rebuild needed)."""
+    from circuitscan.services.store.index_chunks import decode_chunk, encode_chunk
+    from circuitscan.services.store.packed_arrays import FAST, pack_arrays, unpack_arrays
+
+    d_sae, k = 40, 3
+    index, attribution = FeatureIndex.empty(d_sae, k), AttributionIndex.empty(d_sae, k, paired=True)
+    attribution.add_totals("total", np.arange(d_sae), np.linspace(-1.0, 1.0, d_sae) / 3)
+    attribution.add_totals("atp_total", np.arange(d_sae), np.linspace(0.0, 2.0, d_sae) / 7)
+    stored = unpack_arrays(encode_chunk(index, attribution, 0))
+    assert "attribution/total_residual" in stored
+    older = pack_arrays({n: a for n, a in stored.items() if not n.endswith("_residual")}, FAST)
+    read = AttributionIndex.empty(d_sae, k, paired=True)
+    read.total_residual[:] = read.atp_total_residual[:] = 1.0  # type: ignore[index]
+    decode_chunk(FeatureIndex.empty(d_sae, k), read, 0, older)
+    assert np.array_equal(read.total, attribution.total)
+    assert np.array_equal(read.atp_total, attribution.atp_total)  # type: ignore[arg-type]
+    assert not read.total_residual.any() and not read.atp_total_residual.any()  # type: ignore[union-attr]
